@@ -1,0 +1,33 @@
+# Two entry points do all set-up on a fresh machine:  make demo  and  make test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 CPU lies on this machine's disk; elsewhere pip fetches a build from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint bench data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+data:
+	@scripts/ensure-fashion-mnist.sh
+
+demo: $(VENV)/.installed data
+	$(VENV)/bin/python scripts/demo.py
+
+test: $(VENV)/.installed data
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+bench: $(VENV)/.installed data
+	$(PY) benchmarks/disassembly.py
+	$(PY) benchmarks/assembly.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,1 @@
+"""Analysis of trained models: per-class relative contributions between channels."""

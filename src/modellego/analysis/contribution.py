@@ -1,0 +1,355 @@
+"""Relative contribution of input channels to output channels (Model LEGO).
+
+For a convolution with weight ``W`` of shape ``(Q, P_g, kh, kw)`` and an input activation
+``a`` of shape ``(B, C_in, H, W)``, the contribution of input channel ``p`` (counted within
+the group of output ``q``) to output channel ``q`` for sample ``b`` is the output map that
+``p`` alone produces, summed over all output positions, bias excluded::
+
+    s[b, q, p] = sum_{h,w} (W[q, p] * a[b, g(q) * P_g + p])[h, w]
+
+For a linear layer with weight ``(Q, P)`` it is ``s[b, q, p] = W[q, p] * a[b, p]`` (summed
+over any extra leading dimensions of the input, e.g. tokens).
+
+Because the convolution is linear, the spatial sum can be moved inside it::
+
+    s[b, q, p] = sum_k W[q, p, k] * U[b, g(q) * P_g + p, k]
+
+where ``k = (i, j)`` runs over kernel taps and ``U[b, c, k]`` is the sum, over all output
+positions, of the (zero-padded) input value seen by tap ``k`` — see :func:`tap_sums`. ``U``
+costs about two cheap strided reductions per kernel row/column, and the contraction is a
+small batched matrix product, so no ``(B, Q, P, H, W)`` tensor is ever formed.
+
+Memory: besides the returned ``(B, Q, P)`` tensor, the working set is one ``dtype`` copy of
+the input plus ``U``-sized tensors. The batch is processed in chunks whose working set
+(input copy, partial sums, ``U``, einsum temporaries and the chunk's output) stays below
+``max_bytes`` (256 MiB by default); a chunk holds at least one sample. The returned tensor
+itself is necessarily ``B * Q * P`` elements.
+
+Everything is computed without autograd, in ``float64`` by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from modellego.errors import UnsupportedModelError
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "accumulate_class_contribution",
+    "conv2d_contribution",
+    "layer_contribution",
+    "linear_contribution",
+    "minmax_normalize",
+    "tap_sums",
+]
+
+#: Default bound on the per-chunk working memory of the contribution functions (bytes).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+IntPair = int | Sequence[int]
+# Padding accepted by :func:`tap_sums`: an int, ``(ph, pw)`` (symmetric), explicit
+# ``((top, bottom), (left, right))``, or the strings ``"valid"`` / ``"same"``.
+Padding = int | str | Sequence[int] | Sequence[Sequence[int]]
+
+
+def _pair(value: IntPair, what: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    values = tuple(int(v) for v in value)
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2:
+        raise ValueError(f"{what} must be an int or a pair of ints, got {value!r}")
+    return values[0], values[1]
+
+
+def _explicit_padding(
+    padding: Padding,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Return ``((top, bottom), (left, right))`` zero padding, as ``F.conv2d`` applies it."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' requires stride 1 (as in torch.nn.Conv2d)")
+            pads = []
+            for k, d in zip(kernel_size, dilation, strict=True):
+                total = d * (k - 1)
+                before = total // 2  # PyTorch puts the extra pixel, if any, after
+                pads.append((before, total - before))
+            return pads[0], pads[1]
+        raise ValueError(f"padding must be 'same', 'valid' or numbers, got {padding!r}")
+    if isinstance(padding, int):
+        return (padding, padding), (padding, padding)
+    items = list(padding)
+    if len(items) == 2 and all(not isinstance(v, int) for v in items):
+        (top, bottom), (left, right) = (tuple(int(x) for x in v) for v in items)
+        pads = ((top, bottom), (left, right))
+    else:
+        ph, pw = _pair(items, "padding")
+        pads = ((ph, ph), (pw, pw))
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return pads
+
+
+def _tap_ranges(
+    size: int, out_size: int, k: int, stride: int, dilation: int, before: int
+) -> list[slice | None]:
+    """For each tap along one axis, the slice of *unpadded* input indices it visits.
+
+    Tap ``i`` reads padded index ``i * dilation + stride * o`` for output ``o`` in
+    ``[0, out_size)``; indices falling into the zero padding contribute nothing, and the
+    remaining ones form one strided range of the unpadded input (``None`` if empty).
+    """
+    ranges: list[slice | None] = []
+    for i in range(k):
+        offset = i * dilation - before  # unpadded index read by output 0
+        o_first = (-offset + stride - 1) // stride if offset < 0 else 0  # first index >= 0
+        o_last = min(out_size - 1, (size - 1 - offset) // stride)
+        if o_last < o_first:
+            ranges.append(None)
+            continue
+        start = offset + stride * o_first
+        stop = offset + stride * o_last + 1
+        ranges.append(slice(start, stop, stride))
+    return ranges
+
+
+def _out_size(size: int, k: int, stride: int, dilation: int, before: int, after: int) -> int:
+    return (size + before + after - dilation * (k - 1) - 1) // stride + 1
+
+
+@torch.no_grad()
+def tap_sums(
+    inp: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """Sum over all output positions of the input value each kernel tap sees.
+
+    ``inp`` has shape ``(B, C, H, W)``. Returns ``U`` of shape ``(B, C, kh * kw)`` with taps
+    in row-major order (``k = i * kw + j``, matching ``weight.reshape(Q, P_g, -1)``), where
+    ``U[b, c, k]`` is the sum over output positions ``(h, w)`` of the zero-padded input at
+    ``(i * dh + sh * h, j * dw + sw * w)``. The result has ``inp``'s dtype; the reductions
+    run on ``inp`` directly (no padded copy is made: zero padding is handled by clipping
+    each tap's index range).
+
+    ``padding`` is an int, ``(ph, pw)``, explicit ``((top, bottom), (left, right))``, or
+    ``"valid"`` / ``"same"`` (the latter laid out exactly as ``F.conv2d`` does, with the
+    odd extra pixel at the bottom/right).
+    """
+    if inp.dim() != 4:
+        raise ValueError(f"tap_sums expects a (B, C, H, W) tensor, got shape {tuple(inp.shape)}")
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(stride, "stride")
+    dh, dw = _pair(dilation, "dilation")
+    if min(kh, kw, sh, sw, dh, dw) < 1:
+        raise ValueError("kernel_size, stride and dilation must be positive")
+    (top, bottom), (left, right) = _explicit_padding(padding, (kh, kw), (sh, sw), (dh, dw))
+    b, c, h, w = inp.shape
+    ho = _out_size(h, kh, sh, dh, top, bottom)
+    wo = _out_size(w, kw, sw, dw, left, right)
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {(h, w)} is too small for kernel {(kh, kw)} with "
+            f"stride {(sh, sw)}, padding {((top, bottom), (left, right))}, dilation {(dh, dw)}"
+        )
+    rows = _tap_ranges(h, ho, kh, sh, dh, top)
+    cols = _tap_ranges(w, wo, kw, sw, dw, left)
+
+    # Stage 1: for every kernel row i, sum the rows it visits -> (B, C, kh, W).
+    row_sums = inp.new_zeros((b, c, kh, w))
+    for i, rs in enumerate(rows):
+        if rs is not None:
+            torch.sum(inp[:, :, rs, :], dim=2, out=row_sums[:, :, i, :])
+    # Stage 2: for every kernel column j, sum the columns it visits -> (B, C, kh, kw).
+    u = inp.new_zeros((b, c, kh, kw))
+    for j, cs in enumerate(cols):
+        if cs is not None:
+            torch.sum(row_sums[:, :, :, cs], dim=3, out=u[:, :, :, j])
+    return u.reshape(b, c, kh * kw)
+
+
+def _layer_label(module: nn.Module, name: str | None) -> str:
+    kind = type(module).__name__
+    return f"layer {name!r} ({kind})" if name else f"a {kind} layer"
+
+
+def _chunk_size(batch: int, per_sample_bytes: int, max_bytes: int) -> int:
+    if batch == 0:
+        return 1
+    return max(1, min(batch, max_bytes // max(1, per_sample_bytes)))
+
+
+@torch.no_grad()
+def conv2d_contribution(
+    inp: torch.Tensor,
+    conv: nn.Conv2d,
+    *,
+    dtype: torch.dtype = torch.float64,
+    name: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> torch.Tensor:
+    """Per-sample contribution ``s`` of shape ``(B, Q, P_g)`` for a ``Conv2d`` layer.
+
+    ``inp`` is the layer's input ``(B, C_in, H, W)``. ``s[b, q, p]`` is the spatial sum of
+    the output map that input channel ``g(q) * P_g + p`` produces in output channel ``q``
+    (bias excluded), so ``s.sum(-1)`` equals the bias-free conv output summed over space.
+    Input and weight are cast to ``dtype``. Supports any stride/padding/dilation/groups
+    (including depthwise with a channel multiplier) and ``padding='same'/'valid'``; only
+    ``padding_mode='zeros'``. The batch is chunked so each chunk's working memory stays
+    under ``max_bytes`` (the returned tensor is always ``B * Q * P_g`` elements).
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise UnsupportedModelError(
+            f"Contribution analysis supports only Conv2d and Linear; got "
+            f"{_layer_label(conv, name)}. Use a model built from Conv2d/Linear layers."
+        )
+    if conv.padding_mode != "zeros":
+        raise UnsupportedModelError(
+            f"{_layer_label(conv, name).capitalize()} uses padding_mode="
+            f"{conv.padding_mode!r}; contribution analysis supports only 'zeros' padding."
+        )
+    if inp.dim() != 4 or inp.shape[1] != conv.in_channels:
+        raise ValueError(
+            f"{_layer_label(conv, name)} expects input (B, {conv.in_channels}, H, W), "
+            f"got shape {tuple(inp.shape)}"
+        )
+    groups = conv.groups
+    q_total, p_g, kh, kw = conv.weight.shape
+    q_g = q_total // groups
+    taps = kh * kw
+    (top, bottom), (left, right) = _explicit_padding(
+        conv.padding, (kh, kw), tuple(conv.stride), tuple(conv.dilation)
+    )
+    padding = ((top, bottom), (left, right))
+
+    weight = conv.weight.detach().to(device=inp.device, dtype=dtype)
+    weight = weight.reshape(groups, q_g, p_g, taps)
+
+    batch, c_in, h, w = inp.shape
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # input copy + row sums + U + einsum output and its permuted copy
+    per_sample = itemsize * (c_in * h * w + c_in * kh * w + c_in * taps + 2 * q_total * p_g)
+    chunk = _chunk_size(batch, per_sample, max_bytes)
+
+    out = torch.empty((batch, q_total, p_g), dtype=dtype, device=inp.device)
+    for start in range(0, batch, chunk):
+        x = inp[start : start + chunk].detach().to(dtype)
+        u = tap_sums(x, (kh, kw), conv.stride, padding, conv.dilation)
+        u = u.reshape(x.shape[0], groups, p_g, taps)
+        s = torch.einsum("gqpk,bgpk->bgqp", weight, u)
+        out[start : start + chunk] = s.reshape(x.shape[0], q_total, p_g)
+    return out
+
+
+@torch.no_grad()
+def linear_contribution(
+    inp: torch.Tensor,
+    linear: nn.Linear,
+    *,
+    dtype: torch.dtype = torch.float64,
+    name: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> torch.Tensor:
+    """Per-sample contribution ``s[b, q, p] = W[q, p] * a[b, p]`` of shape ``(B, Q, P)``.
+
+    ``inp`` is ``(B, P)`` or ``(B, ..., P)``; extra middle dimensions (e.g. tokens) are
+    summed over, since the contribution is linear in the input. Bias excluded.
+    """
+    if not isinstance(linear, nn.Linear):
+        raise UnsupportedModelError(
+            f"linear_contribution needs an nn.Linear; got {_layer_label(linear, name)}."
+        )
+    if inp.dim() < 2 or inp.shape[-1] != linear.in_features:
+        raise ValueError(
+            f"{_layer_label(linear, name)} expects input (B, ..., {linear.in_features}), "
+            f"got shape {tuple(inp.shape)}"
+        )
+    batch = inp.shape[0]
+    q, p = linear.weight.shape
+    weight = linear.weight.detach().to(device=inp.device, dtype=dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_sample = itemsize * (inp[0].numel() + q * p)
+    chunk = _chunk_size(batch, per_sample, max_bytes)
+
+    out = torch.empty((batch, q, p), dtype=dtype, device=inp.device)
+    for start in range(0, batch, chunk):
+        x = inp[start : start + chunk].detach().to(dtype)
+        if x.dim() > 2:
+            x = x.reshape(x.shape[0], -1, p).sum(dim=1)
+        torch.mul(weight.unsqueeze(0), x.unsqueeze(1), out=out[start : start + chunk])
+    return out
+
+
+def layer_contribution(
+    inp: torch.Tensor,
+    module: nn.Module,
+    *,
+    dtype: torch.dtype = torch.float64,
+    name: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> torch.Tensor:
+    """Dispatch to :func:`conv2d_contribution` or :func:`linear_contribution`.
+
+    Raises :class:`~modellego.errors.UnsupportedModelError` (mentioning ``name`` if given)
+    for any other module type, including Conv1d/Conv3d and transposed convolutions.
+    """
+    if isinstance(module, nn.Conv2d):
+        return conv2d_contribution(inp, module, dtype=dtype, name=name, max_bytes=max_bytes)
+    if isinstance(module, nn.Linear):
+        return linear_contribution(inp, module, dtype=dtype, name=name, max_bytes=max_bytes)
+    raise UnsupportedModelError(
+        f"Contribution analysis supports only Conv2d and Linear layers; got "
+        f"{_layer_label(module, name)}. Exclude it from the analysed layers or replace it."
+    )
+
+
+@torch.no_grad()
+def accumulate_class_contribution(
+    contrib: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Sum per-sample contributions by class, after clamping each sample's values at 0.
+
+    ``contrib`` is ``(B, Q, P)`` (already summed over space), ``labels`` is ``(B,)`` of
+    class indices in ``[0, num_classes)``. Returns ``S`` of shape ``(num_classes, Q, P)``
+    in float64 with ``S[c] = sum_{b: labels[b] == c} clamp(contrib[b], min=0)``. Clamping
+    happens per sample, before summing. Add the results of several batches to accumulate
+    over a dataset.
+    """
+    if contrib.dim() < 1:
+        raise ValueError("contrib must have a leading batch dimension")
+    labels = labels.reshape(-1).to(device=contrib.device, dtype=torch.long)
+    if labels.numel() != contrib.shape[0]:
+        raise ValueError(
+            f"got {labels.numel()} labels for a batch of {contrib.shape[0]} contributions"
+        )
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}); got range "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    clamped = contrib.detach().to(torch.float64).clamp(min=0)
+    total = torch.zeros(
+        (num_classes, *contrib.shape[1:]), dtype=torch.float64, device=contrib.device
+    )
+    total.index_add_(0, labels, clamped)
+    return total
+
+
+def minmax_normalize(S: torch.Tensor, dim: int = -1, eps: float = 1e-5) -> torch.Tensor:
+    """``(S - min) / (max - min + eps)`` with min and max taken over ``dim``."""
+    lo = S.amin(dim=dim, keepdim=True)
+    hi = S.amax(dim=dim, keepdim=True)
+    return (S - lo) / (hi - lo + eps)

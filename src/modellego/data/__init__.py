@@ -1,0 +1,34 @@
+"""Datasets for modellego: loading, splitting and normalising image classification data.
+
+Registered datasets (:func:`list_datasets`): ``fashion-mnist``, ``mnist``, ``digits``,
+``cifar10``, ``cifar100``. The pattern ``folder:PATH`` loads your own images from PATH,
+one sub-folder per class (optionally ``PATH/train`` and ``PATH/test``).
+
+Images are returned as float32 ``(N, C, H, W)`` in [0, 1]; apply :func:`normalize` with the
+dataset's :class:`DatasetInfo` before feeding a model trained on normalised inputs.
+"""
+
+from modellego.data.base import SPLITS, DatasetInfo, Split, normalize
+from modellego.data.builtin import DEFAULT_FASHION_MNIST_DIR
+from modellego.data.registry import (
+    clear_cache,
+    dataset_info,
+    describe_datasets,
+    list_datasets,
+    load_split,
+    register,
+)
+
+__all__ = [
+    "DEFAULT_FASHION_MNIST_DIR",
+    "SPLITS",
+    "DatasetInfo",
+    "Split",
+    "clear_cache",
+    "dataset_info",
+    "describe_datasets",
+    "list_datasets",
+    "load_split",
+    "normalize",
+    "register",
+]

@@ -1,0 +1,219 @@
+"""Dataset registry, split carving, caching and the public loading functions.
+
+Registered names: see :func:`list_datasets`. In addition, ``folder:PATH`` loads an image
+folder with one sub-folder per class (see :mod:`modellego.data.folder`).
+
+Splits: ``"test"`` is the official test set. ``"train"`` and ``"val"`` are carved from the
+official training data: a ``torch.Generator`` seeded with 0 permutes the training indices,
+the last 10% (rounded down, at least 1) become ``"val"`` and the rest ``"train"``; both
+keep the original sample order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modellego.data.base import SPLITS, DatasetInfo, RawData, Split
+from modellego.data.folder import load_folder
+from modellego.errors import DataError
+
+FOLDER_PREFIX = "folder:"
+FOLDER_DESCRIPTION = (
+    "your own images: one sub-folder per class under PATH (or PATH/train and PATH/test), "
+    "png/jpg/jpeg/bmp/gif/webp"
+)
+VAL_FRACTION = 0.1
+
+Loader = Callable[[Path | None], RawData]
+InfoFn = Callable[[Path | None], DatasetInfo]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: ``load(data_dir)`` parses it; ``info(data_dir)`` is cheap."""
+
+    name: str
+    description: str
+    load: Loader
+    info: InfoFn | None = None  # None: derived from the loaded data (mean/std of "train")
+    default_dir: Path | None = None
+    uses_data_dir: bool = True
+
+
+_REGISTRY: dict[str, DatasetEntry] = {}
+
+
+def register(name: str, description: str, *, info: InfoFn | None = None,
+             default_dir: Path | None = None, uses_data_dir: bool = True
+             ) -> Callable[[Loader], Loader]:
+    """Decorator registering a loader ``f(data_dir) -> RawData`` under ``name``."""
+    if name in _REGISTRY:
+        raise ValueError(f"dataset {name!r} is already registered; choose another name")
+    if ":" in name or name != name.strip().lower():
+        raise ValueError(f"dataset name {name!r} must be lower-case without ':' or spaces")
+
+    def decorator(load: Loader) -> Loader:
+        if name in _REGISTRY:
+            raise ValueError(f"dataset {name!r} is already registered; choose another name")
+        _REGISTRY[name] = DatasetEntry(name, description, load, info, default_dir,
+                                       uses_data_dir)
+        return load
+
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names (sorted). ``folder:PATH`` is also accepted (a pattern)."""
+    return sorted(_REGISTRY)
+
+
+def describe_datasets() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` for every dataset, plus the ``folder:PATH`` pattern."""
+    rows = [(n, _REGISTRY[n].description) for n in list_datasets()]
+    return rows + [(FOLDER_PREFIX + "PATH", FOLDER_DESCRIPTION)]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    raw: RawData
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    info: DatasetInfo
+
+
+_CACHE: dict[tuple[str, str], _Loaded] = {}
+
+
+def clear_cache() -> None:
+    """Forget all parsed datasets (e.g. after files on disk changed)."""
+    _CACHE.clear()
+
+
+def _unknown(name: str) -> DataError:
+    return DataError(
+        f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}, or "
+        f"{FOLDER_PREFIX}PATH for a directory with one sub-folder of images per class"
+    )
+
+
+def _resolve(name: str, data_dir: str | Path | None
+             ) -> tuple[str, DatasetEntry, Path | None]:
+    """Map a user-given name to (canonical name, entry, resolved data directory)."""
+    if not isinstance(name, str):
+        raise _unknown(repr(name))
+    stripped = name.strip()
+    if stripped.lower().startswith(FOLDER_PREFIX):
+        raw_path = stripped[len(FOLDER_PREFIX):].strip()
+        if not raw_path:
+            raise DataError(
+                f"dataset {name!r} has an empty path; write {FOLDER_PREFIX}PATH with PATH a "
+                "directory holding one sub-folder of images per class"
+            )
+        root = Path(raw_path).expanduser().resolve()
+        canonical = FOLDER_PREFIX + str(root)
+        entry = DatasetEntry(canonical, FOLDER_DESCRIPTION, lambda _d: load_folder(root),
+                             uses_data_dir=False)
+        return canonical, entry, None
+    entry = _REGISTRY.get(stripped.lower())
+    if entry is None:
+        raise _unknown(name)
+    if not entry.uses_data_dir:
+        return entry.name, entry, None
+    directory = Path(data_dir) if data_dir is not None else entry.default_dir
+    if directory is not None:
+        directory = directory.expanduser().resolve()
+    return entry.name, entry, directory
+
+
+def _carve_val(n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if n < 2:
+        raise DataError(
+            f"dataset {name!r} has only {n} training sample(s); at least 2 are needed to "
+            "carve out a validation split: add more training data"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_val = max(1, int(n * VAL_FRACTION))
+    return perm[: n - n_val].sort().values, perm[n - n_val:].sort().values
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        x = images[:, c].to(torch.float64) / scale
+        means.append(round(float(x.mean()), 6))
+        std = float(x.std(unbiased=False))
+        stds.append(round(std, 6) if std > 1e-6 else 1.0)  # constant images: no scaling
+    return tuple(means), tuple(stds)
+
+
+def _get_loaded(name: str, data_dir: str | Path | None) -> _Loaded:
+    canonical, entry, directory = _resolve(name, data_dir)
+    key = (canonical, "" if directory is None else str(directory))
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
+    raw = entry.load(directory)
+    train_idx, val_idx = _carve_val(int(raw.train_labels.numel()), canonical)
+    if entry.info is not None:
+        info = entry.info(directory)
+        shape = tuple(int(s) for s in raw.train_images.shape[1:])
+        if shape != info.input_shape or len(raw.class_names) != info.num_classes:
+            raise DataError(
+                f"dataset {canonical!r} in {directory}: images have shape {shape} but "
+                f"{info.input_shape} was expected; the files belong to another dataset"
+            )
+    else:
+        mean, std = _channel_stats(raw.train_images.index_select(0, train_idx))
+        shape = tuple(int(s) for s in raw.train_images.shape[1:])
+        info = DatasetInfo(canonical, raw.class_names, shape, mean, std)  # type: ignore[arg-type]
+    loaded = _Loaded(raw, train_idx, val_idx, info)
+    _CACHE[key] = loaded
+    return loaded
+
+
+def dataset_info(name: str, *, data_dir: str | Path | None = None) -> DatasetInfo:
+    """Describe dataset ``name`` (a registered name or ``folder:PATH``).
+
+    Cheap for registered datasets (CIFAR reads only the class-names file); ``folder:PATH``
+    reads the images once to compute mean/std, then caches them.
+    """
+    _, entry, directory = _resolve(name, data_dir)
+    if entry.info is not None:
+        return entry.info(directory)
+    return _get_loaded(name, data_dir).info
+
+
+def _as_float(images: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    x = images if idx is None else images.index_select(0, idx)
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0)
+    return x.clone() if idx is None else x.to(torch.float32)
+
+
+def load_split(name: str, split: str, *, data_dir: str | Path | None = None) -> Split:
+    """Load ``split`` ("train", "val" or "test") of dataset ``name``.
+
+    ``name`` is a registered name (:func:`list_datasets`) or ``folder:PATH``. Parsed files
+    are cached per (name, data directory); the returned tensors are fresh copies.
+    """
+    _resolve(name, data_dir)  # unknown names are reported before unknown splits
+    if split not in SPLITS:
+        raise DataError(
+            f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(SPLITS)}"
+        )
+    loaded = _get_loaded(name, data_dir)
+    raw = loaded.raw
+    if split == "test":
+        images, labels = _as_float(raw.test_images, None), raw.test_labels.clone()
+    else:
+        idx = loaded.train_idx if split == "train" else loaded.val_idx
+        images, labels = _as_float(raw.train_images, idx), raw.train_labels.index_select(0, idx)
+    return Split(images, labels, loaded.info, split)

@@ -1,0 +1,203 @@
+"""Disassembly: sample selection -> contribution profile -> locating -> extraction -> report."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .analysis.locate import LocateConfig, locate, profiled_layers
+from .analysis.profile import (
+    ContributionProfile,
+    SampleSelection,
+    contribution_profile,
+    select_samples,
+)
+from .data import load_split, normalize
+from .errors import ModelLegoError
+from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
+from .surgery.extract import apply_plan
+from .surgery.graph import ChannelGraph, build_channel_graph
+from .surgery.plan import ComponentPlan, plan_from_masks
+from .train import base_manifest, check_classes
+
+
+@dataclass(frozen=True)
+class DisassemblyConfig:
+    """What to take out of a model and how."""
+
+    classes: tuple[int, ...]
+    samples_per_class: int = 50
+    locate: LocateConfig = field(default_factory=LocateConfig)
+    batch_size: int = 64
+
+    def to_dict(self) -> dict:
+        return {"classes": list(self.classes), "samples_per_class": self.samples_per_class,
+                "locate": self.locate.to_dict(), "batch_size": self.batch_size}
+
+
+@dataclass(frozen=True)
+class Component:
+    """The result of disassembling a model for a task: the plan and the smaller model."""
+
+    model: nn.Module
+    plan: ComponentPlan
+    classes: tuple[int, ...]
+    selection: SampleSelection
+    profile: ContributionProfile
+    graph: ChannelGraph = field(repr=False)
+
+    def kept_channels(self) -> dict[str, list[int]]:
+        """Per conv/linear layer: ``[kept outputs, total outputs]``."""
+        return {lay.name: [len(self.plan.kept(lay.name)),
+                           lay.module.out_channels if lay.kind == "conv"
+                           else lay.module.out_features]
+                for lay in self.graph.layers}
+
+
+def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                      classes: Sequence[int], output_classes: Sequence[int],
+                      config: DisassemblyConfig | None = None) -> Component:
+    """Extract the component of ``model`` that serves ``classes``.
+
+    ``images`` are normalised training inputs with class-id ``labels``; ``output_classes[i]``
+    is the class id of logit ``i``. Works on any torch.fx-traceable CNN.
+
+    >>> comp = disassemble_model(net, x, y, classes=[0, 2], output_classes=range(10))
+    >>> comp.model(x[:1]).shape   # (1, 2): logits of classes 0 and 2
+    """
+    config = config or DisassemblyConfig(tuple(classes))
+    classes = tuple(int(c) for c in classes)
+    output_classes = [int(c) for c in output_classes]
+    missing = [c for c in classes if c not in output_classes]
+    if missing:
+        raise ModelLegoError(f"classes {missing} are not outputs of the model "
+                             f"(it classifies {output_classes})")
+    if len(set(classes)) != len(classes):
+        raise ModelLegoError(f"classes {list(classes)} contain repeats; list each class once")
+    graph = build_channel_graph(model, tuple(images.shape[1:]))
+    selection = select_samples(model, images, labels, classes, output_classes,
+                               k=config.samples_per_class)
+    idx = selection.all_indices()
+    layers = {lay.name: lay.module for lay in profiled_layers(graph)}
+    profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
+                                   batch_size=config.batch_size)
+    masks = locate(graph, profile, classes, output_classes, config.locate)
+    hint = ("; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use "
+            "--rule mass")
+    plan = plan_from_masks(graph, masks, [output_classes.index(c) for c in classes],
+                           hint=hint)
+    component = apply_plan(model, plan).eval()
+    return Component(component, plan, classes, selection, profile, graph)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
+                source_path: str | Path | None = None, data_dir: str | None = None,
+                command: str | None = None) -> tuple[Component, dict[str, Any], dict[str, Any]]:
+    """Disassemble a loaded model file; returns the component, its manifest and the report."""
+    if manifest.get("kind") not in ("model", "component"):
+        raise ModelLegoError(f"can only disassemble single models and components, not a "
+                             f"{manifest.get('kind')!r}")
+    dataset = manifest["dataset"]["name"]
+    train = load_split(dataset, "train", data_dir=data_dir)
+    check_classes(config.classes, train.info.num_classes, "--classes")
+    own = list(manifest["classes"])
+    missing = [c for c in config.classes if c not in own]
+    if missing:
+        raise ModelLegoError(f"--classes {missing} are not classes of this model; it "
+                             f"classifies {own}")
+    train = train.subset(config.classes)
+    t0 = time.perf_counter()
+    comp = disassemble_model(model, normalize(train.images, train.info), train.labels,
+                             classes=config.classes, output_classes=own, config=config)
+    seconds = time.perf_counter() - t0
+    plan = comp.plan
+    if manifest.get("kind") == "component":
+        plan = ComponentPlan.from_dict(manifest["plan"]).compose(plan)
+    report = component_report(model, comp.model, manifest, config.classes, data_dir=data_dir)
+    report.update({"profile_seconds": comp.profile.seconds, "total_seconds": seconds,
+                   "samples_per_class": comp.profile.samples})
+    new_manifest = base_manifest(train.info, config.classes)
+    new_manifest.update({
+        "kind": "component",
+        "architecture": manifest["architecture"],
+        "plan": plan.to_dict(),
+        "metrics": {"test_accuracy": report["component_accuracy"]},
+        "provenance": {
+            "made_by": "modellego disassemble", "command": command,
+            "source": {"file": str(source_path) if source_path else None,
+                       "sha256": file_sha256(source_path) if source_path else None,
+                       "kind": manifest.get("kind"), "classes": own},
+            "method": "contribution", "config": config.to_dict(),
+            "samples": {str(c): list(v) for c, v in comp.selection.indices.items()},
+            "kept_channels": comp.kept_channels(),
+            "modellego_version": __version__,
+        },
+    })
+    return comp, new_manifest, report
+
+
+def component_report(source: nn.Module, component: nn.Module, manifest: dict[str, Any],
+                     classes: Sequence[int], *, data_dir: str | None = None) -> dict[str, Any]:
+    """The fair comparison of a component with its source on the task's test images."""
+    test = load_split(manifest["dataset"]["name"], "test", data_dir=data_dir).subset(classes)
+    x = normalize(test.images, test.info)
+    own = list(manifest["classes"])
+    src_logits = predict_logits(source, x)
+    comp_logits = predict_logits(component, x)
+    src = accuracy_from_logits(src_logits, test.labels, own)
+    restricted = accuracy_from_logits(src_logits, test.labels, own, restrict_to=classes)
+    comp = accuracy_from_logits(comp_logits, test.labels, classes)
+    shape = manifest["input"]["shape"]
+    names = dict(zip(own, manifest["class_names"]))
+    rows = [{"class": c, "name": names[c], "n": src.counts[c],
+             "source_accuracy": src.per_class[c], "restricted_accuracy": restricted.per_class[c],
+             "component_accuracy": comp.per_class[c]} for c in classes]
+    sp, cp = count_params(source), count_params(component)
+    sf, cf = count_flops(source, shape), count_flops(component, shape)
+    return {"classes": list(classes), "n": src.n,
+            "source_accuracy": src.accuracy, "restricted_accuracy": restricted.accuracy,
+            "component_accuracy": comp.accuracy,
+            "source_params": sp, "component_params": cp, "params_ratio": cp / sp,
+            "source_flops": sf, "component_flops": cf, "flops_ratio": cf / sf,
+            "per_class": rows}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table of a disassembly report."""
+    lines = [
+        f"task classes {report['classes']} ({report['n']} test images)",
+        f"  source accuracy (all classes)     {report['source_accuracy']:.4f}",
+        f"  source accuracy (restricted)      {report['restricted_accuracy']:.4f}",
+        f"  component accuracy                {report['component_accuracy']:.4f}  "
+        f"({100 * (report['component_accuracy'] - report['restricted_accuracy']):+.2f} pp)",
+        f"  params  {report['source_params']:>12,} -> {report['component_params']:>12,}  "
+        f"({100 * report['params_ratio']:.1f} %)",
+        f"  FLOPs   {report['source_flops']:>12,} -> {report['component_flops']:>12,}  "
+        f"({100 * report['flops_ratio']:.1f} %)",
+    ]
+    if "profile_seconds" in report:
+        lines.append(f"  profile pass {report['profile_seconds']:.2f} s, "
+                     f"total {report['total_seconds']:.2f} s")
+    lines.append(f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'restr.':>7} "
+                 f"{'comp.':>7}")
+    for r in report["per_class"]:
+        lines.append(f"  {r['class']:>5} {r['name']:<14} {r['n']:>5} "
+                     f"{r['source_accuracy']:>7.4f} {r['restricted_accuracy']:>7.4f} "
+                     f"{r['component_accuracy']:>7.4f}")
+    return "\n".join(lines)
+

@@ -1,0 +1,27 @@
+"""Exceptions raised for user-facing problems.
+
+Every message says what was wrong, where, and what to do about it. The CLI turns any
+:class:`ModelLegoError` into a one-line message and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+
+class ModelLegoError(Exception):
+    """Base class of all errors caused by input the user can fix."""
+
+
+class DataError(ModelLegoError):
+    """A dataset could not be found, read or understood."""
+
+
+class ModelFileError(ModelLegoError):
+    """A model file is missing, unsafe, corrupted or inconsistent."""
+
+
+class UnsupportedModelError(ModelLegoError):
+    """A model, layer or graph pattern that modellego cannot handle correctly."""
+
+
+class PlanError(ModelLegoError):
+    """A disassembly or assembly plan that cannot be applied (e.g. a layer left empty)."""

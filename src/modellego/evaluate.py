@@ -1,0 +1,64 @@
+"""Fair evaluation of a model file on a dataset's test split."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .data import load_split, normalize
+from .errors import ModelLegoError
+from .metrics import accuracy_from_logits, count_flops, count_params, cpu_latency_ms, predict_logits
+
+
+def check_dataset_matches(manifest: dict[str, Any], dataset: str, info) -> None:
+    """Refuse a dataset the model was not made for (other name or other input shape)."""
+    own = manifest["dataset"]["name"]
+    if dataset != own:
+        raise ModelLegoError(
+            f"the model classifies dataset {own!r}, not {dataset!r}; pass --dataset {own} "
+            "(class ids are dataset-specific)")
+    if list(info.input_shape) != list(manifest["input"]["shape"]):
+        raise ModelLegoError(
+            f"dataset {dataset!r} gives inputs of shape {list(info.input_shape)} but the model "
+            f"expects {manifest['input']['shape']}")
+
+
+def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None = None,
+             classes: Sequence[int] | None = None, data_dir: str | None = None,
+             split: str = "test", latency: bool = True) -> dict[str, Any]:
+    """Accuracy (overall, per class), params, FLOPs and CPU latency of a model.
+
+    ``classes`` limits the images to those classes and adds ``restricted_accuracy``: the
+    argmax taken over those classes' outputs only.
+    """
+    dataset = dataset or manifest["dataset"]["name"]
+    test = load_split(dataset, split, data_dir=data_dir)
+    check_dataset_matches(manifest, dataset, test.info)
+    own = list(manifest["classes"])
+    chosen = list(classes) if classes is not None else own
+    missing = [c for c in chosen if c not in own]
+    if missing:
+        raise ModelLegoError(f"--classes {missing} are not outputs of this model; "
+                             f"it classifies {own}")
+    test = test.subset(chosen)
+    if len(test) == 0:
+        raise ModelLegoError(f"the {split} split of {dataset!r} has no images of classes "
+                             f"{chosen}")
+    logits = predict_logits(model, normalize(test.images, test.info))
+    acc = accuracy_from_logits(logits, test.labels, own)
+    shape = manifest["input"]["shape"]
+    out: dict[str, Any] = {
+        "dataset": dataset, "split": split, "classes": chosen, "n": acc.n,
+        "accuracy": acc.accuracy,
+        "per_class": {str(c): a for c, a in acc.per_class.items()},
+        "params": count_params(model), "flops": count_flops(model, shape),
+    }
+    if classes is not None:
+        out["restricted_accuracy"] = accuracy_from_logits(logits, test.labels, own,
+                                                          restrict_to=chosen).accuracy
+    if latency:
+        out["latency_ms"] = cpu_latency_ms(model, shape)
+        out["threads"] = torch.get_num_threads()
+    return out

@@ -1,0 +1,111 @@
+"""Accuracy, parameter count, FLOPs and CPU latency of a classifier."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .analysis.hooks import forward_hooks, preserved_state
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers such as BN statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass of one image, over conv and linear layers.
+
+    Counted with forward hooks, so it works for any model, traceable or not. Operations
+    other than conv/linear (BN, activations, pooling, adds) are not counted, as usual.
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            per_out = (module.in_channels // module.groups) * kh * kw
+            total += output.numel() * per_out
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    x = torch.zeros(1, *input_shape)
+    with preserved_state(model), forward_hooks(layers, hook), torch.inference_mode():
+        model.eval()
+        model(x)
+    return int(total)
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one image: 2 x :func:`count_macs` (a multiply and an add per MAC)."""
+    return 2 * count_macs(model, input_shape)
+
+
+def cpu_latency_ms(model: nn.Module, input_shape: Sequence[int], *, repeats: int = 30,
+                   warmup: int = 5) -> float:
+    """Median wall time in milliseconds of one forward pass of a single image on the CPU."""
+    x = torch.randn(1, *input_shape)
+    times = []
+    with preserved_state(model), torch.inference_mode():
+        model.eval()
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 500
+                   ) -> torch.Tensor:
+    """Logits for ``images`` (already normalised), computed in eval mode in batches."""
+    outs = []
+    with preserved_state(model):
+        model.eval()
+        for start in range(0, len(images), batch_size):
+            outs.append(model(images[start:start + batch_size]).float())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Overall and per-class accuracy (class id -> accuracy) on ``n`` images."""
+
+    accuracy: float
+    per_class: dict[int, float]
+    n: int
+    counts: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor,
+                         output_classes: Sequence[int],
+                         restrict_to: Sequence[int] | None = None) -> Accuracy:
+    """Accuracy of ``argmax`` predictions, output index ``i`` meaning class ``output_classes[i]``.
+
+    With ``restrict_to`` (class ids), the argmax is taken over those classes' outputs only.
+    """
+    output_classes = list(output_classes)
+    columns = list(range(len(output_classes)))
+    if restrict_to is not None:
+        columns = [output_classes.index(c) for c in restrict_to]
+    pred_col = logits[:, columns].argmax(1)
+    pred = torch.tensor([output_classes[c] for c in columns], dtype=torch.long)[pred_col]
+    correct = pred == labels
+    per_class, counts = {}, {}
+    for c in sorted(set(labels.tolist())):
+        sel = labels == c
+        counts[int(c)] = int(sel.sum())
+        per_class[int(c)] = float(correct[sel].double().mean())
+    acc = float(correct.double().mean()) if len(labels) else float("nan")
+    return Accuracy(acc, per_class, int(len(labels)), counts)

@@ -1,0 +1,100 @@
+"""Extraction: a real, physically smaller ``nn.Module`` built from a component plan."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelFileError, PlanError
+from ..io import register_kind
+from .plan import ComponentPlan
+
+
+def _idx(indices: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(indices, dtype=torch.long)
+
+
+def _slice_conv(conv: nn.Conv2d, out: tuple[int, ...], inp: tuple[int, ...]) -> nn.Conv2d:
+    depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+    if conv.groups > 1 and not depthwise:
+        if len(out) != conv.out_channels or len(inp) != conv.in_channels:
+            raise PlanError("a grouped conv cannot be pruned; the plan must keep all its channels")
+        return conv
+    groups = len(out) if depthwise else 1
+    new = nn.Conv2d(len(inp), len(out), conv.kernel_size, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, groups=groups,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    with torch.no_grad():
+        w = conv.weight[_idx(out)]
+        new.weight.copy_(w if depthwise else w[:, _idx(inp)])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[_idx(out)])
+    return new
+
+
+def _slice_linear(lin: nn.Linear, out: tuple[int, ...], inp: tuple[int, ...]) -> nn.Linear:
+    new = nn.Linear(len(inp), len(out), bias=lin.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[_idx(out)][:, _idx(inp)])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[_idx(out)])
+    return new
+
+
+def _slice_bn(bn: nn.BatchNorm2d, out: tuple[int, ...]) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(len(out), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                         track_running_stats=bn.track_running_stats)
+    idx = _idx(out)
+    with torch.no_grad():
+        if bn.affine:
+            new.weight.copy_(bn.weight[idx])
+            new.bias.copy_(bn.bias[idx])
+        if bn.track_running_stats:
+            new.running_mean.copy_(bn.running_mean[idx])
+            new.running_var.copy_(bn.running_var[idx])
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new
+
+
+def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
+    """A new model with every planned layer replaced by its sliced copy (``model`` untouched).
+
+    The new model keeps the source's classes and forward code, so it traces and runs like
+    the source; only channel counts differ.
+    """
+    new = copy.deepcopy(model)
+    modules = dict(new.named_modules())
+    for name, spec in plan.modules.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise PlanError(f"plan names layer {name!r}, which the model does not have")
+        try:
+            if isinstance(mod, nn.Conv2d):
+                repl = _slice_conv(mod, spec["out"], spec["in"])
+            elif isinstance(mod, nn.Linear):
+                repl = _slice_linear(mod, spec["out"], spec["in"])
+            elif isinstance(mod, nn.BatchNorm2d):
+                repl = _slice_bn(mod, spec["out"])
+            else:
+                raise PlanError(f"plan names layer {name!r} of type {type(mod).__name__}, "
+                                "which cannot be sliced")
+        except (IndexError, RuntimeError, KeyError) as exc:
+            raise PlanError(f"plan does not fit layer {name!r} ({exc})") from None
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else new
+        setattr(parent, attr, repl)
+    return new
+
+
+@register_kind("component")
+def _build_component(manifest: dict[str, Any]) -> nn.Module:
+    from ..io import build_from_manifest
+
+    source = dict(manifest)
+    source["kind"] = "model"
+    if "plan" not in manifest:
+        raise ModelFileError("component manifest has no plan")
+    return apply_plan(build_from_manifest(source), ComponentPlan.from_dict(manifest["plan"]))

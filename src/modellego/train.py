@@ -1,0 +1,171 @@
+"""Training of zoo architectures on registered datasets (the source models to take apart)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__
+from .data import Split, load_split, normalize
+from .errors import ModelLegoError
+from .metrics import accuracy_from_logits, predict_logits
+from .models import create_model
+
+# Datasets whose classes survive a horizontal flip (clothes, objects; not digits).
+_FLIP_OK = ("fashion-mnist", "cifar10", "cifar100")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    arch: str
+    dataset: str
+    epochs: int = 10
+    classes: tuple[int, ...] | None = None
+    width: float = 1.0
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: bool = True
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ModelLegoError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ModelLegoError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ModelLegoError(f"--lr must be > 0, got {self.lr}")
+
+
+def task_split(split: Split, classes: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images and labels remapped to output indices (position in ``classes``)."""
+    if classes is None:
+        return normalize(split.images, split.info), split.labels
+    sub = split.subset(classes)
+    lookup = torch.full((split.info.num_classes,), -1, dtype=torch.long)
+    lookup[torch.tensor(list(classes))] = torch.arange(len(classes))
+    return normalize(sub.images, sub.info), lookup[sub.labels]
+
+
+def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crops (zero padding ``pad``) and optional horizontal flips, vectorised."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, :]
+    out = xp[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(b, generator=gen) < 0.5
+        out[mask] = out[mask].flip(-1)
+    return out.contiguous()
+
+
+def train(config: TrainConfig, *, command: str | None = None,
+          progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train ``config.arch`` on ``config.dataset``; keep the epoch best on the validation split.
+
+    Returns the model (eval mode) and its manifest, ready for :func:`modellego.io.save_model`.
+    """
+    config.validate()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    train_split = load_split(config.dataset, "train", data_dir=config.data_dir)
+    val_split = load_split(config.dataset, "val", data_dir=config.data_dir)
+    info = train_split.info
+    classes = tuple(config.classes) if config.classes is not None else tuple(
+        range(info.num_classes))
+    check_classes(classes, info.num_classes, "--classes")
+    x_train, y_train = task_split(train_split, classes)
+    x_val = normalize(val_split.subset(classes).images, info)
+    y_val = val_split.subset(classes).labels
+    c, h, w = info.input_shape
+    kwargs = {"in_channels": c, "num_classes": len(classes), "input_size": h,
+              "width": config.width}
+    model = create_model(config.arch, **kwargs)
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                          weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
+    flip = config.augment and any(config.dataset.startswith(d) for d in _FLIP_OK)
+    pad = max(1, h // 14) if config.augment else 0
+    best, best_acc, best_epoch, history = None, -1.0, 0, []
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
+                   disable=not progress, leave=False)
+        total_loss = 0.0
+        for step in bar:
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            xb = x_train[idx]
+            if config.augment:
+                xb = _augment(xb, pad, flip, gen)
+            loss = F.cross_entropy(model(xb), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val_acc = accuracy_from_logits(predict_logits(model, x_val), y_val, classes).accuracy
+        history.append({"epoch": epoch, "loss": total_loss / steps_per_epoch,
+                        "val_accuracy": val_acc})
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {total_loss / steps_per_epoch:.4f}, "
+                       f"val accuracy {val_acc:.4f}")
+        if val_acc > best_acc:
+            best, best_acc, best_epoch = copy.deepcopy(model.state_dict()), val_acc, epoch
+    model.load_state_dict(best)
+    model.eval()
+    test = load_split(config.dataset, "test", data_dir=config.data_dir).subset(classes)
+    test_acc = accuracy_from_logits(predict_logits(model, normalize(test.images, info)),
+                                    test.labels, classes)
+    cfg = asdict(config)
+    cfg.pop("data_dir")
+    manifest = base_manifest(info, classes)
+    manifest.update({
+        "kind": "model",
+        "architecture": {"name": config.arch, "kwargs": kwargs},
+        "metrics": {"val_accuracy": best_acc, "test_accuracy": test_acc.accuracy,
+                    "test_per_class": {str(k): v for k, v in test_acc.per_class.items()}},
+        "provenance": {"made_by": "modellego train", "command": command, "config": cfg,
+                       "best_epoch": best_epoch, "history": history,
+                       "modellego_version": __version__, "torch_version": torch.__version__},
+    })
+    return model, manifest
+
+
+def base_manifest(info, classes: Sequence[int]) -> dict[str, Any]:
+    """The dataset, class and input-contract part of a manifest."""
+    return {
+        "dataset": info.to_dict(),
+        "classes": [int(c) for c in classes],
+        "class_names": [info.class_names[c] for c in classes],
+        "input": {"shape": list(info.input_shape), "mean": list(info.mean),
+                  "std": list(info.std)},
+    }
+
+
+def check_classes(classes: Sequence[int], num_classes: int, arg: str) -> None:
+    """Raise a clear error for empty, repeated or out-of-range class ids."""
+    if len(classes) == 0:
+        raise ModelLegoError(f"{arg}: no classes given")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ModelLegoError(f"{arg}: class ids {bad} out of range 0..{num_classes - 1}")
+    if len(set(classes)) != len(classes):
+        dup = sorted({c for c in classes if list(classes).count(c) > 1})
+        raise ModelLegoError(f"{arg}: class ids {dup} are repeated; list each class once")
+
