@@ -93,6 +93,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import load_model
 
     model, manifest = load_model(args.file)
+    if manifest.get("kind") == "assembly":
+        return _evaluate_assembly(args, model, manifest)
     result = evaluate(model, manifest, dataset=args.dataset, classes=args.classes,
                       data_dir=args.data_dir, latency=not args.no_latency)
     if args.json:
@@ -111,6 +113,112 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"({result['threads']} threads)")
     for c, a in result["per_class"].items():
         print(f"    class {c:>3} {names.get(int(c), ''):<14s} {a:.4f}")
+    return 0
+
+
+def _write_json(path: str, obj: object) -> None:
+    from .io import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    target = Path(path)
+    if not target.parent.exists():
+        raise ModelLegoError(f"--report {path}: folder {target.parent} does not exist")
+    atomic_write(target, write)
+
+
+def cmd_disassemble(args: argparse.Namespace) -> int:
+    from .analysis.locate import LocateConfig
+    from .disassemble import DisassemblyConfig, disassemble, format_report
+    from .io import load_model, save_model
+
+    out = _check_output(args.out, [args.file], args.force)
+    if args.report:
+        _check_output(args.report, [args.file], args.force)
+    model, manifest = load_model(args.file)
+    locate = LocateConfig(alpha_conv=args.alpha_conv, beta_conv=args.beta_conv,
+                          alpha_linear=args.alpha_linear, beta_linear=args.beta_linear,
+                          rule=args.rule)
+    config = DisassemblyConfig(tuple(args.classes), samples_per_class=args.samples_per_class,
+                               locate=locate)
+    if args.dataset is not None:
+        from .data import dataset_info
+
+        if dataset_info(args.dataset, data_dir=args.data_dir).name != manifest["dataset"]["name"]:
+            raise ModelLegoError(f"--dataset {args.dataset}: the model classifies "
+                                 f"{manifest['dataset']['name']!r}")
+    command = "modellego " + shlex.join(args.argv)
+    comp, new_manifest, report = disassemble(model, manifest, config, source_path=args.file,
+                                             data_dir=args.data_dir, command=command)
+    save_model(out, comp.model, new_manifest)
+    if args.report:
+        _write_json(args.report, report)
+    print(format_report(report))
+    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def _evaluate_assembly(args: argparse.Namespace, model, manifest: dict) -> int:
+    from .assembly import evaluate_assembly
+    from .metrics import cpu_latency_ms
+
+    if args.dataset is not None or args.classes is not None:
+        raise ModelLegoError("an assembled model is evaluated on the union of its parts' test "
+                             "sets; drop --dataset and --classes")
+    result = evaluate_assembly(model, manifest, data_dir=args.data_dir)
+    if not args.no_latency:
+        result["latency_ms"] = cpu_latency_ms(model, manifest["input"]["shape"])
+    if args.json:
+        _print_json(result)
+        return 0
+    print(format_assembly(result, manifest))
+    return 0
+
+
+def format_assembly(result: dict, manifest: dict) -> str:
+    """A plain-text table of an assembled model's evaluation."""
+    lines = [f"assembly of {len(manifest['parts'])} parts, layout {manifest['layout']}, "
+             f"scaling {manifest['scaling']}: {len(manifest['labels'])} outputs, "
+             f"{result['n']} test images",
+             f"  accuracy            {result['accuracy']:.4f}",
+             f"  balanced accuracy   {result['balanced_accuracy']:.4f}  (mean per class)",
+             f"  Base                {result['base']:.4f}  (mean per-class accuracy of the "
+             "parts on their own classes)",
+             f"  params              {result['params']:,}",
+             f"  FLOPs               {result['flops']:,}"]
+    if "latency_ms" in result:
+        lines.append(f"  CPU latency         {result['latency_ms']:.3f} ms/image")
+    for lab, (key, acc) in zip(manifest["labels"], result["per_class"].items()):
+        lines.append(f"    {key:<18s} {lab['name']:<14s} part {lab['part']}  {acc:.4f}")
+    return "\n".join(lines)
+
+
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from .assembly import AssemblyConfig, assemble, evaluate_assembly
+    from .io import save_model
+
+    out = _check_output(args.out, args.files, args.force)
+    if args.report:
+        _check_output(args.report, args.files, args.force)
+    config = AssemblyConfig(layout=args.layout, scaling=args.scaling,
+                            on_duplicate=args.on_duplicate,
+                            calibration_samples=args.calibration_samples, seed=args.seed)
+    command = "modellego " + shlex.join(args.argv)
+    model, manifest = assemble(args.files, config, data_dir=args.data_dir, command=command)
+    result = evaluate_assembly(model, manifest, data_dir=args.data_dir)
+    manifest["metrics"] = {"test_accuracy": result["accuracy"],
+                           "test_balanced_accuracy": result["balanced_accuracy"],
+                           "base": result["base"]}
+    save_model(out, model, manifest)
+    if args.report:
+        _write_json(args.report, {"evaluation": result,
+                                  "calibration": manifest["provenance"]["calibration"],
+                                  "labels": manifest["labels"]})
+    print(format_assembly(result, manifest))
+    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
     return 0
 
 
@@ -150,6 +258,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("disassemble", help="extract the component of a model for some classes")
+    s.add_argument("file")
+    s.add_argument("--classes", type=parse_classes, required=True,
+                   help="task classes in output order, e.g. 0,2,4 or 3-9")
+    s.add_argument("--out", required=True)
+    s.add_argument("--dataset", default=None, help="default: the model's own dataset")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--report", default=None, help="also write the report as JSON")
+    s.add_argument("--samples-per-class", type=int, default=50)
+    s.add_argument("--rule", choices=("count", "mass"), default="count",
+                   help="count: the paper's relevant-kernel counting; mass: contribution mass")
+    s.add_argument("--alpha-conv", type=float, default=0.3)
+    s.add_argument("--beta-conv", type=float, default=0.2)
+    s.add_argument("--alpha-linear", type=float, default=0.4)
+    s.add_argument("--beta-linear", type=float, default=0.3)
+    s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    s.set_defaults(func=cmd_disassemble)
+
+    s = sub.add_parser("assemble", help="assemble models/components into one classifier")
+    s.add_argument("files", nargs="+", help="two or more model or component files")
+    s.add_argument("--out", required=True)
+    s.add_argument("--layout", choices=("parallel", "padded"), default="parallel")
+    s.add_argument("--scaling", choices=("none", "logit", "feature", "calibrated"),
+                   default="calibrated")
+    s.add_argument("--on-duplicate", choices=("error", "replace"), default="error",
+                   help="what to do when two parts classify the same label")
+    s.add_argument("--calibration-samples", type=int, default=200,
+                   help="training images per class used to calibrate")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--report", default=None, help="also write the report as JSON")
+    s.add_argument("--force", action="store_true", help="allow overwriting an input file")
+    s.set_defaults(func=cmd_assemble)
     return p
 
 

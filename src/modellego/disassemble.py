@@ -75,6 +75,8 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     config = config or DisassemblyConfig(tuple(classes))
     classes = tuple(int(c) for c in classes)
     output_classes = [int(c) for c in output_classes]
+    if not classes:
+        raise ModelLegoError("no classes given; name at least one class to extract")
     missing = [c for c in classes if c not in output_classes]
     if missing:
         raise ModelLegoError(f"classes {missing} are not outputs of the model "

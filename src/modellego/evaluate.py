@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .data import load_split, normalize
+from .data import dataset_info, load_split, normalize
 from .errors import ModelLegoError
 from .metrics import accuracy_from_logits, count_flops, count_params, cpu_latency_ms, predict_logits
 
@@ -34,8 +34,10 @@ def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None 
     argmax taken over those classes' outputs only.
     """
     dataset = dataset or manifest["dataset"]["name"]
+    info = dataset_info(dataset, data_dir=data_dir)  # canonical name, before loading images
+    dataset = info.name
+    check_dataset_matches(manifest, dataset, info)
     test = load_split(dataset, split, data_dir=data_dir)
-    check_dataset_matches(manifest, dataset, test.info)
     own = list(manifest["classes"])
     chosen = list(classes) if classes is not None else own
     missing = [c for c in chosen if c not in own]

@@ -36,6 +36,9 @@ def atomic_write(path: str | Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,7 +49,7 @@ def atomic_write(path: str | Path, write: Any) -> None:
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor],
                  manifest: dict[str, Any]) -> None:
     """Write ``tensors`` and ``manifest`` to ``path`` atomically."""
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"modellego": json.dumps(manifest, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

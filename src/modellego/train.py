@@ -89,6 +89,9 @@ def train(config: TrainConfig, *, command: str | None = None,
     x_train, y_train = task_split(train_split, classes)
     x_val = normalize(val_split.subset(classes).images, info)
     y_val = val_split.subset(classes).labels
+    if len(y_val) == 0 or len(y_train) == 0:
+        raise ModelLegoError(f"dataset {config.dataset!r} has no training or validation images "
+                             f"of classes {list(classes)}; add images or choose other classes")
     c, h, w = info.input_shape
     kwargs = {"in_channels": c, "num_classes": len(classes), "input_size": h,
               "width": config.width}

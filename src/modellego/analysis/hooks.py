@@ -33,3 +33,16 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.training = mode
         torch.set_grad_enabled(grad)
+
+
+@contextlib.contextmanager
+def forward_pre_hooks(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Register each ``(module, hook)`` pair as a forward pre-hook; remove them all on exit."""
+    handles = []
+    try:
+        for m, hook in pairs:
+            handles.append(m.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

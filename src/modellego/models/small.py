@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ModelLegoError
 from .registry import register_model, scaled
 
 
@@ -19,7 +20,7 @@ class LeNet5(nn.Module):
         )
         size = (input_size // 2 - 4) // 2
         if size < 1:
-            raise ValueError(f"lenet5 needs input_size >= 12, got {input_size}")
+            raise ModelLegoError(f"lenet5 needs input_size >= 12, got {input_size}")
         self.classifier = nn.Sequential(
             nn.Linear(c2 * size * size, scaled(120, width)), nn.ReLU(inplace=True),
             nn.Linear(scaled(120, width), scaled(84, width)), nn.ReLU(inplace=True),

@@ -83,6 +83,7 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
                                 "which cannot be sliced")
         except (IndexError, RuntimeError, KeyError) as exc:
             raise PlanError(f"plan does not fit layer {name!r} ({exc})") from None
+        repl.train(mod.training)  # fresh modules start in train mode; keep the source's
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else new
         setattr(parent, attr, repl)

@@ -165,7 +165,7 @@ class _Builder:
                 "modellego needs a static graph: move data-dependent control flow out of "
                 "forward() or wrap it in a leaf module") from None
         example = torch.zeros(2, *self.input_shape)
-        was_training = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]
         try:
             gm.eval()
             with torch.no_grad():
@@ -174,8 +174,9 @@ class _Builder:
             raise UnsupportedModelError(
                 f"running the traced model on an input of shape {list(self.input_shape)} "
                 f"failed ({type(exc).__name__}: {exc})") from None
-        finally:
-            self.model.train(was_training)
+        finally:  # restore each submodule's own flag (a model may mix train and eval)
+            for m, mode in modes:
+                m.training = mode
         layouts: dict[torch.fx.Node, Any] = {}
         inputs: set[int] = set()
         output_layout = None

@@ -1,0 +1,77 @@
+"""The main job: evaluate the shipped models, take one apart, assemble a cross-dataset classifier.
+
+Run with ``make demo``. Writes everything under ``out/demo/``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from modellego.disassemble import DisassemblyConfig, disassemble, format_report
+from modellego.errors import ModelLegoError
+from modellego.evaluate import evaluate
+from modellego.io import load_model, save_model
+
+ROOT = Path(__file__).resolve().parent.parent
+CKPT = ROOT / "checkpoints"
+OUT = ROOT / "out" / "demo"
+SHIPPED = [
+    "fashion-mnist/vgg16_bn.safetensors",
+    "fashion-mnist/resnet18.safetensors",
+    "fashion-mnist/vgg16_bn-classes0-4.safetensors",
+    "fashion-mnist/vgg16_bn-classes5-9.safetensors",
+    "digits/vgg16_bn.safetensors",
+]
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 74 - len(title)))
+
+
+def shipped_table() -> None:
+    section("1. The shipped source models (test split)")
+    print(f"{'model':<46} {'classes':>7} {'accuracy':>9} {'params':>10} {'MFLOPs':>8} "
+          f"{'ms/img':>7}")
+    for rel in SHIPPED:
+        path = CKPT / rel
+        if not path.exists():
+            print(f"{rel:<46} missing (see scripts/make-checkpoints.sh)")
+            continue
+        model, manifest = load_model(path)
+        r = evaluate(model, manifest)
+        print(f"{rel:<46} {len(manifest['classes']):>7} {r['accuracy']:>9.4f} "
+              f"{r['params']:>10,} {r['flops'] / 1e6:>8.2f} {r['latency_ms']:>7.2f}")
+
+
+def disassembly() -> Path:
+    section("2. Disassemble: a component for T-shirt/top, Trouser, Pullover")
+    src = CKPT / "fashion-mnist/vgg16_bn.safetensors"
+    model, manifest = load_model(src)
+    config = DisassemblyConfig((0, 1, 2))
+    comp, comp_manifest, report = disassemble(model, manifest, config, source_path=src,
+                                              command="scripts/demo.py")
+    out = OUT / "fm-vgg16_bn-classes0-2.safetensors"
+    save_model(out, comp.model, comp_manifest)
+    print(format_report(report))
+    print(f"wrote {out.relative_to(ROOT)}")
+    return out
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        shipped_table()
+        disassembly()
+    except ModelLegoError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in "
+          f"{OUT.relative_to(ROOT)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

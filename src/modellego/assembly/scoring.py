@@ -1,0 +1,136 @@
+"""Making parts comparable without training their weights (parameter scaling).
+
+``none``
+    Logits as they are.
+``logit`` (the public Model LEGO code's rule)
+    Each output is divided by the mean winning logit of its class on correctly classified
+    training samples.
+``feature`` (the paper's rule, at the last layer)
+    Each part's logits are multiplied by (mean over parts of m) / m_k, where m_k is the mean
+    magnitude of the features part k's classifier reads, on its own training samples.
+``calibrated`` (ours)
+    Every part also reports how *typical* an image is for it: Mahalanobis distances of the
+    image's pooled features at several depths to the part's class means (tied covariance,
+    Ledoit-Wolf shrinkage), plus the log-sum-exp of its logits. A few scalars per part (a
+    weight per score and a bias) are fitted by logistic regression on training images of all
+    parts to predict which part owns an image. The assembled logit of class i of part k is
+    ``log p(part k | x) + log softmax(logits_k)_i``, so the argmax first routes and then
+    classifies. Low-level statistics (early layers) tell datasets apart; class-conditional
+    distances (late layers) tell class sets of one dataset apart. No network weight changes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+SCALINGS = ("none", "logit", "feature", "calibrated")
+
+
+def pooled(x: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of a feature map; features of a linear layer pass unchanged."""
+    return x.mean((2, 3)) if x.dim() == 4 else x
+
+
+class FeatureTap(nn.Module):
+    """Runs a part and returns ``(logits, [pooled input of each tapped layer])``.
+
+    Inputs are captured with forward pre-hooks that live only inside :meth:`forward`.
+    """
+
+    def __init__(self, net: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.net = net
+        self.layers = list(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        from ..analysis.hooks import forward_pre_hooks
+
+        found: dict[str, torch.Tensor] = {}
+        modules = dict(self.net.named_modules())
+
+        def make(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                found[name] = pooled(args[0])
+            return hook
+
+        with forward_pre_hooks([(modules[n], make(n)) for n in self.layers]):
+            logits = self.net(x)
+        return logits, [found[n] for n in self.layers]
+
+
+class Router(nn.Module):
+    """Per part: Mahalanobis scores at tapped layers + log-sum-exp -> one routing score."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.num_layers = len(dims)
+        for i, d in enumerate(dims):
+            self.register_buffer(f"means{i}", torch.zeros(num_classes, d))
+            self.register_buffer(f"precision{i}", torch.zeros(d, d))
+        n = len(dims) + 1
+        self.register_buffer("z_mean", torch.zeros(n))
+        self.register_buffer("z_std", torch.ones(n))
+        self.register_buffer("weight", torch.zeros(n))
+        self.register_buffer("bias", torch.zeros(()))
+
+    def scores(self, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, L + 1)`` raw scores: log-sum-exp, then minus each layer's distance."""
+        cols = [torch.logsumexp(logits, 1)]
+        for i, f in enumerate(feats):
+            mu = getattr(self, f"means{i}")
+            prec = getattr(self, f"precision{i}")
+            fp = f @ prec
+            d = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + ((mu @ prec) * mu).sum(1)
+            cols.append(-d.min(1).values)
+        return torch.stack(cols, 1)
+
+    def forward(self, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        z = (self.scores(logits, feats) - self.z_mean) / self.z_std
+        return z @ self.weight + self.bias
+
+
+def class_gaussians(feats: torch.Tensor, labels: torch.Tensor, num_classes: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means and the shrunk tied precision matrix (Ledoit-Wolf) of ``feats``."""
+    from sklearn.covariance import LedoitWolf
+
+    feats = feats.double()
+    means = torch.stack([feats[labels == c].mean(0) for c in range(num_classes)])
+    centred = feats - means[labels]
+    lw = LedoitWolf(assume_centered=True).fit(centred.numpy())
+    precision = torch.from_numpy(lw.precision_)
+    return means.float(), precision.float()
+
+
+def fit_router_weights(z: list[torch.Tensor], owner: torch.Tensor, *, l2: float = 1e-3,
+                       steps: int = 200) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Fit per-part weights ``w_k`` and biases ``b_k`` of ``r_k = z_k @ w_k + b_k`` so that
+    ``softmax_k(r)`` predicts ``owner`` (cross-entropy + a small L2 penalty), with L-BFGS.
+
+    ``z[k]`` is ``(N, n)`` standardised scores of part ``k`` on all N fitting images.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        k = len(z)
+        n = max(t.shape[1] for t in z)
+        # parts may have different numbers of scores: pad with zeros (their weights stay 0)
+        zz = torch.stack([nn.functional.pad(t.double().clone(), (0, n - t.shape[1]))
+                          for t in z], 1)
+        owner = owner.clone()
+        w = torch.zeros(k, n, dtype=torch.float64)
+        w[:, 0] = 1.0
+        w.requires_grad_(True)
+        b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            r = (zz * w).sum(2) + b
+            loss = nn.functional.cross_entropy(r, owner) + l2 * (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return [w[i, :t.shape[1]].detach().float() for i, t in enumerate(z)], b.detach().float()
