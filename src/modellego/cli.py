@@ -143,7 +143,9 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
                           alpha_linear=args.alpha_linear, beta_linear=args.beta_linear,
                           rule=args.rule)
     config = DisassemblyConfig(tuple(args.classes), samples_per_class=args.samples_per_class,
-                               locate=locate)
+                               locate=locate, compensate=args.compensate,
+                               max_accuracy_drop=args.max_accuracy_drop,
+                               target_flops=args.target_flops)
     if args.dataset is not None:
         from .data import dataset_info
 
@@ -274,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beta-conv", type=float, default=0.2)
     s.add_argument("--alpha-linear", type=float, default=0.4)
     s.add_argument("--beta-linear", type=float, default=0.3)
+    s.add_argument("--compensate", action="store_true",
+                   help="fold the mean contribution of removed channels into biases")
+    s.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",
+                   help="search thresholds on the validation split: lose at most PP points "
+                        "against the restricted source")
+    s.add_argument("--target-flops", type=float, default=None, metavar="R",
+                   help="search thresholds: keep at most this share of the source's FLOPs")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     s.set_defaults(func=cmd_disassemble)
 

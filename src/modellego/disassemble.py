@@ -19,10 +19,11 @@ from .analysis.profile import (
     contribution_profile,
     select_samples,
 )
+from .analysis.search import candidates, search
 from .data import load_split, normalize
 from .errors import ModelLegoError
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
-from .surgery.extract import apply_plan
+from .surgery.extract import apply_plan, compensate_removed_inputs
 from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .train import base_manifest, check_classes
@@ -36,10 +37,33 @@ class DisassemblyConfig:
     samples_per_class: int = 50
     locate: LocateConfig = field(default_factory=LocateConfig)
     batch_size: int = 64
+    #: fold the mean contribution of removed inputs into biases / BN means
+    compensate: bool = False
+    #: search thresholds (along ``locate.rule``'s family) on the validation split so the
+    #: component loses at most this many points against the restricted source ...
+    max_accuracy_drop: float | None = None
+    #: ... or so that it keeps at most this share of the source's FLOPs
+    target_flops: float | None = None
+
+    def validate(self) -> None:
+        self.locate.validate()
+        if self.samples_per_class < 1:
+            raise ModelLegoError(f"--samples-per-class must be >= 1, got "
+                                 f"{self.samples_per_class}")
+        if self.max_accuracy_drop is not None and self.target_flops is not None:
+            raise ModelLegoError("give one of --max-accuracy-drop and --target-flops, not both")
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
+            raise ModelLegoError(f"--max-accuracy-drop is in points and must lie in "
+                                 f"[0, 100], got {self.max_accuracy_drop}")
+        if self.target_flops is not None and not 0 < self.target_flops <= 1:
+            raise ModelLegoError(f"--target-flops is a share of the source's FLOPs and must "
+                                 f"lie in (0, 1], got {self.target_flops}")
 
     def to_dict(self) -> dict:
         return {"classes": list(self.classes), "samples_per_class": self.samples_per_class,
-                "locate": self.locate.to_dict(), "batch_size": self.batch_size}
+                "locate": self.locate.to_dict(), "batch_size": self.batch_size,
+                "compensate": self.compensate, "max_accuracy_drop": self.max_accuracy_drop,
+                "target_flops": self.target_flops}
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,8 @@ class Component:
     selection: SampleSelection
     profile: ContributionProfile
     graph: ChannelGraph = field(repr=False)
+    locate: LocateConfig = field(default_factory=LocateConfig)
+    search: tuple = ()
 
     def kept_channels(self) -> dict[str, list[int]]:
         """Per conv/linear layer: ``[kept outputs, total outputs]``."""
@@ -63,16 +89,20 @@ class Component:
 
 def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                       classes: Sequence[int], output_classes: Sequence[int],
-                      config: DisassemblyConfig | None = None) -> Component:
+                      config: DisassemblyConfig | None = None,
+                      val_images: torch.Tensor | None = None,
+                      val_labels: torch.Tensor | None = None) -> Component:
     """Extract the component of ``model`` that serves ``classes``.
 
     ``images`` are normalised training inputs with class-id ``labels``; ``output_classes[i]``
-    is the class id of logit ``i``. Works on any torch.fx-traceable CNN.
+    is the class id of logit ``i``. Works on any torch.fx-traceable CNN. A threshold search
+    (``config.max_accuracy_drop``) needs ``val_images``/``val_labels`` of the task's classes.
 
     >>> comp = disassemble_model(net, x, y, classes=[0, 2], output_classes=range(10))
     >>> comp.model(x[:1]).shape   # (1, 2): logits of classes 0 and 2
     """
     config = config or DisassemblyConfig(tuple(classes))
+    config.validate()
     classes = tuple(int(c) for c in classes)
     output_classes = [int(c) for c in output_classes]
     if not classes:
@@ -83,20 +113,53 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                              f"(it classifies {output_classes})")
     if len(set(classes)) != len(classes):
         raise ModelLegoError(f"classes {list(classes)} contain repeats; list each class once")
-    graph = build_channel_graph(model, tuple(images.shape[1:]))
+    input_shape = tuple(images.shape[1:])
+    graph = build_channel_graph(model, input_shape)
     selection = select_samples(model, images, labels, classes, output_classes,
                                k=config.samples_per_class)
     idx = selection.all_indices()
     layers = {lay.name: lay.module for lay in profiled_layers(graph)}
     profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
                                    batch_size=config.batch_size)
-    masks = locate(graph, profile, classes, output_classes, config.locate)
     hint = ("; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use "
             "--rule mass")
-    plan = plan_from_masks(graph, masks, [output_classes.index(c) for c in classes],
-                           hint=hint)
-    component = apply_plan(model, plan).eval()
-    return Component(component, plan, classes, selection, profile, graph)
+    out_idx = [output_classes.index(c) for c in classes]
+    bn_after = {lay.name: lay.bn_after for lay in graph.layers}
+
+    def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
+        masks = locate(graph, profile, classes, output_classes, cfg)
+        plan = plan_from_masks(graph, masks, out_idx, hint=hint)
+        comp = apply_plan(model, plan).eval()
+        if config.compensate:
+            compensate_removed_inputs(comp, plan, profile.means, bn_after)
+        return plan, comp
+
+    chosen, trials = config.locate, []
+    if config.max_accuracy_drop is not None or config.target_flops is not None:
+        source_flops = count_flops(model, input_shape)
+
+        def flops_of(cfg: LocateConfig) -> float:
+            return count_flops(build(cfg)[1], input_shape) / source_flops
+
+        accuracy_of, min_acc = None, None
+        if config.max_accuracy_drop is not None:
+            if val_images is None or val_labels is None:
+                raise ModelLegoError("--max-accuracy-drop needs validation images")
+            src_logits = predict_logits(model, val_images)
+            restricted = accuracy_from_logits(src_logits, val_labels, output_classes,
+                                              restrict_to=classes).accuracy
+            min_acc = restricted - config.max_accuracy_drop / 100
+
+            def accuracy_of(cfg: LocateConfig) -> float:
+                comp = build(cfg)[1]
+                return accuracy_from_logits(predict_logits(comp, val_images), val_labels,
+                                            classes).accuracy
+
+        chosen, trials = search(candidates(config.locate), flops_of, accuracy_of,
+                                min_accuracy=min_acc, max_flops_ratio=config.target_flops)
+    plan, component = build(chosen)
+    return Component(component, plan, classes, selection, profile, graph, chosen,
+                     tuple(t.to_dict() for t in trials))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -124,8 +187,11 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
                              f"classifies {own}")
     train = train.subset(config.classes)
     t0 = time.perf_counter()
+    val = load_split(dataset, "val", data_dir=data_dir).subset(config.classes)
     comp = disassemble_model(model, normalize(train.images, train.info), train.labels,
-                             classes=config.classes, output_classes=own, config=config)
+                             classes=config.classes, output_classes=own, config=config,
+                             val_images=normalize(val.images, val.info),
+                             val_labels=val.labels)
     seconds = time.perf_counter() - t0
     plan = comp.plan
     if manifest.get("kind") == "component":
@@ -145,6 +211,7 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
                        "sha256": file_sha256(source_path) if source_path else None,
                        "kind": manifest.get("kind"), "classes": own},
             "method": "contribution", "config": config.to_dict(),
+            "locate": comp.locate.to_dict(), "threshold_search": list(comp.search),
             "samples": {str(c): list(v) for c, v in comp.selection.indices.items()},
             "kept_channels": comp.kept_channels(),
             "modellego_version": __version__,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -80,6 +80,9 @@ class ContributionProfile:
     layers: dict[str, torch.Tensor]
     samples: dict[int, int]
     seconds: float
+    #: per layer ``(Q, P)``: signed contribution of input p to output q, per output position,
+    #: averaged over all profiled samples (used to compensate removed inputs in the bias)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def for_class(self, layer: str, c: int) -> torch.Tensor:
         return self.layers[layer][self.classes.index(c)]
@@ -88,8 +91,9 @@ class ContributionProfile:
         meta = {"classes": list(self.classes), "samples": {str(k): v for k, v in
                                                            self.samples.items()},
                 "seconds": self.seconds}
-        save_file({k: v.contiguous() for k, v in self.layers.items()}, str(path),
-                  metadata={"modellego.profile": json.dumps(meta)})
+        tensors = {f"S.{k}": v.contiguous() for k, v in self.layers.items()}
+        tensors.update({f"mean.{k}": v.contiguous() for k, v in self.means.items()})
+        save_file(tensors, str(path), metadata={"modellego.profile": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> ContributionProfile:
@@ -97,8 +101,11 @@ class ContributionProfile:
 
         with safe_open(str(path), "pt") as fh:
             meta = json.loads(fh.metadata()["modellego.profile"])
-        return cls(tuple(meta["classes"]), load_file(str(path)),
-                   {int(k): v for k, v in meta["samples"].items()}, meta["seconds"])
+        tensors = load_file(str(path))
+        layers = {k[2:]: v for k, v in tensors.items() if k.startswith("S.")}
+        means = {k[5:]: v for k, v in tensors.items() if k.startswith("mean.")}
+        return cls(tuple(meta["classes"]), layers,
+                   {int(k): v for k, v in meta["samples"].items()}, meta["seconds"], means)
 
 
 def contribution_profile(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
@@ -117,6 +124,7 @@ def contribution_profile(model: nn.Module, layers: dict[str, nn.Module], images:
     if (rows < 0).any():
         raise ModelLegoError("profile labels must all be among the profiled classes")
     totals: dict[str, torch.Tensor] = {}
+    signed: dict[str, torch.Tensor] = {}
     names = {id(m): n for n, m in layers.items()}
     current: dict[str, torch.Tensor] = {}
 
@@ -124,10 +132,14 @@ def contribution_profile(model: nn.Module, layers: dict[str, nn.Module], images:
         name = names[id(module)]
         contrib = layer_contribution(inputs[0], module, name=name)
         acc = accumulate_class_contribution(contrib, current["rows"], len(classes))
+        positions = output.numel() // (output.shape[0] * contrib.shape[1])
+        mean = contrib.sum(0) / positions
         if name in totals:
             totals[name] += acc
+            signed[name] += mean
         else:
             totals[name] = acc
+            signed[name] = mean
 
     t0 = time.perf_counter()
     with preserved_state(model), forward_hooks(layers.values(), hook), torch.inference_mode():
@@ -137,5 +149,6 @@ def contribution_profile(model: nn.Module, layers: dict[str, nn.Module], images:
             model(images[start:start + batch_size])
     seconds = time.perf_counter() - t0
     counts = torch.bincount(rows, minlength=len(classes))
+    means = {k: v / max(1, len(images)) for k, v in signed.items()}
     return ContributionProfile(classes, totals, {c: int(counts[i]) for i, c in
-                                                 enumerate(classes)}, seconds)
+                                                 enumerate(classes)}, seconds, means)

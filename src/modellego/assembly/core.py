@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..data import load_split, normalize
+from ..data import load_split
 from ..errors import ModelLegoError
 from ..io import build_from_manifest, load_model, register_kind
 from ..metrics import count_flops, count_params, predict_logits
@@ -218,9 +218,12 @@ def _fit_scaling(model: AssembledModel, nets: list[nn.Module], parts: list[dict[
         return info
     # calibrated: Gaussians on one half of each part's images, router on the other half
     halves = []
-    for x, _ in data:
+    for x, y in data:
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))
-        halves.append((perm[::2], perm[1::2]))
+        # split every class in two, so that each class has fitting images (else NaN means)
+        per_class = [perm[y[perm] == c] for c in range(int(y.max()) + 1)]
+        halves.append((torch.cat([p[::2] for p in per_class]),
+                       torch.cat([p[1::2] for p in per_class])))
     for k, (router, (x, y)) in enumerate(zip(model.routers, data)):
         fit_idx = halves[k][0]
         _, feats = model.body.parts[k](adapters[k](x[fit_idx]))
@@ -375,12 +378,13 @@ def evaluate_assembly(model: nn.Module, manifest: dict[str, Any], *,
         sel = y == idx
         per_label[f"{lab['dataset']}:{lab['class']}"] = float(correct[sel].double().mean())
     base = []
-    nets = _part_nets(model)
+    contract = manifest["input"]["shape"]
     for k, part in enumerate(manifest["parts"]):
         test = load_split(part["dataset"]["name"], "test", data_dir=data_dir)
         own = [lab for lab in manifest["labels"] if lab["part"] == k]
         sub = test.subset([lab["class"] for lab in own])
-        logits = predict_logits(nets[k], normalize(sub.images, sub.info))
+        xk = convert_images(sub.images, contract[0], contract[1:])
+        logits = _part_logits(model, xk, k)
         pred_k = torch.tensor(part["classes"])[logits.argmax(1)]
         for lab in own:
             sel = sub.labels == lab["class"]
@@ -393,11 +397,12 @@ def evaluate_assembly(model: nn.Module, manifest: dict[str, Any], *,
             "flops": count_flops(model, shape)}
 
 
-def _part_nets(model: nn.Module) -> list[nn.Module]:
-    body = model.body
-    if hasattr(body, "nets"):
-        return list(body.nets)
-    return [p.net if isinstance(p, FeatureTap) else p for p in body.parts]
+@torch.inference_mode()
+def _part_logits(model: AssembledModel, x: torch.Tensor, k: int, batch_size: int = 500
+                 ) -> torch.Tensor:
+    """Part ``k``'s own raw logits on contract images ``x`` (before any scaling)."""
+    outs = [model.body(x[i:i + batch_size])[k][0] for i in range(0, len(x), batch_size)]
+    return torch.cat(outs)
 
 
 __all__ = ["AssembledModel", "AssemblyConfig", "assemble", "evaluate_assembly", "label_map",

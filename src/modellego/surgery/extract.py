@@ -99,3 +99,36 @@ def _build_component(manifest: dict[str, Any]) -> nn.Module:
     if "plan" not in manifest:
         raise ModelFileError("component manifest has no plan")
     return apply_plan(build_from_manifest(source), ComponentPlan.from_dict(manifest["plan"]))
+
+
+@torch.no_grad()
+def compensate_removed_inputs(component: nn.Module, plan: ComponentPlan,
+                              means: dict[str, torch.Tensor],
+                              bn_after: dict[str, str | None]) -> list[str]:
+    """Fold the average contribution of every removed input into the layer's bias.
+
+    ``means[name]`` is the source's ``(Q, P)`` mean signed contribution per output position.
+    The shift goes into the layer's bias or, for a bias-free conv followed only by a
+    BatchNorm, into that BN's running mean (the same thing, without changing the module
+    structure). Returns the names of the layers it changed.
+    """
+    modules = dict(component.named_modules())
+    changed = []
+    for name, mean in means.items():
+        spec = plan.modules.get(name)
+        if spec is None:
+            continue
+        removed = torch.ones(mean.shape[1], dtype=torch.bool)
+        removed[_idx(spec["in"])] = False
+        if not removed.any():
+            continue
+        delta = mean[_idx(spec["out"])][:, removed].sum(1).float()
+        layer = modules[name]
+        if layer.bias is not None:
+            layer.bias += delta
+        elif bn_after.get(name) and modules[bn_after[name]].track_running_stats:
+            modules[bn_after[name]].running_mean -= delta
+        else:
+            continue
+        changed.append(name)
+    return changed

@@ -64,6 +64,7 @@ class Layer:
     out_space: int
     depthwise: bool = False
     frozen: bool = False           # grouped conv: its channels are never pruned
+    bn_after: str | None = None    # the BatchNorm that alone reads this conv's output
 
     @property
     def in_features(self) -> int:
@@ -202,6 +203,14 @@ class _Builder:
             raise UnsupportedModelError(
                 "the model output must be a single logits tensor written by one conv or "
                 "linear layer")
+        by_name = {lay.name: lay for lay in self.layers}
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(self.modules[node.target],
+                                                        nn.BatchNorm2d):
+                src = node.args[0]
+                if isinstance(src, torch.fx.Node) and src.op == "call_module" and \
+                        src.target in by_name and len(src.users) == 1:
+                    by_name[src.target].bn_after = str(node.target)
         out_space = self.find(output_layout[0].space)
         for lay in self.layers:
             lay.out_space = self.find(lay.out_space)

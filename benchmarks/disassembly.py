@@ -1,0 +1,209 @@
+"""Disassembly benchmark: component accuracy and size on the shipped Fashion-MNIST models,
+the cost of the contribution profile, and its peak memory on ResNet-50 at 224 px.
+
+    .venv/bin/python benchmarks/disassembly.py [--quick]
+
+Prints tables and writes benchmarks/results/disassembly.json. Every figure is measured in
+this run; ratios compare runs made in the same process on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from modellego import __version__
+from modellego.analysis.contribution import accumulate_class_contribution
+from modellego.analysis.locate import LocateConfig, profiled_layers
+from modellego.analysis.profile import contribution_profile
+from modellego.data import load_split, normalize
+from modellego.disassemble import DisassemblyConfig, disassemble
+from modellego.io import load_model
+from modellego.surgery.graph import build_channel_graph
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ["fashion-mnist/vgg16_bn", "fashion-mnist/resnet18"]
+TASKS = [(0, 1, 2), (3, 4, 5, 6, 7, 8, 9), (0, 2, 4, 6, 8), (1, 7)]
+METHODS = {
+    # the published method and defaults (count rule, alpha/beta from the public code)
+    "paper": DisassemblyConfig((), locate=LocateConfig()),
+    # ours: contribution-mass rule, bias compensation, thresholds searched on validation
+    "ours": DisassemblyConfig((), locate=LocateConfig(rule="mass"), compensate=True,
+                              max_accuracy_drop=0.2),
+}
+
+
+def component_rows(quick: bool) -> list[dict]:
+    rows = []
+    for rel in MODELS:
+        path = ROOT / "checkpoints" / f"{rel}.safetensors"
+        model, manifest = load_model(path)
+        for task in TASKS[:2] if quick else TASKS:
+            for method, base in METHODS.items():
+                cfg = DisassemblyConfig(task, locate=base.locate, compensate=base.compensate,
+                                        max_accuracy_drop=base.max_accuracy_drop)
+                t0 = time.perf_counter()
+                try:
+                    comp, _, rep = disassemble(model, manifest, cfg, source_path=path)
+                except Exception as exc:  # a method that cannot make a component: say so
+                    rows.append({"model": rel, "task": list(task), "method": method,
+                                 "error": str(exc)})
+                    print(f"{rel:<24} {str(list(task)):<22} {method:<6} failed: {exc}")
+                    continue
+                row = {"model": rel, "task": list(task), "method": method,
+                       "restricted_accuracy": rep["restricted_accuracy"],
+                       "source_accuracy": rep["source_accuracy"],
+                       "component_accuracy": rep["component_accuracy"],
+                       "delta_pp": 100 * (rep["component_accuracy"] -
+                                          rep["restricted_accuracy"]),
+                       "flops_ratio": rep["flops_ratio"], "params_ratio": rep["params_ratio"],
+                       "profile_seconds": rep["profile_seconds"],
+                       "seconds": time.perf_counter() - t0,
+                       "locate": comp.locate.to_dict()}
+                row["meets_accuracy"] = row["delta_pp"] >= -0.5
+                row["meets_flops"] = len(task) > 3 or row["flops_ratio"] <= 0.75
+                rows.append(row)
+                print(f"{rel:<24} {str(list(task)):<22} {method:<6} "
+                      f"restricted {row['restricted_accuracy']:.4f} component "
+                      f"{row['component_accuracy']:.4f} ({row['delta_pp']:+.2f} pp) FLOPs "
+                      f"{100 * row['flops_ratio']:.1f} % params {100 * row['params_ratio']:.1f} %"
+                      f" [{row['seconds']:.0f} s]", flush=True)
+    return rows
+
+
+def naive_contribution(inp: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The definition, computed the slow way: every (q, p) output map is materialised."""
+    b = inp.shape[0]
+    cols = torch.nn.functional.unfold(inp.double(), conv.kernel_size, dilation=conv.dilation,
+                                      padding=conv.padding, stride=conv.stride)
+    p = conv.in_channels
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    cols = cols.view(b, p, k, -1)                                  # (B, P, K, L)
+    w = conv.weight.double().view(conv.out_channels, p, k)         # (Q, P, K)
+    out = torch.empty(b, conv.out_channels, p, dtype=torch.float64)
+    for q in range(conv.out_channels):                             # (B, P, K, L) per q
+        out[:, q] = (w[q][None, :, :, None] * cols).sum((2, 3))
+    return out
+
+
+def profile_cost(samples: int = 150) -> dict:
+    path = ROOT / "checkpoints" / "fashion-mnist/vgg16_bn.safetensors"
+    model, manifest = load_model(path)
+    train = load_split("fashion-mnist", "train").subset([0, 1, 2])
+    x = normalize(train.images[:samples], train.info)
+    y = train.labels[:samples]
+    graph = build_channel_graph(model, tuple(x.shape[1:]))
+    layers = {lay.name: lay.module for lay in profiled_layers(graph)}
+    with torch.inference_mode():
+        model(x[:64])  # warm up
+        t0 = time.perf_counter()
+        for s in range(0, samples, 64):
+            model(x[s:s + 64])
+        forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    contribution_profile(model, layers, x, y, (0, 1, 2), batch_size=64)
+    profile = time.perf_counter() - t0
+    # the naive method on a few samples, scaled to the same count
+    few = 4
+    convs = {n: m for n, m in layers.items() if isinstance(m, torch.nn.Conv2d)}
+    captured = {}
+
+    def hook(mod, inputs, output):
+        captured[id(mod)] = inputs[0]
+
+    handles = [m.register_forward_hook(hook) for m in convs.values()]
+    try:
+        with torch.inference_mode():
+            model(x[:few])
+    finally:
+        for h in handles:
+            h.remove()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for m in convs.values():
+            accumulate_class_contribution(naive_contribution(captured[id(m)], m),
+                                          torch.zeros(few, dtype=torch.long), 1)
+    naive = (time.perf_counter() - t0) * samples / few
+    return {"model": "fashion-mnist/vgg16_bn", "samples": samples,
+            "forward_seconds": forward, "profile_seconds": profile,
+            "profile_over_forward": profile / forward,
+            "naive_seconds_estimated": naive, "naive_over_profile": naive / profile,
+            "naive_measured_on_samples": few}
+
+
+_MEM_CHILD = r"""
+import resource, sys, torch
+from modellego.models import create_model
+from modellego.analysis.locate import profiled_layers
+from modellego.analysis.profile import contribution_profile
+from modellego.surgery.graph import build_channel_graph
+torch.manual_seed(0)
+mode = sys.argv[1]
+m = create_model("resnet50", in_channels=3, num_classes=1000, input_size=224).eval()
+x = torch.randn(32, 3, 224, 224)
+y = torch.zeros(32, dtype=torch.long)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if mode == "forward":
+    with torch.inference_mode():
+        m(x)
+else:
+    g = build_channel_graph(m, (3, 224, 224))
+    layers = {l.name: l.module for l in profiled_layers(g)}
+    contribution_profile(m, layers, x, y, (0,), batch_size=32)
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def profile_memory() -> dict:
+    out = {}
+    for mode in ("forward", "profile"):
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", _MEM_CHILD, mode], capture_output=True,
+                             text=True, check=True)
+        before, peak = (int(v) for v in res.stdout.split())
+        out[mode] = {"peak_rss_mb": peak / 1024, "before_mb": before / 1024,
+                     "seconds": time.perf_counter() - t0}
+    out["profile_peak_gb"] = out["profile"]["peak_rss_mb"] / 1024
+    out["meets_4gb"] = out["profile_peak_gb"] <= 4.0
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="two tasks, no memory run")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    result = {"modellego_version": __version__, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "date": time.strftime("%Y-%m-%d")}
+    print("== components (test split; delta against the restricted source)")
+    result["components"] = component_rows(args.quick)
+    print("== profile cost (vgg16_bn, 150 samples)")
+    result["profile_cost"] = profile_cost()
+    pc = result["profile_cost"]
+    print(f"forward {pc['forward_seconds']:.3f} s, profile {pc['profile_seconds']:.3f} s "
+          f"(x{pc['profile_over_forward']:.2f}); naive unfold ~{pc['naive_seconds_estimated']:.1f}"
+          f" s (x{pc['naive_over_profile']:.0f} the profile)")
+    if not args.quick:
+        print("== peak memory, resnet50 224 px, batch 32, random weights")
+        result["memory"] = profile_memory()
+        mem = result["memory"]
+        print(f"forward peak RSS {mem['forward']['peak_rss_mb']:.0f} MB, profile peak RSS "
+              f"{mem['profile']['peak_rss_mb']:.0f} MB ({mem['profile']['seconds']:.0f} s)")
+    result["seconds"] = time.perf_counter() - t0
+    out = ROOT / "benchmarks" / "results" / ("disassembly-quick.json" if args.quick
+                                             else "disassembly.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

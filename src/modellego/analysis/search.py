@@ -1,0 +1,93 @@
+"""Automatic thresholds: walk a one-parameter family of locating thresholds, from the most
+to the least aggressive, and pick the first that meets a target on the validation split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from ..errors import PlanError
+from .locate import LocateConfig
+
+# Most aggressive first. For the mass rule the knob is the dropped share of contribution mass;
+# for the count rule it scales the paper's alpha/beta defaults.
+MASS_STEPS = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03, 0.02,
+              0.015, 0.01, 0.007, 0.005, 0.003, 0.002, 0.001, 0.0)
+COUNT_SCALES = (2.0, 1.5, 1.25, 1.0, 0.8, 0.6, 0.45, 0.33, 0.25, 0.18, 0.12, 0.08, 0.05, 0.02,
+                0.0)
+
+
+def candidates(base: LocateConfig) -> list[LocateConfig]:
+    """The family of thresholds searched, most aggressive first."""
+    if base.rule == "mass":
+        return [replace(base, beta_conv=t, beta_linear=t) for t in MASS_STEPS]
+    return [replace(base, alpha_conv=min(1.0, base.alpha_conv * f),
+                    beta_conv=min(1.0, base.beta_conv * f),
+                    alpha_linear=min(1.0, base.alpha_linear * f),
+                    beta_linear=min(1.0, base.beta_linear * f)) for f in COUNT_SCALES]
+
+
+@dataclass(frozen=True)
+class Trial:
+    config: LocateConfig
+    flops_ratio: float | None
+    accuracy: float | None
+    ok: bool
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"locate": self.config.to_dict(), "flops_ratio": self.flops_ratio,
+                "val_accuracy": self.accuracy, "ok": self.ok, "note": self.note}
+
+
+def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], float],
+           accuracy_of: Callable[[LocateConfig], float] | None, *,
+           min_accuracy: float | None = None, max_flops_ratio: float | None = None
+           ) -> tuple[LocateConfig, list[Trial]]:
+    """Pick thresholds from ``family`` (most aggressive first) for one target.
+
+    ``min_accuracy``: binary search (accuracy assumed to grow along the family) for the most
+    aggressive candidate whose validation accuracy reaches it; falls back to the least
+    aggressive. ``max_flops_ratio``: the least aggressive candidate under the FLOPs target.
+
+    ``flops_of`` raises :class:`PlanError` for candidates that empty a layer.
+    """
+    trials: list[Trial] = []
+    cache: dict[int, bool] = {}
+
+    def passes(i: int) -> bool:
+        if i in cache:
+            return cache[i]
+        cfg = family[i]
+        try:
+            ratio = flops_of(cfg)
+        except PlanError as exc:
+            trials.append(Trial(cfg, None, None, False, str(exc).split(";")[0]))
+            cache[i] = False
+            return False
+        acc = None
+        ok = max_flops_ratio is None or ratio <= max_flops_ratio
+        if min_accuracy is not None and accuracy_of is not None:
+            acc = accuracy_of(cfg)
+            ok = ok and acc >= min_accuracy
+        trials.append(Trial(cfg, ratio, acc, ok))
+        cache[i] = ok
+        return ok
+
+    if (max_flops_ratio is None) == (min_accuracy is None):
+        raise ValueError("give exactly one target: min_accuracy or max_flops_ratio")
+    if max_flops_ratio is not None:
+        # FLOPs cost no data: scan from the least aggressive end for the first under target
+        for i in reversed(range(len(family))):
+            if passes(i):
+                return family[i], trials
+        return family[0], trials
+    lo, hi = 0, len(family) - 1
+    best = len(family) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    return family[best], trials
