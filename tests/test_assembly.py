@@ -1,0 +1,565 @@
+"""Tests for assembly: label maps, input contracts, scalings, layouts, files and the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modellego.assembly import (
+    AssembledModel,
+    AssemblyConfig,
+    InputAdapter,
+    assemble,
+    contract_shape,
+    convert_images,
+    evaluate_assembly,
+    label_map,
+    union_test_set,
+)
+from modellego.assembly.padded import PaddedBody
+from modellego.cli import main
+from modellego.data import dataset_info, load_split, normalize
+from modellego.disassemble import DisassemblyConfig, disassemble_model
+from modellego.errors import ModelLegoError
+from modellego.io import load_model, save_model
+from modellego.metrics import predict_logits
+from modellego.models import create_model
+from modellego.train import TrainConfig, train
+
+A_CLASSES = (0, 1, 2, 3, 4)
+B_CLASSES = (5, 6, 7, 8, 9)
+ARCHS = ["simnet", "vgg11_bn", "resnet18", "mobilenet_v2", "googlenet"]
+TOL = 1e-5
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so BN handling matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                mod.weight.copy_(torch.randn(n, generator=gen) * 0.5 + 1.0)
+                mod.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+    return model.eval()
+
+
+def fake_manifest(template: dict, arch: str, kwargs: dict, classes, *,
+                  dataset: str | None = None, input_shape=None) -> dict:
+    """A model manifest for a random-weight network, copied from a trained one."""
+    man = copy.deepcopy(template)
+    man.pop("metrics", None)
+    man["kind"] = "model"
+    man["architecture"] = {"name": arch, "kwargs": dict(kwargs)}
+    if dataset is not None:
+        info = dataset_info(dataset)
+        man["dataset"] = info.to_dict()
+        man["input"] = {"shape": list(info.input_shape), "mean": list(info.mean),
+                        "std": list(info.std)}
+    if input_shape is not None:
+        c = input_shape[0]
+        man["input"] = {"shape": list(input_shape), "mean": [0.3] * c, "std": [0.3] * c}
+    names = man["dataset"]["class_names"]
+    man["classes"] = [int(c) for c in classes]
+    man["class_names"] = [names[c] for c in classes]
+    return man
+
+
+def fake_part(template: dict, arch: str, classes, seed: int, *, width: float = 0.125,
+              in_channels: int = 1, input_size: int = 28, dataset: str | None = None
+              ) -> tuple[nn.Module, dict]:
+    torch.manual_seed(seed)
+    kwargs = {"in_channels": in_channels, "num_classes": len(classes),
+              "input_size": input_size, "width": width}
+    net = randomize_bn(create_model(arch, **kwargs), seed)
+    shape = None if in_channels == 1 and input_size == 28 else (in_channels, input_size,
+                                                               input_size)
+    return net, fake_manifest(template, arch, kwargs, classes, dataset=dataset,
+                              input_shape=shape)
+
+
+def own_logits(part: tuple[nn.Module, dict], images: torch.Tensor) -> torch.Tensor:
+    """A part's logits on ``[0, 1]`` images of its input shape, normalised its own way."""
+    net, man = part
+    mean = torch.tensor(man["input"]["mean"]).view(-1, 1, 1)
+    std = torch.tensor(man["input"]["std"]).view(-1, 1, 1)
+    return run(net, (images - mean) / std)
+
+
+def digits_test(classes=None) -> torch.Tensor:
+    split = load_split("digits", "test")
+    return (split if classes is None else split.subset(classes)).images
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run faster (and far more steadily on a busy machine) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(classes) -> tuple[nn.Module, dict]:
+    config = TrainConfig(arch="simnet", dataset="digits", epochs=4, width=0.25,
+                         classes=classes, batch_size=32)
+    return train(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def part_a(single_thread) -> tuple[nn.Module, dict]:
+    """simnet trained on digits 0-4."""
+    return _train(A_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def part_b(single_thread) -> tuple[nn.Module, dict]:
+    """simnet trained on digits 5-9."""
+    return _train(B_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def part_c(single_thread) -> tuple[nn.Module, dict]:
+    """simnet trained on all ten digits (duplicates every label of A and B)."""
+    return _train(None)
+
+
+@pytest.fixture(scope="module")
+def part_f(part_a) -> tuple[nn.Module, dict]:
+    """Random-weight simnet for Fashion-MNIST classes 0, 1, 2 (another dataset)."""
+    return fake_part(part_a[1], "simnet", (0, 1, 2), 7, width=0.25, dataset="fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, part_a, part_b, part_c) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("parts")
+    out = {}
+    for name, (net, man) in (("a", part_a), ("b", part_b), ("c", part_c)):
+        out[name] = folder / f"{name}.safetensors"
+        save_model(out[name], net, man)
+    return out
+
+
+# --------------------------------------------------------------------------- label map
+
+
+def test_label_order_is_part_order_then_class_order(part_a, part_b, part_f):
+    model, man = assemble([part_b, part_a, part_f], AssemblyConfig(scaling="none"))
+    keys = [(lab["dataset"], lab["class"]) for lab in man["labels"]]
+    assert keys == ([("digits", c) for c in B_CLASSES] + [("digits", c) for c in A_CLASSES]
+                    + [("fashion-mnist", c) for c in (0, 1, 2)])
+    assert [lab["part"] for lab in man["labels"]] == [0] * 5 + [1] * 5 + [2] * 3
+    assert [lab["part_output"] for lab in man["labels"]] == [0, 1, 2, 3, 4] * 2 + [0, 1, 2]
+    fashion = dataset_info("fashion-mnist").class_names
+    assert man["class_names"] == ([f"digits:{c}" for c in B_CLASSES]
+                                  + [f"digits:{c}" for c in A_CLASSES]
+                                  + [f"fashion-mnist:{fashion[c]}" for c in (0, 1, 2)])
+    assert [lab["name"] for lab in man["labels"]][-3:] == list(fashion[:3])
+    assert man["classes"] == list(range(13))
+    assert len(man["parts"]) == 3
+    assert [p["dataset"]["name"] for p in man["parts"]] == ["digits", "digits", "fashion-mnist"]
+    assert man["input"]["shape"] == [1, 28, 28]
+    x = digits_test()[:7]
+    assert run(model, x).shape == (7, 13)
+
+
+def test_label_map_on_plain_manifests(part_a, part_c):
+    labels, columns = label_map([part_c[1], part_a[1]], "replace")
+    assert columns == [[5, 6, 7, 8, 9], [0, 1, 2, 3, 4]]
+    assert [(lab["class"], lab["part"]) for lab in labels] == (
+        [(c, 0) for c in B_CLASSES] + [(c, 1) for c in A_CLASSES])
+
+
+def test_duplicates_are_refused_by_default(part_a, part_c):
+    with pytest.raises(ModelLegoError) as info:
+        assemble([part_c, part_a], AssemblyConfig(scaling="none"))
+    msg = str(info.value)
+    assert "part 0" in msg and "part 1" in msg
+    assert "class 0" in msg and "digits" in msg
+    assert "--on-duplicate replace" in msg
+
+
+def test_replace_keeps_the_later_parts_column(part_a, part_c):
+    model, man = assemble([part_c, part_a],
+                          AssemblyConfig(scaling="none", on_duplicate="replace"))
+    assert [(lab["class"], lab["part"], lab["part_output"]) for lab in man["labels"]] == (
+        [(c, 0, c) for c in B_CLASSES] + [(c, 1, i) for i, c in enumerate(A_CLASSES)])
+    assert model.columns0.tolist() == [5, 6, 7, 8, 9]
+    assert model.columns1.tolist() == [0, 1, 2, 3, 4]
+    x = digits_test()[:50]
+    expected = torch.cat([own_logits(part_c, x)[:, 5:], own_logits(part_a, x)], 1)
+    assert torch.equal(run(model, x), expected)
+
+
+def test_replace_that_leaves_a_part_empty_is_refused(part_a, part_c):
+    with pytest.raises(ModelLegoError, match="part 0 has no outputs left"):
+        assemble([part_a, part_c], AssemblyConfig(scaling="none", on_duplicate="replace"))
+
+
+def test_replace_fixes_a_weak_class(part_a, part_c):
+    weak_net = copy.deepcopy(part_c[0])
+    with torch.no_grad():  # the weak part can never predict class 3
+        weak_net.fc.weight[3].zero_()
+        weak_net.fc.bias[3] = -100.0
+    weak = (weak_net.eval(), copy.deepcopy(part_c[1]))
+    threes = digits_test([3])
+    weak_acc = float((own_logits(weak, threes).argmax(1) == 3).double().mean())
+    assert weak_acc == 0.0
+    for scaling in ("none", "calibrated"):
+        model, man = assemble([weak, part_a],
+                              AssemblyConfig(scaling=scaling, on_duplicate="replace"))
+        result = evaluate_assembly(model, man)
+        assert result["per_class"]["digits:3"] >= 0.5 + weak_acc, (scaling, result)
+        assert len(result["per_class"]) == 10
+
+
+# --------------------------------------------------------------------------- scalings
+
+
+def test_scaling_none_concatenates_the_parts_own_logits(part_a, part_b, part_f):
+    model, man = assemble([part_a, part_b, part_f], AssemblyConfig(scaling="none"))
+    assert man["provenance"]["calibration"] == {"scaling": "none"}
+    for x in (digits_test()[:64], load_split("fashion-mnist", "test").images[:64]):
+        expected = torch.cat([own_logits(p, x) for p in (part_a, part_b, part_f)], 1)
+        assert torch.equal(run(model, x), expected)
+
+
+def test_scaling_logit_divides_by_the_mean_winning_logit(part_a, part_b):
+    # more calibration samples than any class has: calibration uses every training image
+    model, man = assemble([part_a, part_b],
+                          AssemblyConfig(scaling="logit", calibration_samples=10_000))
+    split = load_split("digits", "train")
+    for k, part in enumerate((part_a, part_b)):
+        net, pman = part
+        sub = split.subset(pman["classes"])
+        logits = predict_logits(net, normalize(sub.images, sub.info))
+        pred = logits.argmax(1)
+        expected = []
+        for i, c in enumerate(pman["classes"]):
+            ok = (sub.labels == c) & (pred == i)
+            expected.append(1.0 / float(logits[ok, i].mean()))
+        scale = getattr(model, f"scale{k}")
+        assert torch.allclose(scale, torch.tensor(expected), rtol=1e-4, atol=0), k
+        assert not torch.equal(scale, torch.ones(5))
+    x = digits_test()[:40]
+    expected = torch.cat([own_logits(part_a, x) * model.scale0,
+                          own_logits(part_b, x) * model.scale1], 1)
+    assert torch.allclose(run(model, x), expected, atol=1e-6, rtol=0)
+
+
+def test_scaling_feature_is_one_factor_per_part(part_a, part_b):
+    model, man = assemble([part_a, part_b], AssemblyConfig(scaling="feature"))
+    mags = man["provenance"]["calibration"]["feature_magnitudes"]
+    avg = sum(mags) / 2
+    for k in range(2):
+        scale = getattr(model, f"scale{k}")
+        assert torch.allclose(scale, torch.full((5,), avg / mags[k]))
+
+
+def test_calibrated_is_not_worse_than_none(part_a, part_b):
+    none = evaluate_assembly(*assemble([part_a, part_b], AssemblyConfig(scaling="none")))
+    model, man = assemble([part_a, part_b], AssemblyConfig(scaling="calibrated"))
+    calib = evaluate_assembly(model, man)
+    assert calib["balanced_accuracy"] >= none["balanced_accuracy"] - 0.02, (
+        f"calibrated balanced accuracy {calib['balanced_accuracy']:.4f}, "
+        f"none {none['balanced_accuracy']:.4f}")
+    info = man["provenance"]["calibration"]
+    assert 0.0 < info["router_fit_accuracy"] <= 1.0
+    assert info["taps"] == man["taps"] and len(man["taps"]) == 2
+    assert calib["base"] == pytest.approx(none["base"])
+    assert calib["n"] == none["n"] == len(load_split("digits", "test"))
+
+
+@pytest.mark.parametrize("scaling", ["none", "logit", "feature", "calibrated"])
+def test_calibration_never_reads_the_test_split(scaling, part_a, part_b, part_f,
+                                                monkeypatch):
+    seen = []
+    original = load_split
+
+    def guarded(name, split, *args, **kwargs):
+        seen.append((name, split))
+        if split == "test":
+            raise AssertionError(f"assemble read the test split of {name}")
+        return original(name, split, *args, **kwargs)
+
+    patched = 0
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("modellego") and getattr(mod, "load_split", None) is original:
+            monkeypatch.setattr(mod, "load_split", guarded)
+            patched += 1
+    assert patched >= 2  # modellego.data and modellego.assembly.core at least
+    model, man = assemble([part_a, part_b, part_f],
+                          AssemblyConfig(scaling=scaling, calibration_samples=50))
+    assert ("digits", "train") in seen and ("fashion-mnist", "train") in seen
+    with pytest.raises(AssertionError, match="test split"):  # the guard is really in place
+        union_test_set(man)
+
+
+def test_calibrated_with_two_samples_per_class_stays_finite(part_a, part_b, tmp_path):
+    # Regression: the fit/route halves were not split per class, so a class could end up
+    # without fitting images; its Gaussian mean became NaN and so did every output.
+    model, man = assemble([part_a, part_b],
+                          AssemblyConfig(scaling="calibrated", calibration_samples=2))
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    x = digits_test()[:30]
+    assert torch.isfinite(run(model, x)).all()
+    save_model(tmp_path / "m.safetensors", model, man)
+    assert torch.equal(run(load_model(tmp_path / "m.safetensors")[0], x), run(model, x))
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _compare_layouts(parts, scaling: str) -> None:
+    config = dict(scaling=scaling, calibration_samples=20)
+    par, man_p = assemble(parts, AssemblyConfig(layout="parallel", **config))
+    pad, man_d = assemble(parts, AssemblyConfig(layout="padded", **config))
+    assert isinstance(pad.body, PaddedBody)
+    assert man_p["labels"] == man_d["labels"]
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out_p, out_d = run(par, x), run(pad, x)
+    assert out_p.shape == (6, len(man_p["labels"]))
+    diff = (out_p - out_d).abs().max().item()
+    assert diff <= TOL, f"padded differs from parallel by {diff}"
+
+
+@pytest.mark.parametrize("scaling", ["none", "logit"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_equals_parallel(arch, scaling, part_a):
+    parts = [fake_part(part_a[1], arch, A_CLASSES, 1),
+             fake_part(part_a[1], arch, (5, 6, 7), 2)]
+    _compare_layouts(parts, scaling)
+
+
+@pytest.fixture(scope="module")
+def noise() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(40, 1, 28, 28, generator=gen), torch.arange(40) % 5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_equals_parallel_for_components(arch, part_a, noise):
+    x, y = noise
+    torch.manual_seed(3)
+    kwargs = {"in_channels": 1, "num_classes": 10, "input_size": 28, "width": 0.25}
+    source = randomize_bn(create_model(arch, **kwargs), 3)
+    parts, plans = [], []
+    for classes in ((0, 1), (2, 3, 4)):
+        comp = disassemble_model(source, x, y, classes=classes, output_classes=range(10),
+                                 config=DisassemblyConfig(classes, samples_per_class=5))
+        man = fake_manifest(part_a[1], arch, kwargs, classes)
+        man.update(kind="component", plan=comp.plan.to_dict())
+        parts.append((comp.model, man))
+        plans.append(comp.plan)
+    # the two components really have different channel counts
+    assert any(len(plans[0].kept(n)) != len(plans[1].kept(n)) for n in plans[0].modules)
+    for scaling in ("none", "logit"):
+        _compare_layouts(parts, scaling)
+
+
+def test_padded_equals_parallel_across_datasets(part_a, part_f):
+    # different input normalisations: the adapted images are stacked along channels
+    parts = [part_a, part_f]
+    model, _ = assemble(parts, AssemblyConfig(layout="padded", scaling="none"))
+    assert not model.body.shared_input
+    for scaling in ("none", "logit"):
+        _compare_layouts(parts, scaling)
+
+
+def test_padded_needs_one_architecture(part_a):
+    parts = [fake_part(part_a[1], "simnet", A_CLASSES, 1),
+             fake_part(part_a[1], "vgg11_bn", B_CLASSES, 2)]
+    with pytest.raises(ModelLegoError, match="parallel"):
+        assemble(parts, AssemblyConfig(layout="padded", scaling="none"))
+    assemble(parts, AssemblyConfig(layout="parallel", scaling="none"))  # fine
+
+
+def test_padded_with_calibrated_is_refused(part_a, part_b):
+    with pytest.raises(ModelLegoError, match="parallel"):
+        assemble([part_a, part_b], AssemblyConfig(layout="padded", scaling="calibrated"))
+
+
+def test_invalid_config_values_are_refused(part_a, part_b):
+    for bad in (dict(layout="stacked"), dict(scaling="magic"), dict(on_duplicate="keep"),
+                dict(calibration_samples=1)):
+        with pytest.raises(ModelLegoError):
+            assemble([part_a, part_b], AssemblyConfig(**bad))
+    with pytest.raises(ModelLegoError, match="at least two"):
+        assemble([part_a], AssemblyConfig(scaling="none"))
+
+
+# --------------------------------------------------------------------------- files
+
+
+COMBOS = [("parallel", s) for s in ("none", "logit", "feature", "calibrated")] + [
+    ("padded", s) for s in ("none", "logit", "feature")]
+
+
+@pytest.mark.parametrize("layout,scaling", COMBOS)
+def test_save_load_round_trip_is_bit_identical(layout, scaling, files, tmp_path):
+    model, man = assemble([files["a"], files["b"]],
+                          AssemblyConfig(layout=layout, scaling=scaling,
+                                         calibration_samples=50))
+    assert isinstance(model, AssembledModel)
+    path = tmp_path / "asm.safetensors"
+    save_model(path, model, man)
+    loaded, man2 = load_model(path)
+    assert man2["kind"] == "assembly"
+    assert man2["labels"] == man["labels"]
+    assert man2["class_names"] == man["class_names"]
+    assert (man2["layout"], man2["scaling"]) == (layout, scaling)
+    assert [p["source_file"] for p in man2["parts"]] == [str(files["a"]), str(files["b"])]
+    assert all(len(p["sha256"]) == 64 for p in man2["parts"])
+    x = digits_test()[::4]
+    assert torch.equal(run(model, x), run(loaded, x))
+    assert type(loaded.body) is type(model.body)
+
+
+# --------------------------------------------------------------------------- input contract
+
+
+def test_contract_is_the_largest_shape(part_a):
+    assert contract_shape([{"shape": [1, 28, 28]}, {"shape": [3, 32, 32]}]) == (3, 32, 32)
+    assert contract_shape([{"shape": [1, 28, 28]}, {"shape": [1, 28, 28]}]) == (1, 28, 28)
+
+
+def test_grey_part_next_to_rgb_part(part_a):
+    # An RGB 32x32 part (random weights; its manifest claims the digits dataset so that
+    # calibration has images) next to the grey 28x28 digits part.
+    rgb = fake_part(part_a[1], "simnet", B_CLASSES, 4, in_channels=3, input_size=32)
+    model, man = assemble([part_a, rgb], AssemblyConfig(scaling="none"))
+    assert man["input"]["shape"] == [3, 32, 32]
+    assert man["input"]["adapters"][0] == "RGB -> grey (mean), resize to 28x28, normalise"
+    assert man["input"]["adapters"][1] == "normalise"
+    grey = digits_test()[:20]
+    x = convert_images(grey, 3, (32, 32))
+    assert x.shape == (20, 3, 32, 32)
+    back = F.interpolate(x.mean(1, keepdim=True), size=(28, 28), mode="bilinear",
+                         align_corners=False)
+    expected = torch.cat([own_logits(part_a, back), own_logits(rgb, x)], 1)
+    assert torch.equal(run(model, x), expected)
+    # the union test set is converted to the contract as well
+    xs, ys = union_test_set(man)
+    assert xs.shape[1:] == (3, 32, 32) and len(xs) == len(ys)
+
+
+def test_input_adapter_rgb_to_grey_and_resize():
+    x = torch.arange(48, dtype=torch.float32).view(1, 3, 4, 4) / 48
+    adapter = InputAdapter((3, 4, 4), {"shape": [1, 2, 2], "mean": [0.25], "std": [0.5]})
+    out = adapter(x)
+    grey = x.mean(1, keepdim=True)
+    # 4x4 -> 2x2 bilinear (align_corners=False) samples at 0.5 and 2.5: the mean of 2x2 blocks
+    by_hand = torch.tensor([[grey[0, 0, :2, :2].mean(), grey[0, 0, :2, 2:].mean()],
+                            [grey[0, 0, 2:, :2].mean(), grey[0, 0, 2:, 2:].mean()]])
+    interp = F.interpolate(grey, size=(2, 2), mode="bilinear", align_corners=False)
+    assert torch.allclose(interp[0, 0], by_hand, atol=1e-7)
+    assert torch.equal(out, (interp - 0.25) / 0.5)
+    assert out.shape == (1, 1, 2, 2)
+    assert adapter.describe() == "RGB -> grey (mean), resize to 2x2, normalise"
+
+
+def test_input_adapter_grey_to_rgb_and_upsample():
+    x = torch.tensor([[[[0.0, 1.0], [0.5, 0.25]]]])
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    adapter = InputAdapter((1, 2, 2), {"shape": [3, 3, 3], "mean": mean, "std": std})
+    out = adapter(x)
+    up = F.interpolate(x, size=(3, 3), mode="bilinear", align_corners=False)
+    # centre pixel of a 2x2 -> 3x3 upsampling is the mean of all four
+    assert up[0, 0, 1, 1].item() == pytest.approx(0.4375)
+    assert up[0, 0, 0, 0].item() == 0.0 and up[0, 0, 0, 2].item() == 1.0
+    assert out.shape == (1, 3, 3, 3)
+    for c in range(3):
+        assert torch.equal(out[0, c], (up[0, 0] - mean[c]) / std[c])
+    same = InputAdapter((1, 2, 2), {"shape": [3, 2, 2], "mean": [0.0] * 3, "std": [1.0] * 3})
+    assert torch.equal(same(x), x.expand(-1, 3, -1, -1))
+    assert torch.equal(convert_images(x, 3, (2, 2)), x.expand(-1, 3, -1, -1))
+
+
+def test_two_channel_part_next_to_rgb_part_is_refused(part_a):
+    with pytest.raises(ModelLegoError, match="channels"):
+        InputAdapter((3, 28, 28), {"shape": [2, 28, 28], "mean": [0, 0], "std": [1, 1]})
+    two = fake_part(part_a[1], "simnet", A_CLASSES, 5, in_channels=2)
+    rgb = fake_part(part_a[1], "simnet", B_CLASSES, 6, in_channels=3)
+    with pytest.raises(ModelLegoError, match="grey <-> RGB"):
+        assemble([two, rgb], AssemblyConfig(scaling="none"))
+    with pytest.raises(ModelLegoError):
+        convert_images(torch.zeros(1, 2, 4, 4), 3, (4, 4))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_assemble_then_evaluate(files, tmp_path):
+    out = tmp_path / "ab.safetensors"
+    code, text, err = _run_cli(["assemble", str(files["a"]), str(files["b"]), "--out",
+                                str(out), "--scaling", "logit"])
+    assert code == 0, err
+    assert out.is_file() and "wrote" in text
+    code, text, err = _run_cli(["evaluate", str(out), "--json", "--no-latency"])
+    assert code == 0, err
+    result = json.loads(text)
+    for key in ("accuracy", "balanced_accuracy", "base", "per_class", "params", "flops", "n"):
+        assert key in result
+    assert "latency_ms" not in result
+    assert sorted(result["per_class"]) == sorted(f"digits:{c}" for c in range(10))
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["balanced_accuracy"] <= 1.0
+    assert result["per_class"]["digits:3"] > 0.5
+    manifest = load_model(out)[1]
+    assert manifest["metrics"]["test_accuracy"] == pytest.approx(result["accuracy"])
+    assert manifest["scaling"] == "logit"
+
+
+def test_cli_assembly_cannot_be_evaluated_on_another_dataset(files, tmp_path):
+    out = tmp_path / "ab.safetensors"
+    code, _, err = _run_cli(["assemble", str(files["a"]), str(files["b"]), "--out", str(out),
+                             "--scaling", "none"])
+    assert code == 0, err
+    code, _, err = _run_cli(["evaluate", str(out), "--dataset", "digits"])
+    assert code == 2
+    assert "--dataset" in err
+
+
+def test_cli_assemble_needs_two_files(files, tmp_path):
+    out = tmp_path / "one.safetensors"
+    code, _, err = _run_cli(["assemble", str(files["a"]), "--out", str(out)])
+    assert code == 2
+    assert "two" in err
+    assert not out.exists()
+
+
+def test_cli_assemble_into_a_missing_folder(files, tmp_path):
+    out = tmp_path / "missing" / "ab.safetensors"
+    code, _, err = _run_cli(["assemble", str(files["a"]), str(files["b"]), "--out", str(out)])
+    assert code == 2
+    assert "does not exist" in err
+    assert not out.parent.exists()
+    assert list(tmp_path.iterdir()) == []
