@@ -437,7 +437,7 @@ def test_save_load_round_trip_is_bit_identical(layout, scaling, files, tmp_path)
     assert man2["labels"] == man["labels"]
     assert man2["class_names"] == man["class_names"]
     assert (man2["layout"], man2["scaling"]) == (layout, scaling)
-    assert [p["source_file"] for p in man2["parts"]] == [str(files["a"]), str(files["b"])]
+    assert [p["file"] for p in man2["parts"]] == [str(files["a"]), str(files["b"])]
     assert all(len(p["sha256"]) == 64 for p in man2["parts"])
     x = digits_test()[::4]
     assert torch.equal(run(model, x), run(loaded, x))
@@ -563,3 +563,89 @@ def test_cli_assemble_into_a_missing_folder(files, tmp_path):
     assert "does not exist" in err
     assert not out.parent.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- union layout
+
+
+def _component_file(part, classes, path: Path, source: Path) -> Path:
+    """Disassemble ``part`` (saved at ``source``) for ``classes`` and save the component."""
+    from modellego.disassemble import disassemble
+
+    net, man = part
+    comp, comp_man, _ = disassemble(net, man, DisassemblyConfig(tuple(classes)),
+                                    source_path=source)
+    save_model(path, comp.model, comp_man)
+    return path
+
+
+def test_union_equals_the_source_masked_by_the_union_of_plans(files, part_a, tmp_path):
+    from modellego.io import read_manifest
+
+    c1 = _component_file(part_a, (1, 3), tmp_path / "c13.safetensors", files["a"])
+    c2 = _component_file(part_a, (0,), tmp_path / "c0.safetensors", files["a"])
+    model, man = assemble([c1, c2], AssemblyConfig(layout="union", scaling="none"))
+    plans = [read_manifest(c)["plan"] for c in (c1, c2)]
+    source, _ = load_model(files["a"])
+    modules = dict(source.named_modules())
+    handles = []
+
+    def zero_outside(keep):
+        def hook(module, args):
+            x = args[0].clone()
+            drop = torch.ones(x.shape[1], dtype=torch.bool)
+            drop[torch.tensor(sorted(keep))] = False
+            x[:, drop] = 0
+            return (x,)
+        return hook
+
+    for name in plans[0]:
+        if "in" in plans[0][name] and isinstance(modules[name], (nn.Conv2d, nn.Linear)):
+            keep = set(plans[0][name]["in"]) | set(plans[1][name]["in"])
+            handles.append(modules[name].register_forward_pre_hook(zero_outside(keep)))
+    raw = digits_test()[:20]
+    try:
+        expected = run(source, normalize(raw, dataset_info("digits")))[:, [1, 3, 0]]
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(run(model, raw), expected, rtol=0, atol=1e-5)
+    assert man["union"]["source"]["sha256"] == man["parts"][0]["source"]["sha256"]
+
+
+def test_union_computes_shared_channels_once(files, part_a, tmp_path):
+    c1 = _component_file(part_a, (0, 1), tmp_path / "c01.safetensors", files["a"])
+    c2 = _component_file(part_a, (2, 4), tmp_path / "c24.safetensors", files["a"])
+    union, man = assemble([c1, c2], AssemblyConfig(layout="union", scaling="none"))
+    parallel, _ = assemble([c1, c2], AssemblyConfig(layout="parallel", scaling="none"))
+    ev_u, ev_p = evaluate_assembly(union, man), evaluate_assembly(parallel, _)
+    assert ev_u["flops"] < ev_p["flops"]
+    assert [lab["class"] for lab in man["labels"]] == [0, 1, 2, 4]
+    # Base is measured on the components themselves, so both layouts report the same Base
+    assert ev_u["base"] == pytest.approx(ev_p["base"], abs=1e-12)
+    out = tmp_path / "u.safetensors"
+    save_model(out, union, man)
+    again, _ = load_model(out)
+    x = digits_test()[:9]
+    assert torch.equal(run(again, x), run(union, x))
+
+
+def test_union_needs_components_of_one_source(files, part_a, part_b, tmp_path):
+    ca = _component_file(part_a, (0, 1), tmp_path / "ca.safetensors", files["a"])
+    cb = _component_file(part_b, (5, 6), tmp_path / "cb.safetensors", files["b"])
+    with pytest.raises(ModelLegoError, match="one source"):
+        assemble([ca, cb], AssemblyConfig(layout="union", scaling="none"))
+    with pytest.raises(ModelLegoError, match="one source"):
+        assemble([files["a"], files["b"]], AssemblyConfig(layout="union", scaling="none"))
+
+
+def test_union_refuses_a_changed_source_file(files, part_a, tmp_path):
+    import shutil
+
+    src = tmp_path / "src.safetensors"
+    shutil.copy(files["a"], src)
+    c1 = _component_file(part_a, (0, 1), tmp_path / "c1.safetensors", src)
+    c2 = _component_file(part_a, (3,), tmp_path / "c2.safetensors", src)
+    src.unlink()
+    with pytest.raises(ModelLegoError, match="missing or changed"):
+        assemble([c1, c2], AssemblyConfig(layout="union", scaling="none"))

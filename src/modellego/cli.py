@@ -289,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("assemble", help="assemble models/components into one classifier")
     s.add_argument("files", nargs="+", help="two or more model or component files")
     s.add_argument("--out", required=True)
-    s.add_argument("--layout", choices=("parallel", "padded"), default="parallel")
+    s.add_argument("--layout", choices=("parallel", "padded", "union"), default="parallel",
+                   help="parallel: parts side by side; padded: the paper's widened network "
+                        "(same logits); union: components of one source merged by the "
+                        "union of their channels")
     s.add_argument("--scaling", choices=("none", "logit", "feature", "calibrated"),
                    default="calibrated")
     s.add_argument("--on-duplicate", choices=("error", "replace"), default="error",

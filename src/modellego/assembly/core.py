@@ -17,7 +17,7 @@ from ..metrics import count_flops, count_params, predict_logits
 from .adapters import InputAdapter, contract_shape, convert_images
 from .scoring import SCALINGS, FeatureTap, Router, class_gaussians, fit_router_weights, pooled
 
-LAYOUTS = ("parallel", "padded")
+LAYOUTS = ("parallel", "padded", "union")
 DUPLICATES = ("error", "replace")
 _PART_KEYS = ("kind", "architecture", "plan", "dataset", "classes", "class_names", "input")
 
@@ -41,9 +41,10 @@ class AssemblyConfig:
                                      f"{', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.calibration_samples < 2:
             raise ModelLegoError("--calibration-samples must be >= 2")
-        if self.layout == "padded" and self.scaling == "calibrated":
-            raise ModelLegoError("--scaling calibrated needs each part's own features; use "
-                                 "--layout parallel (it gives the same logits as padded)")
+        if self.layout in ("padded", "union") and self.scaling == "calibrated":
+            raise ModelLegoError(f"--scaling calibrated needs each part's own features; use "
+                                 f"--layout parallel, or another --scaling with "
+                                 f"--layout {self.layout}")
 
 
 def label_map(parts: Sequence[dict[str, Any]], on_duplicate: str
@@ -139,20 +140,25 @@ class ParallelBody(nn.Module):
 
 
 def _part_manifest(man: dict[str, Any], path: str | None) -> dict[str, Any]:
+    from ..disassemble import file_sha256
+
     part = {k: man[k] for k in _PART_KEYS if k in man}
-    prov = man.get("provenance", {})
-    part["source_file"] = str(path) if path else None
-    part["source_sha256"] = prov.get("source", {}).get("sha256") if man.get("kind") == \
-        "component" else None
-    if path:
-        from ..disassemble import file_sha256
-        part["sha256"] = file_sha256(path)
+    part["file"] = str(path) if path else None
+    part["sha256"] = file_sha256(path) if path else None
+    if man.get("kind") == "component":
+        source = man.get("provenance", {}).get("source", {})
+        part["source"] = {"file": source.get("file"), "sha256": source.get("sha256")}
     return part
 
 
 def _build_body(layout: str, parts: list[dict[str, Any]], nets: list[nn.Module],
-                contract: Sequence[int], taps: list[list[str]] | None) -> nn.Module:
+                contract: Sequence[int], taps: list[list[str]] | None,
+                union: nn.Module | None = None) -> nn.Module:
     adapters = [InputAdapter(contract, p["input"]) for p in parts]
+    if layout == "union":
+        from .union import UnionBody
+
+        return UnionBody(adapters[0], union, [len(p["classes"]) for p in parts])
     if layout == "padded":
         from .padded import PaddedBody
 
@@ -258,8 +264,8 @@ def _last_layer(net: nn.Module) -> str:
 
 def _structure(parts: list[dict[str, Any]], nets: list[nn.Module], config: AssemblyConfig,
                contract: Sequence[int], columns: list[list[int]],
-               taps: list[list[str]] | None) -> AssembledModel:
-    body = _build_body(config.layout, parts, nets, contract, taps)
+               taps: list[list[str]] | None, union: nn.Module | None = None) -> AssembledModel:
+    body = _build_body(config.layout, parts, nets, contract, taps, union)
     routers = None
     if config.scaling == "calibrated":
         routers = []
@@ -311,17 +317,31 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
     if config.scaling == "calibrated":
         taps = [tap_layers(n, p["input"]["shape"], config.max_taps) for n, p in
                 zip(nets, parts)]
-    model = _structure(parts, nets, config, contract, columns, taps).eval()
+    union, spec = None, None
+    if config.layout == "union":
+        from .union import union_net, union_spec
+
+        spec = union_spec(parts)
+        union = union_net(spec, load_model(spec["source"]["file"])[0])
+    model = _structure(parts, nets, config, contract, columns, taps, union).eval()
     data = _calibration_data(parts, config, contract, data_dir)
     calib = _fit_scaling(model, nets, parts, data, config, taps)
     for p in parts:
         p.pop("_num_outputs")
+    base = None
+    if config.layout == "union":
+        partial = {"parts": parts, "labels": labels, "input": {"shape": list(contract)}}
+        per_class = _parts_base(lambda k, x: predict_logits(nets[k], x), partial, data_dir,
+                                convert=False)
+        base = {"per_class": per_class, "measured_on": "each component alone, test split"}
     manifest = {
         "kind": "assembly",
         "layout": config.layout,
         "scaling": config.scaling,
         "parts": parts,
         "taps": taps,
+        "union": spec,
+        "base": base,
         "labels": labels,
         "classes": list(range(len(labels))),
         "class_names": [f"{lab['dataset']}:{lab['name']}" for lab in labels],
@@ -345,8 +365,13 @@ def _build_assembly(manifest: dict[str, Any]) -> nn.Module:
     for lab in manifest["labels"]:
         columns[lab["part"]].append(lab["part_output"])
     config = AssemblyConfig(layout=manifest["layout"], scaling=manifest["scaling"])
+    union = None
+    if config.layout == "union":
+        from .union import union_net
+
+        union = union_net(manifest["union"])
     return _structure(parts, nets, config, manifest["input"]["shape"], columns,
-                      manifest.get("taps"))
+                      manifest.get("taps"), union)
 
 
 def union_test_set(manifest: dict[str, Any], *, data_dir: str | None = None, split: str = "test"
@@ -377,24 +402,43 @@ def evaluate_assembly(model: nn.Module, manifest: dict[str, Any], *,
     for idx, lab in enumerate(manifest["labels"]):
         sel = y == idx
         per_label[f"{lab['dataset']}:{lab['class']}"] = float(correct[sel].double().mean())
-    base = []
+    if manifest["layout"] == "union":  # the body is not the parts: Base was measured on them
+        base = manifest["base"]["per_class"]
+    else:
+        base = _parts_base(lambda k, x: _part_logits(model, x, k), manifest, data_dir,
+                           convert=True)
+    shape = manifest["input"]["shape"]
+    balanced = sum(per_label.values()) / len(per_label)
+    return {"n": int(len(y)), "accuracy": float(correct.double().mean()),
+            "balanced_accuracy": balanced, "base": sum(base.values()) / len(base),
+            "base_per_class": base,
+            "per_class": per_label, "params": count_params(model),
+            "flops": count_flops(model, shape)}
+
+
+def _parts_base(logits_of, manifest: dict[str, Any], data_dir: str | None, *,
+                convert: bool) -> dict[str, float]:
+    """Each part's accuracy on each of its kept classes, argmax over its own outputs.
+
+    ``logits_of(k, images)`` gives part ``k``'s logits; images are contract images when
+    ``convert`` is set, else the part's own normalised images.
+    """
+    from ..data import normalize
+
+    base = {}
     contract = manifest["input"]["shape"]
     for k, part in enumerate(manifest["parts"]):
         test = load_split(part["dataset"]["name"], "test", data_dir=data_dir)
         own = [lab for lab in manifest["labels"] if lab["part"] == k]
         sub = test.subset([lab["class"] for lab in own])
-        xk = convert_images(sub.images, contract[0], contract[1:])
-        logits = _part_logits(model, xk, k)
-        pred_k = torch.tensor(part["classes"])[logits.argmax(1)]
+        xk = convert_images(sub.images, contract[0], contract[1:]) if convert else \
+            normalize(sub.images, sub.info)
+        pred_k = torch.tensor(part["classes"])[logits_of(k, xk).argmax(1)]
         for lab in own:
             sel = sub.labels == lab["class"]
-            base.append(float((pred_k[sel] == lab["class"]).double().mean()))
-    shape = manifest["input"]["shape"]
-    balanced = sum(per_label.values()) / len(per_label)
-    return {"n": int(len(y)), "accuracy": float(correct.double().mean()),
-            "balanced_accuracy": balanced, "base": sum(base) / len(base),
-            "per_class": per_label, "params": count_params(model),
-            "flops": count_flops(model, shape)}
+            base[f"{lab['dataset']}:{lab['class']}"] = float(
+                (pred_k[sel] == lab["class"]).double().mean())
+    return base
 
 
 @torch.inference_mode()

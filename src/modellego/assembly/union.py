@@ -1,0 +1,76 @@
+"""Union layout: components cut from one source model merge by the union of their channels.
+
+Shared channels are computed once: the result is the source restricted to the union of the
+parts' channels, with one logit block per part. It needs the source model file, which each
+component's manifest names (and whose SHA-256 it records).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelLegoError
+from ..io import load_model
+from ..surgery.extract import apply_plan
+from ..surgery.graph import build_channel_graph
+from ..surgery.plan import ComponentPlan
+from .adapters import InputAdapter
+
+
+def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Architecture and union plan of components of one source (read from the source file)."""
+    from ..disassemble import file_sha256
+
+    sources = {(p.get("source") or {}).get("sha256") for p in parts}
+    if any(p.get("kind") != "component" for p in parts) or len(sources) != 1 or None in sources:
+        raise ModelLegoError("--layout union needs components cut from one source model "
+                             "(their manifests name the same source file hash)")
+    src = parts[0]["source"]
+    path = src.get("file")
+    if not path or not Path(path).is_file() or file_sha256(path) != src["sha256"]:
+        raise ModelLegoError(f"--layout union needs the source model file {path!r} with "
+                             f"SHA-256 {src['sha256'][:12]}...; it is missing or changed")
+    source, manifest = load_model(path)
+    if manifest.get("kind") != "model":
+        raise ModelLegoError(f"--layout union: source {path} is not a plain model")
+    graph = build_channel_graph(source, manifest["input"]["shape"])
+    last = graph.output_layer.name
+    plans = [ComponentPlan.from_dict(p["plan"]) for p in parts]
+    merged: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, spec in plans[0].modules.items():
+        merged[name] = {}
+        for key in spec:
+            if name == last and key == "out":
+                merged[name][key] = tuple(i for pl in plans for i in pl.kept(name, key))
+            else:
+                merged[name][key] = tuple(sorted({i for pl in plans
+                                                  for i in pl.kept(name, key)}))
+    return {"architecture": manifest["architecture"],
+            "plan": ComponentPlan(merged).to_dict(), "source": src}
+
+
+def union_net(spec: dict[str, Any], source: nn.Module | None = None) -> nn.Module:
+    """The union network (from the source's weights, or an empty structure to load into)."""
+    from ..io import build_from_manifest
+
+    if source is None:
+        source = build_from_manifest({"kind": "model", "architecture": spec["architecture"]})
+    return apply_plan(source, ComponentPlan.from_dict(spec["plan"])).eval()
+
+
+class UnionBody(nn.Module):
+    """One network for all parts; its logits are split into the parts' blocks."""
+
+    def __init__(self, adapter: InputAdapter, net: nn.Module, splits: Sequence[int]) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList([adapter])
+        self.net = net
+        self.splits = list(splits)
+
+    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        logits = self.net(self.adapters[0](x))
+        return [(piece, []) for piece in torch.split(logits, self.splits, 1)]
