@@ -96,42 +96,12 @@ def train(config: TrainConfig, *, command: str | None = None,
     kwargs = {"in_channels": c, "num_classes": len(classes), "input_size": h,
               "width": config.width}
     model = create_model(config.arch, **kwargs)
-    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
-                          weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
     flip = config.augment and any(config.dataset.startswith(d) for d in _FLIP_OK)
     pad = max(1, h // 14) if config.augment else 0
-    best, best_acc, best_epoch, history = None, -1.0, 0, []
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
-                   disable=not progress, leave=False)
-        total_loss = 0.0
-        for step in bar:
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            xb = x_train[idx]
-            if config.augment:
-                xb = _augment(xb, pad, flip, gen)
-            loss = F.cross_entropy(model(xb), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        val_acc = accuracy_from_logits(predict_logits(model, x_val), y_val, classes).accuracy
-        history.append({"epoch": epoch, "loss": total_loss / steps_per_epoch,
-                        "val_accuracy": val_acc})
-        if progress:
-            tqdm.write(f"epoch {epoch}: loss {total_loss / steps_per_epoch:.4f}, "
-                       f"val accuracy {val_acc:.4f}")
-        if val_acc > best_acc:
-            best, best_acc, best_epoch = copy.deepcopy(model.state_dict()), val_acc, epoch
-    model.load_state_dict(best)
-    model.eval()
+    best_acc, best_epoch, history = fit(
+        model, x_train, y_train, x_val, y_val, classes, epochs=config.epochs,
+        batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+        pad=pad, flip=flip, gen=gen, progress=progress)
     test = load_split(config.dataset, "test", data_dir=config.data_dir).subset(classes)
     test_acc = accuracy_from_logits(predict_logits(model, normalize(test.images, info)),
                                     test.labels, classes)
@@ -172,3 +142,52 @@ def check_classes(classes: Sequence[int], num_classes: int, arg: str) -> None:
         dup = sorted({c for c in classes if list(classes).count(c) > 1})
         raise ModelLegoError(f"{arg}: class ids {dup} are repeated; list each class once")
 
+
+def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+        x_val: torch.Tensor, y_val: torch.Tensor, val_classes: Sequence[int], *, epochs: int,
+        batch_size: int = 128, lr: float = 0.05, weight_decay: float = 5e-4, pad: int = 0,
+        flip: bool = False, gen: torch.Generator | None = None, progress: bool = True
+        ) -> tuple[float, int, list[dict]]:
+    """SGD (Nesterov, one-cycle schedule) on normalised tensors; ``y_train`` are output
+    indices, ``y_val`` class ids with ``val_classes[i]`` the class of output ``i``.
+
+    Leaves ``model`` in eval mode with the weights of the epoch best on validation and
+    returns (best validation accuracy, its epoch, per-epoch history).
+    """
+    gen = gen or torch.Generator().manual_seed(0)
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    best, best_acc, best_epoch, history = None, -1.0, 0, []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}",
+                   disable=not progress, leave=False)
+        total_loss = 0.0
+        for step in bar:
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            xb = x_train[idx]
+            if pad:
+                xb = _augment(xb, pad, flip, gen)
+            loss = F.cross_entropy(model(xb), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val_acc = accuracy_from_logits(predict_logits(model, x_val), y_val,
+                                       val_classes).accuracy
+        history.append({"epoch": epoch, "loss": total_loss / steps_per_epoch,
+                        "val_accuracy": val_acc})
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {total_loss / steps_per_epoch:.4f}, "
+                       f"val accuracy {val_acc:.4f}")
+        if val_acc > best_acc:
+            best, best_acc, best_epoch = copy.deepcopy(model.state_dict()), val_acc, epoch
+    model.load_state_dict(best)
+    model.eval()
+    return best_acc, best_epoch, history

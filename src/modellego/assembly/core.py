@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..analysis.hooks import preserved_state
 from ..data import load_split
 from ..errors import ModelLegoError
 from ..io import build_from_manifest, load_model, register_kind
@@ -105,7 +106,10 @@ class AssembledModel(nn.Module):
         self.routers = nn.ModuleList(routers or [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = self.body(x)
+        return self.combine(self.body(x))
+
+    def combine(self, outs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> torch.Tensor:
+        """The assembled logits from the body's per-part ``(logits, features)``."""
         pieces, routes = [], []
         for k, (logits, feats) in enumerate(outs):
             cols = getattr(self, f"columns{k}")
@@ -330,9 +334,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         p.pop("_num_outputs")
     base = None
     if config.layout == "union":
-        partial = {"parts": parts, "labels": labels, "input": {"shape": list(contract)}}
-        per_class = _parts_base(lambda k, x: predict_logits(nets[k], x), partial, data_dir,
-                                convert=False)
+        per_class = _parts_base(nets, {"parts": parts, "labels": labels}, data_dir)
         base = {"per_class": per_class, "measured_on": "each component alone, test split"}
     manifest = {
         "kind": "assembly",
@@ -391,62 +393,59 @@ def union_test_set(manifest: dict[str, Any], *, data_dir: str | None = None, spl
     return torch.cat(xs), torch.cat(ys)
 
 
-def evaluate_assembly(model: nn.Module, manifest: dict[str, Any], *,
-                      data_dir: str | None = None) -> dict[str, Any]:
+def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
+                      data_dir: str | None = None, batch_size: int = 500) -> dict[str, Any]:
     """Assembled accuracy on the union of the parts' test images, and Base: the mean of the
-    parts' own per-class accuracies on their own classes."""
+    parts' own per-class accuracies on their own classes (argmax over each part's outputs).
+
+    One pass: each part's raw logits give Base, the combined logits give the accuracy.
+    """
     x, y = union_test_set(manifest, data_dir=data_dir)
-    pred = predict_logits(model, x).argmax(1)
-    correct = pred == y
+    preds, part_preds = [], [[] for _ in manifest["parts"]]
+    with preserved_state(model), torch.inference_mode():
+        model.eval()
+        for i in range(0, len(x), batch_size):
+            outs = model.body(x[i:i + batch_size])
+            preds.append(model.combine(outs).argmax(1))
+            for k, (logits, _) in enumerate(outs):
+                part_preds[k].append(logits.argmax(1))
+    correct = torch.cat(preds) == y
     per_label = {}
+    base = {}
     for idx, lab in enumerate(manifest["labels"]):
         sel = y == idx
-        per_label[f"{lab['dataset']}:{lab['class']}"] = float(correct[sel].double().mean())
+        key = f"{lab['dataset']}:{lab['class']}"
+        per_label[key] = float(correct[sel].double().mean())
+        k = lab["part"]
+        own = torch.tensor(manifest["parts"][k]["classes"])[torch.cat(part_preds[k])[sel]]
+        base[key] = float((own == lab["class"]).double().mean())
     if manifest["layout"] == "union":  # the body is not the parts: Base was measured on them
         base = manifest["base"]["per_class"]
-    else:
-        base = _parts_base(lambda k, x: _part_logits(model, x, k), manifest, data_dir,
-                           convert=True)
     shape = manifest["input"]["shape"]
     balanced = sum(per_label.values()) / len(per_label)
     return {"n": int(len(y)), "accuracy": float(correct.double().mean()),
             "balanced_accuracy": balanced, "base": sum(base.values()) / len(base),
-            "base_per_class": base,
-            "per_class": per_label, "params": count_params(model),
+            "base_per_class": base, "per_class": per_label, "params": count_params(model),
             "flops": count_flops(model, shape)}
 
 
-def _parts_base(logits_of, manifest: dict[str, Any], data_dir: str | None, *,
-                convert: bool) -> dict[str, float]:
-    """Each part's accuracy on each of its kept classes, argmax over its own outputs.
-
-    ``logits_of(k, images)`` gives part ``k``'s logits; images are contract images when
-    ``convert`` is set, else the part's own normalised images.
-    """
+def _parts_base(nets: Sequence[nn.Module], manifest: dict[str, Any], data_dir: str | None
+                ) -> dict[str, float]:
+    """Each part net's accuracy on each of its kept classes (own images, own outputs)."""
     from ..data import normalize
 
     base = {}
-    contract = manifest["input"]["shape"]
     for k, part in enumerate(manifest["parts"]):
         test = load_split(part["dataset"]["name"], "test", data_dir=data_dir)
         own = [lab for lab in manifest["labels"] if lab["part"] == k]
         sub = test.subset([lab["class"] for lab in own])
-        xk = convert_images(sub.images, contract[0], contract[1:]) if convert else \
-            normalize(sub.images, sub.info)
-        pred_k = torch.tensor(part["classes"])[logits_of(k, xk).argmax(1)]
+        logits = predict_logits(nets[k], normalize(sub.images, sub.info))
+        pred_k = torch.tensor(part["classes"])[logits.argmax(1)]
         for lab in own:
             sel = sub.labels == lab["class"]
             base[f"{lab['dataset']}:{lab['class']}"] = float(
                 (pred_k[sel] == lab["class"]).double().mean())
     return base
-
-
-@torch.inference_mode()
-def _part_logits(model: AssembledModel, x: torch.Tensor, k: int, batch_size: int = 500
-                 ) -> torch.Tensor:
-    """Part ``k``'s own raw logits on contract images ``x`` (before any scaling)."""
-    outs = [model.body(x[i:i + batch_size])[k][0] for i in range(0, len(x), batch_size)]
-    return torch.cat(outs)
 
 
 __all__ = ["AssembledModel", "AssemblyConfig", "assemble", "evaluate_assembly", "label_map",
