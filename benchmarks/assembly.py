@@ -1,0 +1,206 @@
+"""Assembly benchmark: training-free assembled classifiers against Base and a joint model.
+
+    .venv/bin/python benchmarks/assembly.py [--quick] [--joint-epochs 3]
+
+Cases (shipped checkpoints; components made by `disassemble` with our settings):
+  (a) vgg16_bn-classes0-4 + vgg16_bn-classes5-9 -> 10-class Fashion-MNIST
+  (b) FM vgg16_bn + digits vgg16_bn -> 20 classes over both datasets
+  (c) components: FM {0,1,2} + digits {7,8,9}; FM {3..9} + digits {0..4}; FM {0} + digits {0}
+  (d) three parts: vgg16_bn-classes0-4 + vgg16_bn-classes5-9 + digits vgg16_bn
+For every case and scaling: accuracy on the union of the parts' test sets (plain and balanced:
+mean per class), Base (mean per-class accuracy of each part on its own classes), params,
+FLOPs, and a model of the same architecture trained jointly on the union for reference.
+Writes benchmarks/results/assembly.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from modellego import __version__
+from modellego.analysis.locate import LocateConfig
+from modellego.assembly import AssemblyConfig, assemble, evaluate_assembly, union_test_set
+from modellego.assembly.adapters import convert_images
+from modellego.data import load_split
+from modellego.disassemble import DisassemblyConfig, disassemble
+from modellego.io import load_model, save_model
+from modellego.metrics import count_flops, count_params, predict_logits
+from modellego.models import create_model
+from modellego.train import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+CK = ROOT / "checkpoints"
+SCALINGS = ("none", "logit", "feature", "calibrated")
+
+
+def component(tmp: Path, rel: str, classes: tuple[int, ...]) -> Path:
+    """A component made the way we recommend (mass rule, compensation, searched thresholds;
+    single-class components have no accuracy to search on, so a fixed threshold)."""
+    src = CK / rel
+    model, manifest = load_model(src)
+    if len(classes) > 1:
+        cfg = DisassemblyConfig(classes, locate=LocateConfig(rule="mass"), compensate=True,
+                                max_accuracy_drop=0.2)
+    else:
+        cfg = DisassemblyConfig(classes, locate=LocateConfig(rule="mass", beta_conv=0.05,
+                                                             beta_linear=0.05),
+                                compensate=True)
+    comp, man, rep = disassemble(model, manifest, cfg, source_path=src)
+    out = tmp / f"{rel.replace('/', '_')}-{'-'.join(map(str, classes))}.safetensors"
+    save_model(out, comp.model, man)
+    print(f"  component {rel} {list(classes)}: accuracy {rep['component_accuracy']:.4f} "
+          f"(restricted source {rep['restricted_accuracy']:.4f}), FLOPs "
+          f"{100 * rep['flops_ratio']:.1f} %", flush=True)
+    return out
+
+
+def joint_reference(manifest: dict, arch_of: Path, epochs: int) -> dict:
+    """The parts' architecture trained on the union of their training data (labels = the
+    assembled outputs), evaluated on the same union test set."""
+    _, src_manifest = load_model(arch_of)
+    kwargs = dict(src_manifest["architecture"]["kwargs"])
+    contract = manifest["input"]["shape"]
+    kwargs.update(in_channels=contract[0], input_size=contract[1],
+                  num_classes=len(manifest["labels"]))
+    xs = {"train": [], "val": []}
+    ys = {"train": [], "val": []}
+    for split in ("train", "val"):
+        for idx, lab in enumerate(manifest["labels"]):
+            data = load_split(lab["dataset"], split)
+            sel = data.labels == lab["class"]
+            xs[split].append(convert_images(data.images[sel], contract[0], contract[1:]))
+            ys[split].append(torch.full((int(sel.sum()),), idx, dtype=torch.long))
+    x_train, y_train = torch.cat(xs["train"]), torch.cat(ys["train"])
+    mean, std = x_train.mean(), x_train.std()
+    x_val, y_val = torch.cat(xs["val"]), torch.cat(ys["val"])
+    torch.manual_seed(0)
+    model = create_model(src_manifest["architecture"]["name"], **kwargs)
+    t0 = time.perf_counter()
+    fit(model, (x_train - mean) / std, y_train, (x_val - mean) / std, y_val,
+        list(range(len(manifest["labels"]))), epochs=epochs, pad=2, progress=False)
+    seconds = time.perf_counter() - t0
+    x, y = union_test_set(manifest)
+    pred = predict_logits(model, (x - mean) / std).argmax(1)
+    correct = pred == y
+    per = [float(correct[y == i].double().mean()) for i in range(len(manifest["labels"]))]
+    return {"architecture": src_manifest["architecture"]["name"], "epochs": epochs,
+            "accuracy": float(correct.double().mean()), "balanced_accuracy": sum(per) / len(per),
+            "params": count_params(model), "flops": count_flops(model, contract),
+            "train_seconds": seconds}
+
+
+def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None,
+             quick: bool) -> dict:
+    print(f"== case {name}: " + " + ".join(p.name for p in parts), flush=True)
+    case: dict = {"case": name, "parts": [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT)
+                                          else p.name for p in parts], "scalings": {}}
+    manifest = None
+    for scaling in SCALINGS:
+        t0 = time.perf_counter()
+        model, manifest = assemble(parts, AssemblyConfig(scaling=scaling))
+        fit_seconds = time.perf_counter() - t0
+        ev = evaluate_assembly(model, manifest)
+        row = {"accuracy": ev["accuracy"], "balanced_accuracy": ev["balanced_accuracy"],
+               "delta_vs_base_pp": 100 * (ev["balanced_accuracy"] - ev["base"]),
+               "params": ev["params"], "flops": ev["flops"], "assemble_seconds": fit_seconds,
+               "per_class": ev["per_class"]}
+        if scaling == "calibrated":
+            row["router_fit_accuracy"] = manifest["provenance"]["calibration"][
+                "router_fit_accuracy"]
+        case["base"] = ev["base"]
+        case["n_test"] = ev["n"]
+        case["scalings"][scaling] = row
+        print(f"  {scaling:<10} accuracy {ev['accuracy']:.4f} balanced "
+              f"{ev['balanced_accuracy']:.4f} Base {ev['base']:.4f} "
+              f"({row['delta_vs_base_pp']:+.2f} pp)", flush=True)
+    best = max(case["scalings"], key=lambda s: case["scalings"][s]["balanced_accuracy"])
+    case["best_scaling"] = best
+    case["meets_goal"] = case["scalings"][best]["delta_vs_base_pp"] >= -1.0
+    if joint is not None:
+        case["joint"] = joint
+    elif not quick:
+        case["joint"] = joint_reference(manifest, parts[0], joint_epochs)
+    if "joint" in case:
+        print(f"  joint model ({case['joint']['epochs']} epochs): accuracy "
+              f"{case['joint']['accuracy']:.4f} balanced "
+              f"{case['joint']['balanced_accuracy']:.4f}", flush=True)
+    return case
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="cases a and c1, no joint models")
+    parser.add_argument("--joint-epochs", type=int, default=3)
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    result = {"modellego_version": __version__, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "date": time.strftime("%Y-%m-%d"), "cases": []}
+    fm, dg = CK / "fashion-mnist", CK / "digits"
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        fm_full, _ = load_model(fm / "vgg16_bn.safetensors")
+        full_manifest = load_model(fm / "vgg16_bn.safetensors")[1]
+        joint_a = {"architecture": "vgg16_bn", "epochs": full_manifest["provenance"]["config"][
+            "epochs"], "accuracy": full_manifest["metrics"]["test_accuracy"],
+            "balanced_accuracy": full_manifest["metrics"]["test_accuracy"],
+            "params": count_params(fm_full), "flops": count_flops(fm_full, (1, 28, 28)),
+            "note": "the shipped 10-class model (test set is balanced)"}
+        cases = [("a", [fm / "vgg16_bn-classes0-4.safetensors",
+                        fm / "vgg16_bn-classes5-9.safetensors"], joint_a)]
+        if not args.quick:
+            cases.append(("b", [fm / "vgg16_bn.safetensors", dg / "vgg16_bn.safetensors"],
+                          None))
+        print("making components for (c)", flush=True)
+        c1 = [component(tmp, "fashion-mnist/vgg16_bn.safetensors", (0, 1, 2)),
+              component(tmp, "digits/vgg16_bn.safetensors", (7, 8, 9))]
+        cases.append(("c1", c1, None))
+        if not args.quick:
+            cases.append(("c2", [component(tmp, "fashion-mnist/vgg16_bn.safetensors",
+                                           (3, 4, 5, 6, 7, 8, 9)),
+                                 component(tmp, "digits/vgg16_bn.safetensors",
+                                           (0, 1, 2, 3, 4))], None))
+            cases.append(("c3", [component(tmp, "fashion-mnist/vgg16_bn.safetensors", (0,)),
+                                 component(tmp, "digits/vgg16_bn.safetensors", (0,))], None))
+            cases.append(("d", [fm / "vgg16_bn-classes0-4.safetensors",
+                                fm / "vgg16_bn-classes5-9.safetensors",
+                                dg / "vgg16_bn.safetensors"], "reuse-b"))
+        joint_b = None
+        for name, parts, joint in cases:
+            if joint == "reuse-b":
+                joint = joint_b
+            case = run_case(name, parts, args.joint_epochs, joint, args.quick)
+            if name == "b":
+                joint_b = case.get("joint")
+            result["cases"].append(case)
+    # padded == parallel, measured on case (a)
+    a_parts = [fm / "vgg16_bn-classes0-4.safetensors", fm / "vgg16_bn-classes5-9.safetensors"]
+    par, man = assemble(a_parts, AssemblyConfig(layout="parallel", scaling="logit"))
+    pad, _ = assemble(a_parts, AssemblyConfig(layout="padded", scaling="logit"))
+    x, _ = union_test_set(man)
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:500]]
+    diff = float((predict_logits(par, x) - predict_logits(pad, x)).abs().max())
+    result["padded_vs_parallel"] = {"max_abs_logit_diff": diff,
+                                    "parallel_flops": count_flops(par, (1, 28, 28)),
+                                    "padded_flops": count_flops(pad, (1, 28, 28))}
+    print(f"padded vs parallel on (a): max |logit diff| {diff:.2e}; FLOPs parallel "
+          f"{result['padded_vs_parallel']['parallel_flops']:,} padded "
+          f"{result['padded_vs_parallel']['padded_flops']:,}")
+    result["seconds"] = time.perf_counter() - t0
+    out = ROOT / "benchmarks" / "results" / ("assembly-quick.json" if args.quick
+                                             else "assembly.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
