@@ -24,23 +24,29 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     Counted with forward hooks, so it works for any model, traceable or not. Operations
     other than conv/linear (BN, activations, pooling, adds) are not counted, as usual.
     """
-    total = 0
+    return sum(macs_by_layer(model, input_shape).values())
+
+
+def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """Multiply-accumulates of each conv/linear layer (by module name) for one image."""
+    macs: dict[str, int] = {}
+    names = {id(m): n for n, m in model.named_modules()}
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
-            per_out = (module.in_channels // module.groups) * kh * kw
-            total += output.numel() * per_out
-        elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+            n = output.numel() * (module.in_channels // module.groups) * kh * kw
+        else:
+            n = output.numel() * module.in_features
+        name = names[id(module)]
+        macs[name] = macs.get(name, 0) + int(n)
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     x = torch.zeros(1, *input_shape)
     with preserved_state(model), forward_hooks(layers, hook), torch.inference_mode():
         model.eval()
         model(x)
-    return int(total)
+    return macs
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:

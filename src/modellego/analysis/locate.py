@@ -41,6 +41,8 @@ class LocateConfig:
     beta_linear: float = 0.3
     rule: str = "count"
     max_rounds: int = 20
+    #: per-layer beta overrides ``((layer name, beta), ...)``, set by the refining search
+    layer_beta: tuple[tuple[str, float], ...] = ()
 
     def validate(self) -> None:
         for name in ("alpha_conv", "beta_conv", "alpha_linear", "beta_linear"):
@@ -48,11 +50,16 @@ class LocateConfig:
             if not 0.0 <= v <= 1.0:
                 flag = "--" + name.replace("_", "-")
                 raise ModelLegoError(f"{flag} must lie in [0, 1], got {v}")
+        for name, v in self.layer_beta:
+            if not 0.0 <= v <= 1.0:
+                raise ModelLegoError(f"beta of layer {name!r} must lie in [0, 1], got {v}")
         if self.rule not in METHODS:
             raise ModelLegoError(f"unknown locating rule {self.rule!r}; use one of {METHODS}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["layer_beta"] = dict(self.layer_beta)
+        return d
 
 
 def profiled_layers(graph: ChannelGraph) -> list[Layer]:
@@ -84,6 +91,7 @@ def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index
     masks = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
     masks[graph.output_space][output_index] = True
     layers = profiled_layers(graph)
+    overrides = dict(config.layer_beta)
     for _ in range(config.max_rounds):
         changed = False
         for layer in reversed(layers):
@@ -98,6 +106,7 @@ def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index
                 alpha, beta = config.alpha_conv, config.beta_conv
             else:
                 alpha, beta = config.alpha_linear, config.beta_linear
+            beta = overrides.get(layer.name, beta)
             need = _needed_inputs(S, out_mask, alpha, beta, config.rule)
             offset = 0
             for seg in layer.in_layout:

@@ -91,3 +91,34 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
         else:
             lo = mid + 1
     return family[best], trials
+
+
+def refine(start: LocateConfig, layers: Sequence[tuple[str, float]],
+           flops_of: Callable[[LocateConfig], float],
+           accuracy_of: Callable[[LocateConfig], float], min_accuracy: float, *,
+           steps: Sequence[float] = (0.3, 0.15, 0.07)) -> tuple[LocateConfig, list[Trial]]:
+    """Greedy per-layer tightening after a global search: for each ``(layer, its beta)`` in
+    ``layers`` (most expensive first), raise the layer's beta by the largest step that keeps
+    the validation accuracy at ``min_accuracy``."""
+    trials: list[Trial] = []
+    current = start
+    for name, base in layers:
+        betas = dict(current.layer_beta)
+        now = betas.get(name, base)
+        for step in steps:
+            beta = min(0.95, now + step)
+            if beta <= now:
+                continue
+            cfg = replace(current, layer_beta=tuple(sorted({**betas, name: beta}.items())))
+            try:
+                ratio = flops_of(cfg)
+            except PlanError as exc:
+                trials.append(Trial(cfg, None, None, False, str(exc).split(";")[0]))
+                continue
+            acc = accuracy_of(cfg)
+            ok = acc >= min_accuracy
+            trials.append(Trial(cfg, ratio, acc, ok, f"refine {name}"))
+            if ok:
+                current = cfg
+                break
+    return current, trials
