@@ -145,7 +145,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     config = DisassemblyConfig(tuple(args.classes), samples_per_class=args.samples_per_class,
                                locate=locate, compensate=args.compensate,
                                max_accuracy_drop=args.max_accuracy_drop,
-                               target_flops=args.target_flops)
+                               target_flops=args.target_flops, refine=args.refine)
     if args.dataset is not None:
         from .data import dataset_info
 
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the restricted source")
     s.add_argument("--target-flops", type=float, default=None, metavar="R",
                    help="search thresholds: keep at most this share of the source's FLOPs")
+    s.add_argument("--refine", action="store_true",
+                   help="with --max-accuracy-drop: also tighten the costliest layers one by "
+                        "one on the validation split (slower, smaller components)")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     s.set_defaults(func=cmd_disassemble)
 

@@ -19,10 +19,16 @@ from .analysis.profile import (
     contribution_profile,
     select_samples,
 )
-from .analysis.search import candidates, search
+from .analysis.search import candidates, refine, search
 from .data import load_split, normalize
 from .errors import ModelLegoError
-from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
+from .metrics import (
+    accuracy_from_logits,
+    count_flops,
+    count_params,
+    macs_by_layer,
+    predict_logits,
+)
 from .surgery.extract import apply_plan, compensate_removed_inputs
 from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.plan import ComponentPlan, plan_from_masks
@@ -44,6 +50,8 @@ class DisassemblyConfig:
     max_accuracy_drop: float | None = None
     #: ... or so that it keeps at most this share of the source's FLOPs
     target_flops: float | None = None
+    #: after the accuracy search, tighten the most expensive layers one by one (slower)
+    refine: bool = False
 
     def validate(self) -> None:
         self.locate.validate()
@@ -55,6 +63,8 @@ class DisassemblyConfig:
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
             raise ModelLegoError(f"--max-accuracy-drop is in points and must lie in "
                                  f"[0, 100], got {self.max_accuracy_drop}")
+        if self.refine and self.max_accuracy_drop is None:
+            raise ModelLegoError("--refine needs --max-accuracy-drop")
         if self.target_flops is not None and not 0 < self.target_flops <= 1:
             raise ModelLegoError(f"--target-flops is a share of the source's FLOPs and must "
                                  f"lie in (0, 1], got {self.target_flops}")
@@ -63,7 +73,7 @@ class DisassemblyConfig:
         return {"classes": list(self.classes), "samples_per_class": self.samples_per_class,
                 "locate": self.locate.to_dict(), "batch_size": self.batch_size,
                 "compensate": self.compensate, "max_accuracy_drop": self.max_accuracy_drop,
-                "target_flops": self.target_flops}
+                "target_flops": self.target_flops, "refine": self.refine}
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,15 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
         chosen, trials = search(candidates(config.locate), flops_of, accuracy_of,
                                 min_accuracy=min_acc, max_flops_ratio=config.target_flops)
+        if config.refine:
+            # the layers whose inputs cost most in the component found so far
+            macs = macs_by_layer(build(chosen)[1], input_shape)
+            kinds = {lay.name: lay.kind for lay in profiled_layers(graph)}
+            order = sorted((n for n in macs if n in kinds), key=lambda n: -macs[n])[:8]
+            default = {"conv": chosen.beta_conv, "linear": chosen.beta_linear}
+            chosen, more = refine(chosen, [(n, default[kinds[n]]) for n in order], flops_of,
+                                  accuracy_of, min_acc)
+            trials = trials + more
     plan, component = build(chosen)
     return Component(component, plan, classes, selection, profile, graph, chosen,
                      tuple(t.to_dict() for t in trials))
