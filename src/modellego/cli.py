@@ -37,15 +37,24 @@ def parse_classes(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _check_output(out: str, inputs: Sequence[str], force: bool) -> Path:
+def _check_output(out: str, inputs: Sequence[str], force: bool, *, flag: str = "--out",
+                  other: Path | None = None) -> Path:
+    """Refuse an output path (``flag``) that cannot or should not be written, before any work.
+
+    ``other`` is another output of the same command, which this one must not replace.
+    """
     path = Path(out)
     if not path.parent.exists():
-        raise ModelLegoError(f"--out {out}: folder {path.parent} does not exist; create it "
+        raise ModelLegoError(f"{flag} {out}: folder {path.parent} does not exist; create it "
                              "or choose another path")
+    if path.is_dir():
+        raise ModelLegoError(f"{flag} {out} is a folder; give a file name inside it")
+    if other is not None and path.resolve() == other.resolve():
+        raise ModelLegoError(f"{flag} {out} is also the --out file; choose another path")
     if not force:
         for inp in inputs:
             if path.exists() and path.resolve() == Path(inp).resolve():
-                raise ModelLegoError(f"--out {out} would overwrite the input {inp}; choose "
+                raise ModelLegoError(f"{flag} {out} would overwrite the input {inp}; choose "
                                      "another path or pass --force")
     return path
 
@@ -131,13 +140,14 @@ def _write_json(path: str, obj: object) -> None:
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
+    from .analysis.distributed import distributed_from_env
     from .analysis.locate import LocateConfig
     from .disassemble import DisassemblyConfig, disassemble, format_report
     from .io import load_model, save_model
 
     out = _check_output(args.out, [args.file], args.force)
     if args.report:
-        _check_output(args.report, [args.file], args.force)
+        _check_output(args.report, [args.file], args.force, flag="--report", other=out)
     model, manifest = load_model(args.file)
     locate = LocateConfig(alpha_conv=args.alpha_conv, beta_conv=args.beta_conv,
                           alpha_linear=args.alpha_linear, beta_linear=args.beta_linear,
@@ -153,8 +163,13 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
             raise ModelLegoError(f"--dataset {args.dataset}: the model classifies "
                                  f"{manifest['dataset']['name']!r}")
     command = "modellego " + shlex.join(args.argv)
-    comp, new_manifest, report = disassemble(model, manifest, config, source_path=args.file,
-                                             data_dir=args.data_dir, command=command)
+    # under torchrun the profile runs data-parallel (same result); only rank 0 writes
+    with distributed_from_env() as dist:
+        comp, new_manifest, report = disassemble(model, manifest, config, source_path=args.file,
+                                                 data_dir=args.data_dir, command=command,
+                                                 dist=dist)
+    if not dist.is_main:
+        return 0
     save_model(out, comp.model, new_manifest)
     if args.report:
         _write_json(args.report, report)
@@ -204,7 +219,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 
     out = _check_output(args.out, args.files, args.force)
     if args.report:
-        _check_output(args.report, args.files, args.force)
+        _check_output(args.report, args.files, args.force, flag="--report", other=out)
     config = AssemblyConfig(layout=args.layout, scaling=args.scaling,
                             on_duplicate=args.on_duplicate,
                             calibration_samples=args.calibration_samples, seed=args.seed)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .analysis.distributed import DistContext
 from .analysis.locate import LocateConfig, locate, profiled_layers
 from .analysis.profile import (
     ContributionProfile,
@@ -22,6 +23,7 @@ from .analysis.profile import (
 from .analysis.search import candidates, refine, search
 from .data import load_split, normalize
 from .errors import ModelLegoError
+from .evaluate import check_dataset_matches
 from .metrics import (
     accuracy_from_logits,
     count_flops,
@@ -101,12 +103,15 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                       classes: Sequence[int], output_classes: Sequence[int],
                       config: DisassemblyConfig | None = None,
                       val_images: torch.Tensor | None = None,
-                      val_labels: torch.Tensor | None = None) -> Component:
+                      val_labels: torch.Tensor | None = None,
+                      dist: DistContext | None = None) -> Component:
     """Extract the component of ``model`` that serves ``classes``.
 
     ``images`` are normalised training inputs with class-id ``labels``; ``output_classes[i]``
     is the class id of logit ``i``. Works on any torch.fx-traceable CNN. A threshold search
     (``config.max_accuracy_drop``) needs ``val_images``/``val_labels`` of the task's classes.
+    Under ``dist`` (see :mod:`modellego.analysis.distributed`) sample selection and the
+    profile are shared among the ranks; every rank returns the same component.
 
     >>> comp = disassemble_model(net, x, y, classes=[0, 2], output_classes=range(10))
     >>> comp.model(x[:1]).shape   # (1, 2): logits of classes 0 and 2
@@ -126,11 +131,11 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     input_shape = tuple(images.shape[1:])
     graph = build_channel_graph(model, input_shape)
     selection = select_samples(model, images, labels, classes, output_classes,
-                               k=config.samples_per_class)
+                               k=config.samples_per_class, dist=dist)
     idx = selection.all_indices()
     layers = {lay.name: lay.module for lay in profiled_layers(graph)}
     profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
-                                   batch_size=config.batch_size)
+                                   batch_size=config.batch_size, dist=dist)
     hint = ("; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use "
             "--rule mass")
     out_idx = [output_classes.index(c) for c in classes]
@@ -191,7 +196,8 @@ def file_sha256(path: str | Path) -> str:
 
 def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
                 source_path: str | Path | None = None, data_dir: str | None = None,
-                command: str | None = None) -> tuple[Component, dict[str, Any], dict[str, Any]]:
+                command: str | None = None, dist: DistContext | None = None,
+                ) -> tuple[Component, dict[str, Any], dict[str, Any]]:
     """Disassemble a loaded model file; returns the component, its manifest and the report."""
     if manifest.get("kind") not in ("model", "component"):
         raise ModelLegoError(f"can only disassemble single models and components, not a "
@@ -204,13 +210,21 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     if missing:
         raise ModelLegoError(f"--classes {missing} are not classes of this model; it "
                              f"classifies {own}")
+    check_dataset_matches(manifest, dataset, train.info)  # e.g. a folder whose images changed
     train = train.subset(config.classes)
+    empty = [c for c in config.classes if not (train.labels == c).any()]
+    if empty:
+        names = ", ".join(f"{c} ({train.info.class_names[c]})" for c in empty)
+        raise ModelLegoError(f"--classes: class {names} has no images in the train split of "
+                             f"{dataset!r}, and disassembly profiles each class on its "
+                             "training images; add images of that class or choose other "
+                             "classes")
     t0 = time.perf_counter()
     val = load_split(dataset, "val", data_dir=data_dir).subset(config.classes)
     comp = disassemble_model(model, normalize(train.images, train.info), train.labels,
                              classes=config.classes, output_classes=own, config=config,
                              val_images=normalize(val.images, val.info),
-                             val_labels=val.labels)
+                             val_labels=val.labels, dist=dist)
     seconds = time.perf_counter() - t0
     plan = comp.plan
     if manifest.get("kind") == "component":

@@ -16,13 +16,18 @@ def check_dataset_matches(manifest: dict[str, Any], dataset: str, info) -> None:
     """Refuse a dataset the model was not made for (other name or other input shape)."""
     own = manifest["dataset"]["name"]
     if dataset != own:
+        shapes = ""
+        if list(info.input_shape) != list(manifest["input"]["shape"]):
+            shapes = (f"; its images have shape {list(info.input_shape)} but the model "
+                      f"expects {manifest['input']['shape']}")
         raise ModelLegoError(
-            f"the model classifies dataset {own!r}, not {dataset!r}; pass --dataset {own} "
-            "(class ids are dataset-specific)")
+            f"--dataset: the model classifies dataset {own!r}, not {dataset!r}{shapes}; "
+            f"pass --dataset {own} (class ids are dataset-specific)")
     if list(info.input_shape) != list(manifest["input"]["shape"]):
         raise ModelLegoError(
             f"dataset {dataset!r} gives inputs of shape {list(info.input_shape)} but the model "
-            f"expects {manifest['input']['shape']}")
+            f"expects {manifest['input']['shape']} (channels, height, width); its images "
+            "changed since the model was made: restore them, or retrain on the new images")
 
 
 def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None = None,

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ModelLegoError
 from .contribution import accumulate_class_contribution, layer_contribution
+from .distributed import SINGLE, DistContext, chunk_ranges
 from .hooks import forward_hooks, preserved_state
 
 
@@ -43,32 +44,74 @@ class SampleSelection:
 @torch.inference_mode()
 def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    classes: Sequence[int], output_classes: Sequence[int], *, k: int = 50,
-                   batch_size: int = 500) -> SampleSelection:
+                   batch_size: int = 500, dist: DistContext | None = None) -> SampleSelection:
     """For each class in ``classes``, the ``k`` samples with the highest true-class probability.
 
     ``images`` are normalised model inputs, ``labels`` class ids; ``output_classes[i]`` is
     the class id of output ``i``. Ties are broken by sample index (lower first).
+
+    The probabilities are computed class by class in batches of ``batch_size`` samples;
+    under ``dist`` batch ``j`` (counted over all classes) runs on rank ``j % world_size``
+    and the probabilities are gathered, so every rank returns the same selection, equal to
+    the single-process one.
     """
     if k < 1:
         raise ModelLegoError(f"--samples-per-class must be >= 1, got {k}")
+    dist = dist or SINGLE
     output_classes = list(output_classes)
-    indices, scores = {}, {}
+    positions, cols = [], []
+    for c in classes:
+        pos = (labels == c).nonzero().flatten()
+        if len(pos) == 0:
+            raise ModelLegoError(f"class {c} has no training samples to select from")
+        positions.append(pos)
+        cols.append(output_classes.index(c))
+    batches = [(i, start, stop) for i, pos in enumerate(positions)
+               for start, stop in chunk_ranges(len(pos), batch_size)]
+    mine = []
     with preserved_state(model):
         model.eval()
-        for c in classes:
-            pos = (labels == c).nonzero().flatten()
-            if len(pos) == 0:
-                raise ModelLegoError(f"class {c} has no training samples to select from")
-            col = output_classes.index(c)
-            probs = []
-            for start in range(0, len(pos), batch_size):
-                logits = model(images[pos[start:start + batch_size]]).double()
-                probs.append(torch.softmax(logits, 1)[:, col])
-            p = torch.cat(probs)
-            order = torch.sort(-p, stable=True).indices[:k]
-            indices[int(c)] = tuple(int(i) for i in pos[order])
-            scores[int(c)] = tuple(float(v) for v in p[order])
+        for j, (i, start, stop) in enumerate(batches):
+            if dist.owns(j):
+                logits = model(images[positions[i][start:stop]]).double()
+                mine.append(torch.softmax(logits, 1)[:, cols[i]])
+    per_class: list[list[torch.Tensor]] = [[] for _ in positions]
+    for (i, _, _), pr in zip(batches, _gather_chunks(
+            mine, [stop - start for _, start, stop in batches], dist)):
+        per_class[i].append(pr)
+    indices, scores = {}, {}
+    for i, c in enumerate(classes):
+        p = torch.cat(per_class[i])
+        order = torch.sort(-p, stable=True).indices[:k]
+        indices[int(c)] = tuple(int(v) for v in positions[i][order])
+        scores[int(c)] = tuple(float(v) for v in p[order])
     return SampleSelection(tuple(int(c) for c in classes), k, indices, scores)
+
+
+def _gather_chunks(mine: list[torch.Tensor], sizes: list[int],
+                   dist: DistContext) -> list[torch.Tensor]:
+    """All chunks' 1-D float64 results in chunk order, from each rank's own chunks.
+
+    ``mine`` are this rank's chunks (``j % world_size == rank``) in order; ``sizes[j]`` is
+    chunk ``j``'s length. Each rank sends its chunks packed into one buffer (padded to the
+    longest rank's), so the exchange holds about one copy of all results.
+    """
+    if not dist.distributed:
+        return mine
+    w = dist.world_size
+    per_rank = [sum(sizes[r::w]) for r in range(w)]
+    buf = torch.zeros(max(per_rank), dtype=torch.float64)
+    if mine:
+        packed = torch.cat(mine)
+        buf[:len(packed)] = packed
+    gathered = dist.all_gather(buf)
+    offsets = [0] * w
+    out = []
+    for j, size in enumerate(sizes):
+        r = j % w
+        out.append(gathered[r][offsets[r]:offsets[r] + size])
+        offsets[r] += size
+    return out
 
 
 @dataclass(frozen=True)
@@ -108,47 +151,142 @@ class ContributionProfile:
                    {int(k): v for k, v in meta["samples"].items()}, meta["seconds"], means)
 
 
+#: ``emit(layer, rows, sums, mean)``: one call of a profiled layer on one chunk; ``rows`` are
+#: the (sorted) profile rows present in the chunk, ``sums[i]`` the clamped contributions of
+#: the samples of row ``rows[i]`` summed, ``mean`` the signed contributions summed over the
+#: chunk's samples and divided by the layer's number of output positions.
+ChunkEmit = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def profile_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                  rows: torch.Tensor, emit: ChunkEmit) -> None:
+    """One forward pass of ``images`` (one chunk); ``emit`` receives each layer call's sums.
+
+    ``rows`` are the samples' profile rows (class positions). Only the rows present in the
+    chunk are materialised, so the chunk costs ``len(rows.unique()) * Q * P`` per layer
+    call rather than one ``Q * P`` slab per profiled class.
+    """
+    present = torch.unique(rows)
+    local = torch.searchsorted(present, rows)
+    names = {id(m): n for n, m in layers.items()}
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        name = names[id(module)]
+        contrib = layer_contribution(inputs[0], module, name=name)
+        sums = accumulate_class_contribution(contrib, local, len(present))
+        positions = output.numel() // (output.shape[0] * contrib.shape[1])
+        emit(name, present, sums, contrib.sum(0) / positions)
+
+    with preserved_state(model), forward_hooks(layers.values(), hook), torch.inference_mode():
+        model.eval()
+        model(images)
+
+
+class ClassSums:
+    """The running per-class sums of a profile; add chunks' results in chunk order.
+
+    Additions are plain float64 ``+=`` in the order of :meth:`add` calls, so folding the same
+    chunk results in the same order gives the same bits wherever they were computed.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.totals: dict[str, torch.Tensor] = {}
+        self.signed: dict[str, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def add(self, name: str, rows: torch.Tensor, sums: torch.Tensor,
+            mean: torch.Tensor) -> None:
+        if name in self.totals:
+            self.signed[name] += mean
+        else:
+            self.totals[name] = sums.new_zeros((self.num_classes, *sums.shape[1:]))
+            self.signed[name] = mean.clone()
+        self.totals[name].index_add_(0, rows.to(sums.device), sums)
+
+
 def contribution_profile(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
                          labels: torch.Tensor, classes: Sequence[int], *,
-                         batch_size: int = 64) -> ContributionProfile:
+                         batch_size: int = 64,
+                         dist: DistContext | None = None) -> ContributionProfile:
     """Run ``images`` through ``model`` once and accumulate every layer's class contributions.
 
     ``layers`` maps names to the conv/linear modules to profile; ``labels`` are class ids,
     all of them in ``classes``. Hooks are removed and the model's mode restored even if the
     forward pass raises.
+
+    The samples are cut into chunks of ``batch_size`` consecutive samples and the chunks'
+    sums are added in chunk order. Under ``dist`` chunk ``i`` runs on rank
+    ``i % world_size``; after each round of ``world_size`` chunks the results are gathered
+    and folded in chunk order on every rank, so every rank returns the same profile, bit for
+    bit equal to the single-process one. Memory: the statistics (``classes * Q * P`` float64
+    per layer) plus one chunk's activations and, when distributed, one round's per-chunk
+    sums of one layer at a time.
     """
+    dist = dist or SINGLE
     classes = tuple(int(c) for c in classes)
     row = torch.full((max(classes) + 1,), -1, dtype=torch.long)
     row[torch.tensor(classes)] = torch.arange(len(classes))
     rows = row[labels]
     if (rows < 0).any():
         raise ModelLegoError("profile labels must all be among the profiled classes")
-    totals: dict[str, torch.Tensor] = {}
-    signed: dict[str, torch.Tensor] = {}
-    names = {id(m): n for n, m in layers.items()}
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        name = names[id(module)]
-        contrib = layer_contribution(inputs[0], module, name=name)
-        acc = accumulate_class_contribution(contrib, current["rows"], len(classes))
-        positions = output.numel() // (output.shape[0] * contrib.shape[1])
-        mean = contrib.sum(0) / positions
-        if name in totals:
-            totals[name] += acc
-            signed[name] += mean
-        else:
-            totals[name] = acc
-            signed[name] = mean
+    sums = ClassSums(len(classes))
+    chunks = chunk_ranges(len(images), batch_size)
 
     t0 = time.perf_counter()
-    with preserved_state(model), forward_hooks(layers.values(), hook), torch.inference_mode():
-        model.eval()
-        for start in range(0, len(images), batch_size):
-            current["rows"] = rows[start:start + batch_size]
-            model(images[start:start + batch_size])
+    if not dist.distributed:
+        for start, stop in chunks:
+            profile_chunk(model, layers, images[start:stop], rows[start:stop], sums.add)
+    else:
+        w = dist.world_size
+        for first in range(0, len(chunks), w):
+            round_chunks = chunks[first:first + w]
+            calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            if dist.rank < len(round_chunks):
+                start, stop = round_chunks[dist.rank]
+                profile_chunk(model, layers, images[start:stop], rows[start:stop],
+                              _collector(calls))
+            present = [torch.unique(rows[start:stop]) for start, stop in round_chunks]
+            _exchange_round(calls, present, layers, sums, dist)
     seconds = time.perf_counter() - t0
     counts = torch.bincount(rows, minlength=len(classes))
-    means = {k: v / max(1, len(images)) for k, v in signed.items()}
-    return ContributionProfile(classes, totals, {c: int(counts[i]) for i, c in
-                                                 enumerate(classes)}, seconds, means)
+    means = {k: v / max(1, len(images)) for k, v in sums.signed.items()}
+    return ContributionProfile(classes, sums.totals, {c: int(counts[i]) for i, c in
+                                                      enumerate(classes)}, seconds, means)
+
+
+def _collector(calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> ChunkEmit:
+    def emit(name: str, rows: torch.Tensor, sums: torch.Tensor, mean: torch.Tensor) -> None:
+        calls.setdefault(name, []).append((sums, mean))
+    return emit
+
+
+def _exchange_round(calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+                    present: list[torch.Tensor], layers: dict[str, nn.Module],
+                    sums: ClassSums, dist: DistContext) -> None:
+    """Gather one round's chunk results layer by layer and fold them in chunk order.
+
+    Rank ``r`` holds chunk ``r`` of the round (``present[r]`` are its rows; ranks past the
+    last chunk hold nothing). Per layer one buffer ``(n_calls, 1 + max_rows, Q, P)`` is
+    gathered: slot 0 the signed mean, then the present rows' clamped sums.
+    """
+    names = list(layers)
+    counts = torch.tensor([len(calls.get(n, ())) for n in names], dtype=torch.long)
+    all_counts = dist.all_gather(counts)
+    width = 1 + max(len(p) for p in present)
+    for li, name in enumerate(names):
+        n_calls = max(int(c[li]) for c in all_counts)
+        if n_calls == 0:
+            continue
+        q, p = layers[name].weight.shape[:2]
+        buf = torch.zeros((n_calls, width, q, p), dtype=torch.float64)
+        for ci, (s, m) in enumerate(calls.pop(name, ())):
+            buf[ci, 0] = m
+            buf[ci, 1:1 + len(s)] = s
+        gathered = dist.all_gather(buf)
+        del buf
+        with torch.inference_mode():
+            for r, rows in enumerate(present):
+                for ci in range(int(all_counts[r][li])):
+                    sums.add(name, rows, gathered[r][ci, 1:1 + len(rows)], gathered[r][ci, 0])
+        del gathered

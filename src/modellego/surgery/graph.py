@@ -12,6 +12,8 @@ name of the node, so a component is never silently wrong.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -169,12 +171,17 @@ class _Builder:
         modes = [(m, m.training) for m in self.model.modules()]
         try:
             gm.eval()
-            with torch.no_grad():
+            # ShapeProp prints a traceback and wraps the model's own error: keep quiet and
+            # report the original error in one line
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(example)
         except Exception as exc:
+            cause = exc.__cause__ or exc
+            text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             raise UnsupportedModelError(
                 f"running the traced model on an input of shape {list(self.input_shape)} "
-                f"failed ({type(exc).__name__}: {exc})") from None
+                f"failed ({type(cause).__name__}: {text}); check the input shape the model "
+                "expects") from None
         finally:  # restore each submodule's own flag (a model may mix train and eval)
             for m, mode in modes:
                 m.training = mode

@@ -1,0 +1,175 @@
+"""Data-parallel analysis under ``torch.distributed``, with results independent of the split.
+
+Sample selection and the contribution profile (see :mod:`modellego.analysis.profile`) can
+run on several processes: the samples are cut into fixed global *chunks* of consecutive
+samples (the batch size), chunk ``i`` is computed by rank ``i % world_size``, and the
+per-chunk results are exchanged and added up **in chunk order** on every rank. A
+single process walks the very same chunks in the same order, so every float64 sum — and
+therefore the component that comes out — is bit for bit the same for any number of
+processes (given the same hardware, library versions and threads per process).
+
+Nothing here is used unless the environment says so: :func:`init_from_env` returns the
+single-process :data:`SINGLE` context when ``WORLD_SIZE`` is unset or 1, without touching
+``torch.distributed``. With ``WORLD_SIZE > 1`` (``torchrun`` sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``) it initialises the default process group
+from those variables, with the ``nccl`` backend when CUDA is available and ``gloo``
+otherwise. Collectives are called on CPU tensors; under nccl they are staged through the
+process's GPU (``cuda:LOCAL_RANK``).
+
+One machine, four processes::
+
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 -m modellego disassemble model.safetensors \\
+        --classes 1,3 --out part.safetensors --report part.json
+
+Several machines (run the same command on every machine; all must see the model file and
+the data, and can reach the endpoint's host and port)::
+
+    # static: one fixed master, explicit node ranks 0..nnodes-1
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 \\
+        --master-addr 10.0.0.1 --master-port 29500 -m modellego disassemble ...
+    torchrun --nnodes 2 --node-rank 1 --nproc-per-node 8 \\
+        --master-addr 10.0.0.1 --master-port 29500 -m modellego disassemble ...
+
+    # elastic rendezvous: same command everywhere, a shared job id and endpoint
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint 10.0.0.1:29400 --rdzv-id lego-job-1 -m modellego disassemble ...
+
+Only global rank 0 writes the output files and prints; the other ranks compute the same
+component (every rank ends with the full statistics) and exit quietly with status 0.
+Byte-identical output across world sizes needs the same number of threads per process:
+``torchrun`` sets ``OMP_NUM_THREADS=1`` unless it is set, so compare with a single-process
+run under ``OMP_NUM_THREADS=1`` (or set it explicitly for both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+
+import torch
+
+__all__ = ["SINGLE", "DistContext", "chunk_ranges", "distributed_from_env", "init_from_env"]
+
+
+def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """The global chunks ``[(start, stop), ...]`` of ``n`` samples, ``size`` at a time."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class DistContext:
+    """Where this process sits in a data-parallel job; ``world_size == 1`` is one process.
+
+    The collectives take and return CPU tensors and are no-ops for a single process.
+    Subclasses may override :meth:`all_gather` (the tests emulate ranks with threads).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, *, local_rank: int = 0,
+                 backend: str | None = None, owns_group: bool = False) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.backend = backend
+        self._owns_group = owns_group
+
+    def __repr__(self) -> str:
+        return (f"DistContext(rank={self.rank}, world_size={self.world_size}, "
+                f"backend={self.backend!r})")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes outputs and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def owns(self, chunk: int) -> bool:
+        """Whether this rank computes global chunk ``chunk`` (round-robin assignment)."""
+        return chunk % self.world_size == self.rank
+
+    def _device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape and dtype on all ranks), in rank order.
+
+        The bits arrive unchanged, so results combined from the list in a fixed order are
+        the same on every rank.
+        """
+        if not self.distributed:
+            return [tensor]
+        import torch.distributed as dist
+
+        x = tensor.detach().contiguous().to(self._device())
+        out = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(out, x)
+        return [t.cpu() for t in out]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over ranks (a new CPU tensor), added up in rank order.
+
+        Built on :meth:`all_gather`, so the result does not depend on the backend's
+        reduction order; memory is ``world_size`` copies of ``tensor``.
+        """
+        parts = self.all_gather(tensor)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total
+
+    def close(self) -> None:
+        """Destroy the process group if this context created it (idempotent)."""
+        if self._owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._owns_group = False
+
+
+#: The single-process context.
+SINGLE = DistContext()
+
+
+def init_from_env(env: Mapping[str, str] | None = None) -> DistContext:
+    """The context described by ``torchrun``'s environment variables.
+
+    Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) this is :data:`SINGLE` and
+    ``torch.distributed`` is left alone. Otherwise the default process group is
+    initialised (``env://``: ``MASTER_ADDR``/``MASTER_PORT``) unless it already is; the
+    returned context destroys it on :meth:`~DistContext.close` only if it created it.
+    """
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return SINGLE
+    import torch.distributed as dist
+
+    rank = int(env["RANK"])
+    local_rank = int(env.get("LOCAL_RANK", "0") or 0)
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank=local_rank,
+                           backend=dist.get_backend(), owns_group=False)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistContext(rank, world, local_rank=local_rank, backend=backend, owns_group=True)
+
+
+@contextlib.contextmanager
+def distributed_from_env() -> Iterator[DistContext]:
+    """``with distributed_from_env() as ctx:`` — :func:`init_from_env`, closed on exit."""
+    ctx = init_from_env()
+    try:
+        yield ctx
+    finally:
+        ctx.close()
