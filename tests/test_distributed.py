@@ -23,6 +23,7 @@ from modellego.analysis.profile import (
     profile_chunk,
     select_samples,
 )
+from modellego.data import load_split
 from modellego.models import create_model
 from modellego.surgery.graph import build_channel_graph
 
@@ -41,7 +42,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.is_floating_point():
-        return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+        return torch.equal(a.reshape(-1).contiguous().view(torch.uint8),
+                           b.reshape(-1).contiguous().view(torch.uint8))
     return torch.equal(a, b)
 
 
@@ -230,3 +232,35 @@ def test_torchrun_two_gloo_processes_write_the_single_process_bytes(tmp_path: Pa
         assert TIMING <= rep.keys()
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in reports] == [
         {k: v for k, v in reports[0].items() if k not in TIMING}] * 2
+
+
+@pytest.mark.parametrize("scaling", ["logit", "calibrated"])
+def test_assembly_calibration_is_identical_for_emulated_world_sizes(scaling):
+    """Calibration forward passes are shared out in fixed chunks: any world size gives the
+    same buffers, bit for bit, as one process."""
+    from modellego.assembly import AssemblyConfig, assemble
+
+    parts = []
+    for seed, classes in ((0, (0, 1, 2)), (1, (5, 6))):
+        torch.manual_seed(seed)
+        net = create_model("simnet", in_channels=1, num_classes=len(classes), input_size=28,
+                           width=0.25).eval()
+        info = load_split("digits", "test").info
+        parts.append((net, {"kind": "model", "architecture": {"name": "simnet", "kwargs": {
+            "in_channels": 1, "num_classes": len(classes), "input_size": 28, "width": 0.25}},
+            "dataset": info.to_dict(), "classes": list(classes),
+            "class_names": [info.class_names[c] for c in classes],
+            "input": {"shape": [1, 28, 28], "mean": list(info.mean), "std": list(info.std)}}))
+    config = AssemblyConfig(scaling=scaling, calibration_samples=70)
+
+    def job(ctx: DistContext):
+        # threads share memory: give each emulated rank its own copy of the networks, whose
+        # feature taps register hooks while they run
+        return assemble(copy.deepcopy(parts), config, dist=ctx)[0].state_dict()
+
+    single = assemble(parts, config)[0].state_dict()
+    for world in (2, 3):
+        for state in ThreadWorld(world).run(job):
+            assert state.keys() == single.keys()
+            for key in single:
+                assert same_bits(state[key], single[key]), (world, key)

@@ -224,7 +224,13 @@ def cmd_assemble(args: argparse.Namespace) -> int:
                             on_duplicate=args.on_duplicate,
                             calibration_samples=args.calibration_samples, seed=args.seed)
     command = "modellego " + shlex.join(args.argv)
-    model, manifest = assemble(args.files, config, data_dir=args.data_dir, command=command)
+    from .analysis.distributed import distributed_from_env
+
+    with distributed_from_env() as dist:
+        model, manifest = assemble(args.files, config, data_dir=args.data_dir,
+                                   command=command, dist=dist)
+        if not dist.is_main:  # under torchrun only rank 0 evaluates and writes
+            return 0
     result = evaluate_assembly(model, manifest, data_dir=args.data_dir)
     manifest["metrics"] = {"test_accuracy": result["accuracy"],
                            "test_balanced_accuracy": result["balanced_accuracy"],

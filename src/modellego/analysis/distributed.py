@@ -49,7 +49,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-__all__ = ["SINGLE", "DistContext", "chunk_ranges", "distributed_from_env", "init_from_env"]
+__all__ = ["SINGLE", "DistContext", "chunk_ranges", "distributed_from_env", "gather_chunks",
+           "init_from_env"]
 
 
 def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -173,3 +174,29 @@ def distributed_from_env() -> Iterator[DistContext]:
         yield ctx
     finally:
         ctx.close()
+
+
+def gather_chunks(mine: list[torch.Tensor], sizes: list[int],
+                   dist: "DistContext") -> list[torch.Tensor]:
+    """All chunks' 1-D float64 results in chunk order, from each rank's own chunks.
+
+    ``mine`` are this rank's chunks (``j % world_size == rank``) in order; ``sizes[j]`` is
+    chunk ``j``'s length. Each rank sends its chunks packed into one buffer (padded to the
+    longest rank's), so the exchange holds about one copy of all results.
+    """
+    if not dist.distributed:
+        return mine
+    w = dist.world_size
+    per_rank = [sum(sizes[r::w]) for r in range(w)]
+    buf = torch.zeros(max(per_rank), dtype=torch.float64)
+    if mine:
+        packed = torch.cat(mine)
+        buf[:len(packed)] = packed
+    gathered = dist.all_gather(buf)
+    offsets = [0] * w
+    out = []
+    for j, size in enumerate(sizes):
+        r = j % w
+        out.append(gathered[r][offsets[r]:offsets[r] + size])
+        offsets[r] += size
+    return out

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ModelLegoError
 from .contribution import accumulate_class_contribution, layer_contribution
-from .distributed import SINGLE, DistContext, chunk_ranges
+from .distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from .hooks import forward_hooks, preserved_state
 
 
@@ -76,7 +76,7 @@ def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 logits = model(images[positions[i][start:stop]]).double()
                 mine.append(torch.softmax(logits, 1)[:, cols[i]])
     per_class: list[list[torch.Tensor]] = [[] for _ in positions]
-    for (i, _, _), pr in zip(batches, _gather_chunks(
+    for (i, _, _), pr in zip(batches, gather_chunks(
             mine, [stop - start for _, start, stop in batches], dist)):
         per_class[i].append(pr)
     indices, scores = {}, {}
@@ -86,32 +86,6 @@ def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         indices[int(c)] = tuple(int(v) for v in positions[i][order])
         scores[int(c)] = tuple(float(v) for v in p[order])
     return SampleSelection(tuple(int(c) for c in classes), k, indices, scores)
-
-
-def _gather_chunks(mine: list[torch.Tensor], sizes: list[int],
-                   dist: DistContext) -> list[torch.Tensor]:
-    """All chunks' 1-D float64 results in chunk order, from each rank's own chunks.
-
-    ``mine`` are this rank's chunks (``j % world_size == rank``) in order; ``sizes[j]`` is
-    chunk ``j``'s length. Each rank sends its chunks packed into one buffer (padded to the
-    longest rank's), so the exchange holds about one copy of all results.
-    """
-    if not dist.distributed:
-        return mine
-    w = dist.world_size
-    per_rank = [sum(sizes[r::w]) for r in range(w)]
-    buf = torch.zeros(max(per_rank), dtype=torch.float64)
-    if mine:
-        packed = torch.cat(mine)
-        buf[:len(packed)] = packed
-    gathered = dist.all_gather(buf)
-    offsets = [0] * w
-    out = []
-    for j, size in enumerate(sizes):
-        r = j % w
-        out.append(gathered[r][offsets[r]:offsets[r] + size])
-        offsets[r] += size
-    return out
 
 
 @dataclass(frozen=True)

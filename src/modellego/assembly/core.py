@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..analysis.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..analysis.hooks import preserved_state
 from ..data import load_split
 from ..errors import ModelLegoError
@@ -195,11 +196,36 @@ def _calibration_data(parts: list[dict[str, Any]], config: AssemblyConfig,
     return data
 
 
+def _map_chunks(fn, x: torch.Tensor, dist: DistContext, chunk: int = 64
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``fn(x) -> (logits, [features])`` computed in fixed chunks of ``x``, chunk ``i`` on rank
+    ``i % world_size``, gathered in chunk order: the same tensors for any number of ranks."""
+    ranges = chunk_ranges(len(x), chunk)
+    mine, dims = [], None
+    for j, (start, stop) in enumerate(ranges):
+        if not dist.owns(j):
+            continue
+        logits, feats = fn(x[start:stop])
+        outs = [logits, *feats]
+        dims = [t.shape[1] for t in outs]
+        mine.append(torch.cat([t.double() for t in outs], 1).flatten())
+    if dims is None or dist.distributed:  # every rank needs the widths, even without chunks
+        logits, feats = fn(x[:1])
+        dims = [t.shape[1] for t in (logits, *feats)]
+    width = sum(dims)
+    parts = gather_chunks(mine, [(stop - start) * width for start, stop in ranges], dist)
+    full = torch.cat([p.view(-1, width) for p in parts]).float()
+    cols = list(torch.split(full, dims, 1))
+    return cols[0], cols[1:]
+
+
 @torch.inference_mode()
 def _fit_scaling(model: AssembledModel, nets: list[nn.Module], parts: list[dict[str, Any]],
                  data: list[tuple[torch.Tensor, torch.Tensor]], config: AssemblyConfig,
-                 taps: list[list[str]] | None) -> dict[str, Any]:
-    """Set the scaling buffers / routers of ``model`` from calibration data; returns a summary."""
+                 taps: list[list[str]] | None, dist: DistContext = SINGLE) -> dict[str, Any]:
+    """Set the scaling buffers / routers of ``model`` from calibration data; returns a summary.
+
+    Every forward pass runs in fixed chunks shared out over the ranks of ``dist``."""
     adapters = model.body.adapters
     info: dict[str, Any] = {"scaling": config.scaling}
     if config.scaling == "none":
@@ -208,7 +234,7 @@ def _fit_scaling(model: AssembledModel, nets: list[nn.Module], parts: list[dict[
         mags = []
         for k, (net, (x, y)) in enumerate(zip(nets, data)):
             tap = FeatureTap(net, [_last_layer(net)])
-            logits, feats = tap(adapters[k](x))
+            logits, feats = _map_chunks(lambda xb, t=tap, a=adapters[k]: t(a(xb)), x, dist)
             mags.append(float(feats[0].abs().mean()))
             cols = getattr(model, f"columns{k}")
             scale = torch.ones(len(cols))
@@ -236,7 +262,8 @@ def _fit_scaling(model: AssembledModel, nets: list[nn.Module], parts: list[dict[
                        torch.cat([p[1::2] for p in per_class])))
     for k, (router, (x, y)) in enumerate(zip(model.routers, data)):
         fit_idx = halves[k][0]
-        _, feats = model.body.parts[k](adapters[k](x[fit_idx]))
+        part = model.body.parts[k]
+        _, feats = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), x[fit_idx], dist)
         for i, f in enumerate(feats):
             means, prec = class_gaussians(f, y[fit_idx], parts[k]["_num_outputs"])
             getattr(router, f"means{i}").copy_(means)
@@ -246,7 +273,8 @@ def _fit_scaling(model: AssembledModel, nets: list[nn.Module], parts: list[dict[
                        for k, h in enumerate(halves)])
     zs = []
     for k, router in enumerate(model.routers):
-        logits, feats = model.body.parts[k](adapters[k](route_x))
+        part = model.body.parts[k]
+        logits, feats = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), route_x, dist)
         z = router.scores(logits, feats)
         router.z_mean.copy_(z.mean(0))
         router.z_std.copy_(z.std(0).clamp_min(1e-6))
@@ -287,7 +315,8 @@ def _tap_dims(net: nn.Module, taps: Sequence[str]) -> list[int]:
 
 def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
              config: AssemblyConfig | None = None, *, data_dir: str | None = None,
-             command: str | None = None) -> tuple[AssembledModel, dict[str, Any]]:
+             command: str | None = None, dist: DistContext = SINGLE
+             ) -> tuple[AssembledModel, dict[str, Any]]:
     """Assemble model files (or ``(model, manifest)`` pairs) into one classifier.
 
     >>> model, manifest = assemble(["a.safetensors", "b.safetensors"])
@@ -329,7 +358,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         union = union_net(spec, load_model(spec["source"]["file"])[0])
     model = _structure(parts, nets, config, contract, columns, taps, union).eval()
     data = _calibration_data(parts, config, contract, data_dir)
-    calib = _fit_scaling(model, nets, parts, data, config, taps)
+    calib = _fit_scaling(model, nets, parts, data, config, taps, dist)
     for p in parts:
         p.pop("_num_outputs")
     base = None
