@@ -42,17 +42,16 @@ SCALINGS = ("none", "logit", "feature", "calibrated")
 
 
 def component(tmp: Path, rel: str, classes: tuple[int, ...]) -> Path:
-    """A component made the way we recommend (mass rule, compensation, searched thresholds;
+    """A component made the way we recommend (mass rule, searched thresholds;
     single-class components have no accuracy to search on, so a fixed threshold)."""
     src = CK / rel
     model, manifest = load_model(src)
     if len(classes) > 1:
-        cfg = DisassemblyConfig(classes, locate=LocateConfig(rule="mass"), compensate=True,
+        cfg = DisassemblyConfig(classes, locate=LocateConfig(rule="mass"),
                                 max_accuracy_drop=0.2)
     else:
         cfg = DisassemblyConfig(classes, locate=LocateConfig(rule="mass", beta_conv=0.05,
-                                                             beta_linear=0.05),
-                                compensate=True)
+                                                             beta_linear=0.05))
     comp, man, rep = disassemble(model, manifest, cfg, source_path=src)
     out = tmp / f"{rel.replace('/', '_')}-{'-'.join(map(str, classes))}.safetensors"
     save_model(out, comp.model, man)

@@ -34,15 +34,14 @@ TASKS = [(0, 1, 2), (3, 4, 5, 6, 7, 8, 9), (0, 2, 4, 6, 8), (1, 7)]
 METHODS = {
     # the published method and defaults (count rule, alpha/beta from the public code)
     "paper": DisassemblyConfig((), locate=LocateConfig()),
-    # ours: contribution-mass rule, bias compensation, thresholds searched on validation
-    "ours": DisassemblyConfig((), locate=LocateConfig(rule="mass"), compensate=True,
-                              max_accuracy_drop=0.2),
+    # ours: contribution-mass rule, thresholds searched on the validation split
+    "ours": DisassemblyConfig((), locate=LocateConfig(rule="mass"), max_accuracy_drop=0.2),
 }
 
 
-def component_rows(quick: bool) -> list[dict]:
+def component_rows(quick: bool, models: list[str]) -> list[dict]:
     rows = []
-    for rel in MODELS:
+    for rel in models:
         path = ROOT / "checkpoints" / f"{rel}.safetensors"
         model, manifest = load_model(path)
         for task in TASKS[:2] if quick else TASKS:
@@ -178,13 +177,27 @@ def profile_memory() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two tasks, no memory run")
+    parser.add_argument("--models", nargs="*", default=MODELS,
+                        help="models to run; their rows replace those already in the JSON")
+    parser.add_argument("--skip-cost", action="store_true",
+                        help="keep the profile cost and memory figures already in the JSON")
     args = parser.parse_args()
+    out = ROOT / "benchmarks" / "results" / ("disassembly-quick.json" if args.quick
+                                             else "disassembly.json")
+    old = json.loads(out.read_text()) if out.exists() else {}
     t0 = time.perf_counter()
     result = {"modellego_version": __version__, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d")}
     print("== components (test split; delta against the restricted source)")
-    result["components"] = component_rows(args.quick)
+    rows = component_rows(args.quick, args.models)
+    result["components"] = [r for r in old.get("components", [])
+                            if r["model"] not in args.models] + rows
+    if args.skip_cost and "profile_cost" in old:
+        result["profile_cost"] = old["profile_cost"]
+        if "memory" in old:
+            result["memory"] = old["memory"]
+        return _finish(result, out, t0)
     print("== profile cost (vgg16_bn, 150 samples)")
     result["profile_cost"] = profile_cost()
     pc = result["profile_cost"]
@@ -197,9 +210,11 @@ def main() -> int:
         mem = result["memory"]
         print(f"forward peak RSS {mem['forward']['peak_rss_mb']:.0f} MB, profile peak RSS "
               f"{mem['profile']['peak_rss_mb']:.0f} MB ({mem['profile']['seconds']:.0f} s)")
+    return _finish(result, out, t0)
+
+
+def _finish(result: dict, out: Path, t0: float) -> int:
     result["seconds"] = time.perf_counter() - t0
-    out = ROOT / "benchmarks" / "results" / ("disassembly-quick.json" if args.quick
-                                             else "disassembly.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
     return 0

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import randomize_bn, run, run_cli
 from modellego.assembly import (
     AssembledModel,
     AssemblyConfig,
@@ -26,7 +25,6 @@ from modellego.assembly import (
     union_test_set,
 )
 from modellego.assembly.padded import PaddedBody
-from modellego.cli import main
 from modellego.data import dataset_info, load_split, normalize
 from modellego.disassemble import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
@@ -42,25 +40,6 @@ TOL = 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
-def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so BN handling matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.weight.copy_(torch.randn(n, generator=gen) * 0.5 + 1.0)
-                mod.bias.copy_(torch.randn(n, generator=gen) * 0.5)
-    return model.eval()
 
 
 def fake_manifest(template: dict, arch: str, kwargs: dict, classes, *,
@@ -90,7 +69,7 @@ def fake_part(template: dict, arch: str, classes, seed: int, *, width: float = 0
     torch.manual_seed(seed)
     kwargs = {"in_channels": in_channels, "num_classes": len(classes),
               "input_size": input_size, "width": width}
-    net = randomize_bn(create_model(arch, **kwargs), seed)
+    net = randomize_bn(create_model(arch, **kwargs), seed).eval()
     shape = None if in_channels == 1 and input_size == 28 else (in_channels, input_size,
                                                                input_size)
     return net, fake_manifest(template, arch, kwargs, classes, dataset=dataset,
@@ -110,23 +89,7 @@ def digits_test(classes=None) -> torch.Tensor:
     return (split if classes is None else split.subset(classes)).images
 
 
-def _run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster (and far more steadily on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(classes) -> tuple[nn.Module, dict]:
@@ -371,7 +334,7 @@ def test_padded_equals_parallel_for_components(arch, part_a, noise):
     x, y = noise
     torch.manual_seed(3)
     kwargs = {"in_channels": 1, "num_classes": 10, "input_size": 28, "width": 0.25}
-    source = randomize_bn(create_model(arch, **kwargs), 3)
+    source = randomize_bn(create_model(arch, **kwargs), 3).eval()
     parts, plans = [], []
     for classes in ((0, 1), (2, 3, 4)):
         comp = disassemble_model(source, x, y, classes=classes, output_classes=range(10),
@@ -520,11 +483,11 @@ def test_two_channel_part_next_to_rgb_part_is_refused(part_a):
 
 def test_cli_assemble_then_evaluate(files, tmp_path):
     out = tmp_path / "ab.safetensors"
-    code, text, err = _run_cli(["assemble", str(files["a"]), str(files["b"]), "--out",
-                                str(out), "--scaling", "logit"])
+    code, text, err = run_cli(["assemble", str(files["a"]), str(files["b"]), "--out",
+                               str(out), "--scaling", "logit"])
     assert code == 0, err
     assert out.is_file() and "wrote" in text
-    code, text, err = _run_cli(["evaluate", str(out), "--json", "--no-latency"])
+    code, text, err = run_cli(["evaluate", str(out), "--json", "--no-latency"])
     assert code == 0, err
     result = json.loads(text)
     for key in ("accuracy", "balanced_accuracy", "base", "per_class", "params", "flops", "n"):
@@ -540,17 +503,17 @@ def test_cli_assemble_then_evaluate(files, tmp_path):
 
 def test_cli_assembly_cannot_be_evaluated_on_another_dataset(files, tmp_path):
     out = tmp_path / "ab.safetensors"
-    code, _, err = _run_cli(["assemble", str(files["a"]), str(files["b"]), "--out", str(out),
-                             "--scaling", "none"])
+    code, _, err = run_cli(["assemble", str(files["a"]), str(files["b"]), "--out", str(out),
+                            "--scaling", "none"])
     assert code == 0, err
-    code, _, err = _run_cli(["evaluate", str(out), "--dataset", "digits"])
+    code, _, err = run_cli(["evaluate", str(out), "--dataset", "digits"])
     assert code == 2
     assert "--dataset" in err
 
 
 def test_cli_assemble_needs_two_files(files, tmp_path):
     out = tmp_path / "one.safetensors"
-    code, _, err = _run_cli(["assemble", str(files["a"]), "--out", str(out)])
+    code, _, err = run_cli(["assemble", str(files["a"]), "--out", str(out)])
     assert code == 2
     assert "two" in err
     assert not out.exists()
@@ -558,7 +521,7 @@ def test_cli_assemble_needs_two_files(files, tmp_path):
 
 def test_cli_assemble_into_a_missing_folder(files, tmp_path):
     out = tmp_path / "missing" / "ab.safetensors"
-    code, _, err = _run_cli(["assemble", str(files["a"]), str(files["b"]), "--out", str(out)])
+    code, _, err = run_cli(["assemble", str(files["a"]), str(files["b"]), "--out", str(out)])
     assert code == 2
     assert "does not exist" in err
     assert not out.parent.exists()

@@ -9,9 +9,7 @@ Cases already covered elsewhere are not repeated here: bad class lists for ``tra
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import shutil
 from pathlib import Path
 
@@ -20,25 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from modellego.cli import main
+from helpers import run_cli
 from modellego.data import clear_cache, load_split
 from modellego.io import load_model, read_manifest, save_model
 from modellego.train import TrainConfig, train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _run(argv: list) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def _assert_error(result: tuple[int, str, str], command: str, *words: str) -> str:
@@ -110,16 +93,16 @@ def _write_images(root: Path, counts: dict[str, int], *, size: int, rgb: bool,
 ])
 def test_disassemble_bad_class_ids(classes: str, words: list[str], models, outdir) -> None:
     before = _unchanged(models)
-    _assert_error(_run(["disassemble", models["all"], "--classes", classes, "--out",
-                        outdir / "c.safetensors"]), "disassemble", *words)
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", classes, "--out",
+                           outdir / "c.safetensors"]), "disassemble", *words)
     assert list(outdir.iterdir()) == []
     assert _unchanged(models) == before
 
 
 def test_disassemble_class_the_model_does_not_classify(models, outdir) -> None:
     """A model trained on classes 0-4 has no component for class 7."""
-    _assert_error(_run(["disassemble", models["low"], "--classes", "2,7", "--out",
-                        outdir / "c.safetensors"]),
+    _assert_error(run_cli(["disassemble", models["low"], "--classes", "2,7", "--out",
+                           outdir / "c.safetensors"]),
                   "disassemble", "--classes [7]", "it classifies [0, 1, 2, 3, 4]")
     assert list(outdir.iterdir()) == []
 
@@ -151,15 +134,15 @@ def test_disassemble_class_without_training_images(tmp_path: Path, outdir: Path)
                                         width=0.125, batch_size=8), progress=False)
     source = tmp_path / "rare.safetensors"
     save_model(source, model, manifest)
-    err = _assert_error(_run(["disassemble", source, "--classes", f"{rare}", "--out",
-                              outdir / "c.safetensors"]),
+    err = _assert_error(run_cli(["disassemble", source, "--classes", f"{rare}", "--out",
+                                 outdir / "c.safetensors"]),
                         "disassemble", "--classes", f"class {rare} ({names[rare]})",
                         "no images in the train split", "choose other classes")
     assert "add images" in err
     assert list(outdir.iterdir()) == []
     # the other classes still disassemble fine
-    code, _, err = _run(["disassemble", source, "--classes", f"{(rare + 1) % 3}", "--out",
-                         outdir / "c.safetensors", "--samples-per-class", "5"])
+    code, _, err = run_cli(["disassemble", source, "--classes", f"{(rare + 1) % 3}", "--out",
+                            outdir / "c.safetensors", "--samples-per-class", "5"])
     assert code == 0, err
 
 
@@ -180,13 +163,13 @@ def test_empty_datasets(layout: str, models, tmp_path: Path, outdir: Path) -> No
                    "empty-class-folders": ("contains no images", "add images"),
                    "no-image-files": ("contains no images", "add images")}[layout]
     dataset = f"folder:{root}"
-    _assert_error(_run(["train", "simnet", "--dataset", dataset, "--epochs", "1", "--quiet",
-                        "--out", outdir / "m.safetensors"]),
+    _assert_error(run_cli(["train", "simnet", "--dataset", dataset, "--epochs", "1", "--quiet",
+                           "--out", outdir / "m.safetensors"]),
                   "train", str(root), phrase, fix)
-    _assert_error(_run(["evaluate", models["all"], "--dataset", dataset, "--no-latency"]),
+    _assert_error(run_cli(["evaluate", models["all"], "--dataset", dataset, "--no-latency"]),
                   "evaluate", str(root), phrase, fix)
-    _assert_error(_run(["disassemble", models["all"], "--classes", "0", "--dataset", dataset,
-                        "--out", outdir / "c.safetensors"]),
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "0", "--dataset", dataset,
+                           "--out", outdir / "c.safetensors"]),
                   "disassemble", str(root), phrase, fix)
     assert list(outdir.iterdir()) == []
 
@@ -195,13 +178,13 @@ def test_rgb_folder_for_a_grey_digits_model(models, tmp_path: Path, outdir: Path
     """A 1x28x28 model evaluated on 3x32x32 images: a clear message, not a shape traceback."""
     root = tmp_path / "rgb32"
     _write_images(root, {"a": 4, "b": 4}, size=32, rgb=True)
-    err = _assert_error(_run(["evaluate", models["all"], "--dataset", f"folder:{root}",
-                              "--no-latency"]),
+    err = _assert_error(run_cli(["evaluate", models["all"], "--dataset", f"folder:{root}",
+                                 "--no-latency"]),
                         "evaluate", "--dataset", "[3, 32, 32]", "[1, 28, 28]",
                         "pass --dataset digits")
     assert "Traceback" not in err
-    _assert_error(_run(["disassemble", models["all"], "--classes", "0", "--dataset",
-                        f"folder:{root}", "--out", outdir / "c.safetensors"]),
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "0", "--dataset",
+                           f"folder:{root}", "--out", outdir / "c.safetensors"]),
                   "disassemble", "--dataset", "'digits'")
     assert list(outdir.iterdir()) == []
 
@@ -226,7 +209,7 @@ def test_folder_whose_images_changed_shape(rgb: bool, size: int, shape: str, tmp
         for argv in (["evaluate", source, "--no-latency"],
                      ["disassemble", source, "--classes", "0", "--out",
                       outdir / "c.safetensors"]):
-            err = _assert_error(_run(argv), argv[0], shape, "[1, 12, 12]", "restore them")
+            err = _assert_error(run_cli(argv), argv[0], shape, "[1, 12, 12]", "restore them")
             assert "Traceback" not in err
     finally:
         clear_cache()
@@ -241,7 +224,7 @@ def test_non_finite_weights_are_refused_by_every_command(models, outdir: Path) -
     for argv in (["evaluate", nan, "--no-latency"],
                  ["disassemble", nan, "--classes", "0,1", "--out", outdir / "c.safetensors"],
                  ["assemble", models["low"], nan, "--out", outdir / "a.safetensors"]):
-        _assert_error(_run(argv), argv[0], str(nan), "contains NaN or infinite values")
+        _assert_error(run_cli(argv), argv[0], str(nan), "contains NaN or infinite values")
     assert list(outdir.iterdir()) == []
 
 
@@ -262,16 +245,16 @@ def test_non_finite_weights_are_refused_by_every_command(models, outdir: Path) -
 ])
 def test_disassemble_numeric_options_out_of_range(options: list[str], words: list[str],
                                                   models, outdir: Path) -> None:
-    _assert_error(_run(["disassemble", models["all"], "--classes", "1,3", "--out",
-                        outdir / "c.safetensors", "--report", outdir / "r.json", *options]),
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "1,3", "--out",
+                           outdir / "c.safetensors", "--report", outdir / "r.json", *options]),
                   "disassemble", *words)
     assert list(outdir.iterdir()) == []
 
 
 def test_thresholds_that_keep_nothing(models, outdir: Path) -> None:
-    err = _assert_error(_run(["disassemble", models["all"], "--classes", "1,3", "--out",
-                              outdir / "c.safetensors", "--alpha-conv", "1", "--beta-conv", "1",
-                              "--alpha-linear", "1", "--beta-linear", "1"]),
+    err = _assert_error(run_cli(["disassemble", models["all"], "--classes", "1,3", "--out",
+                                 outdir / "c.safetensors", "--alpha-conv", "1", "--beta-conv", "1",
+                                 "--alpha-linear", "1", "--beta-linear", "1"]),
                         "disassemble", "would keep no", "lower --beta-conv")
     assert "layer '" in err
     assert list(outdir.iterdir()) == []
@@ -282,31 +265,31 @@ def test_thresholds_that_keep_nothing(models, outdir: Path) -> None:
 
 def test_disassemble_into_a_missing_folder(models, tmp_path: Path) -> None:
     missing = tmp_path / "missing"
-    _assert_error(_run(["disassemble", models["all"], "--classes", "1", "--out",
-                        missing / "c.safetensors"]),
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "1", "--out",
+                           missing / "c.safetensors"]),
                   "disassemble", "--out", f"folder {missing} does not exist", "create it")
-    _assert_error(_run(["disassemble", models["all"], "--classes", "1", "--out",
-                        tmp_path / "c.safetensors", "--report", missing / "r.json"]),
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "1", "--out",
+                           tmp_path / "c.safetensors", "--report", missing / "r.json"]),
                   "disassemble", "--report", f"folder {missing} does not exist")
-    _assert_error(_run(["assemble", models["all"], models["low"], "--out",
-                        tmp_path / "a.safetensors", "--report", missing / "r.json",
-                        "--on-duplicate", "replace"]),
+    _assert_error(run_cli(["assemble", models["all"], models["low"], "--out",
+                           tmp_path / "a.safetensors", "--report", missing / "r.json",
+                           "--on-duplicate", "replace"]),
                   "assemble", "--report", f"folder {missing} does not exist")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_output_that_is_a_folder(models, outdir: Path) -> None:
-    _assert_error(_run(["disassemble", models["all"], "--classes", "1", "--out", outdir]),
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "1", "--out", outdir]),
                   "disassemble", f"--out {outdir} is a folder")
-    _assert_error(_run(["train", "simnet", "--dataset", "digits", "--epochs", "1",
-                        "--out", outdir]), "train", "is a folder")
+    _assert_error(run_cli(["train", "simnet", "--dataset", "digits", "--epochs", "1",
+                           "--out", outdir]), "train", "is a folder")
     assert list(outdir.iterdir()) == []
 
 
 def test_report_that_would_replace_the_output(models, outdir: Path) -> None:
     out = outdir / "c.safetensors"
-    _assert_error(_run(["disassemble", models["all"], "--classes", "1", "--out", out,
-                        "--report", out]),
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "1", "--out", out,
+                           "--report", out]),
                   "disassemble", "--report", "also the --out file")
     assert list(outdir.iterdir()) == []
 
@@ -324,13 +307,13 @@ def test_output_that_would_overwrite_an_input(models, tmp_path: Path) -> None:
                  ["disassemble", source, "--classes", "1,3", "--out",
                   tmp_path / ".." / tmp_path.name / "m.safetensors"],
                  ["assemble", source, other, "--out", other, "--on-duplicate", "replace"]):
-        _assert_error(_run(argv), argv[0], "would overwrite the input", "--force")
+        _assert_error(run_cli(argv), argv[0], "would overwrite the input", "--force")
     assert source.read_bytes() == original
     assert sorted(tmp_path.iterdir()) == sorted([source, other])
 
     # with --force the input is replaced by the component, atomically
-    code, out, err = _run(["disassemble", source, "--classes", "1,3", "--out", source,
-                           "--force"])
+    code, out, err = run_cli(["disassemble", source, "--classes", "1,3", "--out", source,
+                              "--force"])
     assert code == 0, err
     assert f"wrote {source}" in out
     assert sorted(tmp_path.iterdir()) == sorted([source, other])  # no temporary file left

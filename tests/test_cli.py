@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import pickle
 import subprocess
@@ -15,28 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import run_cli
 from modellego import __version__
 from modellego.cli import main, parse_classes
 from modellego.data import list_datasets, load_split, normalize
 from modellego.io import load_model, read_manifest
 from modellego.metrics import count_flops, count_params, predict_logits
 from modellego.models import list_models
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
 
 TRAIN_ARGS = ["train", "lenet5", "--dataset", "digits", "--epochs", "1", "--width", "0.5",
               "--quiet"]
@@ -45,7 +28,7 @@ TRAIN_ARGS = ["train", "lenet5", "--dataset", "digits", "--epochs", "1", "--widt
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("cli") / "x.safetensors"
-    code, out, err = _run(TRAIN_ARGS + ["--out", str(path)])
+    code, out, err = run_cli(TRAIN_ARGS + ["--out", str(path)])
     assert code == 0, err
     return path, out
 
@@ -53,7 +36,7 @@ def digits_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def three_class_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cli3") / "three.safetensors"
-    code, _, err = _run(TRAIN_ARGS + ["--classes", "0-2", "--out", str(path)])
+    code, _, err = run_cli(TRAIN_ARGS + ["--classes", "0-2", "--out", str(path)])
     assert code == 0, err
     return path
 
@@ -225,63 +208,63 @@ def _assert_error(code: int, out: str, err: str, command: str, *words: str) -> N
 
 def test_evaluate_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
-    _assert_error(*_run(["evaluate", str(missing)]), "evaluate", str(missing), "does not exist")
+    _assert_error(*run_cli(["evaluate", str(missing)]), "evaluate", str(missing), "does not exist")
 
 
 def test_evaluate_pickle_file(tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
     path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
-    _assert_error(*_run(["evaluate", str(path)]), "evaluate", "pickle")
+    _assert_error(*run_cli(["evaluate", str(path)]), "evaluate", "pickle")
 
 
 def test_evaluate_on_another_dataset(digits_model: tuple[Path, str]) -> None:
     path, _ = digits_model
-    _assert_error(*_run(["evaluate", str(path), "--dataset", "fashion-mnist", "--no-latency"]),
+    _assert_error(*run_cli(["evaluate", str(path), "--dataset", "fashion-mnist", "--no-latency"]),
                   "evaluate", "'digits'", "'fashion-mnist'", "--dataset digits")
 
 
 def test_evaluate_unknown_dataset(digits_model: tuple[Path, str]) -> None:
     path, _ = digits_model
-    _assert_error(*_run(["evaluate", str(path), "--dataset", "imagenet"]),
+    _assert_error(*run_cli(["evaluate", str(path), "--dataset", "imagenet"]),
                   "evaluate", "unknown dataset 'imagenet'", "digits")
 
 
 def test_evaluate_class_out_of_range(digits_model: tuple[Path, str],
                                      three_class_model: Path) -> None:
     path, _ = digits_model
-    _assert_error(*_run(["evaluate", str(path), "--classes", "12", "--no-latency"]),
+    _assert_error(*run_cli(["evaluate", str(path), "--classes", "12", "--no-latency"]),
                   "evaluate", "[12]", "not outputs of this model")
-    _assert_error(*_run(["evaluate", str(three_class_model), "--classes", "2,3",
-                         "--no-latency"]),
+    _assert_error(*run_cli(["evaluate", str(three_class_model), "--classes", "2,3",
+                            "--no-latency"]),
                   "evaluate", "[3]", "[0, 1, 2]")
 
 
 def test_train_class_out_of_range(tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
-    _assert_error(*_run(TRAIN_ARGS + ["--classes", "12", "--out", str(out)]),
+    _assert_error(*run_cli(TRAIN_ARGS + ["--classes", "12", "--out", str(out)]),
                   "train", "[12]", "out of range 0..9")
-    _assert_error(*_run(TRAIN_ARGS + ["--classes", "1,1", "--out", str(out)]),
+    _assert_error(*run_cli(TRAIN_ARGS + ["--classes", "1,1", "--out", str(out)]),
                   "train", "repeated")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_train_into_missing_folder(tmp_path: Path) -> None:
     folder = tmp_path / "missing"
-    _assert_error(*_run(TRAIN_ARGS + ["--out", str(folder / "m.safetensors")]),
+    _assert_error(*run_cli(TRAIN_ARGS + ["--out", str(folder / "m.safetensors")]),
                   "train", f"folder {folder} does not exist")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_train_unknown_architecture(tmp_path: Path) -> None:
-    _assert_error(*_run(["train", "lenet7", "--dataset", "digits", "--epochs", "1", "--out",
-                         str(tmp_path / "m.safetensors")]),
+    _assert_error(*run_cli(["train", "lenet7", "--dataset", "digits", "--epochs", "1", "--out",
+                            str(tmp_path / "m.safetensors")]),
                   "train", "unknown architecture 'lenet7'", "lenet5")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_train_bad_epochs(tmp_path: Path) -> None:
-    _assert_error(*_run(TRAIN_ARGS[:4] + ["--epochs", "0", "--out",
-                                          str(tmp_path / "m.safetensors")]),
+    _assert_error(*run_cli(TRAIN_ARGS[:4] + ["--epochs", "0", "--out",
+                                             str(tmp_path / "m.safetensors")]),
                   "train", "--epochs must be >= 1, got 0")
     assert list(tmp_path.iterdir()) == []
 

@@ -8,26 +8,15 @@ between the runs, so the second run parses the data again.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from modellego.cli import main
+from helpers import run_cli
 from modellego.data import clear_cache
 from modellego.io import read_manifest, save_model
 from modellego.train import TrainConfig, train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _twice(argv: list, out: str, root: Path) -> tuple[bytes, bytes]:
@@ -37,15 +26,13 @@ def _twice(argv: list, out: str, root: Path) -> tuple[bytes, bytes]:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         clear_cache()
-        stdout, stderr = io.StringIO(), io.StringIO()
         cwd = os.getcwd()
         os.chdir(folder)
         try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-                code = main([str(a) for a in argv])
+            code, _, err = run_cli(argv)
         finally:
             os.chdir(cwd)
-        assert code == 0, stderr.getvalue()
+        assert code == 0, err
         results.append((folder / out).read_bytes())
         assert sorted(p.name for p in folder.iterdir()) == [out]  # nothing else written
     return results[0], results[1]
@@ -66,9 +53,8 @@ def parts(source: Path) -> tuple[Path, Path]:
     out = []
     for classes in ("1,3", "5,6"):
         path = source.parent / f"comp{classes.replace(',', '')}.safetensors"
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main(["disassemble", str(source), "--classes", classes, "--out",
-                         str(path)]) == 0
+        assert run_cli(["disassemble", str(source), "--classes", classes, "--out",
+                        str(path)])[0] == 0
         out.append(path)
     return out[0], out[1]
 

@@ -7,14 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import masked_source_logits, randomize_bn, run
 from modellego.analysis.locate import LocateConfig
 from modellego.analysis.profile import select_samples
 from modellego.data import load_split, normalize
 from modellego.disassemble import Component, DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError, PlanError
 from modellego.models import create_model, list_models
-from modellego.surgery.graph import ChannelGraph
-from modellego.surgery.plan import ComponentPlan
 
 TASK = (3, 1)
 K = 20
@@ -26,49 +25,6 @@ TOL = 1e-5
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.weight.copy_(torch.randn(n, generator=gen) * 0.5 + 1.0)
-                mod.bias.copy_(torch.randn(n, generator=gen) * 0.5)
-    return model
-
-
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
-def masked_source_logits(model: nn.Module, graph: ChannelGraph, plan: ComponentPlan,
-                         x: torch.Tensor) -> torch.Tensor:
-    """The source with every conv/linear layer's removed input channels set to zero."""
-    handles = []
-
-    def make_hook(keep: torch.Tensor):
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            shape = [1] * args[0].dim()
-            shape[1] = -1
-            return (args[0] * keep.to(args[0].dtype).view(shape),) + tuple(args[1:])
-        return hook
-
-    try:
-        for layer in graph.layers:
-            mod = layer.module
-            n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-            keep = torch.zeros(n_in, dtype=torch.bool)
-            keep[list(plan.kept(layer.name, "in"))] = True
-            handles.append(mod.register_forward_pre_hook(make_hook(keep)))
-        return run(model, x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def assert_no_hooks(model: nn.Module) -> None:
@@ -87,15 +43,6 @@ def config(k: int = K, classes=TASK, **locate) -> DisassemblyConfig:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster (and far more steadily on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

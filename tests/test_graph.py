@@ -13,6 +13,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import masked_source_logits, randomize_bn, run
 from modellego.errors import PlanError, UnsupportedModelError
 from modellego.models import create_model, list_models
 from modellego.surgery.extract import apply_plan
@@ -26,21 +27,6 @@ KEPT_LOGITS = [7, 2, 5]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Give every BatchNorm random running statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                if mod.affine:
-                    mod.weight.copy_(torch.randn(n, generator=gen) * 0.5 + 1.0)
-                    mod.bias.copy_(torch.randn(n, generator=gen) * 0.5)
-    return model
 
 
 def make_model(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
@@ -70,48 +56,7 @@ def random_masks(graph: ChannelGraph, seed: int, p: float = 0.6) -> dict[int, to
     return masks
 
 
-def masked_source_logits(model: nn.Module, graph: ChannelGraph, plan: ComponentPlan,
-                         x: torch.Tensor) -> torch.Tensor:
-    """Run the source with every conv/linear layer's removed input channels zeroed."""
-    handles = []
-
-    def make_hook(keep: torch.Tensor):
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            inp = args[0]
-            shape = [1] * inp.dim()
-            shape[1] = -1
-            return (inp * keep.to(inp.dtype).view(shape),) + tuple(args[1:])
-        return hook
-
-    try:
-        for layer in graph.layers:
-            mod = layer.module
-            n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-            keep = torch.zeros(n_in, dtype=torch.bool)
-            keep[list(plan.kept(layer.name, "in"))] = True
-            handles.append(mod.register_forward_pre_hook(make_hook(keep)))
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster (and far more steadily on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,6 @@ from modellego.models import create_model, list_models
 KWARGS = {"in_channels": 1, "num_classes": 5, "input_size": 28, "width": 0.125}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _manifest(arch: str = "lenet5", **kwargs) -> dict:
     return {
         "kind": "model",

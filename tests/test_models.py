@@ -15,15 +15,6 @@ ALL = list_models()
 WIDTH = 0.125
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs are fastest (and not disturbed by busy CPUs) on a single thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _perturb_bn(model: nn.Module, seed: int) -> None:
     """Give BN layers non-trivial statistics and affine parameters (a fresh BN is identity)."""
     gen = torch.Generator().manual_seed(seed)

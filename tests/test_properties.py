@@ -16,29 +16,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
 import torch
 import torch.fx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from helpers import masked_source_logits, randomize_bn, run
 from modellego.surgery.extract import apply_plan
-from modellego.surgery.graph import ChannelGraph, build_channel_graph
+from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.plan import ComponentPlan, full_plan, plan_from_masks
 
 TOL = 1e-5
 CHANNELS = st.integers(2, 8)
 SETTINGS = settings(max_examples=25, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- the random CNN
@@ -186,17 +178,7 @@ SPECS = st.builds(Spec, in_channels=st.integers(1, 3), size=st.integers(8, 16), 
 def build(spec: Spec, seed: int) -> nn.Module:
     """The network of ``spec`` with random weights and random BN statistics, in eval mode."""
     torch.manual_seed(seed)
-    model = RandomNet(spec)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.weight.copy_(torch.randn(n, generator=gen) * 0.5 + 1.0)
-                mod.bias.copy_(torch.randn(n, generator=gen) * 0.5)
-    return model.eval()
+    return randomize_bn(RandomNet(spec), seed + 1).eval()
 
 
 def images(spec: Spec, seed: int) -> torch.Tensor:
@@ -205,35 +187,6 @@ def images(spec: Spec, seed: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
-def masked_source(model: nn.Module, graph: ChannelGraph, plan: ComponentPlan,
-                  x: torch.Tensor) -> torch.Tensor:
-    """Run ``model`` with the inputs the plan removes from each conv/linear layer zeroed."""
-    def zero_removed(keep: torch.Tensor):
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            shape = [1] * args[0].dim()
-            shape[1] = -1
-            return (args[0] * keep.to(args[0].dtype).view(shape),) + tuple(args[1:])
-        return hook
-
-    handles = []
-    try:
-        for layer in graph.layers:
-            mod = layer.module
-            n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-            keep = torch.zeros(n_in, dtype=torch.bool)
-            keep[list(plan.kept(layer.name, "in"))] = True
-            handles.append(mod.register_forward_pre_hook(zero_removed(keep)))
-        return run(model, x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def n_params(model: nn.Module) -> int:
@@ -285,7 +238,7 @@ def test_random_masks_give_the_masked_source(spec: Spec, seed: int, data) -> Non
     x = images(spec, seed)
     comp = run(component, x)
     assert comp.shape == (len(x), len(outputs))
-    expected = masked_source(model, graph, plan, x)[:, list(outputs)]
+    expected = masked_source_logits(model, graph, plan, x)[:, list(outputs)]
     assert (comp - expected).abs().max().item() <= TOL
 
     # consistent: every layer has the planned channels, and the component is itself a

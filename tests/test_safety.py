@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import io
 import json
 import pickle
 import shutil
@@ -29,8 +28,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from helpers import run_cli
 from modellego.analysis.locate import LocateConfig, profiled_layers
-from modellego.cli import main
 from modellego.disassemble import DisassemblyConfig, disassemble_model
 from modellego.io import FORMAT, load_weights, read_manifest, save_model, save_weights
 from modellego.metrics import count_macs, cpu_latency_ms
@@ -40,21 +39,6 @@ from modellego.train import TrainConfig, train
 
 ARCHS = list_models()
 SHAPE = (1, 28, 28)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def _assert_refused(result: tuple[int, str, str], command: str, *words: str) -> None:
@@ -148,9 +132,9 @@ def test_cli_refuses_crafted_pickles(kind: str, command: str, good: dict[str, Pa
     outdir = tmp_path / "out"
     outdir.mkdir()
     argv = _commands(evil, good, outdir / "result.safetensors")[command]
-    _assert_refused(_run(argv), argv[0], str(evil), EVIL_WORDS[kind])
+    _assert_refused(run_cli(argv), argv[0], str(evil), EVIL_WORDS[kind])
     if EVIL_WORDS[kind] == "pickle":
-        err = _run(argv)[2]
+        err = run_cli(argv)[2]
         assert "never unpickles" in err and "safetensors" in err  # why, and what to do
     assert not marker.exists()
     assert list(outdir.iterdir()) == []
@@ -189,7 +173,7 @@ def test_normal_use_never_unpickles(no_unpickling, good: dict[str, Path],
                  ["evaluate", comp, "--no-latency", "--json"],
                  ["assemble", comp, good["high"], "--out", assembled, "--scaling", "logit"],
                  ["evaluate", assembled, "--no-latency", "--json"]):
-        code, _, err = _run(argv)
+        code, _, err = run_cli(argv)
         assert code == 0, (argv, err)
     with pytest.raises(AssertionError, match="unpickle"):  # the trap is armed
         pickle.loads(pickle.dumps(1))
@@ -251,13 +235,13 @@ def test_cli_refuses_damaged_files(kind: str, command: str, good: dict[str, Path
     outdir = tmp_path / "out"
     outdir.mkdir()
     argv = _commands(bad, good, outdir / "result.safetensors")[command]
-    _assert_refused(_run(argv), argv[0], str(bad), phrase)
+    _assert_refused(run_cli(argv), argv[0], str(bad), phrase)
     assert list(outdir.iterdir()) == []
 
 
 def test_future_version_message_says_to_upgrade(good: dict[str, Path], tmp_path: Path) -> None:
     bad, _ = _damaged("future-version", good["all"], tmp_path)
-    _assert_refused(_run(["evaluate", bad]), "evaluate", "upgrade modellego", "versions 1..")
+    _assert_refused(run_cli(["evaluate", bad]), "evaluate", "upgrade modellego", "versions 1..")
     with pytest.raises(Exception, match="not supported"):
         read_manifest(bad)
 
@@ -269,8 +253,8 @@ def test_inputs_are_never_modified(good: dict[str, Path], tmp_path: Path) -> Non
     before = copy.read_bytes()
     bad, _ = _damaged("truncated-half", good["all"], tmp_path)
     bad_bytes = bad.read_bytes()
-    _run(["evaluate", copy, "--no-latency"])
-    _run(["assemble", copy, bad, "--out", tmp_path / "x.safetensors"])
+    run_cli(["evaluate", copy, "--no-latency"])
+    run_cli(["assemble", copy, bad, "--out", tmp_path / "x.safetensors"])
     assert copy.read_bytes() == before and bad.read_bytes() == bad_bytes
 
 

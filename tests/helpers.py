@@ -1,0 +1,80 @@
+"""Helpers shared by several test modules (import as ``from helpers import ...``).
+
+``tests/`` has no ``__init__.py``: pytest puts this folder on ``sys.path`` (it holds the
+rootdir conftest), so the test modules can import this one by its bare name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+from torch import nn
+
+from modellego.cli import main
+from modellego.surgery.graph import ChannelGraph
+from modellego.surgery.plan import ComponentPlan
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    """Run ``modellego *argv`` in-process: ``(exit status, stdout, stderr)``.
+
+    Every argument goes through ``str``, so paths may be passed as they are.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` without autograd."""
+    with torch.no_grad():
+        return model(x)
+
+
+def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Give every BatchNorm random running statistics and (if affine) affine parameters.
+
+    Non-trivial BN statistics make BN handling matter. Draws come from a generator seeded
+    with ``seed``, layer by layer in module order: mean, var, then weight and bias. Returns
+    ``model`` itself; its train/eval mode is left unchanged.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                if mod.affine:
+                    mod.weight.copy_(torch.randn(n, generator=gen) * 0.5 + 1.0)
+                    mod.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+    return model
+
+
+def masked_source_logits(model: nn.Module, graph: ChannelGraph, plan: ComponentPlan,
+                         x: torch.Tensor) -> torch.Tensor:
+    """The "masked source": ``model`` run (without autograd) with every conv/linear layer's
+    input channels that ``plan`` removes set to zero. Hooks are removed afterwards."""
+    def zero_removed(keep: torch.Tensor):
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            inp = args[0]
+            shape = [1] * inp.dim()
+            shape[1] = -1
+            return (inp * keep.to(inp.dtype).view(shape),) + tuple(args[1:])
+        return hook
+
+    handles = []
+    try:
+        for layer in graph.layers:
+            mod = layer.module
+            n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
+            keep = torch.zeros(n_in, dtype=torch.bool)
+            keep[list(plan.kept(layer.name, "in"))] = True
+            handles.append(mod.register_forward_pre_hook(zero_removed(keep)))
+        return run(model, x)
+    finally:
+        for h in handles:
+            h.remove()
