@@ -148,6 +148,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     out = _check_output(args.out, [args.file], args.force)
     if args.report:
         _check_output(args.report, [args.file], args.force, flag="--report", other=out)
+    _check_html(args, [args.file], out)
     model, manifest = load_model(args.file)
     locate = LocateConfig(alpha_conv=args.alpha_conv, beta_conv=args.beta_conv,
                           alpha_linear=args.alpha_linear, beta_linear=args.beta_linear,
@@ -173,8 +174,17 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     save_model(out, comp.model, new_manifest)
     if args.report:
         _write_json(args.report, report)
+    if args.html:
+        from .viz.report import disassembly_html, write_html
+        from .viz.route import route_from_profile
+
+        names = dict(zip(manifest["classes"], manifest["class_names"]))
+        route = route_from_profile(comp.graph, comp.profile, config.classes,
+                                   manifest["classes"], comp.locate,
+                                   [str(names[c]) for c in config.classes])
+        write_html(args.html, disassembly_html(report, new_manifest, route))
     print(format_report(report))
-    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    print(f"wrote {out}" + "".join(f" and {p}" for p in (args.report, args.html) if p))
     return 0
 
 
@@ -220,6 +230,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     out = _check_output(args.out, args.files, args.force)
     if args.report:
         _check_output(args.report, args.files, args.force, flag="--report", other=out)
+    _check_html(args, args.files, out)
     config = AssemblyConfig(layout=args.layout, scaling=args.scaling,
                             on_duplicate=args.on_duplicate,
                             calibration_samples=args.calibration_samples, seed=args.seed)
@@ -236,13 +247,87 @@ def cmd_assemble(args: argparse.Namespace) -> int:
                            "test_balanced_accuracy": result["balanced_accuracy"],
                            "base": result["base"]}
     save_model(out, model, manifest)
+    report = {"evaluation": result, "calibration": manifest["provenance"]["calibration"],
+              "labels": manifest["labels"]}
     if args.report:
-        _write_json(args.report, {"evaluation": result,
-                                  "calibration": manifest["provenance"]["calibration"],
-                                  "labels": manifest["labels"]})
+        _write_json(args.report, report)
+    if args.html:
+        from .viz.report import assembly_html, write_html
+
+        write_html(args.html, assembly_html(result, manifest, report))
     print(format_assembly(result, manifest))
-    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    print(f"wrote {out}" + "".join(f" and {p}" for p in (args.report, args.html) if p))
     return 0
+
+
+def _check_html(args: argparse.Namespace, inputs: Sequence[str], out: Path) -> None:
+    """Refuse an ``--html`` path that cannot be written or would replace another output."""
+    if not args.html:
+        return
+    html = _check_output(args.html, inputs, args.force, flag="--html", other=out)
+    if args.report and html.resolve() == Path(args.report).resolve():
+        raise ModelLegoError(f"--html {args.html} is also the --report file; choose another "
+                             "path")
+
+
+def _locate_config(args: argparse.Namespace):
+    from .analysis.locate import LocateConfig
+
+    return LocateConfig(alpha_conv=args.alpha_conv, beta_conv=args.beta_conv,
+                        alpha_linear=args.alpha_linear, beta_linear=args.beta_linear,
+                        rule=args.rule)
+
+
+def _check_figure(args: argparse.Namespace) -> Path:
+    from .viz.common import figure_format
+
+    out = _check_output(args.out, [args.file], args.force)
+    figure_format(out)
+    return out
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from .io import load_model
+    from .viz.route import format_route, plot_route, route_masks
+
+    out = _check_figure(args)
+    if args.json:
+        _check_output(args.json, [args.file], args.force, flag="--json", other=out)
+    model, manifest = load_model(args.file)
+    data = route_masks(model, manifest, args.classes, dataset=args.dataset,
+                       data_dir=args.data_dir, samples_per_class=args.samples_per_class,
+                       locate=_locate_config(args))
+    plot_route(data, out)
+    if args.json:
+        _write_json(args.json, data.to_dict())
+    print(format_route(data))
+    print(f"wrote {out}" + (f" and {args.json}" if args.json else ""))
+    return 0
+
+
+def cmd_heatmap(args: argparse.Namespace) -> int:
+    from .io import load_model
+    from .viz.heatmap import format_heatmap, heatmap_data, plot_heatmap
+
+    out = _check_figure(args)
+    model, manifest = load_model(args.file)
+    data = heatmap_data(model, manifest, args.layer, args.classes, dataset=args.dataset,
+                        data_dir=args.data_dir, samples_per_class=args.samples_per_class,
+                        per_sample=not args.no_samples)
+    plot_heatmap(data, out, sort=not args.no_sort)
+    print(format_heatmap(data))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_locate_args(s: argparse.ArgumentParser) -> None:
+    """The locating thresholds, with disassemble's defaults."""
+    s.add_argument("--rule", choices=("count", "mass"), default="count",
+                   help="count: the paper's relevant-kernel counting; mass: contribution mass")
+    s.add_argument("--alpha-conv", type=float, default=0.3)
+    s.add_argument("--beta-conv", type=float, default=0.2)
+    s.add_argument("--alpha-linear", type=float, default=0.4)
+    s.add_argument("--beta-linear", type=float, default=0.3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine", action="store_true",
                    help="with --max-accuracy-drop: also tighten the costliest layers one by "
                         "one on the validation split (slower, smaller components)")
+    s.add_argument("--html", default=None, metavar="REPORT.html",
+                   help="also write a self-contained HTML report (tables, route figure, "
+                        "provenance)")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     s.set_defaults(func=cmd_disassemble)
 
@@ -326,8 +414,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--data-dir", default=None)
     s.add_argument("--report", default=None, help="also write the report as JSON")
+    s.add_argument("--html", default=None, metavar="REPORT.html",
+                   help="also write a self-contained HTML report (tables, figure, provenance)")
     s.add_argument("--force", action="store_true", help="allow overwriting an input file")
     s.set_defaults(func=cmd_assemble)
+
+    s = sub.add_parser("route", help="draw which channels of every layer some classes use")
+    s.add_argument("file")
+    s.add_argument("--classes", type=parse_classes, required=True,
+                   help="the classes to compare, e.g. 3,4 or 0-2")
+    s.add_argument("--out", required=True, help="figure file, .png or .svg")
+    s.add_argument("--dataset", default=None, help="default: the model's own dataset")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--samples-per-class", type=int, default=50)
+    _add_locate_args(s)
+    s.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the per-layer channel counts as JSON")
+    s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    s.set_defaults(func=cmd_route)
+
+    s = sub.add_parser("heatmap", help="per-class contribution of one layer's input channels")
+    s.add_argument("file")
+    s.add_argument("--layer", required=True, help="a conv or linear module name, e.g. fc")
+    s.add_argument("--out", required=True, help="figure file, .png or .svg")
+    s.add_argument("--classes", type=parse_classes, default=None,
+                   help="default: all classes of the model")
+    s.add_argument("--dataset", default=None, help="default: the model's own dataset")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--samples-per-class", type=int, default=50)
+    s.add_argument("--no-samples", action="store_true",
+                   help="only the per-class rows, not the per-sample panel")
+    s.add_argument("--no-sort", action="store_true",
+                   help="keep channels in index order (default: grouped by dominant class)")
+    s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    s.set_defaults(func=cmd_heatmap)
     return p
 
 

@@ -1,0 +1,119 @@
+"""Shared pieces of the figures: headless matplotlib figures, saving, the task's images.
+
+Figures are made with :class:`matplotlib.figure.Figure` on an explicit Agg canvas and
+never through ``pyplot``, so no GUI window can open and no global backend state is touched;
+``matplotlib.use("Agg")`` is still set when ``pyplot`` has not been imported yet, so that
+code which later imports ``pyplot`` in the same process stays headless too.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+import torch
+
+from ..errors import ModelLegoError
+
+FORMATS = ("png", "svg")
+
+
+def _mpl():
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return Figure, FigureCanvasAgg
+
+
+def new_figure(width: float, height: float):
+    """A headless figure of ``width x height`` inches (Agg canvas attached)."""
+    Figure, FigureCanvasAgg = _mpl()
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_format(path: str | Path) -> str:
+    """``png`` or ``svg`` from the file name; anything else is refused."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext not in FORMATS:
+        raise ModelLegoError(f"--out {path}: the figure format is taken from the file name; "
+                             f"use a name ending in .png or .svg")
+    return ext
+
+
+def save_figure(fig, target: str | Path | BinaryIO, fmt: str | None = None) -> None:
+    """Write ``fig`` to a path (atomically; format from the suffix) or a binary file object."""
+    if isinstance(target, (str, Path)):
+        from ..io import atomic_write
+
+        fmt = fmt or figure_format(target)
+        atomic_write(target, lambda tmp: fig.savefig(tmp, format=fmt))
+    else:
+        fig.savefig(target, format=fmt or "png")
+
+
+def png_data_uri(fig) -> str:
+    """``data:image/png;base64,...`` of ``fig``, to embed in a self-contained page."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def class_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` distinct colours for classes; never grey (grey means shared or unused)."""
+    from matplotlib import colormaps
+
+    tab10 = colormaps["tab10"]
+    base = [tab10(i) for i in range(10) if i != 7]  # 7 is tab10's grey
+    if n <= len(base):
+        return base[:n]
+    tab20 = colormaps["tab20"]
+    more = [tab20(i) for i in range(20) if i not in (14, 15)]
+    return [more[i % len(more)] for i in range(n)]
+
+
+def task_images(manifest: dict[str, Any], classes: Sequence[int] | None, *,
+                dataset: str | None = None, data_dir: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], list[str]]:
+    """Normalised training images and labels of ``classes`` of the model ``manifest``
+    describes, with the same checks as disassembly. Returns
+    ``(images, labels, classes, class names)``; ``classes=None`` means all of the model's."""
+    from ..data import dataset_info, load_split, normalize
+    from ..evaluate import check_dataset_matches
+    from ..train import check_classes
+
+    if manifest.get("kind") not in ("model", "component"):
+        raise ModelLegoError(f"only single models and components can be analysed, not a "
+                             f"{manifest.get('kind')!r}; analyse its parts one by one")
+    own_dataset = manifest["dataset"]["name"]
+    if dataset is not None:
+        name = dataset_info(dataset, data_dir=data_dir).name
+        if name != own_dataset:
+            raise ModelLegoError(f"--dataset {dataset}: the model classifies "
+                                 f"{own_dataset!r}; pass --dataset {own_dataset}")
+    train = load_split(own_dataset, "train", data_dir=data_dir)
+    own = [int(c) for c in manifest["classes"]]
+    classes = tuple(own) if classes is None else tuple(int(c) for c in classes)
+    check_classes(classes, train.info.num_classes, "--classes")
+    missing = [c for c in classes if c not in own]
+    if missing:
+        raise ModelLegoError(f"--classes {missing} are not classes of this model; it "
+                             f"classifies {own}")
+    check_dataset_matches(manifest, own_dataset, train.info)
+    train = train.subset(classes)
+    empty = [c for c in classes if not (train.labels == c).any()]
+    if empty:
+        raise ModelLegoError(f"--classes {empty}: no training images of these classes in "
+                             f"{own_dataset!r}; the analysis profiles each class on its "
+                             "training images")
+    names = dict(zip(own, manifest["class_names"]))
+    return (normalize(train.images, train.info), train.labels, classes,
+            [str(names[c]) for c in classes])
