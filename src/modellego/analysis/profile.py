@@ -147,9 +147,10 @@ def profile_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch.
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = names[id(module)]
         contrib = layer_contribution(inputs[0], module, name=name)
-        sums = accumulate_class_contribution(contrib, local, len(present))
         positions = output.numel() // (output.shape[0] * contrib.shape[1])
-        emit(name, present, sums, contrib.sum(0) / positions)
+        mean = contrib.sum(0) / positions  # signed, before the in-place clamp below
+        sums = accumulate_class_contribution(contrib, local, len(present), inplace=True)
+        emit(name, present, sums, mean)
 
     with preserved_state(model), forward_hooks(layers.values(), hook), torch.inference_mode():
         model.eval()
