@@ -34,7 +34,7 @@ from .metrics import (
 from .surgery.extract import apply_plan, compensate_removed_inputs
 from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.plan import ComponentPlan, plan_from_masks
-from .train import base_manifest, check_classes
+from .train import base_manifest, check_classes, task_outputs
 
 
 @dataclass(frozen=True)
@@ -118,16 +118,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     """
     config = config or DisassemblyConfig(tuple(classes))
     config.validate()
-    classes = tuple(int(c) for c in classes)
-    output_classes = [int(c) for c in output_classes]
-    if not classes:
-        raise ModelLegoError("no classes given; name at least one class to extract")
-    missing = [c for c in classes if c not in output_classes]
-    if missing:
-        raise ModelLegoError(f"classes {missing} are not outputs of the model "
-                             f"(it classifies {output_classes})")
-    if len(set(classes)) != len(classes):
-        raise ModelLegoError(f"classes {list(classes)} contain repeats; list each class once")
+    classes, output_classes = task_outputs(classes, output_classes)
     input_shape = tuple(images.shape[1:])
     graph = build_channel_graph(model, input_shape)
     selection = select_samples(model, images, labels, classes, output_classes,

@@ -131,6 +131,23 @@ def base_manifest(info, classes: Sequence[int]) -> dict[str, Any]:
     }
 
 
+def task_outputs(classes: Sequence[int], output_classes: Sequence[int]
+                 ) -> tuple[tuple[int, ...], list[int]]:
+    """``classes`` and ``output_classes`` as ints; raises for no classes, repeated classes
+    or a class that is not an output."""
+    classes = tuple(int(c) for c in classes)
+    output_classes = [int(c) for c in output_classes]
+    if not classes:
+        raise ModelLegoError("no classes given; name at least one class")
+    if len(set(classes)) != len(classes):
+        raise ModelLegoError(f"classes {list(classes)} contain repeats; list each class once")
+    missing = [c for c in classes if c not in output_classes]
+    if missing:
+        raise ModelLegoError(f"classes {missing} are not outputs of the model (it classifies "
+                             f"{output_classes})")
+    return classes, output_classes
+
+
 def check_classes(classes: Sequence[int], num_classes: int, arg: str) -> None:
     """Raise a clear error for empty, repeated or out-of-range class ids."""
     if len(classes) == 0:

@@ -28,6 +28,7 @@ from ..analysis.locate import profiled_layers
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
 from ..surgery.graph import ChannelGraph, Layer, build_channel_graph
+from ..train import task_outputs
 from .common import new_figure, save_figure, task_images
 
 
@@ -129,12 +130,7 @@ def compute_heatmap(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     ``images`` are normalised inputs with class-id ``labels``; ``output_classes[i]`` is the
     class of logit ``i``.
     """
-    classes = tuple(int(c) for c in classes)
-    output_classes = [int(c) for c in output_classes]
-    missing = [c for c in classes if c not in output_classes]
-    if missing:
-        raise ModelLegoError(f"classes {missing} are not outputs of the model (it classifies "
-                             f"{output_classes})")
+    classes, output_classes = task_outputs(classes, output_classes)
     if samples_per_class < 1:
         raise ModelLegoError(f"--samples-per-class must be >= 1, got {samples_per_class}")
     graph = build_channel_graph(model, tuple(images.shape[1:]))

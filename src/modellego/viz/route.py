@@ -25,6 +25,7 @@ from ..analysis.locate import LocateConfig, locate_class, profiled_layers
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
 from ..surgery.graph import ChannelGraph, build_channel_graph
+from ..train import task_outputs
 from .common import class_colors, new_figure, save_figure, task_images
 
 SHARED_COLOR = "#3a3a3a"
@@ -98,12 +99,7 @@ def route_from_profile(graph: ChannelGraph, profile: ContributionProfile,
     """The route from a profile already computed (e.g. by disassembly); no forward pass."""
     locate = locate or LocateConfig()
     locate.validate()
-    classes = tuple(int(c) for c in classes)
-    output_classes = [int(c) for c in output_classes]
-    missing = [c for c in classes if c not in output_classes]
-    if missing:
-        raise ModelLegoError(f"classes {missing} are not outputs of the model (it classifies "
-                             f"{output_classes})")
+    classes, output_classes = task_outputs(classes, output_classes)
     per_class = [locate_class(graph, profile, output_classes.index(c), c, locate)
                  for c in classes]
     layers = []
@@ -126,16 +122,7 @@ def compute_route(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     ``images`` are normalised inputs with class-id ``labels``; ``output_classes[i]`` is the
     class of logit ``i``. Works on any network the channel graph understands, of any depth.
     """
-    classes = tuple(int(c) for c in classes)
-    if not classes:
-        raise ModelLegoError("no classes given; name at least one class")
-    if len(set(classes)) != len(classes):
-        raise ModelLegoError(f"classes {list(classes)} contain repeats; list each class once")
-    output_classes = [int(c) for c in output_classes]
-    missing = [c for c in classes if c not in output_classes]
-    if missing:
-        raise ModelLegoError(f"classes {missing} are not outputs of the model (it classifies "
-                             f"{output_classes})")
+    classes, output_classes = task_outputs(classes, output_classes)
     locate = locate or LocateConfig()
     locate.validate()
     graph = build_channel_graph(model, tuple(images.shape[1:]))
