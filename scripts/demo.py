@@ -16,6 +16,8 @@ from modellego.disassemble import DisassemblyConfig, disassemble, format_report
 from modellego.errors import ModelLegoError
 from modellego.io import load_model, save_model
 from modellego.metrics import count_flops, count_params, cpu_latency_ms
+from modellego.viz.report import disassembly_html, write_html
+from modellego.viz.route import plot_route, route_from_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = ROOT / "checkpoints"
@@ -65,7 +67,16 @@ def take_apart(rel: str, classes: tuple[int, ...], name: str) -> Path:
     out = OUT / name
     save_model(out, comp.model, comp_manifest)
     print(format_report(report))
-    print(f"wrote {out.relative_to(ROOT)}")
+    # the decision route of the task's classes and a self-contained HTML report, both from
+    # the profile the disassembly already computed
+    route = route_from_profile(comp.graph, comp.profile, classes, manifest["classes"],
+                               comp.locate, names)
+    stem = out.name.removesuffix(".safetensors")
+    figure, html = OUT / f"{stem}-route.png", OUT / f"{stem}.html"
+    plot_route(route, figure)
+    write_html(html, disassembly_html(report, comp_manifest, route))
+    for path in (out, figure, html):
+        print(f"wrote {path.relative_to(ROOT)}")
     return out
 
 
