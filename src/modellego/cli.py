@@ -320,6 +320,13 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_args(s: argparse.ArgumentParser) -> None:
+    """Where the images come from and how many per class the analysis selects."""
+    s.add_argument("--dataset", default=None, help="default: the model's own dataset")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--samples-per-class", type=int, default=50)
+
+
 def _add_locate_args(s: argparse.ArgumentParser) -> None:
     """The locating thresholds, with disassemble's defaults."""
     s.add_argument("--rule", choices=("count", "mass"), default="count",
@@ -372,16 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=parse_classes, required=True,
                    help="task classes in output order, e.g. 0,2,4 or 3-9")
     s.add_argument("--out", required=True)
-    s.add_argument("--dataset", default=None, help="default: the model's own dataset")
-    s.add_argument("--data-dir", default=None)
     s.add_argument("--report", default=None, help="also write the report as JSON")
-    s.add_argument("--samples-per-class", type=int, default=50)
-    s.add_argument("--rule", choices=("count", "mass"), default="count",
-                   help="count: the paper's relevant-kernel counting; mass: contribution mass")
-    s.add_argument("--alpha-conv", type=float, default=0.3)
-    s.add_argument("--beta-conv", type=float, default=0.2)
-    s.add_argument("--alpha-linear", type=float, default=0.4)
-    s.add_argument("--beta-linear", type=float, default=0.3)
+    _add_data_args(s)
+    _add_locate_args(s)
     s.add_argument("--compensate", action="store_true",
                    help="fold the mean contribution of removed channels into biases")
     s.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",
@@ -424,9 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=parse_classes, required=True,
                    help="the classes to compare, e.g. 3,4 or 0-2")
     s.add_argument("--out", required=True, help="figure file, .png or .svg")
-    s.add_argument("--dataset", default=None, help="default: the model's own dataset")
-    s.add_argument("--data-dir", default=None)
-    s.add_argument("--samples-per-class", type=int, default=50)
+    _add_data_args(s)
     _add_locate_args(s)
     s.add_argument("--json", default=None, metavar="FILE",
                    help="also write the per-layer channel counts as JSON")
@@ -439,9 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="figure file, .png or .svg")
     s.add_argument("--classes", type=parse_classes, default=None,
                    help="default: all classes of the model")
-    s.add_argument("--dataset", default=None, help="default: the model's own dataset")
-    s.add_argument("--data-dir", default=None)
-    s.add_argument("--samples-per-class", type=int, default=50)
+    _add_data_args(s)
     s.add_argument("--no-samples", action="store_true",
                    help="only the per-class rows, not the per-sample panel")
     s.add_argument("--no-sort", action="store_true",
