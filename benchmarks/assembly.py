@@ -1,6 +1,6 @@
 """Assembly benchmark: training-free assembled classifiers against Base and a joint model.
 
-    .venv/bin/python benchmarks/assembly.py [--quick] [--joint-epochs 3]
+    .venv/bin/python benchmarks/assembly.py [--quick] [--joint-epochs 2]
 
 Cases (shipped checkpoints; components made by `disassemble` with our settings):
   (a) vgg16_bn-classes0-4 + vgg16_bn-classes5-9 -> 10-class Fashion-MNIST
@@ -137,7 +137,7 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="cases a and c1, no joint models")
-    parser.add_argument("--joint-epochs", type=int, default=3)
+    parser.add_argument("--joint-epochs", type=int, default=2)
     args = parser.parse_args()
     t0 = time.perf_counter()
     result = {"modellego_version": __version__, "torch": torch.__version__,
