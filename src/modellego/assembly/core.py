@@ -209,7 +209,7 @@ def _map_chunks(fn, x: torch.Tensor, dist: DistContext, chunk: int = 64
         outs = [logits, *feats]
         dims = [t.shape[1] for t in outs]
         mine.append(torch.cat([t.double() for t in outs], 1).flatten())
-    if dims is None or dist.distributed:  # every rank needs the widths, even without chunks
+    if dims is None:  # a rank without chunks still needs the widths to unpack the others
         logits, feats = fn(x[:1])
         dims = [t.shape[1] for t in (logits, *feats)]
     width = sum(dims)
