@@ -12,6 +12,7 @@ from torch import nn
 from modellego.analysis.contribution import (
     accumulate_class_contribution,
     conv2d_contribution,
+    layer_class_sums,
     layer_contribution,
     linear_contribution,
     minmax_normalize,
@@ -341,3 +342,83 @@ def test_conv_property_random_hyperparameters(config, seed: int) -> None:
     conv = nn.Conv2d(**cfg)
     x = torch.randn(2, cfg["in_channels"], h, w)
     _check_conv(conv, x)
+
+
+def naive_class_sums(x: torch.Tensor, module: nn.Module, rows: torch.Tensor, n: int):
+    """The definition: per-sample contributions (naive unfold), clamped, summed by row."""
+    if isinstance(module, nn.Conv2d):
+        s = naive_conv_contribution(x, module)
+    else:
+        xs = x.double().reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+        s = module.weight.detach().double().unsqueeze(0) * xs.unsqueeze(1)
+    sums = torch.zeros((n, *s.shape[1:]), dtype=torch.float64)
+    for b in range(len(rows)):
+        sums[rows[b]] += s[b].clamp(min=0)
+    return sums, s.sum(0)
+
+
+def _check_class_sums(module: nn.Module, x: torch.Tensor, rows: torch.Tensor, n: int,
+                      rtol: float = 1e-6) -> None:
+    sums, signed = layer_class_sums(x, module, rows, n)
+    ref_sums, ref_signed = naive_class_sums(x, module, rows, n)
+    assert sums.dtype == signed.dtype == torch.float64
+    assert sums.shape == ref_sums.shape and signed.shape == ref_signed.shape
+    # float32 per-sample products: relative to the largest value of each tensor
+    torch.testing.assert_close(sums, ref_sums, rtol=0, atol=rtol * float(ref_sums.abs().max()))
+    torch.testing.assert_close(signed, ref_signed, rtol=0,
+                               atol=rtol * float(ref_signed.abs().max()))
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_class_sums_match_definition(case: str) -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(**CONV_CASES[case])
+    x = torch.randn(11, conv.in_channels, 9, 8)
+    rows = torch.tensor([2, 0, 0, 3, 2, 0, 2, 3, 3, 0, 2])  # unsorted; row 1 has no sample
+    _check_class_sums(conv, x, rows, 4)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_class_sums_on_tiny_maps_drop_taps_that_see_only_padding(size: int) -> None:
+    # on a 1x1 map with padding 1 only the centre tap sees data: the exact closed form runs
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(7, 6, size, size)
+    rows = torch.tensor([0, 1, 0, 1, 1, 0, 0])
+    _check_class_sums(conv, x, rows, 2, rtol=1e-12 if size == 1 else 1e-6)
+
+
+def test_class_sums_linear_is_exact_in_float64() -> None:
+    torch.manual_seed(3)
+    lin = nn.Linear(9, 4)
+    rows = torch.tensor([1, 0, 1, 1, 0])
+    _check_class_sums(lin, torch.randn(5, 9), rows, 2, rtol=1e-12)
+    _check_class_sums(lin, torch.randn(5, 3, 9), rows, 2, rtol=1e-6)  # tokens summed first
+
+
+def test_class_sums_hand_computed_one_tap() -> None:
+    # max(w * u, 0) summed over samples: w = -2 picks the negative inputs only
+    lin = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0], [-2.0]]))
+    x = torch.tensor([[1.0], [-4.0], [2.0]])
+    sums, signed = layer_class_sums(x, lin, torch.tensor([0, 0, 0]), 1)
+    assert sums.tolist() == [[[9.0], [8.0]]]
+    assert signed.tolist() == [[-3.0], [2.0]]
+
+
+def test_class_sums_of_an_all_zero_input_are_zero() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    sums, signed = layer_class_sums(torch.zeros(2, 3, 5, 5), conv, torch.tensor([0, 1]), 2)
+    assert sums.shape == (2, 4, 3) and not sums.any() and not signed.any()
+
+
+@settings(max_examples=30, deadline=None)
+@given(conv_configs(), st.integers(0, 2**31 - 1))
+def test_class_sums_property_random_hyperparameters(config, seed: int) -> None:
+    cfg, (h, w) = config
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(**cfg)
+    x = torch.randn(5, conv.in_channels, h, w)
+    rows = torch.randint(0, 3, (5,))
+    _check_class_sums(conv, x, rows, 3, rtol=2e-6)

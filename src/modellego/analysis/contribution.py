@@ -16,8 +16,13 @@ Because the convolution is linear, the spatial sum can be moved inside it::
 
 where ``k = (i, j)`` runs over kernel taps and ``U[b, c, k]`` is the sum, over all output
 positions, of the (zero-padded) input value seen by tap ``k`` — see :func:`tap_sums`. ``U``
-costs about two cheap strided reductions per kernel row/column, and the contraction is a
-small batched matrix product, so no ``(B, Q, P, H, W)`` tensor is ever formed.
+costs two small matrix products, and the contraction is a small batched matrix product, so
+no ``(B, Q, P, H, W)`` tensor is ever formed.
+
+The profile pass needs only per-class sums of the clamped contributions, and
+:func:`layer_class_sums` computes those without even a ``(B, Q, P)`` tensor: block by block
+in cache, with taps that see only padding dropped and an exact closed form for one-tap
+layers (linear layers, 1x1 convs, 3x3 convs on 1x1 maps).
 
 Memory: besides the returned ``(B, Q, P)`` tensor, the working set is one ``dtype`` copy of
 the input plus ``U``-sized tensors. The batch is processed in chunks whose working set
@@ -25,7 +30,8 @@ the input plus ``U``-sized tensors. The batch is processed in chunks whose worki
 ``max_bytes`` (256 MiB by default); a chunk holds at least one sample. The returned tensor
 itself is necessarily ``B * Q * P`` elements.
 
-Everything is computed without autograd, in ``float64`` by default.
+Everything is computed without autograd, in ``float64`` by default (``layer_class_sums``:
+float32 products for float32 inputs, float64 sums).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "accumulate_class_contribution",
     "conv2d_contribution",
+    "layer_class_sums",
     "layer_contribution",
     "linear_contribution",
     "minmax_normalize",
@@ -141,9 +148,9 @@ def tap_sums(
     ``inp`` has shape ``(B, C, H, W)``. Returns ``U`` of shape ``(B, C, kh * kw)`` with taps
     in row-major order (``k = i * kw + j``, matching ``weight.reshape(Q, P_g, -1)``), where
     ``U[b, c, k]`` is the sum over output positions ``(h, w)`` of the zero-padded input at
-    ``(i * dh + sh * h, j * dw + sw * w)``. The result has ``inp``'s dtype; the reductions
-    run on ``inp`` directly (no padded copy is made: zero padding is handled by clipping
-    each tap's index range).
+    ``(i * dh + sh * h, j * dw + sw * w)``. The result has ``inp``'s dtype. No padded copy
+    is made: zero padding is handled by clipping each tap's index range, and the row and
+    column sums are two matrix products with 0/1 visit matrices.
 
     ``padding`` is an int, ``(ph, pw)``, explicit ``((top, bottom), (left, right))``, or
     ``"valid"`` / ``"same"`` (the latter laid out exactly as ``F.conv2d`` does, with the
@@ -165,20 +172,21 @@ def tap_sums(
             f"input of spatial size {(h, w)} is too small for kernel {(kh, kw)} with "
             f"stride {(sh, sw)}, padding {((top, bottom), (left, right))}, dilation {(dh, dw)}"
         )
-    rows = _tap_ranges(h, ho, kh, sh, dh, top)
-    cols = _tap_ranges(w, wo, kw, sw, dw, left)
-
-    # Stage 1: for every kernel row i, sum the rows it visits -> (B, C, kh, W).
-    row_sums = inp.new_zeros((b, c, kh, w))
-    for i, rs in enumerate(rows):
-        if rs is not None:
-            torch.sum(inp[:, :, rs, :], dim=2, out=row_sums[:, :, i, :])
-    # Stage 2: for every kernel column j, sum the columns it visits -> (B, C, kh, kw).
-    u = inp.new_zeros((b, c, kh, kw))
-    for j, cs in enumerate(cols):
-        if cs is not None:
-            torch.sum(row_sums[:, :, :, cs], dim=3, out=u[:, :, :, j])
+    # U = R x C^T per (sample, channel): R[i, h] = 1 when tap row i visits input row h (and
+    # C likewise for columns), so two small matrix products replace kh + kw strided sums.
+    visit_rows = _visits(_tap_ranges(h, ho, kh, sh, dh, top), h, inp)
+    visit_cols = _visits(_tap_ranges(w, wo, kw, sw, dw, left), w, inp)
+    u = torch.matmul(torch.matmul(visit_rows, inp), visit_cols.T)
     return u.reshape(b, c, kh * kw)
+
+
+def _visits(ranges: list[slice | None], size: int, like: torch.Tensor) -> torch.Tensor:
+    """0/1 matrix ``(taps, size)``: which input indices along one axis each tap visits."""
+    m = like.new_zeros((len(ranges), size))
+    for i, r in enumerate(ranges):
+        if r is not None:
+            m[i, r] = 1
+    return m
 
 
 def _layer_label(module: nn.Module, name: str | None) -> str:
@@ -190,6 +198,36 @@ def _chunk_size(batch: int, per_sample_bytes: int, max_bytes: int) -> int:
     if batch == 0:
         return 1
     return max(1, min(batch, max_bytes // max(1, per_sample_bytes)))
+
+
+def _check_conv(inp: torch.Tensor, conv: nn.Module, name: str | None) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise UnsupportedModelError(
+            f"Contribution analysis supports only Conv2d and Linear; got "
+            f"{_layer_label(conv, name)}. Use a model built from Conv2d/Linear layers."
+        )
+    if conv.padding_mode != "zeros":
+        raise UnsupportedModelError(
+            f"{_layer_label(conv, name).capitalize()} uses padding_mode="
+            f"{conv.padding_mode!r}; contribution analysis supports only 'zeros' padding."
+        )
+    if inp.dim() != 4 or inp.shape[1] != conv.in_channels:
+        raise ValueError(
+            f"{_layer_label(conv, name)} expects input (B, {conv.in_channels}, H, W), "
+            f"got shape {tuple(inp.shape)}"
+        )
+
+
+def _check_linear(inp: torch.Tensor, linear: nn.Module, name: str | None) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise UnsupportedModelError(
+            f"linear_contribution needs an nn.Linear; got {_layer_label(linear, name)}."
+        )
+    if inp.dim() < 2 or inp.shape[-1] != linear.in_features:
+        raise ValueError(
+            f"{_layer_label(linear, name)} expects input (B, ..., {linear.in_features}), "
+            f"got shape {tuple(inp.shape)}"
+        )
 
 
 @torch.no_grad()
@@ -211,21 +249,7 @@ def conv2d_contribution(
     ``padding_mode='zeros'``. The batch is chunked so each chunk's working memory stays
     under ``max_bytes`` (the returned tensor is always ``B * Q * P_g`` elements).
     """
-    if not isinstance(conv, nn.Conv2d):
-        raise UnsupportedModelError(
-            f"Contribution analysis supports only Conv2d and Linear; got "
-            f"{_layer_label(conv, name)}. Use a model built from Conv2d/Linear layers."
-        )
-    if conv.padding_mode != "zeros":
-        raise UnsupportedModelError(
-            f"{_layer_label(conv, name).capitalize()} uses padding_mode="
-            f"{conv.padding_mode!r}; contribution analysis supports only 'zeros' padding."
-        )
-    if inp.dim() != 4 or inp.shape[1] != conv.in_channels:
-        raise ValueError(
-            f"{_layer_label(conv, name)} expects input (B, {conv.in_channels}, H, W), "
-            f"got shape {tuple(inp.shape)}"
-        )
+    _check_conv(inp, conv, name)
     groups = conv.groups
     q_total, p_g, kh, kw = conv.weight.shape
     q_g = q_total // groups
@@ -268,15 +292,7 @@ def linear_contribution(
     ``inp`` is ``(B, P)`` or ``(B, ..., P)``; extra middle dimensions (e.g. tokens) are
     summed over, since the contribution is linear in the input. Bias excluded.
     """
-    if not isinstance(linear, nn.Linear):
-        raise UnsupportedModelError(
-            f"linear_contribution needs an nn.Linear; got {_layer_label(linear, name)}."
-        )
-    if inp.dim() < 2 or inp.shape[-1] != linear.in_features:
-        raise ValueError(
-            f"{_layer_label(linear, name)} expects input (B, ..., {linear.in_features}), "
-            f"got shape {tuple(inp.shape)}"
-        )
+    _check_linear(inp, linear, name)
     batch = inp.shape[0]
     q, p = linear.weight.shape
     weight = linear.weight.detach().to(device=inp.device, dtype=dtype)
@@ -353,6 +369,111 @@ def accumulate_class_contribution(
     onehot = torch.zeros(num_classes, batch, dtype=torch.float64, device=contrib.device)
     onehot[labels, torch.arange(batch, device=contrib.device)] = 1.0
     return (onehot @ clamped.reshape(batch, -1)).reshape(num_classes, *contrib.shape[1:])
+
+
+#: Bound on one block of per-sample contributions in :func:`layer_class_sums` (bytes): small
+#: enough to stay in a core's cache between the product, the clamp and the class sums.
+_BLOCK_BYTES = 1 << 21
+
+
+def _row_sums(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``out[r] = sum_{b: rows[b] == r} values[b]`` in float64 (one matrix product)."""
+    onehot = torch.zeros(num_rows, len(rows), dtype=torch.float64, device=values.device)
+    onehot[rows, torch.arange(len(rows), device=values.device)] = 1.0
+    return (onehot @ values.reshape(len(rows), -1).double()).reshape(num_rows,
+                                                                      *values.shape[1:])
+
+
+def _one_tap_sums(u: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
+                  num_rows: int) -> torch.Tensor:
+    """Class sums when each ``(q, p)`` has a single product ``w[.., q, p] * u[b, .., p]``.
+
+    ``max(w * u, 0) = max(w, 0) * max(u, 0) + max(-w, 0) * max(-u, 0)`` exactly, so the sum
+    over samples needs only the per-class sums of the positive and negative parts of ``u``.
+    ``u`` is ``(B, G, P)``, ``w`` is ``(G, Q, P)``; returns ``(num_rows, G, Q, P)``.
+    """
+    pos = _row_sums(u.clamp(min=0), rows, num_rows).unsqueeze(2)
+    neg = _row_sums((-u).clamp(min=0), rows, num_rows).unsqueeze(2)
+    w = w.double().unsqueeze(0)
+    return w.clamp(min=0) * pos + (-w).clamp(min=0) * neg
+
+
+@torch.no_grad()
+def layer_class_sums(
+    inp: torch.Tensor,
+    module: nn.Module,
+    rows: torch.Tensor,
+    num_rows: int,
+    *,
+    name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of clamped contributions, without a ``(B, Q, P)`` tensor in memory.
+
+    ``rows`` gives each sample's class row in ``[0, num_rows)``. Returns ``(sums, signed)``
+    in float64: ``sums[r] = sum_{b: rows[b] == r} max(s[b], 0)`` of shape
+    ``(num_rows, Q, P_g)`` and ``signed = sum_b s[b]`` of shape ``(Q, P_g)``, where ``s`` is
+    :func:`layer_contribution`'s per-sample contribution (so this equals
+    ``accumulate_class_contribution(layer_contribution(...))``).
+
+    How it stays cheap: the signed sum is linear, so it is the weights times the batch sum
+    of the tap sums ``U``. Kernel taps that see only zeros in the whole batch (e.g. the
+    padding ring of a 1x1 map) are dropped. A linear layer, or a conv left with one tap,
+    has one product per ``(q, p)`` and an exact closed form (:func:`_one_tap_sums`, float64
+    throughout). Otherwise the per-sample products are batched matrix products over
+    ``(p, sample, tap) x (p, tap, q)`` in the input's precision (float32 for a float32
+    model), made block by block so a block stays in cache while it is clamped and summed
+    over each class's samples; block sums are accumulated in float64.
+    """
+    if isinstance(module, nn.Linear):
+        _check_linear(inp, module, name)
+        x = inp.detach()
+        if x.dim() > 2:
+            x = x.reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1)
+        x = x.double()
+        w = module.weight.detach().double()
+        sums = _one_tap_sums(x.unsqueeze(1), w.unsqueeze(0), rows, num_rows)[:, 0]
+        return sums, w * x.sum(0)
+    _check_conv(inp, module, name)
+    conv = module
+    groups = conv.groups
+    q_total, p_g, kh, kw = conv.weight.shape
+    q_g = q_total // groups
+    dtype = torch.promote_types(inp.dtype, torch.float32)
+    weight = conv.weight.detach().to(dtype).reshape(groups, q_g, p_g, kh * kw)
+    padding = _explicit_padding(conv.padding, (kh, kw), tuple(conv.stride),
+                                tuple(conv.dilation))
+    batch = inp.shape[0]
+    u = tap_sums(inp.detach().to(dtype), (kh, kw), conv.stride, padding, conv.dilation)
+    u = u.reshape(batch, groups, p_g, kh * kw)
+    signed = torch.einsum("gqpk,gpk->gqp", weight.double(), u.sum(0, dtype=torch.float64))
+    signed = signed.reshape(q_total, p_g)
+    used = (u != 0).reshape(-1, kh * kw).any(0).nonzero().flatten()
+    if len(used) <= 1:
+        if len(used) == 0:
+            return torch.zeros((num_rows, q_total, p_g), dtype=torch.float64), signed
+        k = int(used[0])
+        sums = _one_tap_sums(u[..., k].double(), weight[..., k], rows, num_rows)
+        return sums.reshape(num_rows, q_total, p_g), signed
+    taps = len(used)
+    if taps < kh * kw:
+        u, weight = u[..., used], weight[..., used]
+    if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
+        u = u[torch.sort(rows, stable=True).indices]  # each class's samples contiguous
+    counts = torch.bincount(rows, minlength=num_rows).tolist()
+    # (G * P_g, B, taps) x (G * P_g, taps, Q_g): sample-major per input channel
+    ut = u.permute(1, 2, 0, 3).reshape(groups * p_g, batch, taps)
+    wt = weight.permute(0, 2, 3, 1).reshape(groups * p_g, taps, q_g)
+    acc = torch.zeros((num_rows, groups * p_g, q_g), dtype=torch.float64)
+    step = max(1, _BLOCK_BYTES // (batch * q_g * ut.element_size()))
+    for j in range(0, groups * p_g, step):
+        block = torch.bmm(ut[j:j + step], wt[j:j + step]).clamp_(min=0)
+        start = 0
+        for r, n in enumerate(counts):
+            if n:
+                acc[r, j:j + step] += block[:, start:start + n].sum(1)
+                start += n
+    sums = acc.reshape(num_rows, groups, p_g, q_g).transpose(2, 3)
+    return sums.reshape(num_rows, q_total, p_g), signed
 
 
 def minmax_normalize(S: torch.Tensor, dim: int = -1, eps: float = 1e-5) -> torch.Tensor:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ModelLegoError
-from .contribution import accumulate_class_contribution, layer_contribution
+from .contribution import layer_class_sums
 from .distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from .hooks import forward_hooks, preserved_state
 
@@ -137,8 +137,8 @@ def profile_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch.
     """One forward pass of ``images`` (one chunk); ``emit`` receives each layer call's sums.
 
     ``rows`` are the samples' profile rows (class positions). Only the rows present in the
-    chunk are materialised, so the chunk costs ``len(rows.unique()) * Q * P`` per layer
-    call rather than one ``Q * P`` slab per profiled class.
+    chunk get sums (``len(rows.unique()) * Q * P`` per layer call, not one ``Q * P`` tensor
+    per profiled class); see :func:`~modellego.analysis.contribution.layer_class_sums`.
     """
     present = torch.unique(rows)
     local = torch.searchsorted(present, rows)
@@ -146,11 +146,9 @@ def profile_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch.
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = names[id(module)]
-        contrib = layer_contribution(inputs[0], module, name=name)
-        positions = output.numel() // (output.shape[0] * contrib.shape[1])
-        mean = contrib.sum(0) / positions  # signed, before the in-place clamp below
-        sums = accumulate_class_contribution(contrib, local, len(present), inplace=True)
-        emit(name, present, sums, mean)
+        sums, signed = layer_class_sums(inputs[0], module, local, len(present), name=name)
+        positions = output.numel() // (output.shape[0] * sums.shape[1])
+        emit(name, present, sums, signed / positions)
 
     with preserved_state(model), forward_hooks(layers.values(), hook), torch.inference_mode():
         model.eval()
