@@ -156,7 +156,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     config = DisassemblyConfig(tuple(args.classes), samples_per_class=args.samples_per_class,
                                locate=locate, compensate=args.compensate,
                                max_accuracy_drop=args.max_accuracy_drop,
-                               target_flops=args.target_flops, refine=args.refine)
+                               target_flops=args.target_flops, refine=args.refine,
+                               recalibrate_bn=args.recalibrate_bn)
     if args.dataset is not None:
         from .data import dataset_info
 
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine", action="store_true",
                    help="with --max-accuracy-drop: also tighten the costliest layers one by "
                         "one on the validation split (slower, smaller components)")
+    s.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                   help="re-estimate the component's BatchNorm statistics on N training "
+                        "images of all the model's classes (no labels, no gradients)")
     s.add_argument("--html", default=None, metavar="REPORT.html",
                    help="also write a self-contained HTML report (tables, route figure, "
                         "provenance)")

@@ -34,6 +34,7 @@ from .metrics import (
 from .surgery.extract import apply_plan, compensate_removed_inputs
 from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.plan import ComponentPlan, plan_from_masks
+from .surgery.recalibrate import recalibrate_batchnorm
 from .train import base_manifest, check_classes, task_outputs
 
 
@@ -54,6 +55,9 @@ class DisassemblyConfig:
     target_flops: float | None = None
     #: after the accuracy search, tighten the most expensive layers one by one (slower)
     refine: bool = False
+    #: re-estimate the component's BatchNorm statistics on this many training images of all
+    #: the source's classes (0: keep the source's statistics)
+    recalibrate_bn: int = 0
 
     def validate(self) -> None:
         self.locate.validate()
@@ -65,6 +69,9 @@ class DisassemblyConfig:
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
             raise ModelLegoError(f"--max-accuracy-drop is in points and must lie in "
                                  f"[0, 100], got {self.max_accuracy_drop}")
+        if self.recalibrate_bn < 0:
+            raise ModelLegoError(f"--recalibrate-bn is a number of images and must be >= 0, "
+                                 f"got {self.recalibrate_bn}")
         if self.refine and self.max_accuracy_drop is None:
             raise ModelLegoError("--refine needs --max-accuracy-drop")
         if self.target_flops is not None and not 0 < self.target_flops <= 1:
@@ -75,7 +82,8 @@ class DisassemblyConfig:
         return {"classes": list(self.classes), "samples_per_class": self.samples_per_class,
                 "locate": self.locate.to_dict(), "batch_size": self.batch_size,
                 "compensate": self.compensate, "max_accuracy_drop": self.max_accuracy_drop,
-                "target_flops": self.target_flops, "refine": self.refine}
+                "target_flops": self.target_flops, "refine": self.refine,
+                "recalibrate_bn": self.recalibrate_bn}
 
 
 @dataclass(frozen=True)
@@ -104,12 +112,15 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                       config: DisassemblyConfig | None = None,
                       val_images: torch.Tensor | None = None,
                       val_labels: torch.Tensor | None = None,
+                      calibration_images: torch.Tensor | None = None,
                       dist: DistContext | None = None) -> Component:
     """Extract the component of ``model`` that serves ``classes``.
 
     ``images`` are normalised training inputs with class-id ``labels``; ``output_classes[i]``
     is the class id of logit ``i``. Works on any torch.fx-traceable CNN. A threshold search
-    (``config.max_accuracy_drop``) needs ``val_images``/``val_labels`` of the task's classes.
+    (``config.max_accuracy_drop``) needs ``val_images``/``val_labels`` of the task's classes;
+    ``config.recalibrate_bn`` needs ``calibration_images`` (normalised training inputs of
+    all the source's classes; see :mod:`modellego.surgery.recalibrate`).
     Under ``dist`` (see :mod:`modellego.analysis.distributed`) sample selection and the
     profile are shared among the ranks; every rank returns the same component.
 
@@ -118,6 +129,8 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     """
     config = config or DisassemblyConfig(tuple(classes))
     config.validate()
+    if config.recalibrate_bn and calibration_images is None:
+        raise ModelLegoError("--recalibrate-bn needs calibration images")
     classes, output_classes = task_outputs(classes, output_classes)
     input_shape = tuple(images.shape[1:])
     graph = build_channel_graph(model, input_shape)
@@ -138,6 +151,8 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         comp = apply_plan(model, plan).eval()
         if config.compensate:
             compensate_removed_inputs(comp, plan, profile.means, bn_after)
+        if config.recalibrate_bn:
+            recalibrate_batchnorm(comp, calibration_images)
         return plan, comp
 
     chosen, trials = config.locate, []
@@ -196,12 +211,15 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     dataset = manifest["dataset"]["name"]
     train = load_split(dataset, "train", data_dir=data_dir)
     check_classes(config.classes, train.info.num_classes, "--classes")
+    calibration = None
     own = list(manifest["classes"])
     missing = [c for c in config.classes if c not in own]
     if missing:
         raise ModelLegoError(f"--classes {missing} are not classes of this model; it "
                              f"classifies {own}")
     check_dataset_matches(manifest, dataset, train.info)  # e.g. a folder whose images changed
+    if config.recalibrate_bn:
+        calibration = sample_calibration_images(train.subset(own), config.recalibrate_bn)
     train = train.subset(config.classes)
     empty = [c for c in config.classes if not (train.labels == c).any()]
     if empty:
@@ -215,7 +233,7 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     comp = disassemble_model(model, normalize(train.images, train.info), train.labels,
                              classes=config.classes, output_classes=own, config=config,
                              val_images=normalize(val.images, val.info),
-                             val_labels=val.labels, dist=dist)
+                             val_labels=val.labels, calibration_images=calibration, dist=dist)
     seconds = time.perf_counter() - t0
     plan = comp.plan
     if manifest.get("kind") == "component":
@@ -242,6 +260,12 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
         },
     })
     return comp, new_manifest, report
+
+
+def sample_calibration_images(split, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` normalised images of ``split`` (all of them if fewer), in a seeded order."""
+    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
+    return normalize(split.images[order[:count]], split.info)
 
 
 def component_report(source: nn.Module, component: nn.Module, manifest: dict[str, Any],
