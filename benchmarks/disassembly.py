@@ -10,23 +10,34 @@ this run; ratios compare runs made in the same process on the same machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from modellego import __version__
 from modellego.analysis.contribution import accumulate_class_contribution
-from modellego.analysis.locate import LocateConfig, profiled_layers
+from modellego.analysis.locate import LocateConfig, locate, profiled_layers
 from modellego.analysis.profile import contribution_profile
 from modellego.data import load_split, normalize
-from modellego.disassemble import DisassemblyConfig, disassemble
+from modellego.disassemble import (
+    DisassemblyConfig,
+    disassemble,
+    disassemble_model,
+    sample_calibration_images,
+)
 from modellego.io import load_model
+from modellego.metrics import accuracy_from_logits, count_flops, predict_logits
+from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
+from modellego.surgery.plan import plan_from_masks
+from modellego.surgery.recalibrate import recalibrate_batchnorm
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["fashion-mnist/vgg16_bn", "fashion-mnist/resnet18"]
@@ -36,7 +47,12 @@ METHODS = {
     "paper": DisassemblyConfig((), locate=LocateConfig()),
     # ours: contribution-mass rule, thresholds searched on the validation split
     "ours": DisassemblyConfig((), locate=LocateConfig(rule="mass"), max_accuracy_drop=0.2),
+    # ours, and the component's BatchNorm statistics re-estimated on 2,000 training images
+    "ours+bn": DisassemblyConfig((), locate=LocateConfig(rule="mass"), max_accuracy_drop=0.2,
+                                 recalibrate_bn=2000),
 }
+#: the mass-rule thresholds of the accuracy-vs-FLOPs frontier on the hardest task
+FRONTIER_BETAS = (0.3, 0.2, 0.15, 0.1, 0.08, 0.05, 0.03, 0.02, 0.01)
 
 
 def component_rows(quick: bool, models: list[str]) -> list[dict]:
@@ -46,15 +62,14 @@ def component_rows(quick: bool, models: list[str]) -> list[dict]:
         model, manifest = load_model(path)
         for task in TASKS[:2] if quick else TASKS:
             for method, base in METHODS.items():
-                cfg = DisassemblyConfig(task, locate=base.locate, compensate=base.compensate,
-                                        max_accuracy_drop=base.max_accuracy_drop)
+                cfg = replace(base, classes=task)
                 t0 = time.perf_counter()
                 try:
                     comp, _, rep = disassemble(model, manifest, cfg, source_path=path)
                 except Exception as exc:  # a method that cannot make a component: say so
                     rows.append({"model": rel, "task": list(task), "method": method,
                                  "error": str(exc)})
-                    print(f"{rel:<24} {str(list(task)):<22} {method:<6} failed: {exc}")
+                    print(f"{rel:<24} {str(list(task)):<22} {method:<7} failed: {exc}")
                     continue
                 row = {"model": rel, "task": list(task), "method": method,
                        "restricted_accuracy": rep["restricted_accuracy"],
@@ -69,12 +84,50 @@ def component_rows(quick: bool, models: list[str]) -> list[dict]:
                 row["meets_accuracy"] = row["delta_pp"] >= -0.5
                 row["meets_flops"] = len(task) > 3 or row["flops_ratio"] <= 0.75
                 rows.append(row)
-                print(f"{rel:<24} {str(list(task)):<22} {method:<6} "
+                print(f"{rel:<24} {str(list(task)):<22} {method:<7} "
                       f"restricted {row['restricted_accuracy']:.4f} component "
                       f"{row['component_accuracy']:.4f} ({row['delta_pp']:+.2f} pp) FLOPs "
                       f"{100 * row['flops_ratio']:.1f} % params {100 * row['params_ratio']:.1f} %"
                       f" [{row['seconds']:.0f} s]", flush=True)
     return rows
+
+
+def frontier(rel: str, task: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
+    """Test accuracy against FLOPs along the mass rule's thresholds, with and without BN
+    re-estimation: where the best trade-off of this task lies, searched or not."""
+    path = ROOT / "checkpoints" / f"{rel}.safetensors"
+    model, manifest = load_model(path)
+    own = list(manifest["classes"])
+    train = load_split("fashion-mnist", "train")
+    calib = sample_calibration_images(train, 2000)
+    sub = train.subset(task)
+    base = disassemble_model(model, normalize(sub.images, sub.info), sub.labels, classes=task,
+                             output_classes=own,
+                             config=DisassemblyConfig(task, locate=LocateConfig(rule="mass")))
+    test = load_split("fashion-mnist", "test").subset(task)
+    x = normalize(test.images, test.info)
+    restricted = accuracy_from_logits(predict_logits(model, x), test.labels, own,
+                                      restrict_to=task).accuracy
+    shape = tuple(x.shape[1:])
+    source_flops = count_flops(model, shape)
+    points = []
+    for beta in FRONTIER_BETAS:
+        cfg = LocateConfig(rule="mass", beta_conv=beta, beta_linear=beta)
+        masks = locate(base.graph, base.profile, task, own, cfg)
+        plan = plan_from_masks(base.graph, masks, [own.index(c) for c in task])
+        comp = apply_plan(model, plan).eval()
+        recal = copy.deepcopy(comp)
+        recalibrate_batchnorm(recal, calib)
+        point = {"beta": beta, "flops_ratio": count_flops(comp, shape) / source_flops}
+        for key, net in (("component_accuracy", comp), ("recalibrated_accuracy", recal)):
+            point[key] = accuracy_from_logits(predict_logits(net, x), test.labels,
+                                              task).accuracy
+        points.append(point)
+        print(f"{rel:<24} {list(task)} beta {beta:<5} FLOPs {100 * point['flops_ratio']:5.1f} % "
+              f"component {point['component_accuracy']:.4f} recalibrated "
+              f"{point['recalibrated_accuracy']:.4f} (restricted {restricted:.4f})", flush=True)
+    return [{"model": rel, "task": list(task), "restricted_accuracy": restricted,
+             "points": points}]
 
 
 def naive_contribution(inp: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -205,6 +258,12 @@ def main() -> int:
     rows = component_rows(args.quick, args.models)
     result["components"] = [r for r in old.get("components", [])
                             if r["model"] not in args.models] + rows
+    if not args.quick:
+        print("== accuracy against FLOPs on {0,1,2}")
+        result["frontier"] = [r for r in old.get("frontier", [])
+                              if r["model"] not in args.models]
+        for rel in args.models:
+            result["frontier"] += frontier(rel)
     if args.skip_cost and "profile_cost" in old:
         result["profile_cost"] = old["profile_cost"]
         if "memory" in old:
