@@ -228,8 +228,6 @@ def _fit_scaling(model: AssembledModel, nets: list[nn.Module], parts: list[dict[
     Every forward pass runs in fixed chunks shared out over the ranks of ``dist``."""
     adapters = model.body.adapters
     info: dict[str, Any] = {"scaling": config.scaling}
-    if config.scaling == "none":
-        return info
     if config.scaling in ("logit", "feature"):
         mags = []
         for k, (net, (x, y)) in enumerate(zip(nets, data)):
@@ -357,8 +355,11 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         spec = union_spec(parts)
         union = union_net(spec, load_model(spec["source"]["file"])[0])
     model = _structure(parts, nets, config, contract, columns, taps, union).eval()
-    data = _calibration_data(parts, config, contract, data_dir)
-    calib = _fit_scaling(model, nets, parts, data, config, taps, dist)
+    if config.scaling == "none":  # nothing to calibrate: no training images needed
+        calib = {"scaling": "none"}
+    else:
+        data = _calibration_data(parts, config, contract, data_dir)
+        calib = _fit_scaling(model, nets, parts, data, config, taps, dist)
     for p in parts:
         p.pop("_num_outputs")
     base = None
