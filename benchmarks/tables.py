@@ -29,6 +29,20 @@ def disassembly(data: dict) -> list[str]:
                      f"{r['restricted_accuracy']:.4f} | {r['component_accuracy']:.4f} | "
                      f"{r['delta_pp']:+.2f} | {100 * r['flops_ratio']:.1f} % | "
                      f"{100 * r['params_ratio']:.1f} % | {met} |")
+    for f in data.get("frontier", []):
+        task = "{" + ",".join(map(str, f["task"])) + "}"
+        lines += ["", f"Accuracy against FLOPs on {f['model']} {task} along the mass rule "
+                      f"(β = dropped share of contribution mass; restricted source "
+                      f"{f['restricted_accuracy']:.4f}; no search):", "",
+                  "| β | FLOPs kept | component | Δ (pp) | + BN re-estimated | Δ (pp) |",
+                  "|---|---|---|---|---|---|"]
+        for p in f["points"]:
+            lines.append(f"| {p['beta']} | {100 * p['flops_ratio']:.1f} % | "
+                         f"{p['component_accuracy']:.4f} | "
+                         f"{100 * (p['component_accuracy'] - f['restricted_accuracy']):+.2f} | "
+                         f"{p['recalibrated_accuracy']:.4f} | "
+                         f"{100 * (p['recalibrated_accuracy'] - f['restricted_accuracy']):+.2f}"
+                         " |")
     pc = data.get("profile_cost")
     if pc:
         lines += ["", f"Profile pass on {pc['model']} ({pc['samples']} samples): "
@@ -37,7 +51,9 @@ def disassembly(data: dict) -> list[str]:
                       f"{pc['profile_over_forward']:.2f}); the naive unfold method would take "
                       f"≈ {pc['naive_seconds_estimated']:.0f} s (×"
                       f"{pc['naive_over_profile']:.0f} the profile; measured on "
-                      f"{pc['naive_measured_on_samples']} samples and scaled)."]
+                      f"{pc['naive_measured_on_samples']} samples and scaled; "
+                      f"{pc.get('threads', '?')} threads, "
+                      f"{pc.get('timing', 'one run each')})."]
     mem = data.get("memory")
     if mem:
         lines += ["", f"Peak RSS, ResNet-50 at 224 px, batch 32, random weights: profile pass "
