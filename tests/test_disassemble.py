@@ -357,3 +357,25 @@ def test_every_architecture_disassembles(arch, rule, noise):
     masked = masked_source_logits(model, comp.graph, comp.plan, x[:6])[:, [0, 1]]
     assert (out - masked).abs().max().item() <= TOL
     assert_no_hooks(model)
+
+
+def test_reuse_takes_the_selection_and_profile_of_an_earlier_component(
+        component, trained, digits, monkeypatch):
+    import modellego.disassemble as mod
+
+    x, y = digits
+
+    def fail(*args, **kwargs):
+        raise AssertionError("selection or profile computed again")
+
+    monkeypatch.setattr(mod, "select_samples", fail)
+    monkeypatch.setattr(mod, "contribution_profile", fail)
+    again = disassemble_model(trained, x, y, classes=list(TASK), output_classes=range(10),
+                              config=config(), reuse=component)
+    assert again.plan == component.plan and again.profile is component.profile
+    for a, b in zip(again.model.state_dict().values(), component.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # another sample count (or other classes) cannot reuse it: computed afresh
+    with pytest.raises(AssertionError, match="computed again"):
+        disassemble_model(trained, x, y, classes=list(TASK), output_classes=range(10),
+                          config=config(k=K + 1), reuse=component)

@@ -113,14 +113,17 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                       val_images: torch.Tensor | None = None,
                       val_labels: torch.Tensor | None = None,
                       calibration_images: torch.Tensor | None = None,
-                      dist: DistContext | None = None) -> Component:
+                      dist: DistContext | None = None,
+                      reuse: Component | None = None) -> Component:
     """Extract the component of ``model`` that serves ``classes``.
 
     ``images`` are normalised training inputs with class-id ``labels``; ``output_classes[i]``
     is the class id of logit ``i``. Works on any torch.fx-traceable CNN. A threshold search
     (``config.max_accuracy_drop``) needs ``val_images``/``val_labels`` of the task's classes;
     ``config.recalibrate_bn`` needs ``calibration_images`` (normalised training inputs of
-    all the source's classes; see :mod:`modellego.surgery.recalibrate`).
+    all the source's classes; see :mod:`modellego.surgery.recalibrate`). ``reuse``: a
+    component made earlier from the same model and images for the same classes and sample
+    count; its sample selection and profile are taken instead of being computed again.
     Under ``dist`` (see :mod:`modellego.analysis.distributed`) sample selection and the
     profile are shared among the ranks; every rank returns the same component.
 
@@ -133,13 +136,17 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         raise ModelLegoError("--recalibrate-bn needs calibration images")
     classes, output_classes = task_outputs(classes, output_classes)
     input_shape = tuple(images.shape[1:])
-    graph = build_channel_graph(model, input_shape)
-    selection = select_samples(model, images, labels, classes, output_classes,
-                               k=config.samples_per_class, dist=dist)
-    idx = selection.all_indices()
-    layers = {lay.name: lay.module for lay in profiled_layers(graph)}
-    profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
-                                   batch_size=config.batch_size, dist=dist)
+    if reuse is not None and (reuse.classes, reuse.selection.k) == (
+            classes, config.samples_per_class):
+        graph, selection, profile = reuse.graph, reuse.selection, reuse.profile
+    else:
+        graph = build_channel_graph(model, input_shape)
+        selection = select_samples(model, images, labels, classes, output_classes,
+                                   k=config.samples_per_class, dist=dist)
+        idx = selection.all_indices()
+        layers = {lay.name: lay.module for lay in profiled_layers(graph)}
+        profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
+                                       batch_size=config.batch_size, dist=dist)
     hint = ("; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use "
             "--rule mass")
     out_idx = [output_classes.index(c) for c in classes]
@@ -203,8 +210,11 @@ def file_sha256(path: str | Path) -> str:
 def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
                 source_path: str | Path | None = None, data_dir: str | None = None,
                 command: str | None = None, dist: DistContext | None = None,
+                reuse: Component | None = None,
                 ) -> tuple[Component, dict[str, Any], dict[str, Any]]:
-    """Disassemble a loaded model file; returns the component, its manifest and the report."""
+    """Disassemble a loaded model file; returns the component, its manifest and the report.
+
+    ``reuse``: see :func:`disassemble_model`."""
     if manifest.get("kind") not in ("model", "component"):
         raise ModelLegoError(f"can only disassemble single models and components, not a "
                              f"{manifest.get('kind')!r}")
@@ -233,7 +243,8 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     comp = disassemble_model(model, normalize(train.images, train.info), train.labels,
                              classes=config.classes, output_classes=own, config=config,
                              val_images=normalize(val.images, val.info),
-                             val_labels=val.labels, calibration_images=calibration, dist=dist)
+                             val_labels=val.labels, calibration_images=calibration, dist=dist,
+                             reuse=reuse)
     seconds = time.perf_counter() - t0
     plan = comp.plan
     if manifest.get("kind") == "component":
