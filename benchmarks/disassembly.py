@@ -249,6 +249,9 @@ def main() -> int:
                         help="models to run; their rows replace those already in the JSON")
     parser.add_argument("--skip-cost", action="store_true",
                         help="keep the profile cost and memory figures already in the JSON")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="keep the component rows already in the JSON; measure cost and "
+                             "memory only")
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results" / ("disassembly-quick.json" if args.quick
                                              else "disassembly.json")
@@ -257,11 +260,14 @@ def main() -> int:
     result = {"modellego_version": __version__, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d")}
-    print("== components (test split; delta against the restricted source)")
-    rows = component_rows(args.quick, args.models)
-    result["components"] = [r for r in old.get("components", [])
-                            if r["model"] not in args.models] + rows
-    if not args.quick:
+    if args.cost_only:
+        result.update({k: old[k] for k in ("components", "frontier") if k in old})
+    else:
+        print("== components (test split; delta against the restricted source)")
+        rows = component_rows(args.quick, args.models)
+        result["components"] = [r for r in old.get("components", [])
+                                if r["model"] not in args.models] + rows
+    if not args.quick and not args.cost_only:
         print("== accuracy against FLOPs on {0,1,2}")
         result["frontier"] = [r for r in old.get("frontier", [])
                               if r["model"] not in args.models]
