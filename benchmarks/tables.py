@@ -86,8 +86,30 @@ def assembly(data: dict) -> list[str]:
     return lines
 
 
+def distillation(data: dict) -> list[str]:
+    lines = ["| teacher | student | epochs | teacher acc. | student + KD | student alone "
+             "| KD − alone (pp) | params teacher → student | FLOPs teacher → student |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        t, kd, alone = r["teacher"], r["student_kd"], r["student_alone"]
+        cfg = r["config"]
+        lines.append(
+            f"| {r['teacher_name']} | {cfg['student']} ({cfg['width']}) | {r['epochs']} | "
+            f"{t['accuracy']:.4f} | {kd['accuracy']:.4f} | {alone['accuracy']:.4f} | "
+            f"{100 * (kd['accuracy'] - alone['accuracy']):+.2f} | "
+            f"{t['params']:,} → {kd['params']:,} | {t['flops'] / 1e6:.1f} M → "
+            f"{kd['flops'] / 1e6:.2f} M |")
+    cfg = data["rows"][0]["config"] if data["rows"] else {}
+    if cfg:
+        lines += ["", f"T = {cfg['temperature']}, α = {cfg['alpha']}, batch {cfg['batch_size']}, "
+                      f"lr {cfg['lr']}, seed {cfg['seed']}; accuracy on the task's test images "
+                      "(argmax over the task's classes)."]
+    return lines
+
+
 def main() -> int:
-    for name, fn in (("disassembly.json", disassembly), ("assembly.json", assembly)):
+    for name, fn in (("disassembly.json", disassembly), ("assembly.json", assembly),
+                     ("distillation.json", distillation)):
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n")

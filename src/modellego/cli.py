@@ -261,6 +261,31 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill, format_distill
+    from .io import load_model, save_model
+
+    out = _check_output(args.out, [args.teacher], args.force)
+    if args.report:
+        _check_output(args.report, [args.teacher], args.force, flag="--report", other=out)
+    config = DistillConfig(student=args.student, width=args.width, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr,
+                           temperature=args.temperature, alpha=args.alpha, seed=args.seed,
+                           augment=not args.no_augment)
+    config.validate()  # before loading anything
+    teacher, manifest = load_model(args.teacher)
+    command = "modellego " + shlex.join(args.argv)
+    student, new_manifest, report = distill(
+        teacher, manifest, config, data_dir=args.data_dir, command=command,
+        source_path=args.teacher, compare=not args.no_compare, progress=not args.quiet)
+    save_model(out, student, new_manifest)
+    if args.report:
+        _write_json(args.report, report)
+    print(format_distill(report))
+    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
 def _check_html(args: argparse.Namespace, inputs: Sequence[str], out: Path) -> None:
     """Refuse an ``--html`` path that cannot be written or would replace another output."""
     if not args.html:
@@ -448,6 +473,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep channels in index order (default: grouped by dominant class)")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     s.set_defaults(func=cmd_heatmap)
+
+    s = sub.add_parser("distill", help="train a small student to mimic a model or component")
+    s.add_argument("teacher", help="a model or component file")
+    s.add_argument("--student", required=True, help="student architecture (list-archs)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--width", type=float, default=1.0, help="student channel width multiplier")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--temperature", type=float, default=4.0, help="softmax temperature T")
+    s.add_argument("--alpha", type=float, default=0.9,
+                   help="weight of the distillation term (0: cross-entropy only)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-augment", action="store_true")
+    s.add_argument("--no-compare", action="store_true",
+                   help="skip training the same student without the teacher")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--report", default=None, help="also write the report as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    s.set_defaults(func=cmd_distill)
     return p
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +96,7 @@ def train(config: TrainConfig, *, command: str | None = None,
     kwargs = {"in_channels": c, "num_classes": len(classes), "input_size": h,
               "width": config.width}
     model = create_model(config.arch, **kwargs)
-    flip = config.augment and any(config.dataset.startswith(d) for d in _FLIP_OK)
-    pad = max(1, h // 14) if config.augment else 0
+    pad, flip = augmentation(config.dataset, h, config.augment)
     best_acc, best_epoch, history = fit(
         model, x_train, y_train, x_val, y_val, classes, epochs=config.epochs,
         batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
@@ -118,6 +117,12 @@ def train(config: TrainConfig, *, command: str | None = None,
                        "modellego_version": __version__, "torch_version": torch.__version__},
     })
     return model, manifest
+
+
+def augmentation(dataset: str, input_size: int, augment: bool) -> tuple[int, bool]:
+    """Crop padding and whether to flip when training on ``dataset`` (``(0, False)``: none)."""
+    flip = augment and any(dataset.startswith(d) for d in _FLIP_OK)
+    return (max(1, input_size // 14) if augment else 0), flip
 
 
 def base_manifest(info, classes: Sequence[int]) -> dict[str, Any]:
@@ -163,10 +168,13 @@ def check_classes(classes: Sequence[int], num_classes: int, arg: str) -> None:
 def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
         x_val: torch.Tensor, y_val: torch.Tensor, val_classes: Sequence[int], *, epochs: int,
         batch_size: int = 128, lr: float = 0.05, weight_decay: float = 5e-4, pad: int = 0,
-        flip: bool = False, gen: torch.Generator | None = None, progress: bool = True
+        flip: bool = False, gen: torch.Generator | None = None, progress: bool = True,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         ) -> tuple[float, int, list[dict]]:
     """SGD (Nesterov, one-cycle schedule) on normalised tensors; ``y_train`` are output
     indices, ``y_val`` class ids with ``val_classes[i]`` the class of output ``i``.
+    ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (``inputs``: the batch as
+    the model saw it, after augmentation).
 
     Leaves ``model`` in eval mode with the weights of the epoch best on validation and
     returns (best validation accuracy, its epoch, per-epoch history).
@@ -189,7 +197,10 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
             xb = x_train[idx]
             if pad:
                 xb = _augment(xb, pad, flip, gen)
-            loss = F.cross_entropy(model(xb), y_train[idx])
+            if loss_fn is None:
+                loss = F.cross_entropy(model(xb), y_train[idx])
+            else:
+                loss = loss_fn(model(xb), y_train[idx], xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

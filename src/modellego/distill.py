@@ -1,0 +1,218 @@
+"""Knowledge distillation: train a small registry architecture to mimic a model or component.
+
+The student classifies the teacher's classes, in the teacher's output order, and is trained
+on the training images of those classes with ``alpha * T^2 * KL(teacher_T || student_T) +
+(1 - alpha) * cross-entropy`` (Hinton et al.'s soft targets at temperature T). The teacher
+sees exactly the (augmented) batch the student sees and is never changed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .analysis.hooks import preserved_state
+from .data import load_split, normalize
+from .disassemble import file_sha256
+from .errors import ModelLegoError
+from .evaluate import check_dataset_matches
+from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
+from .models import create_model, list_models
+from .train import augmentation, base_manifest, check_classes, fit, task_split
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that determines a distillation run (the student's training)."""
+
+    student: str
+    width: float = 1.0
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    #: softmax temperature of the soft targets
+    temperature: float = 4.0
+    #: weight of the distillation term; 0 is plain cross-entropy training
+    alpha: float = 0.9
+    seed: int = 0
+    augment: bool = True
+
+    def validate(self) -> None:
+        if self.student not in list_models():
+            raise ModelLegoError(f"--student {self.student!r} is not a registered architecture; "
+                                 f"choose one of {', '.join(list_models())}")
+        checks = (
+            ("--width", self.width, self.width > 0, "> 0"),
+            ("--epochs", self.epochs, self.epochs >= 1, ">= 1"),
+            ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("--lr", self.lr, self.lr > 0, "> 0"),
+            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("--temperature", self.temperature,
+             self.temperature > 0 and math.isfinite(self.temperature), "> 0 and finite"),
+            ("--alpha", self.alpha, 0 <= self.alpha <= 1, "in [0, 1] (the weight of the "
+             "distillation term; 0 = cross-entropy only)"),
+        )
+        for flag, value, ok, want in checks:
+            if not ok:
+                raise ModelLegoError(f"{flag} must be {want}, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+            *, temperature: float, alpha: float) -> torch.Tensor:
+    """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, targets)``.
+
+    KL is summed over classes and averaged over the batch; the T^2 keeps the soft-target
+    gradients on the scale of the cross-entropy's as T changes.
+    """
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1),
+                  F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student_logits, targets)
+
+
+def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: DistillConfig, *,
+            data_dir: str | None = None, command: str | None = None,
+            source_path: str | Path | None = None, compare: bool = True,
+            progress: bool = False) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Train ``config.student`` on the teacher's classes with the teacher's soft targets.
+
+    Returns the student (eval mode), its manifest (a plain ``"model"`` file) and a report
+    comparing teacher, student and -- with ``compare`` -- the same student trained alone
+    (same seed, so the same initial weights and batches; cross-entropy only).
+
+    >>> student, manifest, report = distill(*load_model("t.safetensors"),
+    ...                                     DistillConfig("lenet5", width=0.5))
+    """
+    config.validate()
+    kind = teacher_manifest.get("kind")
+    if kind not in ("model", "component"):
+        raise ModelLegoError(f"the teacher must be a model or a component file, not a "
+                             f"{kind!r}; distil from one of the parts instead")
+    dataset = teacher_manifest["dataset"]["name"]
+    train_split = load_split(dataset, "train", data_dir=data_dir)
+    info = train_split.info
+    check_dataset_matches(teacher_manifest, dataset, info)
+    classes = tuple(int(c) for c in teacher_manifest["classes"])
+    check_classes(classes, info.num_classes, "the teacher's classes")
+    x_train, y_train = task_split(train_split, classes)
+    val = load_split(dataset, "val", data_dir=data_dir).subset(classes)
+    test = load_split(dataset, "test", data_dir=data_dir).subset(classes)
+    for name, n in (("train", len(y_train)), ("validation", len(val)), ("test", len(test))):
+        if n == 0:
+            raise ModelLegoError(f"dataset {dataset!r} has no {name} images of the teacher's "
+                                 f"classes {list(classes)}; add images or use another teacher")
+    x_val, x_test = normalize(val.images, info), normalize(test.images, info)
+    c, h, _ = info.input_shape
+    kwargs = {"in_channels": c, "num_classes": len(classes), "input_size": h,
+              "width": config.width}
+    pad, flip = augmentation(dataset, h, config.augment)
+    data = (x_train, y_train, x_val, val.labels, classes)
+    shape = list(info.input_shape)
+
+    def measured(model: nn.Module) -> dict[str, Any]:
+        acc = accuracy_from_logits(predict_logits(model, x_test), test.labels, classes)
+        return {"accuracy": acc.accuracy, "params": count_params(model),
+                "flops": count_flops(model, shape),
+                "per_class": {str(k): v for k, v in acc.per_class.items()}}
+
+    def soft_loss(logits: torch.Tensor, targets: torch.Tensor,
+                  inputs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            t = teacher(inputs)
+        return kd_loss(logits, t.clone(), targets, temperature=config.temperature,
+                       alpha=config.alpha)
+
+    t0 = time.perf_counter()
+    with preserved_state(teacher):
+        teacher.eval()
+        teacher_row = measured(teacher)
+        student, kd_row, history = _train_student(config, kwargs, data, pad, flip, soft_loss,
+                                                  progress)
+    kd_row.update(measured(student))
+    report: dict[str, Any] = {
+        "dataset": dataset, "classes": list(classes), "n": len(test),
+        "teacher": {"file": str(source_path) if source_path else None, "kind": kind,
+                    "architecture": teacher_manifest.get("architecture", {}).get("name"),
+                    **teacher_row},
+        "student_kd": kd_row, "epochs": config.epochs, "config": config.to_dict(),
+    }
+    if compare:
+        alone, alone_row, _ = _train_student(config, kwargs, data, pad, flip, None, progress)
+        alone_row.update(measured(alone))
+        report["student_alone"] = alone_row
+    report["seconds"] = time.perf_counter() - t0
+    manifest = _student_manifest(teacher_manifest, info, classes, kwargs, config, kd_row,
+                                 history, command=command, source_path=source_path)
+    return student, manifest, report
+
+
+def _train_student(config: DistillConfig, kwargs: dict[str, Any], data: tuple, pad: int,
+                   flip: bool, loss_fn, progress: bool
+                   ) -> tuple[nn.Module, dict[str, Any], list[dict]]:
+    """A fresh student trained as :func:`modellego.train.train` would, with ``loss_fn``."""
+    x_train, y_train, x_val, y_val, classes = data
+    torch.manual_seed(config.seed)  # same order of draws as train(): init, then batches
+    gen = torch.Generator().manual_seed(config.seed)
+    model = create_model(config.student, **kwargs)
+    t0 = time.perf_counter()
+    best_acc, best_epoch, history = fit(
+        model, x_train, y_train, x_val, y_val, classes, epochs=config.epochs,
+        batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+        pad=pad, flip=flip, gen=gen, progress=progress, loss_fn=loss_fn)
+    row = {"val_accuracy": best_acc, "best_epoch": best_epoch,
+           "train_seconds": time.perf_counter() - t0}
+    return model, row, history
+
+
+def _student_manifest(teacher_manifest: dict[str, Any], info, classes: tuple[int, ...],
+                      kwargs: dict[str, Any], config: DistillConfig, row: dict[str, Any],
+                      history: list[dict], *, command: str | None,
+                      source_path: str | Path | None) -> dict[str, Any]:
+    manifest = base_manifest(info, classes)
+    manifest.update({
+        "kind": "model",
+        "architecture": {"name": config.student, "kwargs": kwargs},
+        "metrics": {"val_accuracy": row["val_accuracy"], "test_accuracy": row["accuracy"],
+                    "test_per_class": row["per_class"]},
+        "provenance": {
+            "made_by": "modellego distill", "command": command,
+            "teacher": {"file": str(source_path) if source_path else None,
+                        "sha256": file_sha256(source_path) if source_path else None,
+                        "kind": teacher_manifest.get("kind"),
+                        "architecture": teacher_manifest.get("architecture", {}).get("name"),
+                        "classes": list(teacher_manifest["classes"])},
+            "config": config.to_dict(), "best_epoch": row["best_epoch"], "history": history,
+            "modellego_version": __version__, "torch_version": torch.__version__,
+        },
+    })
+    return manifest
+
+
+def format_distill(report: dict[str, Any]) -> str:
+    """A plain-text table: teacher, student with distillation, student alone."""
+    cfg = report["config"]
+    lines = [f"classes {report['classes']} of {report['dataset']} ({report['n']} test images); "
+             f"student {cfg['student']} (width {cfg['width']}), {report['epochs']} epochs, "
+             f"T = {cfg['temperature']}, alpha = {cfg['alpha']}",
+             f"  {'':<15} {'accuracy':>8} {'params':>12} {'FLOPs':>14}"]
+    for key, label in (("teacher", "teacher"), ("student_kd", "student + KD"),
+                       ("student_alone", "student alone")):
+        if key in report:
+            r = report[key]
+            lines.append(f"  {label:<15} {r['accuracy']:>8.4f} {r['params']:>12,} "
+                         f"{r['flops']:>14,}")
+    lines.append(f"  {report['seconds']:.1f} s")
+    return "\n".join(lines)
