@@ -107,9 +107,22 @@ def distillation(data: dict) -> list[str]:
     return lines
 
 
+def strategies(data: dict) -> list[str]:
+    lines = ["| model | task | strategy | restricted source | strategy acc. | Δ (pp) | FLOPs "
+             "| params | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        task = "{" + ",".join(map(str, r["task"])) + "}"
+        lines.append(f"| {r['model']} | {task} | {r['strategy']} | "
+                     f"{r['restricted_accuracy']:.4f} | {r['accuracy']:.4f} | "
+                     f"{r['delta_pp']:+.2f} | {100 * r['flops_ratio']:.1f} % | "
+                     f"{100 * r['params_ratio']:.1f} % | {r['seconds']:.0f} |")
+    return lines
+
+
 def main() -> int:
     for name, fn in (("disassembly.json", disassembly), ("assembly.json", assembly),
-                     ("distillation.json", distillation)):
+                     ("distillation.json", distillation), ("strategies.json", strategies)):
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n")

@@ -141,7 +141,6 @@ def _write_json(path: str, obj: object) -> None:
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
     from .analysis.distributed import distributed_from_env
-    from .analysis.locate import LocateConfig
     from .disassemble import DisassemblyConfig, disassemble, format_report
     from .io import load_model, save_model
 
@@ -150,14 +149,12 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         _check_output(args.report, [args.file], args.force, flag="--report", other=out)
     _check_html(args, [args.file], out)
     model, manifest = load_model(args.file)
-    locate = LocateConfig(alpha_conv=args.alpha_conv, beta_conv=args.beta_conv,
-                          alpha_linear=args.alpha_linear, beta_linear=args.beta_linear,
-                          rule=args.rule)
     config = DisassemblyConfig(tuple(args.classes), samples_per_class=args.samples_per_class,
-                               locate=locate, compensate=args.compensate,
+                               locate=_locate_config(args, args.method),
+                               compensate=args.compensate,
                                max_accuracy_drop=args.max_accuracy_drop,
                                target_flops=args.target_flops, refine=args.refine,
-                               recalibrate_bn=args.recalibrate_bn)
+                               recalibrate_bn=args.recalibrate_bn, method=args.method)
     if args.dataset is not None:
         from .data import dataset_info
 
@@ -177,12 +174,16 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         _write_json(args.report, report)
     if args.html:
         from .viz.report import disassembly_html, write_html
-        from .viz.route import route_from_profile
+        from .viz.route import route_from_gradients, route_from_profile
 
         names = dict(zip(manifest["classes"], manifest["class_names"]))
-        route = route_from_profile(comp.graph, comp.profile, config.classes,
-                                   manifest["classes"], comp.locate,
-                                   [str(names[c]) for c in config.classes])
+        class_names = [str(names[c]) for c in config.classes]
+        if comp.method == "frat":
+            route = route_from_gradients(comp.graph, comp.profile, config.classes,
+                                         manifest["classes"], comp.locate, class_names)
+        else:
+            route = route_from_profile(comp.graph, comp.profile, config.classes,
+                                       manifest["classes"], comp.locate, class_names)
         write_html(args.html, disassembly_html(report, new_manifest, route))
     print(format_report(report))
     print(f"wrote {out}" + "".join(f" and {p}" for p in (args.report, args.html) if p))
@@ -296,12 +297,16 @@ def _check_html(args: argparse.Namespace, inputs: Sequence[str], out: Path) -> N
                              "path")
 
 
-def _locate_config(args: argparse.Namespace):
-    from .analysis.locate import LocateConfig
+def _locate_config(args: argparse.Namespace, method: str = "contribution"):
+    """The locating thresholds given on the command line; the method's defaults for the
+    others (see :func:`modellego.disassemble.default_locate`)."""
+    from dataclasses import replace
 
-    return LocateConfig(alpha_conv=args.alpha_conv, beta_conv=args.beta_conv,
-                        alpha_linear=args.alpha_linear, beta_linear=args.beta_linear,
-                        rule=args.rule)
+    from .disassemble import default_locate
+
+    given = {k: getattr(args, k) for k in ("alpha_conv", "beta_conv", "alpha_linear",
+                                           "beta_linear") if getattr(args, k) is not None}
+    return replace(default_locate(method), rule=args.rule, **given)
 
 
 def _check_figure(args: argparse.Namespace) -> Path:
@@ -357,10 +362,12 @@ def _add_locate_args(s: argparse.ArgumentParser) -> None:
     """The locating thresholds, with disassemble's defaults."""
     s.add_argument("--rule", choices=("count", "mass"), default="count",
                    help="count: the paper's relevant-kernel counting; mass: contribution mass")
-    s.add_argument("--alpha-conv", type=float, default=0.3)
-    s.add_argument("--beta-conv", type=float, default=0.2)
-    s.add_argument("--alpha-linear", type=float, default=0.4)
-    s.add_argument("--beta-linear", type=float, default=0.3)
+    s.add_argument("--alpha-conv", type=float, default=None,
+                   help="default 0.3 (0.2 with --method frat)")
+    s.add_argument("--beta-conv", type=float, default=None, help="default 0.2")
+    s.add_argument("--alpha-linear", type=float, default=None,
+                   help="default 0.4 (0.2 with --method frat)")
+    s.add_argument("--beta-linear", type=float, default=None, help="default 0.3")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, help="also write the report as JSON")
     _add_data_args(s)
     _add_locate_args(s)
+    s.add_argument("--method", choices=("contribution", "contribution-2022", "frat"),
+                   default="contribution",
+                   help="contribution: Model LEGO's relative contribution (default); "
+                        "contribution-2022: the ICLR'23 paradigm (correctly classified "
+                        "samples only, normalised by the max); frat: CNN LEGO v1's gradients "
+                        "of the predicted-class probability (thresholds --alpha-*)")
     s.add_argument("--compensate", action="store_true",
                    help="fold the mean contribution of removed channels into biases")
     s.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,6 +13,7 @@ from torch import nn
 
 from . import __version__
 from .analysis.distributed import DistContext
+from .analysis.frat import GradientProfile, frat_locate, gradient_profile
 from .analysis.locate import LocateConfig, locate, profiled_layers
 from .analysis.profile import (
     ContributionProfile,
@@ -37,6 +38,24 @@ from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
 from .train import base_manifest, check_classes, task_outputs
 
+#: ``contribution``: Model LEGO (NeurIPS'24); ``contribution-2022``: the ICLR'23 contribution
+#: paradigm (correctly classified samples only, un-centred normalisation); ``frat``: CNN LEGO
+#: v1 (gradients of the predicted-class probability, see :mod:`modellego.analysis.frat`)
+METHODS = ("contribution", "contribution-2022", "frat")
+
+
+def default_locate(method: str = "contribution") -> LocateConfig:
+    """The thresholds a method uses unless given: the public code's for the contribution
+    methods (``contribution-2022`` normalising by the max); for ``frat`` 0.2 on the inputs of
+    conv and linear layers (on the shipped Fashion-MNIST VGG-16, the largest of 0.1, 0.15,
+    0.2, 0.25, 0.3, 0.4, 0.5 that loses under 1 pp on the validation split for the tasks
+    {0,1,2}, {1,7} and {0,2,4,6,8})."""
+    if method == "frat":
+        return LocateConfig(alpha_conv=0.2, alpha_linear=0.2)
+    if method == "contribution-2022":
+        return LocateConfig(normalize="max")
+    return LocateConfig()
+
 
 @dataclass(frozen=True)
 class DisassemblyConfig:
@@ -44,7 +63,8 @@ class DisassemblyConfig:
 
     classes: tuple[int, ...]
     samples_per_class: int = 50
-    locate: LocateConfig = field(default_factory=LocateConfig)
+    #: ``None`` (the default) becomes :func:`default_locate` of ``method``
+    locate: LocateConfig | None = None
     batch_size: int = 64
     #: fold the mean contribution of removed inputs into biases / BN means
     compensate: bool = False
@@ -58,8 +78,25 @@ class DisassemblyConfig:
     #: re-estimate the component's BatchNorm statistics on this many training images of all
     #: the source's classes (0: keep the source's statistics)
     recalibrate_bn: int = 0
+    #: one of :data:`METHODS`; ``contribution-2022`` locates with ``normalize="max"``, and
+    #: ``frat`` reads ``locate.alpha_conv``/``alpha_linear`` as its thresholds (betas unused)
+    method: str = "contribution"
+
+    def __post_init__(self) -> None:
+        if self.locate is None:
+            object.__setattr__(self, "locate", default_locate(self.method))
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ModelLegoError(f"unknown disassembly method {self.method!r}; use one of "
+                                 f"{', '.join(METHODS)}")
+        if self.method == "frat" and self.compensate:
+            raise ModelLegoError("--compensate needs the contribution profile, which "
+                                 "--method frat does not compute; drop --compensate or use "
+                                 "another method")
+        if self.method == "frat" and self.refine:
+            raise ModelLegoError("--refine tightens per-layer betas, which --method frat does "
+                                 "not use; drop --refine or use another method")
         self.locate.validate()
         if self.samples_per_class < 1:
             raise ModelLegoError(f"--samples-per-class must be >= 1, got "
@@ -83,7 +120,7 @@ class DisassemblyConfig:
                 "locate": self.locate.to_dict(), "batch_size": self.batch_size,
                 "compensate": self.compensate, "max_accuracy_drop": self.max_accuracy_drop,
                 "target_flops": self.target_flops, "refine": self.refine,
-                "recalibrate_bn": self.recalibrate_bn}
+                "recalibrate_bn": self.recalibrate_bn, "method": self.method}
 
 
 @dataclass(frozen=True)
@@ -94,10 +131,12 @@ class Component:
     plan: ComponentPlan
     classes: tuple[int, ...]
     selection: SampleSelection
-    profile: ContributionProfile
+    #: a :class:`GradientProfile` for ``method == "frat"``
+    profile: ContributionProfile | GradientProfile
     graph: ChannelGraph = field(repr=False)
     locate: LocateConfig = field(default_factory=LocateConfig)
     search: tuple = ()
+    method: str = "contribution"
 
     def kept_channels(self) -> dict[str, list[int]]:
         """Per conv/linear layer: ``[kept outputs, total outputs]``."""
@@ -114,6 +153,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                       val_labels: torch.Tensor | None = None,
                       calibration_images: torch.Tensor | None = None,
                       dist: DistContext | None = None,
+                      selection: SampleSelection | None = None,
                       reuse: Component | None = None) -> Component:
     """Extract the component of ``model`` that serves ``classes``.
 
@@ -126,6 +166,8 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     count; its sample selection and profile are taken instead of being computed again.
     Under ``dist`` (see :mod:`modellego.analysis.distributed`) sample selection and the
     profile are shared among the ranks; every rank returns the same component.
+    ``selection``: samples chosen earlier by :func:`select_samples` on these ``images``
+    (``correct_only=True`` for ``contribution-2022``), to skip the selection pass.
 
     >>> comp = disassemble_model(net, x, y, classes=[0, 2], output_classes=range(10))
     >>> comp.model(x[:1]).shape   # (1, 2): logits of classes 0 and 2
@@ -136,24 +178,51 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         raise ModelLegoError("--recalibrate-bn needs calibration images")
     classes, output_classes = task_outputs(classes, output_classes)
     input_shape = tuple(images.shape[1:])
-    if reuse is not None and (reuse.classes, reuse.selection.k) == (
-            classes, config.samples_per_class):
+    method = config.method
+    correct_only = method == "contribution-2022"
+    base = config.locate
+    if method == "contribution-2022":
+        base = replace(base, normalize="max")
+    if method == "frat":
+        hint = "; lower --alpha-conv/--alpha-linear and try again"
+    else:
+        hint = ("; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use "
+                "--rule mass")
+    if reuse is not None and (reuse.classes, reuse.selection.k, reuse.method) == (
+            classes, config.samples_per_class, method):
         graph, selection, profile = reuse.graph, reuse.selection, reuse.profile
     else:
         graph = build_channel_graph(model, input_shape)
-        selection = select_samples(model, images, labels, classes, output_classes,
-                                   k=config.samples_per_class, dist=dist)
-        idx = selection.all_indices()
+        if selection is None:
+            selection = select_samples(model, images, labels, classes, output_classes,
+                                       k=config.samples_per_class, dist=dist,
+                                       correct_only=correct_only)
+        elif selection.correct_only != correct_only or \
+                selection.k != config.samples_per_class or \
+                any(c not in selection.indices for c in classes):
+            raise ModelLegoError(
+                f"the given sample selection (k={selection.k}, classes "
+                f"{list(selection.classes)}, correct_only={selection.correct_only}) does not "
+                f"match the task (k={config.samples_per_class}, classes {list(classes)}, "
+                f"correct_only={correct_only})")
+        idx = torch.tensor([i for c in classes for i in selection.indices[c]],
+                           dtype=torch.long)
         layers = {lay.name: lay.module for lay in profiled_layers(graph)}
-        profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
-                                       batch_size=config.batch_size, dist=dist)
-    hint = ("; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use "
-            "--rule mass")
+        if method == "frat":
+            profile: ContributionProfile | GradientProfile = gradient_profile(
+                model, layers, images[idx], labels[idx], classes,
+                batch_size=config.batch_size, dist=dist)
+        else:
+            profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
+                                           batch_size=config.batch_size, dist=dist)
     out_idx = [output_classes.index(c) for c in classes]
     bn_after = {lay.name: lay.bn_after for lay in graph.layers}
 
     def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
-        masks = locate(graph, profile, classes, output_classes, cfg)
+        if method == "frat":
+            masks = frat_locate(graph, profile, classes, cfg)
+        else:
+            masks = locate(graph, profile, classes, output_classes, cfg)
         plan = plan_from_masks(graph, masks, out_idx, hint=hint)
         comp = apply_plan(model, plan).eval()
         if config.compensate:
@@ -162,7 +231,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
             recalibrate_batchnorm(comp, calibration_images)
         return plan, comp
 
-    chosen, trials = config.locate, []
+    chosen, trials = base, []
     if config.max_accuracy_drop is not None or config.target_flops is not None:
         source_flops = count_flops(model, input_shape)
 
@@ -183,7 +252,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                 return accuracy_from_logits(predict_logits(comp, val_images), val_labels,
                                             classes).accuracy
 
-        chosen, trials = search(candidates(config.locate), flops_of, accuracy_of,
+        chosen, trials = search(candidates(base, method), flops_of, accuracy_of,
                                 min_accuracy=min_acc, max_flops_ratio=config.target_flops)
         if config.refine:
             # the layers whose inputs cost most in the component found so far
@@ -196,7 +265,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
             trials = trials + more
     plan, component = build(chosen)
     return Component(component, plan, classes, selection, profile, graph, chosen,
-                     tuple(t.to_dict() for t in trials))
+                     tuple(t.to_dict() for t in trials), method)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -263,7 +332,7 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
             "source": {"file": str(source_path) if source_path else None,
                        "sha256": file_sha256(source_path) if source_path else None,
                        "kind": manifest.get("kind"), "classes": own},
-            "method": "contribution", "config": config.to_dict(),
+            "method": config.method, "config": config.to_dict(),
             "locate": comp.locate.to_dict(), "threshold_search": list(comp.search),
             "samples": {str(c): list(v) for c, v in comp.selection.indices.items()},
             "kept_channels": comp.kept_channels(),

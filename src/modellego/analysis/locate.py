@@ -12,6 +12,10 @@ Two scoring rules are offered:
     total. It keeps what carries the signal rather than what is touched often, which matters
     in narrow nets where most channels touch every output a little.
 
+The count rule normalises over the inputs ``p`` either by min-max (``normalize="minmax"``,
+the paper's) or un-centred, dividing by the maximum (``"max"``, the ICLR'23 contribution
+paradigm); the mass rule works on shares and needs no normalisation.
+
 Channels coupled by residual adds form one space, read and written by several layers, so the
 walk repeats until no mask grows (a fixed point); masks only ever grow, so it ends.
 """
@@ -29,6 +33,7 @@ from .contribution import minmax_normalize
 from .profile import ContributionProfile
 
 METHODS = ("count", "mass")
+NORMALIZATIONS = ("minmax", "max")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class LocateConfig:
     max_rounds: int = 20
     #: per-layer beta overrides ``((layer name, beta), ...)``, set by the refining search
     layer_beta: tuple[tuple[str, float], ...] = ()
+    #: count rule: ``"minmax"`` (the paper's) or ``"max"`` (divide by the maximum over p)
+    normalize: str = "minmax"
 
     def validate(self) -> None:
         for name in ("alpha_conv", "beta_conv", "alpha_linear", "beta_linear"):
@@ -55,6 +62,9 @@ class LocateConfig:
                 raise ModelLegoError(f"beta of layer {name!r} must lie in [0, 1], got {v}")
         if self.rule not in METHODS:
             raise ModelLegoError(f"unknown locating rule {self.rule!r}; use one of {METHODS}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ModelLegoError(f"unknown normalisation {self.normalize!r}; use one of "
+                                 f"{NORMALIZATIONS}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,14 +77,20 @@ def profiled_layers(graph: ChannelGraph) -> list[Layer]:
     return [lay for lay in graph.layers if not (lay.depthwise or lay.frozen)]
 
 
+def max_normalize(S: torch.Tensor, dim: int = -1, eps: float = 1e-5) -> torch.Tensor:
+    """``S / (max + eps)`` with the max taken over ``dim`` (un-centred normalisation)."""
+    return S / (S.amax(dim=dim, keepdim=True) + eps)
+
+
 def _needed_inputs(S: torch.Tensor, out_mask: torch.Tensor, alpha: float, beta: float,
-                   rule: str) -> torch.Tensor:
+                   rule: str, normalize: str = "minmax") -> torch.Tensor:
     """Boolean mask over the layer's input features for the relevant outputs ``out_mask``."""
     S = S[out_mask]
     if rule == "count":
-        relevant = minmax_normalize(S, dim=1) > alpha
+        norm = minmax_normalize if normalize == "minmax" else max_normalize
+        relevant = norm(S, dim=1) > alpha
         u = relevant.sum(0).double()
-        return minmax_normalize(u, dim=0) > beta
+        return norm(u, dim=0) > beta
     share = S / S.sum(1, keepdim=True).clamp_min(1e-300)
     u = share.sum(0)
     order = torch.sort(-u, stable=True).indices
@@ -107,7 +123,7 @@ def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index
             else:
                 alpha, beta = config.alpha_linear, config.beta_linear
             beta = overrides.get(layer.name, beta)
-            need = _needed_inputs(S, out_mask, alpha, beta, config.rule)
+            need = _needed_inputs(S, out_mask, alpha, beta, config.rule, config.normalize)
             offset = 0
             for seg in layer.in_layout:
                 block = need[offset:offset + seg.size * seg.repeat]

@@ -23,18 +23,21 @@ class SampleSelection:
     """The training samples chosen for each class: the ``k`` most confidently correct ones.
 
     ``indices[c]`` are positions in the split the selection was made from, best first;
-    ``scores[c]`` the matching true-class softmax probabilities.
+    ``scores[c]`` the matching true-class softmax probabilities. ``correct_only``: only
+    correctly classified samples were eligible.
     """
 
     classes: tuple[int, ...]
     k: int
     indices: dict[int, tuple[int, ...]]
     scores: dict[int, tuple[float, ...]]
+    correct_only: bool = False
 
     def to_dict(self) -> dict:
         return {"classes": list(self.classes), "k": self.k,
                 "indices": {str(c): list(v) for c, v in self.indices.items()},
-                "scores": {str(c): list(v) for c, v in self.scores.items()}}
+                "scores": {str(c): list(v) for c, v in self.scores.items()},
+                "correct_only": self.correct_only}
 
     def all_indices(self) -> torch.Tensor:
         return torch.tensor([i for c in self.classes for i in self.indices[c]],
@@ -44,11 +47,14 @@ class SampleSelection:
 @torch.inference_mode()
 def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    classes: Sequence[int], output_classes: Sequence[int], *, k: int = 50,
-                   batch_size: int = 500, dist: DistContext | None = None) -> SampleSelection:
+                   batch_size: int = 500, dist: DistContext | None = None,
+                   correct_only: bool = False) -> SampleSelection:
     """For each class in ``classes``, the ``k`` samples with the highest true-class probability.
 
     ``images`` are normalised model inputs, ``labels`` class ids; ``output_classes[i]`` is
     the class id of output ``i``. Ties are broken by sample index (lower first).
+    ``correct_only``: only samples whose top output (first on ties) is their class are
+    eligible; a class may then get fewer than ``k``, and one with none is refused.
 
     The probabilities are computed class by class in batches of ``batch_size`` samples;
     under ``dist`` batch ``j`` (counted over all classes) runs on rank ``j % world_size``
@@ -68,24 +74,38 @@ def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         cols.append(output_classes.index(c))
     batches = [(i, start, stop) for i, pos in enumerate(positions)
                for start, stop in chunk_ranges(len(pos), batch_size)]
-    mine = []
+    mine, mine_ok = [], []
     with preserved_state(model):
         model.eval()
         for j, (i, start, stop) in enumerate(batches):
             if dist.owns(j):
                 logits = model(images[positions[i][start:stop]]).double()
                 mine.append(torch.softmax(logits, 1)[:, cols[i]])
+                mine_ok.append((logits.argmax(1) == cols[i]).double())
+    sizes = [stop - start for _, start, stop in batches]
     per_class: list[list[torch.Tensor]] = [[] for _ in positions]
-    for (i, _, _), pr in zip(batches, gather_chunks(
-            mine, [stop - start for _, start, stop in batches], dist)):
+    for (i, _, _), pr in zip(batches, gather_chunks(mine, sizes, dist)):
         per_class[i].append(pr)
+    if correct_only:
+        ok_class: list[list[torch.Tensor]] = [[] for _ in positions]
+        for (i, _, _), ok in zip(batches, gather_chunks(mine_ok, sizes, dist)):
+            ok_class[i].append(ok)
     indices, scores = {}, {}
     for i, c in enumerate(classes):
         p = torch.cat(per_class[i])
-        order = torch.sort(-p, stable=True).indices[:k]
+        order = torch.sort(-p, stable=True).indices
+        if correct_only:
+            order = order[torch.cat(ok_class[i])[order] > 0]
+            if len(order) == 0:
+                raise ModelLegoError(
+                    f"class {c}: none of its {len(p)} training samples is classified "
+                    "correctly by the model, and only correctly classified samples may be "
+                    "selected (--method contribution-2022); choose other classes or another "
+                    "method")
+        order = order[:k]
         indices[int(c)] = tuple(int(v) for v in positions[i][order])
         scores[int(c)] = tuple(float(v) for v in p[order])
-    return SampleSelection(tuple(int(c) for c in classes), k, indices, scores)
+    return SampleSelection(tuple(int(c) for c in classes), k, indices, scores, correct_only)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,19 @@ MASS_STEPS = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04,
               0.015, 0.01, 0.007, 0.005, 0.003, 0.002, 0.001, 0.0)
 COUNT_SCALES = (2.0, 1.5, 1.25, 1.0, 0.8, 0.6, 0.45, 0.33, 0.25, 0.18, 0.12, 0.08, 0.05, 0.02,
                 0.0)
+FRAT_SCALES = COUNT_SCALES
 
 
-def candidates(base: LocateConfig) -> list[LocateConfig]:
-    """The family of thresholds searched, most aggressive first."""
+def candidates(base: LocateConfig, method: str = "contribution") -> list[LocateConfig]:
+    """The family of thresholds searched, most aggressive first.
+
+    ``method="frat"`` scales FRAT's thresholds (``alpha_conv``/``alpha_linear``) by
+    :data:`FRAT_SCALES`; the contribution methods follow ``base.rule`` (a
+    ``contribution-2022`` base carries its normalisation along).
+    """
+    if method == "frat":
+        return [replace(base, alpha_conv=min(1.0, base.alpha_conv * f),
+                        alpha_linear=min(1.0, base.alpha_linear * f)) for f in FRAT_SCALES]
     if base.rule == "mass":
         return [replace(base, beta_conv=t, beta_linear=t) for t in MASS_STEPS]
     return [replace(base, alpha_conv=min(1.0, base.alpha_conv * f),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import operator
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -37,6 +38,7 @@ class Segment:
 
 
 Layout = tuple[Segment, ...]
+_TRACE_LOCK = threading.Lock()
 
 # Modules whose output has the input's channels, one to one.
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid,
@@ -160,7 +162,8 @@ class _Builder:
     # -- graph walk --------------------------------------------------------------------
     def build(self) -> ChannelGraph:
         try:
-            gm = torch.fx.symbolic_trace(self.model)
+            with _TRACE_LOCK:  # fx patches torch functions while tracing: one at a time
+                gm = torch.fx.symbolic_trace(self.model)
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} cannot be traced with torch.fx "

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Sequence
 import torch
 from torch import nn
 
+from ..analysis.frat import GradientProfile, frat_class_masks
 from ..analysis.locate import LocateConfig, locate_class, profiled_layers
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
@@ -102,14 +103,32 @@ def route_from_profile(graph: ChannelGraph, profile: ContributionProfile,
     classes, output_classes = task_outputs(classes, output_classes)
     per_class = [locate_class(graph, profile, output_classes.index(c), c, locate)
                  for c in classes]
+    return _route(graph, classes, per_class, locate, class_names, profile.samples)
+
+
+def route_from_gradients(graph: ChannelGraph, profile: GradientProfile,
+                         classes: Sequence[int], output_classes: Sequence[int],
+                         locate: LocateConfig,
+                         class_names: Sequence[str] | None = None) -> RouteData:
+    """The route of ``--method frat``: each class's critical channels (no forward pass)."""
+    locate.validate()
+    classes, output_classes = task_outputs(classes, output_classes)
+    per_class = [frat_class_masks(graph, profile, c, locate, output_classes.index(c))
+                 for c in classes]
+    return _route(graph, classes, per_class, locate, class_names, profile.samples)
+
+
+def _route(graph: ChannelGraph, classes: Sequence[int], per_class: list[dict],
+           locate: LocateConfig, class_names: Sequence[str] | None,
+           samples: dict[int, int]) -> RouteData:
     layers = []
     for lay in graph.layers:
         masks = torch.stack([m[lay.out_space] for m in per_class])
         frozen = lay.frozen or lay.out_space in graph.frozen_spaces
         layers.append(LayerRoute(lay.name, lay.kind, lay.out_space, masks, frozen))
     names = tuple(class_names) if class_names is not None else tuple(str(c) for c in classes)
-    return RouteData(classes, names, tuple(layers), locate,
-                     {int(c): int(n) for c, n in profile.samples.items()})
+    return RouteData(tuple(classes), names, tuple(layers), locate,
+                     {int(c): int(n) for c, n in samples.items()})
 
 
 def compute_route(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,

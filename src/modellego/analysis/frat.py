@@ -1,0 +1,188 @@
+"""FRAT (CNN LEGO v1): critical channels from gradients of the predicted-class probability.
+
+For a sample ``x`` with predicted class ``k`` (the top logit) and ``P_k(x)`` its softmax
+probability, the *gradient profile* of a profiled conv/linear layer is, per class ``c``::
+
+    G_c[f] = sum over the selected samples x of class c of  sum over space of
+             max(dP_k(x) / dA[f](x), 0)
+
+where ``A`` is the tensor the layer reads (its input feature map; for a linear layer that
+reads a flattened map, ``f`` runs over the flattened features). The gradient is clamped at 0
+elementwise, before the spatial sum. The softmax is taken in float64 (confident samples have
+``1 - P_k`` far below float32's resolution) and all sums are float64.
+
+Locating, per class and per layer: the input features of a flattened map are summed back to
+their channels, the channel scores are min-max rescaled over the layer's input (no epsilon:
+gradients of confident samples are tiny) and a channel is *critical* when its score exceeds
+``alpha_conv`` (inputs of conv layers) or ``alpha_linear`` (inputs of linear layers). A
+channel of a space is kept when it is critical for any layer reading it; a task keeps the
+OR of its classes; frozen spaces stay whole. Keeping a kernel ``(q, p)`` when both ``p`` and
+``q`` are critical is exactly keeping the critical channels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelLegoError, UnsupportedModelError
+from ..surgery.graph import ChannelGraph, Layer
+from .distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
+from .hooks import forward_pre_hooks, preserved_state
+from .locate import LocateConfig, profiled_layers
+
+
+@dataclass(frozen=True)
+class GradientProfile:
+    """``layers[name][i, f]`` is ``G_c[f]`` for class ``classes[i]`` and input feature ``f``."""
+
+    classes: tuple[int, ...]
+    layers: dict[str, torch.Tensor]
+    samples: dict[int, int]
+    seconds: float
+
+    def for_class(self, layer: str, c: int) -> torch.Tensor:
+        return self.layers[layer][self.classes.index(c)]
+
+
+def gradient_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                   rows: torch.Tensor, num_rows: int) -> dict[str, torch.Tensor]:
+    """One forward and backward pass over ``images``: per layer ``(num_rows, features)``
+    float64 sums of the clamped input gradients, the samples grouped by ``rows``."""
+    captured: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def capture(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            captured[name] = (args[0], args[0]._version)
+        return hook
+
+    x = images.detach().clone().requires_grad_(True)  # so every activation joins the graph
+    with preserved_state(model), forward_pre_hooks(
+            (mod, capture(name)) for name, mod in layers.items()):
+        model.eval()
+        torch.set_grad_enabled(True)
+        logits = model(x)
+        names = [n for n in layers if n in captured]
+        for n in names:
+            tensor, version = captured[n]
+            if tensor._version != version:
+                raise UnsupportedModelError(
+                    f"layer {n!r}: its input is modified in place later in forward(), so its "
+                    "gradient is not defined; use out-of-place operations (e.g. "
+                    "ReLU(inplace=False)) after that point")
+        top = torch.softmax(logits.double(), 1).amax(1)
+        grads = torch.autograd.grad(top.sum(), [captured[n][0] for n in names],
+                                    allow_unused=True)
+    out = {}
+    for n, g in zip(names, grads):
+        a = captured[n][0]
+        g = torch.zeros_like(a) if g is None else g
+        g = g.detach().clamp_min(0).double()
+        g = g.sum(tuple(range(2, g.dim()))) if g.dim() > 2 else g
+        out[n] = g.new_zeros((num_rows, g.shape[1])).index_add_(0, rows, g)
+    return out
+
+
+def gradient_profile(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                     labels: torch.Tensor, classes: Sequence[int], *, batch_size: int = 64,
+                     dist: DistContext | None = None) -> GradientProfile:
+    """FRAT's per-class gradient sums for every layer in ``layers`` (see the module doc).
+
+    ``labels`` are class ids, all in ``classes``. Chunks of ``batch_size`` samples are added
+    in chunk order; under ``dist`` chunk ``i`` runs on rank ``i % world_size`` and each
+    round's results are gathered, so every rank gets the single-process bits. Hooks are
+    removed and the model's modes and grad mode restored even if the model raises; no
+    parameter's ``.grad`` is touched.
+    """
+    dist = dist or SINGLE
+    classes = tuple(int(c) for c in classes)
+    top = max(max(classes), int(labels.max()) if len(labels) else 0)
+    row = torch.full((top + 1,), -1, dtype=torch.long)
+    row[torch.tensor(classes)] = torch.arange(len(classes))
+    rows = row[labels]
+    if (rows < 0).any():
+        raise ModelLegoError("profile labels must all be among the profiled classes")
+    widths = {n: (m.in_features if isinstance(m, nn.Linear) else m.in_channels)
+              for n, m in layers.items()}
+    total = sum(widths.values())
+    totals = {n: torch.zeros((len(classes), w), dtype=torch.float64)
+              for n, w in widths.items()}
+    chunks = chunk_ranges(len(images), batch_size)
+    t0 = time.perf_counter()
+    w = dist.world_size
+    for first in range(0, len(chunks), w):
+        round_chunks = chunks[first:first + w]
+        present = [torch.unique(rows[a:b]) for a, b in round_chunks]
+        mine = []
+        for r, (a, b) in enumerate(round_chunks):
+            if r != dist.rank:
+                continue
+            local = torch.searchsorted(present[r], rows[a:b])
+            sums = gradient_chunk(model, layers, images[a:b], local, len(present[r]))
+            flat = [sums[n] if n in sums else torch.zeros(len(present[r]), widths[n],
+                                                          dtype=torch.float64)
+                    for n in layers]
+            mine.append(torch.cat(flat, 1).reshape(-1))
+        sizes = [len(p) * total for p in present]
+        for p, flat in zip(present, gather_chunks(mine, sizes, dist)):
+            flat = flat.view(len(p), total)
+            offset = 0
+            for n in layers:
+                totals[n].index_add_(0, p, flat[:, offset:offset + widths[n]])
+                offset += widths[n]
+    seconds = time.perf_counter() - t0
+    counts = torch.bincount(rows, minlength=len(classes))
+    return GradientProfile(classes, totals, {c: int(counts[i]) for i, c in enumerate(classes)},
+                           seconds)
+
+
+def channel_scores(layer: Layer, features: torch.Tensor) -> list[torch.Tensor]:
+    """Per segment of the layer's input layout, the per-channel sums of ``features``."""
+    out, offset = [], 0
+    for seg in layer.in_layout:
+        block = features[offset:offset + seg.size * seg.repeat]
+        offset += seg.size * seg.repeat
+        out.append(block.view(seg.size, seg.repeat).sum(1))
+    return out
+
+
+def rescale(v: torch.Tensor) -> torch.Tensor:
+    """``(v - min) / (max - min)``; all zeros when ``v`` is constant."""
+    lo, hi = v.min(), v.max()
+    return (v - lo) / (hi - lo) if hi > lo else torch.zeros_like(v)
+
+
+def frat_class_masks(graph: ChannelGraph, profile: GradientProfile, c: int,
+                     config: LocateConfig, output_index: int | None = None
+                     ) -> dict[int, torch.Tensor]:
+    """The critical channels of every space for class ``c`` (frozen spaces not filled in);
+    the logit ``output_index``, if given, is marked in the output space."""
+    masks = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    if output_index is not None:
+        masks[graph.output_space][output_index] = True
+    for layer in profiled_layers(graph):
+        parts = channel_scores(layer, profile.for_class(layer.name, c))
+        alpha = config.alpha_conv if layer.kind == "conv" else config.alpha_linear
+        critical = rescale(torch.cat(parts)) > alpha
+        offset = 0
+        for seg, part in zip(layer.in_layout, parts):
+            masks[seg.space] |= critical[offset:offset + len(part)]
+            offset += len(part)
+    return masks
+
+
+def frat_locate(graph: ChannelGraph, profile: GradientProfile, classes: Sequence[int],
+                config: LocateConfig) -> dict[int, torch.Tensor]:
+    """The task's keep-mask of every space: the OR of its classes' critical channels."""
+    config.validate()
+    total = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    for c in classes:
+        for s, m in frat_class_masks(graph, profile, c, config).items():
+            total[s] |= m
+    for s in graph.frozen_spaces:
+        total[s][:] = True
+    return total
