@@ -180,6 +180,20 @@ def tap_sums(
     return u.reshape(b, c, kh * kw)
 
 
+def _taps_seeing_data(size: Sequence[int], kernel: tuple[int, int], stride: IntPair,
+                      padding: tuple[tuple[int, int], tuple[int, int]],
+                      dilation: IntPair) -> torch.Tensor:
+    """Indices ``i * kw + j`` of the kernel taps that read at least one input pixel (the
+    others see only zero padding, e.g. all but the centre of a 3x3 kernel on a 1x1 map)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, _pair(stride, "stride"), _pair(dilation, "dilation")
+    (top, bottom), (left, right) = padding
+    h, w = size
+    rows = _tap_ranges(h, _out_size(h, kh, sh, dh, top, bottom), kh, sh, dh, top)
+    cols = _tap_ranges(w, _out_size(w, kw, sw, dw, left, right), kw, sw, dw, left)
+    return torch.tensor([i * kw + j for i, r in enumerate(rows) for j, c in enumerate(cols)
+                         if r is not None and c is not None], dtype=torch.long)
+
+
 def _visits(ranges: list[slice | None], size: int, like: torch.Tensor) -> torch.Tensor:
     """0/1 matrix ``(taps, size)``: which input indices along one axis each tap visits."""
     m = like.new_zeros((len(ranges), size))
@@ -445,18 +459,17 @@ def layer_class_sums(
     batch = inp.shape[0]
     u = tap_sums(inp.detach().to(dtype), (kh, kw), conv.stride, padding, conv.dilation)
     u = u.reshape(batch, groups, p_g, kh * kw)
+    used = _taps_seeing_data(inp.shape[2:], (kh, kw), conv.stride, padding, conv.dilation)
+    taps = len(used)
+    if taps < kh * kw:  # taps that only ever see padding contribute exactly nothing
+        u, weight = u[..., used], weight[..., used]
     signed = torch.einsum("gqpk,gpk->gqp", weight.double(), u.sum(0, dtype=torch.float64))
     signed = signed.reshape(q_total, p_g)
-    used = (u != 0).reshape(-1, kh * kw).any(0).nonzero().flatten()
-    if len(used) <= 1:
-        if len(used) == 0:
+    if taps <= 1:
+        if taps == 0:
             return torch.zeros((num_rows, q_total, p_g), dtype=torch.float64), signed
-        k = int(used[0])
-        sums = _one_tap_sums(u[..., k].double(), weight[..., k], rows, num_rows)
+        sums = _one_tap_sums(u[..., 0].double(), weight[..., 0], rows, num_rows)
         return sums.reshape(num_rows, q_total, p_g), signed
-    taps = len(used)
-    if taps < kh * kw:
-        u, weight = u[..., used], weight[..., used]
     if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
         u = u[torch.sort(rows, stable=True).indices]  # each class's samples contiguous
     counts = torch.bincount(rows, minlength=num_rows).tolist()
