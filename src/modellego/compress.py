@@ -409,8 +409,9 @@ def format_compress_report(report: dict[str, Any]) -> str:
         ("--max-accuracy-drop", "max_accuracy_drop")) if report[key] is not None)
     how = (f"{100 * report['fraction']:.1f} % of the channels of every prunable layer removed"
            if report["fraction"] is not None else
-           f"mass thresholds beta conv {report['locate']['beta_conv']}, linear "
-           f"{report['locate']['beta_linear']}")
+           f"mass rule, beta conv {report['locate']['beta_conv']} / linear "
+           f"{report['locate']['beta_linear']} (inputs kept until they carry 1 - beta of "
+           "the contribution)")
     lines = [
         f"compressed by {report['criterion']} ({target}): {how}",
         f"  test images {report['n']} of all {len(report['classes'])} classes, no fine-tuning",
