@@ -28,6 +28,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed data
 	$(PY) benchmarks/disassembly.py
 	$(PY) benchmarks/assembly.py
+	$(PY) benchmarks/compression.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
