@@ -29,6 +29,7 @@ bench: $(VENV)/.installed data
 	$(PY) benchmarks/disassembly.py
 	$(PY) benchmarks/assembly.py
 	$(PY) benchmarks/strategies.py
+	$(PY) benchmarks/compression.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -120,9 +121,42 @@ def strategies(data: dict) -> list[str]:
     return lines
 
 
+def compression(data: dict) -> list[str]:
+    lines = ["| model (source accuracy) | FLOPs target | β (ours) | FLOPs kept (ours / L1 / FPGM) "
+             "| params kept (ours / L1 / FPGM) | contribution (ours) | L1 | FPGM |",
+             "|---|---|---|---|---|---|---|---|"]
+    sources = {s["model"]: s for s in data["sources"]}
+    cells: dict[tuple, dict] = {}
+    notes: list[str] = []
+    for r in data["rows"]:
+        cells.setdefault((r["model"], r["target"]), {})[r["criterion"]] = r
+        if "error" in r:
+            keeps = re.search(r"keeps ([0-9.]+ %)", r["error"])
+            note = (f"{r['model']}: the most aggressive threshold of the contribution search "
+                    f"keeps {keeps.group(1)} of the FLOPs" if keeps else
+                    f"{r['model']} {r['criterion']}: {r['error']}")
+            if note not in notes:
+                notes.append(note)
+    for (model, target), by in cells.items():
+        runs = [by.get(c, {"error": "not run"}) for c in ("contribution", "l1", "fpgm")]
+        flops, params = (" / ".join("—" if "error" in r else f"{100 * r[key]:.1f}"
+                                    for r in runs) + " %"
+                         for key in ("flops_ratio", "params_ratio"))
+        acc = " | ".join("not reached" if "error" in r else
+                         f"{r['accuracy']:.4f} ({r['delta_pp']:+.2f})" for r in runs)
+        ours = runs[0].get("locate")
+        beta = f"{ours['beta_conv']}" if ours else "—"
+        lines.append(f"| {model} ({sources[model]['accuracy']:.4f}) | {target:.2f} | {beta} | "
+                     f"{flops} | {params} | {acc} |")
+    if notes:
+        lines += [""] + [f"Not reached — {n}." for n in notes]
+    return lines
+
+
 def main() -> int:
     for name, fn in (("disassembly.json", disassembly), ("assembly.json", assembly),
-                     ("distillation.json", distillation), ("strategies.json", strategies)):
+                     ("distillation.json", distillation), ("strategies.json", strategies),
+                     ("compression.json", compression)):
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n")

@@ -351,6 +351,30 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import CompressConfig, compress, format_compress_report
+    from .io import load_model, save_model
+
+    config = CompressConfig(criterion=args.criterion, target_flops=args.target_flops,
+                            target_params=args.target_params,
+                            max_accuracy_drop=args.max_accuracy_drop,
+                            samples_per_class=args.samples_per_class)
+    config.validate()  # before any file is read
+    out = _check_output(args.out, [args.file], args.force)
+    if args.report:
+        _check_output(args.report, [args.file], args.force, flag="--report", other=out)
+    model, manifest = load_model(args.file)
+    command = "modellego " + shlex.join(args.argv)
+    small, new_manifest, report = compress(model, manifest, config, source_path=args.file,
+                                           data_dir=args.data_dir, command=command)
+    save_model(out, small, new_manifest)
+    if args.report:
+        _write_json(args.report, report)
+    print(format_compress_report(report))
+    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
 def _add_data_args(s: argparse.ArgumentParser) -> None:
     """Where the images come from and how many per class the analysis selects."""
     s.add_argument("--dataset", default=None, help="default: the model's own dataset")
@@ -507,6 +531,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     s.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("compress", help="a smaller model for all its classes, without "
+                       "fine-tuning (class-aware components or channel pruning)")
+    s.add_argument("file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--criterion", choices=("contribution", "l1", "fpgm"),
+                   default="contribution",
+                   help="contribution: the component of all classes (ours); l1: L1-norm "
+                        "filter pruning; fpgm: geometric-median filter pruning (both uniform)")
+    s.add_argument("--target-flops", type=float, default=None, metavar="R",
+                   help="keep at most this share of the source's FLOPs, in (0, 1]")
+    s.add_argument("--target-params", type=float, default=None, metavar="R",
+                   help="keep at most this share of the source's parameters, in (0, 1]")
+    s.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",
+                   help="compress as far as the validation accuracy stays within PP points "
+                        "of the source's")
+    s.add_argument("--samples-per-class", type=int, default=50,
+                   help="contribution: training samples profiled per class")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--report", default=None, help="also write the report as JSON")
+    s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    s.set_defaults(func=cmd_compress)
     return p
 
 

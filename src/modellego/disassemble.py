@@ -73,6 +73,8 @@ class DisassemblyConfig:
     max_accuracy_drop: float | None = None
     #: ... or so that it keeps at most this share of the source's FLOPs
     target_flops: float | None = None
+    #: ... or at most this share of its parameters
+    target_params: float | None = None
     #: after the accuracy search, tighten the most expensive layers one by one (slower)
     refine: bool = False
     #: re-estimate the component's BatchNorm statistics on this many training images of all
@@ -101,8 +103,12 @@ class DisassemblyConfig:
         if self.samples_per_class < 1:
             raise ModelLegoError(f"--samples-per-class must be >= 1, got "
                                  f"{self.samples_per_class}")
-        if self.max_accuracy_drop is not None and self.target_flops is not None:
-            raise ModelLegoError("give one of --max-accuracy-drop and --target-flops, not both")
+        given = [flag for flag, v in (("--max-accuracy-drop", self.max_accuracy_drop),
+                                      ("--target-flops", self.target_flops),
+                                      ("--target-params", self.target_params)) if v is not None]
+        if len(given) > 1:
+            raise ModelLegoError(f"give one of {' and '.join(given)}, not "
+                                 f"{'both' if len(given) == 2 else 'all three'}")
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
             raise ModelLegoError(f"--max-accuracy-drop is in points and must lie in "
                                  f"[0, 100], got {self.max_accuracy_drop}")
@@ -114,13 +120,17 @@ class DisassemblyConfig:
         if self.target_flops is not None and not 0 < self.target_flops <= 1:
             raise ModelLegoError(f"--target-flops is a share of the source's FLOPs and must "
                                  f"lie in (0, 1], got {self.target_flops}")
+        if self.target_params is not None and not 0 < self.target_params <= 1:
+            raise ModelLegoError(f"--target-params is a share of the source's parameters and "
+                                 f"must lie in (0, 1], got {self.target_params}")
 
     def to_dict(self) -> dict:
         return {"classes": list(self.classes), "samples_per_class": self.samples_per_class,
                 "locate": self.locate.to_dict(), "batch_size": self.batch_size,
                 "compensate": self.compensate, "max_accuracy_drop": self.max_accuracy_drop,
-                "target_flops": self.target_flops, "refine": self.refine,
-                "recalibrate_bn": self.recalibrate_bn, "method": self.method}
+                "target_flops": self.target_flops, "target_params": self.target_params,
+                "refine": self.refine, "recalibrate_bn": self.recalibrate_bn,
+                "method": self.method}
 
 
 @dataclass(frozen=True)
@@ -140,10 +150,15 @@ class Component:
 
     def kept_channels(self) -> dict[str, list[int]]:
         """Per conv/linear layer: ``[kept outputs, total outputs]``."""
-        return {lay.name: [len(self.plan.kept(lay.name)),
-                           lay.module.out_channels if lay.kind == "conv"
-                           else lay.module.out_features]
-                for lay in self.graph.layers}
+        return kept_channels(self.graph, self.plan)
+
+
+def kept_channels(graph: ChannelGraph, plan: ComponentPlan) -> dict[str, list[int]]:
+    """Per conv/linear layer of ``graph``: ``[outputs kept by plan, total outputs]``."""
+    return {lay.name: [len(plan.kept(lay.name)),
+                       lay.module.out_channels if lay.kind == "conv"
+                       else lay.module.out_features]
+            for lay in graph.layers}
 
 
 def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
@@ -232,11 +247,21 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         return plan, comp
 
     chosen, trials = base, []
-    if config.max_accuracy_drop is not None or config.target_flops is not None:
+    if config.max_accuracy_drop is not None or config.target_flops is not None \
+            or config.target_params is not None:
         source_flops = count_flops(model, input_shape)
 
         def flops_of(cfg: LocateConfig) -> float:
             return count_flops(build(cfg)[1], input_shape) / source_flops
+
+        cost_of, cost, target = flops_of, "flops", config.target_flops
+        if config.target_params is not None:  # the same search, priced in parameters
+            source_params = count_params(model)
+
+            def params_of(cfg: LocateConfig) -> float:
+                return count_params(build(cfg)[1]) / source_params
+
+            cost_of, cost, target = params_of, "params", config.target_params
 
         accuracy_of, min_acc = None, None
         if config.max_accuracy_drop is not None:
@@ -252,8 +277,8 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                 return accuracy_from_logits(predict_logits(comp, val_images), val_labels,
                                             classes).accuracy
 
-        chosen, trials = search(candidates(base, method), flops_of, accuracy_of,
-                                min_accuracy=min_acc, max_flops_ratio=config.target_flops)
+        chosen, trials = search(candidates(base, method), cost_of, accuracy_of,
+                                min_accuracy=min_acc, max_flops_ratio=target, cost=cost)
         if config.refine:
             # the layers whose inputs cost most in the component found so far
             macs = macs_by_layer(build(chosen)[1], input_shape)

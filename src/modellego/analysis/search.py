@@ -43,21 +43,25 @@ class Trial:
     accuracy: float | None
     ok: bool
     note: str = ""
+    #: what ``flops_ratio`` measures: "flops", or "params" under a parameter target
+    cost: str = "flops"
 
     def to_dict(self) -> dict:
-        return {"locate": self.config.to_dict(), "flops_ratio": self.flops_ratio,
+        return {"locate": self.config.to_dict(), f"{self.cost}_ratio": self.flops_ratio,
                 "val_accuracy": self.accuracy, "ok": self.ok, "note": self.note}
 
 
 def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], float],
            accuracy_of: Callable[[LocateConfig], float] | None, *,
-           min_accuracy: float | None = None, max_flops_ratio: float | None = None
-           ) -> tuple[LocateConfig, list[Trial]]:
+           min_accuracy: float | None = None, max_flops_ratio: float | None = None,
+           cost: str = "flops") -> tuple[LocateConfig, list[Trial]]:
     """Pick thresholds from ``family`` (most aggressive first) for one target.
 
     ``min_accuracy``: binary search (accuracy assumed to grow along the family) for the most
     aggressive candidate whose validation accuracy reaches it; falls back to the least
     aggressive. ``max_flops_ratio``: the least aggressive candidate under the FLOPs target.
+    ``cost="params"`` says that ``flops_of`` measures the parameter ratio instead, and
+    ``max_flops_ratio`` is then a parameter target (trials record ``params_ratio``).
 
     ``flops_of`` raises :class:`PlanError` for candidates that empty a layer.
     """
@@ -71,7 +75,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
         try:
             ratio = flops_of(cfg)
         except PlanError as exc:
-            trials.append(Trial(cfg, None, None, False, str(exc).split(";")[0]))
+            trials.append(Trial(cfg, None, None, False, str(exc).split(";")[0], cost))
             cache[i] = False
             return False
         acc = None
@@ -79,7 +83,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
         if min_accuracy is not None and accuracy_of is not None:
             acc = accuracy_of(cfg)
             ok = ok and acc >= min_accuracy
-        trials.append(Trial(cfg, ratio, acc, ok))
+        trials.append(Trial(cfg, ratio, acc, ok, cost=cost))
         cache[i] = ok
         return ok
 

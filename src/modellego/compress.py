@@ -1,0 +1,431 @@
+"""Compression: a smaller model for *all* of a model's classes, without fine-tuning.
+
+Three criteria choose the channels to remove:
+
+``contribution`` (ours)
+    the component of all the model's classes: disassembly with the contribution-mass rule,
+    its thresholds searched for a FLOPs or parameter target, or for an accuracy budget on the
+    validation split (see :mod:`modellego.analysis.search`).
+``l1``
+    L1-norm filter pruning: a channel's score is the L1 norm of the filter that writes it.
+``fpgm``
+    geometric-median pruning: a channel's score is the summed Euclidean distance of its
+    filter to the other filters of the same layer; the filters nearest the geometric median
+    are the most replaceable and go first.
+
+``l1`` and ``fpgm`` prune the same fraction of every prunable channel space (the classical
+uniform setting, up to one channel per space) and find it by bisection. A space coupled by
+residual adds is written by several layers: a channel's score is the sum of its scores in
+each writing layer, each layer's scores divided by their mean. Filters are scored as they
+are, as in the original papers (a BatchNorm after a conv is sliced with it, not folded into
+the score). Frozen spaces (image input, grouped convs) and the logits are never pruned, and
+every space keeps at least one channel.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .analysis.locate import LocateConfig
+from .data import dataset_info, load_split, normalize
+from .disassemble import (
+    Component,
+    DisassemblyConfig,
+    component_report,
+    disassemble_model,
+    file_sha256,
+    kept_channels,
+)
+from .errors import ModelLegoError, PlanError
+from .evaluate import check_dataset_matches
+from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
+from .surgery.extract import apply_plan
+from .surgery.graph import ChannelGraph, build_channel_graph
+from .surgery.plan import ComponentPlan, plan_from_masks
+from .train import base_manifest, task_outputs
+
+CRITERIA = ("contribution", "l1", "fpgm")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress a model: a criterion and exactly one target."""
+
+    criterion: str = "contribution"
+    #: keep at most this share of the source's FLOPs ...
+    target_flops: float | None = None
+    #: ... or of its parameters ...
+    target_params: float | None = None
+    #: ... or lose at most this many points of validation accuracy
+    max_accuracy_drop: float | None = None
+    #: contribution only: training samples per class profiled
+    samples_per_class: int = 50
+    batch_size: int = 64
+
+    def disassembly(self, classes: Sequence[int]) -> DisassemblyConfig:
+        """The disassembly that makes the ``contribution`` compression of ``classes``."""
+        return DisassemblyConfig(tuple(classes), samples_per_class=self.samples_per_class,
+                                 locate=LocateConfig(rule="mass"), batch_size=self.batch_size,
+                                 max_accuracy_drop=self.max_accuracy_drop,
+                                 target_flops=self.target_flops,
+                                 target_params=self.target_params)
+
+    def validate(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ModelLegoError(f"--criterion {self.criterion!r} is unknown; use one of "
+                                 f"{', '.join(CRITERIA)}")
+        if (self.target_flops, self.target_params, self.max_accuracy_drop) == (None,) * 3:
+            raise ModelLegoError("give a target: --target-flops R or --target-params R (a share "
+                                 "of the source in (0, 1]) or --max-accuracy-drop PP")
+        self.disassembly(()).validate()  # ranges, and at most one target
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "target_flops": self.target_flops,
+                "target_params": self.target_params,
+                "max_accuracy_drop": self.max_accuracy_drop,
+                "samples_per_class": self.samples_per_class, "batch_size": self.batch_size}
+
+
+# --------------------------------------------------------------------------- channel scores
+
+
+def prunable_spaces(graph: ChannelGraph) -> list[int]:
+    """Spaces uniform pruning may shrink: written by a layer, not frozen, not the logits,
+    and of more than one channel."""
+    written = {lay.out_space for lay in graph.layers}
+    return [s for s in graph.spaces() if s in written and s not in graph.frozen_spaces
+            and s != graph.output_space and graph.space_size[s] > 1]
+
+
+def filter_scores(filters: torch.Tensor, criterion: str) -> torch.Tensor:
+    """One importance score per row of ``filters`` (higher = keep): the L1 norm (``l1``), or
+    the summed Euclidean distance to the other rows (``fpgm``)."""
+    if criterion == "l1":
+        return filters.abs().sum(1)
+    if criterion == "fpgm":
+        return torch.cdist(filters, filters, compute_mode="donot_use_mm_for_euclid_dist").sum(1)
+    raise ModelLegoError(f"criterion {criterion!r} has no filter score; use l1 or fpgm")
+
+
+def channel_scores(graph: ChannelGraph, criterion: str) -> dict[int, torch.Tensor]:
+    """Per prunable space, one float64 score per channel (higher = more important).
+
+    Each layer writing the space adds its filter scores divided by their mean.
+    """
+    scores: dict[int, torch.Tensor] = {}
+    for space in prunable_spaces(graph):
+        total = torch.zeros(graph.space_size[space], dtype=torch.float64)
+        for lay in graph.layers:
+            if lay.out_space != space:
+                continue
+            w = lay.module.weight.detach().double()
+            s = filter_scores(w.reshape(w.shape[0], -1), criterion)
+            mean = s.mean()
+            total += s / mean if mean > 0 else s
+        scores[space] = total
+    return scores
+
+
+def masks_from_drops(graph: ChannelGraph, scores: dict[int, torch.Tensor],
+                     drops: dict[int, int]) -> dict[int, torch.Tensor]:
+    """Keep-masks of every space: ``drops[space]`` of its lowest-scored channels removed
+    (ties: lower index first)."""
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    for space, drop in drops.items():
+        if drop > 0:
+            masks[space][torch.sort(scores[space], stable=True).indices[:drop]] = False
+    return masks
+
+
+def uniform_masks(graph: ChannelGraph, scores: dict[int, torch.Tensor],
+                  fraction: Fraction | float) -> dict[int, torch.Tensor]:
+    """Keep-masks of every space: in each scored space, remove ``floor(fraction * size)`` of
+    the lowest-scored channels, always keeping one."""
+    fraction = Fraction(fraction)
+    return masks_from_drops(graph, scores, {s: min(len(v) - 1, math.floor(fraction * len(v)))
+                                            for s, v in scores.items()})
+
+
+def removal_order(graph: ChannelGraph) -> list[tuple[Fraction, int]]:
+    """Uniform pruning one channel at a time: ``(fraction, space)`` for every removable
+    channel, where the ``k``-th channel of a space of ``n`` goes at fraction ``k / n``; in
+    fraction order, ties in space order. The first ``m`` removals leave every space with
+    the last one's fraction of its channels removed, up to one channel."""
+    spaces = prunable_spaces(graph)
+    events = sorted((Fraction(k, graph.space_size[s]), i) for i, s in enumerate(spaces)
+                    for k in range(1, graph.space_size[s]))
+    return [(f, spaces[i]) for f, i in events]
+
+
+# --------------------------------------------------------------------------- uniform pruning
+
+
+@dataclass(frozen=True)
+class UniformPruning:
+    """The result of uniform pruning: the smaller model and how it was chosen."""
+
+    model: nn.Module
+    plan: ComponentPlan
+    graph: ChannelGraph = field(repr=False)
+    criterion: str
+    #: the share of channels removed from every prunable space (up to one channel)
+    fraction: float
+    flops_ratio: float
+    params_ratio: float
+    trials: tuple[dict, ...] = ()
+
+
+def _first(n: int, pred: Callable[[int], bool]) -> int:
+    """The first ``i`` in ``range(n)`` with ``pred(i)`` true, for a ``pred`` that is false then
+    true; ``n`` when it never holds."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, *,
+                  target_flops: float | None = None, target_params: float | None = None,
+                  accuracy_of: Callable[[nn.Module], float] | None = None,
+                  min_accuracy: float | None = None) -> UniformPruning:
+    """Remove the same fraction of channels from every prunable space of ``model``.
+
+    With ``target_flops`` (or ``target_params``) it removes the fewest channels, in
+    :func:`removal_order`, that leave at most that share of the source's FLOPs (parameters);
+    with ``min_accuracy`` the most that keep ``accuracy_of(model)`` at it (accuracy assumed
+    to fall as channels go). Both are found by bisection over the number of removals.
+
+    >>> small = prune_uniform(net, (1, 28, 28), "l1", target_flops=0.5).model
+    """
+    if sum(t is not None for t in (target_flops, target_params, min_accuracy)) != 1:
+        raise ValueError("give exactly one of target_flops, target_params, min_accuracy")
+    if min_accuracy is not None and accuracy_of is None:
+        raise ValueError("min_accuracy needs accuracy_of")
+    input_shape = tuple(input_shape)
+    graph = build_channel_graph(model, input_shape)
+    scores = channel_scores(graph, criterion)
+    order = removal_order(graph)
+    n_out = graph.space_size[graph.output_space]
+    source_flops, source_params = count_flops(model, input_shape), count_params(model)
+    built: dict[int, tuple[ComponentPlan, nn.Module, dict]] = {}
+
+    def build(i: int) -> tuple[ComponentPlan, nn.Module, dict]:
+        """The model after the first ``i`` removals."""
+        if i not in built:
+            drops = {s: 0 for s in scores}
+            for _, s in order[:i]:
+                drops[s] += 1
+            plan = plan_from_masks(graph, masks_from_drops(graph, scores, drops), range(n_out))
+            small = apply_plan(model, plan).eval()
+            trial = {"removed": i, "fraction": float(order[i - 1][0]) if i else 0.0,
+                     "flops_ratio": count_flops(small, input_shape) / source_flops,
+                     "params_ratio": count_params(small) / source_params}
+            if min_accuracy is not None:
+                trial["val_accuracy"] = accuracy_of(small)
+            built[i] = plan, small, trial
+        return built[i]
+
+    n = len(order) + 1
+    if min_accuracy is not None:
+        i = max(0, _first(n, lambda j: build(j)[2]["val_accuracy"] < min_accuracy) - 1)
+    else:
+        key, target = (("flops_ratio", target_flops) if target_flops is not None
+                       else ("params_ratio", target_params))
+        i = _first(n, lambda j: build(j)[2][key] <= target)
+        if i == n:
+            least = build(n - 1)[2][key]
+            what = "FLOPs" if key == "flops_ratio" else "parameters"
+            raise ModelLegoError(
+                f"{criterion}: even one channel per prunable layer keeps {100 * least:.1f} % "
+                f"of the {what}, above the target {100 * target:.1f} %; frozen layers (on the "
+                "image input, grouped convs) and the logits cannot be pruned; choose a larger "
+                "target")
+    plan, small, trial = build(i)
+    trials = tuple(t for _, (_, _, t) in sorted(built.items()))
+    return UniformPruning(small, plan, graph, criterion, trial["fraction"], trial["flops_ratio"],
+                          trial["params_ratio"], trials)
+
+
+# --------------------------------------------------------------------------- any criterion
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """A compressed model, its plan and what chose it."""
+
+    model: nn.Module
+    plan: ComponentPlan
+    graph: ChannelGraph = field(repr=False)
+    criterion: str
+    #: l1/fpgm: the share of channels removed from every prunable space
+    fraction: float | None = None
+    #: contribution: the locating thresholds chosen
+    locate: LocateConfig | None = None
+    #: the candidates tried (threshold search or bisection steps)
+    trials: tuple[dict, ...] = ()
+    component: Component | None = field(default=None, repr=False)
+
+
+def compress_model(model: nn.Module, input_shape: Sequence[int], *,
+                   output_classes: Sequence[int], config: CompressConfig,
+                   images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                   val_images: torch.Tensor | None = None,
+                   val_labels: torch.Tensor | None = None) -> Compressed:
+    """Compress ``model`` (logit ``i`` = class ``output_classes[i]``) for all its classes.
+
+    ``contribution`` needs normalised training ``images``/``labels``; a
+    ``max_accuracy_drop`` target needs ``val_images``/``val_labels``.
+
+    >>> small = compress_model(net, (1, 28, 28), output_classes=range(10),
+    ...                        config=CompressConfig("l1", target_flops=0.5)).model
+    """
+    config.validate()
+    _, output_classes = task_outputs(output_classes, output_classes)
+    if config.max_accuracy_drop is not None and (val_images is None or val_labels is None):
+        raise ModelLegoError("--max-accuracy-drop needs validation images")
+    if config.criterion == "contribution":
+        if images is None or labels is None:
+            raise ModelLegoError("criterion 'contribution' needs training images")
+        try:
+            comp = disassemble_model(model, images, labels, classes=output_classes,
+                                     output_classes=output_classes,
+                                     config=config.disassembly(output_classes),
+                                     val_images=val_images, val_labels=val_labels)
+        except PlanError as exc:
+            if config.max_accuracy_drop is not None:
+                raise
+            raise PlanError(f"contribution: no threshold of the searched family reaches the "
+                            f"target ({str(exc).split(';')[0]} at the most aggressive one); "
+                            "choose a larger target") from None
+        _check_reached(model, comp.model, input_shape, config)
+        return Compressed(comp.model, comp.plan, comp.graph, "contribution", locate=comp.locate,
+                          trials=comp.search, component=comp)
+    accuracy_of, min_accuracy = None, None
+    if config.max_accuracy_drop is not None:
+        def accuracy_of(net: nn.Module) -> float:
+            return accuracy_from_logits(predict_logits(net, val_images), val_labels,
+                                        output_classes).accuracy
+
+        min_accuracy = accuracy_of(model) - config.max_accuracy_drop / 100
+    res = prune_uniform(model, input_shape, config.criterion, target_flops=config.target_flops,
+                        target_params=config.target_params, accuracy_of=accuracy_of,
+                        min_accuracy=min_accuracy)
+    return Compressed(res.model, res.plan, res.graph, config.criterion, fraction=res.fraction,
+                      trials=res.trials)
+
+
+def _check_reached(model: nn.Module, small: nn.Module, input_shape: Sequence[int],
+                   config: CompressConfig) -> None:
+    """Refuse a contribution component above its cost target (the search found none under)."""
+    for flag, target, ratio in (
+            ("--target-flops", config.target_flops,
+             lambda: count_flops(small, input_shape) / count_flops(model, input_shape)),
+            ("--target-params", config.target_params,
+             lambda: count_params(small) / count_params(model))):
+        if target is not None and (reached := ratio()) > target:
+            raise ModelLegoError(
+                f"contribution: the most aggressive threshold of the searched family keeps "
+                f"{100 * reached:.1f} %, above {flag} {target}; choose a larger target")
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig, *,
+             source_path: str | None = None, data_dir: str | None = None,
+             command: str | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Compress a loaded model file; returns the smaller model, its manifest (kind
+    ``component``, all the source's classes) and the report (test split, all classes)."""
+    config.validate()
+    if manifest.get("kind") not in ("model", "component"):
+        raise ModelLegoError(f"can only compress single models and components, not a "
+                             f"{manifest.get('kind')!r}")
+    dataset = manifest["dataset"]["name"]
+    own = list(manifest["classes"])
+    t0 = time.perf_counter()
+    info = dataset_info(dataset, data_dir=data_dir)
+    check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
+    images = labels = val_images = val_labels = None
+    if config.criterion == "contribution":
+        train = load_split(dataset, "train", data_dir=data_dir).subset(own)
+        images, labels = normalize(train.images, info), train.labels
+    if config.max_accuracy_drop is not None:
+        val = load_split(dataset, "val", data_dir=data_dir).subset(own)
+        val_images, val_labels = normalize(val.images, info), val.labels
+    result = compress_model(model, manifest["input"]["shape"], output_classes=own,
+                            config=config, images=images, labels=labels,
+                            val_images=val_images, val_labels=val_labels)
+    seconds = time.perf_counter() - t0
+    plan = result.plan
+    if manifest.get("kind") == "component":
+        plan = ComponentPlan.from_dict(manifest["plan"]).compose(plan)
+    report = component_report(model, result.model, manifest, own, data_dir=data_dir)
+    report.update({"criterion": config.criterion, "target_flops": config.target_flops,
+                   "target_params": config.target_params,
+                   "max_accuracy_drop": config.max_accuracy_drop, "seconds": seconds,
+                   "fraction": result.fraction,
+                   "locate": result.locate.to_dict() if result.locate else None})
+    provenance: dict[str, Any] = {
+        "made_by": "modellego compress", "command": command,
+        "source": {"file": str(source_path) if source_path else None,
+                   "sha256": file_sha256(source_path) if source_path else None,
+                   "kind": manifest.get("kind"), "classes": own},
+        "method": config.criterion, "config": config.to_dict(),
+        "kept_channels": kept_channels(result.graph, result.plan),
+        "modellego_version": __version__,
+    }
+    if result.component is not None:
+        comp = result.component
+        provenance.update({
+            "disassembly": config.disassembly(own).to_dict(),
+            "locate": comp.locate.to_dict(), "threshold_search": list(comp.search),
+            "samples": {str(c): list(v) for c, v in comp.selection.indices.items()}})
+    else:
+        provenance.update({"fraction": result.fraction, "bisection": list(result.trials)})
+    new_manifest = base_manifest(info, own)
+    new_manifest.update({"kind": "component", "architecture": manifest["architecture"],
+                         "plan": plan.to_dict(),
+                         "metrics": {"test_accuracy": report["component_accuracy"]},
+                         "provenance": provenance})
+    return result.model, new_manifest, report
+
+
+def format_compress_report(report: dict[str, Any]) -> str:
+    """A plain-text table of a compression report."""
+    target = next(f"{flag} {report[key]}" for flag, key in (
+        ("--target-flops", "target_flops"), ("--target-params", "target_params"),
+        ("--max-accuracy-drop", "max_accuracy_drop")) if report[key] is not None)
+    how = (f"{100 * report['fraction']:.1f} % of the channels of every prunable layer removed"
+           if report["fraction"] is not None else
+           f"mass rule, beta conv {report['locate']['beta_conv']} / linear "
+           f"{report['locate']['beta_linear']} (inputs kept until they carry 1 - beta of "
+           "the contribution)")
+    lines = [
+        f"compressed by {report['criterion']} ({target}): {how}",
+        f"  test images {report['n']} of all {len(report['classes'])} classes, no fine-tuning",
+        f"  accuracy  source {report['source_accuracy']:.4f} -> compressed "
+        f"{report['component_accuracy']:.4f}  "
+        f"({100 * (report['component_accuracy'] - report['source_accuracy']):+.2f} pp)",
+        f"  params  {report['source_params']:>12,} -> {report['component_params']:>12,}  "
+        f"({100 * report['params_ratio']:.1f} %)",
+        f"  FLOPs   {report['source_flops']:>12,} -> {report['component_flops']:>12,}  "
+        f"({100 * report['flops_ratio']:.1f} %)",
+        f"  {report['seconds']:.2f} s",
+        f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'compr.':>7}",
+    ]
+    for r in report["per_class"]:
+        lines.append(f"  {r['class']:>5} {r['name']:<14} {r['n']:>5} "
+                     f"{r['source_accuracy']:>7.4f} {r['component_accuracy']:>7.4f}")
+    return "\n".join(lines)
