@@ -326,6 +326,8 @@ def test_unreachable_target_is_refused():
     ({"target_flops": 0.5, "max_accuracy_drop": 1.0}, ["--max-accuracy-drop", "not both"]),
     ({"criterion": "magic", "target_flops": 0.5}, ["criterion", "l1"]),
     ({"target_flops": 0.5, "samples_per_class": 0}, ["--samples-per-class"]),
+    ({"target_flops": 0.5, "method": "magic"}, ["unknown disassembly method"]),
+    ({"target_flops": 0.5, "criterion": "l1", "method": "frat"}, ["--method frat", "l1"]),
 ])
 def test_bad_configs_are_refused(kwargs, words):
     with pytest.raises(ModelLegoError) as info:
@@ -388,6 +390,25 @@ def test_cli_writes_a_component_file(criterion, simnet_file, tmp_path):
     assert code == 0
     assert json.loads(stdout)["accuracy"] == report["component_accuracy"]
     assert report["criterion"] == criterion and report["flops_ratio"] <= 0.8
+
+
+def test_cli_method_of_the_contribution_criterion(simnet_file, tmp_path):
+    out = tmp_path / "small.safetensors"
+    method = "frat"
+    code, _, err = run_cli(["compress", simnet_file, "--method", method, "--target-flops",
+                            "0.9", "--samples-per-class", "3", "--out", out])
+    assert code == 0, err
+    prov = read_manifest(out)["provenance"]
+    assert prov["config"]["method"] == prov["disassembly"]["method"] == method
+    source, _ = load_model(simnet_file)
+    small, _ = load_model(out)
+    assert count_flops(small, (1, 28, 28)) / count_flops(source, (1, 28, 28)) <= 0.9
+    # the random-weight model classifies no image of some class correctly: contribution-2022
+    # (correctly classified samples only) says so and writes nothing
+    bad = tmp_path / "bad.safetensors"
+    code, _, err = run_cli(["compress", simnet_file, "--method", "contribution-2022",
+                            "--target-flops", "0.9", "--out", bad])
+    assert code == 2 and "classified correctly" in err and not bad.exists()
 
 
 def test_cli_compressed_file_can_be_disassembled_and_compressed_again(simnet_file, tmp_path):

@@ -358,7 +358,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = CompressConfig(criterion=args.criterion, target_flops=args.target_flops,
                             target_params=args.target_params,
                             max_accuracy_drop=args.max_accuracy_drop,
-                            samples_per_class=args.samples_per_class)
+                            samples_per_class=args.samples_per_class, method=args.method)
     config.validate()  # before any file is read
     out = _check_output(args.out, [args.file], args.force)
     if args.report:
@@ -549,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the source's")
     s.add_argument("--samples-per-class", type=int, default=50,
                    help="contribution: training samples profiled per class")
+    s.add_argument("--method", choices=("contribution", "contribution-2022", "frat"),
+                   default="contribution",
+                   help="contribution criterion: how channels are scored (as in disassemble)")
     s.add_argument("--data-dir", default=None)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")

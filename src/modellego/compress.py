@@ -69,11 +69,15 @@ class CompressConfig:
     #: contribution only: training samples per class profiled
     samples_per_class: int = 50
     batch_size: int = 64
+    #: contribution only: the disassembly method (see :data:`modellego.disassemble.METHODS`);
+    #: ``contribution`` searches the mass rule's thresholds, the others their own defaults'
+    method: str = "contribution"
 
     def disassembly(self, classes: Sequence[int]) -> DisassemblyConfig:
         """The disassembly that makes the ``contribution`` compression of ``classes``."""
+        locate = LocateConfig(rule="mass") if self.method == "contribution" else None
         return DisassemblyConfig(tuple(classes), samples_per_class=self.samples_per_class,
-                                 locate=LocateConfig(rule="mass"), batch_size=self.batch_size,
+                                 locate=locate, batch_size=self.batch_size, method=self.method,
                                  max_accuracy_drop=self.max_accuracy_drop,
                                  target_flops=self.target_flops,
                                  target_params=self.target_params)
@@ -85,13 +89,17 @@ class CompressConfig:
         if (self.target_flops, self.target_params, self.max_accuracy_drop) == (None,) * 3:
             raise ModelLegoError("give a target: --target-flops R or --target-params R (a share "
                                  "of the source in (0, 1]) or --max-accuracy-drop PP")
-        self.disassembly(()).validate()  # ranges, and at most one target
+        if self.method != "contribution" and self.criterion != "contribution":
+            raise ModelLegoError(f"--method {self.method} applies to --criterion contribution "
+                                 f"only, not {self.criterion}")
+        self.disassembly(()).validate()  # ranges, method, and at most one target
 
     def to_dict(self) -> dict:
         return {"criterion": self.criterion, "target_flops": self.target_flops,
                 "target_params": self.target_params,
                 "max_accuracy_drop": self.max_accuracy_drop,
-                "samples_per_class": self.samples_per_class, "batch_size": self.batch_size}
+                "samples_per_class": self.samples_per_class, "batch_size": self.batch_size,
+                "method": self.method}
 
 
 # --------------------------------------------------------------------------- channel scores
