@@ -34,6 +34,7 @@ from modellego.disassemble import (
 )
 from modellego.io import load_model
 from modellego.metrics import accuracy_from_logits, count_flops, predict_logits
+from modellego.models import create_model
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.plan import plan_from_masks
@@ -131,6 +132,31 @@ def frontier(rel: str, task: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
               f"{point['recalibrated_accuracy']:.4f} (restricted {restricted:.4f})", flush=True)
     return [{"model": rel, "task": list(task), "restricted_accuracy": restricted,
              "points": points}]
+
+
+def profile_cost_resnet50(batch: int = 32, repeats: int = 3) -> dict:
+    """The same ratio at ImageNet resolution: ResNet-50, 224 px, random weights, one batch."""
+    torch.manual_seed(0)
+    model = create_model("resnet50", in_channels=3, num_classes=1000, input_size=224).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.zeros(batch, dtype=torch.long)
+    graph = build_channel_graph(model, (3, 224, 224))
+    layers = {lay.name: lay.module for lay in profiled_layers(graph)}
+    with torch.inference_mode():
+        model(x)  # warm up
+    forward = profile = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model(x)
+        forward = min(forward, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        contribution_profile(model, layers, x, y, (0,), batch_size=batch)
+        profile = min(profile, time.perf_counter() - t0)
+    return {"model": "resnet50 (random weights), 224 px", "samples": batch,
+            "forward_seconds": forward, "profile_seconds": profile,
+            "profile_over_forward": profile / forward, "threads": torch.get_num_threads(),
+            "timing": f"best of {repeats} alternating runs"}
 
 
 def naive_contribution(inp: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -275,12 +301,19 @@ def main() -> int:
             result["frontier"] += frontier(rel)
     if args.skip_cost and "profile_cost" in old:
         result["profile_cost"] = old["profile_cost"]
+        if "profile_cost_224" in old:
+            result["profile_cost_224"] = old["profile_cost_224"]
         if "memory" in old:
             result["memory"] = old["memory"]
         return _finish(result, out, t0)
     print("== profile cost (vgg16_bn, 150 samples)")
     result["profile_cost"] = profile_cost()
     pc = result["profile_cost"]
+    if not args.quick:
+        result["profile_cost_224"] = profile_cost_resnet50()
+        big = result["profile_cost_224"]
+        print(f"resnet50 224 px: forward {big['forward_seconds']:.2f} s, profile "
+              f"{big['profile_seconds']:.2f} s (x{big['profile_over_forward']:.2f})")
     print(f"forward {pc['forward_seconds']:.3f} s, profile {pc['profile_seconds']:.3f} s "
           f"(x{pc['profile_over_forward']:.2f}); naive unfold ~{pc['naive_seconds_estimated']:.1f}"
           f" s (x{pc['naive_over_profile']:.0f} the profile)")

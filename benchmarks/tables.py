@@ -1,6 +1,7 @@
 """Markdown tables for the README from benchmarks/results/*.json.
 
-    .venv/bin/python benchmarks/tables.py
+    .venv/bin/python benchmarks/tables.py            # print them
+    .venv/bin/python benchmarks/tables.py --readme   # write them into README.md
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def disassembly(data: dict) -> list[str]:
                       f"{pc['naive_measured_on_samples']} samples and scaled; "
                       f"{pc.get('threads', '?')} threads, "
                       f"{pc.get('timing', 'one run each')})."]
+    big = data.get("profile_cost_224")
+    if big:
+        lines += ["", f"Profile pass on {big['model']} ({big['samples']} samples): "
+                      f"{big['profile_seconds']:.2f} s against {big['forward_seconds']:.2f} s "
+                      f"for a plain forward pass (×{big['profile_over_forward']:.2f}; "
+                      f"{big['threads']} threads, {big['timing']})."]
     mem = data.get("memory")
     if mem:
         lines += ["", f"Peak RSS, ResNet-50 at 224 px, batch 32, random weights: profile pass "
@@ -153,10 +160,32 @@ def compression(data: dict) -> list[str]:
     return lines
 
 
+TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
+          ("distillation.json", distillation), ("strategies.json", strategies),
+          ("compression.json", compression))
+README = RESULTS.parent.parent / "README.md"
+
+
+def fill_readme(text: str) -> str:
+    """Replace every ``<!-- NAME-table -->`` ... ``<!-- /NAME-table -->`` block of the README
+    with the table made from ``benchmarks/results/NAME.json``."""
+    for name, fn in TABLES:
+        path = RESULTS / name
+        tag = name.removesuffix(".json") + "-table"
+        start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+        if path.exists() and start in text:
+            block = "\n".join([start, *fn(json.loads(path.read_text())), end])
+            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda m, b=block: b,
+                          text, flags=re.S)
+    return text
+
+
 def main() -> int:
-    for name, fn in (("disassembly.json", disassembly), ("assembly.json", assembly),
-                     ("distillation.json", distillation), ("strategies.json", strategies),
-                     ("compression.json", compression)):
+    if sys.argv[1:] == ["--readme"]:
+        README.write_text(fill_readme(README.read_text()))
+        print(f"filled the tables of {README}")
+        return 0
+    for name, fn in TABLES:
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n")
