@@ -129,19 +129,23 @@ def strategies(data: dict) -> list[str]:
 
 
 def compression(data: dict) -> list[str]:
-    lines = ["| model (source accuracy) | FLOPs target | β (ours) | FLOPs kept (ours / L1 / FPGM) "
-             "| params kept (ours / L1 / FPGM) | contribution (ours) | L1 | FPGM |",
-             "|---|---|---|---|---|---|---|---|"]
+    recal = any(r.get("recalibrate_bn") for r in data["rows"])
+    head = ("| model (source accuracy) | FLOPs target | β (ours) | FLOPs kept (ours / L1 / FPGM) "
+            "| params kept (ours / L1 / FPGM) | contribution (ours) | L1 | FPGM |")
+    if recal:
+        head += " ours + BN | L1 + BN | FPGM + BN |"
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
     sources = {s["model"]: s for s in data["sources"]}
     cells: dict[tuple, dict] = {}
     notes: list[str] = []
     for r in data["rows"]:
-        cells.setdefault((r["model"], r["target"]), {})[r["criterion"]] = r
+        key = r["criterion"] + ("+bn" if r.get("recalibrate_bn") else "")
+        cells.setdefault((r["model"], r["target"]), {})[key] = r
         if "error" in r:
             keeps = re.search(r"keeps ([0-9.]+ %)", r["error"])
             note = (f"{r['model']}: the most aggressive threshold of the contribution search "
                     f"keeps {keeps.group(1)} of the FLOPs" if keeps else
-                    f"{r['model']} {r['criterion']}: {r['error']}")
+                    f"{r['model']} {key}: {r['error']}")
             if note not in notes:
                 notes.append(note)
     for (model, target), by in cells.items():
@@ -149,6 +153,9 @@ def compression(data: dict) -> list[str]:
         flops, params = (" / ".join("—" if "error" in r else f"{100 * r[key]:.1f}"
                                     for r in runs) + " %"
                          for key in ("flops_ratio", "params_ratio"))
+        if recal:
+            runs += [by.get(c + "+bn", {"error": "not run"}) for c in ("contribution", "l1",
+                                                                       "fpgm")]
         acc = " | ".join("not reached" if "error" in r else
                          f"{r['accuracy']:.4f} ({r['delta_pp']:+.2f})" for r in runs)
         ours = runs[0].get("locate")
@@ -157,6 +164,11 @@ def compression(data: dict) -> list[str]:
                      f"{flops} | {params} | {acc} |")
     if notes:
         lines += [""] + [f"Not reached — {n}." for n in notes]
+    if recal:
+        n = max(r.get("recalibrate_bn", 0) for r in data["rows"])
+        lines += ["", f"+ BN: the same criterion with `--recalibrate-bn {n}` (every candidate's "
+                      "BatchNorm statistics re-estimated on that many training images); its "
+                      "FLOPs match the column without it."]
     return lines
 
 

@@ -464,3 +464,32 @@ def test_cli_bad_targets_exit_2_and_write_nothing(args, words, simnet_file, tmp_
     for w in words:
         assert w in err
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("criterion", ["l1", "contribution"])
+def test_recalibrate_bn_refreshes_the_statistics_of_the_chosen_model(criterion, simnet_file,
+                                                                     tmp_path):
+    import copy
+
+    from modellego.data import load_split
+    from modellego.disassemble import sample_calibration_images
+    from modellego.surgery.recalibrate import recalibrate_batchnorm
+
+    plain, recal = tmp_path / "plain.safetensors", tmp_path / "recal.safetensors"
+    common = ["--criterion", criterion, "--target-flops", "0.8", "--samples-per-class", "3"]
+    assert run_cli(["compress", simnet_file, *common, "--out", plain])[0] == 0
+    code, _, err = run_cli(["compress", simnet_file, *common, "--recalibrate-bn", "300",
+                            "--out", recal])
+    assert code == 0, err
+    a, man_a = load_model(plain)
+    b, man_b = load_model(recal)
+    assert man_a["plan"] == man_b["plan"]  # a cost target does not depend on the statistics
+    assert man_b["provenance"]["config"]["recalibrate_bn"] == 300
+    # the file holds the plain model's BNs re-estimated on the seeded calibration images
+    train = load_split("digits", "train")
+    by_hand = copy.deepcopy(a)
+    recalibrate_batchnorm(by_hand, sample_calibration_images(train, 300))
+    for (k, v), w in zip(by_hand.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(v.float(), w.float(), rtol=1e-5, atol=1e-6), k
+    assert any(not torch.equal(v, w) for v, w in zip(a.state_dict().values(),
+                                                      b.state_dict().values()))

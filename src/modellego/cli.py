@@ -358,7 +358,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = CompressConfig(criterion=args.criterion, target_flops=args.target_flops,
                             target_params=args.target_params,
                             max_accuracy_drop=args.max_accuracy_drop,
-                            samples_per_class=args.samples_per_class, method=args.method)
+                            samples_per_class=args.samples_per_class, method=args.method,
+                            recalibrate_bn=args.recalibrate_bn)
     config.validate()  # before any file is read
     out = _check_output(args.out, [args.file], args.force)
     if args.report:
@@ -552,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=("contribution", "contribution-2022", "frat"),
                    default="contribution",
                    help="contribution criterion: how channels are scored (as in disassemble)")
+    s.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                   help="every criterion: re-estimate each candidate's BatchNorm statistics "
+                        "on N training images (no labels, no gradients)")
     s.add_argument("--data-dir", default=None)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")

@@ -43,6 +43,7 @@ from .disassemble import (
     disassemble_model,
     file_sha256,
     kept_channels,
+    sample_calibration_images,
 )
 from .errors import ModelLegoError, PlanError
 from .evaluate import check_dataset_matches
@@ -50,6 +51,7 @@ from .metrics import accuracy_from_logits, count_flops, count_params, predict_lo
 from .surgery.extract import apply_plan
 from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.plan import ComponentPlan, plan_from_masks
+from .surgery.recalibrate import recalibrate_batchnorm
 from .train import base_manifest, task_outputs
 
 CRITERIA = ("contribution", "l1", "fpgm")
@@ -72,6 +74,9 @@ class CompressConfig:
     #: contribution only: the disassembly method (see :data:`modellego.disassemble.METHODS`);
     #: ``contribution`` searches the mass rule's thresholds, the others their own defaults'
     method: str = "contribution"
+    #: re-estimate the BatchNorm statistics of every candidate on this many training images of
+    #: all classes (0: keep the source's); see :mod:`modellego.surgery.recalibrate`
+    recalibrate_bn: int = 0
 
     def disassembly(self, classes: Sequence[int]) -> DisassemblyConfig:
         """The disassembly that makes the ``contribution`` compression of ``classes``."""
@@ -80,7 +85,8 @@ class CompressConfig:
                                  locate=locate, batch_size=self.batch_size, method=self.method,
                                  max_accuracy_drop=self.max_accuracy_drop,
                                  target_flops=self.target_flops,
-                                 target_params=self.target_params)
+                                 target_params=self.target_params,
+                                 recalibrate_bn=self.recalibrate_bn)
 
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
@@ -99,7 +105,7 @@ class CompressConfig:
                 "target_params": self.target_params,
                 "max_accuracy_drop": self.max_accuracy_drop,
                 "samples_per_class": self.samples_per_class, "batch_size": self.batch_size,
-                "method": self.method}
+                "method": self.method, "recalibrate_bn": self.recalibrate_bn}
 
 
 # --------------------------------------------------------------------------- channel scores
@@ -207,13 +213,16 @@ def _first(n: int, pred: Callable[[int], bool]) -> int:
 def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, *,
                   target_flops: float | None = None, target_params: float | None = None,
                   accuracy_of: Callable[[nn.Module], float] | None = None,
-                  min_accuracy: float | None = None) -> UniformPruning:
+                  min_accuracy: float | None = None,
+                  finish: Callable[[nn.Module], object] | None = None) -> UniformPruning:
     """Remove the same fraction of channels from every prunable space of ``model``.
 
     With ``target_flops`` (or ``target_params``) it removes the fewest channels, in
     :func:`removal_order`, that leave at most that share of the source's FLOPs (parameters);
     with ``min_accuracy`` the most that keep ``accuracy_of(model)`` at it (accuracy assumed
     to fall as channels go). Both are found by bisection over the number of removals.
+    ``finish`` is applied to every pruned candidate before it is measured (e.g. BatchNorm
+    re-estimation).
 
     >>> small = prune_uniform(net, (1, 28, 28), "l1", target_flops=0.5).model
     """
@@ -237,6 +246,8 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
                 drops[s] += 1
             plan = plan_from_masks(graph, masks_from_drops(graph, scores, drops), range(n_out))
             small = apply_plan(model, plan).eval()
+            if finish is not None:
+                finish(small)
             trial = {"removed": i, "fraction": float(order[i - 1][0]) if i else 0.0,
                      "flops_ratio": count_flops(small, input_shape) / source_flops,
                      "params_ratio": count_params(small) / source_params}
@@ -290,11 +301,13 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
                    output_classes: Sequence[int], config: CompressConfig,
                    images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                    val_images: torch.Tensor | None = None,
-                   val_labels: torch.Tensor | None = None) -> Compressed:
+                   val_labels: torch.Tensor | None = None,
+                   calibration_images: torch.Tensor | None = None) -> Compressed:
     """Compress ``model`` (logit ``i`` = class ``output_classes[i]``) for all its classes.
 
     ``contribution`` needs normalised training ``images``/``labels``; a
-    ``max_accuracy_drop`` target needs ``val_images``/``val_labels``.
+    ``max_accuracy_drop`` target needs ``val_images``/``val_labels``; ``recalibrate_bn``
+    needs ``calibration_images``.
 
     >>> small = compress_model(net, (1, 28, 28), output_classes=range(10),
     ...                        config=CompressConfig("l1", target_flops=0.5)).model
@@ -303,6 +316,8 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
     _, output_classes = task_outputs(output_classes, output_classes)
     if config.max_accuracy_drop is not None and (val_images is None or val_labels is None):
         raise ModelLegoError("--max-accuracy-drop needs validation images")
+    if config.recalibrate_bn and calibration_images is None:
+        raise ModelLegoError("--recalibrate-bn needs calibration images")
     if config.criterion == "contribution":
         if images is None or labels is None:
             raise ModelLegoError("criterion 'contribution' needs training images")
@@ -310,7 +325,8 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
             comp = disassemble_model(model, images, labels, classes=output_classes,
                                      output_classes=output_classes,
                                      config=config.disassembly(output_classes),
-                                     val_images=val_images, val_labels=val_labels)
+                                     val_images=val_images, val_labels=val_labels,
+                                     calibration_images=calibration_images)
         except PlanError as exc:
             if config.max_accuracy_drop is not None:
                 raise
@@ -329,7 +345,9 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
         min_accuracy = accuracy_of(model) - config.max_accuracy_drop / 100
     res = prune_uniform(model, input_shape, config.criterion, target_flops=config.target_flops,
                         target_params=config.target_params, accuracy_of=accuracy_of,
-                        min_accuracy=min_accuracy)
+                        min_accuracy=min_accuracy,
+                        finish=(lambda net: recalibrate_batchnorm(net, calibration_images))
+                        if config.recalibrate_bn else None)
     return Compressed(res.model, res.plan, res.graph, config.criterion, fraction=res.fraction,
                       trials=res.trials)
 
@@ -365,16 +383,19 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     t0 = time.perf_counter()
     info = dataset_info(dataset, data_dir=data_dir)
     check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
-    images = labels = val_images = val_labels = None
-    if config.criterion == "contribution":
+    images = labels = val_images = val_labels = calibration = None
+    if config.criterion == "contribution" or config.recalibrate_bn:
         train = load_split(dataset, "train", data_dir=data_dir).subset(own)
         images, labels = normalize(train.images, info), train.labels
+        if config.recalibrate_bn:
+            calibration = sample_calibration_images(train, config.recalibrate_bn)
     if config.max_accuracy_drop is not None:
         val = load_split(dataset, "val", data_dir=data_dir).subset(own)
         val_images, val_labels = normalize(val.images, info), val.labels
     result = compress_model(model, manifest["input"]["shape"], output_classes=own,
                             config=config, images=images, labels=labels,
-                            val_images=val_images, val_labels=val_labels)
+                            val_images=val_images, val_labels=val_labels,
+                            calibration_images=calibration)
     seconds = time.perf_counter() - t0
     plan = result.plan
     if manifest.get("kind") == "component":
