@@ -379,3 +379,19 @@ def test_reuse_takes_the_selection_and_profile_of_an_earlier_component(
     with pytest.raises(AssertionError, match="computed again"):
         disassemble_model(trained, x, y, classes=list(TASK), output_classes=range(10),
                           config=config(k=K + 1), reuse=component)
+
+
+def test_a_graph_of_another_model_object_is_refused(trained, digits):
+    import copy
+
+    from modellego.surgery.graph import build_channel_graph
+
+    x, y = digits
+    other = build_channel_graph(copy.deepcopy(trained), tuple(x.shape[1:]))
+    with pytest.raises(ModelLegoError, match="another model object"):
+        disassemble_model(trained, x, y, classes=list(TASK), output_classes=range(10),
+                          config=config(), graph=other)
+    mine = build_channel_graph(trained, tuple(x.shape[1:]))
+    comp = disassemble_model(trained, x, y, classes=list(TASK), output_classes=range(10),
+                             config=config(), graph=mine)
+    assert comp.graph is mine

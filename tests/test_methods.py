@@ -345,9 +345,13 @@ def test_methods_under_emulated_ranks_give_the_single_process_component(trained,
         cfg = DisassemblyConfig(TASK, samples_per_class=K, method=method, batch_size=8)
         single = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
                                    config=cfg)
-        comps = ThreadWorld(2).run(lambda ctx, cfg=cfg: disassemble_model(
-            copy.deepcopy(trained), x, y, classes=TASK, output_classes=range(10), config=cfg,
-            dist=ctx))
+        # fx tracing patches torch globally: trace each rank's copy before the threads start
+        nets = [copy.deepcopy(trained) for _ in range(2)]
+        graphs = [build_channel_graph(net, tuple(x.shape[1:])) for net in nets]
+        comps = ThreadWorld(2).run(lambda ctx, cfg=cfg, nets=nets, graphs=graphs:
+                                   disassemble_model(nets[ctx.rank], x, y, classes=TASK,
+                                                     output_classes=range(10), config=cfg,
+                                                     dist=ctx, graph=graphs[ctx.rank]))
         for comp in comps:
             assert comp.selection == single.selection
             assert comp.plan == single.plan

@@ -169,7 +169,8 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                       calibration_images: torch.Tensor | None = None,
                       dist: DistContext | None = None,
                       selection: SampleSelection | None = None,
-                      reuse: Component | None = None) -> Component:
+                      reuse: Component | None = None,
+                      graph: ChannelGraph | None = None) -> Component:
     """Extract the component of ``model`` that serves ``classes``.
 
     ``images`` are normalised training inputs with class-id ``labels``; ``output_classes[i]``
@@ -179,6 +180,8 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     all the source's classes; see :mod:`modellego.surgery.recalibrate`). ``reuse``: a
     component made earlier from the same model and images for the same classes and sample
     count; its sample selection and profile are taken instead of being computed again.
+    ``graph``: :func:`build_channel_graph` of this very ``model`` object and input shape,
+    built earlier (tracing patches torch globally, so threads should trace beforehand).
     Under ``dist`` (see :mod:`modellego.analysis.distributed`) sample selection and the
     profile are shared among the ranks; every rank returns the same component.
     ``selection``: samples chosen earlier by :func:`select_samples` on these ``images``
@@ -207,7 +210,11 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
             classes, config.samples_per_class, method):
         graph, selection, profile = reuse.graph, reuse.selection, reuse.profile
     else:
-        graph = build_channel_graph(model, input_shape)
+        if graph is None:
+            graph = build_channel_graph(model, input_shape)
+        elif any(lay.module is not dict(model.named_modules()).get(lay.name)
+                 for lay in graph.layers):
+            raise ModelLegoError("the given channel graph was built from another model object")
         if selection is None:
             selection = select_samples(model, images, labels, classes, output_classes,
                                        k=config.samples_per_class, dist=dist,
