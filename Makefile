@@ -30,6 +30,8 @@ bench: $(VENV)/.installed data
 	$(PY) benchmarks/assembly.py
 	$(PY) benchmarks/strategies.py
 	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/distillation.py
+	$(PY) benchmarks/tables.py --readme
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
