@@ -395,3 +395,7 @@ def test_a_graph_of_another_model_object_is_refused(trained, digits):
     comp = disassemble_model(trained, x, y, classes=list(TASK), output_classes=range(10),
                              config=config(), graph=mine)
     assert comp.graph is mine
+    # a component of another model object cannot lend its profile either
+    with pytest.raises(ModelLegoError, match="another model object"):
+        disassemble_model(copy.deepcopy(trained), x, y, classes=list(TASK),
+                          output_classes=range(10), config=config(), reuse=comp)

@@ -206,15 +206,20 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     else:
         hint = ("; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use "
                 "--rule mass")
+    def check_graph(g: ChannelGraph, what: str) -> None:
+        modules = dict(model.named_modules())
+        if any(lay.module is not modules.get(lay.name) for lay in g.layers):
+            raise ModelLegoError(f"the given {what} was built from another model object")
+
     if reuse is not None and (reuse.classes, reuse.selection.k, reuse.method) == (
             classes, config.samples_per_class, method):
+        check_graph(reuse.graph, "component to reuse")
         graph, selection, profile = reuse.graph, reuse.selection, reuse.profile
     else:
         if graph is None:
             graph = build_channel_graph(model, input_shape)
-        elif any(lay.module is not dict(model.named_modules()).get(lay.name)
-                 for lay in graph.layers):
-            raise ModelLegoError("the given channel graph was built from another model object")
+        else:
+            check_graph(graph, "channel graph")
         if selection is None:
             selection = select_samples(model, images, labels, classes, output_classes,
                                        k=config.samples_per_class, dist=dist,
