@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from helpers import masked_source_logits, randomize_bn, run
 from modellego.analysis.locate import LocateConfig
 from modellego.analysis.profile import select_samples
-from modellego.data import load_split, normalize
 from modellego.disassemble import Component, DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError, PlanError
 from modellego.models import create_model, list_models
@@ -43,30 +41,6 @@ def config(k: int = K, classes=TASK, **locate) -> DisassemblyConfig:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    split = load_split("digits", "train")
-    return normalize(split.images, split.info), split.labels
-
-
-@pytest.fixture(scope="module")
-def trained(digits) -> nn.Module:
-    """A simnet trained for 60 SGD steps on the digits train split (well above chance)."""
-    x, y = digits
-    torch.manual_seed(0)
-    model = create_model("simnet", in_channels=1, num_classes=10, input_size=28, width=0.25)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(60):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from helpers import masked_source_logits, randomize_bn, run, run_cli
@@ -39,30 +38,6 @@ def assert_no_hooks(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    split = load_split("digits", "train")
-    return normalize(split.images, split.info), split.labels
-
-
-@pytest.fixture(scope="module")
-def trained(digits) -> nn.Module:
-    """A simnet trained for 60 SGD steps on the digits train split."""
-    x, y = digits
-    torch.manual_seed(0)
-    model = create_model("simnet", in_channels=1, num_classes=10, input_size=28, width=0.25)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(60):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- default method

@@ -60,12 +60,6 @@ def test_modes_restored_and_no_bn_is_a_no_op() -> None:
     assert recalibrate_batchnorm(plain, torch.randn(2, 1, 4, 4)) == []
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    split = load_split("digits", "train")
-    return normalize(split.images, split.info), split.labels
-
-
 def test_component_statistics_are_measured_on_the_calibration_images(digits) -> None:
     x, y = digits
     torch.manual_seed(0)
