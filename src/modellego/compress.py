@@ -386,7 +386,8 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     images = labels = val_images = val_labels = calibration = None
     if config.criterion == "contribution" or config.recalibrate_bn:
         train = load_split(dataset, "train", data_dir=data_dir).subset(own)
-        images, labels = normalize(train.images, info), train.labels
+        if config.criterion == "contribution":  # l1/fpgm only need the calibration images
+            images, labels = normalize(train.images, info), train.labels
         if config.recalibrate_bn:
             calibration = sample_calibration_images(train, config.recalibrate_bn)
     if config.max_accuracy_drop is not None:
