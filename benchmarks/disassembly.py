@@ -21,17 +21,11 @@ from pathlib import Path
 
 import torch
 
-from modellego import __version__
+from modellego import DisassemblyConfig, __version__, disassemble, disassemble_model
 from modellego.analysis.contribution import accumulate_class_contribution
 from modellego.analysis.locate import LocateConfig, locate, profiled_layers
 from modellego.analysis.profile import contribution_profile
 from modellego.data import load_split, normalize
-from modellego.disassemble import (
-    DisassemblyConfig,
-    disassemble,
-    disassemble_model,
-    sample_calibration_images,
-)
 from modellego.io import load_model
 from modellego.metrics import accuracy_from_logits, count_flops, predict_logits
 from modellego.models import create_model
@@ -39,6 +33,7 @@ from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.plan import plan_from_masks
 from modellego.surgery.recalibrate import recalibrate_batchnorm
+from modellego.workflows import sample_calibration_images
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["fashion-mnist/vgg16_bn", "fashion-mnist/resnet18"]

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from modellego import __version__
+from modellego import DisassemblyConfig, __version__, disassemble
 from modellego.analysis.locate import LocateConfig
-from modellego.disassemble import DisassemblyConfig, disassemble
 from modellego.distill import DistillConfig, distill, format_distill
 from modellego.io import load_model
 

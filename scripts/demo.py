@@ -9,15 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+from modellego import DisassemblyConfig, disassemble
 from modellego.analysis.locate import LocateConfig
 from modellego.assembly import AssemblyConfig, assemble, evaluate_assembly
-from modellego.cli import format_assembly
-from modellego.disassemble import DisassemblyConfig, disassemble, format_report
 from modellego.errors import ModelLegoError
 from modellego.io import load_model, save_model
 from modellego.metrics import count_flops, count_params, cpu_latency_ms
 from modellego.viz.report import disassembly_html, write_html
 from modellego.viz.route import plot_route, route_from_profile
+from modellego.workflows import format_assembly, format_report
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = ROOT / "checkpoints"

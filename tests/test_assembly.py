@@ -536,7 +536,7 @@ def test_cli_assemble_into_a_missing_folder(files, tmp_path):
 
 def _component_file(part, classes, path: Path, source: Path) -> Path:
     """Disassemble ``part`` (saved at ``source``) for ``classes`` and save the component."""
-    from modellego.disassemble import disassemble
+    from modellego import disassemble
 
     net, man = part
     comp, comp_man, _ = disassemble(net, man, DisassemblyConfig(tuple(classes)),

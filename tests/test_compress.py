@@ -472,8 +472,8 @@ def test_recalibrate_bn_refreshes_the_statistics_of_the_chosen_model(criterion, 
     import copy
 
     from modellego.data import load_split
-    from modellego.disassemble import sample_calibration_images
     from modellego.surgery.recalibrate import recalibrate_batchnorm
+    from modellego.workflows import sample_calibration_images
 
     plain, recal = tmp_path / "plain.safetensors", tmp_path / "recal.safetensors"
     common = ["--criterion", criterion, "--target-flops", "0.8", "--samples-per-class", "3"]

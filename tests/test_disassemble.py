@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -335,7 +337,7 @@ def test_every_architecture_disassembles(arch, rule, noise):
 
 def test_reuse_takes_the_selection_and_profile_of_an_earlier_component(
         component, trained, digits, monkeypatch):
-    import modellego.disassemble as mod
+    mod = sys.modules["modellego.disassemble"]  # the module, not the function of that name
 
     x, y = digits
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from helpers import run_cli
+from modellego import DisassemblyConfig, disassemble
 from modellego.assembly import AssemblyConfig, assemble
 from modellego.data import dataset_info, load_split
-from modellego.disassemble import DisassemblyConfig, disassemble
 from modellego.distill import DistillConfig, distill, kd_loss
 from modellego.errors import ModelLegoError
 from modellego.evaluate import evaluate

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers import run_cli
+from modellego import DisassemblyConfig, disassemble
 from modellego.analysis.locate import LocateConfig, locate_class, profiled_layers
 from modellego.analysis.profile import contribution_profile, select_samples
 from modellego.data import load_split, normalize
-from modellego.disassemble import DisassemblyConfig, disassemble
 from modellego.errors import ModelLegoError
 from modellego.io import save_model
 from modellego.models import create_model

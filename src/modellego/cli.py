@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import ModelLegoError
 
 
@@ -37,28 +37,6 @@ def parse_classes(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _check_output(out: str, inputs: Sequence[str], force: bool, *, flag: str = "--out",
-                  other: Path | None = None) -> Path:
-    """Refuse an output path (``flag``) that cannot or should not be written, before any work.
-
-    ``other`` is another output of the same command, which this one must not replace.
-    """
-    path = Path(out)
-    if not path.parent.exists():
-        raise ModelLegoError(f"{flag} {out}: folder {path.parent} does not exist; create it "
-                             "or choose another path")
-    if path.is_dir():
-        raise ModelLegoError(f"{flag} {out} is a folder; give a file name inside it")
-    if other is not None and path.resolve() == other.resolve():
-        raise ModelLegoError(f"{flag} {out} is also the --out file; choose another path")
-    if not force:
-        for inp in inputs:
-            if path.exists() and path.resolve() == Path(inp).resolve():
-                raise ModelLegoError(f"{flag} {out} would overwrite the input {inp}; choose "
-                                     "another path or pass --force")
-    return path
-
-
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -83,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .io import save_model
     from .train import TrainConfig, train
 
-    out = _check_output(args.out, [], True)
+    out = _outputs(args, [], "--out")["--out"]
     config = TrainConfig(arch=args.arch, dataset=args.dataset, epochs=args.epochs,
                          classes=args.classes, width=args.width, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, augment=not args.no_augment,
@@ -125,29 +103,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(path: str, obj: object) -> None:
-    from .io import atomic_write
+def _outputs(args: argparse.Namespace, inputs: Sequence[str], *flags: str) -> dict[str, Path]:
+    """The output paths of ``flags`` (e.g. ``"--out"``, ``"--report"``) given on the command
+    line, checked before any work (see :func:`modellego.workflows.outputs.check_outputs`)."""
+    from .workflows.outputs import check_outputs
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+    named = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in flags}
+    return check_outputs(named, inputs, getattr(args, "force", False))
 
-    target = Path(path)
-    if not target.parent.exists():
-        raise ModelLegoError(f"--report {path}: folder {target.parent} does not exist")
-    atomic_write(target, write)
+
+def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=None) -> str:
+    """Write the model file, the JSON report and the HTML page asked for, in that order;
+    returns the ``wrote ...`` line."""
+    from .io import save_model
+    from .viz.report import write_html
+    from .workflows.outputs import write_all, write_json
+
+    done = write_all([
+        (outs.get("--out"), lambda p: save_model(p, model, manifest)),
+        (outs.get("--report"), lambda p: write_json(p, report)),
+        (outs.get("--html"), lambda p: write_html(p, html())),
+    ])
+    return "wrote " + " and ".join(str(p) for p in done)
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
     from .analysis.distributed import distributed_from_env
-    from .disassemble import DisassemblyConfig, disassemble, format_report
-    from .io import load_model, save_model
+    from .disassemble import DisassemblyConfig
+    from .io import load_model
+    from .workflows import disassemble, format_report
+    from .workflows.common import check_own_dataset
 
-    out = _check_output(args.out, [args.file], args.force)
-    if args.report:
-        _check_output(args.report, [args.file], args.force, flag="--report", other=out)
-    _check_html(args, [args.file], out)
+    outs = _outputs(args, [args.file], "--out", "--report", "--html")
     model, manifest = load_model(args.file)
     config = DisassemblyConfig(tuple(args.classes), samples_per_class=args.samples_per_class,
                                locate=_locate_config(args, args.method),
@@ -155,12 +142,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
                                max_accuracy_drop=args.max_accuracy_drop,
                                target_flops=args.target_flops, refine=args.refine,
                                recalibrate_bn=args.recalibrate_bn, method=args.method)
-    if args.dataset is not None:
-        from .data import dataset_info
-
-        if dataset_info(args.dataset, data_dir=args.data_dir).name != manifest["dataset"]["name"]:
-            raise ModelLegoError(f"--dataset {args.dataset}: the model classifies "
-                                 f"{manifest['dataset']['name']!r}")
+    check_own_dataset(manifest, args.dataset, args.data_dir)
     command = "modellego " + shlex.join(args.argv)
     # under torchrun the profile runs data-parallel (same result); only rank 0 writes
     with distributed_from_env() as dist:
@@ -169,30 +151,28 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
                                                  dist=dist)
     if not dist.is_main:
         return 0
-    save_model(out, comp.model, new_manifest)
-    if args.report:
-        _write_json(args.report, report)
-    if args.html:
-        from .viz.report import disassembly_html, write_html
+
+    def page() -> str:
+        from .viz.report import disassembly_html
         from .viz.route import route_from_gradients, route_from_profile
 
         names = dict(zip(manifest["classes"], manifest["class_names"]))
         class_names = [str(names[c]) for c in config.classes]
-        if comp.method == "frat":
-            route = route_from_gradients(comp.graph, comp.profile, config.classes,
-                                         manifest["classes"], comp.locate, class_names)
-        else:
-            route = route_from_profile(comp.graph, comp.profile, config.classes,
-                                       manifest["classes"], comp.locate, class_names)
-        write_html(args.html, disassembly_html(report, new_manifest, route))
+        draw = route_from_gradients if comp.method == "frat" else route_from_profile
+        route = draw(comp.graph, comp.profile, config.classes, manifest["classes"],
+                     comp.locate, class_names)
+        return disassembly_html(report, new_manifest, route)
+
+    wrote = _finish(outs, comp.model, new_manifest, report, page)
     print(format_report(report))
-    print(f"wrote {out}" + "".join(f" and {p}" for p in (args.report, args.html) if p))
+    print(wrote)
     return 0
 
 
 def _evaluate_assembly(args: argparse.Namespace, model, manifest: dict) -> int:
     from .assembly import evaluate_assembly
     from .metrics import cpu_latency_ms
+    from .workflows import format_assembly
 
     if args.dataset is not None or args.classes is not None:
         raise ModelLegoError("an assembled model is evaluated on the union of its parts' test "
@@ -207,38 +187,16 @@ def _evaluate_assembly(args: argparse.Namespace, model, manifest: dict) -> int:
     return 0
 
 
-def format_assembly(result: dict, manifest: dict) -> str:
-    """A plain-text table of an assembled model's evaluation."""
-    lines = [f"assembly of {len(manifest['parts'])} parts, layout {manifest['layout']}, "
-             f"scaling {manifest['scaling']}: {len(manifest['labels'])} outputs, "
-             f"{result['n']} test images",
-             f"  accuracy            {result['accuracy']:.4f}",
-             f"  balanced accuracy   {result['balanced_accuracy']:.4f}  (mean per class)",
-             f"  Base                {result['base']:.4f}  (mean per-class accuracy of the "
-             "parts on their own classes)",
-             f"  params              {result['params']:,}",
-             f"  FLOPs               {result['flops']:,}"]
-    if "latency_ms" in result:
-        lines.append(f"  CPU latency         {result['latency_ms']:.3f} ms/image")
-    for lab, (key, acc) in zip(manifest["labels"], result["per_class"].items()):
-        lines.append(f"    {key:<18s} {lab['name']:<14s} part {lab['part']}  {acc:.4f}")
-    return "\n".join(lines)
-
-
 def cmd_assemble(args: argparse.Namespace) -> int:
+    from .analysis.distributed import distributed_from_env
     from .assembly import AssemblyConfig, assemble, evaluate_assembly
-    from .io import save_model
+    from .workflows import format_assembly
 
-    out = _check_output(args.out, args.files, args.force)
-    if args.report:
-        _check_output(args.report, args.files, args.force, flag="--report", other=out)
-    _check_html(args, args.files, out)
+    outs = _outputs(args, args.files, "--out", "--report", "--html")
     config = AssemblyConfig(layout=args.layout, scaling=args.scaling,
                             on_duplicate=args.on_duplicate,
                             calibration_samples=args.calibration_samples, seed=args.seed)
     command = "modellego " + shlex.join(args.argv)
-    from .analysis.distributed import distributed_from_env
-
     with distributed_from_env() as dist:
         model, manifest = assemble(args.files, config, data_dir=args.data_dir,
                                    command=command, dist=dist)
@@ -248,27 +206,25 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     manifest["metrics"] = {"test_accuracy": result["accuracy"],
                            "test_balanced_accuracy": result["balanced_accuracy"],
                            "base": result["base"]}
-    save_model(out, model, manifest)
     report = {"evaluation": result, "calibration": manifest["provenance"]["calibration"],
               "labels": manifest["labels"]}
-    if args.report:
-        _write_json(args.report, report)
-    if args.html:
-        from .viz.report import assembly_html, write_html
 
-        write_html(args.html, assembly_html(result, manifest, report))
+    def page() -> str:
+        from .viz.report import assembly_html
+
+        return assembly_html(result, manifest, report)
+
+    wrote = _finish(outs, model, manifest, report, page)
     print(format_assembly(result, manifest))
-    print(f"wrote {out}" + "".join(f" and {p}" for p in (args.report, args.html) if p))
+    print(wrote)
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill, format_distill
-    from .io import load_model, save_model
+    from .io import load_model
 
-    out = _check_output(args.out, [args.teacher], args.force)
-    if args.report:
-        _check_output(args.report, [args.teacher], args.force, flag="--report", other=out)
+    outs = _outputs(args, [args.teacher], "--out", "--report")
     config = DistillConfig(student=args.student, width=args.width, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr,
                            temperature=args.temperature, alpha=args.alpha, seed=args.seed,
@@ -279,22 +235,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     student, new_manifest, report = distill(
         teacher, manifest, config, data_dir=args.data_dir, command=command,
         source_path=args.teacher, compare=not args.no_compare, progress=not args.quiet)
-    save_model(out, student, new_manifest)
-    if args.report:
-        _write_json(args.report, report)
+    wrote = _finish(outs, student, new_manifest, report)
     print(format_distill(report))
-    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    print(wrote)
     return 0
-
-
-def _check_html(args: argparse.Namespace, inputs: Sequence[str], out: Path) -> None:
-    """Refuse an ``--html`` path that cannot be written or would replace another output."""
-    if not args.html:
-        return
-    html = _check_output(args.html, inputs, args.force, flag="--html", other=out)
-    if args.report and html.resolve() == Path(args.report).resolve():
-        raise ModelLegoError(f"--html {args.html} is also the --report file; choose another "
-                             "path")
 
 
 def _locate_config(args: argparse.Namespace, method: str = "contribution"):
@@ -309,30 +253,29 @@ def _locate_config(args: argparse.Namespace, method: str = "contribution"):
     return replace(default_locate(method), rule=args.rule, **given)
 
 
-def _check_figure(args: argparse.Namespace) -> Path:
+def _figure_outputs(args: argparse.Namespace, *flags: str) -> dict[str, Path]:
     from .viz.common import figure_format
 
-    out = _check_output(args.out, [args.file], args.force)
-    figure_format(out)
-    return out
+    outs = _outputs(args, [args.file], "--out", *flags)
+    figure_format(outs["--out"])
+    return outs
 
 
 def cmd_route(args: argparse.Namespace) -> int:
     from .io import load_model
     from .viz.route import format_route, plot_route, route_masks
+    from .workflows.outputs import write_json
 
-    out = _check_figure(args)
-    if args.json:
-        _check_output(args.json, [args.file], args.force, flag="--json", other=out)
+    outs = _figure_outputs(args, "--json")
     model, manifest = load_model(args.file)
     data = route_masks(model, manifest, args.classes, dataset=args.dataset,
                        data_dir=args.data_dir, samples_per_class=args.samples_per_class,
                        locate=_locate_config(args))
-    plot_route(data, out)
-    if args.json:
-        _write_json(args.json, data.to_dict())
+    plot_route(data, outs["--out"])
+    if "--json" in outs:
+        write_json(outs["--json"], data.to_dict())
     print(format_route(data))
-    print(f"wrote {out}" + (f" and {args.json}" if args.json else ""))
+    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
     return 0
 
 
@@ -340,7 +283,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     from .io import load_model
     from .viz.heatmap import format_heatmap, heatmap_data, plot_heatmap
 
-    out = _check_figure(args)
+    out = _figure_outputs(args)["--out"]
     model, manifest = load_model(args.file)
     data = heatmap_data(model, manifest, args.layer, args.classes, dataset=args.dataset,
                         data_dir=args.data_dir, samples_per_class=args.samples_per_class,
@@ -352,8 +295,9 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compress import CompressConfig, compress, format_compress_report
-    from .io import load_model, save_model
+    from .compress import CompressConfig
+    from .io import load_model
+    from .workflows import compress, format_compress_report
 
     config = CompressConfig(criterion=args.criterion, target_flops=args.target_flops,
                             target_params=args.target_params,
@@ -361,18 +305,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             samples_per_class=args.samples_per_class, method=args.method,
                             recalibrate_bn=args.recalibrate_bn)
     config.validate()  # before any file is read
-    out = _check_output(args.out, [args.file], args.force)
-    if args.report:
-        _check_output(args.report, [args.file], args.force, flag="--report", other=out)
+    outs = _outputs(args, [args.file], "--out", "--report")
     model, manifest = load_model(args.file)
     command = "modellego " + shlex.join(args.argv)
     small, new_manifest, report = compress(model, manifest, config, source_path=args.file,
                                            data_dir=args.data_dir, command=command)
-    save_model(out, small, new_manifest)
-    if args.report:
-        _write_json(args.report, report)
+    wrote = _finish(outs, small, new_manifest, report)
     print(format_compress_report(report))
-    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    print(wrote)
     return 0
 
 

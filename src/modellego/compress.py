@@ -25,34 +25,27 @@ every space keeps at least one channel.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from . import __version__
 from .analysis.locate import LocateConfig
-from .data import dataset_info, load_split, normalize
+from .analysis.search import Trial, first_passing
 from .disassemble import (
     Component,
     DisassemblyConfig,
-    component_report,
     disassemble_model,
-    file_sha256,
-    kept_channels,
-    sample_calibration_images,
 )
 from .errors import ModelLegoError, PlanError
-from .evaluate import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from .surgery.extract import apply_plan
 from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
-from .train import base_manifest, task_outputs
+from .train import task_outputs
 
 CRITERIA = ("contribution", "l1", "fpgm")
 
@@ -197,19 +190,6 @@ class UniformPruning:
     trials: tuple[dict, ...] = ()
 
 
-def _first(n: int, pred: Callable[[int], bool]) -> int:
-    """The first ``i`` in ``range(n)`` with ``pred(i)`` true, for a ``pred`` that is false then
-    true; ``n`` when it never holds."""
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
 def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, *,
                   target_flops: float | None = None, target_params: float | None = None,
                   accuracy_of: Callable[[nn.Module], float] | None = None,
@@ -236,9 +216,9 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
     order = removal_order(graph)
     n_out = graph.space_size[graph.output_space]
     source_flops, source_params = count_flops(model, input_shape), count_params(model)
-    built: dict[int, tuple[ComponentPlan, nn.Module, dict]] = {}
+    built: dict[int, tuple[ComponentPlan, nn.Module, Trial]] = {}
 
-    def build(i: int) -> tuple[ComponentPlan, nn.Module, dict]:
+    def build(i: int) -> tuple[ComponentPlan, nn.Module, Trial]:
         """The model after the first ``i`` removals."""
         if i not in built:
             drops = {s: 0 for s in scores}
@@ -248,23 +228,22 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
             small = apply_plan(model, plan).eval()
             if finish is not None:
                 finish(small)
-            trial = {"removed": i, "fraction": float(order[i - 1][0]) if i else 0.0,
-                     "flops_ratio": count_flops(small, input_shape) / source_flops,
-                     "params_ratio": count_params(small) / source_params}
-            if min_accuracy is not None:
-                trial["val_accuracy"] = accuracy_of(small)
+            trial = Trial({"removed": i, "fraction": float(order[i - 1][0]) if i else 0.0},
+                          {"flops_ratio": count_flops(small, input_shape) / source_flops,
+                           "params_ratio": count_params(small) / source_params},
+                          accuracy_of(small) if min_accuracy is not None else None)
             built[i] = plan, small, trial
         return built[i]
 
     n = len(order) + 1
     if min_accuracy is not None:
-        i = max(0, _first(n, lambda j: build(j)[2]["val_accuracy"] < min_accuracy) - 1)
+        i = max(0, first_passing(n, lambda j: build(j)[2].accuracy < min_accuracy) - 1)
     else:
         key, target = (("flops_ratio", target_flops) if target_flops is not None
                        else ("params_ratio", target_params))
-        i = _first(n, lambda j: build(j)[2][key] <= target)
+        i = first_passing(n, lambda j: build(j)[2].ratios[key] <= target)
         if i == n:
-            least = build(n - 1)[2][key]
+            least = build(n - 1)[2].ratios[key]
             what = "FLOPs" if key == "flops_ratio" else "parameters"
             raise ModelLegoError(
                 f"{criterion}: even one channel per prunable layer keeps {100 * least:.1f} % "
@@ -272,9 +251,9 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
                 "image input, grouped convs) and the logits cannot be pruned; choose a larger "
                 "target")
     plan, small, trial = build(i)
-    trials = tuple(t for _, (_, _, t) in sorted(built.items()))
-    return UniformPruning(small, plan, graph, criterion, trial["fraction"], trial["flops_ratio"],
-                          trial["params_ratio"], trials)
+    trials = tuple(t.to_dict() for _, (_, _, t) in sorted(built.items()))
+    return UniformPruning(small, plan, graph, criterion, trial.candidate["fraction"],
+                          trial.ratios["flops_ratio"], trial.ratios["params_ratio"], trials)
 
 
 # --------------------------------------------------------------------------- any criterion
@@ -364,98 +343,3 @@ def _check_reached(model: nn.Module, small: nn.Module, input_shape: Sequence[int
             raise ModelLegoError(
                 f"contribution: the most aggressive threshold of the searched family keeps "
                 f"{100 * reached:.1f} %, above {flag} {target}; choose a larger target")
-
-
-# --------------------------------------------------------------------------- model files
-
-
-def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig, *,
-             source_path: str | None = None, data_dir: str | None = None,
-             command: str | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Compress a loaded model file; returns the smaller model, its manifest (kind
-    ``component``, all the source's classes) and the report (test split, all classes)."""
-    config.validate()
-    if manifest.get("kind") not in ("model", "component"):
-        raise ModelLegoError(f"can only compress single models and components, not a "
-                             f"{manifest.get('kind')!r}")
-    dataset = manifest["dataset"]["name"]
-    own = list(manifest["classes"])
-    t0 = time.perf_counter()
-    info = dataset_info(dataset, data_dir=data_dir)
-    check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
-    images = labels = val_images = val_labels = calibration = None
-    if config.criterion == "contribution" or config.recalibrate_bn:
-        train = load_split(dataset, "train", data_dir=data_dir).subset(own)
-        if config.criterion == "contribution":  # l1/fpgm only need the calibration images
-            images, labels = normalize(train.images, info), train.labels
-        if config.recalibrate_bn:
-            calibration = sample_calibration_images(train, config.recalibrate_bn)
-    if config.max_accuracy_drop is not None:
-        val = load_split(dataset, "val", data_dir=data_dir).subset(own)
-        val_images, val_labels = normalize(val.images, info), val.labels
-    result = compress_model(model, manifest["input"]["shape"], output_classes=own,
-                            config=config, images=images, labels=labels,
-                            val_images=val_images, val_labels=val_labels,
-                            calibration_images=calibration)
-    seconds = time.perf_counter() - t0
-    plan = result.plan
-    if manifest.get("kind") == "component":
-        plan = ComponentPlan.from_dict(manifest["plan"]).compose(plan)
-    report = component_report(model, result.model, manifest, own, data_dir=data_dir)
-    report.update({"criterion": config.criterion, "target_flops": config.target_flops,
-                   "target_params": config.target_params,
-                   "max_accuracy_drop": config.max_accuracy_drop, "seconds": seconds,
-                   "fraction": result.fraction,
-                   "locate": result.locate.to_dict() if result.locate else None})
-    provenance: dict[str, Any] = {
-        "made_by": "modellego compress", "command": command,
-        "source": {"file": str(source_path) if source_path else None,
-                   "sha256": file_sha256(source_path) if source_path else None,
-                   "kind": manifest.get("kind"), "classes": own},
-        "method": config.criterion, "config": config.to_dict(),
-        "kept_channels": kept_channels(result.graph, result.plan),
-        "modellego_version": __version__,
-    }
-    if result.component is not None:
-        comp = result.component
-        provenance.update({
-            "disassembly": config.disassembly(own).to_dict(),
-            "locate": comp.locate.to_dict(), "threshold_search": list(comp.search),
-            "samples": {str(c): list(v) for c, v in comp.selection.indices.items()}})
-    else:
-        provenance.update({"fraction": result.fraction, "bisection": list(result.trials)})
-    new_manifest = base_manifest(info, own)
-    new_manifest.update({"kind": "component", "architecture": manifest["architecture"],
-                         "plan": plan.to_dict(),
-                         "metrics": {"test_accuracy": report["component_accuracy"]},
-                         "provenance": provenance})
-    return result.model, new_manifest, report
-
-
-def format_compress_report(report: dict[str, Any]) -> str:
-    """A plain-text table of a compression report."""
-    target = next(f"{flag} {report[key]}" for flag, key in (
-        ("--target-flops", "target_flops"), ("--target-params", "target_params"),
-        ("--max-accuracy-drop", "max_accuracy_drop")) if report[key] is not None)
-    how = (f"{100 * report['fraction']:.1f} % of the channels of every prunable layer removed"
-           if report["fraction"] is not None else
-           f"mass rule, beta conv {report['locate']['beta_conv']} / linear "
-           f"{report['locate']['beta_linear']} (inputs kept until they carry 1 - beta of "
-           "the contribution)")
-    lines = [
-        f"compressed by {report['criterion']} ({target}): {how}",
-        f"  test images {report['n']} of all {len(report['classes'])} classes, no fine-tuning",
-        f"  accuracy  source {report['source_accuracy']:.4f} -> compressed "
-        f"{report['component_accuracy']:.4f}  "
-        f"({100 * (report['component_accuracy'] - report['source_accuracy']):+.2f} pp)",
-        f"  params  {report['source_params']:>12,} -> {report['component_params']:>12,}  "
-        f"({100 * report['params_ratio']:.1f} %)",
-        f"  FLOPs   {report['source_flops']:>12,} -> {report['component_flops']:>12,}  "
-        f"({100 * report['flops_ratio']:.1f} %)",
-        f"  {report['seconds']:.2f} s",
-        f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'compr.':>7}",
-    ]
-    for r in report["per_class"]:
-        lines.append(f"  {r['class']:>5} {r['name']:<14} {r['n']:>5} "
-                     f"{r['source_accuracy']:>7.4f} {r['component_accuracy']:>7.4f}")
-    return "\n".join(lines)

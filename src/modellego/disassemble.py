@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from . import __version__
 from .analysis.distributed import DistContext
 from .analysis.frat import GradientProfile, frat_locate, gradient_profile
 from .analysis.locate import LocateConfig, locate, profiled_layers
@@ -22,9 +18,7 @@ from .analysis.profile import (
     select_samples,
 )
 from .analysis.search import candidates, refine, search
-from .data import load_split, normalize
 from .errors import ModelLegoError
-from .evaluate import check_dataset_matches
 from .metrics import (
     accuracy_from_logits,
     count_flops,
@@ -36,7 +30,7 @@ from .surgery.extract import apply_plan, compensate_removed_inputs
 from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
-from .train import base_manifest, check_classes, task_outputs
+from .train import task_outputs
 
 #: ``contribution``: Model LEGO (NeurIPS'24); ``contribution-2022``: the ICLR'23 contribution
 #: paradigm (correctly classified samples only, un-centred normalisation); ``frat``: CNN LEGO
@@ -303,135 +297,3 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     plan, component = build(chosen)
     return Component(component, plan, classes, selection, profile, graph, chosen,
                      tuple(t.to_dict() for t in trials), method)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
-                source_path: str | Path | None = None, data_dir: str | None = None,
-                command: str | None = None, dist: DistContext | None = None,
-                reuse: Component | None = None,
-                ) -> tuple[Component, dict[str, Any], dict[str, Any]]:
-    """Disassemble a loaded model file; returns the component, its manifest and the report.
-
-    ``reuse``: see :func:`disassemble_model`."""
-    if manifest.get("kind") not in ("model", "component"):
-        raise ModelLegoError(f"can only disassemble single models and components, not a "
-                             f"{manifest.get('kind')!r}")
-    dataset = manifest["dataset"]["name"]
-    train = load_split(dataset, "train", data_dir=data_dir)
-    check_classes(config.classes, train.info.num_classes, "--classes")
-    calibration = None
-    own = list(manifest["classes"])
-    missing = [c for c in config.classes if c not in own]
-    if missing:
-        raise ModelLegoError(f"--classes {missing} are not classes of this model; it "
-                             f"classifies {own}")
-    check_dataset_matches(manifest, dataset, train.info)  # e.g. a folder whose images changed
-    if config.recalibrate_bn:
-        calibration = sample_calibration_images(train.subset(own), config.recalibrate_bn)
-    train = train.subset(config.classes)
-    empty = [c for c in config.classes if not (train.labels == c).any()]
-    if empty:
-        names = ", ".join(f"{c} ({train.info.class_names[c]})" for c in empty)
-        raise ModelLegoError(f"--classes: class {names} has no images in the train split of "
-                             f"{dataset!r}, and disassembly profiles each class on its "
-                             "training images; add images of that class or choose other "
-                             "classes")
-    t0 = time.perf_counter()
-    val = load_split(dataset, "val", data_dir=data_dir).subset(config.classes)
-    comp = disassemble_model(model, normalize(train.images, train.info), train.labels,
-                             classes=config.classes, output_classes=own, config=config,
-                             val_images=normalize(val.images, val.info),
-                             val_labels=val.labels, calibration_images=calibration, dist=dist,
-                             reuse=reuse)
-    seconds = time.perf_counter() - t0
-    plan = comp.plan
-    if manifest.get("kind") == "component":
-        plan = ComponentPlan.from_dict(manifest["plan"]).compose(plan)
-    report = component_report(model, comp.model, manifest, config.classes, data_dir=data_dir)
-    report.update({"profile_seconds": comp.profile.seconds, "total_seconds": seconds,
-                   "samples_per_class": comp.profile.samples})
-    new_manifest = base_manifest(train.info, config.classes)
-    new_manifest.update({
-        "kind": "component",
-        "architecture": manifest["architecture"],
-        "plan": plan.to_dict(),
-        "metrics": {"test_accuracy": report["component_accuracy"]},
-        "provenance": {
-            "made_by": "modellego disassemble", "command": command,
-            "source": {"file": str(source_path) if source_path else None,
-                       "sha256": file_sha256(source_path) if source_path else None,
-                       "kind": manifest.get("kind"), "classes": own},
-            "method": config.method, "config": config.to_dict(),
-            "locate": comp.locate.to_dict(), "threshold_search": list(comp.search),
-            "samples": {str(c): list(v) for c, v in comp.selection.indices.items()},
-            "kept_channels": comp.kept_channels(),
-            "modellego_version": __version__,
-        },
-    })
-    return comp, new_manifest, report
-
-
-def sample_calibration_images(split, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` normalised images of ``split`` (all of them if fewer), in a seeded order."""
-    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
-    return normalize(split.images[order[:count]], split.info)
-
-
-def component_report(source: nn.Module, component: nn.Module, manifest: dict[str, Any],
-                     classes: Sequence[int], *, data_dir: str | None = None) -> dict[str, Any]:
-    """The fair comparison of a component with its source on the task's test images."""
-    test = load_split(manifest["dataset"]["name"], "test", data_dir=data_dir).subset(classes)
-    x = normalize(test.images, test.info)
-    own = list(manifest["classes"])
-    src_logits = predict_logits(source, x)
-    comp_logits = predict_logits(component, x)
-    src = accuracy_from_logits(src_logits, test.labels, own)
-    restricted = accuracy_from_logits(src_logits, test.labels, own, restrict_to=classes)
-    comp = accuracy_from_logits(comp_logits, test.labels, classes)
-    shape = manifest["input"]["shape"]
-    names = dict(zip(own, manifest["class_names"]))
-    rows = [{"class": c, "name": names[c], "n": src.counts[c],
-             "source_accuracy": src.per_class[c], "restricted_accuracy": restricted.per_class[c],
-             "component_accuracy": comp.per_class[c]} for c in classes]
-    sp, cp = count_params(source), count_params(component)
-    sf, cf = count_flops(source, shape), count_flops(component, shape)
-    return {"classes": list(classes), "n": src.n,
-            "source_accuracy": src.accuracy, "restricted_accuracy": restricted.accuracy,
-            "component_accuracy": comp.accuracy,
-            "source_params": sp, "component_params": cp, "params_ratio": cp / sp,
-            "source_flops": sf, "component_flops": cf, "flops_ratio": cf / sf,
-            "per_class": rows}
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """A plain-text table of a disassembly report."""
-    lines = [
-        f"task classes {report['classes']} ({report['n']} test images)",
-        f"  source accuracy (all classes)     {report['source_accuracy']:.4f}",
-        f"  source accuracy (restricted)      {report['restricted_accuracy']:.4f}",
-        f"  component accuracy                {report['component_accuracy']:.4f}  "
-        f"({100 * (report['component_accuracy'] - report['restricted_accuracy']):+.2f} pp)",
-        f"  params  {report['source_params']:>12,} -> {report['component_params']:>12,}  "
-        f"({100 * report['params_ratio']:.1f} %)",
-        f"  FLOPs   {report['source_flops']:>12,} -> {report['component_flops']:>12,}  "
-        f"({100 * report['flops_ratio']:.1f} %)",
-    ]
-    if "profile_seconds" in report:
-        lines.append(f"  profile pass {report['profile_seconds']:.2f} s, "
-                     f"total {report['total_seconds']:.2f} s")
-    lines.append(f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'restr.':>7} "
-                 f"{'comp.':>7}")
-    for r in report["per_class"]:
-        lines.append(f"  {r['class']:>5} {r['name']:<14} {r['n']:>5} "
-                     f"{r['source_accuracy']:>7.4f} {r['restricted_accuracy']:>7.4f} "
-                     f"{r['component_accuracy']:>7.4f}")
-    return "\n".join(lines)
-

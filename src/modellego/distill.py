@@ -18,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
 from .analysis.hooks import preserved_state
 from .data import load_split, normalize
-from .disassemble import file_sha256
 from .errors import ModelLegoError
 from .evaluate import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from .models import create_model, list_models
 from .train import augmentation, base_manifest, check_classes, fit, task_split
+from .workflows.common import provenance, require_single, source_record
 
 
 @dataclass(frozen=True)
@@ -97,10 +96,8 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     ...                                     DistillConfig("lenet5", width=0.5))
     """
     config.validate()
-    kind = teacher_manifest.get("kind")
-    if kind not in ("model", "component"):
-        raise ModelLegoError(f"the teacher must be a model or a component file, not a "
-                             f"{kind!r}; distil from one of the parts instead")
+    require_single(teacher_manifest, "distil from", where="the teacher",
+                   hint="; distil from one of the parts instead")
     dataset = teacher_manifest["dataset"]["name"]
     train_split = load_split(dataset, "train", data_dir=data_dir)
     info = train_split.info
@@ -144,7 +141,8 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     kd_row.update(measured(student))
     report: dict[str, Any] = {
         "dataset": dataset, "classes": list(classes), "n": len(test),
-        "teacher": {"file": str(source_path) if source_path else None, "kind": kind,
+        "teacher": {"file": str(source_path) if source_path else None,
+                    "kind": teacher_manifest.get("kind"),
                     "architecture": teacher_manifest.get("architecture", {}).get("name"),
                     **teacher_row},
         "student_kd": kd_row, "epochs": config.epochs, "config": config.to_dict(),
@@ -187,16 +185,12 @@ def _student_manifest(teacher_manifest: dict[str, Any], info, classes: tuple[int
         "architecture": {"name": config.student, "kwargs": kwargs},
         "metrics": {"val_accuracy": row["val_accuracy"], "test_accuracy": row["accuracy"],
                     "test_per_class": row["per_class"]},
-        "provenance": {
-            "made_by": "modellego distill", "command": command,
-            "teacher": {"file": str(source_path) if source_path else None,
-                        "sha256": file_sha256(source_path) if source_path else None,
-                        "kind": teacher_manifest.get("kind"),
-                        "architecture": teacher_manifest.get("architecture", {}).get("name"),
-                        "classes": list(teacher_manifest["classes"])},
-            "config": config.to_dict(), "best_epoch": row["best_epoch"], "history": history,
-            "modellego_version": __version__, "torch_version": torch.__version__,
-        },
+        "provenance": provenance(
+            "modellego distill", command,
+            teacher={**source_record(teacher_manifest, source_path),
+                     "architecture": teacher_manifest.get("architecture", {}).get("name")},
+            config=config.to_dict(), best_epoch=row["best_epoch"], history=history,
+            torch_version=torch.__version__),
     })
     return manifest
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__
+from ._version import __version__
 from .data import Split, load_split, normalize
 from .errors import ModelLegoError
 from .metrics import accuracy_from_logits, predict_logits

@@ -4,7 +4,7 @@ to the least aggressive, and pick the first that meets a target on the validatio
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import PlanError
 from .locate import LocateConfig
@@ -36,19 +36,57 @@ def candidates(base: LocateConfig, method: str = "contribution") -> list[LocateC
                     beta_linear=min(1.0, base.beta_linear * f)) for f in COUNT_SCALES]
 
 
+def first_passing(n: int, passes: Callable[[int], bool]) -> int:
+    """The first ``i`` in ``range(n)`` for which ``passes(i)`` holds, by bisection, for a
+    ``passes`` that is false and then true along the range; ``n`` when it never holds.
+
+    Every search of the package (threshold families, uniform pruning) goes through this one
+    helper, so they probe candidates in the same order."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 @dataclass(frozen=True)
 class Trial:
-    config: LocateConfig
-    flops_ratio: float | None
-    accuracy: float | None
-    ok: bool
+    """One candidate a search measured: what it was (plain data), its cost ratios, and, when
+    an accuracy budget was searched, its validation accuracy.
+
+    ``verdict`` is ``True``/``False`` where the search judged the candidate against its target
+    (threshold searches record it with a ``note``); ``None`` where the caller judges it from
+    the numbers (uniform pruning's bisection)."""
+
+    candidate: Mapping[str, Any]
+    ratios: Mapping[str, float | None]
+    accuracy: float | None = None
+    verdict: bool | None = None
     note: str = ""
-    #: what ``flops_ratio`` measures: "flops", or "params" under a parameter target
-    cost: str = "flops"
+    #: the threshold configuration tried, for threshold searches
+    config: LocateConfig | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.verdict)
+
+    @classmethod
+    def of_thresholds(cls, config: LocateConfig, ratio: float | None, accuracy: float | None,
+                      ok: bool, note: str = "", cost: str = "flops") -> Trial:
+        """A trial of locating thresholds; ``cost`` names what ``ratio`` measures."""
+        return cls({"locate": config.to_dict()}, {f"{cost}_ratio": ratio}, accuracy, ok, note,
+                   config)
 
     def to_dict(self) -> dict:
-        return {"locate": self.config.to_dict(), f"{self.cost}_ratio": self.flops_ratio,
-                "val_accuracy": self.accuracy, "ok": self.ok, "note": self.note}
+        out = {**self.candidate, **self.ratios}
+        if self.verdict is not None:
+            out.update({"val_accuracy": self.accuracy, "ok": self.verdict, "note": self.note})
+        elif self.accuracy is not None:
+            out["val_accuracy"] = self.accuracy
+        return out
 
 
 def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], float],
@@ -75,7 +113,8 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
         try:
             ratio = flops_of(cfg)
         except PlanError as exc:
-            trials.append(Trial(cfg, None, None, False, str(exc).split(";")[0], cost))
+            trials.append(Trial.of_thresholds(cfg, None, None, False, str(exc).split(";")[0],
+                                              cost))
             cache[i] = False
             return False
         acc = None
@@ -83,7 +122,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
         if min_accuracy is not None and accuracy_of is not None:
             acc = accuracy_of(cfg)
             ok = ok and acc >= min_accuracy
-        trials.append(Trial(cfg, ratio, acc, ok, cost=cost))
+        trials.append(Trial.of_thresholds(cfg, ratio, acc, ok, cost=cost))
         cache[i] = ok
         return ok
 
@@ -95,15 +134,8 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
             if passes(i):
                 return family[i], trials
         return family[0], trials
-    lo, hi = 0, len(family) - 1
-    best = len(family) - 1
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            best, hi = mid, mid - 1
-        else:
-            lo = mid + 1
-    return family[best], trials
+    best = first_passing(len(family), passes)
+    return family[min(best, len(family) - 1)], trials
 
 
 def refine(start: LocateConfig, layers: Sequence[tuple[str, float]],
@@ -126,11 +158,11 @@ def refine(start: LocateConfig, layers: Sequence[tuple[str, float]],
             try:
                 ratio = flops_of(cfg)
             except PlanError as exc:
-                trials.append(Trial(cfg, None, None, False, str(exc).split(";")[0]))
+                trials.append(Trial.of_thresholds(cfg, None, None, False, str(exc).split(";")[0]))
                 continue
             acc = accuracy_of(cfg)
             ok = acc >= min_accuracy
-            trials.append(Trial(cfg, ratio, acc, ok, f"refine {name}"))
+            trials.append(Trial.of_thresholds(cfg, ratio, acc, ok, f"refine {name}"))
             if ok:
                 current = cfg
                 break

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..analysis.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..analysis.hooks import preserved_state
 from ..data import load_split
@@ -145,7 +145,7 @@ class ParallelBody(nn.Module):
 
 
 def _part_manifest(man: dict[str, Any], path: str | None) -> dict[str, Any]:
-    from ..disassemble import file_sha256
+    from ..io import file_sha256
 
     part = {k: man[k] for k in _PART_KEYS if k in man}
     part["file"] = str(path) if path else None

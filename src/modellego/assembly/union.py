@@ -23,7 +23,7 @@ from .adapters import InputAdapter
 
 def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Architecture and union plan of components of one source (read from the source file)."""
-    from ..disassemble import file_sha256
+    from ..io import file_sha256
 
     sources = {(p.get("source") or {}).get("sha256") for p in parts}
     if any(p.get("kind") != "component" for p in parts) or len(sources) != 1 or None in sources:

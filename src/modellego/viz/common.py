@@ -86,34 +86,11 @@ def task_images(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     """Normalised training images and labels of ``classes`` of the model ``manifest``
     describes, with the same checks as disassembly. Returns
     ``(images, labels, classes, class names)``; ``classes=None`` means all of the model's."""
-    from ..data import dataset_info, load_split, normalize
-    from ..evaluate import check_dataset_matches
-    from ..train import check_classes
+    from ..workflows.common import check_own_dataset, require_single, task_data
 
-    if manifest.get("kind") not in ("model", "component"):
-        raise ModelLegoError(f"only single models and components can be analysed, not a "
-                             f"{manifest.get('kind')!r}; analyse its parts one by one")
-    own_dataset = manifest["dataset"]["name"]
-    if dataset is not None:
-        name = dataset_info(dataset, data_dir=data_dir).name
-        if name != own_dataset:
-            raise ModelLegoError(f"--dataset {dataset}: the model classifies "
-                                 f"{own_dataset!r}; pass --dataset {own_dataset}")
-    train = load_split(own_dataset, "train", data_dir=data_dir)
-    own = [int(c) for c in manifest["classes"]]
-    classes = tuple(own) if classes is None else tuple(int(c) for c in classes)
-    check_classes(classes, train.info.num_classes, "--classes")
-    missing = [c for c in classes if c not in own]
-    if missing:
-        raise ModelLegoError(f"--classes {missing} are not classes of this model; it "
-                             f"classifies {own}")
-    check_dataset_matches(manifest, own_dataset, train.info)
-    train = train.subset(classes)
-    empty = [c for c in classes if not (train.labels == c).any()]
-    if empty:
-        raise ModelLegoError(f"--classes {empty}: no training images of these classes in "
-                             f"{own_dataset!r}; the analysis profiles each class on its "
-                             "training images")
+    require_single(manifest, "analyse", hint="; analyse its parts one by one")
+    check_own_dataset(manifest, dataset, data_dir)
+    data = task_data(manifest, classes, data_dir=data_dir, what="the analysis")
+    own, classes = [int(c) for c in manifest["classes"]], data.classes
     names = dict(zip(own, manifest["class_names"]))
-    return (normalize(train.images, train.info), train.labels, classes,
-            [str(names[c]) for c in classes])
+    return data.images, data.labels, classes, [str(names[c]) for c in classes]

@@ -1,0 +1,16 @@
+"""The file-level verbs: each loads and checks what it is given, gathers the data it needs,
+calls one in-memory algorithm and returns the new model, its manifest and a report.
+
+Layers (each imports only those to its left): ``errors`` -> ``data``, ``models`` -> ``io``,
+``manifest`` -> ``surgery`` -> ``analysis`` -> in-memory algorithms (``disassemble_model``,
+``compress_model``, ``assembly``) -> ``workflows`` -> ``cli``.
+"""
+
+from .common import require_single, sample_calibration_images, source_record, task_data
+from .compress import compress
+from .disassemble import component_report, disassemble
+from .reports import format_assembly, format_compress_report, format_report
+
+__all__ = ["compress", "component_report", "disassemble", "format_assembly",
+           "format_compress_report", "format_report", "require_single",
+           "sample_calibration_images", "source_record", "task_data"]

@@ -1,0 +1,142 @@
+"""What every file-level verb shares, written once: the kind check on a loaded file, the
+task's data (training images of the task's classes, validation images, calibration images of
+all the model's classes), the provenance record of a source file, and the manifest of a new
+component cut from a source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .._version import __version__
+from ..data import Split, dataset_info, load_split, normalize
+from ..errors import ModelLegoError
+from ..evaluate import check_dataset_matches
+from ..io import file_sha256
+from ..train import base_manifest, check_classes
+
+#: the kinds of file that are one network with its own classes (not an assembly of parts)
+SINGLE_KINDS = ("model", "component")
+
+
+def require_single(manifest: dict[str, Any], verb: str, *, where: str = "",
+                   hint: str = "") -> None:
+    """Refuse a file that is not a single model or component: ``verb`` says what was to be
+    done with it (``"disassemble"``), ``where`` names the file, ``hint`` what to do instead."""
+    kind = manifest.get("kind", "model")
+    if kind not in SINGLE_KINDS:
+        prefix = f"{where}: " if where else ""
+        raise ModelLegoError(f"{prefix}can only {verb} single models and components, not a "
+                             f"{kind!r}{hint}")
+
+
+def source_record(manifest: dict[str, Any], path: str | Path | None) -> dict[str, Any]:
+    """Where a new file came from: the source file, its SHA-256, kind and classes."""
+    return {"file": str(path) if path else None,
+            "sha256": file_sha256(path) if path else None,
+            "kind": manifest.get("kind"), "classes": [int(c) for c in manifest["classes"]]}
+
+
+def provenance(made_by: str, command: str | None, **fields: Any) -> dict[str, Any]:
+    """A provenance record: which verb made the file, with which command line, by which
+    version of modellego, plus the verb's own ``fields``."""
+    return {"made_by": made_by, "command": command, **fields,
+            "modellego_version": __version__}
+
+
+def component_manifest(info: Any, classes: Sequence[int], source: dict[str, Any],
+                       plan: Any, metrics: dict[str, Any],
+                       prov: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a component of ``source`` (a model or component manifest) that keeps
+    ``plan`` (relative to ``source``'s network) for ``classes``: the plan is composed with
+    the source's own when the source is itself a component."""
+    from ..surgery.plan import ComponentPlan
+
+    if source.get("kind") == "component":
+        plan = ComponentPlan.from_dict(source["plan"]).compose(plan)
+    manifest = base_manifest(info, classes)
+    manifest.update({"kind": "component", "architecture": source["architecture"],
+                     "plan": plan.to_dict(), "metrics": metrics, "provenance": prov})
+    return manifest
+
+
+def own_classes(manifest: dict[str, Any], classes: Sequence[int] | None, num_classes: int,
+                *, param: str = "--classes") -> tuple[int, ...]:
+    """``classes`` (default: all of the model's) checked against the dataset and the model."""
+    own = [int(c) for c in manifest["classes"]]
+    chosen = tuple(own) if classes is None else tuple(int(c) for c in classes)
+    check_classes(chosen, num_classes, param)
+    missing = [c for c in chosen if c not in own]
+    if missing:
+        raise ModelLegoError(f"{param} {missing} are not classes of this model; it "
+                             f"classifies {own}")
+    return chosen
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Normalised images for a task on a model's own dataset (training split only)."""
+
+    info: Any
+    classes: tuple[int, ...]
+    #: the train split restricted to the task's classes (normalised images, class ids)
+    images: torch.Tensor
+    labels: torch.Tensor
+    #: calibration images of all the model's classes, or ``None``
+    calibration: torch.Tensor | None = None
+
+
+def sample_calibration_images(split: Split, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` normalised images of ``split`` (all of them if fewer), in a seeded order."""
+    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
+    return normalize(split.images[order[:count]], split.info)
+
+
+def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
+              data_dir: str | None = None, calibration: int = 0,
+              what: str = "disassembly", param: str = "--classes",
+              every_class: bool = True) -> TaskData:
+    """The training images of ``classes`` (default: all the model's) on the model's dataset,
+    with every check a profile needs: the classes are the model's, the dataset is the one
+    the model was made for, and every class has training images. ``calibration`` > 0 also
+    draws that many seeded training images of all the model's classes. ``every_class=False``
+    skips the check that every class has training images (for work that profiles none)."""
+    dataset = manifest["dataset"]["name"]
+    train = load_split(dataset, "train", data_dir=data_dir)
+    chosen = own_classes(manifest, classes, train.info.num_classes, param=param)
+    check_dataset_matches(manifest, dataset, train.info)  # e.g. a folder whose images changed
+    calib = None
+    if calibration:
+        calib = sample_calibration_images(train.subset(manifest["classes"]), calibration)
+    train = train.subset(chosen)
+    empty = [c for c in chosen if every_class and not (train.labels == c).any()]
+    if empty:
+        names = ", ".join(f"{c} ({train.info.class_names[c]})" for c in empty)
+        raise ModelLegoError(f"{param}: class {names} has no images in the train split of "
+                             f"{dataset!r}, and {what} profiles each class on its "
+                             "training images; add images of that class or choose other "
+                             "classes")
+    return TaskData(train.info, chosen, normalize(train.images, train.info), train.labels,
+                    calib)
+
+
+def split_images(manifest: dict[str, Any], split: str, classes: Sequence[int], *,
+                 data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images and labels of ``classes`` from ``split`` of the model's dataset."""
+    part = load_split(manifest["dataset"]["name"], split, data_dir=data_dir).subset(classes)
+    return normalize(part.images, part.info), part.labels
+
+
+def check_own_dataset(manifest: dict[str, Any], dataset: str | None,
+                      data_dir: str | None = None) -> None:
+    """Refuse a ``--dataset`` other than the model's own (class ids are dataset-specific)."""
+    if dataset is None:
+        return
+    own = manifest["dataset"]["name"]
+    if dataset_info(dataset, data_dir=data_dir).name != own:
+        raise ModelLegoError(f"--dataset {dataset}: the model classifies {own!r}; pass "
+                             f"--dataset {own}")

@@ -1,0 +1,77 @@
+"""``compress`` on a model file: data for the criterion, the smaller model, report, manifest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..compress import CompressConfig, compress_model
+from ..data import dataset_info
+from ..disassemble import kept_channels
+from ..evaluate import check_dataset_matches
+from .common import (
+    component_manifest,
+    provenance,
+    require_single,
+    source_record,
+    split_images,
+    task_data,
+)
+from .disassemble import component_report
+
+
+def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig, *,
+             source_path: str | Path | None = None, data_dir: str | None = None,
+             command: str | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Compress a loaded model file; returns the smaller model, its manifest (kind
+    ``component``, all the source's classes) and the report (test split, all classes).
+
+    >>> small, small_manifest, report = compress(model, manifest,
+    ...                                          CompressConfig("l1", target_flops=0.5))
+    """
+    config.validate()
+    require_single(manifest, "compress")
+    dataset = manifest["dataset"]["name"]
+    own = [int(c) for c in manifest["classes"]]
+    t0 = time.perf_counter()
+    info = dataset_info(dataset, data_dir=data_dir)
+    check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
+    images = labels = val_images = val_labels = calibration = None
+    if config.criterion == "contribution" or config.recalibrate_bn:
+        data = task_data(manifest, own, data_dir=data_dir, calibration=config.recalibrate_bn,
+                         what="compression",
+                         every_class=config.criterion == "contribution")
+        if config.criterion == "contribution":  # l1/fpgm only need the calibration images
+            images, labels = data.images, data.labels
+        calibration = data.calibration
+    if config.max_accuracy_drop is not None:
+        val_images, val_labels = split_images(manifest, "val", own, data_dir=data_dir)
+    result = compress_model(model, manifest["input"]["shape"], output_classes=own,
+                            config=config, images=images, labels=labels,
+                            val_images=val_images, val_labels=val_labels,
+                            calibration_images=calibration)
+    seconds = time.perf_counter() - t0
+    report = component_report(model, result.model, manifest, own, data_dir=data_dir)
+    report.update({"criterion": config.criterion, "target_flops": config.target_flops,
+                   "target_params": config.target_params,
+                   "max_accuracy_drop": config.max_accuracy_drop, "seconds": seconds,
+                   "fraction": result.fraction,
+                   "locate": result.locate.to_dict() if result.locate else None})
+    fields: dict[str, Any] = {
+        "source": source_record(manifest, source_path), "method": config.criterion,
+        "config": config.to_dict(), "kept_channels": kept_channels(result.graph, result.plan)}
+    if result.component is not None:
+        comp = result.component
+        fields.update({
+            "disassembly": config.disassembly(own).to_dict(),
+            "locate": comp.locate.to_dict(), "threshold_search": list(comp.search),
+            "samples": {str(c): list(v) for c, v in comp.selection.indices.items()}})
+    else:
+        fields.update({"fraction": result.fraction, "bisection": list(result.trials)})
+    new_manifest = component_manifest(info, own, manifest, result.plan,
+                                      {"test_accuracy": report["component_accuracy"]},
+                                      provenance("modellego compress", command, **fields))
+    return result.model, new_manifest, report

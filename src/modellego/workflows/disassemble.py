@@ -1,0 +1,83 @@
+"""``disassemble`` on a model file: the task's data, the component, its report and manifest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from ..analysis.distributed import DistContext
+from ..disassemble import Component, DisassemblyConfig, disassemble_model
+from ..metrics import accuracy_from_logits, count_flops, count_params, predict_logits
+from .common import (
+    component_manifest,
+    provenance,
+    require_single,
+    source_record,
+    split_images,
+    task_data,
+)
+
+
+def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
+                source_path: str | Path | None = None, data_dir: str | None = None,
+                command: str | None = None, dist: DistContext | None = None,
+                reuse: Component | None = None,
+                ) -> tuple[Component, dict[str, Any], dict[str, Any]]:
+    """Disassemble a loaded model file; returns the component, its manifest and the report.
+
+    ``reuse``: see :func:`modellego.disassemble_model`.
+
+    >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
+    >>> comp, comp_manifest, report = disassemble(model, manifest, DisassemblyConfig((0, 1)))
+    """
+    require_single(manifest, "disassemble")
+    data = task_data(manifest, config.classes, data_dir=data_dir,
+                     calibration=config.recalibrate_bn)
+    own = [int(c) for c in manifest["classes"]]
+    t0 = time.perf_counter()
+    val_images, val_labels = split_images(manifest, "val", config.classes, data_dir=data_dir)
+    comp = disassemble_model(model, data.images, data.labels, classes=config.classes,
+                             output_classes=own, config=config, val_images=val_images,
+                             val_labels=val_labels, calibration_images=data.calibration,
+                             dist=dist, reuse=reuse)
+    seconds = time.perf_counter() - t0
+    report = component_report(model, comp.model, manifest, config.classes, data_dir=data_dir)
+    report.update({"profile_seconds": comp.profile.seconds, "total_seconds": seconds,
+                   "samples_per_class": comp.profile.samples})
+    prov = provenance(
+        "modellego disassemble", command, source=source_record(manifest, source_path),
+        method=config.method, config=config.to_dict(), locate=comp.locate.to_dict(),
+        threshold_search=list(comp.search),
+        samples={str(c): list(v) for c, v in comp.selection.indices.items()},
+        kept_channels=comp.kept_channels())
+    new_manifest = component_manifest(data.info, config.classes, manifest, comp.plan,
+                                      {"test_accuracy": report["component_accuracy"]}, prov)
+    return comp, new_manifest, report
+
+
+def component_report(source: nn.Module, component: nn.Module, manifest: dict[str, Any],
+                     classes: Sequence[int], *, data_dir: str | None = None) -> dict[str, Any]:
+    """The fair comparison of a component with its source on the task's test images."""
+    x, labels = split_images(manifest, "test", classes, data_dir=data_dir)
+    own = list(manifest["classes"])
+    src_logits = predict_logits(source, x)
+    comp_logits = predict_logits(component, x)
+    src = accuracy_from_logits(src_logits, labels, own)
+    restricted = accuracy_from_logits(src_logits, labels, own, restrict_to=classes)
+    comp = accuracy_from_logits(comp_logits, labels, classes)
+    shape = manifest["input"]["shape"]
+    names = dict(zip(own, manifest["class_names"]))
+    rows = [{"class": c, "name": names[c], "n": src.counts[c],
+             "source_accuracy": src.per_class[c], "restricted_accuracy": restricted.per_class[c],
+             "component_accuracy": comp.per_class[c]} for c in classes]
+    sp, cp = count_params(source), count_params(component)
+    sf, cf = count_flops(source, shape), count_flops(component, shape)
+    return {"classes": list(classes), "n": src.n,
+            "source_accuracy": src.accuracy, "restricted_accuracy": restricted.accuracy,
+            "component_accuracy": comp.accuracy,
+            "source_params": sp, "component_params": cp, "params_ratio": cp / sp,
+            "source_flops": sf, "component_flops": cf, "flops_ratio": cf / sf,
+            "per_class": rows}
