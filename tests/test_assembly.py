@@ -28,7 +28,7 @@ from modellego.assembly.padded import PaddedBody
 from modellego.data import dataset_info, load_split, normalize
 from modellego.disassemble import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
-from modellego.io import load_model, save_model
+from modellego.io import load_model, read_manifest, save_model
 from modellego.metrics import predict_logits
 from modellego.models import create_model
 from modellego.train import TrainConfig, train
@@ -497,7 +497,9 @@ def test_cli_assemble_then_evaluate(files, tmp_path):
         assert key in result
     assert "latency_ms" not in result
     assert sorted(result["per_class"]) == sorted(f"digits:{c}" for c in range(10))
-    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["balanced_accuracy"] <= 1.0
+    per_class = result["per_class"].values()
+    assert result["balanced_accuracy"] == pytest.approx(sum(per_class) / len(per_class))
+    assert result["accuracy"] == read_manifest(out)["metrics"]["test_accuracy"]
     assert result["per_class"]["digits:3"] > 0.5
     manifest = load_model(out)[1]
     assert manifest["metrics"]["test_accuracy"] == pytest.approx(result["accuracy"])
