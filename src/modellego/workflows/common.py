@@ -30,7 +30,7 @@ def require_single(manifest: dict[str, Any], verb: str, *, where: str = "",
     kind = manifest.get("kind", "model")
     if kind not in SINGLE_KINDS:
         prefix = f"{where}: " if where else ""
-        raise ModelLegoError(f"{prefix}can only {verb} single models and components, not a "
+        raise ModelLegoError(f"{prefix}can only {verb} a model or a component file, not a "
                              f"{kind!r}{hint}")
 
 
