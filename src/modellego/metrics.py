@@ -32,7 +32,7 @@ def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
     macs: dict[str, int] = {}
     names = {id(m): n for n, m in model.named_modules()}
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def hook(module: nn.Conv2d | nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             n = output.numel() * (module.in_channels // module.groups) * kh * kw

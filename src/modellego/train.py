@@ -93,8 +93,8 @@ def train(config: TrainConfig, *, command: str | None = None,
         raise ModelLegoError(f"dataset {config.dataset!r} has no training or validation images "
                              f"of classes {list(classes)}; add images or choose other classes")
     c, h, w = info.input_shape
-    kwargs = {"in_channels": c, "num_classes": len(classes), "input_size": h,
-              "width": config.width}
+    kwargs: dict[str, Any] = {"in_channels": c, "num_classes": len(classes),
+                              "input_size": h, "width": config.width}
     model = create_model(config.arch, **kwargs)
     pad, flip = augmentation(config.dataset, h, config.augment)
     best_acc, best_epoch, history = fit(
@@ -216,6 +216,9 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                        f"val accuracy {val_acc:.4f}")
         if val_acc > best_acc:
             best, best_acc, best_epoch = copy.deepcopy(model.state_dict()), val_acc, epoch
+    if best is None:  # no epoch ran, or every validation accuracy was NaN
+        raise ModelLegoError(f"training kept no weights: no epoch of {epochs} had a "
+                             "validation accuracy to compare")
     model.load_state_dict(best)
     model.eval()
     return best_acc, best_epoch, history

@@ -37,6 +37,7 @@ float32 products for float32 inputs, float64 sums).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -87,21 +88,23 @@ def _explicit_padding(
         if padding == "same":
             if stride != (1, 1):
                 raise ValueError("padding='same' requires stride 1 (as in torch.nn.Conv2d)")
-            pads = []
+            sides = []
             for k, d in zip(kernel_size, dilation, strict=True):
                 total = d * (k - 1)
                 before = total // 2  # PyTorch puts the extra pixel, if any, after
-                pads.append((before, total - before))
-            return pads[0], pads[1]
+                sides.append((before, total - before))
+            return sides[0], sides[1]
         raise ValueError(f"padding must be 'same', 'valid' or numbers, got {padding!r}")
     if isinstance(padding, int):
         return (padding, padding), (padding, padding)
-    items = list(padding)
-    if len(items) == 2 and all(not isinstance(v, int) for v in items):
-        (top, bottom), (left, right) = (tuple(int(x) for x in v) for v in items)
+    items: list[int | Sequence[int]] = list(padding)
+    pairs = [v for v in items if not isinstance(v, int)]
+    pads: tuple[tuple[int, int], tuple[int, int]]
+    if len(items) == 2 and len(pairs) == 2:
+        (top, bottom), (left, right) = (tuple(int(x) for x in v) for v in pairs)
         pads = ((top, bottom), (left, right))
-    else:
-        ph, pw = _pair(items, "padding")
+    else:  # numbers (a pair of ints, or one); anything else fails in _pair
+        ph, pw = _pair(cast(Sequence[int], items), "padding")
         pads = ((ph, ph), (pw, pw))
     if min(min(p) for p in pads) < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
@@ -214,7 +217,8 @@ def _chunk_size(batch: int, per_sample_bytes: int, max_bytes: int) -> int:
     return max(1, min(batch, max_bytes // max(1, per_sample_bytes)))
 
 
-def _check_conv(inp: torch.Tensor, conv: nn.Module, name: str | None) -> None:
+def _check_conv(inp: torch.Tensor, conv: nn.Module, name: str | None) -> nn.Conv2d:
+    """``conv`` itself, once checked to be a zeros-padded Conv2d that can read ``inp``."""
     if not isinstance(conv, nn.Conv2d):
         raise UnsupportedModelError(
             f"Contribution analysis supports only Conv2d and Linear; got "
@@ -230,6 +234,7 @@ def _check_conv(inp: torch.Tensor, conv: nn.Module, name: str | None) -> None:
             f"{_layer_label(conv, name)} expects input (B, {conv.in_channels}, H, W), "
             f"got shape {tuple(inp.shape)}"
         )
+    return conv
 
 
 def _check_linear(inp: torch.Tensor, linear: nn.Module, name: str | None) -> None:
@@ -269,7 +274,7 @@ def conv2d_contribution(
     q_g = q_total // groups
     taps = kh * kw
     (top, bottom), (left, right) = _explicit_padding(
-        conv.padding, (kh, kw), tuple(conv.stride), tuple(conv.dilation)
+        conv.padding, (kh, kw), _pair(conv.stride, "stride"), _pair(conv.dilation, "dilation")
     )
     padding = ((top, bottom), (left, right))
 
@@ -447,15 +452,14 @@ def layer_class_sums(
         w = module.weight.detach().double()
         sums = _one_tap_sums(x.unsqueeze(1), w.unsqueeze(0), rows, num_rows)[:, 0]
         return sums, w * x.sum(0)
-    _check_conv(inp, module, name)
-    conv = module
+    conv = _check_conv(inp, module, name)
     groups = conv.groups
     q_total, p_g, kh, kw = conv.weight.shape
     q_g = q_total // groups
     dtype = torch.promote_types(inp.dtype, torch.float32)
     weight = conv.weight.detach().to(dtype).reshape(groups, q_g, p_g, kh * kw)
-    padding = _explicit_padding(conv.padding, (kh, kw), tuple(conv.stride),
-                                tuple(conv.dilation))
+    padding = _explicit_padding(conv.padding, (kh, kw), _pair(conv.stride, "stride"),
+                                _pair(conv.dilation, "dilation"))
     batch = inp.shape[0]
     u = tap_sums(inp.detach().to(dtype), (kh, kw), conv.stride, padding, conv.dilation)
     u = u.reshape(batch, groups, p_g, kh * kw)

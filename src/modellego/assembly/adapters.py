@@ -37,6 +37,9 @@ def convert_images(x: torch.Tensor, channels: int, size: Sequence[int]) -> torch
 class InputAdapter(nn.Module):
     """Turns contract images (``[0, 1]``) into one part's normalised input."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, contract: Sequence[int], part_input: dict[str, Any]) -> None:
         super().__init__()
         shape = [int(v) for v in part_input["shape"]]

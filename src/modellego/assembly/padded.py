@@ -11,7 +11,7 @@ block-diagonal too. The logits are ``[logits_0; logits_1; ...]``, exactly the pa
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -101,11 +101,17 @@ def widen(nets: Sequence[nn.Module], graphs: Sequence[ChannelGraph], shared_inpu
         in_maps, out_maps, n_in, n_out = _layer_maps(layers, graphs, shared_input)
         space_maps[layer0.out_space] = out_maps
         mods = [lay.module for lay in layers]
+        new: nn.Conv2d | nn.Linear
         if isinstance(mods[0], nn.Conv2d):
             c0 = mods[0]
             groups = n_out if layer0.depthwise else 1
-            new = nn.Conv2d(n_in, n_out, c0.kernel_size, stride=c0.stride, padding=c0.padding,
-                            dilation=c0.dilation, groups=groups, bias=c0.bias is not None)
+            # a Conv2d keeps its geometry as pairs; torch's stubs type it tuple[int, ...]
+            pair = tuple[int, int]
+            new = nn.Conv2d(n_in, n_out, cast(pair, c0.kernel_size),
+                            stride=cast(pair, c0.stride),
+                            padding=cast("str | tuple[int, int]", c0.padding),
+                            dilation=cast(pair, c0.dilation), groups=groups,
+                            bias=c0.bias is not None)
         else:
             new = nn.Linear(n_in, n_out, bias=mods[0].bias is not None)
         with torch.no_grad():
@@ -116,23 +122,36 @@ def widen(nets: Sequence[nn.Module], graphs: Sequence[ChannelGraph], shared_inpu
                 else:
                     new.weight[om[:, None], im[None, :]] = m.weight
                 if m.bias is not None:
+                    if new.bias is None:
+                        raise ModelLegoError(f"--layout padded: {layer0.name} has a bias in "
+                                             "some parts but not in part 0")
                     new.bias[om] = m.bias
         _set(wide, modules, layer0.name, new)
     for name, space in graphs[0].norms.items():
-        bns = [dict(n.named_modules())[name] for n in nets]
+        # graph.norms holds only BatchNorm2d layers, and every part has the same layers
+        bns = [cast(nn.BatchNorm2d, dict(n.named_modules())[name]) for n in nets]
         maps = space_maps.get(space)
         if maps is None:  # BN directly on the input image: stacked like the input
             raise ModelLegoError(f"--layout padded: BatchNorm {name} reads the input image")
         total = sum(b.num_features for b in bns)
-        new = nn.BatchNorm2d(total, eps=bns[0].eps, momentum=bns[0].momentum)
+        bn = nn.BatchNorm2d(total, eps=bns[0].eps, momentum=bns[0].momentum)
+        mean, var = _running_stats(bn, name)
         with torch.no_grad():
             for b, om in zip(bns, maps):
-                new.weight[om] = b.weight
-                new.bias[om] = b.bias
-                new.running_mean[om] = b.running_mean
-                new.running_var[om] = b.running_var
-        _set(wide, modules, name, new)
+                b_mean, b_var = _running_stats(b, name)
+                bn.weight[om] = b.weight
+                bn.bias[om] = b.bias
+                mean[om] = b_mean
+                var[om] = b_var
+        _set(wide, modules, name, bn)
     return wide.eval()
+
+
+def _running_stats(bn: nn.BatchNorm2d, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if bn.running_mean is None or bn.running_var is None:
+        raise ModelLegoError(f"--layout padded: BatchNorm {name} keeps no running statistics "
+                             "(track_running_stats=False)")
+    return bn.running_mean, bn.running_var
 
 
 def _set(root: nn.Module, modules: dict[str, nn.Module], name: str, new: nn.Module) -> None:

@@ -118,9 +118,9 @@ def _resolve(name: str, data_dir: str | Path | None
             )
         root = Path(raw_path).expanduser().resolve()
         canonical = FOLDER_PREFIX + str(root)
-        entry = DatasetEntry(canonical, FOLDER_DESCRIPTION, lambda _d: load_folder(root),
-                             uses_data_dir=False)
-        return canonical, entry, None
+        folder = DatasetEntry(canonical, FOLDER_DESCRIPTION, lambda _d: load_folder(root),
+                              uses_data_dir=False)
+        return canonical, folder, None
     entry = _REGISTRY.get(stripped.lower())
     if entry is None:
         raise _unknown(name)

@@ -30,9 +30,10 @@ class Inception(nn.Module):
 
 
 # GoogLeNet's inception 3a, 3b, (pool), 4a, 4b, (pool), 5a
-_BLOCKS = [(64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64), "M",
-           (192, 96, 208, 16, 48, 64), (160, 112, 224, 24, 64, 64), "M",
-           (256, 160, 320, 32, 128, 128)]
+_BLOCKS: list[tuple[int, ...] | str] = [
+    (64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64), "M",
+    (192, 96, 208, 16, 48, 64), (160, 112, 224, 24, 64, 64), "M",
+    (256, 160, 320, 32, 128, 128)]
 
 
 class InceptionNet(nn.Module):
@@ -43,7 +44,7 @@ class InceptionNet(nn.Module):
         self.stem = _cbr(in_channels, cin, 3)
         blocks: list[nn.Module] = []
         for spec in _BLOCKS:
-            if spec == "M":
+            if isinstance(spec, str):  # "M"
                 blocks.append(nn.MaxPool2d(3, stride=2, padding=1))
                 continue
             block = Inception(cin, *(scaled(c, width) for c in spec))

@@ -55,8 +55,8 @@ def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type, depths: tuple[int, ...], *, in_channels: int,
-                 num_classes: int, input_size: int, width: float) -> None:
+    def __init__(self, block: type[BasicBlock | Bottleneck], depths: tuple[int, ...], *,
+                 in_channels: int, num_classes: int, input_size: int, width: float) -> None:
         super().__init__()
         stem = scaled(64, width)
         if input_size <= 64:

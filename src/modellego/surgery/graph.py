@@ -23,6 +23,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.node import Argument
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
@@ -62,7 +63,7 @@ class Layer:
     """A conv or linear layer as the graph sees it."""
 
     name: str
-    module: nn.Module
+    module: nn.Conv2d | nn.Linear  # the builder records only these two
     kind: str                      # "conv" | "linear"
     in_layout: Layout
     out_space: int
@@ -313,7 +314,8 @@ class _Builder:
         self.seen_modules[name] = layer
         return (Segment(out_space, mod.out_features),)
 
-    def flatten(self, node: torch.fx.Node, src: Layout, start_dim: int, where: str) -> Layout:
+    def flatten(self, node: torch.fx.Node, src: Layout, start_dim: Argument,
+                where: str) -> Layout:
         in_shape = _shape(node.args[0])
         out_shape = _shape(node)
         if in_shape is None or out_shape is None or start_dim != 1 or len(out_shape) != 2:
@@ -350,11 +352,13 @@ class _Builder:
             parts = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             out_shape = _shape(node)
-            if dim < 0 and out_shape is not None:
+            if isinstance(dim, int) and dim < 0 and out_shape is not None:
                 dim += len(out_shape)
             if dim != 1:
                 raise UnsupportedModelError(f"{where}: concatenation along dim {dim} is not "
                                             "supported (only the channel dim 1)")
+            if not isinstance(parts, (list, tuple)):
+                raise UnsupportedModelError(f"{where}: expected a list of tensors to concatenate")
             out: list[Segment] = []
             for p in parts:
                 out.extend(self.arg_layout(p, layouts, where))

@@ -183,7 +183,8 @@ def plot_heatmap(data: HeatmapData, path: str | Path | BinaryIO, *, fmt: str | N
     """
     order = channel_order(data.matrix) if sort else np.arange(data.channels)
     k, n = data.matrix.shape
-    has_samples = data.samples is not None and len(data.samples) > 0
+    samples = data.samples if data.samples is not None and len(data.samples) > 0 else None
+    has_samples = samples is not None
     width = float(np.clip(3.5 + 0.09 * n, 7.0, 16.0))
     height = 1.6 + 0.28 * k + (3.2 if has_samples else 0.0)
     fig = new_figure(width, height)
@@ -201,10 +202,10 @@ def plot_heatmap(data: HeatmapData, path: str | Path | BinaryIO, *, fmt: str | N
     what = "input channel" + (" (sorted by the class it matters most to)" if sort else "")
     drawn_samples = None
     bottom = ax
-    if has_samples:
+    if samples is not None:
         ax.tick_params(axis="x", labelbottom=False)
         bottom = ax2 = fig.add_subplot(grid[1, 0], sharex=ax)
-        drawn_samples = data.samples[:, order]
+        drawn_samples = samples[:, order]
         ax2.imshow(drawn_samples, aspect="auto", cmap="viridis", vmin=0, vmax=1,
                    interpolation="nearest")
         labels = np.asarray(data.sample_labels)

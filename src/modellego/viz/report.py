@@ -97,7 +97,8 @@ def accuracy_figure(labels: Sequence[str], series: dict[str, Sequence[float]],
     fig = new_figure(min(16.0, max(7.0, 2.5 + 0.3 * n * max(1, m))), 3.4)
     ax = fig.add_subplot()
     width = 0.8 / max(1, m)
-    colors = ["#9a9a9a", "#5b8def", "#e8743b", "#3aa17e"]
+    colors: Sequence[str | tuple[float, float, float, float]] = [
+        "#9a9a9a", "#5b8def", "#e8743b", "#3aa17e"]
     if m > len(colors):
         colors = class_colors(m)
     for j, (name, values) in enumerate(series.items()):

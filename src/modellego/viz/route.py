@@ -148,7 +148,7 @@ def compute_route(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     selection = select_samples(model, images, labels, classes, output_classes,
                                k=samples_per_class)
     idx = selection.all_indices()
-    layers = {lay.name: lay.module for lay in profiled_layers(graph)}
+    layers: dict[str, nn.Module] = {lay.name: lay.module for lay in profiled_layers(graph)}
     profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
                                    batch_size=batch_size)
     return route_from_profile(graph, profile, classes, output_classes, locate, class_names)
@@ -226,7 +226,8 @@ def route_figure(data: RouteData, *, title: str | None = None
     n = len(counts)
     k = len(data.classes)
     colors = class_colors(k)
-    seg_color = {"shared": SHARED_COLOR, "some": SOME_COLOR, "unused": UNUSED_COLOR}
+    seg_color: dict[str, str | tuple[float, float, float, float]] = {
+        "shared": SHARED_COLOR, "some": SOME_COLOR, "unused": UNUSED_COLOR}
     seg_color.update({f"class {c}": colors[i] for i, c in enumerate(data.classes)})
     label_width = max(len(c["layer"]) for c in counts) + 8
     fig = new_figure(max(9.0, 6.0 + 0.09 * label_width), max(3.2, 1.9 + 0.3 * n))
@@ -261,10 +262,10 @@ def route_figure(data: RouteData, *, title: str | None = None
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     # right: the share of each layer's channels every class uses
-    for i, c in enumerate(data.classes):
-        share = [cnt["used"][c] / cnt["channels"] for cnt in counts]
+    for i, cls in enumerate(data.classes):
+        share = [cnt["used"][cls] / cnt["channels"] for cnt in counts]
         ax_use.plot(share, range(n), marker="o", markersize=3, linewidth=1.1,
-                    color=colors[i], label=f"class {c}")
+                    color=colors[i], label=f"class {cls}")
     ax_use.set_xlim(0, 1.02)
     ax_use.set_xticks([0, 0.5, 1.0])
     ax_use.set_xticklabels(["0", "50%", "100%"], fontsize=8)
@@ -279,9 +280,9 @@ def route_figure(data: RouteData, *, title: str | None = None
         handles.append(Patch(color=SHARED_COLOR, label="shared by all"))
     if k >= 3:
         handles.append(Patch(color=SOME_COLOR, label="shared by some"))
-    for i, (c, name) in enumerate(zip(data.classes, data.class_names)):
+    for i, (cls, name) in enumerate(zip(data.classes, data.class_names)):
         only = " only" if k >= 2 else ""
-        label = f"class {c}{only}" + (f" ({name})" if name != str(c) else "")
+        label = f"class {cls}{only}" + (f" ({name})" if name != str(cls) else "")
         handles.append(Patch(color=colors[i], label=label))
     handles.append(Patch(facecolor=UNUSED_COLOR, edgecolor="#bdbdbd", label="unused"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5),
