@@ -51,6 +51,16 @@ _KEYS = {
                  "classes", "class_names", "input", "metrics", "provenance", "format",
                  "format_version"),
 }
+_EXPECTED = {
+    "dataset": "an object {name, class_names, input_shape, mean, std}",
+    "input": "an object {shape, mean, std}",
+    "classes": "an array of class ids, one per output",
+    "class_names": "an array of class names, one per output",
+    "class": "a class id", "name": "a non-empty string", "part": "a part index",
+    "part_output": "an output index of the part", "layout": "one of " + ", ".join(LAYOUTS),
+    "scaling": "one of " + ", ".join(SCALINGS), "parts": "an array of parts",
+    "labels": "an array of labels", "plan": "an object of layers",
+}
 _PART_KEYS = ("kind", "architecture", "plan", "head", "dataset", "classes", "class_names",
               "input", "file", "sha256", "source")
 
@@ -93,7 +103,8 @@ class _Check:
                     "the file was written by a newer modellego or edited by hand")
         for key in required:
             if key not in value:
-                self.fail(f"{path}.{key}" if path else key, "a value", _MISSING)
+                self.fail(f"{path}.{key}" if path else key, _EXPECTED.get(key, "a value"),
+                          _MISSING)
         return value
 
     def string(self, value: Any, path: str, *, choices: Sequence[str] | None = None) -> str:
