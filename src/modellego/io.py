@@ -61,7 +61,7 @@ def atomic_write(path: str | Path, write: Any) -> None:
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor],
-                 manifest: Mapping[str, Any]) -> None:
+                 manifest: Mapping[str, Any] | Manifest) -> None:
     """Write ``tensors`` and ``manifest`` to ``path`` atomically.
 
     The manifest is validated exactly as on reading (:func:`checked_manifest`) first:
@@ -71,8 +71,10 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor],
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"modellego": text}))
 
 
-def _prepared(path: str | Path, manifest: Mapping[str, Any]) -> Manifest:
+def _prepared(path: str | Path, manifest: Mapping[str, Any] | Manifest) -> Manifest:
     """``manifest`` stamped with the format written, validated as it will be read."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
     return checked_manifest({**manifest, "format": FORMAT, "format_version": FORMAT_VERSION},
                             source=f"{path} (not written)")
 
@@ -275,12 +277,10 @@ def save_model(path: str | Path, model: torch.nn.Module,
     one output per class; otherwise :class:`ModelFileError` and nothing is written. Tensors
     that share storage are saved as separate copies.
     """
-    if isinstance(manifest, Manifest):
-        manifest = manifest.to_dict()
     checked = _prepared(path, manifest)
     _check_outputs(checked, f"{path} (not written)")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    save_weights(path, state, manifest)
+    save_weights(path, state, checked)
 
 
 @dataclass(frozen=True)

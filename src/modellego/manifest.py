@@ -15,8 +15,11 @@ This module knows the *shape* of each kind of file (``model``, ``component``,
 :mod:`modellego.errors`. Free-form data (architecture arguments, provenance, metrics) is kept
 as read-only JSON: mappings become :class:`types.MappingProxyType`, arrays tuples.
 
->>> m = Manifest.from_dict(read_json_somehow(), source="model.safetensors")
+>>> from modellego.io import read_manifest
+>>> path = "checkpoints/fashion-mnist/vgg16_bn-classes5-9.safetensors"
+>>> m = Manifest.from_dict(read_manifest(path), source=path)
 >>> m.kind, m.classes, m.dataset.name
+('model', (5, 6, 7, 8, 9), 'fashion-mnist')
 """
 
 from __future__ import annotations
