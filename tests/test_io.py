@@ -31,15 +31,19 @@ from modellego.models import create_model, list_models
 KWARGS = {"in_channels": 1, "num_classes": 5, "input_size": 28, "width": 0.125}
 
 
+NAMES = ["a", "b", "c", "d", "éß — unicode survives"]
+
+
 def _manifest(arch: str = "lenet5", **kwargs) -> dict:
     return {
         "kind": "model",
         "architecture": {"name": arch, "kwargs": {**KWARGS, **kwargs}},
         "classes": [0, 1, 2, 3, 4],
-        "class_names": ["a", "b", "c", "d", "e"],
-        "dataset": {"name": "unit-test"},
+        "class_names": list(NAMES),
+        "dataset": {"name": "unit-test", "class_names": list(NAMES),
+                    "input_shape": [1, 28, 28], "mean": [0.5], "std": [0.25]},
+        "input": {"shape": [1, 28, 28], "mean": [0.5], "std": [0.25]},
         "metrics": {"test_accuracy": 0.1 + 0.2},
-        "note": "éß — unicode survives",
     }
 
 
@@ -92,10 +96,11 @@ def test_load_weights_returns_tensors_and_manifest(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
     tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(),  # non-contiguous
                "b": torch.tensor([1, 2, 3], dtype=torch.int64)}
-    save_weights(path, tensors, {"kind": "custom", "x": [1, 2]})
+    # (before the typed manifest this saved {"kind": "custom", "x": [1, 2]}; that is now
+    # refused on writing, see test_save_weights_refuses_what_reading_would_refuse)
+    save_weights(path, tensors, _manifest())
     got, manifest = load_weights(path)
-    assert manifest == {"kind": "custom", "x": [1, 2], "format": FORMAT,
-                        "format_version": FORMAT_VERSION}
+    assert manifest == {**_manifest(), "format": FORMAT, "format_version": FORMAT_VERSION}
     assert set(got) == {"a", "b"}
     assert torch.equal(got["a"], tensors["a"])
     assert torch.equal(got["b"], tensors["b"]) and got["b"].dtype == torch.int64
@@ -289,14 +294,32 @@ def test_unknown_architecture(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_and_missing_architecture(tmp_path: Path) -> None:
-    path = _with_manifest(tmp_path, {**_manifest(), "kind": "hologram"})
+    # written around save_weights, which refuses both manifests (nothing is written)
+    path = tmp_path / "edited.safetensors"
+    state = _trained_like("lenet5").state_dict()
+    stamp = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    _write_raw(path, {**_manifest(), "kind": "hologram", **stamp}, state)
     with pytest.raises(ModelFileError, match="unknown model kind 'hologram'"):
         load_model(path)
     manifest = _manifest()
     del manifest["architecture"]
-    path = _with_manifest(tmp_path, manifest)
+    _write_raw(path, {**manifest, **stamp}, state)
     with pytest.raises(ModelFileError, match="no architecture entry"):
         load_model(path)
+    for bad in ({**_manifest(), "kind": "hologram"}, manifest):
+        with pytest.raises(ModelFileError):
+            save_weights(tmp_path / "new.safetensors", state, bad)
+    assert not (tmp_path / "new.safetensors").exists()
+
+
+def test_save_weights_refuses_what_reading_would_refuse(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(ModelFileError) as exc:
+        save_weights(path, {"a": torch.zeros(2)}, {"kind": "custom", "x": [1, 2]})
+    assert str(exc.value) == (
+        f"{path} (not written): unknown model kind 'custom' in manifest; known: assembly, "
+        "component, model; upgrade modellego")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_invalid_architecture_kwargs(tmp_path: Path) -> None:

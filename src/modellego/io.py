@@ -5,25 +5,39 @@ says how to rebuild the network (architecture name and arguments, and for compon
 channels kept from the source), what it classifies (dataset, class ids and names in output
 order), its input contract (shape, normalisation) and how it was made. Loading parses only
 the safetensors header and raw tensor bytes: nothing is ever unpickled.
+
+Every reader and writer goes through :class:`modellego.manifest.Manifest`: a file whose
+manifest has a missing or wrong field is refused with :class:`ModelFileError` naming the
+field, and nothing is written that would be refused on reading. The header is read with
+bounds (:data:`MAX_HEADER_BYTES`, :data:`MAX_JSON_DEPTH`, :data:`MAX_INT_DIGITS`), all
+enforced by :func:`parse_json`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
+from .manifest import FORMAT, FORMAT_VERSION, Manifest
 
-FORMAT = "modellego.model"
-FORMAT_VERSION = 1
+#: the largest safetensors header read (refused before reading it)
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: the deepest nesting of JSON arrays and objects accepted in a header or manifest
+MAX_JSON_DEPTH = 64
+#: the most digits an integer in a header or manifest may have
+MAX_INT_DIGITS = 20
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar"}
 
 
@@ -57,22 +71,110 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor],
-                 manifest: dict[str, Any]) -> None:
-    """Write ``tensors`` and ``manifest`` to ``path`` atomically."""
-    manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION}
+                 manifest: Mapping[str, Any] | Manifest) -> None:
+    """Write ``tensors`` and ``manifest`` to ``path`` atomically.
+
+    The manifest is validated exactly as on reading (:func:`checked_manifest`) first:
+    nothing is written when it would be refused."""
+    text = json.dumps(_prepared(path, manifest).to_dict(), sort_keys=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"modellego": json.dumps(manifest, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"modellego": text}))
+
+
+def _prepared(path: str | Path, manifest: Mapping[str, Any] | Manifest) -> Manifest:
+    """``manifest`` stamped with the format written, validated as it will be read."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
+    return checked_manifest({**manifest, "format": FORMAT, "format_version": FORMAT_VERSION},
+                            source=f"{path} (not written)")
+
+
+def checked_manifest(manifest: Mapping[str, Any] | Manifest, *, source: str) -> Manifest:
+    """``manifest`` (a dict about to be saved) as a validated :class:`Manifest`.
+
+    It goes through JSON and :func:`parse_json` as a file's manifest would, so what passes
+    here reads back unchanged."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
+    try:
+        text = json.dumps(manifest, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{source}: the manifest is not JSON data ({exc}); use plain "
+                             "dicts, lists, strings and finite numbers") from None
+    return Manifest.from_dict(parse_json(text, what="manifest", source=source), source=source)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a model file, without reading the weights."""
-    return _open(path, weights=False)[1]
+    """The manifest of a model file (validated), without reading the weights."""
+    return _open(path, weights=False)[1].to_dict()
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and manifest of a model file; raises :class:`ModelFileError` on anything odd."""
-    return _open(path, weights=True)
+    """Tensors and (validated) manifest of a model file; raises :class:`ModelFileError` on
+    anything odd."""
+    tensors, manifest = _open(path, weights=True)
+    return tensors, manifest.to_dict()
+
+
+# --------------------------------------------------------------------------- bounded JSON
+
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+class _Refused(Exception):
+    """A JSON value refused while parsing (the message says why)."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {len(text.lstrip('-'))} digits (at most "
+                       f"{MAX_INT_DIGITS} are accepted)")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:30]} is out of range")
+    return value
+
+
+def _parse_constant(text: str) -> float:
+    raise _Refused(f"{text} (only finite numbers are accepted)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Refused(f"the key {dup[:40]!r} twice in one object")
+    return out
+
+
+def parse_json(text: str | bytes, *, what: str, source: str | Path) -> Any:
+    """Parse ``text`` refusing what could exhaust the parser or give wrong numbers: nesting
+    deeper than :data:`MAX_JSON_DEPTH`, integers longer than :data:`MAX_INT_DIGITS` digits,
+    NaN, infinities and repeated keys. Raises :class:`ModelFileError`."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        depth = 0
+        for token in _TOKENS.finditer(text):  # brackets outside strings
+            char = token.group()
+            if char in "[{":
+                depth += 1
+                if depth > MAX_JSON_DEPTH:
+                    raise _Refused(f"nesting deeper than {MAX_JSON_DEPTH} levels")
+            elif char in "]}":
+                depth -= 1
+        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+                          parse_constant=_parse_constant, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{source}: {what} is not valid JSON ({exc})") from None
+    except _Refused as exc:
+        raise ModelFileError(f"{source}: {what} refused: {exc}; the file is damaged or was "
+                             "crafted, do not use it") from None
 
 
 def _refuse_pickle(path: Path, head: bytes) -> None:
@@ -86,7 +188,7 @@ def _refuse_pickle(path: Path, head: bytes) -> None:
             "`modellego.io.save_model`.")
 
 
-def _open(path: str | Path, *, weights: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _open(path: str | Path, *, weights: bool) -> tuple[dict[str, torch.Tensor], Manifest]:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
@@ -101,27 +203,35 @@ def _open(path: str | Path, *, weights: bool) -> tuple[dict[str, torch.Tensor], 
             raise ModelFileError(
                 f"{path}: not a valid safetensors file (header length {header_len} does not "
                 f"fit in {size} bytes); the file is truncated or of another format")
+        if header_len > MAX_HEADER_BYTES:
+            raise ModelFileError(
+                f"{path}: safetensors header of {header_len} bytes is larger than the "
+                f"{MAX_HEADER_BYTES // (1024 * 1024)} MiB modellego reads; the file is "
+                "damaged or not a modellego model file")
         fh.seek(8)
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelFileError(f"{path}: safetensors header is not valid JSON ({exc})") from None
-    meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+        raw = fh.read(header_len)
+    if len(raw) != header_len:
+        raise ModelFileError(f"{path}: file is truncated (header of {header_len} bytes, "
+                             f"{len(raw)} read)")
+    header = parse_json(raw, what="safetensors header", source=path)
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: safetensors header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: safetensors __metadata__ must be a JSON object of "
+                             f"strings, found {type(meta).__name__}")
+    bad = next((k for k, v in meta.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ModelFileError(f"{path}: safetensors __metadata__ value {bad[:40]!r} must be a "
+                             f"string, found {type(meta[bad]).__name__}")
     if "modellego" not in meta:
         raise ModelFileError(
             f"{path}: safetensors file has no modellego manifest; it was not written by "
             "modellego (use `modellego.io.save_model` to wrap plain weights)")
-    try:
-        manifest = json.loads(meta["modellego"])
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: manifest is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: manifest format is not {FORMAT!r}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ModelFileError(
-            f"{path}: format version {version!r} is not supported by this modellego "
-            f"(reads versions 1..{FORMAT_VERSION}); upgrade modellego")
+    manifest = Manifest.from_dict(parse_json(meta["modellego"], what="manifest", source=path),
+                                  source=str(path))
     tensors: dict[str, torch.Tensor] = {}
     if weights:
         try:
@@ -169,29 +279,40 @@ def _build_plain(manifest: dict[str, Any]) -> torch.nn.Module:
     return create_model(arch["name"], **arch.get("kwargs", {}))
 
 
-def save_model(path: str | Path, model: torch.nn.Module, manifest: dict[str, Any]) -> None:
+def save_model(path: str | Path, model: torch.nn.Module,
+               manifest: Mapping[str, Any] | Manifest) -> None:
     """Save ``model``'s weights (state_dict incl. buffers) with ``manifest``.
 
-    The manifest must let :func:`build_from_manifest` rebuild the structure. Tensors that
-    share storage are saved as separate copies.
+    The manifest must be valid and let :func:`build_from_manifest` rebuild a network with
+    one output per class; otherwise :class:`ModelFileError` and nothing is written. Tensors
+    that share storage are saved as separate copies.
     """
+    checked = _prepared(path, manifest)
+    _check_outputs(checked, f"{path} (not written)")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    save_weights(path, state, manifest)
+    save_weights(path, state, checked)
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the network a model file describes, load its weights, return it in eval mode.
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model file opened by :func:`open_model`: the network (eval mode) and its manifest."""
 
-    >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
+    model: torch.nn.Module
+    manifest: Manifest
+    path: Path
+
+
+def open_model(path: str | Path) -> LoadedModel:
+    """Rebuild the network a model file describes, load its weights, return it in eval mode
+    with its typed manifest.
+
+    >>> loaded = open_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
+    >>> loaded.manifest.dataset.name, loaded.manifest.class_names[:2]
     """
-    tensors, manifest = load_weights(path)
-    try:
-        model = build_from_manifest(manifest)
-    except ModelFileError as exc:
-        raise ModelFileError(f"{path}: {exc}") from None
-    except Exception as exc:  # a manifest whose arguments the builder rejects
-        raise ModelFileError(f"{path}: cannot rebuild the network from the manifest "
-                             f"({type(exc).__name__}: {exc})") from None
+    path = Path(path)
+    tensors, checked = _open(path, weights=True)
+    manifest = checked.to_dict()
+    model = _build(manifest, str(path))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -208,8 +329,71 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
                            f"manifest implies {tuple(expected[k].shape)}")
         raise ModelFileError(f"{path}: weights do not match the manifest: "
                              + "; ".join(details))
+    _check_outputs(checked, str(path), model)
     for k, v in tensors.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ModelFileError(f"{path}: tensor {k} contains NaN or infinite values")
     model.load_state_dict(tensors)
-    return model.eval(), manifest
+    return LoadedModel(model.eval(), checked, path)
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the network a model file describes, load its weights, return it in eval mode
+    with its (validated) manifest as a dict; see :func:`open_model` for the typed manifest.
+
+    >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
+    """
+    loaded = open_model(path)
+    return loaded.model, loaded.manifest.to_dict()
+
+
+def _build(manifest: dict[str, Any], source: str) -> torch.nn.Module:
+    try:
+        return build_from_manifest(manifest)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{source}: {exc}") from None
+    except Exception as exc:  # a manifest whose arguments the builder rejects
+        raise ModelFileError(f"{source}: cannot rebuild the network from the manifest "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+def _count_outputs(manifest: dict[str, Any], shape: tuple[int, ...], source: str,
+                   built: torch.nn.Module | None = None) -> int:
+    """The number of logits of the network ``manifest`` describes, found by running a
+    ``meta`` tensor (no data, no arithmetic) through a ``meta`` copy of it; only if an op
+    has no meta kernel, by one zero image through ``built``."""
+    try:
+        with torch.device("meta"):
+            out = build_from_manifest(manifest).eval()(torch.zeros(1, *shape))
+    except Exception:  # an op without a meta kernel, or a manifest the builder rejects
+        net = built if built is not None else _build(manifest, source)
+        try:
+            with torch.inference_mode():
+                out = net.eval()(torch.zeros(1, *shape))
+        except Exception as exc:
+            raise ModelFileError(f"{source}: the network the manifest describes does not run "
+                                 f"on its input shape {list(shape)} ({type(exc).__name__}: "
+                                 f"{exc})") from None
+    if out.dim() != 2:
+        raise ModelFileError(f"{source}: the network gives outputs of shape "
+                             f"{tuple(out.shape)}, not (batch, classes)")
+    return int(out.shape[1])
+
+
+def _check_outputs(manifest: Manifest, source: str,
+                   built: torch.nn.Module | None = None) -> None:
+    """Refuse a manifest whose class list does not match its network's outputs (for an
+    assembly: each part's classes its part network's, and the labels the logits)."""
+    if manifest.assembly is not None:
+        for k, part in enumerate(manifest.assembly.parts):
+            n = _count_outputs(part.to_dict(), part.input.shape, source)
+            if n != len(part.classes):
+                raise ModelFileError(
+                    f"{source}: manifest field parts[{k}].classes: expected one class per "
+                    f"output of the part's network ({n}), found {len(part.classes)}")
+    n = _count_outputs(manifest.to_dict(), manifest.input.shape, source, built)
+    if n != len(manifest.classes):
+        field = "labels" if manifest.assembly is not None else "classes"
+        raise ModelFileError(
+            f"{source}: manifest field {field}: expected one entry per network output "
+            f"({n}), found {len(manifest.classes)}")

@@ -1,0 +1,821 @@
+"""The typed, validated manifest of a model file.
+
+A model file's manifest (JSON in the safetensors header, see :mod:`modellego.io`) is read
+into a :class:`Manifest` by :meth:`Manifest.from_dict`, which checks every field: types,
+ranges, and that lengths and values agree with each other (one class name per class, the
+class names those of the dataset, labels that point at real outputs of the parts, ...).
+:meth:`Manifest.to_dict` writes exactly the JSON object that modellego 0.1.0 wrote, so
+``Manifest.from_dict(d, source=...).to_dict() == d`` for every file it made.
+
+Anything wrong raises :class:`~modellego.errors.ModelFileError` naming the file, the field
+(a path such as ``dataset.class_names[3]``), what was expected and what was found.
+
+This module knows the *shape* of each kind of file (``model``, ``component``,
+``assembly``), not how to build their networks: it imports only the standard library and
+:mod:`modellego.errors`. Free-form data (architecture arguments, provenance, metrics) is kept
+as read-only JSON: mappings become :class:`types.MappingProxyType`, arrays tuples.
+
+>>> from modellego.io import read_manifest
+>>> path = "checkpoints/fashion-mnist/vgg16_bn-classes5-9.safetensors"
+>>> m = Manifest.from_dict(read_manifest(path), source=path)
+>>> m.kind, m.classes, m.dataset.name
+('model', (5, 6, 7, 8, 9), 'fashion-mnist')
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+from .errors import ModelFileError
+
+FORMAT = "modellego.model"
+FORMAT_VERSION = 1
+#: the kinds of model file
+KINDS = ("model", "component", "assembly")
+#: the output heads a component may declare (absent: an ordinary softmax classifier)
+HEADS = ("one-vs-rest",)
+#: assembly layouts and scalings a file may name (kept equal to :mod:`modellego.assembly`'s)
+LAYOUTS = ("parallel", "padded", "union")
+SCALINGS = ("none", "logit", "feature", "calibrated")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MISSING = object()
+_SINGLE_KEYS = ("kind", "architecture", "dataset", "classes", "class_names", "input",
+                "metrics", "provenance", "format", "format_version")
+_KEYS = {
+    "model": _SINGLE_KEYS,
+    "component": _SINGLE_KEYS + ("plan", "head"),
+    "assembly": ("kind", "layout", "scaling", "parts", "taps", "union", "base", "labels",
+                 "classes", "class_names", "input", "metrics", "provenance", "format",
+                 "format_version"),
+}
+_EXPECTED = {
+    "dataset": "an object {name, class_names, input_shape, mean, std}",
+    "input": "an object {shape, mean, std}",
+    "classes": "an array of class ids, one per output",
+    "class_names": "an array of class names, one per output",
+    "class": "a class id", "name": "a non-empty string", "part": "a part index",
+    "part_output": "an output index of the part", "layout": "one of " + ", ".join(LAYOUTS),
+    "scaling": "one of " + ", ".join(SCALINGS), "parts": "an array of parts",
+    "labels": "an array of labels", "plan": "an object of layers",
+}
+_PART_KEYS = ("kind", "architecture", "plan", "head", "dataset", "classes", "class_names",
+              "input", "file", "sha256", "source")
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "nothing"
+    text = repr(_thaw(value))
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+class _Check:
+    """Field checks that raise :class:`ModelFileError` naming ``source`` and the field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, expected: str, found: Any) -> NoReturn:
+        if found is _MISSING:
+            raise ModelFileError(f"{self.source}: manifest has no {path} entry; expected "
+                                 f"{expected}, found nothing")
+        raise ModelFileError(f"{self.source}: manifest field {path}: expected {expected}, "
+                             f"found {_show(found)}")
+
+    def obj(self, value: Any, path: str, keys: Sequence[str], required: Sequence[str]
+            ) -> Mapping[str, Any]:
+        """``value`` as a mapping with ``required`` keys and no keys outside ``keys``."""
+        if not isinstance(value, Mapping):
+            self.fail(path, "a JSON object", value)
+        for key in value:
+            if key not in keys:
+                raise ModelFileError(
+                    f"{self.source}: manifest field {f'{path}.{key}' if path else key} is "
+                    f"unknown (known here: {', '.join(keys)}), found {_show(value[key])}; "
+                    "the file was written by a newer modellego or edited by hand")
+        for key in required:
+            if key not in value:
+                self.fail(f"{path}.{key}" if path else key, _EXPECTED.get(key, "a value"),
+                          _MISSING)
+        return value
+
+    def string(self, value: Any, path: str, *, choices: Sequence[str] | None = None) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(path, "a non-empty string", value)
+        if choices is not None and value not in choices:
+            self.fail(path, f"one of {', '.join(choices)}", value)
+        return value
+
+    def opt_string(self, value: Any, path: str) -> str | None:
+        return None if value is None else self.string(value, path)
+
+    def integer(self, value: Any, path: str, lo: int = 0, hi: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (
+                hi is not None and value > hi):
+            what = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+            self.fail(path, what, value)
+        return value
+
+    def number(self, value: Any, path: str, *, lo: float | None = None,
+               hi: float | None = None, positive: bool = False) -> float:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) \
+            and math.isfinite(value)
+        if ok and ((lo is not None and value < lo) or (hi is not None and value > hi)
+                   or (positive and value <= 0)):
+            ok = False
+        if not ok:
+            what = "a finite number"
+            if positive:
+                what = "a positive finite number"
+            elif lo is not None and hi is not None:
+                what = f"a number in [{lo}, {hi}]"
+            self.fail(path, what, value)
+        return value
+
+    def array(self, value: Any, path: str, *, length: int | None = None,
+              nonempty: bool = True) -> Sequence[Any]:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            self.fail(path, "a JSON array", value)
+        if length is not None and len(value) != length:
+            self.fail(path, f"an array of {length} entries", value)
+        if nonempty and not value:
+            self.fail(path, "a non-empty array", value)
+        return value
+
+    def strings(self, value: Any, path: str, **kw: Any) -> tuple[str, ...]:
+        return tuple(self.string(v, f"{path}[{i}]")
+                     for i, v in enumerate(self.array(value, path, **kw)))
+
+    def integers(self, value: Any, path: str, *, unique: bool = True, **kw: Any
+                 ) -> tuple[int, ...]:
+        out = tuple(self.integer(v, f"{path}[{i}]")
+                    for i, v in enumerate(self.array(value, path, **kw)))
+        if unique:
+            seen: set[int] = set()
+            for i, v in enumerate(out):
+                if v in seen:
+                    self.fail(f"{path}[{i}]", "each value once", v)
+                seen.add(v)
+        return out
+
+    def numbers(self, value: Any, path: str, *, positive: bool = False, **kw: Any
+                ) -> tuple[float, ...]:
+        return tuple(self.number(v, f"{path}[{i}]", positive=positive)
+                     for i, v in enumerate(self.array(value, path, **kw)))
+
+    def sha256(self, value: Any, path: str) -> str | None:
+        if value is not None and (not isinstance(value, str) or not _SHA256.fullmatch(value)):
+            self.fail(path, "null or a SHA-256 digest (64 lower-case hex digits)", value)
+        return value
+
+    def json(self, value: Any, path: str) -> Any:
+        """``value`` as read-only JSON data (finite numbers, string keys)."""
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, (int, float)):
+            return self.number(value, path)
+        if isinstance(value, Mapping):
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    self.fail(path, "an object with string keys", k)
+                out[k] = self.json(v, f"{path}.{k}")
+            return MappingProxyType(out)
+        if isinstance(value, (list, tuple)):
+            return tuple(self.json(v, f"{path}[{i}]") for i, v in enumerate(value))
+        self.fail(path, "JSON data", value)
+
+
+def _thaw(value: Any) -> Any:
+    """Plain JSON-ready data (dicts, lists) from read-only data."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_thaw(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How to build the (source) network: a registered architecture and its arguments."""
+
+    name: str
+    #: builder keyword arguments (read-only JSON); ``None`` when the file names none
+    kwargs: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str) -> ArchitectureSpec:
+        data = check.obj(data, path, ("name", "kwargs"), ("name",))
+        kwargs = data.get("kwargs")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            check.fail(f"{path}.kwargs", "a JSON object of builder arguments", kwargs)
+        return cls(check.string(data["name"], f"{path}.name"),
+                   None if kwargs is None else check.json(kwargs, f"{path}.kwargs"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.kwargs is not None:
+            out["kwargs"] = _thaw(self.kwargs)
+        return out
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The dataset a network classifies: all its class names, image shape, normalisation."""
+
+    name: str
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str) -> DatasetSpec:
+        keys = ("name", "class_names", "input_shape", "mean", "std")
+        data = check.obj(data, path, keys, keys)
+        shape = _shape(data["input_shape"], check, f"{path}.input_shape")
+        return cls(check.string(data["name"], f"{path}.name"),
+                   check.strings(data["class_names"], f"{path}.class_names"), shape,
+                   check.numbers(data["mean"], f"{path}.mean", length=shape[0]),
+                   check.numbers(data["std"], f"{path}.std", length=shape[0], positive=True))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "class_names": list(self.class_names),
+                "input_shape": list(self.input_shape), "mean": list(self.mean),
+                "std": list(self.std)}
+
+
+def _shape(value: Any, check: _Check, path: str) -> tuple[int, int, int]:
+    dims = check.array(value, path, length=3)
+    c, h, w = (check.integer(v, f"{path}[{i}]", lo=1) for i, v in enumerate(dims))
+    return c, h, w
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What the network reads: ``(C, H, W)`` images normalised by ``mean`` and ``std``.
+
+    Assemblies read ``[0, 1]`` images (``range``) and describe each part's ``adapters``."""
+
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    range: str | None = None
+    adapters: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str, *, assembly: bool = False
+                  ) -> InputContract:
+        keys = ("shape", "mean", "std") + (("range", "adapters") if assembly else ())
+        data = check.obj(data, path, keys, keys)
+        shape = _shape(data["shape"], check, f"{path}.shape")
+        mean = check.numbers(data["mean"], f"{path}.mean", length=shape[0])
+        std = check.numbers(data["std"], f"{path}.std", length=shape[0], positive=True)
+        if not assembly:
+            return cls(shape, mean, std)
+        return cls(shape, mean, std, check.string(data["range"], f"{path}.range"),
+                   check.strings(data["adapters"], f"{path}.adapters"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shape": list(self.shape), "mean": list(self.mean),
+                               "std": list(self.std)}
+        if self.range is not None:
+            out["range"] = self.range
+        if self.adapters is not None:
+            out["adapters"] = list(self.adapters)
+        return out
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Measured numbers: each a finite number or an object of them (e.g. per class).
+
+    Names ending in ``accuracy`` or ``base`` (and ``test_per_class``) are shares in [0, 1]."""
+
+    values: Mapping[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str) -> Metrics:
+        if not isinstance(data, Mapping):
+            check.fail(path, "a JSON object of numbers", data)
+        for key, value in data.items():
+            share = key.endswith(("accuracy", "base", "per_class"))
+            bounds = {"lo": 0.0, "hi": 1.0} if share else {}
+            if isinstance(value, Mapping):
+                for k, v in value.items():
+                    check.number(v, f"{path}.{key}.{k}", **bounds)
+            else:
+                check.number(value, f"{path}.{key}", **bounds)
+        return cls(check.json(data, path))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _thaw(self.values)
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A file another one was made from: its path when made and its SHA-256."""
+
+    file: str | None
+    sha256: str | None
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str, *, extra: Sequence[str] = ()
+                  ) -> SourceRef:
+        data = check.obj(data, path, ("file", "sha256", *extra), ())
+        return cls(check.opt_string(data.get("file"), f"{path}.file"),
+                   check.sha256(data.get("sha256"), f"{path}.sha256"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a file was made. Its content varies by command and is kept as read-only JSON;
+    the entries readers rely on are checked (``made_by``, ``command``, versions, the
+    ``source``/``teacher`` file, an assembly's ``calibration``)."""
+
+    data: Mapping[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str) -> Provenance:
+        if not isinstance(data, Mapping):
+            check.fail(path, "a JSON object", data)
+        for key in ("made_by", "modellego_version", "torch_version"):
+            if key in data:
+                check.string(data[key], f"{path}.{key}")
+        if "command" in data:
+            check.opt_string(data["command"], f"{path}.command")
+        for key in ("source", "teacher"):
+            if key in data:
+                ref = check.obj(data[key], f"{path}.{key}",
+                                ("file", "sha256", "kind", "classes", "architecture"), ())
+                SourceRef.from_dict(ref, check, f"{path}.{key}",
+                                    extra=("kind", "classes", "architecture"))
+                if ref.get("kind") is not None:
+                    check.string(ref["kind"], f"{path}.{key}.kind", choices=KINDS)
+                if "classes" in ref:
+                    check.integers(ref["classes"], f"{path}.{key}.classes")
+        if "calibration" in data:
+            calib = data["calibration"]
+            if not isinstance(calib, Mapping):
+                check.fail(f"{path}.calibration", "a JSON object", calib)
+            check.string(calib.get("scaling", _MISSING), f"{path}.calibration.scaling",
+                         choices=SCALINGS)
+        return cls(check.json(data, path))
+
+    @property
+    def made_by(self) -> str | None:
+        return self.data.get("made_by")
+
+    @property
+    def command(self) -> str | None:
+        return self.data.get("command")
+
+    @property
+    def source(self) -> SourceRef | None:
+        """The file a component was cut from (``None`` for other files)."""
+        ref = self.data.get("source")
+        return None if ref is None else SourceRef(ref.get("file"), ref.get("sha256"))
+
+    @property
+    def calibration(self) -> Mapping[str, Any] | None:
+        return self.data.get("calibration")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _thaw(self.data)
+
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """The channel indices a component keeps of one layer (``inputs``: conv/linear only)."""
+
+    outputs: tuple[int, ...]
+    inputs: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"out": list(self.outputs)}
+        if self.inputs is not None:
+            out["in"] = list(self.inputs)
+        return out
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """A component's plan: per layer of the source, the channels kept (see
+    :class:`modellego.surgery.plan.ComponentPlan`, built from :meth:`to_dict`)."""
+
+    layers: Mapping[str, LayerKeep]
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str) -> PlanSpec:
+        if not isinstance(data, Mapping) or not data:
+            check.fail(path, "a non-empty JSON object of layers", data)
+        layers = {}
+        for name, spec in data.items():
+            where = f"{path}.{name}"
+            spec = check.obj(spec, where, ("out", "in"), ("out",))
+            layers[name] = LayerKeep(
+                check.integers(spec["out"], f"{where}.out"),
+                check.integers(spec["in"], f"{where}.in") if "in" in spec else None)
+        return cls(MappingProxyType(layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: keep.to_dict() for name, keep in self.layers.items()}
+
+
+def _classes(data: Mapping[str, Any], dataset: DatasetSpec, check: _Check, prefix: str
+             ) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``classes`` (ids of the dataset, in output order) and their ``class_names``."""
+    classes = check.integers(data["classes"], f"{prefix}classes")
+    for i, c in enumerate(classes):
+        if c >= dataset.num_classes:
+            check.fail(f"{prefix}classes[{i}]", f"a class id of {dataset.name} "
+                       f"(0..{dataset.num_classes - 1})", c)
+    names = check.strings(data["class_names"], f"{prefix}class_names", length=len(classes))
+    for i, (c, n) in enumerate(zip(classes, names)):
+        if n != dataset.class_names[c]:
+            check.fail(f"{prefix}class_names[{i}]", f"{dataset.class_names[c]!r}, the name "
+                       f"of class {c} in {prefix}dataset.class_names", n)
+    return classes, names
+
+
+def _input_of_dataset(contract: InputContract, dataset: DatasetSpec, check: _Check,
+                      prefix: str) -> None:
+    for field, mine, theirs in (("shape", contract.shape, dataset.input_shape),
+                                ("mean", contract.mean, dataset.mean),
+                                ("std", contract.std, dataset.std)):
+        if tuple(mine) != tuple(theirs):
+            other = "input_shape" if field == "shape" else field
+            check.fail(f"{prefix}input.{field}", f"{list(theirs)} as in "
+                       f"{prefix}dataset.{other}", list(mine))
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One part of an assembly: a model or component as it was when assembled."""
+
+    kind: str
+    architecture: ArchitectureSpec
+    dataset: DatasetSpec
+    classes: tuple[int, ...]
+    class_names: tuple[str, ...]
+    input: InputContract
+    file: str | None
+    sha256: str | None
+    plan: PlanSpec | None = None
+    source: SourceRef | None = None
+    head: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str) -> PartSpec:
+        data = check.obj(data, path, _PART_KEYS,
+                         ("kind", "architecture", "dataset", "classes", "class_names",
+                          "input", "file", "sha256"))
+        kind = check.string(data["kind"], f"{path}.kind", choices=("model", "component"))
+        p = f"{path}."
+        dataset = DatasetSpec.from_dict(data["dataset"], check, f"{p}dataset")
+        classes, names = _classes(data, dataset, check, p)
+        contract = InputContract.from_dict(data["input"], check, f"{p}input")
+        _input_of_dataset(contract, dataset, check, p)
+        plan = source = head = None
+        if kind == "component":
+            plan = PlanSpec.from_dict(data.get("plan", _MISSING), check, f"{p}plan")
+            if "source" in data:
+                source = SourceRef.from_dict(data["source"], check, f"{p}source")
+            if "head" in data:
+                head = check.string(data["head"], f"{p}head", choices=HEADS)
+        else:
+            for key in ("plan", "source", "head"):
+                if key in data:
+                    check.fail(f"{p}{key}", "no such field in a part of kind 'model'",
+                               data[key])
+        return cls(kind, ArchitectureSpec.from_dict(data["architecture"], check,
+                                                    f"{p}architecture"),
+                   dataset, classes, names, contract,
+                   check.opt_string(data["file"], f"{p}file"),
+                   check.sha256(data["sha256"], f"{p}sha256"), plan, source, head)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "architecture": self.architecture.to_dict(),
+                               "dataset": self.dataset.to_dict(),
+                               "classes": list(self.classes),
+                               "class_names": list(self.class_names),
+                               "input": self.input.to_dict(), "file": self.file,
+                               "sha256": self.sha256}
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
+        if self.source is not None:
+            out["source"] = self.source.to_dict()
+        if self.head is not None:
+            out["head"] = self.head
+        return out
+
+
+@dataclass(frozen=True)
+class Label:
+    """One output of an assembly: ``part``'s output ``part_output``, class ``class_id``."""
+
+    dataset: str
+    class_id: int
+    name: str
+    part: int
+    part_output: int
+
+    @property
+    def key(self) -> str:
+        """``"dataset:class"``, the key of per-class results."""
+        return f"{self.dataset}:{self.class_id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "class": self.class_id, "name": self.name,
+                "part": self.part, "part_output": self.part_output}
+
+
+@dataclass(frozen=True)
+class UnionSpec:
+    """The union layout's network: the source restricted to the union of the parts' plans."""
+
+    architecture: ArchitectureSpec
+    plan: PlanSpec
+    source: SourceRef
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture.to_dict(), "plan": self.plan.to_dict(),
+                "source": self.source.to_dict()}
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Base (the parts' own per-class accuracies), stored when the body is not the parts."""
+
+    per_class: Mapping[str, float]
+    measured_on: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"per_class": dict(self.per_class), "measured_on": self.measured_on}
+
+
+@dataclass(frozen=True)
+class AssemblySpec:
+    """What only an assembly has: layout, scaling, parts, labels and their side data."""
+
+    layout: str
+    scaling: str
+    parts: tuple[PartSpec, ...]
+    labels: tuple[Label, ...]
+    #: per part, the layers whose inputs the calibrated router reads (``calibrated`` only)
+    taps: tuple[tuple[str, ...], ...] | None = None
+    union: UnionSpec | None = None
+    base: BaseSpec | None = None
+
+    def columns(self) -> list[list[int]]:
+        """Per part, the outputs the assembly keeps (in output order)."""
+        cols: list[list[int]] = [[] for _ in self.parts]
+        for lab in self.labels:
+            cols[lab.part].append(lab.part_output)
+        return cols
+
+
+def _labels(data: Any, parts: Sequence[PartSpec], check: _Check) -> tuple[Label, ...]:
+    keys = ("dataset", "class", "name", "part", "part_output")
+    labels, owners = [], set()
+    last = (-1, -1)
+    for i, raw in enumerate(check.array(data, "labels")):
+        p = f"labels[{i}]"
+        raw = check.obj(raw, p, keys, keys)
+        k = check.integer(raw["part"], f"{p}.part", hi=len(parts) - 1)
+        part = parts[k]
+        j = check.integer(raw["part_output"], f"{p}.part_output", hi=len(part.classes) - 1)
+        if (k, j) <= last:
+            check.fail(p, "labels in the order of the parts' outputs (part, then "
+                       f"part_output, increasing; the previous label is {last})", (k, j))
+        last = (k, j)
+        lab = Label(check.string(raw["dataset"], f"{p}.dataset"),
+                    check.integer(raw["class"], f"{p}.class"),
+                    check.string(raw["name"], f"{p}.name"), k, j)
+        for field, mine, theirs in (
+                ("dataset", lab.dataset, part.dataset.name),
+                ("class", lab.class_id, part.classes[j]),
+                ("name", lab.name, part.class_names[j])):
+            if mine != theirs:
+                check.fail(f"{p}.{field}", f"{theirs!r}, as output {j} of parts[{k}]", mine)
+        if lab.key in owners:
+            check.fail(p, "each (dataset, class) once", lab.key)
+        owners.add(lab.key)
+        labels.append(lab)
+    for k in range(len(parts)):
+        if not any(lab.part == k for lab in labels):
+            check.fail("labels", f"at least one label of parts[{k}]", _thaw(data))
+    return tuple(labels)
+
+
+def _assembly(data: Mapping[str, Any], check: _Check
+              ) -> tuple[AssemblySpec, tuple[int, ...], tuple[str, ...], InputContract]:
+    layout = check.string(data["layout"], "layout", choices=LAYOUTS)
+    scaling = check.string(data["scaling"], "scaling", choices=SCALINGS)
+    if layout != "parallel" and scaling == "calibrated":
+        check.fail("scaling", f"none, logit or feature with layout {layout}", scaling)
+    raw_parts = check.array(data["parts"], "parts")
+    if len(raw_parts) < 2:
+        check.fail("parts", "at least two parts", _thaw(raw_parts))
+    parts = tuple(PartSpec.from_dict(p, check, f"parts[{k}]") for k, p in enumerate(raw_parts))
+    labels = _labels(data["labels"], parts, check)
+    classes = check.integers(data["classes"], "classes", length=len(labels))
+    if list(classes) != list(range(len(labels))):
+        check.fail("classes", f"the output indices 0..{len(labels) - 1}", classes)
+    names = check.strings(data["class_names"], "class_names", length=len(labels))
+    for i, (lab, n) in enumerate(zip(labels, names)):
+        if n != f"{lab.dataset}:{lab.name}":
+            check.fail(f"class_names[{i}]", repr(f"{lab.dataset}:{lab.name}"), n)
+    contract = InputContract.from_dict(data["input"], check, "input", assembly=True)
+    widest = tuple(max(p.input.shape[d] for p in parts) for d in range(3))
+    if contract.shape != widest:
+        check.fail("input.shape", f"{list(widest)}, the most channels and largest size "
+                   "among the parts", list(contract.shape))
+    channels = contract.shape[0]
+    if contract.mean != (0.0,) * channels or contract.std != (1.0,) * channels:
+        check.fail("input", "mean 0 and std 1 per channel (assemblies read [0, 1] images)",
+                   {"mean": list(contract.mean), "std": list(contract.std)})
+    if contract.range != "[0, 1]":
+        check.fail("input.range", "'[0, 1]'", contract.range)
+    n_adapters = 1 if layout == "union" else len(parts)
+    if len(contract.adapters) != n_adapters:
+        check.fail("input.adapters", f"{n_adapters} adapter descriptions", contract.adapters)
+    taps = None
+    if scaling == "calibrated":
+        raw = check.array(data["taps"], "taps", length=len(parts))
+        taps = tuple(check.strings(t, f"taps[{k}]") for k, t in enumerate(raw))
+    elif data["taps"] is not None:
+        check.fail("taps", f"null with scaling {scaling}", data["taps"])
+    union = base = None
+    if layout == "union":
+        u = check.obj(data["union"], "union", ("architecture", "plan", "source"),
+                      ("architecture", "plan", "source"))
+        union = UnionSpec(ArchitectureSpec.from_dict(u["architecture"], check,
+                                                     "union.architecture"),
+                          PlanSpec.from_dict(u["plan"], check, "union.plan"),
+                          SourceRef.from_dict(u["source"], check, "union.source"))
+        for k, p in enumerate(parts):
+            if p.kind != "component" or p.source is None or p.source.sha256 is None \
+                    or p.source.sha256 != union.source.sha256:
+                check.fail(f"parts[{k}].source", "a component of the union's source "
+                           f"(SHA-256 {union.source.sha256})", p.source and p.source.to_dict())
+        b = check.obj(data["base"], "base", ("per_class", "measured_on"),
+                      ("per_class", "measured_on"))
+        per_class = b["per_class"]
+        if not isinstance(per_class, Mapping) or set(per_class) != {lab.key for lab in labels}:
+            check.fail("base.per_class", "one accuracy per label ("
+                       f"{', '.join(lab.key for lab in labels)})", per_class)
+        for key, value in per_class.items():
+            check.number(value, f"base.per_class.{key}", lo=0.0, hi=1.0)
+        base = BaseSpec(MappingProxyType(dict(per_class)),
+                        check.string(b["measured_on"], "base.measured_on"))
+    else:
+        for key in ("union", "base"):
+            if data[key] is not None:
+                check.fail(key, f"null with layout {layout}", data[key])
+    spec = AssemblySpec(layout, scaling, parts, labels, taps, union, base)
+    return spec, classes, names, contract
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated manifest of a model file (see the module docstring).
+
+    ``architecture`` and ``dataset`` are set for models and components, ``plan`` (and
+    possibly ``head``) for components, ``assembly`` for assemblies."""
+
+    kind: str
+    classes: tuple[int, ...]
+    class_names: tuple[str, ...]
+    input: InputContract
+    architecture: ArchitectureSpec | None = None
+    dataset: DatasetSpec | None = None
+    plan: PlanSpec | None = None
+    head: str | None = None
+    assembly: AssemblySpec | None = None
+    metrics: Metrics | None = None
+    provenance: Provenance | None = None
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str) -> Manifest:
+        """Validate ``data`` (a parsed manifest); ``source`` names the file in errors."""
+        check = _Check(str(source))
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise ModelFileError(f"{source}: manifest format is not {FORMAT!r}")
+        version = data.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int) \
+                or not 1 <= version <= FORMAT_VERSION:
+            raise ModelFileError(
+                f"{source}: format version {version!r} is not supported by this modellego "
+                f"(reads versions 1..{FORMAT_VERSION}); upgrade modellego")
+        kind = data.get("kind", "model")
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise ModelFileError(f"{source}: unknown model kind {kind!r} in manifest; known: "
+                                 f"{', '.join(sorted(KINDS))}; upgrade modellego")
+        metrics = provenance = None
+        if "metrics" in data:
+            metrics = Metrics.from_dict(data["metrics"], check, "metrics")
+        if "provenance" in data:
+            provenance = Provenance.from_dict(data["provenance"], check, "provenance")
+        if kind == "assembly":
+            check.obj(data, "", _KEYS[kind], [k for k in _KEYS[kind]
+                                             if k not in ("metrics", "provenance")])
+            spec, classes, names, contract = _assembly(data, check)
+            if provenance is not None and provenance.calibration is not None and \
+                    provenance.calibration["scaling"] != spec.scaling:
+                check.fail("provenance.calibration.scaling", repr(spec.scaling),
+                           provenance.calibration["scaling"])
+            return cls(kind, classes, names, contract, assembly=spec, metrics=metrics,
+                       provenance=provenance, format_version=version)
+        check.obj(data, "", _KEYS[kind], ("dataset", "classes", "class_names", "input"))
+        if "architecture" not in data:
+            raise ModelFileError(f"{source}: manifest has no architecture entry; expected "
+                                 "an object {name, kwargs}, found nothing")
+        arch = ArchitectureSpec.from_dict(data["architecture"], check, "architecture")
+        dataset = DatasetSpec.from_dict(data["dataset"], check, "dataset")
+        classes, names = _classes(data, dataset, check, "")
+        contract = InputContract.from_dict(data["input"], check, "input")
+        _input_of_dataset(contract, dataset, check, "")
+        if metrics is not None:
+            per_class = metrics.values.get("test_per_class")
+            if isinstance(per_class, Mapping):
+                for k in per_class:
+                    if k not in {str(c) for c in classes}:
+                        check.fail(f"metrics.test_per_class.{k}",
+                                   "a class id listed in classes", k)
+        plan = head = None
+        if kind == "component":
+            plan = PlanSpec.from_dict(data.get("plan", _MISSING), check, "plan")
+            if "head" in data:
+                head = check.string(data["head"], "head", choices=HEADS)
+        return cls(kind, classes, names, contract, architecture=arch, dataset=dataset,
+                   plan=plan, head=head, metrics=metrics, provenance=provenance,
+                   format_version=version)
+
+    @property
+    def num_outputs(self) -> int:
+        """How many logits the network has (one per class)."""
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object to store (exactly what modellego 0.1.0 wrote for this file)."""
+        out: dict[str, Any] = {"format": FORMAT, "format_version": self.format_version,
+                               "kind": self.kind, "classes": list(self.classes),
+                               "class_names": list(self.class_names),
+                               "input": self.input.to_dict()}
+        if self.architecture is not None:
+            out["architecture"] = self.architecture.to_dict()
+        if self.dataset is not None:
+            out["dataset"] = self.dataset.to_dict()
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
+        if self.head is not None:
+            out["head"] = self.head
+        if self.assembly is not None:
+            a = self.assembly
+            out.update({
+                "layout": a.layout, "scaling": a.scaling,
+                "parts": [p.to_dict() for p in a.parts],
+                "labels": [lab.to_dict() for lab in a.labels],
+                "taps": None if a.taps is None else [list(t) for t in a.taps],
+                "union": None if a.union is None else a.union.to_dict(),
+                "base": None if a.base is None else a.base.to_dict()})
+        if self.metrics is not None:
+            out["metrics"] = self.metrics.to_dict()
+        if self.provenance is not None:
+            out["provenance"] = self.provenance.to_dict()
+        return out
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KINDS", "LAYOUTS", "SCALINGS",
+           "ArchitectureSpec", "AssemblySpec", "BaseSpec", "DatasetSpec", "InputContract",
+           "Label", "LayerKeep", "Manifest", "Metrics", "PartSpec", "PlanSpec", "Provenance",
+           "SourceRef", "UnionSpec"]
