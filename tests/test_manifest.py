@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import run_cli
+from modellego import CompressConfig, DisassemblyConfig, compress, disassemble
 from modellego import assembly as assembly_module
 from modellego.assembly import AssemblyConfig, assemble
-from modellego.compress import CompressConfig, compress
-from modellego.disassemble import DisassemblyConfig, disassemble
 from modellego.distill import DistillConfig, distill
 from modellego.errors import ModelFileError
 from modellego.io import (
