@@ -16,7 +16,7 @@ from .analysis.distributed import DistContext
 from .analysis.locate import LocateConfig, profiled_layers
 from .analysis.methods import METHODS as METHOD_REGISTRY
 from .analysis.methods import Profile, get_method
-from .analysis.profile import SampleSelection, select_samples
+from .analysis.profile import SampleSelection, contribution_profile, select_samples  # noqa: F401
 from .analysis.search import refine, search
 from .data import load_split, normalize
 from .errors import ModelLegoError
