@@ -14,19 +14,18 @@ Strategies:
 - ``contribution-2022``: ``--method contribution-2022`` (correctly classified samples only,
   normalised by the max; the public code's thresholds);
 - ``frat``: ``--method frat`` (its default thresholds, 0.2);
-- ``pan-rajan``: modules in the style of Pan & Rajan (ICSE'22), training-free, built here
-  as a comparison baseline (not a library feature). For each class ``c`` of the task:
-  the source is run on ``c``'s selected training samples (the same K = 50 most confident
-  ones the other strategies profile); a channel of a channel space (see
-  ``modellego.surgery.graph``) is *never active* for ``c`` when, at every conv/linear
-  layer that reads it, its largest activation over those samples and all positions is at
-  most 1 % of the largest activation of any channel of that layer's input (inputs of the
-  shipped nets follow ReLUs; the image is never touched). Module ``c`` is a copy of the
-  source whose weights reading never-active channels are set to zero in place, so it keeps
-  the source's shape, params and FLOPs. Its binary concern head is
-  ``score_c(x) = logit_c(x) - logsumexp_{j != c} logit_j(x)`` over the module's own logits
-  (positive: "x is a c"). The task's prediction is the class whose module scores highest;
-  its cost is (classes in the task) x the source's params and FLOPs.
+- ``pan-rajan``: Pan & Rajan's modules (ICSE'22), training-free, from the library
+  (``--method pan-rajan``, see ``modellego.analysis.activity``). For each class ``c`` of
+  the task, the one-class module is disassembled on ``c``'s selected training samples (the
+  same K = 50 most confident ones the other strategies profile): a channel is *never
+  active* for ``c`` when, at every conv/linear layer that reads it, its largest activation
+  over those samples and all positions is at most 1 % of the largest activation of any
+  channel of that layer's input (the image is never touched); never-active channels are
+  removed (a physically smaller network, equal to the source with them zeroed). Its
+  one-vs-rest head is ``score_c(x) = logit_c(x) - logsumexp_{j != c} logit_j(x)`` over the
+  module's own logits (positive: "x is a c"). The task's prediction is the class whose
+  module scores highest (the assembly scaling ``concern``); its cost is the sum of the
+  modules' params and FLOPs.
 
 Timing: every strategy selects the same samples except ``contribution-2022`` (correctly
 classified only). The selection pass (one forward pass over the task's training images) runs
@@ -38,7 +37,6 @@ classified selection is the same and is reused. Every other figure is measured i
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -50,8 +48,8 @@ import torch
 from torch import nn
 
 from modellego import __version__
-from modellego.analysis.hooks import forward_pre_hooks, preserved_state
 from modellego.analysis.locate import LocateConfig, profiled_layers
+from modellego.analysis.methods import get_method
 from modellego.analysis.profile import SampleSelection, select_samples
 from modellego.data import load_split, normalize
 from modellego.disassemble import DisassemblyConfig, disassemble_model
@@ -69,83 +67,34 @@ STRATEGIES = {
     "frat": {"method": "frat"},
 }
 K = 50
-#: Pan & Rajan baseline: a channel is never active below this share of its layer input's max
+#: Pan & Rajan: a channel is never active below this share of its layer input's max
 INACTIVE = 0.01
 
 
-def never_active(model: nn.Module, graph: ChannelGraph, images: torch.Tensor
-                 ) -> dict[int, torch.Tensor]:
-    """Per space, the channels whose activation stays at most ``INACTIVE`` x the layer
-    input's maximum at every conv/linear layer reading them (on ``images``)."""
-    layers = profiled_layers(graph)
-    peaks: dict[str, torch.Tensor] = {}
-
-    def capture(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            a = args[0].detach()
-            dims = [0] + list(range(2, a.dim()))
-            peaks[name] = a.amax(dim=dims).double()
-        return hook
-
-    with preserved_state(model), forward_pre_hooks(
-            (lay.module, capture(lay.name)) for lay in layers), torch.inference_mode():
-        model.eval()
-        model(images)
-    inactive = {s: torch.ones(graph.space_size[s], dtype=torch.bool)
-                for s in {seg.space for lay in layers for seg in lay.in_layout}}
-    for lay in layers:
-        peak = peaks[lay.name]
-        limit = INACTIVE * peak.max().clamp_min(0)
-        offset = 0
-        for seg in lay.in_layout:
-            block = peak[offset:offset + seg.size * seg.repeat].view(seg.size, seg.repeat)
-            offset += seg.size * seg.repeat
-            inactive[seg.space] &= block.amax(1) <= limit
-    for s in graph.frozen_spaces & set(inactive):
-        inactive[s][:] = False
-    return inactive
-
-
-def zeroed_module(model: nn.Module, graph: ChannelGraph,
-                  inactive: dict[int, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` whose conv/linear weights reading ``inactive`` channels are 0."""
-    module = copy.deepcopy(model).eval()
-    mods = dict(module.named_modules())
-    with torch.no_grad():
-        for lay in profiled_layers(graph):
-            weight = mods[lay.name].weight
-            offset = 0
-            for seg in lay.in_layout:
-                dead = inactive[seg.space].repeat_interleave(seg.repeat)
-                cols = offset + dead.nonzero().flatten()
-                weight[:, cols] = 0
-                offset += seg.size * seg.repeat
-    return module
-
-
-def pan_rajan(model: nn.Module, graph: ChannelGraph, x: torch.Tensor,
-              selection: SampleSelection, task: tuple[int, ...]
+def pan_rajan(model: nn.Module, graph: ChannelGraph, x: torch.Tensor, y: torch.Tensor,
+              selection: SampleSelection, task: tuple[int, ...], own: list[int]
               ) -> tuple[list[nn.Module], list[float]]:
-    """One zeroed module per class of ``task``; also the share of channels each zeroes."""
+    """One library module per class of ``task``; also the share of channels each removes
+    (over the spaces a conv/linear layer reads)."""
+    method = get_method("pan-rajan")
+    read = {seg.space for lay in profiled_layers(graph) for seg in lay.in_layout}
+    total = sum(graph.space_size[s] for s in read)
     modules, zeroed = [], []
     for c in task:
-        inactive = never_active(model, graph, x[list(selection.indices[c])])
-        modules.append(zeroed_module(model, graph, inactive))
-        total = sum(graph.space_size[s] for s in inactive)
-        zeroed.append(sum(int(m.sum()) for m in inactive.values()) / total)
+        cfg = DisassemblyConfig((c,), samples_per_class=K, method="pan-rajan",
+                                locate=LocateConfig(alpha_conv=INACTIVE,
+                                                    alpha_linear=INACTIVE))
+        comp = disassemble_model(model, x, y, classes=(c,), output_classes=own, config=cfg,
+                                 selection=selection, graph=graph)
+        masks = method.locate(graph, comp.profile, (c,), own, comp.locate)
+        modules.append(comp.model)
+        zeroed.append(sum(int((~masks[s]).sum()) for s in read) / total)
     return modules, zeroed
 
 
-def pan_rajan_predict(modules: list[nn.Module], task: tuple[int, ...],
-                      output_classes: list[int], x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def pan_rajan_predict(modules: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Scores ``(N, len(task))`` of the concern heads, and how often none or several claim x."""
-    scores = []
-    for module, c in zip(modules, task):
-        logits = predict_logits(module, x).double()
-        i = output_classes.index(c)
-        others = torch.cat([logits[:, :i], logits[:, i + 1:]], 1)
-        scores.append(logits[:, i] - torch.logsumexp(others, 1))
-    s = torch.stack(scores, 1)
+    s = torch.cat([predict_logits(module, x).double() for module in modules], 1)
     claims = (s > 0).sum(1)
     return s, {"no_module_claims": float((claims == 0).float().mean()),
                "several_claim": float((claims > 1).float().mean())}
@@ -207,13 +156,15 @@ def run_model(rel: str, tasks: list[tuple[int, ...]]) -> list[dict]:
                 row["selection_reused"] = reused
             rows.append(_report(row))
         t0 = time.perf_counter()
-        modules, zeroed = pan_rajan(model, graph, x, selection, task)
+        modules, zeroed = pan_rajan(model, graph, x, y, selection, task, own)
         own_seconds = time.perf_counter() - t0
-        scores, claims = pan_rajan_predict(modules, task, own, xt)
+        scores, claims = pan_rajan_predict(modules, xt)
         pred = torch.tensor(task)[scores.argmax(1)]
         acc = float((pred == yt).float().mean())
+        params = sum(count_params(m) for m in modules) / src_params
+        flops = sum(count_flops(m, shape) for m in modules) / src_flops
         rows.append(_report({**base, "strategy": "pan-rajan", "accuracy": acc,
-                             "params_ratio": float(len(task)), "flops_ratio": float(len(task)),
+                             "params_ratio": params, "flops_ratio": flops,
                              "own_seconds": own_seconds, "seconds": select_seconds + own_seconds,
                              "zeroed_channel_share": zeroed, "inactive_threshold": INACTIVE,
                              **claims}))

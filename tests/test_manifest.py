@@ -40,6 +40,8 @@ from modellego.manifest import (
     SCALINGS,
     DatasetSpec,
     Manifest,
+    set_vocabulary,
+    vocabulary,
 )
 from modellego.train import TrainConfig, train
 
@@ -483,8 +485,13 @@ def test_assembly_part_with_more_classes_than_its_network(tmp_path: Path) -> Non
 
 
 def test_value_sets_agree_with_the_assembly_package() -> None:
-    assert LAYOUTS == assembly_module.LAYOUTS
-    assert SCALINGS == assembly_module.SCALINGS
+    # 0.1.0's names are all still registered; files may name whatever is registered now
+    assert set(LAYOUTS) <= set(assembly_module.LAYOUTS)
+    assert set(SCALINGS) <= set(assembly_module.SCALINGS)
+    assert vocabulary("layout") == assembly_module.LAYOUTS
+    assert vocabulary("scaling") == assembly_module.SCALINGS
+    with pytest.raises(ValueError, match="set already"):
+        set_vocabulary("scaling", lambda: ("none",))
 
 
 # --------------------------------------------------------------------------- header bounds

@@ -29,6 +29,18 @@ from .surgery.plan import ComponentPlan
 from .train import TrainConfig, train
 from .workflows import compress, disassemble
 
+
+def _assemble_package() -> None:
+    """Hand the registries to the layers below that read names from files."""
+    from . import manifest
+    from .assembly import LAYOUT_REGISTRY, SCALING_REGISTRY
+
+    manifest.set_vocabulary("layout", LAYOUT_REGISTRY.names)
+    manifest.set_vocabulary("scaling", SCALING_REGISTRY.names)
+
+
+_assemble_package()
+
 __all__ = [
     "AssembledModel",
     "AssemblyConfig",

@@ -154,13 +154,12 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
 
     def page() -> str:
         from .viz.report import disassembly_html
-        from .viz.route import route_from_gradients, route_from_profile
+        from .viz.route import route_from_method
 
         names = dict(zip(manifest["classes"], manifest["class_names"]))
         class_names = [str(names[c]) for c in config.classes]
-        draw = route_from_gradients if comp.method == "frat" else route_from_profile
-        route = draw(comp.graph, comp.profile, config.classes, manifest["classes"],
-                     comp.locate, class_names)
+        route = route_from_method(comp.graph, comp.profile, comp.method, config.classes,
+                                  manifest["classes"], comp.locate, class_names)
         return disassembly_html(report, new_manifest, route)
 
     wrote = _finish(outs, comp.model, new_manifest, report, page)
@@ -336,6 +335,12 @@ def _add_locate_args(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # the choices are the registries' names: a registered method, criterion, layout or
+    # scaling is on the command line without further edits
+    from .analysis.methods import METHODS
+    from .assembly import LAYOUTS, SCALINGS
+    from .compress import CRITERIA
+
     p = argparse.ArgumentParser(prog="modellego", description=__doc__)
     p.add_argument("--version", action="version", version=f"modellego {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -380,12 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, help="also write the report as JSON")
     _add_data_args(s)
     _add_locate_args(s)
-    s.add_argument("--method", choices=("contribution", "contribution-2022", "frat"),
-                   default="contribution",
+    s.add_argument("--method", choices=METHODS.names(), default="contribution",
                    help="contribution: Model LEGO's relative contribution (default); "
                         "contribution-2022: the ICLR'23 paradigm (correctly classified "
                         "samples only, normalised by the max); frat: CNN LEGO v1's gradients "
-                        "of the predicted-class probability (thresholds --alpha-*)")
+                        "of the predicted-class probability (thresholds --alpha-*); "
+                        "pan-rajan: Pan & Rajan's one-vs-rest module (channels never active "
+                        "on the class's samples removed, --alpha-* the activity threshold, "
+                        "default 0.01; outputs are concern scores)")
     s.add_argument("--compensate", action="store_true",
                    help="fold the mean contribution of removed channels into biases")
     s.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",
@@ -408,12 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("assemble", help="assemble models/components into one classifier")
     s.add_argument("files", nargs="+", help="two or more model or component files")
     s.add_argument("--out", required=True)
-    s.add_argument("--layout", choices=("parallel", "padded", "union"), default="parallel",
+    s.add_argument("--layout", choices=LAYOUTS, default="parallel",
                    help="parallel: parts side by side; padded: the paper's widened network "
                         "(same logits); union: components of one source merged by the "
                         "union of their channels")
-    s.add_argument("--scaling", choices=("none", "logit", "feature", "calibrated"),
-                   default="calibrated")
+    s.add_argument("--scaling", choices=SCALINGS, default=None,
+                   help="default: concern when a part is a pan-rajan module (the highest "
+                        "one-vs-rest score wins), else calibrated")
     s.add_argument("--on-duplicate", choices=("error", "replace"), default="error",
                    help="what to do when two parts classify the same label")
     s.add_argument("--calibration-samples", type=int, default=200,
@@ -477,8 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "fine-tuning (class-aware components or channel pruning)")
     s.add_argument("file")
     s.add_argument("--out", required=True)
-    s.add_argument("--criterion", choices=("contribution", "l1", "fpgm"),
-                   default="contribution",
+    s.add_argument("--criterion", choices=CRITERIA, default="contribution",
                    help="contribution: the component of all classes (ours); l1: L1-norm "
                         "filter pruning; fpgm: geometric-median filter pruning (both uniform)")
     s.add_argument("--target-flops", type=float, default=None, metavar="R",
@@ -490,8 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the source's")
     s.add_argument("--samples-per-class", type=int, default=50,
                    help="contribution: training samples profiled per class")
-    s.add_argument("--method", choices=("contribution", "contribution-2022", "frat"),
-                   default="contribution",
+    s.add_argument("--method", choices=METHODS.names(), default="contribution",
                    help="contribution criterion: how channels are scored (as in disassemble)")
     s.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="every criterion: re-estimate each candidate's BatchNorm statistics "

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .analysis.locate import LocateConfig
+from .analysis.methods import get_method
 from .analysis.search import Trial, first_passing
 from .disassemble import (
     Component,
@@ -41,13 +42,13 @@ from .disassemble import (
 )
 from .errors import ModelLegoError, PlanError
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
+from .registry import Registry
 from .surgery.extract import apply_plan
 from .surgery.graph import ChannelGraph, build_channel_graph
+from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
 from .train import task_outputs
-
-CRITERIA = ("contribution", "l1", "fpgm")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class CompressConfig:
 
     def disassembly(self, classes: Sequence[int]) -> DisassemblyConfig:
         """The disassembly that makes the ``contribution`` compression of ``classes``."""
-        locate = LocateConfig(rule="mass") if self.method == "contribution" else None
+        locate = get_method(self.method).compress_locate()
         return DisassemblyConfig(tuple(classes), samples_per_class=self.samples_per_class,
                                  locate=locate, batch_size=self.batch_size, method=self.method,
                                  max_accuracy_drop=self.max_accuracy_drop,
@@ -82,7 +83,7 @@ class CompressConfig:
                                  recalibrate_bn=self.recalibrate_bn)
 
     def validate(self) -> None:
-        if self.criterion not in CRITERIA:
+        if self.criterion not in CRITERION_REGISTRY:
             raise ModelLegoError(f"--criterion {self.criterion!r} is unknown; use one of "
                                  f"{', '.join(CRITERIA)}")
         if (self.target_flops, self.target_params, self.max_accuracy_drop) == (None,) * 3:
@@ -92,6 +93,9 @@ class CompressConfig:
             raise ModelLegoError(f"--method {self.method} applies to --criterion contribution "
                                  f"only, not {self.criterion}")
         self.disassembly(()).validate()  # ranges, method, and at most one target
+        if get_method(self.method).head is not None:
+            raise ModelLegoError(f"method {self.method!r} makes one-vs-rest modules, not a "
+                                 "smaller classifier; compress with another method")
 
     def to_dict(self) -> dict:
         return {"criterion": self.criterion, "target_flops": self.target_flops,
@@ -115,11 +119,7 @@ def prunable_spaces(graph: ChannelGraph) -> list[int]:
 def filter_scores(filters: torch.Tensor, criterion: str) -> torch.Tensor:
     """One importance score per row of ``filters`` (higher = keep): the L1 norm (``l1``), or
     the summed Euclidean distance to the other rows (``fpgm``)."""
-    if criterion == "l1":
-        return filters.abs().sum(1)
-    if criterion == "fpgm":
-        return torch.cdist(filters, filters, compute_mode="donot_use_mm_for_euclid_dist").sum(1)
-    raise ModelLegoError(f"criterion {criterion!r} has no filter score; use l1 or fpgm")
+    return get_criterion(criterion).filter_scores(filters)
 
 
 def channel_scores(graph: ChannelGraph, criterion: str) -> dict[int, torch.Tensor]:
@@ -212,7 +212,7 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
         raise ValueError("min_accuracy needs accuracy_of")
     input_shape = tuple(input_shape)
     graph = build_channel_graph(model, input_shape)
-    scores = channel_scores(graph, criterion)
+    scores = channel_scores(graph, criterion)  # before any work: an unknown criterion fails
     order = removal_order(graph)
     n_out = graph.space_size[graph.output_space]
     source_flops, source_params = count_flops(model, input_shape), count_params(model)
@@ -293,11 +293,88 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
     """
     config.validate()
     _, output_classes = task_outputs(output_classes, output_classes)
+    if head_of(model) is not None:
+        raise ModelLegoError(f"the model carries a {head_of(model)} head (a pan-rajan module); "
+                             "compress its source model instead")
     if config.max_accuracy_drop is not None and (val_images is None or val_labels is None):
         raise ModelLegoError("--max-accuracy-drop needs validation images")
     if config.recalibrate_bn and calibration_images is None:
         raise ModelLegoError("--recalibrate-bn needs calibration images")
-    if config.criterion == "contribution":
+    return get_criterion(config.criterion).compress(
+        model, tuple(input_shape), output_classes, config, images=images, labels=labels,
+        val_images=val_images, val_labels=val_labels, calibration_images=calibration_images)
+
+
+# --------------------------------------------------------------------------- criteria
+
+
+class Criterion:
+    """How compression chooses the channels to remove; one subclass per criterion."""
+
+    name: str = ""
+    #: ``compress_model`` needs the training images (and labels) of every class
+    needs_training_images = False
+
+    def filter_scores(self, filters: torch.Tensor) -> torch.Tensor:
+        """One importance score per row of ``filters`` (higher = keep)."""
+        raise ModelLegoError(f"criterion {self.name!r} has no filter score; use l1 or fpgm")
+
+    def compress(self, model: nn.Module, input_shape: tuple[int, ...],
+                 output_classes: list[int], config: CompressConfig, *,
+                 images: torch.Tensor | None, labels: torch.Tensor | None,
+                 val_images: torch.Tensor | None, val_labels: torch.Tensor | None,
+                 calibration_images: torch.Tensor | None) -> Compressed:
+        """The compressed model (inputs already checked by :func:`compress_model`)."""
+        raise NotImplementedError
+
+
+class UniformCriterion(Criterion):
+    """Score every channel group by its writers' filters; prune every group alike."""
+
+    def compress(self, model, input_shape, output_classes, config, *, images, labels,
+                 val_images, val_labels, calibration_images):
+        accuracy_of, min_accuracy = None, None
+        if config.max_accuracy_drop is not None:
+            def accuracy_of(net: nn.Module) -> float:
+                return accuracy_from_logits(predict_logits(net, val_images), val_labels,
+                                            output_classes).accuracy
+
+            min_accuracy = accuracy_of(model) - config.max_accuracy_drop / 100
+        res = prune_uniform(model, input_shape, self.name, target_flops=config.target_flops,
+                            target_params=config.target_params, accuracy_of=accuracy_of,
+                            min_accuracy=min_accuracy,
+                            finish=(lambda net: recalibrate_batchnorm(net, calibration_images))
+                            if config.recalibrate_bn else None)
+        return Compressed(res.model, res.plan, res.graph, self.name, fraction=res.fraction,
+                          trials=res.trials)
+
+
+class L1(UniformCriterion):
+    """L1-norm filter pruning."""
+
+    name = "l1"
+
+    def filter_scores(self, filters: torch.Tensor) -> torch.Tensor:
+        return filters.abs().sum(1)
+
+
+class FPGM(UniformCriterion):
+    """Geometric-median pruning: the filters nearest the others go first."""
+
+    name = "fpgm"
+
+    def filter_scores(self, filters: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(filters, filters, compute_mode="donot_use_mm_for_euclid_dist").sum(1)
+
+
+class ContributionCriterion(Criterion):
+    """The component of all the model's classes (disassembly with a threshold search)."""
+
+    name = "contribution"
+    needs_training_images = True
+
+    def compress(self, model, input_shape, output_classes, config, *, images, labels,
+                 val_images, val_labels, calibration_images):
         if images is None or labels is None:
             raise ModelLegoError("criterion 'contribution' needs training images")
         try:
@@ -315,20 +392,19 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
         _check_reached(model, comp.model, input_shape, config)
         return Compressed(comp.model, comp.plan, comp.graph, "contribution", locate=comp.locate,
                           trials=comp.search, component=comp)
-    accuracy_of, min_accuracy = None, None
-    if config.max_accuracy_drop is not None:
-        def accuracy_of(net: nn.Module) -> float:
-            return accuracy_from_logits(predict_logits(net, val_images), val_labels,
-                                        output_classes).accuracy
 
-        min_accuracy = accuracy_of(model) - config.max_accuracy_drop / 100
-    res = prune_uniform(model, input_shape, config.criterion, target_flops=config.target_flops,
-                        target_params=config.target_params, accuracy_of=accuracy_of,
-                        min_accuracy=min_accuracy,
-                        finish=(lambda net: recalibrate_batchnorm(net, calibration_images))
-                        if config.recalibrate_bn else None)
-    return Compressed(res.model, res.plan, res.graph, config.criterion, fraction=res.fraction,
-                      trials=res.trials)
+
+#: every compression criterion, by name, in the order the CLI lists them
+CRITERION_REGISTRY: Registry[Criterion] = Registry("pruning criterion")
+for _criterion in (ContributionCriterion(), L1(), FPGM()):
+    CRITERION_REGISTRY.register(_criterion.name, _criterion)
+#: the registered criteria's names
+CRITERIA = CRITERION_REGISTRY.names()
+
+
+def get_criterion(name: str) -> Criterion:
+    """The criterion registered as ``name``; a one-line error lists the known ones."""
+    return CRITERION_REGISTRY.get(name)
 
 
 def _check_reached(model: nn.Module, small: nn.Module, input_shape: Sequence[int],

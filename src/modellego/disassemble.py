@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .analysis.distributed import DistContext
-from .analysis.frat import GradientProfile, frat_locate, gradient_profile
-from .analysis.locate import LocateConfig, locate, profiled_layers
-from .analysis.profile import (
-    ContributionProfile,
-    SampleSelection,
-    contribution_profile,
-    select_samples,
-)
-from .analysis.search import candidates, refine, search
+from .analysis.locate import LocateConfig, profiled_layers
+from .analysis.methods import METHODS as METHOD_REGISTRY
+from .analysis.methods import Profile, get_method
+from .analysis.profile import SampleSelection, contribution_profile, select_samples  # noqa: F401
+from .analysis.search import refine, search
 from .errors import ModelLegoError
 from .metrics import (
     accuracy_from_logits,
@@ -28,27 +24,20 @@ from .metrics import (
 )
 from .surgery.extract import apply_plan, compensate_removed_inputs
 from .surgery.graph import ChannelGraph, build_channel_graph
+from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
 from .train import task_outputs
 
-#: ``contribution``: Model LEGO (NeurIPS'24); ``contribution-2022``: the ICLR'23 contribution
-#: paradigm (correctly classified samples only, un-centred normalisation); ``frat``: CNN LEGO
-#: v1 (gradients of the predicted-class probability, see :mod:`modellego.analysis.frat`)
-METHODS = ("contribution", "contribution-2022", "frat")
+#: the registered disassembly methods' names (see :mod:`modellego.analysis.methods`)
+METHODS = METHOD_REGISTRY.names()
 
 
 def default_locate(method: str = "contribution") -> LocateConfig:
-    """The thresholds a method uses unless given: the public code's for the contribution
-    methods (``contribution-2022`` normalising by the max); for ``frat`` 0.2 on the inputs of
-    conv and linear layers (on the shipped Fashion-MNIST VGG-16, the largest of 0.1, 0.15,
-    0.2, 0.25, 0.3, 0.4, 0.5 that loses under 1 pp on the validation split for the tasks
-    {0,1,2}, {1,7} and {0,2,4,6,8})."""
-    if method == "frat":
-        return LocateConfig(alpha_conv=0.2, alpha_linear=0.2)
-    if method == "contribution-2022":
-        return LocateConfig(normalize="max")
-    return LocateConfig()
+    """The thresholds ``method`` uses unless given (its ``default_locate``): the public
+    code's for the contribution methods (``contribution-2022`` normalising by the max); 0.2
+    on the alphas for ``frat`` and 0.01 (the activity threshold) for ``pan-rajan``."""
+    return get_method(method).default_locate()
 
 
 @dataclass(frozen=True)
@@ -75,24 +64,17 @@ class DisassemblyConfig:
     #: the source's classes (0: keep the source's statistics)
     recalibrate_bn: int = 0
     #: one of :data:`METHODS`; ``contribution-2022`` locates with ``normalize="max"``, and
-    #: ``frat`` reads ``locate.alpha_conv``/``alpha_linear`` as its thresholds (betas unused)
+    #: ``frat`` and ``pan-rajan`` read ``locate.alpha_conv``/``alpha_linear`` as their
+    #: thresholds (betas unused)
     method: str = "contribution"
 
     def __post_init__(self) -> None:
-        if self.locate is None:
-            object.__setattr__(self, "locate", default_locate(self.method))
+        if self.locate is None:  # an unknown method is reported by validate()
+            object.__setattr__(self, "locate", get_method(self.method).default_locate()
+                               if self.method in METHOD_REGISTRY else LocateConfig())
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ModelLegoError(f"unknown disassembly method {self.method!r}; use one of "
-                                 f"{', '.join(METHODS)}")
-        if self.method == "frat" and self.compensate:
-            raise ModelLegoError("--compensate needs the contribution profile, which "
-                                 "--method frat does not compute; drop --compensate or use "
-                                 "another method")
-        if self.method == "frat" and self.refine:
-            raise ModelLegoError("--refine tightens per-layer betas, which --method frat does "
-                                 "not use; drop --refine or use another method")
+        get_method(self.method).check(self.compensate, self.refine)
         self.locate.validate()
         if self.samples_per_class < 1:
             raise ModelLegoError(f"--samples-per-class must be >= 1, got "
@@ -135,8 +117,9 @@ class Component:
     plan: ComponentPlan
     classes: tuple[int, ...]
     selection: SampleSelection
-    #: a :class:`GradientProfile` for ``method == "frat"``
-    profile: ContributionProfile | GradientProfile
+    #: what the method profiles (a :class:`GradientProfile` for ``frat``, an
+    #: :class:`ActivityProfile` for ``pan-rajan``)
+    profile: Profile
     graph: ChannelGraph = field(repr=False)
     locate: LocateConfig = field(default_factory=LocateConfig)
     search: tuple = ()
@@ -145,6 +128,11 @@ class Component:
     def kept_channels(self) -> dict[str, list[int]]:
         """Per conv/linear layer: ``[kept outputs, total outputs]``."""
         return kept_channels(self.graph, self.plan)
+
+    @property
+    def head(self) -> str | None:
+        """The component's head (``"one-vs-rest"`` for ``pan-rajan``), or ``None``."""
+        return get_method(self.method).head
 
 
 def kept_channels(graph: ChannelGraph, plan: ComponentPlan) -> dict[str, list[int]]:
@@ -189,24 +177,22 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     if config.recalibrate_bn and calibration_images is None:
         raise ModelLegoError("--recalibrate-bn needs calibration images")
     classes, output_classes = task_outputs(classes, output_classes)
+    if head_of(model) is not None:
+        raise ModelLegoError(f"the model carries a {head_of(model)} head (a pan-rajan module); "
+                             "disassemble its source model instead")
     input_shape = tuple(images.shape[1:])
-    method = config.method
-    correct_only = method == "contribution-2022"
-    base = config.locate
-    if method == "contribution-2022":
-        base = replace(base, normalize="max")
-    if method == "frat":
-        hint = "; lower --alpha-conv/--alpha-linear and try again"
-    else:
-        hint = ("; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use "
-                "--rule mass")
+    method = get_method(config.method)
+    correct_only = method.correct_only
+    base = method.prepare(config.locate)
+    hint = method.hint
+
     def check_graph(g: ChannelGraph, what: str) -> None:
         modules = dict(model.named_modules())
         if any(lay.module is not modules.get(lay.name) for lay in g.layers):
             raise ModelLegoError(f"the given {what} was built from another model object")
 
     if reuse is not None and (reuse.classes, reuse.selection.k, reuse.method) == (
-            classes, config.samples_per_class, method):
+            classes, config.samples_per_class, method.name):
         check_graph(reuse.graph, "component to reuse")
         graph, selection, profile = reuse.graph, reuse.selection, reuse.profile
     else:
@@ -229,23 +215,15 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         idx = torch.tensor([i for c in classes for i in selection.indices[c]],
                            dtype=torch.long)
         layers = {lay.name: lay.module for lay in profiled_layers(graph)}
-        if method == "frat":
-            profile: ContributionProfile | GradientProfile = gradient_profile(
-                model, layers, images[idx], labels[idx], classes,
-                batch_size=config.batch_size, dist=dist)
-        else:
-            profile = contribution_profile(model, layers, images[idx], labels[idx], classes,
-                                           batch_size=config.batch_size, dist=dist)
-    out_idx = [output_classes.index(c) for c in classes]
+        profile = method.profile(model, layers, images[idx], labels[idx], classes,
+                                 batch_size=config.batch_size, dist=dist)
+    out_idx = method.output_indices(classes, output_classes)
     bn_after = {lay.name: lay.bn_after for lay in graph.layers}
 
     def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
-        if method == "frat":
-            masks = frat_locate(graph, profile, classes, cfg)
-        else:
-            masks = locate(graph, profile, classes, output_classes, cfg)
+        masks = method.locate(graph, profile, classes, output_classes, cfg)
         plan = plan_from_masks(graph, masks, out_idx, hint=hint)
-        comp = apply_plan(model, plan).eval()
+        comp = method.finish(apply_plan(model, plan), classes).eval()
         if config.compensate:
             compensate_removed_inputs(comp, plan, profile.means, bn_after)
         if config.recalibrate_bn:
@@ -283,7 +261,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                 return accuracy_from_logits(predict_logits(comp, val_images), val_labels,
                                             classes).accuracy
 
-        chosen, trials = search(candidates(base, method), cost_of, accuracy_of,
+        chosen, trials = search(method.candidates(base), cost_of, accuracy_of,
                                 min_accuracy=min_acc, max_flops_ratio=target, cost=cost)
         if config.refine:
             # the layers whose inputs cost most in the component found so far
@@ -296,4 +274,4 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
             trials = trials + more
     plan, component = build(chosen)
     return Component(component, plan, classes, selection, profile, graph, chosen,
-                     tuple(t.to_dict() for t in trials), method)
+                     tuple(t.to_dict() for t in trials), method.name)

@@ -29,7 +29,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from .errors import ModelFileError
 
@@ -39,9 +39,29 @@ FORMAT_VERSION = 1
 KINDS = ("model", "component", "assembly")
 #: the output heads a component may declare (absent: an ordinary softmax classifier)
 HEADS = ("one-vs-rest",)
-#: assembly layouts and scalings a file may name (kept equal to :mod:`modellego.assembly`'s)
+#: the assembly layouts and scalings of modellego 0.1.0: what a file may name until the
+#: package, when it is assembled, hands over its registries (see :func:`set_vocabulary`)
 LAYOUTS = ("parallel", "padded", "union")
 SCALINGS = ("none", "logit", "feature", "calibrated")
+_VOCABULARY: dict[str, Callable[[], Sequence[str]]] = {}
+_DEFAULT_VOCABULARY = {"layout": LAYOUTS, "scaling": SCALINGS}
+
+
+def set_vocabulary(field: str, names: Callable[[], Sequence[str]]) -> None:
+    """Let ``field`` (``"layout"`` or ``"scaling"``) take the names ``names()`` returns: the
+    package passes its registries' ``names`` here, so a new layout or scaling is one
+    registration, and this module needs no import of the layers that define them."""
+    if field not in _DEFAULT_VOCABULARY:
+        raise ValueError(f"no vocabulary {field!r}; known: {', '.join(_DEFAULT_VOCABULARY)}")
+    if field in _VOCABULARY:
+        raise ValueError(f"the vocabulary of {field!r} is set already")
+    _VOCABULARY[field] = names
+
+
+def vocabulary(field: str) -> tuple[str, ...]:
+    """The names a file may use for ``field`` (``"layout"`` or ``"scaling"``)."""
+    names = _VOCABULARY.get(field)
+    return tuple(names()) if names is not None else _DEFAULT_VOCABULARY[field]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MISSING = object()
@@ -60,8 +80,8 @@ _EXPECTED = {
     "classes": "an array of class ids, one per output",
     "class_names": "an array of class names, one per output",
     "class": "a class id", "name": "a non-empty string", "part": "a part index",
-    "part_output": "an output index of the part", "layout": "one of " + ", ".join(LAYOUTS),
-    "scaling": "one of " + ", ".join(SCALINGS), "parts": "an array of parts",
+    "part_output": "an output index of the part", "parts": "an array of parts",
+    "layout": "an assembly layout's name", "scaling": "a scaling's name",
     "labels": "an array of labels", "plan": "an object of layers",
 }
 _PART_KEYS = ("kind", "architecture", "plan", "head", "dataset", "classes", "class_names",
@@ -383,7 +403,7 @@ class Provenance:
             if not isinstance(calib, Mapping):
                 check.fail(f"{path}.calibration", "a JSON object", calib)
             check.string(calib.get("scaling", _MISSING), f"{path}.calibration.scaling",
-                         choices=SCALINGS)
+                         choices=vocabulary("scaling"))
         return cls(check.json(data, path))
 
     @property
@@ -634,8 +654,8 @@ def _labels(data: Any, parts: Sequence[PartSpec], check: _Check) -> tuple[Label,
 
 def _assembly(data: Mapping[str, Any], check: _Check
               ) -> tuple[AssemblySpec, tuple[int, ...], tuple[str, ...], InputContract]:
-    layout = check.string(data["layout"], "layout", choices=LAYOUTS)
-    scaling = check.string(data["scaling"], "scaling", choices=SCALINGS)
+    layout = check.string(data["layout"], "layout", choices=vocabulary("layout"))
+    scaling = check.string(data["scaling"], "scaling", choices=vocabulary("scaling"))
     if layout != "parallel" and scaling == "calibrated":
         check.fail("scaling", f"none, logit or feature with layout {layout}", scaling)
     raw_parts = check.array(data["parts"], "parts")
@@ -816,6 +836,7 @@ class Manifest:
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KINDS", "LAYOUTS", "SCALINGS",
+           "set_vocabulary", "vocabulary",
            "ArchitectureSpec", "AssemblySpec", "BaseSpec", "DatasetSpec", "InputContract",
            "Label", "LayerKeep", "Manifest", "Metrics", "PartSpec", "PlanSpec", "Provenance",
            "SourceRef", "UnionSpec"]

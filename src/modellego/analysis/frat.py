@@ -29,11 +29,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelLegoError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..surgery.graph import ChannelGraph, Layer
-from .distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
+from .distributed import SINGLE, DistContext, gather_chunks
 from .hooks import forward_pre_hooks, preserved_state
 from .locate import LocateConfig, profiled_layers
+from .passes import ProfilePass
 
 
 @dataclass(frozen=True)
@@ -99,45 +100,34 @@ def gradient_profile(model: nn.Module, layers: dict[str, nn.Module], images: tor
     parameter's ``.grad`` is touched.
     """
     dist = dist or SINGLE
-    classes = tuple(int(c) for c in classes)
-    top = max(max(classes), int(labels.max()) if len(labels) else 0)
-    row = torch.full((top + 1,), -1, dtype=torch.long)
-    row[torch.tensor(classes)] = torch.arange(len(classes))
-    rows = row[labels]
-    if (rows < 0).any():
-        raise ModelLegoError("profile labels must all be among the profiled classes")
+    rounds = ProfilePass(labels, classes, batch_size=batch_size, dist=dist)
+    classes, rows = rounds.classes, rounds.rows
     widths = {n: (m.in_features if isinstance(m, nn.Linear) else m.in_channels)
               for n, m in layers.items()}
     total = sum(widths.values())
     totals = {n: torch.zeros((len(classes), w), dtype=torch.float64)
               for n, w in widths.items()}
-    chunks = chunk_ranges(len(images), batch_size)
     t0 = time.perf_counter()
-    w = dist.world_size
-    for first in range(0, len(chunks), w):
-        round_chunks = chunks[first:first + w]
-        present = [torch.unique(rows[a:b]) for a, b in round_chunks]
+    for rnd in rounds.rounds():
         mine = []
-        for r, (a, b) in enumerate(round_chunks):
-            if r != dist.rank:
-                continue
-            local = torch.searchsorted(present[r], rows[a:b])
-            sums = gradient_chunk(model, layers, images[a:b], local, len(present[r]))
-            flat = [sums[n] if n in sums else torch.zeros(len(present[r]), widths[n],
+        if rnd.mine is not None:
+            a, b = rnd.mine
+            present = rnd.present[rnd.rank]
+            local = torch.searchsorted(present, rows[a:b])
+            sums = gradient_chunk(model, layers, images[a:b], local, len(present))
+            flat = [sums[n] if n in sums else torch.zeros(len(present), widths[n],
                                                           dtype=torch.float64)
                     for n in layers]
             mine.append(torch.cat(flat, 1).reshape(-1))
-        sizes = [len(p) * total for p in present]
-        for p, flat in zip(present, gather_chunks(mine, sizes, dist)):
+        sizes = [len(p) * total for p in rnd.present]
+        for p, flat in zip(rnd.present, gather_chunks(mine, sizes, dist)):
             flat = flat.view(len(p), total)
             offset = 0
             for n in layers:
                 totals[n].index_add_(0, p, flat[:, offset:offset + widths[n]])
                 offset += widths[n]
     seconds = time.perf_counter() - t0
-    counts = torch.bincount(rows, minlength=len(classes))
-    return GradientProfile(classes, totals, {c: int(counts[i]) for i, c in enumerate(classes)},
-                           seconds)
+    return GradientProfile(classes, totals, rounds.samples(), seconds)
 
 
 def channel_scores(layer: Layer, features: torch.Tensor) -> list[torch.Tensor]:

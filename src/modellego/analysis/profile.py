@@ -16,6 +16,7 @@ from ..errors import ModelLegoError
 from .contribution import layer_class_sums
 from .distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from .hooks import forward_hooks, preserved_state
+from .passes import ProfilePass
 
 
 @dataclass(frozen=True)
@@ -217,35 +218,25 @@ def contribution_profile(model: nn.Module, layers: dict[str, nn.Module], images:
     sums of one layer at a time.
     """
     dist = dist or SINGLE
-    classes = tuple(int(c) for c in classes)
-    row = torch.full((max(classes) + 1,), -1, dtype=torch.long)
-    row[torch.tensor(classes)] = torch.arange(len(classes))
-    rows = row[labels]
-    if (rows < 0).any():
-        raise ModelLegoError("profile labels must all be among the profiled classes")
+    rounds = ProfilePass(labels, classes, batch_size=batch_size, dist=dist)
+    classes, rows = rounds.classes, rounds.rows
     sums = ClassSums(len(classes))
-    chunks = chunk_ranges(len(images), batch_size)
 
     t0 = time.perf_counter()
-    if not dist.distributed:
-        for start, stop in chunks:
+    for rnd in rounds.rounds():
+        if not dist.distributed:  # fold each layer call as it comes: no buffers
+            start, stop = rnd.mine
             profile_chunk(model, layers, images[start:stop], rows[start:stop], sums.add)
-    else:
-        w = dist.world_size
-        for first in range(0, len(chunks), w):
-            round_chunks = chunks[first:first + w]
-            calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-            if dist.rank < len(round_chunks):
-                start, stop = round_chunks[dist.rank]
-                profile_chunk(model, layers, images[start:stop], rows[start:stop],
-                              _collector(calls))
-            present = [torch.unique(rows[start:stop]) for start, stop in round_chunks]
-            _exchange_round(calls, present, layers, sums, dist)
+            continue
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        if rnd.mine is not None:
+            start, stop = rnd.mine
+            profile_chunk(model, layers, images[start:stop], rows[start:stop],
+                          _collector(calls))
+        _exchange_round(calls, list(rnd.present), layers, sums, dist)
     seconds = time.perf_counter() - t0
-    counts = torch.bincount(rows, minlength=len(classes))
     means = {k: v / max(1, len(images)) for k, v in sums.signed.items()}
-    return ContributionProfile(classes, sums.totals, {c: int(counts[i]) for i, c in
-                                                      enumerate(classes)}, seconds, means)
+    return ContributionProfile(classes, sums.totals, rounds.samples(), seconds, means)
 
 
 def _collector(calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> ChunkEmit:

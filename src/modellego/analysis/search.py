@@ -19,15 +19,29 @@ FRAT_SCALES = COUNT_SCALES
 
 
 def candidates(base: LocateConfig, method: str = "contribution") -> list[LocateConfig]:
-    """The family of thresholds searched, most aggressive first.
+    """The family of thresholds ``method`` searches, most aggressive first.
 
-    ``method="frat"`` scales FRAT's thresholds (``alpha_conv``/``alpha_linear``) by
+    ``frat`` (and ``pan-rajan``) scale their alphas (``alpha_conv``/``alpha_linear``) by
     :data:`FRAT_SCALES`; the contribution methods follow ``base.rule`` (a
-    ``contribution-2022`` base carries its normalisation along).
+    ``contribution-2022`` base carries its normalisation along). See
+    :mod:`modellego.analysis.methods`.
     """
-    if method == "frat":
-        return [replace(base, alpha_conv=min(1.0, base.alpha_conv * f),
-                        alpha_linear=min(1.0, base.alpha_linear * f)) for f in FRAT_SCALES]
+    from .methods import get_method  # the methods build on this module
+
+    return get_method(method).candidates(base)
+
+
+def alpha_family(base: LocateConfig, scales: Sequence[float] = FRAT_SCALES
+                 ) -> list[LocateConfig]:
+    """``base`` with ``alpha_conv`` and ``alpha_linear`` scaled by each of ``scales``."""
+    return [replace(base, alpha_conv=min(1.0, base.alpha_conv * f),
+                    alpha_linear=min(1.0, base.alpha_linear * f)) for f in scales]
+
+
+def rule_family(base: LocateConfig) -> list[LocateConfig]:
+    """The contribution family of ``base.rule``: the mass rule's dropped shares
+    (:data:`MASS_STEPS`), or the count rule's alphas and betas scaled by
+    :data:`COUNT_SCALES`."""
     if base.rule == "mass":
         return [replace(base, beta_conv=t, beta_linear=t) for t in MASS_STEPS]
     return [replace(base, alpha_conv=min(1.0, base.alpha_conv * f),

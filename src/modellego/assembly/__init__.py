@@ -4,6 +4,7 @@ from .adapters import InputAdapter, contract_shape, convert_images
 from .core import (
     DUPLICATES,
     LAYOUTS,
+    SCALINGS,
     AssembledModel,
     AssemblyConfig,
     assemble,
@@ -11,8 +12,10 @@ from .core import (
     label_map,
     union_test_set,
 )
-from .scoring import SCALINGS
+from .layouts import LAYOUT_REGISTRY, Layout, get_layout
+from .scalings import SCALING_REGISTRY, Scaling, default_scaling, get_scaling
 
-__all__ = ["DUPLICATES", "LAYOUTS", "SCALINGS", "AssembledModel", "AssemblyConfig",
-           "InputAdapter", "assemble", "contract_shape", "convert_images", "evaluate_assembly",
-           "label_map", "union_test_set"]
+__all__ = ["DUPLICATES", "LAYOUTS", "LAYOUT_REGISTRY", "SCALINGS", "SCALING_REGISTRY",
+           "AssembledModel", "AssemblyConfig", "InputAdapter", "Layout", "Scaling", "assemble",
+           "contract_shape", "convert_images", "default_scaling", "evaluate_assembly",
+           "get_layout", "get_scaling", "label_map", "union_test_set"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,18 +10,23 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..analysis.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
+from ..analysis.distributed import SINGLE, DistContext
 from ..analysis.hooks import preserved_state
 from ..data import load_split
 from ..errors import ModelLegoError
 from ..io import build_from_manifest, load_model, register_kind
 from ..metrics import count_flops, count_params, predict_logits
 from .adapters import InputAdapter, contract_shape, convert_images
-from .scoring import SCALINGS, FeatureTap, Router, class_gaussians, fit_router_weights, pooled
+from .layouts import LAYOUT_REGISTRY, ParallelBody, get_layout
+from .scalings import SCALING_REGISTRY, default_scaling, get_scaling
+from .scoring import Router, pooled
 
-LAYOUTS = ("parallel", "padded", "union")
+#: the registered layouts' and scalings' names (see :mod:`.layouts`, :mod:`.scalings`)
+LAYOUTS = LAYOUT_REGISTRY.names()
+SCALINGS = SCALING_REGISTRY.names()
 DUPLICATES = ("error", "replace")
-_PART_KEYS = ("kind", "architecture", "plan", "dataset", "classes", "class_names", "input")
+_PART_KEYS = ("kind", "architecture", "plan", "head", "dataset", "classes", "class_names",
+              "input")
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,9 @@ class AssemblyConfig:
     """How to assemble; calibration uses ``calibration_samples`` training images per class."""
 
     layout: str = "parallel"
-    scaling: str = "calibrated"
+    #: ``None``: :func:`~modellego.assembly.scalings.default_scaling` of the parts
+    #: (``concern`` when a part has a one-vs-rest head, else ``calibrated``)
+    scaling: str | None = None
     on_duplicate: str = "error"
     calibration_samples: int = 200
     max_taps: int = 8
@@ -38,15 +45,13 @@ class AssemblyConfig:
     def validate(self) -> None:
         for name, allowed in (("layout", LAYOUTS), ("scaling", SCALINGS),
                               ("on_duplicate", DUPLICATES)):
-            if getattr(self, name) not in allowed:
+            value = getattr(self, name)
+            if value not in allowed and not (name == "scaling" and value is None):
                 raise ModelLegoError(f"--{name.replace('_', '-')} must be one of "
-                                     f"{', '.join(allowed)}, got {getattr(self, name)!r}")
+                                     f"{', '.join(allowed)}, got {value!r}")
         if self.calibration_samples < 2:
             raise ModelLegoError("--calibration-samples must be >= 2")
-        if self.layout in ("padded", "union") and self.scaling == "calibrated":
-            raise ModelLegoError(f"--scaling calibrated needs each part's own features; use "
-                                 f"--layout parallel, or another --scaling with "
-                                 f"--layout {self.layout}")
+        get_layout(self.layout).check(get_scaling(self.scaling or "calibrated"))
 
 
 def label_map(parts: Sequence[dict[str, Any]], on_duplicate: str
@@ -89,59 +94,37 @@ def tap_layers(net: nn.Module, input_shape: Sequence[int], max_taps: int) -> lis
 
 
 class AssembledModel(nn.Module):
-    """Runs every part on its adapted input and concatenates the (scaled) logits.
+    """Runs every part on its adapted input and combines the (scaled) outputs.
 
-    ``body`` returns one ``(logits, features)`` pair per part; ``columns`` select each part's
-    outputs that the assembly keeps.
+    ``body`` returns one ``(outputs, features)`` pair per part; ``columns`` select each part's
+    outputs that the assembly keeps; the scaling (:mod:`.scalings`) combines them.
+    ``heads[k]``: part ``k`` answers with one-vs-rest concern scores.
     """
 
     def __init__(self, body: nn.Module, columns: Sequence[Sequence[int]], scaling: str,
-                 routers: Sequence[Router] | None = None) -> None:
+                 routers: Sequence[Router] | None = None,
+                 heads: Sequence[bool] | None = None) -> None:
         super().__init__()
         self.body = body
         self.scaling = scaling
+        self.rule = get_scaling(scaling)
         self.num_parts = len(columns)
+        self.heads = list(heads) if heads is not None else [False] * len(columns)
         for k, cols in enumerate(columns):
             self.register_buffer(f"columns{k}", torch.tensor(list(cols), dtype=torch.long))
             self.register_buffer(f"scale{k}", torch.ones(len(cols)))
         self.routers = nn.ModuleList(routers or [])
+
+    def part_columns(self, k: int) -> torch.Tensor:
+        """The outputs of part ``k`` the assembly keeps."""
+        return getattr(self, f"columns{k}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.combine(self.body(x))
 
     def combine(self, outs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> torch.Tensor:
         """The assembled logits from the body's per-part ``(logits, features)``."""
-        pieces, routes = [], []
-        for k, (logits, feats) in enumerate(outs):
-            cols = getattr(self, f"columns{k}")
-            if self.scaling == "calibrated":
-                routes.append(self.routers[k](logits, feats))
-                pieces.append(torch.log_softmax(logits, 1)[:, cols])
-            else:
-                pieces.append(logits[:, cols] * getattr(self, f"scale{k}"))
-        if routes:
-            log_route = torch.log_softmax(torch.stack(routes, 1), 1)
-            pieces = [p + log_route[:, k:k + 1] for k, p in enumerate(pieces)]
-        return torch.cat(pieces, 1)
-
-
-class ParallelBody(nn.Module):
-    """Each part on its own adapted input; no FLOPs are spent on zero blocks."""
-
-    def __init__(self, adapters: Sequence[InputAdapter], nets: Sequence[nn.Module],
-                 taps: Sequence[Sequence[str]] | None = None) -> None:
-        super().__init__()
-        self.adapters = nn.ModuleList(adapters)
-        self.parts = nn.ModuleList(FeatureTap(n, t) for n, t in zip(nets, taps)) if taps \
-            else nn.ModuleList(nets)
-        self.tapped = bool(taps)
-
-    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
-        outs = []
-        for adapter, part in zip(self.adapters, self.parts):
-            out = part(adapter(x))
-            outs.append(out if self.tapped else (out, []))
-        return outs
+        return self.rule.combine(self, outs)
 
 
 def _part_manifest(man: dict[str, Any], path: str | None) -> dict[str, Any]:
@@ -154,21 +137,6 @@ def _part_manifest(man: dict[str, Any], path: str | None) -> dict[str, Any]:
         source = man.get("provenance", {}).get("source", {})
         part["source"] = {"file": source.get("file"), "sha256": source.get("sha256")}
     return part
-
-
-def _build_body(layout: str, parts: list[dict[str, Any]], nets: list[nn.Module],
-                contract: Sequence[int], taps: list[list[str]] | None,
-                union: nn.Module | None = None) -> nn.Module:
-    adapters = [InputAdapter(contract, p["input"]) for p in parts]
-    if layout == "union":
-        from .union import UnionBody
-
-        return UnionBody(adapters[0], union, [len(p["classes"]) for p in parts])
-    if layout == "padded":
-        from .padded import PaddedBody
-
-        return PaddedBody(adapters, nets, parts)
-    return ParallelBody(adapters, nets, taps)
 
 
 def _calibration_data(parts: list[dict[str, Any]], config: AssemblyConfig,
@@ -196,119 +164,15 @@ def _calibration_data(parts: list[dict[str, Any]], config: AssemblyConfig,
     return data
 
 
-def _map_chunks(fn, x: torch.Tensor, dist: DistContext, chunk: int = 64
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``fn(x) -> (logits, [features])`` computed in fixed chunks of ``x``, chunk ``i`` on rank
-    ``i % world_size``, gathered in chunk order: the same tensors for any number of ranks."""
-    ranges = chunk_ranges(len(x), chunk)
-    mine, dims = [], None
-    for j, (start, stop) in enumerate(ranges):
-        if not dist.owns(j):
-            continue
-        logits, feats = fn(x[start:stop])
-        outs = [logits, *feats]
-        dims = [t.shape[1] for t in outs]
-        mine.append(torch.cat([t.double() for t in outs], 1).flatten())
-    if dims is None:  # a rank without chunks still needs the widths to unpack the others
-        logits, feats = fn(x[:1])
-        dims = [t.shape[1] for t in (logits, *feats)]
-    width = sum(dims)
-    parts = gather_chunks(mine, [(stop - start) * width for start, stop in ranges], dist)
-    full = torch.cat([p.view(-1, width) for p in parts]).float()
-    cols = list(torch.split(full, dims, 1))
-    return cols[0], cols[1:]
-
-
-@torch.inference_mode()
-def _fit_scaling(model: AssembledModel, nets: list[nn.Module], parts: list[dict[str, Any]],
-                 data: list[tuple[torch.Tensor, torch.Tensor]], config: AssemblyConfig,
-                 taps: list[list[str]] | None, dist: DistContext = SINGLE) -> dict[str, Any]:
-    """Set the scaling buffers / routers of ``model`` from calibration data; returns a summary.
-
-    Every forward pass runs in fixed chunks shared out over the ranks of ``dist``."""
-    adapters = model.body.adapters
-    info: dict[str, Any] = {"scaling": config.scaling}
-    if config.scaling in ("logit", "feature"):
-        mags = []
-        for k, (net, (x, y)) in enumerate(zip(nets, data)):
-            tap = FeatureTap(net, [_last_layer(net)])
-            logits, feats = _map_chunks(lambda xb, t=tap, a=adapters[k]: t(a(xb)), x, dist)
-            mags.append(float(feats[0].abs().mean()))
-            cols = getattr(model, f"columns{k}")
-            scale = torch.ones(len(cols))
-            if config.scaling == "logit":
-                pred = logits.argmax(1)
-                for j, col in enumerate(cols.tolist()):
-                    ok = (y == col) & (pred == col)
-                    win = logits[ok, col]
-                    if len(win) and float(win.mean()) > 0:
-                        scale[j] = 1.0 / float(win.mean())
-            getattr(model, f"scale{k}").copy_(scale)
-        if config.scaling == "feature":
-            avg = sum(mags) / len(mags)
-            for k, m in enumerate(mags):
-                getattr(model, f"scale{k}").fill_(avg / m if m > 0 else 1.0)
-        info["feature_magnitudes"] = mags
-        return info
-    # calibrated: Gaussians on one half of each part's images, router on the other half
-    halves = []
-    for x, y in data:
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))
-        # split every class in two, so that each class has fitting images (else NaN means)
-        per_class = [perm[y[perm] == c] for c in range(int(y.max()) + 1)]
-        halves.append((torch.cat([p[::2] for p in per_class]),
-                       torch.cat([p[1::2] for p in per_class])))
-    for k, (router, (x, y)) in enumerate(zip(model.routers, data)):
-        fit_idx = halves[k][0]
-        part = model.body.parts[k]
-        _, feats = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), x[fit_idx], dist)
-        for i, f in enumerate(feats):
-            means, prec = class_gaussians(f, y[fit_idx], parts[k]["_num_outputs"])
-            getattr(router, f"means{i}").copy_(means)
-            getattr(router, f"precision{i}").copy_(prec)
-    route_x = torch.cat([x[h[1]] for (x, _), h in zip(data, halves)])
-    owner = torch.cat([torch.full((len(h[1]),), k, dtype=torch.long)
-                       for k, h in enumerate(halves)])
-    zs = []
-    for k, router in enumerate(model.routers):
-        part = model.body.parts[k]
-        logits, feats = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), route_x, dist)
-        z = router.scores(logits, feats)
-        router.z_mean.copy_(z.mean(0))
-        router.z_std.copy_(z.std(0).clamp_min(1e-6))
-        zs.append((z - router.z_mean) / router.z_std)
-    w, b = fit_router_weights(zs, owner)
-    for k, router in enumerate(model.routers):
-        router.weight.copy_(w[k])
-        router.bias.fill_(float(b[k]))
-    routed = torch.stack([(z * w[k]).sum(1) + b[k] for k, z in enumerate(zs)], 1).argmax(1)
-    info["router_fit_accuracy"] = float((routed == owner).double().mean())
-    info["taps"] = taps
-    return info
-
-
-def _last_layer(net: nn.Module) -> str:
-    names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return names[-1]
-
-
 def _structure(parts: list[dict[str, Any]], nets: list[nn.Module], config: AssemblyConfig,
                contract: Sequence[int], columns: list[list[int]],
-               taps: list[list[str]] | None, union: nn.Module | None = None) -> AssembledModel:
-    body = _build_body(config.layout, parts, nets, contract, taps, union)
-    routers = None
-    if config.scaling == "calibrated":
-        routers = []
-        for k, net in enumerate(nets):
-            dims = _tap_dims(net, taps[k])
-            routers.append(Router(dims, parts[k]["_num_outputs"]))
-    return AssembledModel(body, columns, config.scaling, routers)
-
-
-def _tap_dims(net: nn.Module, taps: Sequence[str]) -> list[int]:
-    modules = dict(net.named_modules())
-    return [modules[t].in_channels if isinstance(modules[t], nn.Conv2d)
-            else modules[t].in_features for t in taps]
+               taps: list[list[str]] | None, spec: dict[str, Any] | None, *,
+               weights: bool) -> AssembledModel:
+    scaling = get_scaling(config.scaling)
+    adapters = [InputAdapter(contract, p["input"]) for p in parts]
+    body = get_layout(config.layout).body(adapters, nets, parts, taps, spec, weights=weights)
+    return AssembledModel(body, columns, scaling.name, scaling.routers(nets, taps, parts),
+                          [bool(p.get("head")) for p in parts])
 
 
 def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
@@ -343,27 +207,28 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         k = next(i for i, c in enumerate(columns) if not c)
         raise ModelLegoError(f"part {k} has no outputs left after --on-duplicate replace; "
                              "drop it from the assembly")
+    if config.scaling is None:  # recorded resolved, as if it had been given
+        config = replace(config, scaling=default_scaling(parts))
+        config.validate()
+    layout, scaling = get_layout(config.layout), get_scaling(config.scaling)
+    layout.check_parts(parts)
+    scaling.check_parts(parts)
     contract = contract_shape([p["input"] for p in parts])
     taps = None
-    if config.scaling == "calibrated":
+    if scaling.needs_features:
         taps = [tap_layers(n, p["input"]["shape"], config.max_taps) for n, p in
                 zip(nets, parts)]
-    union, spec = None, None
-    if config.layout == "union":
-        from .union import union_net, union_spec
-
-        spec = union_spec(parts)
-        union = union_net(spec, load_model(spec["source"]["file"])[0])
-    model = _structure(parts, nets, config, contract, columns, taps, union).eval()
-    if config.scaling == "none":  # nothing to calibrate: no training images needed
-        calib = {"scaling": "none"}
+    spec = layout.spec(parts)
+    model = _structure(parts, nets, config, contract, columns, taps, spec, weights=True).eval()
+    if not scaling.calibrates:  # nothing to calibrate: no training images needed
+        calib = {"scaling": scaling.name}
     else:
         data = _calibration_data(parts, config, contract, data_dir)
-        calib = _fit_scaling(model, nets, parts, data, config, taps, dist)
+        calib = scaling.fit(model, nets, parts, data, config, taps, dist)
     for p in parts:
         p.pop("_num_outputs")
     base = None
-    if config.layout == "union":
+    if not layout.body_is_parts:
         per_class = _parts_base(nets, {"parts": parts, "labels": labels}, data_dir)
         base = {"per_class": per_class, "measured_on": "each component alone, test split"}
     manifest = {
@@ -397,13 +262,8 @@ def _build_assembly(manifest: dict[str, Any]) -> nn.Module:
     for lab in manifest["labels"]:
         columns[lab["part"]].append(lab["part_output"])
     config = AssemblyConfig(layout=manifest["layout"], scaling=manifest["scaling"])
-    union = None
-    if config.layout == "union":
-        from .union import union_net
-
-        union = union_net(manifest["union"])
     return _structure(parts, nets, config, manifest["input"]["shape"], columns,
-                      manifest.get("taps"), union)
+                      manifest.get("taps"), manifest.get("union"), weights=False)
 
 
 def union_test_set(manifest: dict[str, Any], *, data_dir: str | None = None, split: str = "test"
@@ -449,7 +309,7 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
         k = lab["part"]
         own = torch.tensor(manifest["parts"][k]["classes"])[torch.cat(part_preds[k])[sel]]
         base[key] = float((own == lab["class"]).double().mean())
-    if manifest["layout"] == "union":  # the body is not the parts: Base was measured on them
+    if not get_layout(manifest["layout"]).body_is_parts:  # Base was measured on the parts
         base = manifest["base"]["per_class"]
     shape = manifest["input"]["shape"]
     balanced = sum(per_label.values()) / len(per_label)
@@ -478,5 +338,5 @@ def _parts_base(nets: Sequence[nn.Module], manifest: dict[str, Any], data_dir: s
     return base
 
 
-__all__ = ["AssembledModel", "AssemblyConfig", "assemble", "evaluate_assembly", "label_map",
-           "pooled", "union_test_set"]
+__all__ = ["LAYOUTS", "SCALINGS", "AssembledModel", "AssemblyConfig", "ParallelBody",
+           "assemble", "evaluate_assembly", "label_map", "pooled", "union_test_set"]

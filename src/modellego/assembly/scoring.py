@@ -17,6 +17,9 @@
     ``log p(part k | x) + log softmax(logits_k)_i``, so the argmax first routes and then
     classifies. Low-level statistics (early layers) tell datasets apart; class-conditional
     distances (late layers) tell class sets of one dataset apart. No network weight changes.
+
+Each rule is a class in :mod:`modellego.assembly.scalings` (with ``concern``, Pan & Rajan's
+composition of one-vs-rest modules); this module holds their building blocks.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-
-SCALINGS = ("none", "logit", "feature", "calibrated")
 
 
 def pooled(x: torch.Tensor) -> torch.Tensor:

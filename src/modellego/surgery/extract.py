@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ModelFileError, PlanError
 from ..io import register_kind
+from .head import apply_head
 from .plan import ComponentPlan
 
 
@@ -98,7 +99,9 @@ def _build_component(manifest: dict[str, Any]) -> nn.Module:
     source["kind"] = "model"
     if "plan" not in manifest:
         raise ModelFileError("component manifest has no plan")
-    return apply_plan(build_from_manifest(source), ComponentPlan.from_dict(manifest["plan"]))
+    net = apply_plan(build_from_manifest(source), ComponentPlan.from_dict(manifest["plan"]))
+    # a Pan & Rajan module answers with concern scores (see modellego.surgery.head)
+    return apply_head(net, manifest.get("head"), len(manifest.get("classes", ())))
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..analysis.frat import GradientProfile, frat_class_masks
 from ..analysis.locate import LocateConfig, locate_class, profiled_layers
+from ..analysis.methods import get_method
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
 from ..surgery.graph import ChannelGraph, build_channel_graph
@@ -115,6 +116,19 @@ def route_from_gradients(graph: ChannelGraph, profile: GradientProfile,
     classes, output_classes = task_outputs(classes, output_classes)
     per_class = [frat_class_masks(graph, profile, c, locate, output_classes.index(c))
                  for c in classes]
+    return _route(graph, classes, per_class, locate, class_names, profile.samples)
+
+
+def route_from_method(graph: ChannelGraph, profile: Any, method: str,
+                      classes: Sequence[int], output_classes: Sequence[int],
+                      locate: LocateConfig, class_names: Sequence[str] | None = None
+                      ) -> RouteData:
+    """The route of a component made by ``method`` (see :mod:`modellego.analysis.methods`)
+    from its profile and thresholds: each class's own keep-masks (no forward pass)."""
+    rule = get_method(method)
+    locate.validate()
+    classes, output_classes = task_outputs(classes, output_classes)
+    per_class = [rule.class_masks(graph, profile, c, output_classes, locate) for c in classes]
     return _route(graph, classes, per_class, locate, class_names, profile.samples)
 
 

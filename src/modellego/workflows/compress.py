@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..compress import CompressConfig, compress_model
+from ..compress import CompressConfig, compress_model, get_criterion
 from ..data import dataset_info
 from ..disassemble import kept_channels
 from ..evaluate import check_dataset_matches
@@ -40,11 +40,11 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     info = dataset_info(dataset, data_dir=data_dir)
     check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
     images = labels = val_images = val_labels = calibration = None
-    if config.criterion == "contribution" or config.recalibrate_bn:
+    needs_images = get_criterion(config.criterion).needs_training_images
+    if needs_images or config.recalibrate_bn:
         data = task_data(manifest, own, data_dir=data_dir, calibration=config.recalibrate_bn,
-                         what="compression",
-                         every_class=config.criterion == "contribution")
-        if config.criterion == "contribution":  # l1/fpgm only need the calibration images
+                         what="compression", every_class=needs_images)
+        if needs_images:  # l1/fpgm only need the calibration images
             images, labels = data.images, data.labels
         calibration = data.calibration
     if config.max_accuracy_drop is not None:

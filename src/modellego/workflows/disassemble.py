@@ -55,6 +55,8 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
         kept_channels=comp.kept_channels())
     new_manifest = component_manifest(data.info, config.classes, manifest, comp.plan,
                                       {"test_accuracy": report["component_accuracy"]}, prov)
+    if comp.head:
+        new_manifest["head"] = comp.head
     return comp, new_manifest, report
 
 

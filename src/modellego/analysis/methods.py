@@ -1,0 +1,213 @@
+"""Disassembly methods: how a component's channels are scored and chosen.
+
+A method is one small class registered under its name in :data:`METHODS`. It knows its
+default thresholds, which samples it profiles (all selected ones, or correctly classified
+ones only), how it profiles them, how it turns a profile into keep-masks, the family of
+thresholds a search walks, whether bias compensation and per-layer refining apply, which
+logits the component keeps and what head answers for it. A new method is one subclass of
+:class:`Method` plus one ``METHODS.register`` call.
+
+``contribution``: Model LEGO (NeurIPS'24); ``contribution-2022``: the ICLR'23 contribution
+paradigm (correctly classified samples only, un-centred normalisation); ``frat``: CNN LEGO
+v1 (gradients of the predicted-class probability, :mod:`modellego.analysis.frat`);
+``pan-rajan``: Pan & Rajan's one-vs-rest modules (never-active channels removed,
+:mod:`modellego.analysis.activity`, concern-score head :mod:`modellego.surgery.head`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelLegoError
+from ..registry import Registry
+from ..surgery.graph import ChannelGraph
+from ..surgery.head import ONE_VS_REST, apply_head
+from .activity import ActivityProfile, active_class_masks, active_locate, activity_profile
+from .distributed import DistContext
+from .frat import GradientProfile, frat_class_masks, frat_locate, gradient_profile
+from .locate import LocateConfig, locate, locate_class
+from .profile import ContributionProfile, contribution_profile
+from .search import FRAT_SCALES, alpha_family, rule_family
+
+Masks = dict[int, torch.Tensor]
+#: what a method's profile pass returns
+Profile = ContributionProfile | GradientProfile | ActivityProfile
+
+
+class Method:
+    """The contribution method (Model LEGO); other methods override what differs."""
+
+    name = "contribution"
+    #: only correctly classified samples may be selected
+    correct_only = False
+    #: ``compensate`` applies (it needs the contribution profile's means)
+    compensate = True
+    #: ``refine`` applies (it tightens per-layer betas)
+    refine = True
+    #: the component's head (``None``: it answers with its task logits)
+    head: str | None = None
+    #: appended to a plan error (a layer left empty)
+    hint = "; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use --rule mass"
+
+    def default_locate(self) -> LocateConfig:
+        """The thresholds used unless given."""
+        return LocateConfig()
+
+    def compress_locate(self) -> LocateConfig | None:
+        """The thresholds a compression (all classes) searches from; ``None``: the
+        defaults."""
+        return None
+
+    def prepare(self, base: LocateConfig) -> LocateConfig:
+        """The thresholds actually used for ``base`` (a method may pin some fields)."""
+        return base
+
+    def profile(self, model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                labels: torch.Tensor, classes: Sequence[int], *, batch_size: int,
+                dist: DistContext | None) -> Profile:
+        """The per-class statistics locating reads, from the selected samples."""
+        return contribution_profile(model, layers, images, labels, classes,
+                                    batch_size=batch_size, dist=dist)
+
+    def locate(self, graph: ChannelGraph, profile: Any, classes: Sequence[int],
+               output_classes: Sequence[int], config: LocateConfig) -> Masks:
+        """The task's keep-mask of every channel space."""
+        return locate(graph, profile, classes, output_classes, config)
+
+    def class_masks(self, graph: ChannelGraph, profile: Any, c: int,
+                    output_classes: Sequence[int], config: LocateConfig) -> Masks:
+        """One class's keep-masks, its logit marked (for route diagrams)."""
+        return locate_class(graph, profile, list(output_classes).index(c), c, config)
+
+    def candidates(self, base: LocateConfig) -> list[LocateConfig]:
+        """The thresholds a search walks, most aggressive first."""
+        return rule_family(base)
+
+    def output_indices(self, classes: Sequence[int], output_classes: Sequence[int]
+                       ) -> list[int]:
+        """The source logits the component keeps, in its output order."""
+        output_classes = list(output_classes)
+        return [output_classes.index(c) for c in classes]
+
+    def finish(self, net: nn.Module, classes: Sequence[int]) -> nn.Module:
+        """The component from the sliced network (e.g. with a head)."""
+        return apply_head(net, self.head, len(classes))
+
+    def check(self, compensate: bool, refine: bool) -> None:
+        """Refuse options that do not apply to this method."""
+        if compensate and not self.compensate:
+            raise ModelLegoError(f"--compensate needs the contribution profile, which "
+                                 f"--method {self.name} does not compute; drop --compensate "
+                                 "or use another method")
+        if refine and not self.refine:
+            raise ModelLegoError(f"--refine tightens per-layer betas, which --method "
+                                 f"{self.name} does not use; drop --refine or use another "
+                                 "method")
+
+
+class Contribution(Method):
+    """Model LEGO's relative contribution (the default)."""
+
+    def compress_locate(self) -> LocateConfig | None:
+        return LocateConfig(rule="mass")  # the mass rule's family reaches FLOPs targets
+
+
+class Contribution2022(Method):
+    """The ICLR'23 paradigm: correctly classified samples, normalised by the max."""
+
+    name = "contribution-2022"
+    correct_only = True
+
+    def default_locate(self) -> LocateConfig:
+        return LocateConfig(normalize="max")
+
+    def prepare(self, base: LocateConfig) -> LocateConfig:
+        return replace(base, normalize="max")
+
+
+class Frat(Method):
+    """CNN LEGO v1: critical channels from gradients (thresholds ``alpha_*``, betas unused).
+
+    Default 0.2 on the inputs of conv and linear layers: on the shipped Fashion-MNIST
+    VGG-16, the largest of 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5 that loses under 1 pp on the
+    validation split for the tasks {0,1,2}, {1,7} and {0,2,4,6,8}.
+    """
+
+    name = "frat"
+    compensate = False
+    refine = False
+    hint = "; lower --alpha-conv/--alpha-linear and try again"
+
+    def default_locate(self) -> LocateConfig:
+        return LocateConfig(alpha_conv=0.2, alpha_linear=0.2)
+
+    def profile(self, model, layers, images, labels, classes, *, batch_size, dist):
+        return gradient_profile(model, layers, images, labels, classes,
+                                batch_size=batch_size, dist=dist)
+
+    def locate(self, graph, profile, classes, output_classes, config):
+        return frat_locate(graph, profile, classes, config)
+
+    def class_masks(self, graph, profile, c, output_classes, config):
+        return frat_class_masks(graph, profile, c, config, list(output_classes).index(c))
+
+    def candidates(self, base: LocateConfig) -> list[LocateConfig]:
+        return alpha_family(base, FRAT_SCALES)
+
+
+class PanRajan(Method):
+    """Pan & Rajan (ICSE'22): one-vs-rest modules without the channels a class never uses.
+
+    ``alpha_conv``/``alpha_linear`` are the activity thresholds (share of the layer input's
+    largest peak, default 0.01; betas unused), see :mod:`modellego.analysis.activity`. The
+    component keeps all the source's logits, the task's classes first, and answers with the
+    one-vs-rest concern score of each task class (:mod:`modellego.surgery.head`). A task of
+    several classes is one module: the channels active for any of its classes, one score
+    per class; its argmax is the argmax of the module's task logits (a score grows with its
+    logit while the sum over all logits stays). Pan & Rajan's decomposition is the one-class
+    modules, composed by :func:`modellego.assembly.assemble` (scaling ``concern``).
+    """
+
+    name = "pan-rajan"
+    compensate = False
+    refine = False
+    head = ONE_VS_REST
+    hint = "; lower locate.alpha_conv/alpha_linear (the activity thresholds) and try again"
+
+    def default_locate(self) -> LocateConfig:
+        return LocateConfig(alpha_conv=0.01, alpha_linear=0.01)
+
+    def profile(self, model, layers, images, labels, classes, *, batch_size, dist):
+        return activity_profile(model, layers, images, labels, classes,
+                                batch_size=batch_size, dist=dist)
+
+    def locate(self, graph, profile, classes, output_classes, config):
+        return active_locate(graph, profile, classes, config)
+
+    def class_masks(self, graph, profile, c, output_classes, config):
+        return active_class_masks(graph, profile, c, config, list(output_classes).index(c))
+
+    def candidates(self, base: LocateConfig) -> list[LocateConfig]:
+        return alpha_family(base, FRAT_SCALES)
+
+    def output_indices(self, classes, output_classes):
+        if len(output_classes) < 2:
+            raise ModelLegoError("a one-vs-rest module scores a class against the others; "
+                                 "the source has a single output")
+        first = super().output_indices(classes, output_classes)
+        return first + [i for i in range(len(output_classes)) if i not in first]
+
+
+#: every disassembly method, by name, in the order the CLI lists them
+METHODS: Registry[Method] = Registry("disassembly method")
+for _method in (Contribution(), Contribution2022(), Frat(), PanRajan()):
+    METHODS.register(_method.name, _method)
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``; a one-line error lists the known ones."""
+    return METHODS.get(name)

@@ -1,0 +1,252 @@
+"""Assembly scalings: how the parts' outputs are made comparable and combined.
+
+A scaling is one small class registered in :data:`SCALINGS` (see
+:mod:`modellego.assembly.scoring` for the maths of ``logit``, ``feature`` and
+``calibrated``). It says whether it reads training images to calibrate, whether it needs
+each part's own features (then only a layout that keeps the parts apart can serve it), and
+whether it can combine parts that already answer with concern scores (a one-vs-rest head,
+:mod:`modellego.surgery.head`); it fits its buffers and combines the parts' outputs.
+
+``concern`` (Pan & Rajan's composition)
+    Every part answers one-vs-rest: a part with a one-vs-rest head gives its concern scores
+    as they are; a plain part's logits become ``logit_i - logsumexp_{j != i} logit_j`` over
+    its own outputs. The assembled output is the concatenated scores, so the argmax is the
+    class whose module claims the image most strongly (positive: claimed). Nothing is fitted.
+    It is chosen when no scaling is given and some part has a one-vs-rest head.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..analysis.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
+from ..errors import ModelLegoError
+from ..registry import Registry
+from ..surgery.head import one_vs_rest
+from .scoring import FeatureTap, Router, class_gaussians, fit_router_weights
+
+if TYPE_CHECKING:
+    from .core import AssembledModel, AssemblyConfig
+
+#: per part: its (logits or concern scores, tapped features)
+PartOutputs = list[tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+def _map_chunks(fn: Callable, x: torch.Tensor, dist: DistContext, chunk: int = 64
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``fn(x) -> (logits, [features])`` computed in fixed chunks of ``x``, chunk ``i`` on rank
+    ``i % world_size``, gathered in chunk order: the same tensors for any number of ranks."""
+    ranges = chunk_ranges(len(x), chunk)
+    mine, dims = [], None
+    for j, (start, stop) in enumerate(ranges):
+        if not dist.owns(j):
+            continue
+        logits, feats = fn(x[start:stop])
+        outs = [logits, *feats]
+        dims = [t.shape[1] for t in outs]
+        mine.append(torch.cat([t.double() for t in outs], 1).flatten())
+    if dims is None:  # a rank without chunks still needs the widths to unpack the others
+        logits, feats = fn(x[:1])
+        dims = [t.shape[1] for t in (logits, *feats)]
+    width = sum(dims)
+    parts = gather_chunks(mine, [(stop - start) * width for start, stop in ranges], dist)
+    full = torch.cat([p.view(-1, width) for p in parts]).float()
+    cols = list(torch.split(full, dims, 1))
+    return cols[0], cols[1:]
+
+
+def _last_layer(net: nn.Module) -> str:
+    names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return names[-1]
+
+
+def _tap_dims(net: nn.Module, taps: Sequence[str]) -> list[int]:
+    modules = dict(net.named_modules())
+    return [modules[t].in_channels if isinstance(modules[t], nn.Conv2d)
+            else modules[t].in_features for t in taps]
+
+
+class Scaling:
+    """Logits as they are (``none``); the other scalings override what differs."""
+
+    name = "none"
+    #: reads training images of every part to fit (``False``: no images are read)
+    calibrates = False
+    #: needs each part's own tapped features and a router per part
+    needs_features = False
+    #: can combine parts that answer with concern scores (a one-vs-rest head)
+    accepts_heads = True
+
+    def check_parts(self, parts: Sequence[dict[str, Any]]) -> None:
+        """Refuse parts this scaling cannot combine."""
+        for k, p in enumerate(parts):
+            if p.get("head") and not self.accepts_heads:
+                raise ModelLegoError(
+                    f"part {k} has a {p['head']} head (a pan-rajan module): it answers with "
+                    f"concern scores, which scaling {self.name!r} cannot combine; use scaling "
+                    "'concern' (or give none)")
+
+    def routers(self, nets: Sequence[nn.Module], taps: Sequence[Sequence[str]] | None,
+                parts: Sequence[dict[str, Any]]) -> list[Router] | None:
+        """The per-part routers the assembled model holds (``None``: none)."""
+        return None
+
+    def fit(self, model: AssembledModel, nets: list[nn.Module], parts: list[dict[str, Any]],
+            data: list[tuple[torch.Tensor, torch.Tensor]], config: AssemblyConfig,
+            taps: list[list[str]] | None, dist: DistContext = SINGLE) -> dict[str, Any]:
+        """Set ``model``'s buffers from calibration ``data``; returns a summary."""
+        return {"scaling": self.name}
+
+    def combine(self, model: AssembledModel, outs: PartOutputs) -> torch.Tensor:
+        """The assembled outputs from the body's per-part outputs."""
+        return torch.cat([logits[:, model.part_columns(k)] * getattr(model, f"scale{k}")
+                          for k, (logits, _) in enumerate(outs)], 1)
+
+
+class LogitScaling(Scaling):
+    """Each output divided by its class's mean winning logit (the public code's rule)."""
+
+    name = "logit"
+    calibrates = True
+    accepts_heads = False
+
+    @torch.inference_mode()
+    def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
+        adapters = model.body.adapters
+        mags = []
+        for k, (net, (x, y)) in enumerate(zip(nets, data)):
+            tap = FeatureTap(net, [_last_layer(net)])
+            logits, feats = _map_chunks(lambda xb, t=tap, a=adapters[k]: t(a(xb)), x, dist)
+            mags.append(float(feats[0].abs().mean()))
+            getattr(model, f"scale{k}").copy_(self.scales(logits, y, model.part_columns(k)))
+        self.rescale(model, mags)
+        return {"scaling": self.name, "feature_magnitudes": mags}
+
+    def scales(self, logits: torch.Tensor, y: torch.Tensor, cols: torch.Tensor
+               ) -> torch.Tensor:
+        """One factor per kept output of one part, from its calibration logits."""
+        scale = torch.ones(len(cols))
+        pred = logits.argmax(1)
+        for j, col in enumerate(cols.tolist()):
+            ok = (y == col) & (pred == col)
+            win = logits[ok, col]
+            if len(win) and float(win.mean()) > 0:
+                scale[j] = 1.0 / float(win.mean())
+        return scale
+
+    def rescale(self, model: AssembledModel, magnitudes: list[float]) -> None:
+        """Adjust the fitted factors once every part's feature magnitude is known."""
+
+
+class FeatureScaling(LogitScaling):
+    """One factor per part: mean over parts of the last layer's input magnitude over its own
+    (the paper's rule, at the last layer)."""
+
+    name = "feature"
+
+    def scales(self, logits, y, cols):
+        return torch.ones(len(cols))
+
+    def rescale(self, model, magnitudes):
+        avg = sum(magnitudes) / len(magnitudes)
+        for k, m in enumerate(magnitudes):
+            getattr(model, f"scale{k}").fill_(avg / m if m > 0 else 1.0)
+
+
+class Calibrated(Scaling):
+    """Route by per-part typicality scores, then classify (ours; see ``scoring``)."""
+
+    name = "calibrated"
+    calibrates = True
+    needs_features = True
+    accepts_heads = False
+
+    def routers(self, nets, taps, parts):
+        return [Router(_tap_dims(net, taps[k]), parts[k]["_num_outputs"])
+                for k, net in enumerate(nets)]
+
+    @torch.inference_mode()
+    def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
+        adapters = model.body.adapters
+        # Gaussians on one half of each part's images, router on the other half
+        halves = []
+        for x, y in data:
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))
+            # split every class in two, so that each class has fitting images (else NaN means)
+            per_class = [perm[y[perm] == c] for c in range(int(y.max()) + 1)]
+            halves.append((torch.cat([p[::2] for p in per_class]),
+                           torch.cat([p[1::2] for p in per_class])))
+        for k, (router, (x, y)) in enumerate(zip(model.routers, data)):
+            fit_idx = halves[k][0]
+            part = model.body.parts[k]
+            _, feats = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), x[fit_idx], dist)
+            for i, f in enumerate(feats):
+                means, prec = class_gaussians(f, y[fit_idx], parts[k]["_num_outputs"])
+                getattr(router, f"means{i}").copy_(means)
+                getattr(router, f"precision{i}").copy_(prec)
+        route_x = torch.cat([x[h[1]] for (x, _), h in zip(data, halves)])
+        owner = torch.cat([torch.full((len(h[1]),), k, dtype=torch.long)
+                           for k, h in enumerate(halves)])
+        zs = []
+        for k, router in enumerate(model.routers):
+            part = model.body.parts[k]
+            logits, feats = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), route_x,
+                                        dist)
+            z = router.scores(logits, feats)
+            router.z_mean.copy_(z.mean(0))
+            router.z_std.copy_(z.std(0).clamp_min(1e-6))
+            zs.append((z - router.z_mean) / router.z_std)
+        w, b = fit_router_weights(zs, owner)
+        for k, router in enumerate(model.routers):
+            router.weight.copy_(w[k])
+            router.bias.fill_(float(b[k]))
+        routed = torch.stack([(z * w[k]).sum(1) + b[k] for k, z in enumerate(zs)], 1).argmax(1)
+        return {"scaling": self.name,
+                "router_fit_accuracy": float((routed == owner).double().mean()), "taps": taps}
+
+    def combine(self, model, outs):
+        pieces, routes = [], []
+        for k, (logits, feats) in enumerate(outs):
+            routes.append(model.routers[k](logits, feats))
+            pieces.append(torch.log_softmax(logits, 1)[:, model.part_columns(k)])
+        log_route = torch.log_softmax(torch.stack(routes, 1), 1)
+        return torch.cat([p + log_route[:, k:k + 1] for k, p in enumerate(pieces)], 1)
+
+
+class Concern(Scaling):
+    """Pan & Rajan's composition: every part's one-vs-rest scores, the highest wins."""
+
+    name = "concern"
+
+    def check_parts(self, parts):
+        for k, p in enumerate(parts):
+            if not p.get("head") and len(p["classes"]) < 2:
+                raise ModelLegoError(f"part {k} has a single output, so it has no one-vs-rest "
+                                     "score; use another scaling")
+
+    def combine(self, model, outs):
+        pieces = []
+        for k, (out, _) in enumerate(outs):
+            scores = out if model.heads[k] else one_vs_rest(out, out.shape[1])
+            pieces.append(scores[:, model.part_columns(k)])
+        return torch.cat(pieces, 1)
+
+
+#: every assembly scaling, by name, in the order the CLI lists them
+SCALING_REGISTRY: Registry[Scaling] = Registry("scaling")
+for _scaling in (Scaling(), LogitScaling(), FeatureScaling(), Calibrated(), Concern()):
+    SCALING_REGISTRY.register(_scaling.name, _scaling)
+
+
+def get_scaling(name: str) -> Scaling:
+    """The scaling registered as ``name``; a one-line error lists the known ones."""
+    return SCALING_REGISTRY.get(name)
+
+
+def default_scaling(parts: Sequence[dict[str, Any]]) -> str:
+    """The scaling used when none is given: ``concern`` when some part carries a one-vs-rest
+    head (its outputs are concern scores), else ``calibrated``."""
+    return "concern" if any(p.get("head") for p in parts) else "calibrated"
