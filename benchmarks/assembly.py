@@ -30,7 +30,7 @@ from modellego.analysis.locate import LocateConfig
 from modellego.assembly import AssemblyConfig, assemble, evaluate_assembly, union_test_set
 from modellego.assembly.adapters import convert_images
 from modellego.data import load_split
-from modellego.io import load_model, save_model
+from modellego.files import load_model, save_model
 from modellego.metrics import count_flops, count_params, predict_logits
 from modellego.models import create_model
 from modellego.train import fit

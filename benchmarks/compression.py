@@ -28,7 +28,7 @@ from modellego import __version__
 from modellego.analysis.profile import select_samples
 from modellego.compress import CompressConfig, compress_model
 from modellego.data import load_split, normalize
-from modellego.io import load_model
+from modellego.files import load_model
 from modellego.metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from modellego.workflows import sample_calibration_images
 

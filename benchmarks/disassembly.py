@@ -26,7 +26,7 @@ from modellego.analysis.contribution import accumulate_class_contribution
 from modellego.analysis.locate import LocateConfig, locate, profiled_layers
 from modellego.analysis.profile import contribution_profile
 from modellego.data import load_split, normalize
-from modellego.io import load_model
+from modellego.files import load_model
 from modellego.metrics import accuracy_from_logits, count_flops, predict_logits
 from modellego.models import create_model
 from modellego.surgery.extract import apply_plan

@@ -23,7 +23,7 @@ import torch
 from modellego import DisassemblyConfig, __version__, disassemble
 from modellego.analysis.locate import LocateConfig
 from modellego.distill import DistillConfig, distill, format_distill
-from modellego.io import load_model
+from modellego.files import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "checkpoints" / "fashion-mnist" / "vgg16_bn.safetensors"

@@ -13,7 +13,7 @@ from modellego import DisassemblyConfig, disassemble
 from modellego.analysis.locate import LocateConfig
 from modellego.assembly import AssemblyConfig, assemble, evaluate_assembly
 from modellego.errors import ModelLegoError
-from modellego.io import load_model, save_model
+from modellego.files import load_model, save_model
 from modellego.metrics import count_flops, count_params, cpu_latency_ms
 from modellego.viz.report import disassembly_html, write_html
 from modellego.viz.route import plot_route, route_from_profile

@@ -28,7 +28,8 @@ from modellego.assembly.padded import PaddedBody
 from modellego.data import dataset_info, load_split, normalize
 from modellego.disassemble import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
-from modellego.io import load_model, read_manifest, save_model
+from modellego.files import load_model, save_model
+from modellego.io import read_manifest
 from modellego.metrics import predict_logits
 from modellego.models import create_model
 from modellego.train import TrainConfig, train

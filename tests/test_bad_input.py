@@ -20,7 +20,8 @@ from PIL import Image
 
 from helpers import run_cli
 from modellego.data import clear_cache, load_split
-from modellego.io import load_model, read_manifest, save_model
+from modellego.files import load_model, save_model
+from modellego.io import read_manifest
 from modellego.train import TrainConfig, train
 
 

@@ -18,7 +18,8 @@ from modellego import __version__
 from modellego.cli import main, parse_classes
 from modellego.data import list_datasets, load_split, normalize
 from modellego.evaluate import evaluate
-from modellego.io import load_model, read_manifest
+from modellego.files import load_model
+from modellego.io import read_manifest
 from modellego.metrics import count_flops, count_params, predict_logits
 from modellego.models import list_models
 

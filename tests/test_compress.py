@@ -23,7 +23,8 @@ from modellego.compress import (
 )
 from modellego.data import dataset_info
 from modellego.errors import ModelLegoError
-from modellego.io import load_model, read_manifest, save_model
+from modellego.files import load_model, save_model
+from modellego.io import read_manifest
 from modellego.metrics import count_flops, count_params
 from modellego.models import create_model, list_models
 from modellego.surgery.extract import apply_plan

@@ -15,7 +15,8 @@ import pytest
 
 from helpers import run_cli
 from modellego.data import clear_cache
-from modellego.io import read_manifest, save_model
+from modellego.files import save_model
+from modellego.io import read_manifest
 from modellego.train import TrainConfig, train
 
 

@@ -19,7 +19,7 @@ from modellego.data import dataset_info, load_split
 from modellego.distill import DistillConfig, distill, kd_loss
 from modellego.errors import ModelLegoError
 from modellego.evaluate import evaluate
-from modellego.io import load_model, save_model
+from modellego.files import load_model, save_model
 from modellego.models import create_model, list_models
 from modellego.train import TrainConfig, base_manifest, train
 

@@ -188,7 +188,7 @@ def free_port() -> int:
 
 
 def test_torchrun_two_gloo_processes_write_the_single_process_bytes(tmp_path: Path):
-    from modellego.io import save_model
+    from modellego.files import save_model
     from modellego.train import TrainConfig, train
 
     model, manifest = train(TrainConfig(arch="simnet", dataset="digits", epochs=2, width=0.25,

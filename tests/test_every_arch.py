@@ -13,7 +13,8 @@ import pytest
 
 from helpers import run_cli
 from modellego.analysis.locate import profiled_layers
-from modellego.io import load_model, read_manifest
+from modellego.files import load_model
+from modellego.io import read_manifest
 from modellego.models import list_models
 from modellego.surgery.graph import build_channel_graph
 

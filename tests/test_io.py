@@ -15,17 +15,16 @@ from torch import nn
 
 from modellego import io as io_module
 from modellego.errors import ModelFileError
+from modellego.files import load_model, save_model
 from modellego.io import (
     FORMAT,
     FORMAT_VERSION,
     atomic_write,
-    build_from_manifest,
-    load_model,
     load_weights,
     read_manifest,
-    save_model,
     save_weights,
 )
+from modellego.kinds import build_from_manifest
 from modellego.models import create_model, list_models
 
 KWARGS = {"in_channels": 1, "num_classes": 5, "input_size": 28, "width": 0.125}

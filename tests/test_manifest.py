@@ -23,16 +23,8 @@ from modellego import assembly as assembly_module
 from modellego.assembly import AssemblyConfig, assemble
 from modellego.distill import DistillConfig, distill
 from modellego.errors import ModelFileError
-from modellego.io import (
-    MAX_HEADER_BYTES,
-    LoadedModel,
-    load_model,
-    load_weights,
-    open_model,
-    read_manifest,
-    save_model,
-    save_weights,
-)
+from modellego.files import LoadedModel, load_model, open_model, save_model
+from modellego.io import MAX_HEADER_BYTES, load_weights, read_manifest, save_weights
 from modellego.manifest import (
     FORMAT,
     HEADS,

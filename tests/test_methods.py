@@ -13,14 +13,15 @@ from torch import nn
 from helpers import masked_source_logits, randomize_bn, run, run_cli
 from modellego.analysis.frat import frat_locate, gradient_profile
 from modellego.analysis.locate import LocateConfig, locate, profiled_layers
-from modellego.analysis.methods import get_method
+from modellego.analysis.methods import candidates, get_method
 from modellego.analysis.profile import contribution_profile, select_samples
-from modellego.analysis.search import FRAT_SCALES, candidates
+from modellego.analysis.search import FRAT_SCALES
 from modellego.cli import main
 from modellego.data import load_split, normalize
 from modellego.disassemble import METHODS, DisassemblyConfig, default_locate, disassemble_model
 from modellego.errors import ModelLegoError
-from modellego.io import load_model, read_manifest, save_model
+from modellego.files import load_model, save_model
+from modellego.io import read_manifest
 from modellego.models import create_model, list_models
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph

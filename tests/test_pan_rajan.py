@@ -21,7 +21,8 @@ from modellego.cli import build_parser
 from modellego.compress import CRITERIA, CompressConfig
 from modellego.disassemble import METHODS, DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
-from modellego.io import load_model, read_manifest, save_model
+from modellego.files import load_model, save_model
+from modellego.io import read_manifest
 from modellego.metrics import count_params
 from modellego.models import create_model, list_models
 from modellego.registry import Registry

@@ -14,7 +14,8 @@ from helpers import randomize_bn, run, run_cli
 from modellego.analysis.locate import LocateConfig
 from modellego.data import load_split, normalize
 from modellego.disassemble import DisassemblyConfig, disassemble_model
-from modellego.io import load_model, read_manifest
+from modellego.files import load_model
+from modellego.io import read_manifest
 from modellego.models import create_model
 from modellego.surgery.recalibrate import recalibrate_batchnorm
 from modellego.workflows import sample_calibration_images

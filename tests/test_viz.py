@@ -17,7 +17,7 @@ from modellego.analysis.locate import LocateConfig, locate_class, profiled_layer
 from modellego.analysis.profile import contribution_profile, select_samples
 from modellego.data import load_split, normalize
 from modellego.errors import ModelLegoError
-from modellego.io import save_model
+from modellego.files import save_model
 from modellego.models import create_model
 from modellego.surgery.graph import build_channel_graph
 from modellego.train import TrainConfig, train

@@ -23,7 +23,8 @@ from .errors import (
     UnsupportedModelError,
 )
 from .evaluate import evaluate
-from .io import load_model, read_manifest, save_model
+from .files import LoadedModel, load_model, open_model, save_model
+from .io import read_manifest
 from .models import create_model, list_models
 from .surgery.plan import ComponentPlan
 from .train import TrainConfig, train
@@ -31,10 +32,18 @@ from .workflows import compress, disassemble
 
 
 def _assemble_package() -> None:
-    """Hand the registries to the layers below that read names from files."""
+    """Register the kinds of model file with their builders, and hand the registries to the
+    layers below that read names from files (so that no module imports the layers above)."""
     from . import manifest
     from .assembly import LAYOUT_REGISTRY, SCALING_REGISTRY
+    from .assembly.core import build_assembly
+    from .kinds import register_kind
+    from .models.registry import build_model
+    from .surgery.extract import build_component
 
+    register_kind("model", build_model)
+    register_kind("component", build_component)
+    register_kind("assembly", build_assembly)
     manifest.set_vocabulary("layout", LAYOUT_REGISTRY.names)
     manifest.set_vocabulary("scaling", SCALING_REGISTRY.names)
 
@@ -51,6 +60,7 @@ __all__ = [
     "DataError",
     "DisassemblyConfig",
     "DistillConfig",
+    "LoadedModel",
     "LocateConfig",
     "ModelFileError",
     "ModelLegoError",
@@ -72,6 +82,7 @@ __all__ = [
     "load_model",
     "load_split",
     "normalize",
+    "open_model",
     "read_manifest",
     "save_model",
     "train",

@@ -58,7 +58,7 @@ def cmd_list_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .io import save_model
+    from .files import save_model
     from .train import TrainConfig, train
 
     out = _outputs(args, [], "--out")["--out"]
@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .io import load_model
+    from .files import load_model
 
     model, manifest = load_model(args.file)
     if manifest.get("kind") == "assembly":
@@ -115,7 +115,7 @@ def _outputs(args: argparse.Namespace, inputs: Sequence[str], *flags: str) -> di
 def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=None) -> str:
     """Write the model file, the JSON report and the HTML page asked for, in that order;
     returns the ``wrote ...`` line."""
-    from .io import save_model
+    from .files import save_model
     from .viz.report import write_html
     from .workflows.outputs import write_all, write_json
 
@@ -130,7 +130,7 @@ def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=
 def cmd_disassemble(args: argparse.Namespace) -> int:
     from .analysis.distributed import distributed_from_env
     from .disassemble import DisassemblyConfig
-    from .io import load_model
+    from .files import load_model
     from .workflows import disassemble, format_report
     from .workflows.common import check_own_dataset
 
@@ -221,7 +221,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill, format_distill
-    from .io import load_model
+    from .files import load_model
 
     outs = _outputs(args, [args.teacher], "--out", "--report")
     config = DistillConfig(student=args.student, width=args.width, epochs=args.epochs,
@@ -261,7 +261,7 @@ def _figure_outputs(args: argparse.Namespace, *flags: str) -> dict[str, Path]:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from .io import load_model
+    from .files import load_model
     from .viz.route import format_route, plot_route, route_masks
     from .workflows.outputs import write_json
 
@@ -279,7 +279,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_heatmap(args: argparse.Namespace) -> int:
-    from .io import load_model
+    from .files import load_model
     from .viz.heatmap import format_heatmap, heatmap_data, plot_heatmap
 
     out = _figure_outputs(args)["--out"]
@@ -295,7 +295,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import CompressConfig
-    from .io import load_model
+    from .files import load_model
     from .workflows import compress, format_compress_report
 
     config = CompressConfig(criterion=args.criterion, target_flops=args.target_flops,

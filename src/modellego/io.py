@@ -21,7 +21,6 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -188,7 +187,9 @@ def _refuse_pickle(path: Path, head: bytes) -> None:
             "`modellego.io.save_model`.")
 
 
-def _open(path: str | Path, *, weights: bool) -> tuple[dict[str, torch.Tensor], Manifest]:
+def read_header(path: str | Path) -> tuple[dict[str, Any], Manifest]:
+    """The safetensors header of a model file (a bounded read: at most
+    :data:`MAX_HEADER_BYTES`) and its validated manifest; no tensor data is read."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
@@ -229,171 +230,39 @@ def _open(path: str | Path, *, weights: bool) -> tuple[dict[str, torch.Tensor], 
     if "modellego" not in meta:
         raise ModelFileError(
             f"{path}: safetensors file has no modellego manifest; it was not written by "
-            "modellego (use `modellego.io.save_model` to wrap plain weights)")
+            "modellego (use `modellego.save_model` to wrap plain weights)")
     manifest = Manifest.from_dict(parse_json(meta["modellego"], what="manifest", source=path),
                                   source=str(path))
-    tensors: dict[str, torch.Tensor] = {}
-    if weights:
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"{path}: cannot read weights ({exc}); the file is "
-                                 "corrupted or truncated") from None
-    return tensors, manifest
+    return header, manifest
 
 
-# --- whole models -------------------------------------------------------------------------
-
-_BUILDERS: dict[str, Any] = {}
-
-
-def register_kind(kind: str):
-    """Register how a manifest of ``kind`` is rebuilt into an (untrained) ``nn.Module``."""
-
-    def wrap(fn):
-        _BUILDERS[kind] = fn
-        return fn
-
-    return wrap
-
-
-def build_from_manifest(manifest: dict[str, Any]) -> torch.nn.Module:
-    """An ``nn.Module`` with the structure the manifest describes (weights not loaded)."""
-    from . import assembly as _assembly  # noqa: F401  (registers its kinds)
-    from .surgery import extract as _extract  # noqa: F401
-
-    kind = manifest.get("kind", "model")
-    if kind not in _BUILDERS:
-        raise ModelFileError(f"unknown model kind {kind!r} in manifest; known: "
-                             f"{', '.join(sorted(_BUILDERS))}; upgrade modellego")
-    return _BUILDERS[kind](manifest)
+def tensor_table(header: Mapping[str, Any], source: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` as the safetensors header announces them (before any data is
+    read, so that a file can be compared with the network it claims to hold)."""
+    table: dict[str, tuple[int, ...]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ModelFileError(f"{source}: safetensors header entry {name[:60]!r} has no "
+                                 "valid shape; the file is damaged")
+        table[name] = tuple(shape)
+    return table
 
 
-@register_kind("model")
-def _build_plain(manifest: dict[str, Any]) -> torch.nn.Module:
-    from .models import create_model
-
-    arch = manifest.get("architecture")
-    if not isinstance(arch, dict) or "name" not in arch:
-        raise ModelFileError("manifest has no architecture entry")
-    return create_model(arch["name"], **arch.get("kwargs", {}))
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: cannot read weights ({exc}); the file is "
+                             "corrupted or truncated") from None
 
 
-def save_model(path: str | Path, model: torch.nn.Module,
-               manifest: Mapping[str, Any] | Manifest) -> None:
-    """Save ``model``'s weights (state_dict incl. buffers) with ``manifest``.
-
-    The manifest must be valid and let :func:`build_from_manifest` rebuild a network with
-    one output per class; otherwise :class:`ModelFileError` and nothing is written. Tensors
-    that share storage are saved as separate copies.
-    """
-    checked = _prepared(path, manifest)
-    _check_outputs(checked, f"{path} (not written)")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    save_weights(path, state, checked)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model file opened by :func:`open_model`: the network (eval mode) and its manifest."""
-
-    model: torch.nn.Module
-    manifest: Manifest
-    path: Path
-
-
-def open_model(path: str | Path) -> LoadedModel:
-    """Rebuild the network a model file describes, load its weights, return it in eval mode
-    with its typed manifest.
-
-    >>> loaded = open_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
-    >>> loaded.manifest.dataset.name, loaded.manifest.class_names[:2]
-    """
+def _open(path: str | Path, *, weights: bool) -> tuple[dict[str, torch.Tensor], Manifest]:
     path = Path(path)
-    tensors, checked = _open(path, weights=True)
-    manifest = checked.to_dict()
-    model = _build(manifest, str(path))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            details.append(f"shape mismatch for {k}: file {tuple(tensors[k].shape)}, "
-                           f"manifest implies {tuple(expected[k].shape)}")
-        raise ModelFileError(f"{path}: weights do not match the manifest: "
-                             + "; ".join(details))
-    _check_outputs(checked, str(path), model)
-    for k, v in tensors.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ModelFileError(f"{path}: tensor {k} contains NaN or infinite values")
-    model.load_state_dict(tensors)
-    return LoadedModel(model.eval(), checked, path)
+    _, manifest = read_header(path)
+    return (_load_tensors(path) if weights else {}), manifest
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the network a model file describes, load its weights, return it in eval mode
-    with its (validated) manifest as a dict; see :func:`open_model` for the typed manifest.
-
-    >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
-    """
-    loaded = open_model(path)
-    return loaded.model, loaded.manifest.to_dict()
-
-
-def _build(manifest: dict[str, Any], source: str) -> torch.nn.Module:
-    try:
-        return build_from_manifest(manifest)
-    except ModelFileError as exc:
-        raise ModelFileError(f"{source}: {exc}") from None
-    except Exception as exc:  # a manifest whose arguments the builder rejects
-        raise ModelFileError(f"{source}: cannot rebuild the network from the manifest "
-                             f"({type(exc).__name__}: {exc})") from None
-
-
-def _count_outputs(manifest: dict[str, Any], shape: tuple[int, ...], source: str,
-                   built: torch.nn.Module | None = None) -> int:
-    """The number of logits of the network ``manifest`` describes, found by running a
-    ``meta`` tensor (no data, no arithmetic) through a ``meta`` copy of it; only if an op
-    has no meta kernel, by one zero image through ``built``."""
-    try:
-        with torch.device("meta"):
-            out = build_from_manifest(manifest).eval()(torch.zeros(1, *shape))
-    except Exception:  # an op without a meta kernel, or a manifest the builder rejects
-        net = built if built is not None else _build(manifest, source)
-        try:
-            with torch.inference_mode():
-                out = net.eval()(torch.zeros(1, *shape))
-        except Exception as exc:
-            raise ModelFileError(f"{source}: the network the manifest describes does not run "
-                                 f"on its input shape {list(shape)} ({type(exc).__name__}: "
-                                 f"{exc})") from None
-    if out.dim() != 2:
-        raise ModelFileError(f"{source}: the network gives outputs of shape "
-                             f"{tuple(out.shape)}, not (batch, classes)")
-    return int(out.shape[1])
-
-
-def _check_outputs(manifest: Manifest, source: str,
-                   built: torch.nn.Module | None = None) -> None:
-    """Refuse a manifest whose class list does not match its network's outputs (for an
-    assembly: each part's classes its part network's, and the labels the logits)."""
-    if manifest.assembly is not None:
-        for k, part in enumerate(manifest.assembly.parts):
-            n = _count_outputs(part.to_dict(), part.input.shape, source)
-            if n != len(part.classes):
-                raise ModelFileError(
-                    f"{source}: manifest field parts[{k}].classes: expected one class per "
-                    f"output of the part's network ({n}), found {len(part.classes)}")
-    n = _count_outputs(manifest.to_dict(), manifest.input.shape, source, built)
-    if n != len(manifest.classes):
-        field = "labels" if manifest.assembly is not None else "classes"
-        raise ModelFileError(
-            f"{source}: manifest field {field}: expected one entry per network output "
-            f"({n}), found {len(manifest.classes)}")

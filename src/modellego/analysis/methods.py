@@ -211,3 +211,10 @@ for _method in (Contribution(), Contribution2022(), Frat(), PanRajan()):
 def get_method(name: str) -> Method:
     """The method registered as ``name``; a one-line error lists the known ones."""
     return METHODS.get(name)
+
+
+def candidates(base: LocateConfig, method: str = "contribution") -> list[LocateConfig]:
+    """The family of thresholds ``method`` searches, most aggressive first (``frat`` and
+    ``pan-rajan`` scale their alphas by :data:`~modellego.analysis.search.FRAT_SCALES`; the
+    contribution methods follow ``base.rule``)."""
+    return get_method(method).candidates(base)

@@ -18,19 +18,6 @@ COUNT_SCALES = (2.0, 1.5, 1.25, 1.0, 0.8, 0.6, 0.45, 0.33, 0.25, 0.18, 0.12, 0.0
 FRAT_SCALES = COUNT_SCALES
 
 
-def candidates(base: LocateConfig, method: str = "contribution") -> list[LocateConfig]:
-    """The family of thresholds ``method`` searches, most aggressive first.
-
-    ``frat`` (and ``pan-rajan``) scale their alphas (``alpha_conv``/``alpha_linear``) by
-    :data:`FRAT_SCALES`; the contribution methods follow ``base.rule`` (a
-    ``contribution-2022`` base carries its normalisation along). See
-    :mod:`modellego.analysis.methods`.
-    """
-    from .methods import get_method  # the methods build on this module
-
-    return get_method(method).candidates(base)
-
-
 def alpha_family(base: LocateConfig, scales: Sequence[float] = FRAT_SCALES
                  ) -> list[LocateConfig]:
     """``base`` with ``alpha_conv`` and ``alpha_linear`` scaled by each of ``scales``."""

@@ -14,7 +14,8 @@ from ..analysis.distributed import SINGLE, DistContext
 from ..analysis.hooks import preserved_state
 from ..data import load_split
 from ..errors import ModelLegoError
-from ..io import build_from_manifest, load_model, register_kind
+from ..files import load_model
+from ..kinds import build_from_manifest
 from ..metrics import count_flops, count_params, predict_logits
 from .adapters import InputAdapter, contract_shape, convert_images
 from .layouts import LAYOUT_REGISTRY, ParallelBody, get_layout
@@ -252,8 +253,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
     return model, manifest
 
 
-@register_kind("assembly")
-def _build_assembly(manifest: dict[str, Any]) -> nn.Module:
+def build_assembly(manifest: dict[str, Any]) -> nn.Module:
     parts = [dict(p) for p in manifest["parts"]]
     nets = [build_from_manifest(p).eval() for p in parts]
     for p in parts:

@@ -107,7 +107,7 @@ class Union(Layout):
         return union_spec(parts)
 
     def body(self, adapters, nets, parts, taps, spec, *, weights):
-        from ..io import load_model
+        from ..files import load_model
         from .union import UnionBody, union_net
 
         source = load_model(spec["source"]["file"])[0] if weights else None

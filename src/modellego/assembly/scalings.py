@@ -17,7 +17,7 @@ whether it can combine parts that already answer with concern scores (a one-vs-r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +28,23 @@ from ..registry import Registry
 from ..surgery.head import one_vs_rest
 from .scoring import FeatureTap, Router, class_gaussians, fit_router_weights
 
-if TYPE_CHECKING:
-    from .core import AssembledModel, AssemblyConfig
+
+class AssembledModel(Protocol):
+    """What a scaling reads and sets on the assembled model
+    (:class:`modellego.assembly.core.AssembledModel`): its body's adapters and parts, its
+    routers, which parts carry a head, each part's kept columns and ``scale{k}`` buffers."""
+
+    body: Any
+    routers: nn.ModuleList
+    heads: Sequence[bool]
+
+    def part_columns(self, k: int) -> torch.Tensor: ...
+
+
+class AssemblyConfig(Protocol):
+    """The settings a scaling's fit reads (:class:`modellego.assembly.AssemblyConfig`)."""
+
+    seed: int
 
 #: per part: its (logits or concern scores, tapped features)
 PartOutputs = list[tuple[torch.Tensor, list[torch.Tensor]]]

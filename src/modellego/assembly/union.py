@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLegoError
-from ..io import load_model
+from ..files import load_model
 from ..surgery.extract import apply_plan
 from ..surgery.graph import build_channel_graph
 from ..surgery.plan import ComponentPlan
@@ -55,7 +55,7 @@ def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def union_net(spec: dict[str, Any], source: nn.Module | None = None) -> nn.Module:
     """The union network (from the source's weights, or an empty structure to load into)."""
-    from ..io import build_from_manifest
+    from ..kinds import build_from_manifest
 
     if source is None:
         source = build_from_manifest({"kind": "model", "architecture": spec["architecture"]})

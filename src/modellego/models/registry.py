@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from ..errors import ModelLegoError
+from ..errors import ModelFileError, ModelLegoError
 
 Builder = Callable[..., nn.Module]
 
@@ -87,3 +87,11 @@ def create_model(
 def scaled(channels: int, width: float, minimum: int = 4) -> int:
     """A channel count scaled by the width multiplier (never below ``minimum``)."""
     return max(minimum, int(round(channels * width)))
+
+
+def build_model(manifest: Mapping[str, Any]) -> nn.Module:
+    """The network of a plain ``"model"`` manifest: its architecture with its arguments."""
+    arch = manifest.get("architecture")
+    if not isinstance(arch, Mapping) or "name" not in arch:
+        raise ModelFileError("manifest has no architecture entry")
+    return create_model(arch["name"], **dict(arch.get("kwargs", {})))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError, PlanError
-from ..io import register_kind
+from ..kinds import build_from_manifest
 from .head import apply_head
 from .plan import ComponentPlan
 
@@ -91,10 +91,7 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
     return new
 
 
-@register_kind("component")
-def _build_component(manifest: dict[str, Any]) -> nn.Module:
-    from ..io import build_from_manifest
-
+def build_component(manifest: dict[str, Any]) -> nn.Module:
     source = dict(manifest)
     source["kind"] = "model"
     if "plan" not in manifest:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from modellego.io import load_model
+from modellego.files import load_model
 
 HERE = Path(__file__).parent
 FILES = ("model", "component", "component-b", "assembly")
