@@ -320,17 +320,18 @@ def test_unreachable_target_is_refused():
 
 @pytest.mark.parametrize("kwargs,words", [
     ({}, ["give a target"]),
-    ({"target_flops": 0.0}, ["--target-flops", "(0, 1]"]),
-    ({"target_flops": 1.2}, ["--target-flops", "(0, 1]"]),
-    ({"target_params": -0.5}, ["--target-params", "(0, 1]"]),
-    ({"target_flops": 0.5, "target_params": 0.5}, ["--target-flops", "--target-params"]),
-    ({"target_flops": 0.5, "max_accuracy_drop": 1.0}, ["--max-accuracy-drop", "not both"]),
+    ({"target_flops": 0.0}, ["`target_flops`", "(0, 1]"]),
+    ({"target_flops": 1.2}, ["`target_flops`", "(0, 1]"]),
+    ({"target_params": -0.5}, ["`target_params`", "(0, 1]"]),
+    ({"target_flops": 0.5, "target_params": 0.5}, ["`target_flops`", "`target_params`"]),
+    ({"target_flops": 0.5, "max_accuracy_drop": 1.0}, ["`max_accuracy_drop`", "not both"]),
     ({"criterion": "magic", "target_flops": 0.5}, ["criterion", "l1"]),
-    ({"target_flops": 0.5, "samples_per_class": 0}, ["--samples-per-class"]),
+    ({"target_flops": 0.5, "samples_per_class": 0}, ["`samples_per_class`"]),
     ({"target_flops": 0.5, "method": "magic"}, ["unknown disassembly method"]),
-    ({"target_flops": 0.5, "criterion": "l1", "method": "frat"}, ["--method frat", "l1"]),
+    ({"target_flops": 0.5, "criterion": "l1", "method": "frat"}, ["`method` frat", "l1"]),
 ])
 def test_bad_configs_are_refused(kwargs, words):
+    # library errors name the parameters; the command line shows them as its flags
     with pytest.raises(ModelLegoError) as info:
         CompressConfig(**kwargs).validate()
     for w in words:

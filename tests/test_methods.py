@@ -78,9 +78,9 @@ def test_unknown_method_and_incompatible_options_are_refused(trained, digits):
     with pytest.raises(ModelLegoError, match="unknown disassembly method 'magic'"):
         disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
                           config=DisassemblyConfig(TASK, method="magic"))
-    with pytest.raises(ModelLegoError, match="--compensate"):
+    with pytest.raises(ModelLegoError, match="`compensate`"):
         DisassemblyConfig(TASK, method="frat", compensate=True).validate()
-    with pytest.raises(ModelLegoError, match="--refine"):
+    with pytest.raises(ModelLegoError, match="`refine`"):
         DisassemblyConfig(TASK, method="frat", max_accuracy_drop=1.0, refine=True).validate()
     with pytest.raises(ModelLegoError, match="normalisation 'l2'"):
         LocateConfig(normalize="l2").validate()

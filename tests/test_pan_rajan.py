@@ -91,7 +91,7 @@ def test_a_new_method_is_one_class_and_one_registration(monkeypatch):
                              config=DisassemblyConfig((2, 0), samples_per_class=3,
                                                       method="everything"))
     assert torch.allclose(run(comp.model, x), run(model, x)[:, [2, 0]], atol=1e-6)
-    with pytest.raises(ModelLegoError, match="--compensate"):
+    with pytest.raises(ModelLegoError, match="`compensate`"):
         DisassemblyConfig((0,), method="everything", compensate=True).validate()
 
 
@@ -220,7 +220,7 @@ def test_pan_rajan_under_emulated_ranks_gives_the_same_bits(two_layer):
 
 def test_pan_rajan_refuses_what_does_not_apply(two_layer):
     model, x, y = two_layer
-    with pytest.raises(ModelLegoError, match="--compensate"):
+    with pytest.raises(ModelLegoError, match="`compensate`"):
         DisassemblyConfig((0,), method="pan-rajan", compensate=True).validate()
     with pytest.raises(ModelLegoError, match="one-vs-rest modules"):
         CompressConfig(method="pan-rajan", target_flops=0.5).validate()

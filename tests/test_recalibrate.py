@@ -81,7 +81,7 @@ def test_component_statistics_are_measured_on_the_calibration_images(digits) -> 
                                 by_hand.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     assert not torch.equal(run(recal.model, x[:20]), run(plain.model, x[:20]))
-    with pytest.raises(Exception, match="calibration images"):
+    with pytest.raises(Exception, match="`calibration_images`"):
         disassemble_model(model, x, y, config=DisassemblyConfig((3, 1), recalibrate_bn=5),
                           **kwargs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -509,6 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """``{parameter: flag}`` of one sub-command: each option's ``dest`` and its long form."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: max(a.option_strings, key=len)
+            for a in sub.choices[command]._actions if a.option_strings}
+
+
+def cli_message(message: str, flags: dict[str, str]) -> str:
+    """A library message as the command line says it: a parameter named as `` `name` `` is
+    written as its flag (``--name``) when the command has one, else as ``name``."""
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: flags.get(m[1], m[1]), message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -517,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModelLegoError as exc:
-        print(f"modellego {args.command}: error: {exc}", file=sys.stderr)
+        message = cli_message(str(exc), flag_names(parser, args.command))
+        print(f"modellego {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

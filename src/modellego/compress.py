@@ -84,13 +84,13 @@ class CompressConfig:
 
     def validate(self) -> None:
         if self.criterion not in CRITERION_REGISTRY:
-            raise ModelLegoError(f"--criterion {self.criterion!r} is unknown; use one of "
+            raise ModelLegoError(f"`criterion` {self.criterion!r} is unknown; use one of "
                                  f"{', '.join(CRITERIA)}")
         if (self.target_flops, self.target_params, self.max_accuracy_drop) == (None,) * 3:
-            raise ModelLegoError("give a target: --target-flops R or --target-params R (a share "
-                                 "of the source in (0, 1]) or --max-accuracy-drop PP")
+            raise ModelLegoError("give a target: `target_flops` R or `target_params` R (a share "
+                                 "of the source in (0, 1]) or `max_accuracy_drop` PP")
         if self.method != "contribution" and self.criterion != "contribution":
-            raise ModelLegoError(f"--method {self.method} applies to --criterion contribution "
+            raise ModelLegoError(f"`method` {self.method} applies to `criterion` contribution "
                                  f"only, not {self.criterion}")
         self.disassembly(()).validate()  # ranges, method, and at most one target
         if get_method(self.method).head is not None:
@@ -297,9 +297,9 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
         raise ModelLegoError(f"the model carries a {head_of(model)} head (a pan-rajan module); "
                              "compress its source model instead")
     if config.max_accuracy_drop is not None and (val_images is None or val_labels is None):
-        raise ModelLegoError("--max-accuracy-drop needs validation images")
+        raise ModelLegoError("`max_accuracy_drop` needs `val_images` and `val_labels`")
     if config.recalibrate_bn and calibration_images is None:
-        raise ModelLegoError("--recalibrate-bn needs calibration images")
+        raise ModelLegoError("`recalibrate_bn` needs `calibration_images`")
     return get_criterion(config.criterion).compress(
         model, tuple(input_shape), output_classes, config, images=images, labels=labels,
         val_images=val_images, val_labels=val_labels, calibration_images=calibration_images)
@@ -411,9 +411,9 @@ def _check_reached(model: nn.Module, small: nn.Module, input_shape: Sequence[int
                    config: CompressConfig) -> None:
     """Refuse a contribution component above its cost target (the search found none under)."""
     for flag, target, ratio in (
-            ("--target-flops", config.target_flops,
+            ("`target_flops`", config.target_flops,
              lambda: count_flops(small, input_shape) / count_flops(model, input_shape)),
-            ("--target-params", config.target_params,
+            ("`target_params`", config.target_params,
              lambda: count_params(small) / count_params(model))):
         if target is not None and (reached := ratio()) > target:
             raise ModelLegoError(

@@ -77,27 +77,27 @@ class DisassemblyConfig:
         get_method(self.method).check(self.compensate, self.refine)
         self.locate.validate()
         if self.samples_per_class < 1:
-            raise ModelLegoError(f"--samples-per-class must be >= 1, got "
+            raise ModelLegoError(f"`samples_per_class` must be >= 1, got "
                                  f"{self.samples_per_class}")
-        given = [flag for flag, v in (("--max-accuracy-drop", self.max_accuracy_drop),
-                                      ("--target-flops", self.target_flops),
-                                      ("--target-params", self.target_params)) if v is not None]
+        given = [flag for flag, v in (("`max_accuracy_drop`", self.max_accuracy_drop),
+                                      ("`target_flops`", self.target_flops),
+                                      ("`target_params`", self.target_params)) if v is not None]
         if len(given) > 1:
             raise ModelLegoError(f"give one of {' and '.join(given)}, not "
                                  f"{'both' if len(given) == 2 else 'all three'}")
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
-            raise ModelLegoError(f"--max-accuracy-drop is in points and must lie in "
+            raise ModelLegoError(f"`max_accuracy_drop` is in points and must lie in "
                                  f"[0, 100], got {self.max_accuracy_drop}")
         if self.recalibrate_bn < 0:
-            raise ModelLegoError(f"--recalibrate-bn is a number of images and must be >= 0, "
+            raise ModelLegoError(f"`recalibrate_bn` is a number of images and must be >= 0, "
                                  f"got {self.recalibrate_bn}")
         if self.refine and self.max_accuracy_drop is None:
-            raise ModelLegoError("--refine needs --max-accuracy-drop")
+            raise ModelLegoError("`refine` needs `max_accuracy_drop`")
         if self.target_flops is not None and not 0 < self.target_flops <= 1:
-            raise ModelLegoError(f"--target-flops is a share of the source's FLOPs and must "
+            raise ModelLegoError(f"`target_flops` is a share of the source's FLOPs and must "
                                  f"lie in (0, 1], got {self.target_flops}")
         if self.target_params is not None and not 0 < self.target_params <= 1:
-            raise ModelLegoError(f"--target-params is a share of the source's parameters and "
+            raise ModelLegoError(f"`target_params` is a share of the source's parameters and "
                                  f"must lie in (0, 1], got {self.target_params}")
 
     def to_dict(self) -> dict:
@@ -175,7 +175,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     config = config or DisassemblyConfig(tuple(classes))
     config.validate()
     if config.recalibrate_bn and calibration_images is None:
-        raise ModelLegoError("--recalibrate-bn needs calibration images")
+        raise ModelLegoError("`recalibrate_bn` needs `calibration_images`")
     classes, output_classes = task_outputs(classes, output_classes)
     if head_of(model) is not None:
         raise ModelLegoError(f"the model carries a {head_of(model)} head (a pan-rajan module); "
@@ -250,7 +250,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         accuracy_of, min_acc = None, None
         if config.max_accuracy_drop is not None:
             if val_images is None or val_labels is None:
-                raise ModelLegoError("--max-accuracy-drop needs validation images")
+                raise ModelLegoError("`max_accuracy_drop` needs `val_images` and `val_labels`")
             src_logits = predict_logits(model, val_images)
             restricted = accuracy_from_logits(src_logits, val_labels, output_classes,
                                               restrict_to=classes).accuracy

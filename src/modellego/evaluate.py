@@ -21,8 +21,8 @@ def check_dataset_matches(manifest: dict[str, Any], dataset: str, info) -> None:
             shapes = (f"; its images have shape {list(info.input_shape)} but the model "
                       f"expects {manifest['input']['shape']}")
         raise ModelLegoError(
-            f"--dataset: the model classifies dataset {own!r}, not {dataset!r}{shapes}; "
-            f"pass --dataset {own} (class ids are dataset-specific)")
+            f"`dataset`: the model classifies dataset {own!r}, not {dataset!r}{shapes}; "
+            f"pass `dataset` {own} (class ids are dataset-specific)")
     if list(info.input_shape) != list(manifest["input"]["shape"]):
         raise ModelLegoError(
             f"dataset {dataset!r} gives inputs of shape {list(info.input_shape)} but the model "
@@ -47,7 +47,7 @@ def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None 
     chosen = list(classes) if classes is not None else own
     missing = [c for c in chosen if c not in own]
     if missing:
-        raise ModelLegoError(f"--classes {missing} are not outputs of this model; "
+        raise ModelLegoError(f"`classes` {missing} are not outputs of this model; "
                              f"it classifies {own}")
     test = test.subset(chosen)
     if len(test) == 0:

@@ -51,7 +51,8 @@ class Method:
     #: the component's head (``None``: it answers with its task logits)
     head: str | None = None
     #: appended to a plan error (a layer left empty)
-    hint = "; lower --beta-conv/--beta-linear (or --alpha-*) and try again, or use --rule mass"
+    hint = ("; lower `beta_conv`/`beta_linear` (or `alpha_conv`/`alpha_linear`) and try "
+            "again, or use `rule` mass")
 
     def default_locate(self) -> LocateConfig:
         """The thresholds used unless given."""
@@ -100,12 +101,12 @@ class Method:
     def check(self, compensate: bool, refine: bool) -> None:
         """Refuse options that do not apply to this method."""
         if compensate and not self.compensate:
-            raise ModelLegoError(f"--compensate needs the contribution profile, which "
-                                 f"--method {self.name} does not compute; drop --compensate "
+            raise ModelLegoError(f"`compensate` needs the contribution profile, which "
+                                 f"`method` {self.name} does not compute; drop `compensate` "
                                  "or use another method")
         if refine and not self.refine:
-            raise ModelLegoError(f"--refine tightens per-layer betas, which --method "
-                                 f"{self.name} does not use; drop --refine or use another "
+            raise ModelLegoError(f"`refine` tightens per-layer betas, which `method` "
+                                 f"{self.name} does not use; drop `refine` or use another "
                                  "method")
 
 
@@ -140,7 +141,7 @@ class Frat(Method):
     name = "frat"
     compensate = False
     refine = False
-    hint = "; lower --alpha-conv/--alpha-linear and try again"
+    hint = "; lower `alpha_conv`/`alpha_linear` and try again"
 
     def default_locate(self) -> LocateConfig:
         return LocateConfig(alpha_conv=0.2, alpha_linear=0.2)

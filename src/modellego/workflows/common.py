@@ -65,7 +65,7 @@ def component_manifest(info: Any, classes: Sequence[int], source: dict[str, Any]
 
 
 def own_classes(manifest: dict[str, Any], classes: Sequence[int] | None, num_classes: int,
-                *, param: str = "--classes") -> tuple[int, ...]:
+                *, param: str = "`classes`") -> tuple[int, ...]:
     """``classes`` (default: all of the model's) checked against the dataset and the model."""
     own = [int(c) for c in manifest["classes"]]
     chosen = tuple(own) if classes is None else tuple(int(c) for c in classes)
@@ -98,7 +98,7 @@ def sample_calibration_images(split: Split, count: int, seed: int = 0) -> torch.
 
 def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
               data_dir: str | None = None, calibration: int = 0,
-              what: str = "disassembly", param: str = "--classes",
+              what: str = "disassembly", param: str = "`classes`",
               every_class: bool = True) -> TaskData:
     """The training images of ``classes`` (default: all the model's) on the model's dataset,
     with every check a profile needs: the classes are the model's, the dataset is the one
@@ -138,5 +138,5 @@ def check_own_dataset(manifest: dict[str, Any], dataset: str | None,
         return
     own = manifest["dataset"]["name"]
     if dataset_info(dataset, data_dir=data_dir).name != own:
-        raise ModelLegoError(f"--dataset {dataset}: the model classifies {own!r}; pass "
-                             f"--dataset {own}")
+        raise ModelLegoError(f"`dataset` {dataset}: the model classifies {own!r}; pass "
+                             f"`dataset` {own}")
