@@ -146,7 +146,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        dup = None
+        for k, _ in pairs:
+            if k in seen:
+                dup = k
+                break
+            seen.add(k)
+        assert dup is not None  # fewer keys than pairs: some key repeats
         raise _Refused(f"the key {dup[:40]!r} twice in one object")
     return out
 

@@ -338,12 +338,12 @@ class Metrics:
             check.fail(path, "a JSON object of numbers", data)
         for key, value in data.items():
             share = key.endswith(("accuracy", "base", "per_class"))
-            bounds = {"lo": 0.0, "hi": 1.0} if share else {}
+            lo, hi = (0.0, 1.0) if share else (None, None)
             if isinstance(value, Mapping):
                 for k, v in value.items():
-                    check.number(v, f"{path}.{key}.{k}", **bounds)
+                    check.number(v, f"{path}.{key}.{k}", lo=lo, hi=hi)
             else:
-                check.number(value, f"{path}.{key}", **bounds)
+                check.number(value, f"{path}.{key}", lo=lo, hi=hi)
         return cls(check.json(data, path))
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -682,7 +682,8 @@ def _assembly(data: Mapping[str, Any], check: _Check
     if contract.range != "[0, 1]":
         check.fail("input.range", "'[0, 1]'", contract.range)
     n_adapters = 1 if layout == "union" else len(parts)
-    if len(contract.adapters) != n_adapters:
+    # from_dict(assembly=True) always reads the adapters; the None check is for mypy
+    if contract.adapters is None or len(contract.adapters) != n_adapters:
         check.fail("input.adapters", f"{n_adapters} adapter descriptions", contract.adapters)
     taps = None
     if scaling == "calibrated":

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -49,11 +49,13 @@ class ActivityProfile:
 
 
 def _width(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return cast(nn.Conv2d, module).in_channels  # the profiled layers are convs and linears
 
 
 @torch.inference_mode()
-def activity_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+def activity_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
                    rows: torch.Tensor, num_rows: int) -> dict[str, torch.Tensor]:
     """One forward pass over ``images``: per layer ``(num_rows, features)`` float64 peaks of
     its input, the samples grouped by ``rows`` (``-inf`` for a layer never called)."""
@@ -78,7 +80,7 @@ def activity_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch
     return peaks
 
 
-def activity_profile(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+def activity_profile(model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
                      labels: torch.Tensor, classes: Sequence[int], *, batch_size: int = 64,
                      dist: DistContext | None = None) -> ActivityProfile:
     """Per class, the peak of every input feature of every layer in ``layers`` (module doc).

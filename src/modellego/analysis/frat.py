@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ class GradientProfile:
         return self.layers[layer][self.classes.index(c)]
 
 
-def gradient_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+def gradient_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
                    rows: torch.Tensor, num_rows: int) -> dict[str, torch.Tensor]:
     """One forward and backward pass over ``images``: per layer ``(num_rows, features)``
     float64 sums of the clamped input gradients, the samples grouped by ``rows``."""
@@ -88,7 +88,7 @@ def gradient_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch
     return out
 
 
-def gradient_profile(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+def gradient_profile(model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
                      labels: torch.Tensor, classes: Sequence[int], *, batch_size: int = 64,
                      dist: DistContext | None = None) -> GradientProfile:
     """FRAT's per-class gradient sums for every layer in ``layers`` (see the module doc).
@@ -102,14 +102,15 @@ def gradient_profile(model: nn.Module, layers: dict[str, nn.Module], images: tor
     dist = dist or SINGLE
     rounds = ProfilePass(labels, classes, batch_size=batch_size, dist=dist)
     classes, rows = rounds.classes, rounds.rows
-    widths = {n: (m.in_features if isinstance(m, nn.Linear) else m.in_channels)
+    # the profiled layers are convs and linears
+    widths = {n: (m.in_features if isinstance(m, nn.Linear) else cast(nn.Conv2d, m).in_channels)
               for n, m in layers.items()}
     total = sum(widths.values())
     totals = {n: torch.zeros((len(classes), w), dtype=torch.float64)
               for n, w in widths.items()}
     t0 = time.perf_counter()
     for rnd in rounds.rounds():
-        mine = []
+        mine: list[torch.Tensor] = []
         if rnd.mine is not None:
             a, b = rnd.mine
             present = rnd.present[rnd.rank]
@@ -120,11 +121,11 @@ def gradient_profile(model: nn.Module, layers: dict[str, nn.Module], images: tor
                     for n in layers]
             mine.append(torch.cat(flat, 1).reshape(-1))
         sizes = [len(p) * total for p in rnd.present]
-        for p, flat in zip(rnd.present, gather_chunks(mine, sizes, dist)):
-            flat = flat.view(len(p), total)
+        for p, gathered in zip(rnd.present, gather_chunks(mine, sizes, dist)):
+            rows_p = gathered.view(len(p), total)
             offset = 0
             for n in layers:
-                totals[n].index_add_(0, p, flat[:, offset:offset + widths[n]])
+                totals[n].index_add_(0, p, rows_p[:, offset:offset + widths[n]])
                 offset += widths[n]
     seconds = time.perf_counter() - t0
     return GradientProfile(classes, totals, rounds.samples(), seconds)

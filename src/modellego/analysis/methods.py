@@ -17,7 +17,7 @@ v1 (gradients of the predicted-class probability, :mod:`modellego.analysis.frat`
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ class Method:
         """The thresholds actually used for ``base`` (a method may pin some fields)."""
         return base
 
-    def profile(self, model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+    def profile(self, model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
                 labels: torch.Tensor, classes: Sequence[int], *, batch_size: int,
                 dist: DistContext | None) -> Profile:
         """The per-class statistics locating reads, from the selected samples."""

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -153,7 +153,7 @@ class ContributionProfile:
 ChunkEmit = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def profile_chunk(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+def profile_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
                   rows: torch.Tensor, emit: ChunkEmit) -> None:
     """One forward pass of ``images`` (one chunk); ``emit`` receives each layer call's sums.
 
@@ -199,7 +199,7 @@ class ClassSums:
         self.totals[name].index_add_(0, rows.to(sums.device), sums)
 
 
-def contribution_profile(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+def contribution_profile(model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
                          labels: torch.Tensor, classes: Sequence[int], *,
                          batch_size: int = 64,
                          dist: DistContext | None = None) -> ContributionProfile:
@@ -225,7 +225,8 @@ def contribution_profile(model: nn.Module, layers: dict[str, nn.Module], images:
     t0 = time.perf_counter()
     for rnd in rounds.rounds():
         if not dist.distributed:  # fold each layer call as it comes: no buffers
-            start, stop = rnd.mine
+            # a single process computes the one chunk of every round
+            start, stop = cast("tuple[int, int]", rnd.mine)
             profile_chunk(model, layers, images[start:stop], rows[start:stop], sums.add)
             continue
         calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -246,7 +247,7 @@ def _collector(calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> Chu
 
 
 def _exchange_round(calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-                    present: list[torch.Tensor], layers: dict[str, nn.Module],
+                    present: list[torch.Tensor], layers: Mapping[str, nn.Module],
                     sums: ClassSums, dist: DistContext) -> None:
     """Gather one round's chunk results layer by layer and fold them in chunk order.
 
@@ -262,7 +263,8 @@ def _exchange_round(calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
         n_calls = max(int(c[li]) for c in all_counts)
         if n_calls == 0:
             continue
-        q, p = layers[name].weight.shape[:2]
+        # profiled layers are convs and linears: their weight is a tensor
+        q, p = cast(torch.Tensor, layers[name].weight).shape[:2]
         buf = torch.zeros((n_calls, width, q, p), dtype=torch.float64)
         for ci, (s, m) in enumerate(calls.pop(name, ())):
             buf[ci, 0] = m

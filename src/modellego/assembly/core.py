@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -169,6 +169,9 @@ def _structure(parts: list[dict[str, Any]], nets: list[nn.Module], config: Assem
                contract: Sequence[int], columns: list[list[int]],
                taps: list[list[str]] | None, spec: dict[str, Any] | None, *,
                weights: bool) -> AssembledModel:
+    if config.scaling is None:  # assemble() resolves it; a manifest records it resolved
+        raise ModelLegoError("unknown scaling None; use one of "
+                             f"{', '.join(SCALING_REGISTRY.names())}")
     scaling = get_scaling(config.scaling)
     adapters = [InputAdapter(contract, p["input"]) for p in parts]
     body = get_layout(config.layout).body(adapters, nets, parts, taps, spec, weights=weights)
@@ -208,10 +211,12 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         k = next(i for i, c in enumerate(columns) if not c)
         raise ModelLegoError(f"part {k} has no outputs left after --on-duplicate replace; "
                              "drop it from the assembly")
-    if config.scaling is None:  # recorded resolved, as if it had been given
-        config = replace(config, scaling=default_scaling(parts))
+    scaling_name = config.scaling
+    if scaling_name is None:  # recorded resolved, as if it had been given
+        scaling_name = default_scaling(parts)
+        config = replace(config, scaling=scaling_name)
         config.validate()
-    layout, scaling = get_layout(config.layout), get_scaling(config.scaling)
+    layout, scaling = get_layout(config.layout), get_scaling(scaling_name)
     layout.check_parts(parts)
     scaling.check_parts(parts)
     contract = contract_shape([p["input"] for p in parts])
@@ -232,6 +237,8 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
     if not layout.body_is_parts:
         per_class = _parts_base(nets, {"parts": parts, "labels": labels}, data_dir)
         base = {"per_class": per_class, "measured_on": "each component alone, test split"}
+    # every layout's body keeps the parts' input adapters in a ModuleList ``adapters``
+    adapters = cast("Sequence[InputAdapter]", model.body.adapters)
     manifest = {
         "kind": "assembly",
         "layout": config.layout,
@@ -245,7 +252,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         "class_names": [f"{lab['dataset']}:{lab['name']}" for lab in labels],
         "input": {"shape": list(contract), "mean": [0.0] * contract[0],
                   "std": [1.0] * contract[0], "range": "[0, 1]",
-                  "adapters": [a.describe() for a in model.body.adapters]},
+                  "adapters": [a.describe() for a in adapters]},
         "provenance": {"made_by": "modellego assemble", "command": command,
                        "config": {k: v for k, v in config.__dict__.items()},
                        "calibration": calib, "modellego_version": __version__},
@@ -253,7 +260,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
     return model, manifest
 
 
-def build_assembly(manifest: dict[str, Any]) -> nn.Module:
+def build_assembly(manifest: Mapping[str, Any]) -> nn.Module:
     parts = [dict(p) for p in manifest["parts"]]
     nets = [build_from_manifest(p).eval() for p in parts]
     for p in parts:
@@ -291,7 +298,8 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
     One pass: each part's raw logits give Base, the combined logits give the accuracy.
     """
     x, y = union_test_set(manifest, data_dir=data_dir)
-    preds, part_preds = [], [[] for _ in manifest["parts"]]
+    preds: list[torch.Tensor] = []
+    part_preds: list[list[torch.Tensor]] = [[] for _ in manifest["parts"]]
     with preserved_state(model), torch.inference_mode():
         model.eval()
         for i in range(0, len(x), batch_size):

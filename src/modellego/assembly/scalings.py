@@ -34,9 +34,15 @@ class AssembledModel(Protocol):
     (:class:`modellego.assembly.core.AssembledModel`): its body's adapters and parts, its
     routers, which parts carry a head, each part's kept columns and ``scale{k}`` buffers."""
 
-    body: Any
-    routers: nn.ModuleList
-    heads: Sequence[bool]
+    # read-only members: a scaling reads them (and sets buffers on them), never rebinds them
+    @property
+    def body(self) -> Any: ...
+
+    @property
+    def routers(self) -> nn.ModuleList: ...
+
+    @property
+    def heads(self) -> Sequence[bool]: ...
 
     def part_columns(self, k: int) -> torch.Tensor: ...
 
@@ -44,7 +50,8 @@ class AssembledModel(Protocol):
 class AssemblyConfig(Protocol):
     """The settings a scaling's fit reads (:class:`modellego.assembly.AssemblyConfig`)."""
 
-    seed: int
+    @property
+    def seed(self) -> int: ...  # read-only: the config is a frozen dataclass
 
 #: per part: its (logits or concern scores, tapped features)
 PartOutputs = list[tuple[torch.Tensor, list[torch.Tensor]]]

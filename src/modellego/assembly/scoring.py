@@ -65,6 +65,12 @@ class FeatureTap(nn.Module):
 class Router(nn.Module):
     """Per part: Mahalanobis scores at tapped layers + log-sum-exp -> one routing score."""
 
+    # buffers registered in __init__ (``means{i}``/``precision{i}`` are read by name)
+    z_mean: torch.Tensor
+    z_std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, dims: Sequence[int], num_classes: int) -> None:
         super().__init__()
         self.num_layers = len(dims)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -25,14 +26,19 @@ def _slice_conv(conv: nn.Conv2d, out: tuple[int, ...], inp: tuple[int, ...]) -> 
             raise PlanError("a grouped conv cannot be pruned; the plan must keep all its channels")
         return conv
     groups = len(out) if depthwise else 1
-    new = nn.Conv2d(len(inp), len(out), conv.kernel_size, stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation, groups=groups,
+    # _ConvNd types these as tuple[int, ...]; a Conv2d always holds 2-tuples
+    pair = tuple[int, int]
+    new = nn.Conv2d(len(inp), len(out), cast(pair, conv.kernel_size),
+                    stride=cast(pair, conv.stride),
+                    padding=cast("str | tuple[int, int]", conv.padding),
+                    dilation=cast(pair, conv.dilation), groups=groups,
                     bias=conv.bias is not None, padding_mode=conv.padding_mode)
     with torch.no_grad():
         w = conv.weight[_idx(out)]
         new.weight.copy_(w if depthwise else w[:, _idx(inp)])
         if conv.bias is not None:
-            new.bias.copy_(conv.bias[_idx(out)])
+            # built with bias=True just above, so the new conv has one too
+            cast(torch.Tensor, new.bias).copy_(conv.bias[_idx(out)])
     return new
 
 
@@ -54,9 +60,12 @@ def _slice_bn(bn: nn.BatchNorm2d, out: tuple[int, ...]) -> nn.BatchNorm2d:
             new.weight.copy_(bn.weight[idx])
             new.bias.copy_(bn.bias[idx])
         if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean[idx])
-            new.running_var.copy_(bn.running_var[idx])
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+            # BatchNorm registers these buffers exactly when track_running_stats is set
+            # (both modules have it), so neither side is None here
+            cast(torch.Tensor, new.running_mean).copy_(cast(torch.Tensor, bn.running_mean)[idx])
+            cast(torch.Tensor, new.running_var).copy_(cast(torch.Tensor, bn.running_var)[idx])
+            cast(torch.Tensor, new.num_batches_tracked).copy_(
+                cast(torch.Tensor, bn.num_batches_tracked))
     return new
 
 
@@ -73,6 +82,7 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
         if mod is None:
             raise PlanError(f"plan names layer {name!r}, which the model does not have")
         try:
+            repl: nn.Module
             if isinstance(mod, nn.Conv2d):
                 repl = _slice_conv(mod, spec["out"], spec["in"])
             elif isinstance(mod, nn.Linear):
@@ -91,7 +101,7 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
     return new
 
 
-def build_component(manifest: dict[str, Any]) -> nn.Module:
+def build_component(manifest: Mapping[str, Any]) -> nn.Module:
     source = dict(manifest)
     source["kind"] = "model"
     if "plan" not in manifest:
