@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 CPU lies on this machine's disk; elsewhere pip fetches a build from PyPI.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench data clean
+.PHONY: demo test lint typecheck bench data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(VENV)/.installed data
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed data
 	$(PY) benchmarks/disassembly.py

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -217,6 +217,7 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
     n_out = graph.space_size[graph.output_space]
     source_flops, source_params = count_flops(model, input_shape), count_params(model)
     built: dict[int, tuple[ComponentPlan, nn.Module, Trial]] = {}
+    measured: dict[int, dict[str, float]] = {}
 
     def build(i: int) -> tuple[ComponentPlan, nn.Module, Trial]:
         """The model after the first ``i`` removals."""
@@ -228,32 +229,41 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
             small = apply_plan(model, plan).eval()
             if finish is not None:
                 finish(small)
-            trial = Trial({"removed": i, "fraction": float(order[i - 1][0]) if i else 0.0},
-                          {"flops_ratio": count_flops(small, input_shape) / source_flops,
-                           "params_ratio": count_params(small) / source_params},
-                          accuracy_of(small) if min_accuracy is not None else None)
-            built[i] = plan, small, trial
+            ratios = {"flops_ratio": count_flops(small, input_shape) / source_flops,
+                      "params_ratio": count_params(small) / source_params}
+            accuracy = accuracy_of(small) if accuracy_of is not None and \
+                min_accuracy is not None else None
+            measured[i] = {**ratios, "val_accuracy": accuracy if accuracy is not None else 0.0}
+            built[i] = plan, small, Trial(
+                {"removed": i, "fraction": float(order[i - 1][0]) if i else 0.0}, ratios,
+                accuracy)
         return built[i]
+
+    def measure(j: int, key: str) -> float:
+        build(j)
+        return measured[j][key]
 
     n = len(order) + 1
     if min_accuracy is not None:
-        i = max(0, first_passing(n, lambda j: build(j)[2].accuracy < min_accuracy) - 1)
+        floor = min_accuracy
+        i = max(0, first_passing(n, lambda j: measure(j, "val_accuracy") < floor) - 1)
     else:
         key, target = (("flops_ratio", target_flops) if target_flops is not None
                        else ("params_ratio", target_params))
-        i = first_passing(n, lambda j: build(j)[2].ratios[key] <= target)
+        goal = cast(float, target)  # exactly one target was given: checked above
+        i = first_passing(n, lambda j: measure(j, key) <= goal)
         if i == n:
-            least = build(n - 1)[2].ratios[key]
+            least = measure(n - 1, key)
             what = "FLOPs" if key == "flops_ratio" else "parameters"
             raise ModelLegoError(
                 f"{criterion}: even one channel per prunable layer keeps {100 * least:.1f} % "
-                f"of the {what}, above the target {100 * target:.1f} %; frozen layers (on the "
+                f"of the {what}, above the target {100 * goal:.1f} %; frozen layers (on the "
                 "image input, grouped convs) and the logits cannot be pruned; choose a larger "
                 "target")
     plan, small, trial = build(i)
     trials = tuple(t.to_dict() for _, (_, _, t) in sorted(built.items()))
     return UniformPruning(small, plan, graph, criterion, trial.candidate["fraction"],
-                          trial.ratios["flops_ratio"], trial.ratios["params_ratio"], trials)
+                          measure(i, "flops_ratio"), measure(i, "params_ratio"), trials)
 
 
 # --------------------------------------------------------------------------- any criterion

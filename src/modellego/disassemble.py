@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import nn
@@ -12,8 +12,13 @@ from .analysis.distributed import DistContext
 from .analysis.locate import LocateConfig, profiled_layers
 from .analysis.methods import METHODS as METHOD_REGISTRY
 from .analysis.methods import Profile, get_method
-from .analysis.profile import SampleSelection, contribution_profile, select_samples  # noqa: F401
-from .analysis.search import refine, search
+from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile here)
+    ContributionProfile,
+    SampleSelection,
+    contribution_profile,
+    select_samples,
+)
+from .analysis.search import Trial, refine, search
 from .errors import ModelLegoError
 from .metrics import (
     accuracy_from_logits,
@@ -73,9 +78,14 @@ class DisassemblyConfig:
             object.__setattr__(self, "locate", get_method(self.method).default_locate()
                                if self.method in METHOD_REGISTRY else LocateConfig())
 
+    @property
+    def thresholds(self) -> LocateConfig:
+        """``locate``, which ``__post_init__`` has filled in with the method's defaults."""
+        return cast(LocateConfig, self.locate)
+
     def validate(self) -> None:
         get_method(self.method).check(self.compensate, self.refine)
-        self.locate.validate()
+        self.thresholds.validate()
         if self.samples_per_class < 1:
             raise ModelLegoError(f"`samples_per_class` must be >= 1, got "
                                  f"{self.samples_per_class}")
@@ -102,7 +112,7 @@ class DisassemblyConfig:
 
     def to_dict(self) -> dict:
         return {"classes": list(self.classes), "samples_per_class": self.samples_per_class,
-                "locate": self.locate.to_dict(), "batch_size": self.batch_size,
+                "locate": self.thresholds.to_dict(), "batch_size": self.batch_size,
                 "compensate": self.compensate, "max_accuracy_drop": self.max_accuracy_drop,
                 "target_flops": self.target_flops, "target_params": self.target_params,
                 "refine": self.refine, "recalibrate_bn": self.recalibrate_bn,
@@ -138,7 +148,7 @@ class Component:
 def kept_channels(graph: ChannelGraph, plan: ComponentPlan) -> dict[str, list[int]]:
     """Per conv/linear layer of ``graph``: ``[outputs kept by plan, total outputs]``."""
     return {lay.name: [len(plan.kept(lay.name)),
-                       lay.module.out_channels if lay.kind == "conv"
+                       lay.module.out_channels if isinstance(lay.module, nn.Conv2d)
                        else lay.module.out_features]
             for lay in graph.layers}
 
@@ -183,7 +193,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     input_shape = tuple(images.shape[1:])
     method = get_method(config.method)
     correct_only = method.correct_only
-    base = method.prepare(config.locate)
+    base = method.prepare(config.thresholds)
     hint = method.hint
 
     def check_graph(g: ChannelGraph, what: str) -> None:
@@ -224,13 +234,14 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         masks = method.locate(graph, profile, classes, output_classes, cfg)
         plan = plan_from_masks(graph, masks, out_idx, hint=hint)
         comp = method.finish(apply_plan(model, plan), classes).eval()
-        if config.compensate:
-            compensate_removed_inputs(comp, plan, profile.means, bn_after)
-        if config.recalibrate_bn:
+        if config.compensate:  # the methods that allow it profile contributions
+            compensate_removed_inputs(comp, plan, cast(ContributionProfile, profile).means,
+                                      bn_after)
+        if calibration_images is not None and config.recalibrate_bn:
             recalibrate_batchnorm(comp, calibration_images)
         return plan, comp
 
-    chosen, trials = base, []
+    chosen, trials = base, cast(list[Trial], [])
     if config.max_accuracy_drop is not None or config.target_flops is not None \
             or config.target_params is not None:
         source_flops = count_flops(model, input_shape)
@@ -263,7 +274,8 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
         chosen, trials = search(method.candidates(base), cost_of, accuracy_of,
                                 min_accuracy=min_acc, max_flops_ratio=target, cost=cost)
-        if config.refine:
+        if config.refine and min_acc is not None and accuracy_of is not None:
+            # (refine needs the accuracy budget: validate() checked it is given)
             # the layers whose inputs cost most in the component found so far
             macs = macs_by_layer(build(chosen)[1], input_shape)
             kinds = {lay.name: lay.kind for lay in profiled_layers(graph)}
