@@ -36,6 +36,11 @@ def make_model(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
     return randomize_bn(create_model(name, **opts), seed + 1).eval()
 
 
+def in_width(layer) -> int:
+    """The number of input features a layer's input layout describes."""
+    return sum(seg.size * seg.repeat for seg in layer.in_layout)
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -250,7 +255,7 @@ def test_googlenet_concat_segments(zoo):
         assert seg.space == writer.out_space
         assert seg.size == writer.module.out_channels
         assert seg.repeat == 1
-    assert fc.in_features == last.out_channels == fc.module.in_features
+    assert in_width(fc) == last.out_channels == fc.module.in_features
     # the next block's four readers all see the four segments of the previous block
     first_block = graph.layer("blocks.1.branch1.0").in_layout
     assert [s.space for s in first_block] == \
@@ -270,13 +275,13 @@ def test_vgg16_flatten_repeat_at_28_and_64():
     (seg,) = lin.in_layout
     assert seg.repeat == 4  # 2 x 2 spatial positions per channel
     assert seg.space == g64.layers[12].out_space  # the last conv writes the flattened map
-    assert lin.in_features == lin.module.in_features == seg.size * 4
+    assert in_width(lin) == lin.module.in_features == seg.size * 4
     # a channel dropped before the flatten removes its 4 consecutive features
     masks = {s: torch.ones(g64.space_size[s], dtype=torch.bool) for s in g64.spaces()}
     masks[seg.space][1] = False
     plan = plan_from_masks(g64, masks, range(10))
     kept = set(plan.kept(lin.name, "in"))
-    assert kept == set(range(lin.in_features)) - {4, 5, 6, 7}
+    assert kept == set(range(in_width(lin))) - {4, 5, 6, 7}
     x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     comp = run(apply_plan(m64, plan).eval(), x)
     assert (comp - masked_source_logits(m64, g64, plan, x)).abs().max().item() <= TOL

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Sequence, cast
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ModelLegoError
@@ -124,26 +121,6 @@ class ContributionProfile:
 
     def for_class(self, layer: str, c: int) -> torch.Tensor:
         return self.layers[layer][self.classes.index(c)]
-
-    def save(self, path: str | Path) -> None:
-        meta = {"classes": list(self.classes), "samples": {str(k): v for k, v in
-                                                           self.samples.items()},
-                "seconds": self.seconds}
-        tensors = {f"S.{k}": v.contiguous() for k, v in self.layers.items()}
-        tensors.update({f"mean.{k}": v.contiguous() for k, v in self.means.items()})
-        save_file(tensors, str(path), metadata={"modellego.profile": json.dumps(meta)})
-
-    @classmethod
-    def load(cls, path: str | Path) -> ContributionProfile:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as fh:
-            meta = json.loads(fh.metadata()["modellego.profile"])
-        tensors = load_file(str(path))
-        layers = {k[2:]: v for k, v in tensors.items() if k.startswith("S.")}
-        means = {k[5:]: v for k, v in tensors.items() if k.startswith("mean.")}
-        return cls(tuple(meta["classes"]), layers,
-                   {int(k): v for k, v in meta["samples"].items()}, meta["seconds"], means)
 
 
 #: ``emit(layer, rows, sums, mean)``: one call of a profiled layer on one chunk; ``rows`` are

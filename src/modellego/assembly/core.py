@@ -85,7 +85,7 @@ def label_map(parts: Sequence[dict[str, Any]], on_duplicate: str
     return labels, columns
 
 
-def tap_layers(net: nn.Module, input_shape: Sequence[int], max_taps: int) -> list[str]:
+def tap_layers(net: nn.Module, max_taps: int) -> list[str]:
     """Up to ``max_taps`` conv/linear layers spread over the depth, always with the last one."""
     names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if len(names) <= max_taps:
@@ -222,8 +222,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
     contract = contract_shape([p["input"] for p in parts])
     taps = None
     if scaling.needs_features:
-        taps = [tap_layers(n, p["input"]["shape"], config.max_taps) for n, p in
-                zip(nets, parts)]
+        taps = [tap_layers(n, config.max_taps) for n in nets]
     spec = layout.spec(parts)
     model = _structure(parts, nets, config, contract, columns, taps, spec, weights=True).eval()
     if not scaling.calibrates:  # nothing to calibrate: no training images needed

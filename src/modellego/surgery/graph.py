@@ -71,10 +71,6 @@ class Layer:
     frozen: bool = False           # grouped conv: its channels are never pruned
     bn_after: str | None = None    # the BatchNorm that alone reads this conv's output
 
-    @property
-    def in_features(self) -> int:
-        return sum(s.size * s.repeat for s in self.in_layout)
-
 
 @dataclass
 class ChannelGraph:
