@@ -31,7 +31,7 @@ from torch import nn
 from ..surgery.graph import ChannelGraph
 from .distributed import SINGLE, DistContext, gather_chunks
 from .hooks import forward_pre_hooks, preserved_state
-from .locate import LocateConfig, profiled_layers
+from .locate import LocateConfig, profiled_layers, union_of_class_masks
 from .passes import ProfilePass
 
 
@@ -147,10 +147,5 @@ def active_locate(graph: ChannelGraph, profile: ActivityProfile, classes: Sequen
                   config: LocateConfig) -> dict[int, torch.Tensor]:
     """The task's keep-mask of every space: the OR of its classes' active channels."""
     config.validate()
-    total = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
-    for c in classes:
-        for s, m in active_class_masks(graph, profile, c, config).items():
-            total[s] |= m
-    for s in graph.frozen_spaces:
-        total[s][:] = True
-    return total
+    return union_of_class_masks(graph, classes,
+                                lambda c: active_class_masks(graph, profile, c, config))

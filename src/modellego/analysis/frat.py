@@ -33,7 +33,7 @@ from ..errors import UnsupportedModelError
 from ..surgery.graph import ChannelGraph, Layer
 from .distributed import SINGLE, DistContext, gather_chunks
 from .hooks import forward_pre_hooks, preserved_state
-from .locate import LocateConfig, profiled_layers
+from .locate import LocateConfig, profiled_layers, union_of_class_masks
 from .passes import ProfilePass
 
 
@@ -170,10 +170,5 @@ def frat_locate(graph: ChannelGraph, profile: GradientProfile, classes: Sequence
                 config: LocateConfig) -> dict[int, torch.Tensor]:
     """The task's keep-mask of every space: the OR of its classes' critical channels."""
     config.validate()
-    total = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
-    for c in classes:
-        for s, m in frat_class_masks(graph, profile, c, config).items():
-            total[s] |= m
-    for s in graph.frozen_spaces:
-        total[s][:] = True
-    return total
+    return union_of_class_masks(graph, classes,
+                                lambda c: frat_class_masks(graph, profile, c, config))

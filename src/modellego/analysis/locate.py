@@ -23,7 +23,7 @@ walk repeats until no mask grows (a fixed point); masks only ever grow, so it en
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -151,6 +151,20 @@ def locate(graph: ChannelGraph, profile: ContributionProfile, classes: Sequence[
         masks = locate_class(graph, profile, output_classes.index(c), c, config)
         for s in total:
             total[s] |= masks[s]
+    for s in graph.frozen_spaces:
+        total[s][:] = True
+    return total
+
+
+def union_of_class_masks(graph: ChannelGraph, classes: Sequence[int],
+                         class_masks: Callable[[int], dict[int, torch.Tensor]]
+                         ) -> dict[int, torch.Tensor]:
+    """The task's keep-mask of every space: the OR over ``classes`` of ``class_masks(c)``,
+    with frozen spaces (image input, grouped convs) kept whole."""
+    total = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    for c in classes:
+        for s, m in class_masks(c).items():
+            total[s] |= m
     for s in graph.frozen_spaces:
         total[s][:] = True
     return total
