@@ -78,3 +78,15 @@ def masked_source_logits(model: nn.Module, graph: ChannelGraph, plan: ComponentP
     finally:
         for h in handles:
             h.remove()
+
+
+class TwoLayer(nn.Module):
+    """conv(1->6, 3x3) -> ReLU -> global mean -> linear(6->4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))

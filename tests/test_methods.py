@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import masked_source_logits, randomize_bn, run, run_cli
+from helpers import TwoLayer, masked_source_logits, randomize_bn, run, run_cli
 from modellego.analysis.frat import frat_locate, gradient_profile
 from modellego.analysis.locate import LocateConfig, locate, profiled_layers
 from modellego.analysis.methods import candidates, get_method
@@ -127,18 +127,6 @@ def test_2022_selection_skips_misclassified_samples():
     with pytest.raises(ModelLegoError, match="class 0: none of its 2 training samples"):
         disassemble_model(model, x, y_bad, classes=(0, 1), output_classes=range(3),
                           config=DisassemblyConfig((0, 1), method="contribution-2022"))
-
-
-class TwoLayer(nn.Module):
-    """conv(1->6, 3x3) -> ReLU -> global mean -> linear(6->4)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 def test_2022_keeps_the_inputs_above_alpha_of_the_max():

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from helpers import masked_source_logits, randomize_bn, run, run_cli
+from helpers import TwoLayer, masked_source_logits, randomize_bn, run, run_cli
 from modellego.analysis.activity import activity_profile
 from modellego.analysis.frat import gradient_profile
 from modellego.analysis.methods import METHODS as METHOD_REGISTRY
@@ -112,18 +111,6 @@ def test_a_label_outside_the_profiled_classes_is_one_line_error(profile):
 
 
 # --------------------------------------------------------------------------- the module
-
-
-class TwoLayer(nn.Module):
-    """conv(1->6, 3x3) -> ReLU -> global mean -> linear(6->4)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 @pytest.fixture(scope="module")
