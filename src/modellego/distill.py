@@ -24,8 +24,8 @@ from .errors import ModelLegoError
 from .evaluate import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from .models import create_model, list_models
+from .provenance import provenance, require_single, source_record
 from .train import augmentation, base_manifest, check_classes, fit, task_split
-from .workflows.common import provenance, require_single, source_record
 
 
 @dataclass(frozen=True)

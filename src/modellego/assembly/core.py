@@ -17,6 +17,7 @@ from ..errors import ModelLegoError
 from ..files import load_model
 from ..kinds import build_from_manifest
 from ..metrics import count_flops, count_params, predict_logits
+from ..provenance import require_single
 from .adapters import InputAdapter, contract_shape, convert_images
 from .layouts import LAYOUT_REGISTRY, ParallelBody, get_layout
 from .scalings import SCALING_REGISTRY, default_scaling, get_scaling
@@ -199,9 +200,8 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         else:
             net, man = src
             path = None
-        if man.get("kind") not in ("model", "component"):
-            raise ModelLegoError(f"{path or 'part'}: only models and components can be "
-                                 f"assembled, not a {man.get('kind')!r}")
+        require_single(man, "assemble", where=path or "part",
+                       hint="; assemble its parts instead")
         part = _part_manifest(man, path)
         part["_num_outputs"] = len(man["classes"])
         nets.append(net.eval())

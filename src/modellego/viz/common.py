@@ -86,7 +86,8 @@ def task_images(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     """Normalised training images and labels of ``classes`` of the model ``manifest``
     describes, with the same checks as disassembly. Returns
     ``(images, labels, classes, class names)``; ``classes=None`` means all of the model's."""
-    from ..workflows.common import check_own_dataset, require_single, task_data
+    from ..provenance import require_single
+    from ..workflows.common import check_own_dataset, task_data
 
     require_single(manifest, "analyse", hint="; analyse its parts one by one")
     check_own_dataset(manifest, dataset, data_dir)

@@ -6,7 +6,8 @@ Layers (each imports only those to its left): ``errors`` -> ``data``, ``models``
 ``compress_model``, ``assembly``) -> ``workflows`` -> ``cli``.
 """
 
-from .common import require_single, sample_calibration_images, source_record, task_data
+from ..provenance import require_single, source_record
+from .common import sample_calibration_images, task_data
 from .compress import compress
 from .disassemble import component_report, disassemble
 from .reports import format_assembly, format_compress_report, format_report

@@ -7,45 +7,14 @@ component cut from a source.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .._version import __version__
 from ..data import Split, dataset_info, load_split, normalize
 from ..errors import ModelLegoError
 from ..evaluate import check_dataset_matches
-from ..io import file_sha256
 from ..train import base_manifest, check_classes
-
-#: the kinds of file that are one network with its own classes (not an assembly of parts)
-SINGLE_KINDS = ("model", "component")
-
-
-def require_single(manifest: dict[str, Any], verb: str, *, where: str = "",
-                   hint: str = "") -> None:
-    """Refuse a file that is not a single model or component: ``verb`` says what was to be
-    done with it (``"disassemble"``), ``where`` names the file, ``hint`` what to do instead."""
-    kind = manifest.get("kind", "model")
-    if kind not in SINGLE_KINDS:
-        prefix = f"{where}: " if where else ""
-        raise ModelLegoError(f"{prefix}can only {verb} a model or a component file, not a "
-                             f"{kind!r}{hint}")
-
-
-def source_record(manifest: dict[str, Any], path: str | Path | None) -> dict[str, Any]:
-    """Where a new file came from: the source file, its SHA-256, kind and classes."""
-    return {"file": str(path) if path else None,
-            "sha256": file_sha256(path) if path else None,
-            "kind": manifest.get("kind"), "classes": [int(c) for c in manifest["classes"]]}
-
-
-def provenance(made_by: str, command: str | None, **fields: Any) -> dict[str, Any]:
-    """A provenance record: which verb made the file, with which command line, by which
-    version of modellego, plus the verb's own ``fields``."""
-    return {"made_by": made_by, "command": command, **fields,
-            "modellego_version": __version__}
 
 
 def component_manifest(info: Any, classes: Sequence[int], source: dict[str, Any],

@@ -12,14 +12,8 @@ from ..compress import CompressConfig, compress_model, get_criterion
 from ..data import dataset_info
 from ..disassemble import kept_channels
 from ..evaluate import check_dataset_matches
-from .common import (
-    component_manifest,
-    provenance,
-    require_single,
-    source_record,
-    split_images,
-    task_data,
-)
+from ..provenance import provenance, require_single, source_record
+from .common import component_manifest, split_images, task_data
 from .disassemble import component_report
 
 

@@ -11,14 +11,8 @@ from torch import nn
 from ..analysis.distributed import DistContext
 from ..disassemble import Component, DisassemblyConfig, disassemble_model
 from ..metrics import accuracy_from_logits, count_flops, count_params, predict_logits
-from .common import (
-    component_manifest,
-    provenance,
-    require_single,
-    source_record,
-    split_images,
-    task_data,
-)
+from ..provenance import provenance, require_single, source_record
+from .common import component_manifest, split_images, task_data
 
 
 def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
