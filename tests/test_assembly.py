@@ -333,6 +333,7 @@ def noise() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(40, 1, 28, 28, generator=gen), torch.arange(40) % 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padded_equals_parallel_for_components(arch, part_a, noise):
     x, y = noise

@@ -192,6 +192,7 @@ def test_removal_order_is_uniform_up_to_one_channel():
 # --------------------------------------------------------------------------- every architecture
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["l1", "fpgm"])
 @pytest.mark.parametrize("arch", list_models())
 def test_uniform_pruning_meets_the_flops_target(arch, criterion, noise):
@@ -244,6 +245,7 @@ def _removed(graph, plan: ComponentPlan) -> int:
     return sum(graph.space_size[s] - kept[s] for s in prunable_spaces(graph))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list_models())
 def test_contribution_compression_meets_the_flops_target(arch, noise):
     x, y = noise
@@ -435,6 +437,7 @@ def test_cli_compressed_file_can_be_disassembled_and_compressed_again(simnet_fil
     assert read_manifest(comp)["classes"] == [0, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list_models())
 def test_cli_on_every_architecture(arch, tmp_path):
     path = model_file(tmp_path, arch)

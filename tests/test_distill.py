@@ -146,6 +146,7 @@ def test_a_component_teacher_gives_its_task_classes(teacher_file: Path) -> None:
 # --------------------------------------------------------------------------- command line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list_models())
 def test_cli_distils_into_every_architecture(arch: str, teacher_file: Path,
                                              tmp_path: Path) -> None:

@@ -187,6 +187,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_write_the_single_process_bytes(tmp_path: Path):
     from modellego.files import save_model
     from modellego.train import TrainConfig, train

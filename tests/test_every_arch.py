@@ -36,6 +36,7 @@ def _ok(argv: list) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_every_command(trained, tmp_path: Path) -> None:
     arch, model_path = trained
     manifest = read_manifest(model_path)

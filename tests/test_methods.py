@@ -374,6 +374,7 @@ def noise() -> torch.Tensor:
 LOGIT_METHODS = tuple(m for m in METHODS if get_method(m).head is None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", LOGIT_METHODS)
 @pytest.mark.parametrize("arch", list_models())
 def test_every_architecture_disassembles_with_every_method(arch, method, noise):

@@ -141,6 +141,7 @@ def test_cli_refuses_crafted_pickles(kind: str, command: str, good: dict[str, Pa
     assert list(outdir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_crafted_pickle_in_a_real_process(tmp_path: Path) -> None:
     """The installed entry point (``python -m modellego``) exits 2 without running the payload."""
     marker = tmp_path / "marker"
