@@ -33,7 +33,7 @@ from modellego.data import load_split
 from modellego.files import load_model, save_model
 from modellego.metrics import count_flops, count_params, predict_logits
 from modellego.models import create_model
-from modellego.train import fit
+from modellego.training import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 CK = ROOT / "checkpoints"

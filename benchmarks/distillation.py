@@ -22,7 +22,7 @@ import torch
 
 from modellego import DisassemblyConfig, __version__, disassemble
 from modellego.analysis.locate import LocateConfig
-from modellego.distill import DistillConfig, distill, format_distill
+from modellego.distillation import DistillConfig, distill, format_distill
 from modellego.files import load_model
 
 ROOT = Path(__file__).resolve().parent.parent

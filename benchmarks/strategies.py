@@ -52,7 +52,7 @@ from modellego.analysis.locate import LocateConfig, profiled_layers
 from modellego.analysis.methods import get_method
 from modellego.analysis.profile import SampleSelection, select_samples
 from modellego.data import load_split, normalize
-from modellego.disassemble import DisassemblyConfig, disassemble_model
+from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.files import load_model
 from modellego.metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from modellego.surgery.graph import ChannelGraph, build_channel_graph

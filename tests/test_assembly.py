@@ -26,13 +26,13 @@ from modellego.assembly import (
 )
 from modellego.assembly.padded import PaddedBody
 from modellego.data import dataset_info, load_split, normalize
-from modellego.disassemble import DisassemblyConfig, disassemble_model
+from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
 from modellego.files import load_model, save_model
 from modellego.io import read_manifest
 from modellego.metrics import predict_logits
 from modellego.models import create_model
-from modellego.train import TrainConfig, train
+from modellego.training import TrainConfig, train
 
 A_CLASSES = (0, 1, 2, 3, 4)
 B_CLASSES = (5, 6, 7, 8, 9)

@@ -22,7 +22,7 @@ from helpers import run_cli
 from modellego.data import clear_cache, load_split
 from modellego.files import load_model, save_model
 from modellego.io import read_manifest
-from modellego.train import TrainConfig, train
+from modellego.training import TrainConfig, train
 
 
 def _assert_error(result: tuple[int, str, str], command: str, *words: str) -> str:

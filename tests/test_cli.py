@@ -17,7 +17,7 @@ from helpers import run_cli
 from modellego import __version__
 from modellego.cli import main, parse_classes
 from modellego.data import list_datasets, load_split, normalize
-from modellego.evaluate import evaluate
+from modellego.evaluation import evaluate
 from modellego.files import load_model
 from modellego.io import read_manifest
 from modellego.metrics import count_flops, count_params, predict_logits

@@ -11,7 +11,7 @@ from torch import nn
 
 from helpers import masked_source_logits, randomize_bn, run, run_cli
 from modellego.analysis.profile import select_samples
-from modellego.compress import (
+from modellego.compression import (
     CompressConfig,
     channel_scores,
     compress_model,
@@ -30,7 +30,7 @@ from modellego.models import create_model, list_models
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.plan import ComponentPlan, plan_from_masks
-from modellego.train import base_manifest
+from modellego.training import base_manifest
 
 TOL = 1e-5
 SHAPE = (1, 28, 28)

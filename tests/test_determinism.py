@@ -17,7 +17,7 @@ from helpers import run_cli
 from modellego.data import clear_cache
 from modellego.files import save_model
 from modellego.io import read_manifest
-from modellego.train import TrainConfig, train
+from modellego.training import TrainConfig, train
 
 
 def _twice(argv: list, out: str, root: Path) -> tuple[bytes, bytes]:

@@ -11,7 +11,7 @@ from torch import nn
 from helpers import masked_source_logits, randomize_bn, run
 from modellego.analysis.locate import LocateConfig
 from modellego.analysis.profile import select_samples
-from modellego.disassemble import Component, DisassemblyConfig, disassemble_model
+from modellego.disassembly import Component, DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError, PlanError
 from modellego.models import create_model, list_models
 
@@ -337,7 +337,7 @@ def test_every_architecture_disassembles(arch, rule, noise):
 
 def test_reuse_takes_the_selection_and_profile_of_an_earlier_component(
         component, trained, digits, monkeypatch):
-    mod = sys.modules["modellego.disassemble"]  # the module, not the function of that name
+    mod = sys.modules["modellego.disassembly"]  # the module, not the function of that name
 
     x, y = digits
 

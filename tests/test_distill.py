@@ -16,12 +16,12 @@ from helpers import run_cli
 from modellego import DisassemblyConfig, disassemble
 from modellego.assembly import AssemblyConfig, assemble
 from modellego.data import dataset_info, load_split
-from modellego.distill import DistillConfig, distill, kd_loss
+from modellego.distillation import DistillConfig, distill, kd_loss
 from modellego.errors import ModelLegoError
-from modellego.evaluate import evaluate
+from modellego.evaluation import evaluate
 from modellego.files import load_model, save_model
 from modellego.models import create_model, list_models
-from modellego.train import TrainConfig, base_manifest, train
+from modellego.training import TrainConfig, base_manifest, train
 
 CLASSES = (7, 3, 1)  # deliberately not sorted: the student must keep the teacher's order
 SEED = 3

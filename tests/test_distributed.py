@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-from modellego.analysis.distributed import SINGLE, DistContext, chunk_ranges, init_from_env
 from modellego.analysis.locate import profiled_layers
 from modellego.analysis.profile import (
     ClassSums,
@@ -25,6 +24,7 @@ from modellego.analysis.profile import (
 )
 from modellego.data import load_split
 from modellego.models import create_model
+from modellego.runtime.distributed import SINGLE, DistContext, chunk_ranges, init_from_env
 from modellego.surgery.graph import build_channel_graph
 
 TIMING = {"profile_seconds", "total_seconds"}
@@ -190,7 +190,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_write_the_single_process_bytes(tmp_path: Path):
     from modellego.files import save_model
-    from modellego.train import TrainConfig, train
+    from modellego.training import TrainConfig, train
 
     model, manifest = train(TrainConfig(arch="simnet", dataset="digits", epochs=2, width=0.25,
                                         batch_size=32), progress=False)

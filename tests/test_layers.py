@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import modellego
 
 SRC = Path(modellego.__file__).parent
@@ -80,6 +82,44 @@ def test_the_import_graph_sees_relative_and_function_level_imports():
 
 def test_no_import_cycle_between_files():
     assert find_cycle(import_graph()) is None
+
+
+#: the layers, top first: a module may import from its own layer and those above it (the
+#: README's Development section draws the same list)
+LAYERS = (
+    ("errors", "_version", "registry"),
+    ("data", "models", "runtime"),
+    ("manifest",),
+    ("io", "kinds"),
+    ("files", "provenance"),
+    ("surgery",),
+    ("metrics", "analysis"),
+    ("disassembly", "compression", "assembly", "training", "evaluation", "distillation"),
+    ("viz", "workflows"),
+    ("cli", "__main__"),
+)
+
+
+def layer_of(module: str) -> int:
+    name = module.split(".")[1] if "." in module else ""
+    for rank, names in enumerate(LAYERS):
+        if name in names:
+            return rank
+    raise AssertionError(f"{module} is in no layer of LAYERS; add it to the one it belongs to")
+
+
+def test_every_import_goes_up_the_layers():
+    graph = import_graph()
+    wrong = [f"{mod} -> {dep}" for mod, deps in sorted(graph.items()) if mod != "modellego"
+             for dep in sorted(deps) if dep != "modellego" and layer_of(dep) > layer_of(mod)]
+    assert wrong == []
+
+
+def test_layer_of_places_modules_and_refuses_strangers():
+    assert layer_of("modellego.surgery.graph") < layer_of("modellego.analysis.locate")
+    assert layer_of("modellego.runtime.hooks") < layer_of("modellego.surgery.recalibrate")
+    with pytest.raises(AssertionError, match="in no layer"):
+        layer_of("modellego.elsewhere")
 
 
 def test_public_api_is_all_of_it():

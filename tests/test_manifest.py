@@ -21,7 +21,7 @@ from helpers import run_cli
 from modellego import CompressConfig, DisassemblyConfig, compress, disassemble
 from modellego import assembly as assembly_module
 from modellego.assembly import AssemblyConfig, assemble
-from modellego.distill import DistillConfig, distill
+from modellego.distillation import DistillConfig, distill
 from modellego.errors import ModelFileError
 from modellego.files import LoadedModel, load_model, open_model, save_model
 from modellego.io import MAX_HEADER_BYTES, load_weights, read_manifest, save_weights
@@ -35,7 +35,7 @@ from modellego.manifest import (
     set_vocabulary,
     vocabulary,
 )
-from modellego.train import TrainConfig, train
+from modellego.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 V010 = ROOT / "tests" / "data" / "v0_1_0"

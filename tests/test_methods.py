@@ -18,7 +18,7 @@ from modellego.analysis.profile import contribution_profile, select_samples
 from modellego.analysis.search import FRAT_SCALES
 from modellego.cli import main
 from modellego.data import load_split, normalize
-from modellego.disassemble import METHODS, DisassemblyConfig, default_locate, disassemble_model
+from modellego.disassembly import METHODS, DisassemblyConfig, default_locate, disassemble_model
 from modellego.errors import ModelLegoError
 from modellego.files import load_model, save_model
 from modellego.io import read_manifest
@@ -26,7 +26,7 @@ from modellego.models import create_model, list_models
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.plan import plan_from_masks
-from modellego.train import TrainConfig, train
+from modellego.training import TrainConfig, train
 
 TASK = (3, 1)
 K = 20

@@ -1,4 +1,4 @@
-"""Tests for modellego.metrics and the clean-up guarantees of modellego.analysis.hooks."""
+"""Tests for modellego.metrics and the clean-up guarantees of modellego.runtime.hooks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from modellego.analysis.hooks import forward_hooks, preserved_state
 from modellego.metrics import (
     Accuracy,
     accuracy_from_logits,
@@ -19,6 +18,7 @@ from modellego.metrics import (
     predict_logits,
 )
 from modellego.models import create_model
+from modellego.runtime.hooks import forward_hooks, preserved_state
 
 
 def _tiny() -> nn.Module:

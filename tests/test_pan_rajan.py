@@ -17,8 +17,8 @@ from modellego.analysis.methods import Method, get_method
 from modellego.analysis.profile import contribution_profile
 from modellego.assembly import LAYOUTS, SCALINGS, AssemblyConfig, assemble
 from modellego.cli import build_parser
-from modellego.compress import CRITERIA, CompressConfig
-from modellego.disassemble import METHODS, DisassemblyConfig, disassemble_model
+from modellego.compression import CRITERIA, CompressConfig
+from modellego.disassembly import METHODS, DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
 from modellego.files import load_model, save_model
 from modellego.io import read_manifest
@@ -27,7 +27,7 @@ from modellego.models import create_model, list_models
 from modellego.registry import Registry
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.head import OneVsRest
-from modellego.train import TrainConfig, train
+from modellego.training import TrainConfig, train
 
 TOL = 1e-5
 

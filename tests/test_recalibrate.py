@@ -13,7 +13,7 @@ from torch import nn
 from helpers import randomize_bn, run, run_cli
 from modellego.analysis.locate import LocateConfig
 from modellego.data import load_split, normalize
-from modellego.disassemble import DisassemblyConfig, disassemble_model
+from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.files import load_model
 from modellego.io import read_manifest
 from modellego.models import create_model

@@ -30,13 +30,13 @@ from torch import nn
 
 from helpers import run_cli
 from modellego.analysis.locate import LocateConfig, profiled_layers
-from modellego.disassemble import DisassemblyConfig, disassemble_model
+from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.files import save_model
 from modellego.io import FORMAT, load_weights, read_manifest, save_weights
 from modellego.metrics import count_macs, cpu_latency_ms
 from modellego.models import create_model, list_models
 from modellego.surgery.graph import build_channel_graph
-from modellego.train import TrainConfig, train
+from modellego.training import TrainConfig, train
 
 ARCHS = list_models()
 SHAPE = (1, 28, 28)

@@ -20,7 +20,7 @@ from modellego.errors import ModelLegoError
 from modellego.files import save_model
 from modellego.models import create_model
 from modellego.surgery.graph import build_channel_graph
-from modellego.train import TrainConfig, train
+from modellego.training import TrainConfig, train
 from modellego.viz import (
     compute_heatmap,
     compute_route,

@@ -11,10 +11,10 @@ components into new classifiers, without training.
 from ._version import __version__
 from .analysis.locate import LocateConfig
 from .assembly import AssembledModel, AssemblyConfig, assemble, evaluate_assembly
-from .compress import CompressConfig, Compressed, compress_model
+from .compression import CompressConfig, Compressed, compress_model
 from .data import list_datasets, load_split, normalize
-from .disassemble import Component, DisassemblyConfig, disassemble_model
-from .distill import DistillConfig, distill
+from .disassembly import Component, DisassemblyConfig, disassemble_model
+from .distillation import DistillConfig, distill
 from .errors import (
     DataError,
     ModelFileError,
@@ -22,12 +22,12 @@ from .errors import (
     PlanError,
     UnsupportedModelError,
 )
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .files import LoadedModel, load_model, open_model, save_model
 from .io import read_manifest
 from .models import create_model, list_models
 from .surgery.plan import ComponentPlan
-from .train import TrainConfig, train
+from .training import TrainConfig, train
 from .workflows import compress, disassemble
 
 

@@ -60,7 +60,7 @@ def cmd_list_datasets(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .files import save_model
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     out = _outputs(args, [], "--out")["--out"]
     config = TrainConfig(arch=args.arch, dataset=args.dataset, epochs=args.epochs,
@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .files import load_model
 
     model, manifest = load_model(args.file)
@@ -129,9 +129,9 @@ def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
-    from .analysis.distributed import distributed_from_env
-    from .disassemble import DisassemblyConfig
+    from .disassembly import DisassemblyConfig
     from .files import load_model
+    from .runtime.distributed import distributed_from_env
     from .workflows import disassemble, format_report
     from .workflows.common import check_own_dataset
 
@@ -188,8 +188,8 @@ def _evaluate_assembly(args: argparse.Namespace, model, manifest: dict) -> int:
 
 
 def cmd_assemble(args: argparse.Namespace) -> int:
-    from .analysis.distributed import distributed_from_env
     from .assembly import AssemblyConfig, assemble, evaluate_assembly
+    from .runtime.distributed import distributed_from_env
     from .workflows import format_assembly
 
     outs = _outputs(args, args.files, "--out", "--report", "--html")
@@ -221,7 +221,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .distill import DistillConfig, distill, format_distill
+    from .distillation import DistillConfig, distill, format_distill
     from .files import load_model
 
     outs = _outputs(args, [args.teacher], "--out", "--report")
@@ -243,10 +243,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def _locate_config(args: argparse.Namespace, method: str = "contribution"):
     """The locating thresholds given on the command line; the method's defaults for the
-    others (see :func:`modellego.disassemble.default_locate`)."""
+    others (see :func:`modellego.disassembly.default_locate`)."""
     from dataclasses import replace
 
-    from .disassemble import default_locate
+    from .disassembly import default_locate
 
     given = {k: getattr(args, k) for k in ("alpha_conv", "beta_conv", "alpha_linear",
                                            "beta_linear") if getattr(args, k) is not None}
@@ -295,7 +295,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compress import CompressConfig
+    from .compression import CompressConfig
     from .files import load_model
     from .workflows import compress, format_compress_report
 
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     # scaling is on the command line without further edits
     from .analysis.methods import METHODS
     from .assembly import LAYOUTS, SCALINGS
-    from .compress import CRITERIA
+    from .compression import CRITERIA
 
     p = argparse.ArgumentParser(prog="modellego", description=__doc__)
     p.add_argument("--version", action="version", version=f"modellego {__version__}")

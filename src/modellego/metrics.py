@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .analysis.hooks import forward_hooks, preserved_state
+from .runtime.hooks import forward_hooks, preserved_state
 
 
 def count_params(model: nn.Module) -> int:

@@ -28,9 +28,9 @@ from typing import Mapping, Sequence, cast
 import torch
 from torch import nn
 
+from ..runtime.distributed import SINGLE, DistContext, gather_chunks
+from ..runtime.hooks import forward_pre_hooks, preserved_state
 from ..surgery.graph import ChannelGraph
-from .distributed import SINGLE, DistContext, gather_chunks
-from .hooks import forward_pre_hooks, preserved_state
 from .locate import LocateConfig, profiled_layers, union_of_class_masks
 from .passes import ProfilePass
 

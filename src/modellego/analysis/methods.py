@@ -24,10 +24,10 @@ from torch import nn
 
 from ..errors import ModelLegoError
 from ..registry import Registry
+from ..runtime.distributed import DistContext
 from ..surgery.graph import ChannelGraph
 from ..surgery.head import ONE_VS_REST, apply_head
 from .activity import ActivityProfile, active_class_masks, active_locate, activity_profile
-from .distributed import DistContext
 from .frat import GradientProfile, frat_class_masks, frat_locate, gradient_profile
 from .locate import LocateConfig, locate, locate_class
 from .profile import ContributionProfile, contribution_profile

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelLegoError
-from .distributed import SINGLE, DistContext, chunk_ranges
+from ..runtime.distributed import SINGLE, DistContext, chunk_ranges
 
 
 @dataclass(frozen=True)

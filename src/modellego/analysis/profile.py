@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelLegoError
+from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
+from ..runtime.hooks import forward_hooks, preserved_state
 from .contribution import layer_class_sums
-from .distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
-from .hooks import forward_hooks, preserved_state
 from .passes import ProfilePass
 
 

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..analysis.distributed import SINGLE, DistContext
-from ..analysis.hooks import preserved_state
 from ..data import load_split
 from ..errors import ModelLegoError
 from ..files import load_model
 from ..kinds import build_from_manifest
 from ..metrics import count_flops, count_params, predict_logits
 from ..provenance import require_single
+from ..runtime.distributed import SINGLE, DistContext
+from ..runtime.hooks import preserved_state
 from .adapters import InputAdapter, contract_shape, convert_images
 from .layouts import LAYOUT_REGISTRY, ParallelBody, get_layout
 from .scalings import SCALING_REGISTRY, default_scaling, get_scaling

@@ -22,9 +22,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from ..analysis.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..errors import ModelLegoError
 from ..registry import Registry
+from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..surgery.head import one_vs_rest
 from .scoring import FeatureTap, Router, class_gaussians, fit_router_weights
 

@@ -47,7 +47,7 @@ class FeatureTap(nn.Module):
         self.layers = list(layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        from ..analysis.hooks import forward_pre_hooks
+        from ..runtime.hooks import forward_pre_hooks
 
         found: dict[str, torch.Tensor] = {}
         modules = dict(self.net.named_modules())

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from ..analysis.contribution import layer_contribution
-from ..analysis.hooks import forward_hooks, preserved_state
 from ..analysis.locate import profiled_layers
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
+from ..runtime.hooks import forward_hooks, preserved_state
 from ..surgery.graph import ChannelGraph, Layer, build_channel_graph
-from ..train import task_outputs
+from ..training import task_outputs
 from .common import new_figure, save_figure, task_images
 
 

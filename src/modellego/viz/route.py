@@ -27,7 +27,7 @@ from ..analysis.methods import get_method
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
 from ..surgery.graph import ChannelGraph, build_channel_graph
-from ..train import task_outputs
+from ..training import task_outputs
 from .common import class_colors, new_figure, save_figure, task_images
 
 SHARED_COLOR = "#3a3a3a"

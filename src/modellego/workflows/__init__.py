@@ -8,8 +8,8 @@ Layers (each imports only those to its left): ``errors`` -> ``data``, ``models``
 
 from ..provenance import require_single, source_record
 from .common import sample_calibration_images, task_data
-from .compress import compress
-from .disassemble import component_report, disassemble
+from .compression import compress
+from .disassembly import component_report, disassemble
 from .reports import format_assembly, format_compress_report, format_report
 
 __all__ = ["compress", "component_report", "disassemble", "format_assembly",

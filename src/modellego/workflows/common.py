@@ -13,8 +13,8 @@ import torch
 
 from ..data import Split, dataset_info, load_split, normalize
 from ..errors import ModelLegoError
-from ..evaluate import check_dataset_matches
-from ..train import base_manifest, check_classes
+from ..evaluation import check_dataset_matches
+from ..training import base_manifest, check_classes
 
 
 def component_manifest(info: Any, classes: Sequence[int], source: dict[str, Any],

@@ -8,7 +8,6 @@ from typing import Sequence, cast
 import torch
 from torch import nn
 
-from .analysis.distributed import DistContext
 from .analysis.locate import LocateConfig, profiled_layers
 from .analysis.methods import METHODS as METHOD_REGISTRY
 from .analysis.methods import Profile, get_method
@@ -27,12 +26,13 @@ from .metrics import (
     macs_by_layer,
     predict_logits,
 )
+from .runtime.distributed import DistContext
 from .surgery.extract import apply_plan, compensate_removed_inputs
 from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
-from .train import task_outputs
+from .training import task_outputs
 
 #: the registered disassembly methods' names (see :mod:`modellego.analysis.methods`)
 METHODS = METHOD_REGISTRY.names()
@@ -174,7 +174,7 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     count; its sample selection and profile are taken instead of being computed again.
     ``graph``: :func:`build_channel_graph` of this very ``model`` object and input shape,
     built earlier (tracing patches torch globally, so threads should trace beforehand).
-    Under ``dist`` (see :mod:`modellego.analysis.distributed`) sample selection and the
+    Under ``dist`` (see :mod:`modellego.runtime.distributed`) sample selection and the
     profile are shared among the ranks; every rank returns the same component.
     ``selection``: samples chosen earlier by :func:`select_samples` on these ``images``
     (``correct_only=True`` for ``contribution-2022``), to skip the selection pass.

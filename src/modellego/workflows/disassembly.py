@@ -8,10 +8,10 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..analysis.distributed import DistContext
-from ..disassemble import Component, DisassemblyConfig, disassemble_model
+from ..disassembly import Component, DisassemblyConfig, disassemble_model
 from ..metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from ..provenance import provenance, require_single, source_record
+from ..runtime.distributed import DistContext
 from .common import component_manifest, split_images, task_data
 
 

@@ -8,13 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from ..compress import CompressConfig, compress_model, get_criterion
+from ..compression import CompressConfig, compress_model, get_criterion
 from ..data import dataset_info
-from ..disassemble import kept_channels
-from ..evaluate import check_dataset_matches
+from ..disassembly import kept_channels
+from ..evaluation import check_dataset_matches
 from ..provenance import provenance, require_single, source_record
 from .common import component_manifest, split_images, task_data
-from .disassemble import component_report
+from .disassembly import component_report
 
 
 def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig, *,

@@ -35,7 +35,7 @@ from torch import nn
 from .analysis.locate import LocateConfig
 from .analysis.methods import get_method
 from .analysis.search import Trial, first_passing
-from .disassemble import (
+from .disassembly import (
     Component,
     DisassemblyConfig,
     disassemble_model,
@@ -48,7 +48,7 @@ from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
-from .train import task_outputs
+from .training import task_outputs
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class CompressConfig:
     #: contribution only: training samples per class profiled
     samples_per_class: int = 50
     batch_size: int = 64
-    #: contribution only: the disassembly method (see :data:`modellego.disassemble.METHODS`);
+    #: contribution only: the disassembly method (see :data:`modellego.disassembly.METHODS`);
     #: ``contribution`` searches the mass rule's thresholds, the others their own defaults'
     method: str = "contribution"
     #: re-estimate the BatchNorm statistics of every candidate on this many training images of

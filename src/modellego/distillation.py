@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .analysis.hooks import preserved_state
 from .data import load_split, normalize
 from .errors import ModelLegoError
-from .evaluate import check_dataset_matches
+from .evaluation import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from .models import create_model, list_models
 from .provenance import provenance, require_single, source_record
-from .train import augmentation, base_manifest, check_classes, fit, task_split
+from .runtime.hooks import preserved_state
+from .training import augmentation, base_manifest, check_classes, fit, task_split
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
 def _train_student(config: DistillConfig, kwargs: dict[str, Any], data: tuple, pad: int,
                    flip: bool, loss_fn, progress: bool
                    ) -> tuple[nn.Module, dict[str, Any], list[dict]]:
-    """A fresh student trained as :func:`modellego.train.train` would, with ``loss_fn``."""
+    """A fresh student trained as :func:`modellego.training.train` would, with ``loss_fn``."""
     x_train, y_train, x_val, y_val, classes = data
     torch.manual_seed(config.seed)  # same order of draws as train(): init, then batches
     gen = torch.Generator().manual_seed(config.seed)
