@@ -164,7 +164,9 @@ def test_missing_files_messages(tmp_path: Path) -> None:
     assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
     with pytest.raises(DataError, match="does not exist"):
         load_split("fashion-mnist", "train", data_dir=tmp_path / "nope")
-    with pytest.raises(DataError, match="'mnist' needs a data directory.*--data-dir"):
+    # both ways to give it: a root for the dataset, or the environment's folder of roots
+    with pytest.raises(DataError,
+                       match="'mnist' needs a data directory.*`data` mnist=PATH.*MODELLEGO_DATA"):
         load_split("mnist", "train")
     assert issubclass(DataError, ModelLegoError)
 

@@ -353,12 +353,32 @@ def test_input_that_disagrees_with_the_dataset(tensors: dict, tmp_path: Path) ->
 
 def test_unknown_field_is_refused(tensors: dict, tmp_path: Path) -> None:
     def edit(m: dict) -> None:
-        m["dataset"]["fingerprint"] = "abc"
+        m["dataset"]["colour"] = "abc"
 
     refused(edited(tmp_path, tensors, edit),
-            "manifest field dataset.fingerprint is unknown (known here: name, class_names, "
-            "input_shape, mean, std), found 'abc' (str); the file was written by a newer "
-            "modellego or edited by hand")
+            "manifest field dataset.colour is unknown (known here: name, class_names, "
+            "input_shape, mean, std, fingerprint), found 'abc' (str); the file was written by "
+            "a newer modellego or edited by hand")
+
+
+@pytest.mark.parametrize("fingerprint,message", [
+    ("abc", "dataset.fingerprint: expected a JSON object, found 'abc' (str)"),
+    ({"dev": {}}, "dataset.fingerprint.dev is unknown (known here: train, val, test)"),
+    ({"test": {"n": 3, "class_counts": [1] * 10, "sha256": "0" * 64}},
+     "dataset.fingerprint.test.class_counts: expected counts that sum to n (3)"),
+    ({"test": {"n": 10, "class_counts": [1] * 9, "sha256": "0" * 64}},
+     "dataset.fingerprint.test.class_counts: expected an array of 10 entries"),
+    ({"test": {"n": 10, "class_counts": [1] * 10, "sha256": "XYZ"}},
+     "dataset.fingerprint.test.sha256: expected 64 lower-case hex digits, found 'XYZ'"),
+])
+def test_malformed_fingerprint_is_refused(tensors: dict, tmp_path: Path, fingerprint,
+                                          message: str) -> None:
+    def edit(m: dict) -> None:
+        m["dataset"]["fingerprint"] = fingerprint
+
+    with pytest.raises(ModelFileError) as exc:
+        read_manifest(edited(tmp_path, tensors, edit))
+    assert message in str(exc.value)
 
 
 def test_save_refuses_classes_the_network_does_not_have(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -316,10 +317,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_roots(s: argparse.ArgumentParser) -> None:
+    """Where the datasets' files are, and whether data unlike the model's may be used."""
+    s.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the folder of the one dataset the command reads")
+    s.add_argument("--data", action="append", default=None, metavar="NAME=PATH",
+                   help="the folder of dataset NAME (repeatable: one per dataset); "
+                        "$MODELLEGO_DATA/NAME is used when neither is given")
+    s.add_argument("--allow-data-mismatch", action="store_true",
+                   help="use data whose fingerprint differs from the one the model records")
+
+
 def _add_data_args(s: argparse.ArgumentParser) -> None:
     """Where the images come from and how many per class the analysis selects."""
     s.add_argument("--dataset", default=None, help="default: the model's own dataset")
-    s.add_argument("--data-dir", default=None)
+    _add_roots(s)
     s.add_argument("--samples-per-class", type=int, default=50)
 
 
@@ -365,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=0.05)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-augment", action="store_true")
-    s.add_argument("--data-dir", default=None)
+    _add_roots(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train)
 
@@ -373,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--dataset", default=None, help="default: the model's own dataset")
     s.add_argument("--classes", type=parse_classes, default=None)
-    s.add_argument("--data-dir", default=None)
+    _add_roots(s)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     s.set_defaults(func=cmd_evaluate)
@@ -428,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-samples", type=int, default=200,
                    help="training images per class used to calibrate")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--data-dir", default=None)
+    _add_roots(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--html", default=None, metavar="REPORT.html",
                    help="also write a self-contained HTML report (tables, figure, provenance)")
@@ -476,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-augment", action="store_true")
     s.add_argument("--no-compare", action="store_true",
                    help="skip training the same student without the teacher")
-    s.add_argument("--data-dir", default=None)
+    _add_roots(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
@@ -503,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="every criterion: re-estimate each candidate's BatchNorm statistics "
                         "on N training images (no labels, no gradients)")
-    s.add_argument("--data-dir", default=None)
+    _add_roots(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     s.set_defaults(func=cmd_compress)
@@ -528,8 +540,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        # one plain line per distinct warning of this command, not Python's source echo
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"modellego: warning: {message}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            if hasattr(args, "data"):  # one data_dir argument for the library
+                from .data import roots_from
+
+                args.data_dir = roots_from(args.data, args.data_dir, args.allow_data_mismatch)
+            return args.func(args)
     except ModelLegoError as exc:
         message = cli_message(str(exc), flag_names(parser, args.command))
         print(f"modellego {args.command}: error: {message}", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import load_split, normalize
+from .data import dataset_info, load_split_for, normalize
 from .errors import ModelLegoError
 from .evaluation import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
@@ -99,14 +99,17 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     require_single(teacher_manifest, "distil from", where="the teacher",
                    hint="; distil from one of the parts instead")
     dataset = teacher_manifest["dataset"]["name"]
-    train_split = load_split(dataset, "train", data_dir=data_dir)
-    info = train_split.info
+    info = dataset_info(dataset, data_dir=data_dir)
     check_dataset_matches(teacher_manifest, dataset, info)
+    train_split = load_split_for(teacher_manifest["dataset"], "train", data_dir=data_dir,
+                                 where="the teacher")
     classes = tuple(int(c) for c in teacher_manifest["classes"])
     check_classes(classes, info.num_classes, "the teacher's classes")
     x_train, y_train = task_split(train_split, classes)
-    val = load_split(dataset, "val", data_dir=data_dir).subset(classes)
-    test = load_split(dataset, "test", data_dir=data_dir).subset(classes)
+    val = load_split_for(teacher_manifest["dataset"], "val", data_dir=data_dir,
+                         where="the teacher").subset(classes)
+    test = load_split_for(teacher_manifest["dataset"], "test", data_dir=data_dir,
+                          where="the teacher").subset(classes)
     for name, n in (("train", len(y_train)), ("validation", len(val)), ("test", len(test))):
         if n == 0:
             raise ModelLegoError(f"dataset {dataset!r} has no {name} images of the teacher's "
@@ -180,6 +183,8 @@ def _student_manifest(teacher_manifest: dict[str, Any], info, classes: tuple[int
                       history: list[dict], *, command: str | None,
                       source_path: str | Path | None) -> dict[str, Any]:
     manifest = base_manifest(info, classes)
+    if "fingerprint" in teacher_manifest["dataset"]:  # trained on the teacher's (checked) data
+        manifest["dataset"]["fingerprint"] = teacher_manifest["dataset"]["fingerprint"]
     manifest.update({
         "kind": "model",
         "architecture": {"name": config.student, "kwargs": kwargs},

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .data import dataset_info, load_split, normalize
+from .data import dataset_info, load_split_for, normalize
 from .errors import ModelLegoError
 from .metrics import accuracy_from_logits, count_flops, count_params, cpu_latency_ms, predict_logits
 
@@ -42,7 +42,7 @@ def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None 
     info = dataset_info(dataset, data_dir=data_dir)  # canonical name, before loading images
     dataset = info.name
     check_dataset_matches(manifest, dataset, info)
-    test = load_split(dataset, split, data_dir=data_dir)
+    test = load_split_for(manifest["dataset"], split, data_dir=data_dir)
     own = list(manifest["classes"])
     chosen = list(classes) if classes is not None else own
     missing = [c for c in chosen if c not in own]

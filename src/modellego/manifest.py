@@ -255,32 +255,69 @@ class ArchitectureSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """The dataset a network classifies: all its class names, image shape, normalisation."""
+    """The dataset a network classifies: all its class names, image shape, normalisation,
+    and (written since 0.2) a fingerprint of the data it was made on: per split the number
+    of images, the count per class and a SHA-256 over the labels and a fixed sample of
+    images (see :mod:`modellego.data.fingerprint`)."""
 
     name: str
     class_names: tuple[str, ...]
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fingerprint: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: Any, check: _Check, path: str) -> DatasetSpec:
         keys = ("name", "class_names", "input_shape", "mean", "std")
-        data = check.obj(data, path, keys, keys)
+        data = check.obj(data, path, keys + ("fingerprint",), keys)
         shape = _shape(data["input_shape"], check, f"{path}.input_shape")
-        return cls(check.string(data["name"], f"{path}.name"),
-                   check.strings(data["class_names"], f"{path}.class_names"), shape,
+        names = check.strings(data["class_names"], f"{path}.class_names")
+        fingerprint = None
+        if "fingerprint" in data:
+            fingerprint = _fingerprint(data["fingerprint"], len(names), check,
+                                       f"{path}.fingerprint")
+        return cls(check.string(data["name"], f"{path}.name"), names, shape,
                    check.numbers(data["mean"], f"{path}.mean", length=shape[0]),
-                   check.numbers(data["std"], f"{path}.std", length=shape[0], positive=True))
+                   check.numbers(data["std"], f"{path}.std", length=shape[0], positive=True),
+                   fingerprint)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "class_names": list(self.class_names),
-                "input_shape": list(self.input_shape), "mean": list(self.mean),
-                "std": list(self.std)}
+        out: dict[str, Any] = {"name": self.name, "class_names": list(self.class_names),
+                               "input_shape": list(self.input_shape), "mean": list(self.mean),
+                               "std": list(self.std)}
+        if self.fingerprint is not None:
+            out["fingerprint"] = _thaw(self.fingerprint)
+        return out
+
+
+#: the splits a dataset fingerprint may describe
+FINGERPRINT_SPLITS = ("train", "val", "test")
+
+
+def _fingerprint(value: Any, num_classes: int, check: _Check, path: str) -> Mapping[str, Any]:
+    """A dataset fingerprint: ``{split: {n, class_counts, sha256}}`` for some of the splits,
+    the counts one per class of the dataset and summing to ``n``."""
+    data = check.obj(value, path, FINGERPRINT_SPLITS, ())
+    out = {}
+    for split, entry in data.items():
+        p = f"{path}.{split}"
+        keys = ("n", "class_counts", "sha256")
+        entry = check.obj(entry, p, keys, keys)
+        n = check.integer(entry["n"], f"{p}.n")
+        counts = check.integers(entry["class_counts"], f"{p}.class_counts", unique=False,
+                                length=num_classes)
+        if sum(counts) != n:
+            check.fail(f"{p}.class_counts", f"counts that sum to n ({n})", list(counts))
+        digest = entry["sha256"]
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            check.fail(f"{p}.sha256", "64 lower-case hex digits", digest)
+        out[split] = {"n": n, "class_counts": list(counts), "sha256": digest}
+    return MappingProxyType(out)
 
 
 def _shape(value: Any, check: _Check, path: str) -> tuple[int, int, int]:

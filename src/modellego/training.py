@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ._version import __version__
 from .data import Split, load_split, normalize
+from .data.fingerprint import split_fingerprint
 from .errors import ModelLegoError
 from .metrics import accuracy_from_logits, predict_logits
 from .models import create_model
@@ -101,12 +102,15 @@ def train(config: TrainConfig, *, command: str | None = None,
         model, x_train, y_train, x_val, y_val, classes, epochs=config.epochs,
         batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
         pad=pad, flip=flip, gen=gen, progress=progress)
-    test = load_split(config.dataset, "test", data_dir=config.data_dir).subset(classes)
+    test_all = load_split(config.dataset, "test", data_dir=config.data_dir)
+    test = test_all.subset(classes)
     test_acc = accuracy_from_logits(predict_logits(model, normalize(test.images, info)),
                                     test.labels, classes)
     cfg = asdict(config)
     cfg.pop("data_dir")
     manifest = base_manifest(info, classes)
+    manifest["dataset"]["fingerprint"] = {  # what later commands check their data against
+        s.split: split_fingerprint(s) for s in (train_split, val_split, test_all)}
     manifest.update({
         "kind": "model",
         "architecture": {"name": config.arch, "kwargs": kwargs},

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..data import load_split
+from ..data.registry import check_one_folder, load_split_for
 from ..errors import ModelLegoError
 from ..files import load_model
 from ..kinds import build_from_manifest
@@ -150,8 +150,8 @@ def _calibration_data(parts: list[dict[str, Any]], config: AssemblyConfig,
     """
     gen = torch.Generator().manual_seed(config.seed)
     data = []
-    for man in parts:
-        split = load_split(man["dataset"]["name"], "train", data_dir=data_dir)
+    for k, man in enumerate(parts):
+        split = load_split_for(man["dataset"], "train", data_dir=data_dir, where=f"part {k}")
         xs, ys = [], []
         for i, c in enumerate(man["classes"]):
             pos = (split.labels == c).nonzero().flatten()
@@ -206,6 +206,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         part["_num_outputs"] = len(man["classes"])
         nets.append(net.eval())
         parts.append(part)
+    check_one_folder([p["dataset"]["name"] for p in parts], data_dir)
     labels, columns = label_map(parts, config.on_duplicate)
     if any(len(c) == 0 for c in columns):
         k = next(i for i, c in enumerate(columns) if not c)
@@ -277,11 +278,14 @@ def union_test_set(manifest: dict[str, Any], *, data_dir: str | None = None, spl
     """Contract images and assembled output indices of every label's test images."""
     contract = manifest["input"]["shape"]
     by_dataset: dict[str, list[tuple[int, int]]] = {}
+    specs: dict[str, tuple[int, dict[str, Any]]] = {}
     for idx, lab in enumerate(manifest["labels"]):
         by_dataset.setdefault(lab["dataset"], []).append((lab["class"], idx))
+        specs.setdefault(lab["dataset"], (lab["part"], manifest["parts"][lab["part"]]["dataset"]))
     xs, ys = [], []
     for ds, pairs in by_dataset.items():
-        test = load_split(ds, split, data_dir=data_dir)
+        k, spec = specs[ds]
+        test = load_split_for(spec, split, data_dir=data_dir, where=f"part {k}")
         for c, idx in pairs:
             sel = test.labels == c
             xs.append(convert_images(test.images[sel], contract[0], contract[1:]))
@@ -296,6 +300,7 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
 
     One pass: each part's raw logits give Base, the combined logits give the accuracy.
     """
+    check_one_folder([p["dataset"]["name"] for p in manifest["parts"]], data_dir)
     x, y = union_test_set(manifest, data_dir=data_dir)
     preds: list[torch.Tensor] = []
     part_preds: list[list[torch.Tensor]] = [[] for _ in manifest["parts"]]
@@ -333,7 +338,7 @@ def _parts_base(nets: Sequence[nn.Module], manifest: dict[str, Any], data_dir: s
 
     base = {}
     for k, part in enumerate(manifest["parts"]):
-        test = load_split(part["dataset"]["name"], "test", data_dir=data_dir)
+        test = load_split_for(part["dataset"], "test", data_dir=data_dir, where=f"part {k}")
         own = [lab for lab in manifest["labels"] if lab["part"] == k]
         sub = test.subset([lab["class"] for lab in own])
         logits = predict_logits(nets[k], normalize(sub.images, sub.info))

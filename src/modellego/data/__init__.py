@@ -11,24 +11,35 @@ dataset's :class:`DatasetInfo` before feeding a model trained on normalised inpu
 from modellego.data.base import SPLITS, DatasetInfo, Split, normalize
 from modellego.data.builtin import DEFAULT_FASHION_MNIST_DIR
 from modellego.data.registry import (
+    DataDir,
+    DataFingerprintWarning,
     clear_cache,
+    dataset_fingerprint,
     dataset_info,
     describe_datasets,
     list_datasets,
     load_split,
+    load_split_for,
     register,
 )
+from modellego.data.roots import DataRoots, roots_from
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
+    "DataDir",
+    "DataFingerprintWarning",
+    "DataRoots",
     "SPLITS",
     "DatasetInfo",
     "Split",
     "clear_cache",
+    "dataset_fingerprint",
     "dataset_info",
     "describe_datasets",
     "list_datasets",
     "load_split",
+    "load_split_for",
     "normalize",
     "register",
+    "roots_from",
 ]

@@ -11,15 +11,22 @@ keep the original sample order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Union
 
 import torch
 
 from modellego.data.base import SPLITS, DatasetInfo, RawData, Split
+from modellego.data.fingerprint import differences, split_fingerprint
 from modellego.data.folder import load_folder
+from modellego.data.roots import ENV, DataRoots, env_folder
 from modellego.errors import DataError
+
+#: where datasets' files are: one folder, a folder per dataset, or ``None`` (defaults)
+DataDir = Union[str, Path, DataRoots, None]
 
 FOLDER_PREFIX = "folder:"
 FOLDER_DESCRIPTION = (
@@ -103,7 +110,7 @@ def _unknown(name: str) -> DataError:
     )
 
 
-def _resolve(name: str, data_dir: str | Path | None
+def _resolve(name: str, data_dir: DataDir
              ) -> tuple[str, DatasetEntry, Path | None]:
     """Map a user-given name to (canonical name, entry, resolved data directory)."""
     if not isinstance(name, str):
@@ -126,10 +133,19 @@ def _resolve(name: str, data_dir: str | Path | None
         raise _unknown(name)
     if not entry.uses_data_dir:
         return entry.name, entry, None
-    directory = Path(data_dir) if data_dir is not None else entry.default_dir
-    if directory is not None:
-        directory = directory.expanduser().resolve()
-    return entry.name, entry, directory
+    if isinstance(data_dir, DataRoots):
+        given = data_dir.folder(entry.name)
+    else:
+        given = Path(data_dir) if data_dir is not None else env_folder(entry.name)
+    directory = given if given is not None else entry.default_dir
+    return entry.name, entry, None if directory is None else directory.expanduser().resolve()
+
+
+def _no_folder(name: str) -> DataError:
+    return DataError(
+        f"dataset {name!r} needs a data directory and none was given: pass `data` "
+        f"{name}=PATH (or `data_dir` PATH when it is the only dataset), or set {ENV} to a "
+        f"folder holding a sub-folder {name}")
 
 
 def _carve_val(n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,12 +170,14 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(means), tuple(stds)
 
 
-def _get_loaded(name: str, data_dir: str | Path | None) -> _Loaded:
+def _get_loaded(name: str, data_dir: DataDir) -> _Loaded:
     canonical, entry, directory = _resolve(name, data_dir)
     key = (canonical, "" if directory is None else str(directory))
     cached = _CACHE.get(key)
     if cached is not None:
         return cached
+    if directory is None and entry.uses_data_dir:
+        raise _no_folder(canonical)
     raw = entry.load(directory)
     train_idx, val_idx = _carve_val(int(raw.train_labels.numel()), canonical)
     if entry.info is not None:
@@ -179,7 +197,7 @@ def _get_loaded(name: str, data_dir: str | Path | None) -> _Loaded:
     return loaded
 
 
-def dataset_info(name: str, *, data_dir: str | Path | None = None) -> DatasetInfo:
+def dataset_info(name: str, *, data_dir: DataDir = None) -> DatasetInfo:
     """Describe dataset ``name`` (a registered name or ``folder:PATH``).
 
     Cheap for registered datasets (CIFAR reads only the class-names file); ``folder:PATH``
@@ -198,7 +216,7 @@ def _as_float(images: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return x.clone() if idx is None else x.to(torch.float32)
 
 
-def load_split(name: str, split: str, *, data_dir: str | Path | None = None) -> Split:
+def load_split(name: str, split: str, *, data_dir: DataDir = None) -> Split:
     """Load ``split`` ("train", "val" or "test") of dataset ``name``.
 
     ``name`` is a registered name (:func:`list_datasets`) or ``folder:PATH``. Parsed files
@@ -217,3 +235,65 @@ def load_split(name: str, split: str, *, data_dir: str | Path | None = None) -> 
         idx = loaded.train_idx if split == "train" else loaded.val_idx
         images, labels = _as_float(raw.train_images, idx), raw.train_labels.index_select(0, idx)
     return Split(images, labels, loaded.info, split)
+
+
+def uses_folder(name: str) -> bool:
+    """Whether dataset ``name`` is read from a folder the user may give (not built in, not
+    a ``folder:PATH`` that names its own)."""
+    _, entry, _ = _resolve(name, DataRoots(default="."))
+    return entry.uses_data_dir
+
+
+def check_one_folder(names: Sequence[str], data_dir: DataDir) -> None:
+    """Refuse a single folder (``data_dir`` a path) for a command that reads several
+    datasets from folders: each would read the same files (MNIST read as Fashion-MNIST)."""
+    single = data_dir is not None and (not isinstance(data_dir, DataRoots)
+                                       or data_dir.default is not None)
+    if not single:
+        return
+    foldered = sorted({n for n in names if uses_folder(n)})
+    if len(foldered) > 1:
+        raise DataError(
+            f"`data_dir` names one folder, but this reads {len(foldered)} datasets from "
+            f"folders ({', '.join(foldered)}); give each its own: " +
+            " ".join(f"`data` {n}=PATH" for n in foldered))
+
+
+def load_split_for(dataset: Mapping[str, Any], split: str, *, data_dir: DataDir = None,
+                   where: str = "the model") -> Split:
+    """Load ``split`` of the dataset a model file names (its manifest's ``dataset`` entry)
+    and check it against the fingerprint recorded there.
+
+    A mismatch is a :class:`DataError` ("the data at PATH is not the NAME this model was
+    trained on: ...") unless ``data_dir`` is a :class:`DataRoots` with
+    ``allow_mismatch``; a manifest without a fingerprint (written by modellego 0.1.0) is
+    accepted with a :class:`DataFingerprintWarning`.
+    """
+    name = dataset["name"]
+    loaded = load_split(name, split, data_dir=data_dir)
+    expected = (dataset.get("fingerprint") or {}).get(split)
+    if expected is None:
+        if not dataset.get("fingerprint"):
+            warnings.warn(f"{where} records no fingerprint of its {name} data (written by "
+                          "modellego 0.1.0), so the data given cannot be checked against it",
+                          DataFingerprintWarning, stacklevel=2)
+        return loaded
+    problem = differences(expected, split_fingerprint(loaded))
+    if problem and not (isinstance(data_dir, DataRoots) and data_dir.allow_mismatch):
+        _, _, directory = _resolve(name, data_dir)
+        at = directory if directory is not None else "built into modellego"
+        raise DataError(
+            f"the data at {at} is not the {name} {where} was made on: its {split} split has "
+            f"{problem}; pass the right folder (`data` {name}=PATH), or "
+            "`allow_data_mismatch` to go on")
+    return loaded
+
+
+class DataFingerprintWarning(UserWarning):
+    """The model file records no fingerprint of its data, so the data cannot be checked."""
+
+
+def dataset_fingerprint(name: str, *, data_dir: DataDir = None) -> dict[str, Any]:
+    """The fingerprint of every split of dataset ``name``, as a manifest records it."""
+    return {split: split_fingerprint(load_split(name, split, data_dir=data_dir))
+            for split in SPLITS}

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data import Split, dataset_info, load_split, normalize
+from ..data import Split, dataset_info, load_split_for, normalize
 from ..errors import ModelLegoError
 from ..evaluation import check_dataset_matches
 from ..training import base_manifest, check_classes
@@ -28,6 +28,8 @@ def component_manifest(info: Any, classes: Sequence[int], source: dict[str, Any]
     if source.get("kind") == "component":
         plan = ComponentPlan.from_dict(source["plan"]).compose(plan)
     manifest = base_manifest(info, classes)
+    if "fingerprint" in source["dataset"]:  # made on the source's data: carry its fingerprint
+        manifest["dataset"]["fingerprint"] = source["dataset"]["fingerprint"]
     manifest.update({"kind": "component", "architecture": source["architecture"],
                      "plan": plan.to_dict(), "metrics": metrics, "provenance": prov})
     return manifest
@@ -75,7 +77,7 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     draws that many seeded training images of all the model's classes. ``every_class=False``
     skips the check that every class has training images (for work that profiles none)."""
     dataset = manifest["dataset"]["name"]
-    train = load_split(dataset, "train", data_dir=data_dir)
+    train = load_split_for(manifest["dataset"], "train", data_dir=data_dir)
     chosen = own_classes(manifest, classes, train.info.num_classes, param=param)
     check_dataset_matches(manifest, dataset, train.info)  # e.g. a folder whose images changed
     calib = None
@@ -96,7 +98,7 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
 def split_images(manifest: dict[str, Any], split: str, classes: Sequence[int], *,
                  data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised images and labels of ``classes`` from ``split`` of the model's dataset."""
-    part = load_split(manifest["dataset"]["name"], split, data_dir=data_dir).subset(classes)
+    part = load_split_for(manifest["dataset"], split, data_dir=data_dir).subset(classes)
     return normalize(part.images, part.info), part.labels
 
 
