@@ -280,7 +280,12 @@ def load_split_for(dataset: Mapping[str, Any], split: str, *, data_dir: DataDir 
         return loaded
     problem = differences(expected, split_fingerprint(loaded))
     if problem and not (isinstance(data_dir, DataRoots) and data_dir.allow_mismatch):
-        _, _, directory = _resolve(name, data_dir)
+        canonical, _, directory = _resolve(name, data_dir)
+        if canonical.startswith(FOLDER_PREFIX):
+            raise DataError(
+                f"the images in {canonical[len(FOLDER_PREFIX):]} are not those {where} was "
+                f"made on: its {split} split has {problem}; restore them, or "
+                "`allow_data_mismatch` to go on")
         at = directory if directory is not None else "built into modellego"
         raise DataError(
             f"the data at {at} is not the {name} {where} was made on: its {split} split has "

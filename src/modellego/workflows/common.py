@@ -77,9 +77,10 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     draws that many seeded training images of all the model's classes. ``every_class=False``
     skips the check that every class has training images (for work that profiles none)."""
     dataset = manifest["dataset"]["name"]
+    info = dataset_info(dataset, data_dir=data_dir)
+    chosen = own_classes(manifest, classes, info.num_classes, param=param)
+    check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
     train = load_split_for(manifest["dataset"], "train", data_dir=data_dir)
-    chosen = own_classes(manifest, classes, train.info.num_classes, param=param)
-    check_dataset_matches(manifest, dataset, train.info)  # e.g. a folder whose images changed
     calib = None
     if calibration:
         calib = sample_calibration_images(train.subset(manifest["classes"]), calibration)
