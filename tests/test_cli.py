@@ -21,6 +21,7 @@ from modellego.evaluate import evaluate
 from modellego.io import load_model, read_manifest
 from modellego.metrics import count_flops, count_params, predict_logits
 from modellego.models import list_models
+from subproc import run_capped
 
 TRAIN_ARGS = ["train", "lenet5", "--dataset", "digits", "--epochs", "1", "--width", "0.5",
               "--quiet"]
@@ -300,3 +301,25 @@ def test_folder_dataset_given_by_relative_path(tmp_path: Path,
         result = json.loads(captured.out)
         assert result["accuracy"] == manifest["metrics"]["test_accuracy"]
         assert result["n"] == 4
+
+
+@pytest.mark.parametrize("text, count", [("0-99999999", "100,000,000"),
+                                         ("5,0-99999,7", "100,002"),
+                                         ("0-" + "9" * 40, f"{10 ** 40:,}")])
+def test_huge_class_range_is_refused_before_it_is_expanded(text: str, count: str,
+                                                           tmp_path: Path) -> None:
+    # 0-99999999 used to build a list of 10^8 ints (2.7 GB) before any check
+    out = tmp_path / "m.safetensors"
+    result = run_capped(["train", "simnet", "--dataset", "digits", "--epochs", "1",
+                         "--classes", text, "--out", out], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last == (f"modellego train: error: argument --classes: class list {text[:40]!r} "
+                    f"names {count} class ids, more than the 100,000 allowed; name only ids "
+                    "of the model's classes, e.g. 0-9"), result.stderr
+    assert not out.exists()
+
+
+def test_class_list_of_exactly_the_limit_is_parsed() -> None:
+    assert parse_classes("0-99999") == tuple(range(100_000))

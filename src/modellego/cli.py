@@ -12,10 +12,16 @@ from typing import Sequence
 from ._version import __version__
 from .errors import ModelLegoError
 
+#: Most class ids one ``--classes`` list may name (CIFAR-100 has 100, ImageNet-21k 21,841).
+MAX_CLASS_IDS = 100_000
+
 
 def parse_classes(text: str) -> tuple[int, ...]:
-    """``"0,2,4"`` or ranges ``"3-9"`` (inclusive) -> class ids in the given order."""
-    out: list[int] = []
+    """``"0,2,4"`` or ranges ``"3-9"`` (inclusive) -> class ids in the given order.
+
+    Lists of more than :data:`MAX_CLASS_IDS` ids are refused before any range is expanded.
+    """
+    ranges: list[range] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
@@ -26,12 +32,18 @@ def parse_classes(text: str) -> tuple[int, ...]:
                 lo_i, hi_i = int(lo), int(hi)
                 if hi_i < lo_i:
                     raise ValueError
-                out.extend(range(lo_i, hi_i + 1))
+                ranges.append(range(lo_i, hi_i + 1))
             else:
-                out.append(int(part))
+                ranges.append(range(int(part), int(part) + 1))
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"invalid class list {text!r}: use ids like 0,2,4 or ranges like 3-9") from None
+    total = sum(r.stop - r.start for r in ranges)  # len() overflows on huge ranges
+    if total > MAX_CLASS_IDS:
+        raise argparse.ArgumentTypeError(
+            f"class list {text[:40]!r} names {total:,} class ids, more than the "
+            f"{MAX_CLASS_IDS:,} allowed; name only ids of the model's classes, e.g. 0-9")
+    out = [c for r in ranges for c in r]
     if not out:
         raise argparse.ArgumentTypeError("empty class list")
     return tuple(out)
