@@ -20,6 +20,7 @@ from .errors import (
     ModelFileError,
     ModelLegoError,
     PlanError,
+    TrainingError,
     UnsupportedModelError,
 )
 from .evaluate import evaluate
@@ -44,6 +45,7 @@ __all__ = [
     "ModelLegoError",
     "PlanError",
     "TrainConfig",
+    "TrainingError",
     "UnsupportedModelError",
     "__version__",
     "assemble",

@@ -202,8 +202,10 @@ def _evaluate_assembly(args: argparse.Namespace, model, manifest: dict) -> int:
 def cmd_assemble(args: argparse.Namespace) -> int:
     from .analysis.distributed import distributed_from_env
     from .assembly import AssemblyConfig, assemble, evaluate_assembly
+    from .train import check_seed
     from .workflows import format_assembly
 
+    check_seed(args.seed)  # before torch's generators raise on it
     outs = _outputs(args, args.files, "--out", "--report", "--html")
     config = AssemblyConfig(layout=args.layout, scaling=args.scaling,
                             on_duplicate=args.on_duplicate,

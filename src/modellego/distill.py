@@ -24,7 +24,15 @@ from .errors import ModelLegoError
 from .evaluate import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from .models import create_model, list_models
-from .train import augmentation, base_manifest, check_classes, fit, task_split
+from .train import (
+    augmentation,
+    base_manifest,
+    check_classes,
+    check_lr,
+    check_seed,
+    fit,
+    task_split,
+)
 from .workflows.common import provenance, require_single, source_record
 
 
@@ -53,7 +61,6 @@ class DistillConfig:
             ("--width", self.width, self.width > 0, "> 0"),
             ("--epochs", self.epochs, self.epochs >= 1, ">= 1"),
             ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
-            ("--lr", self.lr, self.lr > 0, "> 0"),
             ("--weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
             ("--temperature", self.temperature,
              self.temperature > 0 and math.isfinite(self.temperature), "> 0 and finite"),
@@ -63,6 +70,8 @@ class DistillConfig:
         for flag, value, ok, want in checks:
             if not ok:
                 raise ModelLegoError(f"{flag} must be {want}, got {value}")
+        check_lr(self.lr)
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

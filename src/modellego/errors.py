@@ -25,3 +25,7 @@ class UnsupportedModelError(ModelLegoError):
 
 class PlanError(ModelLegoError):
     """A disassembly or assembly plan that cannot be applied (e.g. a layer left empty)."""
+
+
+class TrainingError(ModelLegoError):
+    """A training run diverged (non-finite loss or weights); nothing is written."""
