@@ -29,12 +29,18 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def run_capped(argv: Sequence[object], *, margin: int = 3 * GIB // 2, timeout: float = 120,
-               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+               env: Mapping[str, str | None] | None = None
+               ) -> subprocess.CompletedProcess[str]:
     """``modellego *argv`` in a child allowed ``margin`` bytes of address space above its
-    state after ``import modellego``; killed (``TimeoutExpired``) after ``timeout`` s."""
+    state after ``import modellego``; killed (``TimeoutExpired``) after ``timeout`` s.
+    ``env`` adds variables to the child's environment (``None`` removes one)."""
     child_env = {**os.environ, "OMP_NUM_THREADS": "1",
                  "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child_env.update(env or {})
+    for key, value in (env or {}).items():
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = value
     return subprocess.run([sys.executable, "-c", _CHILD, str(margin), *map(str, argv)],
                           capture_output=True, text=True, timeout=timeout, env=child_env,
                           stdin=subprocess.DEVNULL)
