@@ -11,6 +11,7 @@ from typing import Sequence
 
 from ._version import __version__
 from .errors import ModelLegoError
+from .terminal import printable
 
 #: Most class ids one ``--classes`` list may name (CIFAR-100 has 100, ImageNet-21k 21,841).
 MAX_CLASS_IDS = 100_000
@@ -83,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_model(out, model, manifest)
     print(f"test accuracy {manifest['metrics']['test_accuracy']:.4f} "
           f"(best val {manifest['metrics']['val_accuracy']:.4f} at epoch "
-          f"{manifest['provenance']['best_epoch']}); wrote {out}")
+          f"{manifest['provenance']['best_epoch']}); wrote {printable(out)}")
     return 0
 
 
@@ -100,7 +101,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _print_json(result)
         return 0
     names = dict(zip(manifest["classes"], manifest["class_names"]))
-    print(f"{args.file}: {manifest.get('kind', 'model')} on {result['dataset']} "
+    print(f"{printable(args.file)}: {manifest.get('kind', 'model')} on "
+          f"{printable(result['dataset'])} "
           f"({result['split']}, {result['n']} images)")
     print(f"  accuracy            {result['accuracy']:.4f}")
     if "restricted_accuracy" in result:
@@ -111,7 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  CPU latency         {result['latency_ms']:.3f} ms/image "
               f"({result['threads']} threads)")
     for c, a in result["per_class"].items():
-        print(f"    class {c:>3} {names.get(int(c), ''):<14s} {a:.4f}")
+        print(f"    class {c:>3} {printable(names.get(int(c), '')):<14s} {a:.4f}")
     return 0
 
 
@@ -126,17 +128,19 @@ def _outputs(args: argparse.Namespace, inputs: Sequence[str], *flags: str) -> di
 
 def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=None) -> str:
     """Write the model file, the JSON report and the HTML page asked for, in that order;
-    returns the ``wrote ...`` line."""
+    returns the ``wrote ...`` line. The page is rendered first: a figure that fails to
+    draw leaves no file behind, not a model and a report without their page."""
     from .io import save_model
     from .viz.report import write_html
     from .workflows.outputs import write_all, write_json
 
+    page = html() if html is not None and outs.get("--html") is not None else None
     done = write_all([
         (outs.get("--out"), lambda p: save_model(p, model, manifest)),
         (outs.get("--report"), lambda p: write_json(p, report)),
-        (outs.get("--html"), lambda p: write_html(p, html())),
+        (outs.get("--html"), lambda p: write_html(p, page)),
     ])
-    return "wrote " + " and ".join(str(p) for p in done)
+    return "wrote " + " and ".join(printable(p) for p in done)
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
@@ -289,7 +293,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     if "--json" in outs:
         write_json(outs["--json"], data.to_dict())
     print(format_route(data))
-    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
+    print(f"wrote {printable(args.out)}" + (f" and {printable(args.json)}" if args.json else ""))
     return 0
 
 
@@ -304,7 +308,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
                         per_sample=not args.no_samples)
     plot_heatmap(data, out, sort=not args.no_sort)
     print(format_heatmap(data))
-    print(f"wrote {out}")
+    print(f"wrote {printable(out)}")
     return 0
 
 
@@ -525,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModelLegoError as exc:
-        print(f"modellego {args.command}: error: {exc}", file=sys.stderr)
+        print(f"modellego {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

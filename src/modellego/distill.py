@@ -24,6 +24,7 @@ from .errors import ModelLegoError
 from .evaluate import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from .models import create_model, list_models
+from .terminal import printable
 from .train import (
     augmentation,
     base_manifest,
@@ -207,7 +208,8 @@ def _student_manifest(teacher_manifest: dict[str, Any], info, classes: tuple[int
 def format_distill(report: dict[str, Any]) -> str:
     """A plain-text table: teacher, student with distillation, student alone."""
     cfg = report["config"]
-    lines = [f"classes {report['classes']} of {report['dataset']} ({report['n']} test images); "
+    lines = [f"classes {report['classes']} of {printable(report['dataset'])} "
+             f"({report['n']} test images); "
              f"student {cfg['student']} (width {cfg['width']}), {report['epochs']} epochs, "
              f"T = {cfg['temperature']}, alpha = {cfg['alpha']}",
              f"  {'':<15} {'accuracy':>8} {'params':>12} {'FLOPs':>14}"]
