@@ -134,7 +134,7 @@ def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=
     from .viz.report import write_html
     from .workflows.outputs import write_all, write_json
 
-    page = html() if html is not None and outs.get("--html") is not None else None
+    page: str = html() if html is not None and outs.get("--html") is not None else ""
     done = write_all([
         (outs.get("--out"), lambda p: save_model(p, model, manifest)),
         (outs.get("--report"), lambda p: write_json(p, report)),
