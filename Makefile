@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 CPU lies on this machine's disk; elsewhere pip fetches a build from PyPI.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck bench data clean
+.PHONY: demo test lint typecheck bench data browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,14 @@ $(VENV)/.installed: pyproject.toml
 data:
 	@scripts/ensure-fashion-mnist.sh
 
+# headless Chromium for tests/test_browser.py
+browser:
+	@scripts/ensure-chromium.sh
+
 demo: $(VENV)/.installed data
 	$(VENV)/bin/python scripts/demo.py
 
-test: $(VENV)/.installed data
+test: $(VENV)/.installed data browser
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

@@ -22,6 +22,7 @@ from modellego.files import load_model
 from modellego.io import read_manifest
 from modellego.metrics import count_flops, count_params, predict_logits
 from modellego.models import list_models
+from subproc import run_capped
 
 TRAIN_ARGS = ["train", "lenet5", "--dataset", "digits", "--epochs", "1", "--width", "0.5",
               "--quiet"]
@@ -301,3 +302,80 @@ def test_folder_dataset_given_by_relative_path(tmp_path: Path,
         result = json.loads(captured.out)
         assert result["accuracy"] == manifest["metrics"]["test_accuracy"]
         assert result["n"] == 4
+
+
+@pytest.mark.parametrize("text, count", [("0-99999999", "100,000,000"),
+                                         ("5,0-99999,7", "100,002"),
+                                         ("0-" + "9" * 40, f"{10 ** 40:,}")])
+def test_huge_class_range_is_refused_before_it_is_expanded(text: str, count: str,
+                                                           tmp_path: Path) -> None:
+    # 0-99999999 used to build a list of 10^8 ints (2.7 GB) before any check
+    out = tmp_path / "m.safetensors"
+    result = run_capped(["train", "simnet", "--dataset", "digits", "--epochs", "1",
+                         "--classes", text, "--out", out], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last == (f"modellego train: error: argument --classes: class list {text[:40]!r} "
+                    f"names {count} class ids, more than the 100,000 allowed; name only ids "
+                    "of the model's classes, e.g. 0-9"), result.stderr
+    assert not out.exists()
+
+
+def test_class_list_of_exactly_the_limit_is_parsed() -> None:
+    assert parse_classes("0-99999") == tuple(range(100_000))
+
+
+# --------------------------------------------------------------------------- diverging runs
+
+
+@pytest.mark.parametrize("lr, words", [
+    ("inf", ["--lr must be a finite number > 0, got inf"]),
+    ("nan", ["--lr must be a finite number > 0, got nan"]),
+    ("1e6", ["training diverged: the loss is nan at step 3 of epoch 1 (learning rate "
+             "1000000.0); no model was written: train again with a smaller learning rate"]),
+])
+def test_train_that_diverges_writes_no_model(lr: str, words: list[str], tmp_path: Path) -> None:
+    # --lr inf and --lr 1e6 used to exit 0 with NaN weights that evaluate then refused
+    out = tmp_path / "nan.safetensors"
+    _assert_error(*run_cli(TRAIN_ARGS + ["--lr", lr, "--out", out]), "train", *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_stops_when_weights_go_non_finite() -> None:
+    # a loss that stays finite while the weights overflow: caught at the end of the epoch
+    from modellego.errors import TrainingError
+    from modellego.training import fit
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = torch.ones(8, 1, 2, 2), torch.zeros(8, dtype=torch.long)
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
+        return (logits * 0).sum() + model[1].weight.sum() * 1e38
+
+    with pytest.raises(TrainingError, match=r"^training diverged: 1\.weight holds "
+                                            r"non-finite values after epoch 1 \("):
+        fit(model, x, y, x, y, [0, 1], epochs=1, batch_size=8, lr=1e6, progress=False,
+            loss_fn=loss_fn)
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(-(1 << 63) - 1)])
+def test_seed_out_of_torch_range(seed: str, tmp_path: Path) -> None:
+    # used to end in a RuntimeError traceback from torch.manual_seed
+    out = tmp_path / "m.safetensors"
+    _assert_error(*run_cli(TRAIN_ARGS + ["--seed", seed, "--out", out]), "train",
+                  f"--seed must be an integer from {-(1 << 63)} to {(1 << 64) - 1} (what "
+                  f"torch's random generators accept), got {seed}")
+    assert not out.exists()
+    assert run_cli(TRAIN_ARGS + ["--seed", str((1 << 64) - 1), "--epochs", "1",
+                                 "--out", out])[0] == 0
+
+
+def test_assemble_seed_out_of_torch_range(digits_model: tuple[Path, str],
+                                          tmp_path: Path) -> None:
+    path, _ = digits_model
+    out = tmp_path / "a.safetensors"
+    _assert_error(*run_cli(["assemble", path, path, "--seed", "99999999999999999999",
+                            "--out", out]), "assemble",
+                  "--seed must be an integer from", "got 99999999999999999999")
+    assert not out.exists()

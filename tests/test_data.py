@@ -26,6 +26,7 @@ from modellego.data import (
     register,
 )
 from modellego.errors import DataError, ModelLegoError
+from subproc import run_capped
 
 # --------------------------------------------------------------------------- helpers
 
@@ -470,3 +471,94 @@ def test_normalize() -> None:
         normalize(torch.zeros(1, 1, 1, 2), info)
     split = Split(images, torch.tensor([0]), info, "test")
     assert len(split) == 1
+
+
+# --------------------------------------------------------------------------- hostile files
+# Crafted files that used to exhaust memory: each must fail fast with a one-line DataError
+# (exit status 2 through the command line) in a process capped at 1.5 GB above its state
+# after importing modellego.
+
+_ZEROS_MEMBER = 64 << 20  # one gzip member of 64 MiB of zeros compresses to ~65 KB
+
+
+@pytest.fixture(scope="module")
+def zeros_gzip_member() -> bytes:
+    return gzip.compress(b"\0" * _ZEROS_MEMBER, compresslevel=9)
+
+
+def _bomb(path: Path, head: bytes, member: bytes, unpacked: int = 2 << 30) -> Path:
+    """``head`` followed by ``unpacked`` bytes of zeros, as a multi-member gzip file of
+    about ``unpacked / 1000`` bytes."""
+    with open(path, "wb") as fh:
+        fh.write(gzip.compress(head))
+        for _ in range(unpacked // _ZEROS_MEMBER):
+            fh.write(member)
+    return path
+
+
+def _mnist_dir_with(tmp_path: Path, name: str, write) -> Path:
+    """Small valid MNIST files, with ``name`` replaced by what ``write(path)`` creates."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    _write_mnist(folder, gz=True)
+    (folder / f"{name}.gz").unlink()
+    write(folder / f"{name}.gz")
+    return folder
+
+
+def _train_capped(data_dir: Path, dataset: str, tmp_path: Path) -> str:
+    out = tmp_path / "out.safetensors"
+    result = run_capped(["train", "simnet", "--dataset", dataset, "--data-dir", data_dir,
+                         "--epochs", "1", "--out", out, "--quiet"], timeout=120)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert result.stdout == ""
+    assert result.stderr.startswith("modellego train: error: "), result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert not out.exists()
+    return result.stderr
+
+
+def test_gzip_bomb_with_a_bad_magic_number(tmp_path: Path, zeros_gzip_member: bytes) -> None:
+    # 2 MB on disk, 2 GiB of zeros unpacked: the magic number is read first
+    folder = _mnist_dir_with(tmp_path, "train-images-idx3-ubyte",
+                             lambda p: _bomb(p, b"", zeros_gzip_member))
+    assert (folder / "train-images-idx3-ubyte.gz").stat().st_size < 4 << 20
+    err = _train_capped(folder, "mnist", tmp_path)
+    assert "train-images-idx3-ubyte.gz is not an IDX images file: magic number 0, " \
+           "expected 2051" in err
+
+
+def test_gzip_bomb_after_a_valid_header(tmp_path: Path, zeros_gzip_member: bytes) -> None:
+    # a header announcing 20 images, then 2 GiB: exactly the announced bytes are read
+    head = struct.pack(">IIII", 2051, 20, 28, 28)
+    folder = _mnist_dir_with(tmp_path, "train-images-idx3-ubyte",
+                             lambda p: _bomb(p, head, zeros_gzip_member))
+    err = _train_capped(folder, "mnist", tmp_path)
+    assert (f"has more than {16 + 20 * 28 * 28:,} bytes but its header (shape [20, 28, 28]) "
+            f"requires exactly {16 + 20 * 28 * 28}") in err
+
+
+def test_idx_header_announcing_too_much(tmp_path: Path) -> None:
+    head = struct.pack(">IIII", 2051, 0xFFFFFFFF, 28, 28)  # 3.4 TB announced, 16 B present
+    folder = _mnist_dir_with(tmp_path, "train-images-idx3-ubyte",
+                             lambda p: p.write_bytes(gzip.compress(head)))
+    err = _train_capped(folder, "mnist", tmp_path)
+    assert (f"announces shape [4294967295, 28, 28], {0xFFFFFFFF * 784:,} bytes of data, more "
+            f"than the {readers.MAX_FILE_BYTES:,} modellego reads from one file") in err
+
+
+@pytest.mark.parametrize("records, words", [
+    (None, "which is not a positive multiple of the 3073-byte cifar10 record"),
+    (2_800_000, "more than the 1,073,741,824 modellego reads from one file"),
+], ids=["8GB-not-a-multiple", "8GB-whole-records"])
+def test_huge_sparse_cifar_file(tmp_path: Path, records: int | None, words: str) -> None:
+    root = tmp_path / "cifar-10-batches-bin"
+    root.mkdir()
+    for name in [f"data_batch_{i}.bin" for i in range(2, 6)] + ["test_batch.bin"]:
+        (root / name).write_bytes(_cifar_records([(1,)], seed=0)[0])
+    size = 8 << 30 if records is None else records * 3073  # both about 8 GB, all holes
+    with open(root / "data_batch_1.bin", "wb") as fh:
+        fh.truncate(size)
+    err = _train_capped(tmp_path, "cifar10", tmp_path)
+    assert f"data_batch_1.bin has {size:,} bytes" in err or f"has {size} bytes" in err
+    assert words in err

@@ -237,3 +237,28 @@ def test_cli_refuses_to_overwrite_the_teacher(teacher_file: Path, outdir: Path) 
                      outdir / "s.safetensors", "--report", teacher_file, "--quiet"],
                     ["--report", "would overwrite the input"], outdir)
     assert hashlib.sha256(teacher_file.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("lr, words", [
+    ("inf", "--lr must be a finite number > 0, got inf"),
+    ("1e6", "training diverged: features.0.weight holds non-finite values after epoch 1 "
+            "(learning rate 1000000.0); no model was written"),
+])
+def test_distill_that_diverges_writes_nothing(teacher_file: Path, tmp_path: Path, lr: str,
+                                              words: str) -> None:
+    # used to exit 0 and write a student with NaN weights
+    out, report = tmp_path / "s.safetensors", tmp_path / "s.json"
+    code, stdout, err = run_cli(["distill", teacher_file, "--student", "simnet", "--width",
+                                 "0.25", "--epochs", "1", "--lr", lr, "--no-compare",
+                                 "--quiet", "--out", out, "--report", report])
+    assert (code, stdout) == (2, ""), err
+    assert err.startswith("modellego distill: error: ") and err.count("\n") == 1, err
+    assert words in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distill_seed_out_of_range(teacher_file: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(["distill", teacher_file, "--student", "simnet", "--seed",
+                            str(1 << 64), "--out", tmp_path / "s.safetensors"])
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--seed must be an integer from {-(1 << 63)} to {(1 << 64) - 1}" in err

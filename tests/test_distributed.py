@@ -257,3 +257,86 @@ def test_assembly_calibration_is_identical_for_emulated_world_sizes(scaling):
             assert state.keys() == single.keys()
             for key in single:
                 assert same_bits(state[key], single[key]), (world, key)
+
+
+# --------------------------------------------------------------------------- bad environments
+
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "MODELLEGO_DIST_TIMEOUT", "TORCHELASTIC_USE_AGENT_STORE")
+_FIX = "start the command with torchrun, or unset WORLD_SIZE to run in one process"
+_PEER = {"MASTER_ADDR": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from modellego.files import save_model
+    from modellego.training import TrainConfig, train
+
+    model, manifest = train(TrainConfig(arch="simnet", dataset="digits", epochs=1, width=0.25,
+                                        batch_size=64), progress=False)
+    path = tmp_path_factory.mktemp("dist-env") / "model.safetensors"
+    save_model(path, model, manifest)
+    return path
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "environment variable RANK is not set but WORLD_SIZE=2 asks for a "
+                          f"distributed run; {_FIX}"),
+    ({"WORLD_SIZE": "two"}, f"environment variable WORLD_SIZE='two' is not an integer; {_FIX}"),
+    ({"WORLD_SIZE": "2", "RANK": "5", **_PEER},
+     f"environment variable RANK=5 must be from 0 to 1; {_FIX}"),
+    ({"WORLD_SIZE": "2", "RANK": "-1", **_PEER},
+     f"environment variable RANK=-1 must be from 0 to 1; {_FIX}"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "1", **_PEER},
+     f"environment variable LOCAL_RANK=1 must be from 0 to 0; {_FIX}"),
+    ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2", **_PEER},
+     f"environment variable LOCAL_RANK=3 must be below LOCAL_WORLD_SIZE=2; {_FIX}"),
+    ({"WORLD_SIZE": "2", "RANK": "1"},
+     f"environment variable MASTER_ADDR is not set but WORLD_SIZE=2 asks for a distributed "
+     f"run; {_FIX}"),
+    ({"WORLD_SIZE": "2", "RANK": "1", **_PEER, "MASTER_PORT": "http"},
+     f"environment variable MASTER_PORT='http' is not an integer; {_FIX}"),
+    ({"WORLD_SIZE": "2", "RANK": "1", **_PEER, "MASTER_PORT": "29500",
+      "MODELLEGO_DIST_TIMEOUT": "soon"},
+     "environment variable MODELLEGO_DIST_TIMEOUT='soon' must be a number of seconds > 0; "
+     "e.g. 60"),
+], ids=["no-rank", "world-not-int", "rank-too-big", "rank-negative", "local-rank-above-rank",
+        "local-rank-above-local-world", "no-master-addr", "port-not-int", "bad-timeout"])
+def test_bad_torchrun_environment_is_a_one_line_error(env: dict, message: str,
+                                                      model_file: Path, tmp_path: Path):
+    # these used to end in a KeyError/ValueError traceback, or (RANK=5) hang until killed
+    from subproc import run_capped
+
+    out = tmp_path / "part.safetensors"
+    result = run_capped(["disassemble", model_file, "--classes", "1,3", "--out", out],
+                        margin=64 << 30, timeout=60,
+                        env={**dict.fromkeys(_DIST_VARS), **env})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == f"modellego disassemble: error: {message}\n"
+    assert result.stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"], ids=["master-waits", "client-waits"])
+def test_missing_peer_times_out_with_a_one_line_error(rank: str, model_file: Path,
+                                                      tmp_path: Path):
+    # rank 0 waiting for a rank 1 that never starts (or the reverse) used to wait 30 min
+    import time
+
+    from subproc import run_capped
+
+    port = free_port()
+    start = time.monotonic()
+    result = run_capped(["disassemble", model_file, "--classes", "1,3", "--out",
+                         tmp_path / "part.safetensors"], margin=64 << 30, timeout=60,
+                        env={**dict.fromkeys(_DIST_VARS), "WORLD_SIZE": "2", "RANK": rank,
+                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                             "MODELLEGO_DIST_TIMEOUT": "3"})
+    assert time.monotonic() - start < 45
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert result.stderr.startswith(
+        f"modellego disassemble: error: rank {rank} of 2: the processes did not all meet at "
+        f"127.0.0.1:{port} within 3 s ("), result.stderr
+    assert result.stderr.endswith("); start every rank (torchrun), check MASTER_ADDR and "
+                                  "MASTER_PORT, or raise MODELLEGO_DIST_TIMEOUT\n")
+    assert list(tmp_path.iterdir()) == []

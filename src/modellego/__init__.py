@@ -20,6 +20,7 @@ from .errors import (
     ModelFileError,
     ModelLegoError,
     PlanError,
+    TrainingError,
     UnsupportedModelError,
 )
 from .evaluation import evaluate
@@ -66,6 +67,7 @@ __all__ = [
     "ModelLegoError",
     "PlanError",
     "TrainConfig",
+    "TrainingError",
     "UnsupportedModelError",
     "__version__",
     "assemble",

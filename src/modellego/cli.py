@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import Sequence
 
 from ._version import __version__
-from .errors import ModelLegoError
+from .errors import ModelLegoError, ModelLegoWarning
+from .terminal import printable
+
+#: Most class ids one ``--classes`` list may name (CIFAR-100 has 100, ImageNet-21k 21,841).
+MAX_CLASS_IDS = 100_000
 
 
 def parse_classes(text: str) -> tuple[int, ...]:
-    """``"0,2,4"`` or ranges ``"3-9"`` (inclusive) -> class ids in the given order."""
-    out: list[int] = []
+    """``"0,2,4"`` or ranges ``"3-9"`` (inclusive) -> class ids in the given order.
+
+    Lists of more than :data:`MAX_CLASS_IDS` ids are refused before any range is expanded.
+    """
+    ranges: list[range] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
@@ -28,12 +35,18 @@ def parse_classes(text: str) -> tuple[int, ...]:
                 lo_i, hi_i = int(lo), int(hi)
                 if hi_i < lo_i:
                     raise ValueError
-                out.extend(range(lo_i, hi_i + 1))
+                ranges.append(range(lo_i, hi_i + 1))
             else:
-                out.append(int(part))
+                ranges.append(range(int(part), int(part) + 1))
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"invalid class list {text!r}: use ids like 0,2,4 or ranges like 3-9") from None
+    total = sum(r.stop - r.start for r in ranges)  # len() overflows on huge ranges
+    if total > MAX_CLASS_IDS:
+        raise argparse.ArgumentTypeError(
+            f"class list {text[:40]!r} names {total:,} class ids, more than the "
+            f"{MAX_CLASS_IDS:,} allowed; name only ids of the model's classes, e.g. 0-9")
+    out = [c for r in ranges for c in r]
     if not out:
         raise argparse.ArgumentTypeError("empty class list")
     return tuple(out)
@@ -73,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_model(out, model, manifest)
     print(f"test accuracy {manifest['metrics']['test_accuracy']:.4f} "
           f"(best val {manifest['metrics']['val_accuracy']:.4f} at epoch "
-          f"{manifest['provenance']['best_epoch']}); wrote {out}")
+          f"{manifest['provenance']['best_epoch']}); wrote {printable(out)}")
     return 0
 
 
@@ -90,7 +103,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _print_json(result)
         return 0
     names = dict(zip(manifest["classes"], manifest["class_names"]))
-    print(f"{args.file}: {manifest.get('kind', 'model')} on {result['dataset']} "
+    print(f"{printable(args.file)}: {manifest.get('kind', 'model')} on "
+          f"{printable(result['dataset'])} "
           f"({result['split']}, {result['n']} images)")
     print(f"  accuracy            {result['accuracy']:.4f}")
     if "restricted_accuracy" in result:
@@ -101,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  CPU latency         {result['latency_ms']:.3f} ms/image "
               f"({result['threads']} threads)")
     for c, a in result["per_class"].items():
-        print(f"    class {c:>3} {names.get(int(c), ''):<14s} {a:.4f}")
+        print(f"    class {c:>3} {printable(names.get(int(c), '')):<14s} {a:.4f}")
     return 0
 
 
@@ -116,17 +130,19 @@ def _outputs(args: argparse.Namespace, inputs: Sequence[str], *flags: str) -> di
 
 def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=None) -> str:
     """Write the model file, the JSON report and the HTML page asked for, in that order;
-    returns the ``wrote ...`` line."""
+    returns the ``wrote ...`` line. The page is rendered first: a figure that fails to
+    draw leaves no file behind, not a model and a report without their page."""
     from .files import save_model
     from .viz.report import write_html
     from .workflows.outputs import write_all, write_json
 
+    page: str = html() if html is not None and outs.get("--html") is not None else ""
     done = write_all([
         (outs.get("--out"), lambda p: save_model(p, model, manifest)),
         (outs.get("--report"), lambda p: write_json(p, report)),
-        (outs.get("--html"), lambda p: write_html(p, html())),
+        (outs.get("--html"), lambda p: write_html(p, page)),
     ])
-    return "wrote " + " and ".join(str(p) for p in done)
+    return "wrote " + " and ".join(printable(p) for p in done)
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
@@ -191,8 +207,10 @@ def _evaluate_assembly(args: argparse.Namespace, model, manifest: dict) -> int:
 def cmd_assemble(args: argparse.Namespace) -> int:
     from .assembly import AssemblyConfig, assemble, evaluate_assembly
     from .runtime.distributed import distributed_from_env
+    from .training import check_seed
     from .workflows import format_assembly
 
+    check_seed(args.seed)  # before torch's generators raise on it
     outs = _outputs(args, args.files, "--out", "--report", "--html")
     config = AssemblyConfig(layout=args.layout, scaling=args.scaling,
                             on_duplicate=args.on_duplicate,
@@ -276,7 +294,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     if "--json" in outs:
         write_json(outs["--json"], data.to_dict())
     print(format_route(data))
-    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
+    print(f"wrote {printable(args.out)}" + (f" and {printable(args.json)}" if args.json else ""))
     return 0
 
 
@@ -291,7 +309,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
                         per_sample=not args.no_samples)
     plot_heatmap(data, out, sort=not args.no_sort)
     print(format_heatmap(data))
-    print(f"wrote {out}")
+    print(f"wrote {printable(out)}")
     return 0
 
 
@@ -541,16 +559,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     shown: set[str] = set()
+    python_show = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        # one plain line per distinct warning of this command, not Python's source echo
-        if str(message) not in shown:
+        # ours: one plain line per distinct warning of this command, not Python's source echo
+        if not issubclass(category, ModelLegoWarning):
+            python_show(message, category, filename, lineno, file, line)
+        elif str(message) not in shown:
             shown.add(str(message))
-            print(f"modellego: warning: {message}", file=sys.stderr)
+            print(f"modellego: warning: {printable(message)}", file=sys.stderr)
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", ModelLegoWarning)
             warnings.showwarning = show
             if hasattr(args, "data"):  # one data_dir argument for the library
                 from .data import roots_from
@@ -558,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.data_dir = roots_from(args.data, args.data_dir, args.allow_data_mismatch)
             return args.func(args)
     except ModelLegoError as exc:
-        message = cli_message(str(exc), flag_names(parser, args.command))
+        message = cli_message(printable(exc), flag_names(parser, args.command))
         print(f"modellego {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,7 +25,16 @@ from .metrics import accuracy_from_logits, count_flops, count_params, predict_lo
 from .models import create_model, list_models
 from .provenance import provenance, require_single, source_record
 from .runtime.hooks import preserved_state
-from .training import augmentation, base_manifest, check_classes, fit, task_split
+from .terminal import printable
+from .training import (
+    augmentation,
+    base_manifest,
+    check_classes,
+    check_lr,
+    check_seed,
+    fit,
+    task_split,
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,6 @@ class DistillConfig:
             ("--width", self.width, self.width > 0, "> 0"),
             ("--epochs", self.epochs, self.epochs >= 1, ">= 1"),
             ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
-            ("--lr", self.lr, self.lr > 0, "> 0"),
             ("--weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
             ("--temperature", self.temperature,
              self.temperature > 0 and math.isfinite(self.temperature), "> 0 and finite"),
@@ -63,6 +71,8 @@ class DistillConfig:
         for flag, value, ok, want in checks:
             if not ok:
                 raise ModelLegoError(f"{flag} must be {want}, got {value}")
+        check_lr(self.lr)
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,7 +213,8 @@ def _student_manifest(teacher_manifest: dict[str, Any], info, classes: tuple[int
 def format_distill(report: dict[str, Any]) -> str:
     """A plain-text table: teacher, student with distillation, student alone."""
     cfg = report["config"]
-    lines = [f"classes {report['classes']} of {report['dataset']} ({report['n']} test images); "
+    lines = [f"classes {report['classes']} of {printable(report['dataset'])} "
+             f"({report['n']} test images); "
              f"student {cfg['student']} (width {cfg['width']}), {report['epochs']} epochs, "
              f"T = {cfg['temperature']}, alpha = {cfg['alpha']}",
              f"  {'':<15} {'accuracy':>8} {'params':>12} {'FLOPs':>14}"]

@@ -11,6 +11,11 @@ class ModelLegoError(Exception):
     """Base class of all errors caused by input the user can fix."""
 
 
+class ModelLegoWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it as
+    one ``modellego: warning:`` line)."""
+
+
 class DataError(ModelLegoError):
     """A dataset could not be found, read or understood."""
 
@@ -25,3 +30,7 @@ class UnsupportedModelError(ModelLegoError):
 
 class PlanError(ModelLegoError):
     """A disassembly or assembly plan that cannot be applied (e.g. a layer left empty)."""
+
+
+class TrainingError(ModelLegoError):
+    """A training run diverged (non-finite loss or weights); nothing is written."""

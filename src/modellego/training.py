@@ -14,12 +14,28 @@ from tqdm import tqdm
 from ._version import __version__
 from .data import Split, load_split, normalize
 from .data.fingerprint import split_fingerprint
-from .errors import ModelLegoError
+from .errors import ModelLegoError, TrainingError
 from .metrics import accuracy_from_logits, predict_logits
 from .models import create_model
 
 # Datasets whose classes survive a horizontal flip (clothes, objects; not digits).
 _FLIP_OK = ("fashion-mnist", "cifar10", "cifar100")
+#: The seeds torch's generators accept (``torch.manual_seed``): a signed or unsigned 64-bit int.
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """Refuse a seed outside :data:`SEED_RANGE` (torch would raise a RuntimeError)."""
+    lo, hi = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not lo <= seed <= hi:
+        raise ModelLegoError(f"{flag} must be an integer from {lo} to {hi} (what torch's "
+                             f"random generators accept), got {seed}; pick a smaller seed")
+
+
+def check_lr(lr: float, flag: str = "--lr") -> None:
+    """Refuse a learning rate that is not a finite number > 0."""
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ModelLegoError(f"{flag} must be a finite number > 0, got {lr}; e.g. 0.05")
 
 
 @dataclass(frozen=True)
@@ -43,8 +59,8 @@ class TrainConfig:
             raise ModelLegoError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ModelLegoError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ModelLegoError(f"--lr must be > 0, got {self.lr}")
+        check_lr(self.lr)
+        check_seed(self.seed)
 
 
 def task_split(split: Split, classes: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,12 +221,18 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                 loss = F.cross_entropy(model(xb), y_train[idx])
             else:
                 loss = loss_fn(model(xb), y_train[idx], xb)
+            if not torch.isfinite(loss):
+                raise _diverged(f"the loss is {loss.item()} at step {step + 1} of epoch "
+                                f"{epoch}", lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total_loss += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        bad = _non_finite(model)
+        if bad:
+            raise _diverged(f"{bad} holds non-finite values after epoch {epoch}", lr)
         val_acc = accuracy_from_logits(predict_logits(model, x_val), y_val,
                                        val_classes).accuracy
         history.append({"epoch": epoch, "loss": total_loss / steps_per_epoch,
@@ -226,3 +248,16 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
     model.load_state_dict(best)
     model.eval()
     return best_acc, best_epoch, history
+
+
+def _non_finite(model: torch.nn.Module) -> str | None:
+    """The name of the first floating-point parameter or buffer with a NaN or inf, if any."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _diverged(what: str, lr: float) -> TrainingError:
+    return TrainingError(f"training diverged: {what} (learning rate {lr}); no model was "
+                         "written: train again with a smaller learning rate, e.g. a tenth")

@@ -6,9 +6,11 @@ Nothing here unpickles data: CIFAR is read from the *binary* distribution only.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import numpy as np
 import torch
@@ -21,51 +23,113 @@ IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
 CIFAR_PIXELS = 3 * 32 * 32
 
 
-def read_bytes(path: Path) -> bytes:
-    """Read a file, transparently gunzipping ``*.gz``; errors become :class:`DataError`."""
-    try:
-        data = path.read_bytes()
+#: Largest payload one dataset file may announce (header counts times record size), checked
+#: before anything is read: 16x Fashion-MNIST's training images, 10x CIFAR-100's train.bin.
+MAX_FILE_BYTES = 1 << 30
+#: Largest class-names file read (one short name per line).
+MAX_NAMES_BYTES = 1 << 20
+_CHUNK = 1 << 20
+
+
+def _cannot_read(path: Path, exc: OSError) -> DataError:
+    return DataError(
+        f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions"
+    )
+
+
+def _bad_gzip(path: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"{path} is not a valid gzip file or is truncated ({exc}); "
+        "re-download or reinstall the file"
+    )
+
+
+def _open(path: Path) -> BinaryIO:
+    """``path`` opened for reading, through a gunzipping stream for ``*.gz``."""
+    try:  # the caller closes the stream; a GzipFile opened by name closes its file too
+        if path.suffix == ".gz":
+            return cast(BinaryIO, gzip.open(path, "rb"))
+        return open(path, "rb")  # noqa: SIM115
     except OSError as exc:
+        raise _cannot_read(path, exc) from exc
+
+
+def _read_exactly(stream: BinaryIO, path: Path, n: int) -> bytes:
+    """Up to ``n`` bytes of ``stream`` (fewer only at its end), read in chunks, so that a
+    short file never costs more memory than it holds; read errors become DataError."""
+    parts: list[bytes] = []
+    left = n
+    try:
+        while left > 0:
+            chunk = stream.read(min(left, _CHUNK))
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        if isinstance(stream, gzip.GzipFile):
+            raise _bad_gzip(path, exc) from exc
+        raise _cannot_read(path, exc) from exc
+    except (EOFError, zlib.error) as exc:
+        raise _bad_gzip(path, exc) from exc
+    return b"".join(parts)
+
+
+def read_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """Read a file, transparently gunzipping ``*.gz``; errors become :class:`DataError`.
+
+    At most ``limit`` bytes (after gunzipping) are accepted; a longer file is refused
+    before more than ``limit + 1`` bytes are held in memory.
+    """
+    with _open(path) as stream:
+        data = _read_exactly(stream, path, limit + 1)
+    if len(data) > limit:
         raise DataError(
-            f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions"
-        ) from exc
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(
-                f"{path} is not a valid gzip file or is truncated ({exc}); "
-                "re-download or reinstall the file"
-            ) from exc
+            f"{path} holds more than {limit:,} bytes (after gunzipping), more than any "
+            "dataset file modellego reads; check that it is the right file"
+        )
     return data
 
 
 def _read_idx(path: Path, magic: int, kind: str) -> np.ndarray:
-    data = read_bytes(path)
+    """Check the header (magic number, dimensions, announced size) before reading the
+    payload, then read exactly the announced number of bytes and refuse more or fewer:
+    a corrupt or crafted file (a gzip bomb) costs at most the size its header announces."""
     fix = "the file is truncated or corrupt; re-download or reinstall it"
-    if len(data) < 4:
-        raise DataError(f"IDX {kind} file {path} is only {len(data)} bytes long; {fix}")
-    found = int.from_bytes(data[:4], "big")
-    if found != magic:
+    with _open(path) as stream:
+        head = _read_exactly(stream, path, 4)
+        if len(head) < 4:
+            raise DataError(f"IDX {kind} file {path} is only {len(head)} bytes long; {fix}")
+        found = int.from_bytes(head, "big")
+        if found != magic:
+            raise DataError(
+                f"{path} is not an IDX {kind} file: magic number {found}, expected {magic} "
+                "(images 2051, labels 2049); check that images and labels files are not "
+                f"swapped, otherwise {fix}"
+            )
+        ndim = head[3]
+        dims_raw = _read_exactly(stream, path, 4 * ndim)
+        if len(dims_raw) < 4 * ndim:
+            raise DataError(f"IDX {kind} file {path} ends inside its header; {fix}")
+        dims = [int(v) for v in np.frombuffer(dims_raw, dtype=">u4", count=ndim)]
+        if any(v == 0 for v in dims[1:]):
+            raise DataError(f"IDX {kind} file {path} declares an empty dimension {dims}; {fix}")
+        header = 4 + 4 * ndim
+        size = math.prod(dims)
+        if size > MAX_FILE_BYTES:
+            raise DataError(
+                f"IDX {kind} file {path} announces shape {dims}, {size:,} bytes of data, more "
+                f"than the {MAX_FILE_BYTES:,} modellego reads from one file; {fix}"
+            )
+        data = _read_exactly(stream, path, size)
+        extra = _read_exactly(stream, path, 1)
+    if len(data) != size or extra:
+        found_size = f"{header + len(data):,}" if not extra else f"more than {header + size:,}"
         raise DataError(
-            f"{path} is not an IDX {kind} file: magic number {found}, expected {magic} "
-            "(images 2051, labels 2049); check that images and labels files are not "
-            f"swapped, otherwise {fix}"
+            f"IDX {kind} file {path} has {found_size} bytes but its header (shape {dims}) "
+            f"requires exactly {header + size}; {fix}"
         )
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"IDX {kind} file {path} ends inside its header; {fix}")
-    dims = [int(v) for v in np.frombuffer(data, dtype=">u4", count=ndim, offset=4)]
-    if any(v == 0 for v in dims[1:]):
-        raise DataError(f"IDX {kind} file {path} declares an empty dimension {dims}; {fix}")
-    expected = header + int(np.prod(dims, dtype=object))
-    if len(data) != expected:
-        raise DataError(
-            f"IDX {kind} file {path} has {len(data)} bytes but its header (shape {dims}) "
-            f"requires exactly {expected}; {fix}"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def read_idx_images(path: Path) -> torch.Tensor:
@@ -124,15 +188,30 @@ def read_cifar_file(path: Path, label_bytes: int, label_index: int, num_classes:
 
     Returns uint8 images ``(N, 3, 32, 32)`` and int64 labels taken from byte ``label_index``.
     """
-    data = read_bytes(path)
     record = label_bytes + CIFAR_PIXELS
-    if len(data) == 0 or len(data) % record:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _cannot_read(path, exc) from exc
+    if size == 0 or size % record:
         raise DataError(
-            f"{path} has {len(data)} bytes, which is not a positive multiple of the "
+            f"{path} has {size} bytes, which is not a positive multiple of the "
             f"{record}-byte {dataset} record ({label_bytes} label byte(s) + {CIFAR_PIXELS} "
             "pixel bytes); the file is truncated or not the CIFAR *binary* version. "
             "Re-download the binary version of the dataset"
         )
+    if size > MAX_FILE_BYTES:
+        raise DataError(
+            f"{path} has {size:,} bytes, more than the {MAX_FILE_BYTES:,} modellego reads "
+            f"from one file (a {dataset} batch file holds at most 50,000 records of {record} "
+            "bytes); check that it is the right file and re-download the binary version"
+        )
+    with _open(path) as stream:
+        data = _read_exactly(stream, path, size)
+        extra = _read_exactly(stream, path, 1)
+    if len(data) != size or extra:
+        raise DataError(f"{path} changed size while it was read; read it again when it is "
+                        "complete")
     arr = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
     labels = torch.from_numpy(arr[:, label_index].astype(np.int64))
     images = torch.from_numpy(arr[:, label_bytes:].reshape(-1, 3, 32, 32).copy())
@@ -142,7 +221,7 @@ def read_cifar_file(path: Path, label_bytes: int, label_index: int, num_classes:
 
 def read_names_file(path: Path, num_classes: int) -> tuple[str, ...]:
     """Read one class name per non-blank line; the count must equal ``num_classes``."""
-    raw = read_bytes(path)
+    raw = read_bytes(path, MAX_NAMES_BYTES)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -23,7 +23,7 @@ from modellego.data.base import SPLITS, DatasetInfo, RawData, Split
 from modellego.data.fingerprint import differences, split_fingerprint
 from modellego.data.folder import load_folder
 from modellego.data.roots import ENV, DataRoots, env_folder
-from modellego.errors import DataError
+from modellego.errors import DataError, ModelLegoWarning
 
 #: where datasets' files are: one folder, a folder per dataset, or ``None`` (defaults)
 DataDir = Union[str, Path, DataRoots, None]
@@ -294,7 +294,7 @@ def load_split_for(dataset: Mapping[str, Any], split: str, *, data_dir: DataDir 
     return loaded
 
 
-class DataFingerprintWarning(UserWarning):
+class DataFingerprintWarning(ModelLegoWarning):
     """The model file records no fingerprint of its data, so the data cannot be checked."""
 
 

@@ -44,13 +44,19 @@ run under ``OMP_NUM_THREADS=1`` (or set it explicitly for both).
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
 import os
+import socket
+import time
 from collections.abc import Iterator, Mapping
 
 import torch
 
-__all__ = ["SINGLE", "DistContext", "chunk_ranges", "distributed_from_env", "gather_chunks",
-           "init_from_env"]
+from ..errors import ModelLegoError
+
+__all__ = ["SINGLE", "DistContext", "chunk_ranges", "distributed_from_env", "env_settings",
+           "gather_chunks", "init_from_env"]
 
 
 def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -140,29 +146,126 @@ class DistContext:
 SINGLE = DistContext()
 
 
+#: Environment variable: seconds to wait for all processes to join (default 60).
+TIMEOUT_VAR = "MODELLEGO_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0
+_FIX = "start the command with torchrun, or unset WORLD_SIZE to run in one process"
+
+
+def _env_int(env: Mapping[str, str], name: str, lo: int, hi: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        raise ModelLegoError(f"environment variable {name} is not set but WORLD_SIZE="
+                             f"{env.get('WORLD_SIZE')} asks for a distributed run; {_FIX}")
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ModelLegoError(f"environment variable {name}={raw!r} is not an integer; "
+                             f"{_FIX}") from None
+    if value < lo or (hi is not None and value > hi):
+        want = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise ModelLegoError(f"environment variable {name}={value} must be {want}; {_FIX}")
+    return value
+
+
+def _timeout(env: Mapping[str, str]) -> float:
+    raw = env.get(TIMEOUT_VAR)
+    if raw is None or not raw.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise ModelLegoError(f"environment variable {TIMEOUT_VAR}={raw!r} must be a number "
+                             "of seconds > 0; e.g. 60")
+    return value
+
+
+def env_settings(env: Mapping[str, str]) -> tuple[int, int, int, float]:
+    """``(rank, world_size, local_rank, timeout)`` from torchrun's variables, checked.
+
+    ``WORLD_SIZE`` unset, empty or 1 is one process. Otherwise ``RANK`` must be in
+    ``0..WORLD_SIZE-1``, ``LOCAL_RANK`` (default 0) at most ``RANK`` and below
+    ``LOCAL_WORLD_SIZE`` when that is set, ``MASTER_ADDR`` and ``MASTER_PORT`` present;
+    ``MODELLEGO_DIST_TIMEOUT`` bounds the wait for the other processes. Anything else is a
+    one-line :class:`~modellego.errors.ModelLegoError` instead of a traceback or a hang.
+    """
+    if not (env.get("WORLD_SIZE") or "").strip():
+        return 0, 1, 0, DEFAULT_TIMEOUT
+    world = _env_int(env, "WORLD_SIZE", 1)
+    if world == 1:
+        return 0, 1, 0, DEFAULT_TIMEOUT
+    rank = _env_int(env, "RANK", 0, world - 1)
+    local_rank = 0
+    if (env.get("LOCAL_RANK") or "").strip():
+        local_rank = _env_int(env, "LOCAL_RANK", 0, rank)
+    if (env.get("LOCAL_WORLD_SIZE") or "").strip():
+        local_world = _env_int(env, "LOCAL_WORLD_SIZE", 1, world)
+        if local_rank >= local_world:
+            raise ModelLegoError(f"environment variable LOCAL_RANK={local_rank} must be below "
+                                 f"LOCAL_WORLD_SIZE={local_world}; {_FIX}")
+    if not (env.get("MASTER_ADDR") or "").strip():
+        raise ModelLegoError(f"environment variable MASTER_ADDR is not set but WORLD_SIZE="
+                             f"{world} asks for a distributed run; {_FIX}")
+    _env_int(env, "MASTER_PORT", 1, 65535)
+    return rank, world, local_rank, _timeout(env)
+
+
+def _wait_for_listener(addr: str, port: int, timeout: float) -> None:
+    """Return once something accepts connections at ``addr:port``; OSError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(1.0, timeout)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise OSError(f"nothing accepted a connection: {exc.strerror or exc}"
+                              ) from exc
+            time.sleep(0.2)
+
+
 def init_from_env(env: Mapping[str, str] | None = None) -> DistContext:
     """The context described by ``torchrun``'s environment variables.
 
     Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) this is :data:`SINGLE` and
-    ``torch.distributed`` is left alone. Otherwise the default process group is
-    initialised (``env://``: ``MASTER_ADDR``/``MASTER_PORT``) unless it already is; the
+    ``torch.distributed`` is left alone. Otherwise the variables are checked
+    (:func:`env_settings`) and the default process group is initialised (``env://``:
+    ``MASTER_ADDR``/``MASTER_PORT``) unless it already is, waiting at most
+    ``MODELLEGO_DIST_TIMEOUT`` seconds (default 60) for every process to join; the
     returned context destroys it on :meth:`~DistContext.close` only if it created it.
     """
     env = os.environ if env is None else env
-    world = int(env.get("WORLD_SIZE", "1") or 1)
+    rank, world, local_rank, timeout = env_settings(env)
     if world <= 1:
         return SINGLE
     import torch.distributed as dist
 
-    rank = int(env["RANK"])
-    local_rank = int(env.get("LOCAL_RANK", "0") or 0)
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank=local_rank,
                            backend=dist.get_backend(), owns_group=False)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    addr, port = env["MASTER_ADDR"].strip(), int(env["MASTER_PORT"])
+    # under torchrun the agent already serves the store: every rank is a client
+    serve = rank == 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        if not serve:  # wait here, quietly: torch's own connect timeout logs a C++ trace
+            _wait_for_listener(addr, port, timeout)
+        # the store bounds the rendezvous only; collectives keep torch's default timeout
+        store = dist.TCPStore(addr, port, world, is_master=serve,
+                              timeout=datetime.timedelta(seconds=timeout),
+                              wait_for_workers=serve)
+    except (RuntimeError, OSError) as exc:  # DistStoreError / DistNetworkError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLegoError(
+            f"rank {rank} of {world}: the processes did not all meet at {addr}:{port} within "
+            f"{timeout:g} s ({reason[:200]}); start every rank (torchrun), check MASTER_ADDR "
+            f"and MASTER_PORT, or raise {TIMEOUT_VAR}") from exc
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistContext(rank, world, local_rank=local_rank, backend=backend, owns_group=True)
 
 

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Sequence
 import torch
 
 from ..errors import ModelLegoError
+from ..terminal import printable
 
 FORMATS = ("png", "svg")
 
@@ -38,6 +39,13 @@ def new_figure(width: float, height: float):
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def plain_text(value: object) -> str:
+    """``value`` as matplotlib shows it literally: control characters escaped (as
+    :func:`modellego.terminal.printable`; raw, they are not valid in an SVG file) and every
+    ``$`` escaped, so a name such as ``$\\frac{$`` is never parsed as math text."""
+    return printable(value).replace("$", r"\$")
 
 
 def figure_format(path: str | Path) -> str:

@@ -29,7 +29,7 @@ from ..errors import ModelLegoError
 from ..runtime.hooks import forward_hooks, preserved_state
 from ..surgery.graph import ChannelGraph, Layer, build_channel_graph
 from ..training import task_outputs
-from .common import new_figure, save_figure, task_images
+from .common import new_figure, plain_text, save_figure, task_images
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def plot_heatmap(data: HeatmapData, path: str | Path | BinaryIO, *, fmt: str | N
     img = ax.imshow(shown, aspect="auto", cmap="viridis", vmin=0, vmax=1,
                     interpolation="nearest")
     ax.set_yticks(range(k))
-    ax.set_yticklabels([f"{c} ({name})" if name != str(c) else f"class {c}"
+    ax.set_yticklabels([f"{c} ({plain_text(name)})" if name != str(c) else f"class {c}"
                         for c, name in zip(data.classes, data.class_names)], fontsize=8)
     ax.set_title(f"per-class contribution of the input channels of {data.layer} "
                  f"({data.kind}, {n} channels)", fontsize=10)

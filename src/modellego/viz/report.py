@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import new_figure, png_data_uri
+from .common import new_figure, plain_text, png_data_uri
 from .route import RouteData, format_route, route_figure
 
 _STYLE = """
@@ -103,11 +103,11 @@ def accuracy_figure(labels: Sequence[str], series: dict[str, Sequence[float]],
         colors = class_colors(m)
     for j, (name, values) in enumerate(series.items()):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(n)]
-        bars = ax.bar(xs, values, width=width * 0.95, color=colors[j], label=name)
+        bars = ax.bar(xs, values, width=width * 0.95, color=colors[j], label=plain_text(name))
         if n * m <= 24:
             ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=6.5, padding=1)
     ax.set_xticks(range(n))
-    ax.set_xticklabels(labels, fontsize=8, rotation=30 if n > 8 else 0,
+    ax.set_xticklabels([plain_text(lab) for lab in labels], fontsize=8, rotation=30 if n > 8 else 0,
                        ha="right" if n > 8 else "center")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test accuracy", fontsize=9)

@@ -27,8 +27,9 @@ from ..analysis.methods import get_method
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
 from ..surgery.graph import ChannelGraph, build_channel_graph
+from ..terminal import printable
 from ..training import task_outputs
-from .common import class_colors, new_figure, save_figure, task_images
+from .common import class_colors, new_figure, plain_text, save_figure, task_images
 
 SHARED_COLOR = "#3a3a3a"
 SOME_COLOR = "#9a9a9a"
@@ -191,7 +192,7 @@ def format_route(data: RouteData) -> str:
     width = max([len("layer")] + [len(c["layer"]) for c in counts])
     heads = [f"c{c}" for c in data.classes]
     lines = [f"route of classes {list(data.classes)} "
-             f"({', '.join(data.class_names)}); shared = used by all of them",
+             f"({', '.join(map(printable, data.class_names))}); shared = used by all of them",
              f"  {'layer':<{width}} {'ch':>5} {'used':>5} {'shared':>6} {'%ch':>6} "
              f"{'%used':>6} " + " ".join(f"{h:>5}" for h in heads) + f" {'unused':>6}"]
     for c in counts:
@@ -296,7 +297,7 @@ def route_figure(data: RouteData, *, title: str | None = None
         handles.append(Patch(color=SOME_COLOR, label="shared by some"))
     for i, (cls, name) in enumerate(zip(data.classes, data.class_names)):
         only = " only" if k >= 2 else ""
-        label = f"class {cls}{only}" + (f" ({name})" if name != str(cls) else "")
+        label = f"class {cls}{only}" + (f" ({plain_text(name)})" if name != str(cls) else "")
         handles.append(Patch(color=colors[i], label=label))
     handles.append(Patch(facecolor=UNUSED_COLOR, edgecolor="#bdbdbd", label="unused"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..terminal import printable
+
 
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text table of a disassembly report."""
@@ -24,7 +26,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'restr.':>7} "
                  f"{'comp.':>7}")
     for r in report["per_class"]:
-        lines.append(f"  {r['class']:>5} {r['name']:<14} {r['n']:>5} "
+        lines.append(f"  {r['class']:>5} {printable(r['name']):<14} {r['n']:>5} "
                      f"{r['source_accuracy']:>7.4f} {r['restricted_accuracy']:>7.4f} "
                      f"{r['component_accuracy']:>7.4f}")
     return "\n".join(lines)
@@ -54,7 +56,7 @@ def format_compress_report(report: dict[str, Any]) -> str:
         f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'compr.':>7}",
     ]
     for r in report["per_class"]:
-        lines.append(f"  {r['class']:>5} {r['name']:<14} {r['n']:>5} "
+        lines.append(f"  {r['class']:>5} {printable(r['name']):<14} {r['n']:>5} "
                      f"{r['source_accuracy']:>7.4f} {r['component_accuracy']:>7.4f}")
     return "\n".join(lines)
 
@@ -73,5 +75,6 @@ def format_assembly(result: dict[str, Any], manifest: dict[str, Any]) -> str:
     if "latency_ms" in result:
         lines.append(f"  CPU latency         {result['latency_ms']:.3f} ms/image")
     for lab, (key, acc) in zip(manifest["labels"], result["per_class"].items()):
-        lines.append(f"    {key:<18s} {lab['name']:<14s} part {lab['part']}  {acc:.4f}")
+        lines.append(f"    {printable(key):<18s} {printable(lab['name']):<14s} "
+                     f"part {lab['part']}  {acc:.4f}")
     return "\n".join(lines)
