@@ -25,3 +25,9 @@ class UnsupportedModelError(ModelLegoError):
 
 class PlanError(ModelLegoError):
     """A disassembly or assembly plan that cannot be applied (e.g. a layer left empty)."""
+
+
+class OutputWriteError(ModelFileError, OSError):
+    """An output could not be written (no space, no permission, ...): a one-line
+    :class:`ModelFileError` that is also the :class:`OSError` it stands for, so that code
+    catching ``OSError`` around a write keeps working."""
