@@ -479,7 +479,7 @@ def test_a_path_that_is_not_a_file_is_named_for_what_it_is(tmp_path: Path) -> No
         for fn in (load_model, read_manifest, load_weights):
             result: list[BaseException] = []
             # a FIFO opened for reading would block: run in a thread that must finish
-            def attempt(fn=fn, path=path) -> None:
+            def attempt(fn=fn, path=path, result=result) -> None:
                 result.append(pytest.raises(ModelFileError, fn, path).value)
 
             worker = threading.Thread(target=attempt)
@@ -762,3 +762,17 @@ def test_stale_temporary_file_of_a_killed_writer_is_removed(tmp_path: Path) -> N
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["out.bin", alive.name, fresh.name, other.name])
+
+
+def test_fuzzed_model_files_load_or_are_refused(tmp_path: Path) -> None:
+    """150 mutated copies of a real file (header length, manifest text, tensor table,
+    truncations, byte flips): each loads or raises ModelFileError (one line), nothing else.
+    ``scripts/fuzz_model_file.py --examples 20000`` runs the same for longer."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_model_file.py"
+    spec = importlib.util.spec_from_file_location("fuzz_model_file", script)
+    assert spec is not None and spec.loader is not None
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    fuzz.run(150, tmp_path, seed=0)
