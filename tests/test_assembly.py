@@ -619,3 +619,38 @@ def test_union_refuses_a_changed_source_file(files, part_a, tmp_path):
     src.unlink()
     with pytest.raises(ModelLegoError, match="missing or changed"):
         assemble([c1, c2], AssemblyConfig(layout="union", scaling="none"))
+
+
+def test_union_does_not_overwrite_the_components_source_without_force(files, part_a,
+                                                                      tmp_path, monkeypatch):
+    import shutil
+
+    from helpers import run_cli
+
+    work = tmp_path / "work"
+    (work / "comps").mkdir(parents=True)
+    src = work / "src.safetensors"
+    shutil.copy(files["a"], src)
+    monkeypatch.chdir(work)
+    for classes, name in (("0,1", "c1"), ("3", "c2")):
+        code, _, err = run_cli(["disassemble", "src.safetensors", "--classes", classes,
+                                "--out", f"comps/{name}.safetensors"])
+        assert code == 0, err
+    # stored relative to the component, found from any working folder
+    assert read_manifest(work / "comps" / "c1.safetensors")["provenance"]["source"]["file"] \
+        == "../src.safetensors"
+    original = src.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    argv = ["assemble", "work/comps/c1.safetensors", "work/comps/c2.safetensors",
+            "--layout", "union", "--scaling", "none"]
+    code, out, err = run_cli(argv + ["--out", "work/src.safetensors"])
+    assert code == 2 and out == ""
+    assert err == ("modellego assemble: error: --out work/src.safetensors would overwrite the "
+                   "input work/comps/../src.safetensors; choose another path or pass --force\n")
+    assert src.read_bytes() == original
+    code, out, err = run_cli(argv + ["--out", "u.safetensors"])
+    assert code == 0, err
+    _, man = load_model(tmp_path / "u.safetensors")
+    assert man["union"]["source"]["file"] == "work/comps/../src.safetensors"
+    code, out, err = run_cli(argv + ["--out", "work/src.safetensors", "--force"])
+    assert code == 0, err

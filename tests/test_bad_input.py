@@ -323,3 +323,143 @@ def test_output_that_would_overwrite_an_input(models, tmp_path: Path) -> None:
     assert manifest["provenance"]["source"]["sha256"] == hashlib.sha256(original).hexdigest()
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 2)
     assert read_manifest(source)["provenance"]["source"]["file"] == str(source)
+
+
+def _special_outputs(folder: Path) -> dict[str, Path]:
+    import os
+    import stat
+
+    found = {"named pipe (FIFO)": folder / "fifo"}
+    os.mkfifo(found["named pipe (FIFO)"])
+    link = folder / "null-link"
+    link.symlink_to("/dev/null")
+    found["device"] = link
+    try:
+        os.mknod(folder / "chardev", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        found["device "] = folder / "chardev"  # a second device case, if we may make one
+    except OSError:
+        pass
+    return found
+
+
+@pytest.mark.parametrize("flag", ["--out", "--report", "--html"])
+def test_output_that_is_a_special_file_is_refused(flag: str, models, tmp_path: Path,
+                                                  outdir: Path) -> None:
+    import os
+
+    specials = _special_outputs(tmp_path)
+    for what, target in specials.items():
+        paths = {"--out": outdir / "c.safetensors", flag: target}
+        argv = ["disassemble", models["all"], "--classes", "1"]
+        for f, p in paths.items():
+            argv += [f, p]
+        _assert_error(run_cli(argv), "disassemble",
+                      f"{flag} {target} is a {what.strip()}, not a regular file",
+                      "give the path of a regular file")
+    assert list(outdir.iterdir()) == []
+    assert os.path.realpath(tmp_path / "null-link") == "/dev/null"
+    assert Path("/dev/null").is_char_device()
+
+
+def test_route_json_that_is_a_fifo_is_refused(models, tmp_path: Path, outdir: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    _assert_error(run_cli(["route", models["all"], "--classes", "1,2", "--out",
+                           outdir / "r.png", "--json", tmp_path / "fifo"]),
+                  "route", f"--json {tmp_path / 'fifo'} is a named pipe (FIFO)")
+    assert list(outdir.iterdir()) == []
+
+
+def test_output_in_a_read_only_folder(models, tmp_path: Path, monkeypatch) -> None:
+    import os
+    import shutil as sh
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    argv = ["disassemble", models["all"], "--classes", "1", "--out", folder / "c.safetensors"]
+    immutable = os.geteuid() == 0 and sh.which("chattr") is not None and subprocess.run(
+        ["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        if not immutable:  # not root: a folder without write permission does it
+            folder.chmod(0o555)
+            if os.access(folder, os.W_OK):
+                monkeypatch.setattr(os, "access", lambda *a, **k: False)
+        _assert_error(run_cli(argv), "disassemble", f"--out {folder / 'c.safetensors'}: "
+                      f"folder {folder} cannot be written to", "choose another folder")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+    assert list(folder.iterdir()) == []
+
+
+def test_output_whose_folder_is_a_file_or_whose_name_is_too_long(models, tmp_path: Path,
+                                                                 outdir: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "1", "--out",
+                           afile / "c.safetensors"]),
+                  "disassemble", f"--out {afile / 'c.safetensors'}: {afile} is not a folder "
+                  "but a file")
+    long = outdir / ("c" * 256 + ".safetensors")
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "1", "--out", long]),
+                  "disassemble", "the file name is 268 bytes, longer than the", "shorter name")
+    _assert_error(run_cli(["disassemble", models["all"], "--classes", "1", "--out",
+                           outdir / "c.safetensors", "--report", outdir / ("r" * 250)]),
+                  "disassemble", "--report", "the file name is 250 bytes")
+    assert list(outdir.iterdir()) == [] and sorted(tmp_path.iterdir()) == [afile, outdir]
+
+
+def test_no_space_at_write_time_is_one_line(models, outdir: Path, monkeypatch) -> None:
+    import errno
+
+    from modellego import io as io_module
+
+    def full(tensors: dict, filename: str, metadata: dict) -> None:
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io_module, "save_file", full)
+    out = outdir / "c.safetensors"
+    code, _, err = run_cli(["disassemble", models["all"], "--classes", "1", "--out", out])
+    assert code == 2
+    assert err == (f"modellego disassemble: error: cannot write {out}: No space left on "
+                   "device; nothing was written (free some space, check the folder's "
+                   "permissions or choose another path)\n")
+    assert list(outdir.iterdir()) == []
+
+
+_TERMINATED_CHILD = r'''
+import sys, time
+from pathlib import Path
+from modellego import io
+from modellego.cli import main
+def slow(tensors, filename, metadata):
+    Path(filename).write_bytes(b"half a file")
+    print("writing", flush=True)
+    time.sleep(120)
+io.save_file = slow
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_write_leaves_nothing(models, outdir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    out = outdir / "c.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _TERMINATED_CHILD, "disassemble",
+                             str(models["all"]), "--classes", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    [tmp] = outdir.iterdir()
+    assert tmp.name.startswith(f".c.safetensors.{proc.pid}.")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err == "terminated\n"
+    assert list(outdir.iterdir()) == []

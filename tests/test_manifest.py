@@ -618,3 +618,35 @@ def test_manifest_module_imports_only_the_standard_library_and_errors() -> None:
     assert local == {".errors"}
     assert all(name in sys.stdlib_module_names or name == "__future__"
                for name in found - local), found
+
+
+# --------------------------------------------------------------------------- part mean/std
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0, -1.0, "length"])
+@pytest.mark.parametrize("where", ["manifest", "weights"])
+def test_crafted_part_normalisation_is_refused_on_loading(where: str, value, tmp_path: Path
+                                                          ) -> None:
+    """An assembly's part mean/std: NaN, 0, negative or of the wrong length, in the manifest
+    or in the adapter tensors of the weights, is refused as a file error (was a NaN or
+    inf-laden evaluation, or an error from deep inside)."""
+    assembly = V010 / "assembly.safetensors"
+    tensors = dict(load_weights(assembly)[0])
+    manifest = raw_manifest(assembly)
+    if where == "manifest":
+        for key in ("input", "dataset"):
+            manifest["parts"][0][key]["std"] = [0.3, 0.3] if value == "length" else [value]
+        text = json.dumps(manifest)
+    else:
+        text = json.dumps(manifest)
+        shape = (1, 2, 1, 1) if value == "length" else (1, 1, 1, 1)
+        tensors["body.adapters.0.std"] = torch.full(shape, 0.3 if value == "length" else value)
+    path = write_crafted(tmp_path / "a.safetensors", text, tensors)
+    for fn in (load_model, open_model):
+        with pytest.raises(ModelFileError) as exc:
+            fn(path)
+        assert str(exc.value).startswith(f"{path}: "), str(exc.value)
+    err = refused_by_cli(path)
+    if where == "weights" and value in (0.0, -1.0):
+        assert f"tensor body.adapters.0.std holds [{value}], but the manifest fixes it to " \
+               "[0.324408]" in err, err

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ._version import __version__
 from .errors import ModelLegoError, ModelLegoWarning
@@ -125,6 +128,11 @@ def _outputs(args: argparse.Namespace, inputs: Sequence[str], *flags: str) -> di
     from .workflows.outputs import check_outputs
 
     named = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in flags}
+    inputs = list(inputs)
+    if getattr(args, "layout", None) == "union":  # it also reads the components' source
+        from .assembly.union import union_sources
+
+        inputs += [str(p) for p in union_sources(inputs)]
     return check_outputs(named, inputs, getattr(args, "force", False))
 
 
@@ -136,9 +144,17 @@ def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=
     from .viz.report import write_html
     from .workflows.outputs import write_all, write_json
 
+    out = outs.get("--out")
+    source = (manifest or {}).get("provenance", {}).get("source") or {}
+    if out is not None and source.get("file") and not Path(source["file"]).is_absolute():
+        # a relative source path is stored relative to the file written, so that it is
+        # found from any working folder (see modellego.assembly.union.find_source)
+        relative = os.path.relpath(Path(source["file"]).resolve(), Path(out).parent.resolve())
+        provenance = {**manifest["provenance"], "source": {**source, "file": relative}}
+        manifest = {**manifest, "provenance": provenance}
     page: str = html() if html is not None and outs.get("--html") is not None else ""
     done = write_all([
-        (outs.get("--out"), lambda p: save_model(p, model, manifest)),
+        (out, lambda p: save_model(p, model, manifest)),
         (outs.get("--report"), lambda p: write_json(p, report)),
         (outs.get("--html"), lambda p: write_html(p, page)),
     ])
@@ -569,6 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shown.add(str(message))
             print(f"modellego: warning: {printable(message)}", file=sys.stderr)
 
+    previous = _on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", ModelLegoWarning)
@@ -585,6 +602,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the command is, so that it unwinds as for Ctrl-C (a
+    half-written output's temporary file is removed, see :func:`modellego.io.atomic_write`)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _on_sigterm() -> Any:
+    """Handle SIGTERM as :class:`Terminated` (main thread only; returns the old handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,9 @@ class PlanError(ModelLegoError):
 
 class TrainingError(ModelLegoError):
     """A training run diverged (non-finite loss or weights); nothing is written."""
+
+
+class OutputWriteError(ModelFileError, OSError):
+    """An output could not be written (no space, no permission, ...): a one-line
+    :class:`ModelFileError` that is also the :class:`OSError` it stands for, so that code
+    catching ``OSError`` around a write keeps working."""

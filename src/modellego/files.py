@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError
-from .io import _load_tensors, _prepared, read_header, save_weights, tensor_table
+from .io import _load_tensors, _prepared, read_table, save_weights
 from .kinds import build_from_manifest
 from .manifest import Manifest
 
@@ -37,8 +37,9 @@ def save_model(path: str | Path, model: nn.Module,
     """Save ``model``'s weights (state_dict incl. buffers) with ``manifest``.
 
     The manifest must be valid and let the package rebuild a network with one output per
-    class; otherwise :class:`ModelFileError` and nothing is written. Tensors that share
-    storage are saved as separate copies.
+    class; otherwise :class:`ModelFileError` and nothing is written. That check runs on the
+    ``meta`` device only, so a manifest asking for a huge network allocates nothing. Tensors
+    that share storage are saved as separate copies.
     """
     checked = _prepared(path, manifest)
     _check_outputs(checked, f"{path} (not written)")
@@ -46,32 +47,43 @@ def save_model(path: str | Path, model: nn.Module,
     save_weights(path, state, checked)
 
 
+#: the dtypes a floating-point tensor of the network may be stored as; they are read and
+#: converted to the network's own dtype (float32): half precision loses nothing it had
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                 "I32": torch.int32, "I64": torch.int64, "U16": torch.uint16,
+                 "U32": torch.uint32, "U64": torch.uint64, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
 def open_model(path: str | Path) -> LoadedModel:
     """Rebuild the network a model file describes, load its weights, return it in eval mode
     with its typed manifest.
+
+    Everything about the file is checked before memory is spent on the network: the
+    structure is built on the ``meta`` device and its tensor names, shapes and dtypes
+    compared with the header's table (see the module docstring and :func:`_compare_tensors`).
 
     >>> loaded = open_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
     >>> loaded.manifest.dataset.name, loaded.manifest.class_names[:2]
     """
     path = Path(path)
-    header, checked = read_header(path)
+    _, checked, entries = read_table(path)
     manifest = checked.to_dict()
-    table = tensor_table(header, path)
-    model = None
-    try:
-        with torch.device("meta"):  # the structure only: nothing allocated for its weights
-            skeleton = build_from_manifest(manifest)
-    except Exception:  # a builder that needs real numbers: build it for real instead
-        skeleton = model = _build(manifest, str(path))
-    _compare_tensors(path, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()},
-                     table)
+    skeleton = _build(manifest, str(path), meta=True)
+    expected = skeleton.state_dict()
+    _compare_tensors(path, {k: tuple(v.shape) for k, v in expected.items()},
+                     {k: shape for k, (_, shape) in entries.items()})
+    _compare_dtypes(path, {k: v.dtype for k, v in expected.items()}, entries)
     _check_outputs(checked, str(path), skeleton)
     tensors = _load_tensors(path)
     for k, v in tensors.items():
+        if v.dtype != expected[k].dtype:  # half or double precision: see FLOAT_DTYPES
+            v = tensors[k] = v.to(expected[k].dtype)
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ModelFileError(f"{path}: tensor {k} contains NaN or infinite values")
-    if model is None:
-        model = _build(manifest, str(path))
+    model = _build(manifest, str(path))
+    _check_fixed(path, model, tensors)
     model.load_state_dict(tensors)
     return LoadedModel(model.eval(), checked, path)
 
@@ -105,8 +117,47 @@ def _compare_tensors(path: Path, expected: dict[str, tuple[int, ...]],
                              + "; ".join(details))
 
 
-def _build(manifest: Mapping[str, Any], source: str) -> nn.Module:
+def _compare_dtypes(path: Path, expected: dict[str, torch.dtype],
+                    found: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Refuse a tensor stored in a dtype the network cannot hold without changing what it
+    means: a floating-point tensor (parameter or buffer) must be stored as floating point
+    (:data:`FLOAT_DTYPES`, converted on loading); any other tensor (e.g. BatchNorm's int64
+    ``num_batches_tracked``) in exactly the network's dtype."""
+    for name, dtype in expected.items():
+        stored = found[name][0]
+        ok = stored in FLOAT_DTYPES if dtype.is_floating_point \
+            else _TORCH_DTYPES.get(stored) == dtype
+        if not ok:
+            allowed = "float16, bfloat16, float32 or float64" if dtype.is_floating_point \
+                else str(dtype).replace("torch.", "")
+            raise ModelFileError(
+                f"{path}: tensor {name} is stored as {stored}, but the network holds "
+                f"{str(dtype).replace('torch.', '')} there (expected {allowed}); the file is "
+                "damaged or was not written by modellego")
+
+
+def _check_fixed(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Tensors whose values the manifest itself fixes (a module lists them in its
+    ``fixed_buffers``, e.g. an assembly's input normalisation) must hold those values."""
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "fixed_buffers", ()):
+            key = f"{prefix}.{name}" if prefix else name
+            mine, theirs = getattr(module, name), tensors.get(key)
+            if theirs is not None and not torch.equal(mine, theirs.to(mine.dtype)):
+                shown = [round(float(v), 6) for v in theirs.flatten()[:8]]
+                wanted = [round(float(v), 6) for v in mine.flatten()[:8]]
+                raise ModelFileError(
+                    f"{path}: tensor {key} holds {shown}, but the manifest fixes it to "
+                    f"{wanted}; the file is damaged or was edited, do not use it")
+
+
+def _build(manifest: Mapping[str, Any], source: str, *, meta: bool = False) -> nn.Module:
+    """The network ``manifest`` describes; with ``meta``, its structure only (nothing is
+    allocated for its weights, however large the manifest says it is)."""
     try:
+        if meta:
+            with torch.device("meta"):
+                return build_from_manifest(manifest)
         return build_from_manifest(manifest)
     except ModelFileError as exc:
         raise ModelFileError(f"{source}: {exc}") from None
@@ -119,21 +170,16 @@ def _count_outputs(manifest: Mapping[str, Any], shape: tuple[int, ...], source: 
                    skeleton: nn.Module | None = None) -> int:
     """The number of logits of the network ``manifest`` describes, found by running a
     ``meta`` tensor (no data, no arithmetic) through a ``meta`` copy of it (``skeleton``, or
-    one built here); only if an op has no meta kernel, by one zero image through a real
-    copy."""
+    one built here). Never on a real copy: the manifest alone must not make modellego
+    allocate (every registered architecture runs on ``meta``)."""
+    net = skeleton if skeleton is not None else _build(manifest, source, meta=True)
     try:
         with torch.device("meta"):
-            net = skeleton if skeleton is not None else build_from_manifest(manifest)
             out = net.eval()(torch.zeros(1, *shape))
-    except Exception:  # an op without a meta kernel, or a manifest the builder rejects
-        real = _build(manifest, source)
-        try:
-            with torch.inference_mode():
-                out = real.eval()(torch.zeros(1, *shape))
-        except Exception as exc:
-            raise ModelFileError(f"{source}: the network the manifest describes does not run "
-                                 f"on its input shape {list(shape)} ({type(exc).__name__}: "
-                                 f"{exc})") from None
+    except Exception as exc:
+        raise ModelFileError(f"{source}: the network the manifest describes does not run "
+                             f"on its input shape {list(shape)} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if out.dim() != 2:
         raise ModelFileError(f"{source}: the network gives outputs of shape "
                              f"{tuple(out.shape)}, not (batch, classes)")

@@ -39,6 +39,9 @@ class InputAdapter(nn.Module):
 
     mean: torch.Tensor  # buffers, registered in __init__
     std: torch.Tensor
+    #: buffers whose values come from the manifest (the part's input contract): a model
+    #: file must hold exactly these values (checked by :func:`modellego.files.open_model`)
+    fixed_buffers = ("mean", "std")
 
     def __init__(self, contract: Sequence[int], part_input: dict[str, Any]) -> None:
         super().__init__()
@@ -52,6 +55,10 @@ class InputAdapter(nn.Module):
         self.resize = tuple(contract[1:]) != self.size
         self.expand = c_in == 1 and shape[0] > 1
         self.reduce = c_in > 1 and shape[0] == 1
+        # the values as float32 numbers, also when built on the meta device (no data there)
+        self.normalisation = tuple(
+            tuple(torch.tensor(part_input[k], dtype=torch.float32, device="cpu").tolist())
+            for k in ("mean", "std"))
         self.register_buffer("mean", torch.tensor(part_input["mean"],
                                                   dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(part_input["std"],

@@ -116,6 +116,8 @@ class AssembledModel(nn.Module):
             self.register_buffer(f"columns{k}", torch.tensor(list(cols), dtype=torch.long))
             self.register_buffer(f"scale{k}", torch.ones(len(cols)))
         self.routers = nn.ModuleList(routers or [])
+        #: the kept outputs come from the manifest's labels: a file must hold exactly these
+        self.fixed_buffers = tuple(f"columns{k}" for k in range(len(columns)))
 
     def part_columns(self, k: int) -> torch.Tensor:
         """The outputs of part ``k`` the assembly keeps."""

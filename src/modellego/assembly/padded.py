@@ -23,8 +23,8 @@ from .adapters import InputAdapter
 
 def _same_adapters(adapters: Sequence[InputAdapter]) -> bool:
     a0 = adapters[0]
-    return all(a.channels == a0.channels and a.size == a0.size and torch.equal(a.mean, a0.mean)
-               and torch.equal(a.std, a0.std) for a in adapters[1:])
+    return all(a.channels == a0.channels and a.size == a0.size
+               and a.normalisation == a0.normalisation for a in adapters[1:])
 
 
 def _check_compatible(parts: Sequence[dict[str, Any]], graphs: Sequence[ChannelGraph]) -> None:

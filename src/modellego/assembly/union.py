@@ -21,19 +21,59 @@ from ..surgery.plan import ComponentPlan
 from .adapters import InputAdapter
 
 
-def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Architecture and union plan of components of one source (read from the source file)."""
+def source_candidates(stored: str, part_file: str | Path | None) -> list[Path]:
+    """Where the source file a component names (``stored``) may be, in the order tried: as
+    is when absolute; else relative to the component file's folder (how modellego stores it
+    now), then to the working folder (how 0.1.0 stored it)."""
+    path = Path(stored)
+    if path.is_absolute():
+        return [path]
+    found = [Path(part_file).parent / path] if part_file else []
+    return found + ([path] if path not in found else [])
+
+
+def find_source(stored: str | None, sha256: str | None, part_file: str | Path | None
+                ) -> Path | None:
+    """The first of :func:`source_candidates` that is a file with SHA-256 ``sha256``."""
     from ..io import file_sha256
 
+    if not stored or not sha256:
+        return None
+    for path in source_candidates(stored, part_file):
+        if path.is_file() and file_sha256(path) == sha256:
+            return path
+    return None
+
+
+def union_sources(files: Sequence[str | Path]) -> list[Path]:
+    """The source model files the components ``files`` name (those found): what
+    ``--layout union`` reads besides the files it is given."""
+    from ..io import read_manifest
+
+    found = []
+    for file in files:
+        src = read_manifest(file).get("provenance", {}).get("source") or {}
+        path = find_source(src.get("file"), src.get("sha256"), file)
+        if path is not None:
+            found.append(path)
+    return found
+
+
+def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Architecture and union plan of components of one source (read from the source file,
+    found by :func:`find_source`; the spec records the path it was read from)."""
     sources = {(p.get("source") or {}).get("sha256") for p in parts}
     if any(p.get("kind") != "component" for p in parts) or len(sources) != 1 or None in sources:
         raise ModelLegoError("--layout union needs components cut from one source model "
                              "(their manifests name the same source file hash)")
     src = parts[0]["source"]
+    found = find_source(src.get("file"), src["sha256"], parts[0].get("file"))
     path = src.get("file")
-    if not path or not Path(path).is_file() or file_sha256(path) != src["sha256"]:
+    if found is None:
         raise ModelLegoError(f"--layout union needs the source model file {path!r} with "
                              f"SHA-256 {src['sha256'][:12]}...; it is missing or changed")
+    path = str(found)
+    src = {"file": path, "sha256": src["sha256"]}
     source, manifest = load_model(path)
     if manifest.get("kind") != "model":
         raise ModelLegoError(f"--layout union: source {path} is not a plain model")
