@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modellego.data import load_split, normalize
+from modellego.files import save_model
 from modellego.models import create_model
+from modellego.training import TrainConfig, train
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,3 +53,15 @@ def trained(digits) -> nn.Module:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def simnet_digits_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simnet (width 0.25) trained for one epoch on digits, saved as a model file.
+
+    Session-scoped and shared: tests read it, never change it."""
+    model, manifest = train(TrainConfig(arch="simnet", dataset="digits", epochs=1, width=0.25,
+                                        batch_size=32), progress=False)
+    path = tmp_path_factory.mktemp("simnet-digits") / "source.safetensors"
+    save_model(path, model, manifest)
+    return path

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import run_cli
 from modellego.analysis.locate import profiled_layers
 from modellego.analysis.profile import (
     ClassSums,
@@ -268,15 +269,8 @@ _PEER = {"MASTER_ADDR": "127.0.0.1"}
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from modellego.files import save_model
-    from modellego.training import TrainConfig, train
-
-    model, manifest = train(TrainConfig(arch="simnet", dataset="digits", epochs=1, width=0.25,
-                                        batch_size=64), progress=False)
-    path = tmp_path_factory.mktemp("dist-env") / "model.safetensors"
-    save_model(path, model, manifest)
-    return path
+def model_file(simnet_digits_file: Path) -> Path:
+    return simnet_digits_file
 
 
 @pytest.mark.parametrize("env, message", [
@@ -303,17 +297,28 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ], ids=["no-rank", "world-not-int", "rank-too-big", "rank-negative", "local-rank-above-rank",
         "local-rank-above-local-world", "no-master-addr", "port-not-int", "bad-timeout"])
 def test_bad_torchrun_environment_is_a_one_line_error(env: dict, message: str,
-                                                      model_file: Path, tmp_path: Path):
-    # these used to end in a KeyError/ValueError traceback, or (RANK=5) hang until killed
-    from subproc import run_capped
-
+                                                      model_file: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    # these used to end in a KeyError/ValueError traceback, or (RANK=5) hang until killed;
+    # the RANK=5 case runs in a child with a hard time limit, the others in this process
+    # (the environment is refused before any process group is made)
     out = tmp_path / "part.safetensors"
-    result = run_capped(["disassemble", model_file, "--classes", "1,3", "--out", out],
-                        margin=64 << 30, timeout=60,
-                        env={**dict.fromkeys(_DIST_VARS), **env})
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr == f"modellego disassemble: error: {message}\n"
-    assert result.stdout == "" and not out.exists()
+    argv = ["disassemble", model_file, "--classes", "1,3", "--out", out]
+    if env.get("RANK") == "5":
+        from subproc import run_capped
+
+        result = run_capped(argv, margin=64 << 30, timeout=60,
+                            env={**dict.fromkeys(_DIST_VARS), **env})
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    else:
+        for key in _DIST_VARS:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        code, stdout, stderr = run_cli([str(a) for a in argv])
+    assert code == 2, stderr[-3000:]
+    assert stderr == f"modellego disassemble: error: {message}\n"
+    assert stdout == "" and not out.exists()
 
 
 @pytest.mark.parametrize("rank", ["0", "1"], ids=["master-waits", "client-waits"])

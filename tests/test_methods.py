@@ -20,13 +20,12 @@ from modellego.cli import main
 from modellego.data import load_split, normalize
 from modellego.disassembly import METHODS, DisassemblyConfig, default_locate, disassemble_model
 from modellego.errors import ModelLegoError
-from modellego.files import load_model, save_model
+from modellego.files import load_model
 from modellego.io import read_manifest
 from modellego.models import create_model, list_models
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.plan import plan_from_masks
-from modellego.training import TrainConfig, train
 
 TASK = (3, 1)
 K = 20
@@ -406,12 +405,8 @@ def test_every_architecture_disassembles_with_every_method(arch, method, noise):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, manifest = train(TrainConfig(arch="simnet", dataset="digits", epochs=1, width=0.25,
-                                        batch_size=32), progress=False)
-    path = tmp_path_factory.mktemp("methods") / "source.safetensors"
-    save_model(path, model, manifest)
-    return path
+def source(simnet_digits_file: Path) -> Path:
+    return simnet_digits_file
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -27,7 +27,6 @@ from modellego.models import create_model, list_models
 from modellego.registry import Registry
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.head import OneVsRest
-from modellego.training import TrainConfig, train
 
 TOL = 1e-5
 
@@ -223,19 +222,15 @@ def test_pan_rajan_refuses_what_does_not_apply(two_layer):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, manifest = train(TrainConfig(arch="simnet", dataset="digits", epochs=1, width=0.25,
-                                        batch_size=32), progress=False)
-    path = tmp_path_factory.mktemp("pan_rajan") / "source.safetensors"
-    save_model(path, model, manifest)
-    return path
+def source(simnet_digits_file: Path) -> Path:
+    return simnet_digits_file
 
 
 @pytest.fixture(scope="module")
-def modules(source: Path) -> dict[int, Path]:
-    out = {}
+def modules(source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    out, folder = {}, tmp_path_factory.mktemp("pan_rajan")  # the source's folder is shared
     for c in (1, 3, 7):
-        path = source.parent / f"module{c}.safetensors"
+        path = folder / f"module{c}.safetensors"
         code, _, err = run_cli(["disassemble", source, "--classes", str(c), "--out", path,
                                 "--samples-per-class", "10", "--method", "pan-rajan"])
         assert code == 0, err

@@ -32,20 +32,12 @@ from ..runtime.distributed import SINGLE, DistContext, gather_chunks
 from ..runtime.hooks import forward_pre_hooks, preserved_state
 from ..surgery.graph import ChannelGraph
 from .locate import LocateConfig, profiled_layers, union_of_class_masks
-from .passes import ProfilePass
+from .passes import ClassProfile, ProfilePass
 
 
 @dataclass(frozen=True)
-class ActivityProfile:
+class ActivityProfile(ClassProfile):
     """``layers[name][i, f]`` is ``A_c[f]`` for class ``classes[i]`` and input feature ``f``."""
-
-    classes: tuple[int, ...]
-    layers: dict[str, torch.Tensor]
-    samples: dict[int, int]
-    seconds: float
-
-    def for_class(self, layer: str, c: int) -> torch.Tensor:
-        return self.layers[layer][self.classes.index(c)]
 
 
 def _width(module: nn.Module) -> int:

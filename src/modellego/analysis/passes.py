@@ -81,3 +81,18 @@ def class_rows(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     row = torch.full((max(classes) + 1,), -1, dtype=torch.long)
     row[known] = torch.arange(len(classes))
     return row[labels]
+
+
+@dataclass(frozen=True)
+class ClassProfile:
+    """Per-class statistics of the profiled layers: ``layers[name][i]`` belongs to class
+    ``classes[i]``, made from ``samples[c]`` samples of class ``c`` in ``seconds``. What the
+    statistic is depends on the method (a subclass says)."""
+
+    classes: tuple[int, ...]
+    layers: dict[str, torch.Tensor]
+    samples: dict[int, int]
+    seconds: float
+
+    def for_class(self, layer: str, c: int) -> torch.Tensor:
+        return self.layers[layer][self.classes.index(c)]

@@ -13,7 +13,7 @@ from ..errors import ModelLegoError
 from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..runtime.hooks import forward_hooks, preserved_state
 from .contribution import layer_class_sums
-from .passes import ProfilePass
+from .passes import ClassProfile, ProfilePass
 
 
 @dataclass(frozen=True)
@@ -107,20 +107,13 @@ def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 @dataclass(frozen=True)
-class ContributionProfile:
+class ContributionProfile(ClassProfile):
     """``layers[name][i]`` is ``S_c[q, p]`` for class ``classes[i]``: the summed positive
     relative contribution of input ``p`` to output ``q`` over the class's samples."""
 
-    classes: tuple[int, ...]
-    layers: dict[str, torch.Tensor]
-    samples: dict[int, int]
-    seconds: float
     #: per layer ``(Q, P)``: signed contribution of input p to output q, per output position,
     #: averaged over all profiled samples (used to compensate removed inputs in the bias)
     means: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def for_class(self, layer: str, c: int) -> torch.Tensor:
-        return self.layers[layer][self.classes.index(c)]
 
 
 #: ``emit(layer, rows, sums, mean)``: one call of a profiled layer on one chunk; ``rows`` are
