@@ -117,7 +117,7 @@ def test_single_process_context_from_empty_environment():
     assert init_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is SINGLE
     assert SINGLE.is_main and not SINGLE.distributed and SINGLE.owns(5)
     t = torch.arange(3.0)
-    assert SINGLE.all_gather(t)[0] is t and torch.equal(SINGLE.all_reduce_sum(t), t)
+    assert SINGLE.all_gather(t)[0] is t
     SINGLE.close()
     assert not torch.distributed.is_initialized()
 

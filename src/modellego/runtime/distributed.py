@@ -120,18 +120,6 @@ class DistContext:
         dist.all_gather(out, x)
         return [t.cpu() for t in out]
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Elementwise sum over ranks (a new CPU tensor), added up in rank order.
-
-        Built on :meth:`all_gather`, so the result does not depend on the backend's
-        reduction order; memory is ``world_size`` copies of ``tensor``.
-        """
-        parts = self.all_gather(tensor)
-        total = parts[0].clone()
-        for part in parts[1:]:
-            total += part
-        return total
-
     def close(self) -> None:
         """Destroy the process group if this context created it (idempotent)."""
         if self._owns_group:
