@@ -130,7 +130,45 @@ class Contribution2022(Method):
         return replace(base, normalize="max")
 
 
-class Frat(Method):
+class AlphaMethod(Method):
+    """A method with one threshold per layer kind, ``alpha_conv``/``alpha_linear`` (betas
+    unused), a per-class profile and per-class masks OR-ed over the task: the subclass names
+    its ``alpha`` default and the three functions (profile, task masks, class masks)."""
+
+    compensate = False
+    refine = False
+    alpha = 0.2
+
+    @staticmethod
+    def profile_pass(model, layers, images, labels, classes, *, batch_size, dist):
+        raise NotImplementedError
+
+    @staticmethod
+    def task_masks(graph, profile, classes, config):
+        raise NotImplementedError
+
+    @staticmethod
+    def masks_of_class(graph, profile, c, config, output_index):
+        raise NotImplementedError
+
+    def default_locate(self) -> LocateConfig:
+        return LocateConfig(alpha_conv=self.alpha, alpha_linear=self.alpha)
+
+    def profile(self, model, layers, images, labels, classes, *, batch_size, dist):
+        return self.profile_pass(model, layers, images, labels, classes,
+                                 batch_size=batch_size, dist=dist)
+
+    def locate(self, graph, profile, classes, output_classes, config):
+        return self.task_masks(graph, profile, classes, config)
+
+    def class_masks(self, graph, profile, c, output_classes, config):
+        return self.masks_of_class(graph, profile, c, config, list(output_classes).index(c))
+
+    def candidates(self, base: LocateConfig) -> list[LocateConfig]:
+        return alpha_family(base, FRAT_SCALES)
+
+
+class Frat(AlphaMethod):
     """CNN LEGO v1: critical channels from gradients (thresholds ``alpha_*``, betas unused).
 
     Default 0.2 on the inputs of conv and linear layers: on the shipped Fashion-MNIST
@@ -139,28 +177,13 @@ class Frat(Method):
     """
 
     name = "frat"
-    compensate = False
-    refine = False
     hint = "; lower `alpha_conv`/`alpha_linear` and try again"
-
-    def default_locate(self) -> LocateConfig:
-        return LocateConfig(alpha_conv=0.2, alpha_linear=0.2)
-
-    def profile(self, model, layers, images, labels, classes, *, batch_size, dist):
-        return gradient_profile(model, layers, images, labels, classes,
-                                batch_size=batch_size, dist=dist)
-
-    def locate(self, graph, profile, classes, output_classes, config):
-        return frat_locate(graph, profile, classes, config)
-
-    def class_masks(self, graph, profile, c, output_classes, config):
-        return frat_class_masks(graph, profile, c, config, list(output_classes).index(c))
-
-    def candidates(self, base: LocateConfig) -> list[LocateConfig]:
-        return alpha_family(base, FRAT_SCALES)
+    profile_pass = staticmethod(gradient_profile)
+    task_masks = staticmethod(frat_locate)
+    masks_of_class = staticmethod(frat_class_masks)
 
 
-class PanRajan(Method):
+class PanRajan(AlphaMethod):
     """Pan & Rajan (ICSE'22): one-vs-rest modules without the channels a class never uses.
 
     ``alpha_conv``/``alpha_linear`` are the activity thresholds (share of the layer input's
@@ -174,26 +197,12 @@ class PanRajan(Method):
     """
 
     name = "pan-rajan"
-    compensate = False
-    refine = False
     head = ONE_VS_REST
-    hint = "; lower locate.alpha_conv/alpha_linear (the activity thresholds) and try again"
-
-    def default_locate(self) -> LocateConfig:
-        return LocateConfig(alpha_conv=0.01, alpha_linear=0.01)
-
-    def profile(self, model, layers, images, labels, classes, *, batch_size, dist):
-        return activity_profile(model, layers, images, labels, classes,
-                                batch_size=batch_size, dist=dist)
-
-    def locate(self, graph, profile, classes, output_classes, config):
-        return active_locate(graph, profile, classes, config)
-
-    def class_masks(self, graph, profile, c, output_classes, config):
-        return active_class_masks(graph, profile, c, config, list(output_classes).index(c))
-
-    def candidates(self, base: LocateConfig) -> list[LocateConfig]:
-        return alpha_family(base, FRAT_SCALES)
+    alpha = 0.01
+    hint = "; lower `alpha_conv`/`alpha_linear` (the activity thresholds) and try again"
+    profile_pass = staticmethod(activity_profile)
+    task_masks = staticmethod(active_locate)
+    masks_of_class = staticmethod(active_class_masks)
 
     def output_indices(self, classes, output_classes):
         if len(output_classes) < 2:
