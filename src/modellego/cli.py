@@ -10,13 +10,12 @@ import shlex
 import signal
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from ._version import __version__
-from .errors import ModelLegoError, ModelLegoWarning
-from .terminal import printable
+from .errors import ModelLegoError
+from .terminal import plain_warnings, printable
 
 #: Most class ids one ``--classes`` list may name (CIFAR-100 has 100, ImageNet-21k 21,841).
 MAX_CLASS_IDS = 100_000
@@ -574,22 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
-    shown: set[str] = set()
-    python_show = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        # ours: one plain line per distinct warning of this command, not Python's source echo
-        if not issubclass(category, ModelLegoWarning):
-            python_show(message, category, filename, lineno, file, line)
-        elif str(message) not in shown:
-            shown.add(str(message))
-            print(f"modellego: warning: {printable(message)}", file=sys.stderr)
-
     previous = _on_sigterm()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", ModelLegoWarning)
-            warnings.showwarning = show
+        with plain_warnings():
             if hasattr(args, "data"):  # one data_dir argument for the library
                 from .data import roots_from
 

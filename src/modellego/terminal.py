@@ -9,7 +9,13 @@ each value from the data in the tables, messages and logs modellego prints.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import unicodedata
+import warnings
+from collections.abc import Iterator
+
+from .errors import ModelLegoWarning
 
 # bidirectional overrides and isolates reorder what follows them on screen
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
@@ -36,3 +42,24 @@ def printable(value: object) -> str:
     return "".join(
         _escape(ch) if (ch in _BIDI or unicodedata.category(ch) in ("Cc", "Zl", "Zp")) else ch
         for ch in text)
+
+
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """While inside, each distinct :class:`~modellego.errors.ModelLegoWarning` is printed
+    once to stderr as one ``modellego: warning: ...`` line (escaped), instead of Python's
+    file-and-line echo; other warnings are shown as Python shows them."""
+    shown: set[str] = set()
+    python_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, ModelLegoWarning):
+            python_show(message, category, filename, lineno, file, line)
+        elif str(message) not in shown:
+            shown.add(str(message))
+            print(f"modellego: warning: {printable(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ModelLegoWarning)
+        warnings.showwarning = show
+        yield
