@@ -1,7 +1,7 @@
-"""What every file-level verb shares, written once: the kind check on a loaded file, the
-task's data (training images of the task's classes, validation images, calibration images of
-all the model's classes), the provenance record of a source file, and the manifest of a new
-component cut from a source.
+"""What the file-level verbs share, written once: the task's data (training images of the
+task's classes, validation and test images, calibration images of all the model's classes,
+each checked against the model's data fingerprint) and the manifest of a new component cut
+from a source. The kind check and the provenance record are in :mod:`modellego.provenance`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from ..data import Split, dataset_info, load_split_for, normalize
 from ..errors import ModelLegoError
 from ..evaluation import check_dataset_matches
+from ..surgery.plan import ComponentPlan
 from ..training import base_manifest, check_classes
 
 
@@ -23,8 +24,6 @@ def component_manifest(info: Any, classes: Sequence[int], source: dict[str, Any]
     """The manifest of a component of ``source`` (a model or component manifest) that keeps
     ``plan`` (relative to ``source``'s network) for ``classes``: the plan is composed with
     the source's own when the source is itself a component."""
-    from ..surgery.plan import ComponentPlan
-
     if source.get("kind") == "component":
         plan = ComponentPlan.from_dict(source["plan"]).compose(plan)
     manifest = base_manifest(info, classes)
