@@ -169,7 +169,7 @@ def test_duplicates_are_refused_by_default(part_a, part_c):
     msg = str(info.value)
     assert "part 0" in msg and "part 1" in msg
     assert "class 0" in msg and "digits" in msg
-    assert "--on-duplicate replace" in msg
+    assert "`on_duplicate` replace" in msg  # the library names its parameter (CLI: its flag)
 
 
 def test_replace_keeps_the_later_parts_column(part_a, part_c):

@@ -56,16 +56,16 @@ class DistillConfig:
 
     def validate(self) -> None:
         if self.student not in list_models():
-            raise ModelLegoError(f"--student {self.student!r} is not a registered architecture; "
+            raise ModelLegoError(f"`student` {self.student!r} is not a registered architecture; "
                                  f"choose one of {', '.join(list_models())}")
         checks = (
-            ("--width", self.width, self.width > 0, "> 0"),
-            ("--epochs", self.epochs, self.epochs >= 1, ">= 1"),
-            ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
-            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
-            ("--temperature", self.temperature,
+            ("`width`", self.width, self.width > 0, "> 0"),
+            ("`epochs`", self.epochs, self.epochs >= 1, ">= 1"),
+            ("`batch_size`", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("`weight_decay`", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("`temperature`", self.temperature,
              self.temperature > 0 and math.isfinite(self.temperature), "> 0 and finite"),
-            ("--alpha", self.alpha, 0 <= self.alpha <= 1, "in [0, 1] (the weight of the "
+            ("`alpha`", self.alpha, 0 <= self.alpha <= 1, "in [0, 1] (the weight of the "
              "distillation term; 0 = cross-entropy only)"),
         )
         for flag, value, ok, want in checks:

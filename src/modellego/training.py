@@ -24,7 +24,7 @@ _FLIP_OK = ("fashion-mnist", "cifar10", "cifar100")
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 
 
-def check_seed(seed: int, flag: str = "--seed") -> None:
+def check_seed(seed: int, flag: str = "`seed`") -> None:
     """Refuse a seed outside :data:`SEED_RANGE` (torch would raise a RuntimeError)."""
     lo, hi = SEED_RANGE
     if isinstance(seed, bool) or not isinstance(seed, int) or not lo <= seed <= hi:
@@ -32,7 +32,7 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
                              f"random generators accept), got {seed}; pick a smaller seed")
 
 
-def check_lr(lr: float, flag: str = "--lr") -> None:
+def check_lr(lr: float, flag: str = "`lr`") -> None:
     """Refuse a learning rate that is not a finite number > 0."""
     if not (lr > 0 and math.isfinite(lr)):
         raise ModelLegoError(f"{flag} must be a finite number > 0, got {lr}; e.g. 0.05")
@@ -56,9 +56,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 1:
-            raise ModelLegoError(f"--epochs must be >= 1, got {self.epochs}")
+            raise ModelLegoError(f"`epochs` must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise ModelLegoError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise ModelLegoError(f"`batch_size` must be >= 1, got {self.batch_size}")
         check_lr(self.lr)
         check_seed(self.seed)
 
@@ -102,7 +102,7 @@ def train(config: TrainConfig, *, command: str | None = None,
     info = train_split.info
     classes = tuple(config.classes) if config.classes is not None else tuple(
         range(info.num_classes))
-    check_classes(classes, info.num_classes, "--classes")
+    check_classes(classes, info.num_classes, "`classes`")
     x_train, y_train = task_split(train_split, classes)
     x_val = normalize(val_split.subset(classes).images, info)
     y_val = val_split.subset(classes).labels

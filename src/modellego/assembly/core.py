@@ -52,7 +52,7 @@ class AssemblyConfig:
                 raise ModelLegoError(f"--{name.replace('_', '-')} must be one of "
                                      f"{', '.join(allowed)}, got {value!r}")
         if self.calibration_samples < 2:
-            raise ModelLegoError("--calibration-samples must be >= 2")
+            raise ModelLegoError("`calibration_samples` must be >= 2")
         get_layout(self.layout).check(get_scaling(self.scaling or "calibrated"))
 
 
@@ -71,7 +71,7 @@ def label_map(parts: Sequence[dict[str, Any]], on_duplicate: str
             if key in owner and on_duplicate == "error":
                 raise ModelLegoError(
                     f"part {owner[key][0]} and part {k} both classify {ds} class {c} "
-                    f"({man['class_names'][i]}); pass --on-duplicate replace to keep the "
+                    f"({man['class_names'][i]}); pass `on_duplicate` replace to keep the "
                     "later part's output for it")
             owner[key] = (k, i)
     columns: list[list[int]] = [[] for _ in parts]
@@ -212,7 +212,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
     labels, columns = label_map(parts, config.on_duplicate)
     if any(len(c) == 0 for c in columns):
         k = next(i for i, c in enumerate(columns) if not c)
-        raise ModelLegoError(f"part {k} has no outputs left after --on-duplicate replace; "
+        raise ModelLegoError(f"part {k} has no outputs left after `on_duplicate` replace; "
                              "drop it from the assembly")
     scaling_name = config.scaling
     if scaling_name is None:  # recorded resolved, as if it had been given

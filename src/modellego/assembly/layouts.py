@@ -61,9 +61,9 @@ class Layout:
     def check(self, scaling: Scaling) -> None:
         """Refuse a scaling this layout cannot serve."""
         if scaling.needs_features and not self.features:
-            raise ModelLegoError(f"--scaling {scaling.name} needs each part's own features; "
-                                 f"use --layout parallel, or another --scaling with "
-                                 f"--layout {self.name}")
+            raise ModelLegoError(f"`scaling` {scaling.name} needs each part's own features; "
+                                 f"use `layout` parallel, or another `scaling` with "
+                                 f"`layout` {self.name}")
 
     def check_parts(self, parts: Sequence[dict[str, Any]]) -> None:
         """Refuse parts this layout cannot lay out."""

@@ -30,22 +30,22 @@ def _same_adapters(adapters: Sequence[InputAdapter]) -> bool:
 def _check_compatible(parts: Sequence[dict[str, Any]], graphs: Sequence[ChannelGraph]) -> None:
     names = {p["architecture"]["name"] for p in parts}
     if len(names) != 1:
-        raise ModelLegoError(f"--layout padded needs parts of one architecture, got "
-                             f"{', '.join(sorted(names))}; use --layout parallel")
+        raise ModelLegoError(f"`layout` padded needs parts of one architecture, got "
+                             f"{', '.join(sorted(names))}; use `layout` parallel")
     g0 = graphs[0]
     for k, g in enumerate(graphs[1:], 1):
         if [lay.name for lay in g.layers] != [lay.name for lay in g0.layers] or any(
                 len(a.in_layout) != len(b.in_layout) or
                 any(x.repeat != y.repeat for x, y in zip(a.in_layout, b.in_layout))
                 for a, b in zip(g.layers, g0.layers)):
-            raise ModelLegoError(f"--layout padded: part {k} does not have the layer "
+            raise ModelLegoError(f"`layout` padded: part {k} does not have the layer "
                                  "structure of part 0 (same architecture, other input size?); "
-                                 "use --layout parallel")
+                                 "use `layout` parallel")
         if list(parts[k]["input"]["shape"][1:]) != list(parts[0]["input"]["shape"][1:]):
-            raise ModelLegoError("--layout padded needs parts with one input size; use "
-                                 "--layout parallel")
+            raise ModelLegoError("`layout` padded needs parts with one input size; use "
+                                 "`layout` parallel")
         if any(lay.frozen for lay in g.layers):
-            raise ModelLegoError("--layout padded does not support grouped convolutions")
+            raise ModelLegoError("`layout` padded does not support grouped convolutions")
 
 
 def _offsets(sizes: Sequence[int], shared: bool) -> tuple[list[int], int]:
@@ -123,7 +123,7 @@ def widen(nets: Sequence[nn.Module], graphs: Sequence[ChannelGraph], shared_inpu
                     new.weight[om[:, None], im[None, :]] = m.weight
                 if m.bias is not None:
                     if new.bias is None:
-                        raise ModelLegoError(f"--layout padded: {layer0.name} has a bias in "
+                        raise ModelLegoError(f"`layout` padded: {layer0.name} has a bias in "
                                              "some parts but not in part 0")
                     new.bias[om] = m.bias
         _set(wide, modules, layer0.name, new)
@@ -132,7 +132,7 @@ def widen(nets: Sequence[nn.Module], graphs: Sequence[ChannelGraph], shared_inpu
         bns = [cast(nn.BatchNorm2d, dict(n.named_modules())[name]) for n in nets]
         maps = space_maps.get(space)
         if maps is None:  # BN directly on the input image: stacked like the input
-            raise ModelLegoError(f"--layout padded: BatchNorm {name} reads the input image")
+            raise ModelLegoError(f"`layout` padded: BatchNorm {name} reads the input image")
         total = sum(b.num_features for b in bns)
         bn = nn.BatchNorm2d(total, eps=bns[0].eps, momentum=bns[0].momentum)
         mean, var = _running_stats(bn, name)
@@ -149,7 +149,7 @@ def widen(nets: Sequence[nn.Module], graphs: Sequence[ChannelGraph], shared_inpu
 
 def _running_stats(bn: nn.BatchNorm2d, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.running_mean is None or bn.running_var is None:
-        raise ModelLegoError(f"--layout padded: BatchNorm {name} keeps no running statistics "
+        raise ModelLegoError(f"`layout` padded: BatchNorm {name} keeps no running statistics "
                              "(track_running_stats=False)")
     return bn.running_mean, bn.running_var
 

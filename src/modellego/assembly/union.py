@@ -64,19 +64,19 @@ def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     found by :func:`find_source`; the spec records the path it was read from)."""
     sources = {(p.get("source") or {}).get("sha256") for p in parts}
     if any(p.get("kind") != "component" for p in parts) or len(sources) != 1 or None in sources:
-        raise ModelLegoError("--layout union needs components cut from one source model "
+        raise ModelLegoError("`layout` union needs components cut from one source model "
                              "(their manifests name the same source file hash)")
     src = parts[0]["source"]
     found = find_source(src.get("file"), src["sha256"], parts[0].get("file"))
     path = src.get("file")
     if found is None:
-        raise ModelLegoError(f"--layout union needs the source model file {path!r} with "
+        raise ModelLegoError(f"`layout` union needs the source model file {path!r} with "
                              f"SHA-256 {src['sha256'][:12]}...; it is missing or changed")
     path = str(found)
     src = {"file": path, "sha256": src["sha256"]}
     source, manifest = load_model(path)
     if manifest.get("kind") != "model":
-        raise ModelLegoError(f"--layout union: source {path} is not a plain model")
+        raise ModelLegoError(f"`layout` union: source {path} is not a plain model")
     graph = build_channel_graph(source, manifest["input"]["shape"])
     last = graph.output_layer.name
     plans = [ComponentPlan.from_dict(p["plan"]) for p in parts]
