@@ -60,7 +60,7 @@ def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     the single-process one.
     """
     if k < 1:
-        raise ModelLegoError(f"--samples-per-class must be >= 1, got {k}")
+        raise ModelLegoError(f"`samples_per_class` must be >= 1, got {k}")
     dist = dist or SINGLE
     output_classes = list(output_classes)
     positions, cols = [], []
@@ -98,7 +98,7 @@ def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 raise ModelLegoError(
                     f"class {c}: none of its {len(p)} training samples is classified "
                     "correctly by the model, and only correctly classified samples may be "
-                    "selected (--method contribution-2022); choose other classes or another "
+                    "selected (`method` contribution-2022); choose other classes or another "
                     "method")
         order = order[:k]
         indices[int(c)] = tuple(int(v) for v in positions[i][order])

@@ -52,7 +52,7 @@ def figure_format(path: str | Path) -> str:
     """``png`` or ``svg`` from the file name; anything else is refused."""
     ext = Path(path).suffix.lower().lstrip(".")
     if ext not in FORMATS:
-        raise ModelLegoError(f"--out {path}: the figure format is taken from the file name; "
+        raise ModelLegoError(f"`out` {path}: the figure format is taken from the file name; "
                              f"use a name ending in .png or .svg")
     return ext
 

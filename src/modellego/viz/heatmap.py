@@ -68,7 +68,7 @@ def find_layer(graph: ChannelGraph, name: str) -> Layer:
         extra = ""
         if any(lay.name == name for lay in graph.layers):
             extra = " (it is a depthwise or grouped conv, which has no class profile)"
-        raise ModelLegoError(f"--layer {name!r} is not a conv or linear layer of this "
+        raise ModelLegoError(f"`layer` {name!r} is not a conv or linear layer of this "
                              f"model{extra}; valid layer names: {', '.join(valid)}")
     return graph.layer(name)
 
@@ -132,7 +132,7 @@ def compute_heatmap(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """
     classes, output_classes = task_outputs(classes, output_classes)
     if samples_per_class < 1:
-        raise ModelLegoError(f"--samples-per-class must be >= 1, got {samples_per_class}")
+        raise ModelLegoError(f"`samples_per_class` must be >= 1, got {samples_per_class}")
     graph = build_channel_graph(model, tuple(images.shape[1:]))
     lay = find_layer(graph, layer)
     selection = select_samples(model, images, labels, classes, output_classes,

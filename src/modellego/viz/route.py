@@ -179,7 +179,7 @@ def route_masks(model: nn.Module, manifest: dict[str, Any], classes: Sequence[in
     >>> data.layers[0].masks.shape     # (2, channels of the first layer)
     """
     if samples_per_class < 1:
-        raise ModelLegoError(f"--samples-per-class must be >= 1, got {samples_per_class}")
+        raise ModelLegoError(f"`samples_per_class` must be >= 1, got {samples_per_class}")
     x, y, classes, names = task_images(manifest, classes, dataset=dataset, data_dir=data_dir)
     return compute_route(model, x, y, classes=classes, output_classes=manifest["classes"],
                          samples_per_class=samples_per_class, locate=locate,
