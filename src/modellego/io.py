@@ -319,7 +319,7 @@ def _refuse_pickle(path: Path, head: bytes, size: int) -> None:
             f"{path}: this looks like a pickle-based PyTorch checkpoint; modellego never "
             "unpickles files because unpickling can run arbitrary code. Convert it yourself "
             "in a trusted environment to a state_dict saved with safetensors, then use "
-            "`modellego.io.save_model`.")
+            "`modellego.save_model`.")
 
 
 def _refuse_not_a_file(path: Path) -> None:

@@ -92,7 +92,7 @@ def train(config: TrainConfig, *, command: str | None = None,
           progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``config.arch`` on ``config.dataset``; keep the epoch best on the validation split.
 
-    Returns the model (eval mode) and its manifest, ready for :func:`modellego.io.save_model`.
+    Returns the model (eval mode) and its manifest, ready for :func:`modellego.save_model`.
     """
     config.validate()
     torch.manual_seed(config.seed)
