@@ -600,6 +600,23 @@ def test_union_computes_shared_channels_once(files, part_a, tmp_path):
     assert torch.equal(run(again, x), run(union, x))
 
 
+@pytest.mark.parametrize("scaling", ["logit", "feature"])
+def test_union_scales_like_parallel(files, part_a, tmp_path, scaling):
+    # the union body has one input adapter for all its parts (this used to be an IndexError)
+    c1 = _component_file(part_a, (0, 1), tmp_path / "c01.safetensors", files["a"])
+    c2 = _component_file(part_a, (2, 4), tmp_path / "c24.safetensors", files["a"])
+    config = {"scaling": scaling, "calibration_samples": 10}
+    union, man = assemble([c1, c2], AssemblyConfig(layout="union", **config))
+    parallel, _ = assemble([c1, c2], AssemblyConfig(layout="parallel", **config))
+    for k in range(2):  # the scales are fitted on the parts' own networks in both layouts
+        assert torch.equal(getattr(union, f"scale{k}"), getattr(parallel, f"scale{k}"))
+    assert man["provenance"]["calibration"]["scaling"] == scaling
+    out = tmp_path / "u.safetensors"
+    save_model(out, union, man)
+    x = digits_test()[:9]
+    assert torch.equal(run(load_model(out)[0], x), run(union, x))
+
+
 def test_union_needs_components_of_one_source(files, part_a, part_b, tmp_path):
     ca = _component_file(part_a, (0, 1), tmp_path / "ca.safetensors", files["a"])
     cb = _component_file(part_b, (5, 6), tmp_path / "cb.safetensors", files["b"])

@@ -180,23 +180,12 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                               source_path=src, compare=False)
     keep("distill", student, man)
     for layout, scalings in (("parallel", SCALINGS), ("padded", ("none", "logit", "feature")),
-                             ("union", ("none",))):  # union + logit/feature: see below
+                             ("union", ("none", "logit", "feature"))):
         for scaling in scalings:
             net, man = assemble(comps, AssemblyConfig(layout=layout, scaling=scaling,
                                                       calibration_samples=10))
             keep(f"assemble-{layout}-{scaling}", net, man)
     return files
-
-
-def test_union_with_logit_or_feature_scaling_cannot_be_made_today(made: dict[str, Path]
-                                                                   ) -> None:
-    """A known bug outside the manifest (the union body has one input adapter, the scaling
-    fit indexes one per part): no such file exists to round-trip. Delete this test when it
-    is fixed and add the combinations to ``made``."""
-    comps = [made["disassemble-0"], made["disassemble-3"]]
-    with pytest.raises(IndexError, match="index 1 is out of range"):
-        assemble(comps, AssemblyConfig(layout="union", scaling="logit",
-                                       calibration_samples=10))
 
 
 def _made_and_shipped(made: dict[str, Path]) -> list[Path]:

@@ -128,6 +128,12 @@ class Scaling:
                           for k, (logits, _) in enumerate(outs)], 1)
 
 
+def _adapter(adapters: Sequence[nn.Module], k: int) -> nn.Module:
+    """Part ``k``'s input adapter: its own, or the one a union body shares among its parts
+    (they are cut from one source and read the same input)."""
+    return adapters[k] if len(adapters) > 1 else adapters[0]
+
+
 class LogitScaling(Scaling):
     """Each output divided by its class's mean winning logit (the public code's rule)."""
 
@@ -140,8 +146,8 @@ class LogitScaling(Scaling):
         adapters = model.body.adapters
         mags = []
         for k, (net, (x, y)) in enumerate(zip(nets, data)):
-            tap = FeatureTap(net, [_last_layer(net)])
-            logits, feats = _map_chunks(lambda xb, t=tap, a=adapters[k]: t(a(xb)), x, dist)
+            tap, adapter = FeatureTap(net, [_last_layer(net)]), _adapter(adapters, k)
+            logits, feats = _map_chunks(lambda xb, t=tap, a=adapter: t(a(xb)), x, dist)
             mags.append(float(feats[0].abs().mean()))
             getattr(model, f"scale{k}").copy_(self.scales(logits, y, model.part_columns(k)))
         self.rescale(model, mags)
