@@ -90,3 +90,22 @@ class TwoLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def varied_random_model(arch: str, noise: torch.Tensor
+                        ) -> tuple[nn.Module, torch.Tensor, tuple[int, ...]]:
+    """A seeded random zoo model (1x28x28 inputs, 10 classes, width 0.25, BatchNorm
+    statistics randomised) whose logits are centred on ``noise``, so that it predicts
+    variedly; with its predictions on ``noise`` and its two most predicted classes."""
+    from modellego.models import create_model
+    from modellego.surgery.graph import build_channel_graph
+
+    torch.manual_seed(0)
+    model = create_model(arch, in_channels=1, num_classes=10, input_size=28, width=0.25)
+    randomize_bn(model, 1).eval()
+    head = build_channel_graph(model, (1, 28, 28)).output_layer.module
+    with torch.no_grad():
+        head.bias -= model(noise).mean(0)
+        y = model(noise).argmax(1)
+    counts = torch.bincount(y, minlength=10)
+    return model, y, tuple(int(c) for c in torch.sort(-counts, stable=True).indices[:2])

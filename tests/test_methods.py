@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import TwoLayer, masked_source_logits, randomize_bn, run, run_cli
+from helpers import TwoLayer, masked_source_logits, randomize_bn, run, run_cli, varied_random_model
 from modellego.analysis.frat import frat_locate, gradient_profile
 from modellego.analysis.locate import LocateConfig, locate, profiled_layers
 from modellego.analysis.methods import candidates, get_method
@@ -22,7 +22,7 @@ from modellego.disassembly import METHODS, DisassemblyConfig, default_locate, di
 from modellego.errors import ModelLegoError
 from modellego.files import load_model
 from modellego.io import read_manifest
-from modellego.models import create_model, list_models
+from modellego.models import list_models
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.plan import plan_from_masks
@@ -377,16 +377,9 @@ LOGIT_METHODS = tuple(m for m in METHODS if get_method(m).head is None)
 @pytest.mark.parametrize("method", LOGIT_METHODS)
 @pytest.mark.parametrize("arch", list_models())
 def test_every_architecture_disassembles_with_every_method(arch, method, noise):
-    torch.manual_seed(0)
-    model = create_model(arch, in_channels=1, num_classes=10, input_size=28, width=0.25)
-    randomize_bn(model, 1).eval()
-    head = build_channel_graph(model, (1, 28, 28)).output_layer.module
-    with torch.no_grad():
-        head.bias -= model(noise).mean(0)  # centred logits: random nets then predict variedly
-        y = model(noise).argmax(1)  # labels the model gets right, for contribution-2022
-    counts = torch.bincount(y, minlength=10)
-    classes = tuple(int(c) for c in torch.sort(-counts, stable=True).indices[:2])
-    assert counts[list(classes)].min() > 0
+    # its own predictions as labels: ones the model gets right, for contribution-2022
+    model, y, classes = varied_random_model(arch, noise)
+    assert torch.bincount(y, minlength=10)[list(classes)].min() > 0
     comp = disassemble_model(model, noise, y, classes=classes, output_classes=range(10),
                              config=DisassemblyConfig(classes, samples_per_class=5,
                                                       method=method))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TwoLayer, masked_source_logits, randomize_bn, run, run_cli
+from helpers import TwoLayer, masked_source_logits, run, run_cli, varied_random_model
 from modellego.analysis.activity import activity_profile
 from modellego.analysis.frat import gradient_profile
 from modellego.analysis.methods import METHODS as METHOD_REGISTRY
@@ -23,7 +23,7 @@ from modellego.errors import ModelLegoError
 from modellego.files import load_model, save_model
 from modellego.io import read_manifest
 from modellego.metrics import count_params
-from modellego.models import create_model, list_models
+from modellego.models import list_models
 from modellego.registry import Registry
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.head import OneVsRest
@@ -165,15 +165,7 @@ def test_module_removes_the_channels_never_active_on_the_class(two_layer):
 @pytest.mark.parametrize("arch", list_models())
 def test_every_architecture_gives_a_module_equal_to_the_masked_source(arch):
     noise = torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    model = create_model(arch, in_channels=1, num_classes=10, input_size=28, width=0.25)
-    randomize_bn(model, 1).eval()
-    head = build_channel_graph(model, (1, 28, 28)).output_layer.module
-    with torch.no_grad():
-        head.bias -= model(noise).mean(0)  # centred logits: random nets then predict variedly
-    y = run(model, noise).argmax(1)
-    counts = torch.bincount(y, minlength=10)
-    classes = tuple(int(c) for c in torch.sort(-counts, stable=True).indices[:2])
+    model, y, classes = varied_random_model(arch, noise)
     comp = disassemble_model(model, noise, y, classes=classes, output_classes=range(10),
                              config=DisassemblyConfig(classes, samples_per_class=5,
                                                       method="pan-rajan"))
