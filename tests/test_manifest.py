@@ -199,7 +199,8 @@ def test_every_kind_is_made(made: dict[str, Path]) -> None:
     assert kinds["train"] == kinds["distill"] == "model"
     assert {kinds[k] for k in kinds if k.startswith(("disassemble", "compress"))} == \
         {"component"}
-    assert sum(k == "assembly" for k in kinds.values()) == 8
+    # parallel with each 0.1.0 scaling, padded and union with none, logit and feature
+    assert sum(k == "assembly" for k in kinds.values()) == len(SCALINGS) + 3 + 3
 
 
 def test_round_trip_is_exact_on_every_file_written_today(made: dict[str, Path]) -> None:
