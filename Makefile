@@ -2,15 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch 2.13.0 CPU lies on this machine's disk; elsewhere pip fetches a build from PyPI.
-TORCH_SPEC ?= torch==2.13.0
+# torch 2.14.1 and torchvision 0.29.1 lie on this machine's disk (torchvision does not import
+# beside the 2.13.0 CPU build there); elsewhere pip fetches them from PyPI. Override with a
+# pair that imports together, e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" on aarch64.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test lint typecheck bench data browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,torchvision,timm]'
 	touch $@
 
 data:

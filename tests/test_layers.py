@@ -91,6 +91,7 @@ LAYERS = (
     ("data", "models", "runtime"),
     ("manifest",),
     ("io", "kinds"),
+    ("statedict",),
     ("files", "provenance"),
     ("surgery",),
     ("metrics", "analysis"),

@@ -26,10 +26,11 @@ from .errors import (
 from .evaluation import evaluate
 from .files import LoadedModel, load_model, open_model, save_model
 from .io import read_manifest
-from .models import create_model, list_models
+from .models import create_model, list_models, trusted
 from .surgery.plan import ComponentPlan
 from .training import TrainConfig, train
 from .workflows import compress, disassemble
+from .workflows.importing import ImportConfig, import_model
 
 
 def _assemble_package() -> None:
@@ -61,6 +62,7 @@ __all__ = [
     "DataError",
     "DisassemblyConfig",
     "DistillConfig",
+    "ImportConfig",
     "LoadedModel",
     "LocateConfig",
     "ModelFileError",
@@ -79,6 +81,7 @@ __all__ = [
     "distill",
     "evaluate",
     "evaluate_assembly",
+    "import_model",
     "list_datasets",
     "list_models",
     "load_model",
@@ -88,4 +91,5 @@ __all__ = [
     "read_manifest",
     "save_model",
     "train",
+    "trusted",
 ]

@@ -92,6 +92,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .workflows.importing import ImportConfig, format_import, import_model
+
+    outs = _outputs(args, [args.weights], "--out", "--report")
+    kwargs = _json_object(args.kwargs, "--kwargs")
+    config = ImportConfig(architecture=args.architecture, dataset=args.dataset, kwargs=kwargs,
+                          classes=args.classes, input_size=args.input_size, mean=args.mean,
+                          std=args.std, evaluate=not args.no_evaluate)
+    config.validate()  # before any file is read
+    command = "modellego " + shlex.join(args.argv)
+    model, manifest, report = import_model(args.weights, config, data_dir=args.data_dir,
+                                           command=command)
+    wrote = _finish(outs, model, manifest, report)
+    print(format_import(report))
+    print(wrote)
+    return 0
+
+
+def _json_object(text: str | None, flag: str) -> dict[str, Any]:
+    """``--kwargs '{"num_classes": 10}'`` as a dict (one-line error for anything else)."""
+    if text is None:
+        return {}
+    from .io import parse_json
+
+    value = parse_json(text, what=f"{flag} value", source="the command line")
+    if not isinstance(value, dict):
+        raise ModelLegoError(f"{flag} must be a JSON object such as '{{\"num_classes\": 10}}', "
+                             f"got {text[:60]!r}")
+    return value
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"224"`` or ``"224x192"`` (height x width) -> ``(H, W)``."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW in pixels, got {text!r}"
+                                         ) from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or any(not 8 <= v <= 4096 for v in values):
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW with sides in 8..4096, got "
+                                         f"{text!r}")
+    return values[0], values[1]
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
     from .files import load_model
@@ -361,6 +408,13 @@ def _add_roots(s: argparse.ArgumentParser) -> None:
                    help="use data whose fingerprint differs from the one the model records")
 
 
+def _add_trust(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--trust-code", action="append", default=None, metavar="MODULE",
+                   help="allow model files to import and run code of MODULE (and its "
+                        "submodules) for python: architectures (repeatable; also "
+                        "$MODELLEGO_TRUST_CODE, comma-separated)")
+
+
 def _add_data_args(s: argparse.ArgumentParser) -> None:
     """Where the images come from and how many per class the analysis selects."""
     s.add_argument("--dataset", default=None, help="default: the model's own dataset")
@@ -414,6 +468,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("import", help="wrap a torchvision, timm or own network's state dict "
+                       "as a model file")
+    s.add_argument("architecture", metavar="ARCH_SOURCE",
+                   help="torchvision:NAME, timm:NAME, python:package.module:callable (needs "
+                        "--trust-code), or a zoo name (modellego:NAME)")
+    s.add_argument("--weights", required=True, metavar="STATE",
+                   help="the state dict: .safetensors, or .pt/.pth read with torch's "
+                        "weights-only loader")
+    s.add_argument("--out", required=True)
+    s.add_argument("--dataset", required=True, help="the dataset the network classifies")
+    s.add_argument("--classes", type=parse_classes, default=None,
+                   help="the dataset's class ids in output order (default: all)")
+    s.add_argument("--input-size", type=parse_size, default=None, metavar="SIZE",
+                   help="the image size the network was trained at, e.g. 224 or 224x192 "
+                        "(default: the dataset's)")
+    s.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="per-channel normalisation mean (default: the dataset's; "
+                        "ImageNet's for colour photo folders)")
+    s.add_argument("--std", type=float, nargs="+", default=None,
+                   help="per-channel normalisation std (default as for --mean)")
+    s.add_argument("--kwargs", default=None, metavar="JSON",
+                   help="builder arguments, e.g. '{\"num_classes\": 10}' (num_classes "
+                        "defaults to the number of classes)")
+    s.add_argument("--no-evaluate", action="store_true",
+                   help="do not measure the test accuracy after importing")
+    _add_roots(s)
+    _add_trust(s)
+    s.add_argument("--report", default=None, help="also write the report as JSON")
+    s.add_argument("--force", action="store_true", help="allow overwriting the weights file")
+    s.set_defaults(func=cmd_import)
+
     s = sub.add_parser("evaluate", help="accuracy, params, FLOPs and latency of a model file")
     s.add_argument("file")
     s.add_argument("--dataset", default=None, help="default: the model's own dataset")
@@ -421,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_roots(s)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _add_trust(s)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("disassemble", help="extract the component of a model for some classes")
@@ -456,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a self-contained HTML report (tables, route figure, "
                         "provenance)")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    _add_trust(s)
     s.set_defaults(func=cmd_disassemble)
 
     s = sub.add_parser("assemble", help="assemble models/components into one classifier")
@@ -478,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--html", default=None, metavar="REPORT.html",
                    help="also write a self-contained HTML report (tables, figure, provenance)")
     s.add_argument("--force", action="store_true", help="allow overwriting an input file")
+    _add_trust(s)
     s.set_defaults(func=cmd_assemble)
 
     s = sub.add_parser("route", help="draw which channels of every layer some classes use")
@@ -490,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None, metavar="FILE",
                    help="also write the per-layer channel counts as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    _add_trust(s)
     s.set_defaults(func=cmd_route)
 
     s = sub.add_parser("heatmap", help="per-class contribution of one layer's input channels")
@@ -504,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-sort", action="store_true",
                    help="keep channels in index order (default: grouped by dominant class)")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    _add_trust(s)
     s.set_defaults(func=cmd_heatmap)
 
     s = sub.add_parser("distill", help="train a small student to mimic a model or component")
@@ -525,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    _add_trust(s)
     s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("compress", help="a smaller model for all its classes, without "
@@ -551,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_roots(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    _add_trust(s)
     s.set_defaults(func=cmd_compress)
     return p
 
@@ -580,7 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .data import roots_from
 
                 args.data_dir = roots_from(args.data, args.data_dir, args.allow_data_mismatch)
-            return args.func(args)
+            from .models.sources import trusted
+
+            with trusted(getattr(args, "trust_code", None)):
+                return args.func(args)
     except ModelLegoError as exc:
         message = cli_message(printable(exc), flag_names(parser, args.command))
         print(f"modellego {args.command}: error: {message}", file=sys.stderr)

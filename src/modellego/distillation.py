@@ -12,13 +12,13 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import dataset_info, load_split_for, normalize
+from .data import DatasetInfo, dataset_info, load_split_for, model_input, normalize
 from .errors import ModelLegoError
 from .evaluation import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
@@ -78,6 +78,20 @@ class DistillConfig:
         return asdict(self)
 
 
+def _contract_view(info: DatasetInfo, contract: Mapping[str, Any]
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Turn images normalised as dataset ``info``'s into what a network with input
+    ``contract`` reads (the identity when the contract is the dataset's)."""
+    same = (tuple(contract["shape"]) == tuple(info.input_shape)
+            and tuple(contract["mean"]) == tuple(info.mean)
+            and tuple(contract["std"]) == tuple(info.std))
+    if same:
+        return lambda x: x
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return lambda x: model_input(x * std.to(x) + mean.to(x), info, contract)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
             *, temperature: float, alpha: float) -> torch.Tensor:
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, targets)``.
@@ -125,33 +139,38 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
             raise ModelLegoError(f"dataset {dataset!r} has no {name} images of the teacher's "
                                  f"classes {list(classes)}; add images or use another teacher")
     x_val, x_test = normalize(val.images, info), normalize(test.images, info)
+    # the student reads the dataset's images; the teacher may read them in another form
+    # (an imported network at 224 px, say): its inputs are converted on the way in
+    contract = teacher_manifest["input"]
+    as_teacher = _contract_view(info, contract)
+    x_teacher_test = model_input(test.images, info, contract)
     c, h, _ = info.input_shape
     kwargs = {"in_channels": c, "num_classes": len(classes), "input_size": h,
               "width": config.width}
     pad, flip = augmentation(dataset, h, config.augment)
     data = (x_train, y_train, x_val, val.labels, classes)
-    shape = list(info.input_shape)
 
-    def measured(model: nn.Module) -> dict[str, Any]:
-        acc = accuracy_from_logits(predict_logits(model, x_test), test.labels, classes)
+    def measured(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        """Accuracy on the test images ``x`` (as ``model`` reads them), params, FLOPs."""
+        acc = accuracy_from_logits(predict_logits(model, x), test.labels, classes)
         return {"accuracy": acc.accuracy, "params": count_params(model),
-                "flops": count_flops(model, shape),
+                "flops": count_flops(model, list(x.shape[1:])),
                 "per_class": {str(k): v for k, v in acc.per_class.items()}}
 
     def soft_loss(logits: torch.Tensor, targets: torch.Tensor,
                   inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            t = teacher(inputs)
+            t = teacher(as_teacher(inputs))
         return kd_loss(logits, t.clone(), targets, temperature=config.temperature,
                        alpha=config.alpha)
 
     t0 = time.perf_counter()
     with preserved_state(teacher):
         teacher.eval()
-        teacher_row = measured(teacher)
+        teacher_row = measured(teacher, x_teacher_test)
         student, kd_row, history = _train_student(config, kwargs, data, pad, flip, soft_loss,
                                                   progress)
-    kd_row.update(measured(student))
+    kd_row.update(measured(student, x_test))
     report: dict[str, Any] = {
         "dataset": dataset, "classes": list(classes), "n": len(test),
         "teacher": {"file": str(source_path) if source_path else None,
@@ -162,7 +181,7 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     }
     if compare:
         alone, alone_row, _ = _train_student(config, kwargs, data, pad, flip, None, progress)
-        alone_row.update(measured(alone))
+        alone_row.update(measured(alone, x_test))
         report["student_alone"] = alone_row
     report["seconds"] = time.perf_counter() - t0
     manifest = _student_manifest(teacher_manifest, info, classes, kwargs, config, kd_row,

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .data import dataset_info, load_split_for, normalize
+from .data import dataset_info, load_split_for, model_input
 from .errors import ModelLegoError
 from .metrics import accuracy_from_logits, count_flops, count_params, cpu_latency_ms, predict_logits
 
@@ -23,11 +23,13 @@ def check_dataset_matches(manifest: dict[str, Any], dataset: str, info) -> None:
         raise ModelLegoError(
             f"`dataset`: the model classifies dataset {own!r}, not {dataset!r}{shapes}; "
             f"pass `dataset` {own} (class ids are dataset-specific)")
-    if list(info.input_shape) != list(manifest["input"]["shape"]):
+    made_on = manifest["dataset"].get("input_shape", manifest["input"]["shape"])
+    if list(info.input_shape) != list(made_on):
         raise ModelLegoError(
             f"dataset {dataset!r} gives inputs of shape {list(info.input_shape)} but the model "
-            f"expects {manifest['input']['shape']} (channels, height, width); its images "
-            "changed since the model was made: restore them, or retrain on the new images")
+            f"was made on images of shape {list(made_on)} (channels, height, width); its "
+            "images changed since the model was made: restore them, or retrain on the new "
+            "images")
 
 
 def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None = None,
@@ -53,7 +55,7 @@ def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None 
     if len(test) == 0:
         raise ModelLegoError(f"the {split} split of {dataset!r} has no images of classes "
                              f"{chosen}")
-    logits = predict_logits(model, normalize(test.images, test.info))
+    logits = predict_logits(model, model_input(test.images, test.info, manifest["input"]))
     acc = accuracy_from_logits(logits, test.labels, own)
     shape = manifest["input"]["shape"]
     out: dict[str, Any] = {

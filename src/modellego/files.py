@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from .errors import ModelFileError
 from .io import _load_tensors, _prepared, read_table, save_weights
 from .kinds import build_from_manifest
 from .manifest import Manifest
+from .models.sources import trusted
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ _TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16":
                  "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-def open_model(path: str | Path) -> LoadedModel:
+def open_model(path: str | Path, *, trust_code: Sequence[str] | str | None = None
+               ) -> LoadedModel:
     """Rebuild the network a model file describes, load its weights, return it in eval mode
     with its typed manifest.
 
@@ -64,10 +66,18 @@ def open_model(path: str | Path) -> LoadedModel:
     structure is built on the ``meta`` device and its tensor names, shapes and dtypes
     compared with the header's table (see the module docstring and :func:`_compare_tensors`).
 
+    A ``python:`` architecture imports the user's code: only modules granted in
+    ``trust_code`` (or by :func:`modellego.models.trusted`, or ``$MODELLEGO_TRUST_CODE``)
+    may be imported; otherwise :class:`ModelFileError` says what the file asks for.
+
     >>> loaded = open_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
     >>> loaded.manifest.dataset.name, loaded.manifest.class_names[:2]
     """
-    path = Path(path)
+    with trusted(trust_code):
+        return _open_model(Path(path))
+
+
+def _open_model(path: Path) -> LoadedModel:
     _, checked, entries = read_table(path)
     manifest = checked.to_dict()
     skeleton = _build(manifest, str(path), meta=True)
@@ -88,13 +98,14 @@ def open_model(path: str | Path) -> LoadedModel:
     return LoadedModel(model.eval(), checked, path)
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, *, trust_code: Sequence[str] | str | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network a model file describes, load its weights, return it in eval mode
     with its (validated) manifest as a dict; see :func:`open_model` for the typed manifest.
 
     >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
     """
-    loaded = open_model(path)
+    loaded = open_model(path, trust_code=trust_code)
     return loaded.model, loaded.manifest.to_dict()
 
 

@@ -316,10 +316,11 @@ def _refuse_pickle(path: Path, head: bytes, size: int) -> None:
     if path.suffix.lower() in _PICKLE_SUFFIXES or (not plausible and (looks_zip
                                                                       or looks_pickle)):
         raise ModelFileError(
-            f"{path}: this looks like a pickle-based PyTorch checkpoint; modellego never "
-            "unpickles files because unpickling can run arbitrary code. Convert it yourself "
-            "in a trusted environment to a state_dict saved with safetensors, then use "
-            "`modellego.save_model`.")
+            f"{path}: this looks like a pickle-based PyTorch checkpoint, not a modellego "
+            "model file (.safetensors); modellego never unpickles model files because "
+            "unpickling can run "
+            "arbitrary code. If it is a state dict, wrap it with `modellego import ARCH "
+            "--weights FILE` (which reads it with torch's restricted weights-only loader)")
 
 
 def _refuse_not_a_file(path: Path) -> None:
@@ -351,18 +352,10 @@ def _open_regular(path: Path) -> Any:
     return os.fdopen(fd, "rb")
 
 
-def read_header(path: str | Path) -> tuple[dict[str, Any], Manifest]:
-    """The safetensors header of a model file (a bounded read: at most
-    :data:`MAX_HEADER_BYTES`) and its validated manifest; no tensor data is read."""
-    header, manifest, _ = read_table(path, check=False)
-    return header, manifest
-
-
-def read_table(path: str | Path, *, check: bool = True
-               ) -> tuple[dict[str, Any], Manifest, dict[str, tuple[str, tuple[int, ...]]]]:
-    """:func:`read_header` and the header's tensor table (:func:`tensor_entries`), each
-    entry checked against the file's size when ``check`` (else the table is empty)."""
-    path = Path(path)
+def raw_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """The parsed safetensors header of ``path`` (a bounded read: at most
+    :data:`MAX_HEADER_BYTES`), the file's size and the header's length; a pickle-format
+    file is refused (see :func:`_refuse_pickle`)."""
     with _open_regular(path) as fh:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(16)
@@ -387,6 +380,22 @@ def read_table(path: str | Path, *, check: bool = True
     header = parse_json(raw, what="safetensors header", source=path)
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: safetensors header is not a JSON object")
+    return header, size, header_len
+
+
+def read_header(path: str | Path) -> tuple[dict[str, Any], Manifest]:
+    """The safetensors header of a model file (a bounded read: at most
+    :data:`MAX_HEADER_BYTES`) and its validated manifest; no tensor data is read."""
+    header, manifest, _ = read_table(path, check=False)
+    return header, manifest
+
+
+def read_table(path: str | Path, *, check: bool = True
+               ) -> tuple[dict[str, Any], Manifest, dict[str, tuple[str, tuple[int, ...]]]]:
+    """:func:`read_header` and the header's tensor table (:func:`tensor_entries`), each
+    entry checked against the file's size when ``check`` (else the table is empty)."""
+    path = Path(path)
+    header, size, header_len = raw_header(path)
     meta = header.get("__metadata__")
     if meta is None:
         meta = {}
@@ -400,7 +409,7 @@ def read_table(path: str | Path, *, check: bool = True
     if "modellego" not in meta:
         raise ModelFileError(
             f"{path}: safetensors file has no modellego manifest; it was not written by "
-            "modellego (use `modellego.save_model` to wrap plain weights)")
+            "modellego (wrap a plain state dict with `modellego import ARCH --weights FILE`)")
     manifest = Manifest.from_dict(parse_json(meta["modellego"], what="manifest", source=path),
                                   source=str(path))
     if not check:

@@ -8,30 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.base import convert_images
 from ..errors import ModelLegoError
+
+__all__ = ["InputAdapter", "contract_shape", "convert_images"]
 
 
 def contract_shape(inputs: Sequence[dict[str, Any]]) -> tuple[int, int, int]:
     """The assembled input shape: the most channels and the largest size among the parts."""
     shapes = [tuple(int(v) for v in inp["shape"]) for inp in inputs]
     return (max(s[0] for s in shapes), max(s[1] for s in shapes), max(s[2] for s in shapes))
-
-
-def convert_images(x: torch.Tensor, channels: int, size: Sequence[int]) -> torch.Tensor:
-    """Convert ``[0, 1]`` images to ``channels`` (grey -> RGB repeats, RGB -> grey averages)
-    and ``size`` (bilinear). The same rule is used for data and inside adapters."""
-    c = x.shape[1]
-    if c != channels:
-        if c == 1:
-            x = x.expand(-1, channels, -1, -1)
-        elif channels == 1:
-            x = x.mean(1, keepdim=True)
-        else:
-            raise ModelLegoError(f"cannot convert {c}-channel images to {channels} channels "
-                                 "(only grey <-> RGB conversions are defined)")
-    if tuple(x.shape[2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-    return x
 
 
 class InputAdapter(nn.Module):

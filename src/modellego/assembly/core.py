@@ -15,6 +15,7 @@ from ..errors import ModelLegoError
 from ..files import load_model
 from ..kinds import build_from_manifest
 from ..metrics import count_flops, count_params, predict_logits
+from ..models.sources import trusted
 from ..provenance import require_single
 from ..runtime.distributed import SINGLE, DistContext
 from ..runtime.hooks import preserved_state
@@ -184,12 +185,23 @@ def _structure(parts: list[dict[str, Any]], nets: list[nn.Module], config: Assem
 
 def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
              config: AssemblyConfig | None = None, *, data_dir: str | None = None,
-             command: str | None = None, dist: DistContext = SINGLE
+             command: str | None = None, dist: DistContext = SINGLE,
+             trust_code: Sequence[str] | str | None = None
              ) -> tuple[AssembledModel, dict[str, Any]]:
     """Assemble model files (or ``(model, manifest)`` pairs) into one classifier.
 
+    ``trust_code``: modules that files with ``python:`` architectures may import (see
+    :func:`modellego.open_model`).
+
     >>> model, manifest = assemble(["a.safetensors", "b.safetensors"])
     """
+    with trusted(trust_code):
+        return _assemble(sources, config, data_dir=data_dir, command=command, dist=dist)
+
+
+def _assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
+              config: AssemblyConfig | None, *, data_dir: str | None,
+              command: str | None, dist: DistContext) -> tuple[AssembledModel, dict[str, Any]]:
     config = config or AssemblyConfig()
     config.validate()
     if len(sources) < 2:
@@ -336,14 +348,14 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
 def _parts_base(nets: Sequence[nn.Module], manifest: dict[str, Any], data_dir: str | None
                 ) -> dict[str, float]:
     """Each part net's accuracy on each of its kept classes (own images, own outputs)."""
-    from ..data import normalize
+    from ..data import model_input
 
     base = {}
     for k, part in enumerate(manifest["parts"]):
         test = load_split_for(part["dataset"], "test", data_dir=data_dir, where=f"part {k}")
         own = [lab for lab in manifest["labels"] if lab["part"] == k]
         sub = test.subset([lab["class"] for lab in own])
-        logits = predict_logits(nets[k], normalize(sub.images, sub.info))
+        logits = predict_logits(nets[k], model_input(sub.images, sub.info, part["input"]))
         pred_k = torch.tensor(part["classes"])[logits.argmax(1)]
         for lab in own:
             sel = sub.labels == lab["class"]

@@ -8,7 +8,14 @@ Images are returned as float32 ``(N, C, H, W)`` in [0, 1]; apply :func:`normaliz
 dataset's :class:`DatasetInfo` before feeding a model trained on normalised inputs.
 """
 
-from modellego.data.base import SPLITS, DatasetInfo, Split, normalize
+from modellego.data.base import (
+    SPLITS,
+    DatasetInfo,
+    Split,
+    convert_images,
+    model_input,
+    normalize,
+)
 from modellego.data.builtin import DEFAULT_FASHION_MNIST_DIR
 from modellego.data.registry import (
     DataDir,
@@ -40,6 +47,8 @@ __all__ = [
     "load_split",
     "load_split_for",
     "normalize",
+    "model_input",
+    "convert_images",
     "register",
     "roots_from",
 ]

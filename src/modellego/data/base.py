@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from modellego.errors import DataError
 
@@ -204,6 +205,48 @@ def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     mean = torch.tensor(info.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     std = torch.tensor(info.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     return (images - mean) / std
+
+
+def convert_images(x: torch.Tensor, channels: int, size: Sequence[int]) -> torch.Tensor:
+    """Convert ``[0, 1]`` images to ``channels`` (grey -> RGB repeats, RGB -> grey averages)
+    and ``size`` (bilinear). The same rule is used for data and inside assembly adapters."""
+    c = x.shape[1]
+    if c != channels:
+        if c == 1:
+            x = x.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            x = x.mean(1, keepdim=True)
+        else:
+            raise DataError(f"cannot convert {c}-channel images to {channels} channels "
+                            "(only grey <-> RGB conversions are defined)")
+    if tuple(x.shape[2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x
+
+
+def model_input(images: torch.Tensor, info: DatasetInfo,
+                contract: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """``[0, 1]`` images of dataset ``info`` as a network with input ``contract`` (its
+    manifest's ``input``: shape, mean, std) reads them: converted to its channels and size
+    when they differ (see :func:`convert_images`), then normalised with its mean and std.
+    Without a contract, or one equal to the dataset's, this is :func:`normalize`."""
+    if contract is None:
+        return normalize(images, info)
+    shape = tuple(int(v) for v in contract["shape"])
+    mean = tuple(float(v) for v in contract["mean"])
+    std = tuple(float(v) for v in contract["std"])
+    if shape == tuple(info.input_shape) and mean == tuple(info.mean) and \
+            std == tuple(info.std):
+        return normalize(images, info)
+    if images.dim() != 4:
+        raise DataError(f"model_input expects images of shape (N, C, H, W), got "
+                        f"{tuple(images.shape)}")
+    if not images.is_floating_point():
+        images = images.to(torch.float32)
+    x = convert_images(images, shape[0], shape[1:])
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
 
 
 @dataclass(frozen=True)

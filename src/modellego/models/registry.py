@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from ..errors import ModelFileError, ModelLegoError
+from .sources import build_source, split_source
 
 Builder = Callable[..., nn.Module]
 
@@ -89,9 +90,19 @@ def scaled(channels: int, width: float, minimum: int = 4) -> int:
     return max(minimum, int(round(channels * width)))
 
 
+def build_architecture(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """The untrained network of architecture ``name`` (any source, see
+    :mod:`modellego.models.sources`: ``modellego:``/bare zoo names, ``torchvision:``,
+    ``timm:``, and ``python:`` code granted with :func:`~modellego.models.sources.trusted`)."""
+    source, target = split_source(name)
+    if source == "modellego":
+        return create_model(target, **dict(kwargs or {}))
+    return build_source(name, kwargs)
+
+
 def build_model(manifest: Mapping[str, Any]) -> nn.Module:
     """The network of a plain ``"model"`` manifest: its architecture with its arguments."""
     arch = manifest.get("architecture")
     if not isinstance(arch, Mapping) or "name" not in arch:
         raise ModelFileError("manifest has no architecture entry")
-    return create_model(arch["name"], **dict(arch.get("kwargs", {})))
+    return build_architecture(arch["name"], arch.get("kwargs"))

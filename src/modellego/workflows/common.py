@@ -7,11 +7,11 @@ from a source. The kind check and the provenance record are in :mod:`modellego.p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..data import Split, dataset_info, load_split_for, normalize
+from ..data import Split, dataset_info, load_split_for, model_input
 from ..errors import ModelLegoError
 from ..evaluation import check_dataset_matches
 from ..surgery.plan import ComponentPlan
@@ -27,6 +27,7 @@ def component_manifest(info: Any, classes: Sequence[int], source: dict[str, Any]
     if source.get("kind") == "component":
         plan = ComponentPlan.from_dict(source["plan"]).compose(plan)
     manifest = base_manifest(info, classes)
+    manifest["input"] = dict(source["input"])  # the source's network reads what it read
     if "fingerprint" in source["dataset"]:  # made on the source's data: carry its fingerprint
         manifest["dataset"]["fingerprint"] = source["dataset"]["fingerprint"]
     manifest.update({"kind": "component", "architecture": source["architecture"],
@@ -60,10 +61,12 @@ class TaskData:
     calibration: torch.Tensor | None = None
 
 
-def sample_calibration_images(split: Split, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` normalised images of ``split`` (all of them if fewer), in a seeded order."""
+def sample_calibration_images(split: Split, count: int, seed: int = 0,
+                              contract: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """``count`` images of ``split`` (all of them if fewer), in a seeded order, as a network
+    with input ``contract`` reads them (default: normalised as the dataset's)."""
     order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
-    return normalize(split.images[order[:count]], split.info)
+    return model_input(split.images[order[:count]], split.info, contract)
 
 
 def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
@@ -82,7 +85,8 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     train = load_split_for(manifest["dataset"], "train", data_dir=data_dir)
     calib = None
     if calibration:
-        calib = sample_calibration_images(train.subset(manifest["classes"]), calibration)
+        calib = sample_calibration_images(train.subset(manifest["classes"]), calibration,
+                                          contract=manifest["input"])
     train = train.subset(chosen)
     empty = [c for c in chosen if every_class and not (train.labels == c).any()]
     if empty:
@@ -91,15 +95,17 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
                              f"{dataset!r}, and {what} profiles each class on its "
                              "training images; add images of that class or choose other "
                              "classes")
-    return TaskData(train.info, chosen, normalize(train.images, train.info), train.labels,
+    return TaskData(train.info, chosen, model_input(train.images, train.info, manifest["input"]),
+                    train.labels,
                     calib)
 
 
 def split_images(manifest: dict[str, Any], split: str, classes: Sequence[int], *,
                  data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised images and labels of ``classes`` from ``split`` of the model's dataset."""
+    """Images (as the model reads them: see :func:`modellego.data.model_input`) and labels
+    of ``classes`` from ``split`` of the model's dataset."""
     part = load_split_for(manifest["dataset"], split, data_dir=data_dir).subset(classes)
-    return normalize(part.images, part.info), part.labels
+    return model_input(part.images, part.info, manifest["input"]), part.labels
 
 
 def check_own_dataset(manifest: dict[str, Any], dataset: str | None,
