@@ -109,3 +109,20 @@ def varied_random_model(arch: str, noise: torch.Tensor
         y = model(noise).argmax(1)
     counts = torch.bincount(y, minlength=10)
     return model, y, tuple(int(c) for c in torch.sort(-counts, stable=True).indices[:2])
+
+
+def needs(module: str):
+    """Import an optional dependency for a test: skipped when it is missing, except in CI
+    (``CI=true``), where ``make test`` installs it, so that a missing one fails the test."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            raise AssertionError(f"{module} is not installed, but CI must test with it "
+                                 "(make test installs modellego[torchvision,timm])") from None
+        pytest.skip(f"{module} is not installed (pip install 'modellego[{module}]')")

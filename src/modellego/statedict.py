@@ -28,6 +28,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of the state dict in ``path`` (``.safetensors``, or a pickle-format
     ``torch.save`` file read with the weights-only unpickler)."""
     path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"weights file {path} does not exist; give the state dict to "
+                             "import")
     _refuse_not_a_file(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
