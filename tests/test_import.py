@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import needs, run_cli
 from safetensors.torch import save_file
 from torch import nn
 
+from helpers import needs, run_cli
 from modellego import ImportConfig, ModelFileError, ModelLegoError, import_model, load_model
 from modellego.data import load_split, model_input, normalize
 from modellego.files import save_model
@@ -375,7 +374,7 @@ def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, tw
     net = tv.models.resnet18(num_classes=10)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     net.train()
-    for step in range(40):
+    for _ in range(40):
         idx = torch.randint(len(train.labels), (64,))
         x = ((train.images[idx].float() - mean) / std).repeat(1, 3, 1, 1)
         loss = nn.functional.cross_entropy(net(x), train.labels[idx])

@@ -60,7 +60,12 @@ def _print_json(obj: object) -> None:
 
 def cmd_list_archs(args: argparse.Namespace) -> int:
     from .models import list_models, model_info
+    from .models.sources import source_names
 
+    if args.source != "modellego":
+        for name in source_names(args.source, args.pattern):
+            print(f"{args.source}:{name}")
+        return 0
     for name in list_models(args.pattern):
         print(f"{name:14s} {model_info(name).description}")
     return 0
@@ -447,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list-archs", help="list registered architectures")
     s.add_argument("pattern", nargs="?", default=None, help="shell glob, e.g. 'resnet*'")
+    s.add_argument("--source", choices=("modellego", "torchvision", "timm"),
+                   default="modellego", help="whose builders to list (default: the zoo); "
+                   "a file names them SOURCE:NAME")
     s.set_defaults(func=cmd_list_archs)
 
     s = sub.add_parser("list-datasets", help="list registered datasets")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fnmatch
 import importlib
 import os
 import re
@@ -123,10 +124,17 @@ def _no_downloads(source: str, name: str, kwargs: Mapping[str, Any]) -> None:
             "modellego builds the bare network and loads the weights from the model file")
 
 
-def torchvision_builders() -> list[str]:
-    """The classification builders torchvision offers (``torchvision:NAME``)."""
-    tv = _optional("torchvision", "torchvision:*")
-    return list(tv.models.list_models(module=tv.models))
+def source_names(source: str, pattern: str | None = None) -> list[str]:
+    """The builders of ``source`` (``torchvision``: its classification builders; ``timm``:
+    its models), sorted, optionally matching the shell glob ``pattern``."""
+    if source == "torchvision":
+        tv = _optional("torchvision", "torchvision:*")
+        names = list(tv.models.list_models(module=tv.models))
+    elif source == "timm":
+        names = list(_optional("timm", "timm:*").list_models())
+    else:
+        raise ModelLegoError(f"`source` must be torchvision or timm, got {source!r}")
+    return sorted(n for n in names if pattern is None or fnmatch.fnmatch(n, pattern))
 
 
 def build_source(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
