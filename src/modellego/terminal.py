@@ -14,6 +14,7 @@ import sys
 import unicodedata
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 from .errors import ModelLegoWarning
 
@@ -63,3 +64,66 @@ def plain_warnings() -> Iterator[None]:
         warnings.simplefilter("always", ModelLegoWarning)
         warnings.showwarning = show
         yield
+
+
+class Progress:
+    """A progress display for ``total`` steps of work called ``desc``: a tqdm bar when
+    ``stream`` (default stderr) is a terminal; otherwise a few plain lines (at 25 %, 50 %,
+    75 % and the end), so that a log file or CI shows no carriage-return spam. ``enabled``
+    False shows nothing. :meth:`write` prints a line either way (between bar redraws)."""
+
+    MILESTONES = (0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True,
+                 stream: Any = None) -> None:
+        self.total, self.desc, self.enabled = max(0, int(total)), desc, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.done, self.postfix, self._printed = 0, "", 0
+        self._bar = None
+        if enabled and _is_terminal(self.stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc=desc, leave=False, file=self.stream)
+
+    def update(self, n: int = 1, **postfix: str) -> None:
+        self.done += n
+        if postfix:
+            self.postfix = ", ".join(f"{k} {v}" for k, v in postfix.items())
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(n)
+            return
+        if not self.enabled or not self.total:
+            return
+        reached = sum(1 for m in self.MILESTONES if self.done >= m * self.total)
+        if reached > self._printed:  # a line at each milestone passed, not at every step
+            self._printed = reached
+            tail = f" ({self.postfix})" if self.postfix else ""
+            print(f"{self.desc}: {self.done}/{self.total}{tail}", file=self.stream, flush=True)
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -9,7 +9,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ._version import __version__
 from .data import Split, load_split, normalize
@@ -17,6 +16,7 @@ from .data.fingerprint import split_fingerprint
 from .errors import ModelLegoError, TrainingError
 from .metrics import accuracy_from_logits, predict_logits
 from .models import create_model
+from .terminal import Progress
 
 # Datasets whose classes survive a horizontal flip (clothes, objects; not digits).
 _FLIP_OK = ("fashion-mnist", "cifar10", "cifar100")
@@ -209,27 +209,26 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}",
-                   disable=not progress, leave=False)
-        total_loss = 0.0
-        for step in bar:
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            xb = x_train[idx]
-            if pad:
-                xb = _augment(xb, pad, flip, gen)
-            if loss_fn is None:
-                loss = F.cross_entropy(model(xb), y_train[idx])
-            else:
-                loss = loss_fn(model(xb), y_train[idx], xb)
-            if not torch.isfinite(loss):
-                raise _diverged(f"the loss is {loss.item()} at step {step + 1} of epoch "
-                                f"{epoch}", lr)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        with Progress(steps_per_epoch, f"epoch {epoch}/{epochs}", enabled=progress) as bar:
+            total_loss = 0.0
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                xb = x_train[idx]
+                if pad:
+                    xb = _augment(xb, pad, flip, gen)
+                if loss_fn is None:
+                    loss = F.cross_entropy(model(xb), y_train[idx])
+                else:
+                    loss = loss_fn(model(xb), y_train[idx], xb)
+                if not torch.isfinite(loss):
+                    raise _diverged(f"the loss is {loss.item()} at step {step + 1} of epoch "
+                                    f"{epoch}", lr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total_loss += loss.item()
+                bar.update(loss=f"{loss.item():.3f}")
         bad = _non_finite(model)
         if bad:
             raise _diverged(f"{bad} holds non-finite values after epoch {epoch}", lr)
@@ -237,9 +236,8 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                                        val_classes).accuracy
         history.append({"epoch": epoch, "loss": total_loss / steps_per_epoch,
                         "val_accuracy": val_acc})
-        if progress:
-            tqdm.write(f"epoch {epoch}: loss {total_loss / steps_per_epoch:.4f}, "
-                       f"val accuracy {val_acc:.4f}")
+        bar.write(f"epoch {epoch}: loss {total_loss / steps_per_epoch:.4f}, "
+                  f"val accuracy {val_acc:.4f}")
         if val_acc > best_acc:
             best, best_acc, best_epoch = copy.deepcopy(model.state_dict()), val_acc, epoch
     if best is None:  # no epoch ran, or every validation accuracy was NaN
