@@ -411,3 +411,25 @@ def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, tw
         ("fashion-mnist", "Sandal"), ("fashion-mnist", "Sneaker"),
         ("fashion-mnist", "Ankle boot")] + [("digits", str(d)) for d in range(10)]
     assert "digits:9" in out and "fashion-mnist:5" in out
+
+
+def test_distilling_from_a_teacher_that_reads_another_input(own_package):
+    """The student reads the dataset's images; the teacher (20 px, its own normalisation)
+    is fed them converted, and its reported accuracy is its accuracy on what it reads."""
+    from modellego import DistillConfig, distill
+    from modellego.data import dataset_fingerprint
+    from modellego.evaluation import evaluate
+
+    name = f"python:{own_package}:TinyNet"
+    with trusted(own_package):
+        net = build_architecture(name, {"num_classes": 10}).eval()
+    test = load_split("digits", "test")
+    dataset = {**test.info.to_dict(), "fingerprint": dataset_fingerprint("digits")}
+    manifest = {"kind": "model", "architecture": {"name": name, "kwargs": {}},
+                "dataset": dataset, "classes": list(range(10)),
+                "class_names": list(test.info.class_names),
+                "input": {"shape": [1, 20, 20], "mean": [0.5], "std": [0.5]}}
+    student, student_manifest, report = distill(
+        net, manifest, DistillConfig("lenet5", width=0.25, epochs=1), compare=False)
+    assert student_manifest["input"]["shape"] == list(test.info.input_shape)
+    assert report["teacher"]["accuracy"] == evaluate(net, manifest, latency=False)["accuracy"]
