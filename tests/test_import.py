@@ -433,3 +433,24 @@ def test_distilling_from_a_teacher_that_reads_another_input(own_package):
         net, manifest, DistillConfig("lenet5", width=0.25, epochs=1), compare=False)
     assert student_manifest["input"]["shape"] == list(test.info.input_shape)
     assert report["teacher"]["accuracy"] == evaluate(net, manifest, latency=False)["accuracy"]
+
+
+def test_compressing_an_imported_model_of_another_input(tmp_path, own_package):
+    name = f"python:{own_package}:TinyNet"
+    with trusted(own_package):
+        net = build_architecture(name, {"num_classes": 10, "width": 12})
+    torch.save(net.state_dict(), tmp_path / "t.pt")
+    code, _, err = run_cli(["import", name, "--weights", tmp_path / "t.pt", "--out",
+                            tmp_path / "t.safetensors", "--dataset", "digits", "--kwargs",
+                            '{"width": 12}', "--input-size", "24", "--no-evaluate",
+                            "--trust-code", own_package])
+    assert code == 0, err
+    code, out, err = run_cli(["compress", tmp_path / "t.safetensors", "--target-params", "0.6",
+                              "--criterion", "l1", "--out", tmp_path / "s.safetensors",
+                              "--trust-code", own_package])
+    assert code == 0, err
+    small, manifest = load_model(tmp_path / "s.safetensors", trust_code=own_package)
+    assert manifest["kind"] == "component" and manifest["input"]["shape"] == [1, 24, 24]
+    assert small.conv.out_channels < 12
+    assert sum(p.numel() for p in small.parameters()) <= 0.6 * sum(
+        p.numel() for p in net.parameters())
