@@ -13,6 +13,7 @@ from torch import nn
 
 from helpers import randomize_bn, run, run_cli
 from modellego.analysis.locate import LocateConfig
+from modellego.compression import CompressConfig
 from modellego.data import load_split, normalize
 from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError, PlanError
@@ -407,6 +408,13 @@ def test_cli_reconstructs_records_it_and_the_file_gives_the_same_logits(
                             "--reconstruct", "-3", "--out", bad])
     assert code == 2 and "--reconstruct" in err and not bad.exists()
     assert len(err.strip().splitlines()) == 1
+
+
+def test_compress_config_carries_the_option_to_every_criterion() -> None:
+    assert CompressConfig(target_flops=0.5, reconstruct=30).disassembly((0, 1)).reconstruct == 30
+    assert CompressConfig(target_flops=0.5, reconstruct=30).to_dict()["reconstruct"] == 30
+    with pytest.raises(ModelLegoError, match="`reconstruct` is a number of images"):
+        CompressConfig("l1", target_flops=0.5, reconstruct=-2).validate()
 
 
 def test_cli_compress_reconstructs_every_candidate(simnet_digits_file: Path,
