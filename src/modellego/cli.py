@@ -226,7 +226,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
                                compensate=args.compensate,
                                max_accuracy_drop=args.max_accuracy_drop,
                                target_flops=args.target_flops, refine=args.refine,
-                               recalibrate_bn=args.recalibrate_bn, method=args.method)
+                               recalibrate_bn=args.recalibrate_bn,
+                               reconstruct=args.reconstruct, method=args.method)
     check_own_dataset(manifest, args.dataset, args.data_dir)
     command = "modellego " + shlex.join(args.argv)
     # under torchrun the profile runs data-parallel (same result); only rank 0 writes
@@ -389,7 +390,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             target_params=args.target_params,
                             max_accuracy_drop=args.max_accuracy_drop,
                             samples_per_class=args.samples_per_class, method=args.method,
-                            recalibrate_bn=args.recalibrate_bn)
+                            recalibrate_bn=args.recalibrate_bn, reconstruct=args.reconstruct)
     config.validate()  # before any file is read
     outs = _outputs(args, [args.file], "--out", "--report")
     model, manifest = load_model(args.file)
@@ -546,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="re-estimate the component's BatchNorm statistics on N training "
                         "images of all the model's classes (no labels, no gradients)")
+    s.add_argument("--reconstruct", type=int, default=0, metavar="N",
+                   help="re-fit each layer that reads removed channels by ridge least squares "
+                        "on N training images of the task, to match the source's outputs "
+                        "(no labels, no gradients; before --recalibrate-bn)")
     s.add_argument("--html", default=None, metavar="REPORT.html",
                    help="also write a self-contained HTML report (tables, route figure, "
                         "provenance)")
@@ -647,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="every criterion: re-estimate each candidate's BatchNorm statistics "
                         "on N training images (no labels, no gradients)")
+    s.add_argument("--reconstruct", type=int, default=0, metavar="N",
+                   help="every criterion: re-fit each candidate's layers that read removed "
+                        "channels by ridge least squares on N training images, to match the "
+                        "source's outputs (before --recalibrate-bn)")
     _add_roots(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")

@@ -48,6 +48,7 @@ from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
+from .surgery.reconstruct import reconstruct_layers
 from .training import task_outputs
 
 
@@ -71,6 +72,9 @@ class CompressConfig:
     #: re-estimate the BatchNorm statistics of every candidate on this many training images of
     #: all classes (0: keep the source's); see :mod:`modellego.surgery.recalibrate`
     recalibrate_bn: int = 0
+    #: re-fit the layers that read removed channels of every candidate on this many training
+    #: images of all classes (0: off); see :mod:`modellego.surgery.reconstruct`
+    reconstruct: int = 0
 
     def disassembly(self, classes: Sequence[int]) -> DisassemblyConfig:
         """The disassembly that makes the ``contribution`` compression of ``classes``."""
@@ -80,7 +84,8 @@ class CompressConfig:
                                  max_accuracy_drop=self.max_accuracy_drop,
                                  target_flops=self.target_flops,
                                  target_params=self.target_params,
-                                 recalibrate_bn=self.recalibrate_bn)
+                                 recalibrate_bn=self.recalibrate_bn,
+                                 reconstruct=self.reconstruct)
 
     def validate(self) -> None:
         if self.criterion not in CRITERION_REGISTRY:
@@ -102,7 +107,8 @@ class CompressConfig:
                 "target_params": self.target_params,
                 "max_accuracy_drop": self.max_accuracy_drop,
                 "samples_per_class": self.samples_per_class, "batch_size": self.batch_size,
-                "method": self.method, "recalibrate_bn": self.recalibrate_bn}
+                "method": self.method, "recalibrate_bn": self.recalibrate_bn,
+                "reconstruct": self.reconstruct}
 
 
 # --------------------------------------------------------------------------- channel scores
@@ -194,15 +200,16 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
                   target_flops: float | None = None, target_params: float | None = None,
                   accuracy_of: Callable[[nn.Module], float] | None = None,
                   min_accuracy: float | None = None,
-                  finish: Callable[[nn.Module], object] | None = None) -> UniformPruning:
+                  finish: Callable[[nn.Module, ComponentPlan], object] | None = None,
+                  ) -> UniformPruning:
     """Remove the same fraction of channels from every prunable space of ``model``.
 
     With ``target_flops`` (or ``target_params``) it removes the fewest channels, in
     :func:`removal_order`, that leave at most that share of the source's FLOPs (parameters);
     with ``min_accuracy`` the most that keep ``accuracy_of(model)`` at it (accuracy assumed
     to fall as channels go). Both are found by bisection over the number of removals.
-    ``finish`` is applied to every pruned candidate before it is measured (e.g. BatchNorm
-    re-estimation).
+    ``finish(candidate, plan)`` is applied to every pruned candidate before it is measured
+    (e.g. reconstruction, BatchNorm re-estimation).
 
     >>> small = prune_uniform(net, (1, 28, 28), "l1", target_flops=0.5).model
     """
@@ -228,7 +235,7 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
             plan = plan_from_masks(graph, masks_from_drops(graph, scores, drops), range(n_out))
             small = apply_plan(model, plan).eval()
             if finish is not None:
-                finish(small)
+                finish(small, plan)
             ratios = {"flops_ratio": count_flops(small, input_shape) / source_flops,
                       "params_ratio": count_params(small) / source_params}
             accuracy = accuracy_of(small) if accuracy_of is not None and \
@@ -296,7 +303,7 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
 
     ``contribution`` needs normalised training ``images``/``labels``; a
     ``max_accuracy_drop`` target needs ``val_images``/``val_labels``; ``recalibrate_bn``
-    needs ``calibration_images``.
+    needs ``calibration_images``; ``reconstruct`` needs ``images`` (of all classes).
 
     >>> small = compress_model(net, (1, 28, 28), output_classes=range(10),
     ...                        config=CompressConfig("l1", target_flops=0.5)).model
@@ -310,6 +317,8 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
         raise ModelLegoError("`max_accuracy_drop` needs `val_images` and `val_labels`")
     if config.recalibrate_bn and calibration_images is None:
         raise ModelLegoError("`recalibrate_bn` needs `calibration_images`")
+    if config.reconstruct and images is None:
+        raise ModelLegoError("`reconstruct` needs `images`")
     return get_criterion(config.criterion).compress(
         model, tuple(input_shape), output_classes, config, images=images, labels=labels,
         val_images=val_images, val_labels=val_labels, calibration_images=calibration_images)
@@ -350,11 +359,23 @@ class UniformCriterion(Criterion):
                                             output_classes).accuracy
 
             min_accuracy = accuracy_of(model) - config.max_accuracy_drop / 100
+        graph = build_channel_graph(model, input_shape) if config.reconstruct else None
+        if graph is not None and images is not None:  # (compress_model checked the images)
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+            fit_images = images[order[:config.reconstruct]]
+
+        def finish(net: nn.Module, plan: ComponentPlan) -> None:
+            # the repairs in disassembly's order: reconstruction, then BN statistics
+            if graph is not None:
+                reconstruct_layers(net, model, graph, plan, fit_images)
+            if config.recalibrate_bn:
+                recalibrate_batchnorm(net, calibration_images)
+
         res = prune_uniform(model, input_shape, self.name, target_flops=config.target_flops,
                             target_params=config.target_params, accuracy_of=accuracy_of,
                             min_accuracy=min_accuracy,
-                            finish=(lambda net: recalibrate_batchnorm(net, calibration_images))
-                            if config.recalibrate_bn else None)
+                            finish=finish if config.recalibrate_bn or config.reconstruct
+                            else None)
         return Compressed(res.model, res.plan, res.graph, self.name, fraction=res.fraction,
                           trials=res.trials)
 

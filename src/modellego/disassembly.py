@@ -32,6 +32,7 @@ from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
+from .surgery.reconstruct import Reconstruction, reconstruct_layers
 from .training import task_outputs
 
 #: the registered disassembly methods' names (see :mod:`modellego.analysis.methods`)
@@ -68,6 +69,10 @@ class DisassemblyConfig:
     #: re-estimate the component's BatchNorm statistics on this many training images of all
     #: the source's classes (0: keep the source's statistics)
     recalibrate_bn: int = 0
+    #: re-fit every layer that reads removed channels by ridge least squares on this many
+    #: (seeded) training images of the task, to match the source's outputs (0: the plain
+    #: cut); see :mod:`modellego.surgery.reconstruct`. Runs before ``recalibrate_bn``
+    reconstruct: int = 0
     #: one of :data:`METHODS`; ``contribution-2022`` locates with ``normalize="max"``, and
     #: ``frat`` and ``pan-rajan`` read ``locate.alpha_conv``/``alpha_linear`` as their
     #: thresholds (betas unused)
@@ -101,6 +106,12 @@ class DisassemblyConfig:
         if self.recalibrate_bn < 0:
             raise ModelLegoError(f"`recalibrate_bn` is a number of images and must be >= 0, "
                                  f"got {self.recalibrate_bn}")
+        if self.reconstruct < 0:
+            raise ModelLegoError(f"`reconstruct` is a number of images and must be >= 0, "
+                                 f"got {self.reconstruct}")
+        if self.reconstruct and self.compensate:
+            raise ModelLegoError("give one of `compensate` and `reconstruct`: reconstruction "
+                                 "re-fits the biases that compensation would shift")
         if self.refine and self.max_accuracy_drop is None:
             raise ModelLegoError("`refine` needs `max_accuracy_drop`")
         if self.target_flops is not None and not 0 < self.target_flops <= 1:
@@ -116,7 +127,7 @@ class DisassemblyConfig:
                 "compensate": self.compensate, "max_accuracy_drop": self.max_accuracy_drop,
                 "target_flops": self.target_flops, "target_params": self.target_params,
                 "refine": self.refine, "recalibrate_bn": self.recalibrate_bn,
-                "method": self.method}
+                "reconstruct": self.reconstruct, "method": self.method}
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,8 @@ class Component:
     locate: LocateConfig = field(default_factory=LocateConfig)
     search: tuple = ()
     method: str = "contribution"
+    #: what ``reconstruct`` re-fitted (``None`` without it)
+    reconstruction: Reconstruction | None = None
 
     def kept_channels(self) -> dict[str, list[int]]:
         """Per conv/linear layer: ``[kept outputs, total outputs]``."""
@@ -169,7 +182,9 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     is the class id of logit ``i``. Works on any torch.fx-traceable CNN. A threshold search
     (``config.max_accuracy_drop``) needs ``val_images``/``val_labels`` of the task's classes;
     ``config.recalibrate_bn`` needs ``calibration_images`` (normalised training inputs of
-    all the source's classes; see :mod:`modellego.surgery.recalibrate`). ``reuse``: a
+    all the source's classes; see :mod:`modellego.surgery.recalibrate`);
+    ``config.reconstruct`` fits on a seeded draw of that many of ``images`` of the task's
+    classes. ``reuse``: a
     component made earlier from the same model and images for the same classes and sample
     count; its sample selection and profile are taken instead of being computed again.
     ``graph``: :func:`build_channel_graph` of this very ``model`` object and input shape,
@@ -229,11 +244,22 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                                  batch_size=config.batch_size, dist=dist)
     out_idx = method.output_indices(classes, output_classes)
     bn_after = {lay.name: lay.bn_after for lay in graph.layers}
+    # the reconstruction's images: a seeded draw from the task's training images (as the
+    # calibration images are drawn)
+    fit_images = images[:0]
+    if config.reconstruct:
+        pool = images[torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))]
+        fit_images = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+                          [:config.reconstruct]]
+    fits: list[Reconstruction] = []
 
     def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
         masks = method.locate(graph, profile, classes, output_classes, cfg)
         plan = plan_from_masks(graph, masks, out_idx, hint=hint)
-        comp = method.finish(apply_plan(model, plan), classes).eval()
+        net = apply_plan(model, plan).eval()
+        if config.reconstruct:
+            fits.append(reconstruct_layers(net, model, graph, plan, fit_images))
+        comp = method.finish(net, classes).eval()
         if config.compensate:  # the methods that allow it profile contributions
             compensate_removed_inputs(comp, plan, cast(ContributionProfile, profile).means,
                                       bn_after)
@@ -286,4 +312,5 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
             trials = trials + more
     plan, component = build(chosen)
     return Component(component, plan, classes, selection, profile, graph, chosen,
-                     tuple(t.to_dict() for t in trials), method.name)
+                     tuple(t.to_dict() for t in trials), method.name,
+                     fits[-1] if fits else None)

@@ -35,10 +35,10 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
     images = labels = val_images = val_labels = calibration = None
     needs_images = get_criterion(config.criterion).needs_training_images
-    if needs_images or config.recalibrate_bn:
+    if needs_images or config.recalibrate_bn or config.reconstruct:
         data = task_data(manifest, own, data_dir=data_dir, calibration=config.recalibrate_bn,
                          what="compression", every_class=needs_images)
-        if needs_images:  # l1/fpgm only need the calibration images
+        if needs_images or config.reconstruct:  # l1/fpgm need them to reconstruct only
             images, labels = data.images, data.labels
         calibration = data.calibration
     if config.max_accuracy_drop is not None:

@@ -41,12 +41,15 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     report = component_report(model, comp.model, manifest, config.classes, data_dir=data_dir)
     report.update({"profile_seconds": comp.profile.seconds, "total_seconds": seconds,
                    "samples_per_class": comp.profile.samples})
+    repairs = {}
+    if comp.reconstruction is not None:
+        repairs["reconstruction"] = report["reconstruction"] = comp.reconstruction.to_dict()
     prov = provenance(
         "modellego disassemble", command, source=source_record(manifest, source_path),
         method=config.method, config=config.to_dict(), locate=comp.locate.to_dict(),
         threshold_search=list(comp.search),
         samples={str(c): list(v) for c, v in comp.selection.indices.items()},
-        kept_channels=comp.kept_channels())
+        kept_channels=comp.kept_channels(), **repairs)
     new_manifest = component_manifest(data.info, config.classes, manifest, comp.plan,
                                       {"test_accuracy": report["component_accuracy"]}, prov)
     if comp.head:

@@ -23,6 +23,10 @@ def format_report(report: dict[str, Any]) -> str:
     if "profile_seconds" in report:
         lines.append(f"  profile pass {report['profile_seconds']:.2f} s, "
                      f"total {report['total_seconds']:.2f} s")
+    if report.get("reconstruction"):
+        fit = report["reconstruction"]
+        lines.append(f"  reconstruction: {len(fit['layers'])} layers re-fitted on "
+                     f"{fit['images']} training images ({fit['seconds']:.2f} s)")
     lines.append(f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'restr.':>7} "
                  f"{'comp.':>7}")
     for r in report["per_class"]:
