@@ -671,3 +671,29 @@ def test_union_does_not_overwrite_the_components_source_without_force(files, par
     assert man["union"]["source"]["file"] == "work/comps/../src.safetensors"
     code, out, err = run_cli(argv + ["--out", "work/src.safetensors", "--force"])
     assert code == 0, err
+
+
+def test_taps_pool_a_channel_last_linear_input_over_its_positions():
+    """A linear layer on the last axis of a map (ConvNeXt's MLP) is tapped per channel."""
+    from modellego.assembly.scoring import FeatureTap, pooled
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    assert torch.equal(pooled(x), x.mean((2, 3)))
+    assert torch.equal(pooled(x, channels_last=True), x.mean((1, 2)))
+    flat = torch.randn(2, 6)
+    assert pooled(flat) is flat and pooled(flat, channels_last=True) is flat
+
+    class ChannelLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.mlp = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.mlp(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2))
+
+    net = ChannelLast().eval()
+    images = torch.randn(2, 1, 5, 5)
+    _, (feats,) = FeatureTap(net, ["mlp"])(images)
+    with torch.no_grad():
+        assert torch.allclose(feats, net.conv(images).mean((2, 3)), atol=1e-6)

@@ -30,8 +30,13 @@ import torch
 from torch import nn
 
 
-def pooled(x: torch.Tensor) -> torch.Tensor:
-    """Global average pooling of a feature map; features of a linear layer pass unchanged."""
+def pooled(x: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
+    """Global average pooling of a feature map ``(N, C, H, W)``; a linear layer's
+    ``(N, F)`` features pass unchanged, and the input of a linear layer applied on the last
+    axis of a map (``(N, H, W, C)``, as ConvNeXt's MLPs read it; ``channels_last``) is
+    averaged over every axis but the batch and the last."""
+    if channels_last:
+        return x if x.dim() == 2 else x.flatten(1, -2).mean(1)
     return x.mean((2, 3)) if x.dim() == 4 else x
 
 
@@ -54,7 +59,7 @@ class FeatureTap(nn.Module):
 
         def make(name: str):
             def hook(module: nn.Module, args: tuple) -> None:
-                found[name] = pooled(args[0])
+                found[name] = pooled(args[0], channels_last=isinstance(module, nn.Linear))
             return hook
 
         with forward_pre_hooks([(modules[n], make(n)) for n in self.layers]):
