@@ -385,6 +385,38 @@ def test_grouped_conv_says_why_it_is_kept_whole():
     assert (run(comp, x) - run(model, x)).abs().max().item() <= TOL
 
 
+class SameConv(nn.Conv2d):
+    """timm's Conv2dSame: pads at run time, then ``F.conv2d`` on its own weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, [0, 1, 0, 1])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class FLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class SubclassNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 6)
+        self.conv = SameConv(6, 5, 2, stride=2)
+        self.head = FLinear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.conv(self.stem(x))).mean((2, 3)))
+
+
+def test_layer_subclasses_calling_functionals_keep_their_class():
+    graph = check_invariants(SubclassNet())
+    assert [lay.name for lay in graph.layers] == ["stem.0", "conv", "head"]
+    comp = apply_plan(randomize_bn(SubclassNet(), 1), plan_from_masks(
+        graph, random_masks(graph, 0), OUT))
+    assert type(comp.conv) is SameConv and type(comp.head) is FLinear
+
+
 # --------------------------------------------------------------------------- refusals
 
 

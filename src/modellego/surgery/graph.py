@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import io
 import operator
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, cast
 
@@ -46,9 +45,36 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
+from .trace import (
+    BATCH,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    META_ATTRS,
+    META_METHODS,
+    REDUCTION_METHODS,
+    REDUCTIONS,
+    SHAPE_FUNCTIONS,
+    SHAPE_METHODS,
+    SHAPE_MODULES,
+    SPATIAL_FUNCTIONS,
+    SPATIAL_MODULES,
+    SPLIT_FUNCTIONS,
+    SPLIT_METHODS,
+    TRACE_LOCK,
+    WRAPPED_PER_SAMPLE,
+    ValueShapeProp,
+    call_on,
+    channelwise,
+    flat_args,
+    shape_of,
+    target_name,
+    trace_model,
+    value_of,
+    varying_dims,
+)
 
 
 @dataclass(frozen=True)
@@ -68,54 +94,6 @@ class Segment:
 
 
 Layout = tuple[Segment, ...]
-_TRACE_LOCK = threading.Lock()
-
-# Modules and functions that act on every element alone: the output has the input's
-# channels in the input's places (``Softmax`` on the logits is kept as before).
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
-                        nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-                        nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout,
-                        nn.Dropout2d, nn.AlphaDropout, nn.Softmax, nn.LogSoftmax)
-# Modules that work on the spatial dims of an (N, C, H, W) map, channel by channel.
-_SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                    nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample, nn.UpsamplingNearest2d,
-                    nn.UpsamplingBilinear2d)
-# Modules that only move elements around: replayed on the channel index.
-_SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
-_ELEMENTWISE_FUNCTIONS: set[Callable[..., Any]] = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu, F.silu, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.mish, F.softplus, F.sigmoid, F.tanh, F.dropout,
-    F.dropout2d, F.alpha_dropout, F.softmax, F.log_softmax, torch.relu, torch.sigmoid,
-    torch.tanh, torch.softmax, torch.exp, torch.erf, torch.abs, torch.sqrt, torch.rsqrt,
-    torch.clamp, torch.clip, torch.square, torch.pow, torch.neg, torch.maximum, torch.minimum,
-    torch.add, torch.sub, torch.mul, torch.div, operator.add, operator.iadd, operator.sub,
-    operator.isub, operator.mul, operator.imul, operator.truediv, operator.itruediv,
-    operator.pow, operator.neg}
-_ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "erf", "abs",
-    "sqrt", "rsqrt", "square", "pow", "neg", "clamp", "clamp_", "clamp_min", "clamp_min_",
-    "clamp_max", "clamp_max_", "softmax", "log_softmax", "add", "add_", "sub", "sub_", "mul",
-    "mul_", "div", "div_", "contiguous", "clone", "detach", "float", "to", "type_as"}
-_SPATIAL_FUNCTIONS: set[Callable[..., Any]] = {
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
-_SHAPE_FUNCTIONS: set[Callable[..., Any]] = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
-    torch.movedim, torch.squeeze, torch.unsqueeze, torch.narrow, operator.getitem}
-_SHAPE_METHODS = {"view", "reshape", "permute", "transpose", "swapaxes", "movedim", "flatten",
-                  "unflatten", "squeeze", "unsqueeze", "narrow", "expand", "expand_as",
-                  "view_as", "reshape_as", "__getitem__"}
-_SPLIT_FUNCTIONS: set[Callable[..., Any]] = {torch.chunk, torch.split, torch.tensor_split,
-                                             torch.unbind}
-_SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
-_REDUCTIONS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
-# Functions libraries keep out of fx traces (``torch.fx.wrap``) that scale each sample as a
-# whole, so every channel keeps its place: (module, name), matched without importing them.
-_WRAPPED_PER_SAMPLE = {("torchvision.ops.stochastic_depth", "stochastic_depth")}
-# Queries whose answer is shape metadata, never data: safe to ignore.
-_META_METHODS = {"size", "dim", "numel"}
-_META_ATTRS = {"shape", "ndim", "dtype", "device"}
-_BATCH = 2  # batch size of the example input the graph is traced and shape-propagated with
 
 
 @dataclass
@@ -280,68 +258,6 @@ def _cut(layout: Layout, start: int, stop: int) -> Layout:
     return tuple(out)
 
 
-# --------------------------------------------------------------------------- tracing
-
-
-class _Tracer(torch.fx.Tracer):
-    """fx's tracer, with every BatchNorm2d subclass a leaf: a norm-act layer (BN then an
-    activation, as in timm) stays one module, so slicing can keep its class."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
-
-
-class _Prop(ShapeProp):
-    """ShapeProp that also keeps small non-tensor results (sizes, ints) as ``meta['value']``
-    so shape ops can be replayed with the very arguments the model computed."""
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        result = super().run_node(n)
-        if _plain(result):
-            n.meta["value"] = result
-        return result
-
-
-def _plain(v: Any) -> bool:
-    if isinstance(v, (int, float, bool, str, slice, torch.dtype, torch.device)) or v is None:
-        return True
-    if isinstance(v, (tuple, list)):
-        return all(_plain(x) for x in v)
-    return False
-
-
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    tracer = _Tracer()
-    graph = tracer.trace(model)
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
-def _channelwise(module: nn.Module) -> bool:
-    """Whether ``module`` maps every element alone (an activation or dropout, possibly of
-    a library of its own): checked by tracing it, never assumed from its name."""
-    if isinstance(module, _ELEMENTWISE_MODULES):
-        return True
-    if any(True for _ in module.parameters(recurse=False)) or \
-            any(True for _ in module.buffers(recurse=False)):
-        return False
-    try:
-        gm = torch.fx.symbolic_trace(module)
-    except Exception:  # fx raises many types for untraceable code
-        return False
-    subs = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        if node.op == "call_module" and _channelwise(subs[node.target]):
-            continue
-        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
-            continue
-        if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
-            continue
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- the builder
 
 
@@ -421,8 +337,8 @@ class _Builder:
             # the graph of the inference network: traced in eval mode, so training-only
             # branches (auxiliary heads, stochastic depth) are not in it
             self.model.eval()
-            with _TRACE_LOCK:  # fx patches torch functions while tracing: one at a time
-                gm = _trace(self.model)
+            with TRACE_LOCK:  # fx patches torch functions while tracing: one at a time
+                gm = trace_model(self.model)
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} cannot be traced with torch.fx "
@@ -432,13 +348,13 @@ class _Builder:
         finally:  # restore each submodule's own flag (a model may mix train and eval)
             for m, mode in modes:
                 m.training = mode
-        example = torch.zeros(_BATCH, *self.input_shape)
+        example = torch.zeros(BATCH, *self.input_shape)
         try:
             gm.eval()
             # ShapeProp prints a traceback and wraps the model's own error: keep quiet and
             # report the original error in one line
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                _Prop(gm).propagate(example)
+                ValueShapeProp(gm).propagate(example)
         except Exception as exc:
             cause = exc.__cause__ or exc
             text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
@@ -453,12 +369,12 @@ class _Builder:
         inputs: set[int] = set()
         output_layout: Layout | None = None
         # the index tensors are bookkeeping on the CPU, also when the caller builds the
-        # model under torch.device("meta"); _channelwise traces small modules
-        with _TRACE_LOCK, torch.device("cpu"):
+        # model under torch.device("meta"); channelwise traces small modules
+        with TRACE_LOCK, torch.device("cpu"):
             for node in gm.graph.nodes:
-                self.where = f"node {node.name!r} ({node.op} {_target_name(node)})"
+                self.where = f"node {node.name!r} ({node.op} {target_name(node)})"
                 if node.op == "placeholder":
-                    shape = _shape(node)
+                    shape = shape_of(node)
                     if shape is None or len(shape) < 2:
                         raise UnsupportedModelError(f"{self.where}: expected an image batch "
                                                     "input")
@@ -558,14 +474,14 @@ class _Builder:
     def spatial(self, node: torch.fx.Node, chan: _Chan, what: str) -> _Chan:
         if len(chan.shape) != 4:
             raise UnsupportedModelError(f"{self.where}: {what} expects an (N, C, H, W) map")
-        shape = _shape(node)
+        shape = shape_of(node)
         if shape is None or shape[:2] != chan.shape[:2]:
             raise UnsupportedModelError(f"{self.where}: {what} changes the channel count")
         return _Chan(self.layout_on(chan, 1, what), shape, axis=1)
 
     def normalised(self, base: Layout, ids: torch.Tensor, shape: tuple[int, ...]) -> _Chan:
         """A tensor fact from an index tensor: lazy when one axis holds distinct channels."""
-        varying = _varying(ids)
+        varying = varying_dims(ids)
         if len(varying) == 1:
             d = varying[0]
             seq = ids.movedim(d, -1).reshape(-1, ids.shape[d])[0]
@@ -575,7 +491,7 @@ class _Builder:
 
     # -- get_attr ----------------------------------------------------------------------
     def get_attr(self, node: torch.fx.Node) -> _Const | None:
-        shape = _shape(node)
+        shape = shape_of(node)
         if shape is None:
             return None
         name = str(node.target) if str(node.target) in self.tensors else None
@@ -598,15 +514,15 @@ class _Builder:
             return self.batchnorm(name, mod, src, node)
         if isinstance(mod, nn.LayerNorm):
             return self.layer_norm(src, tuple(mod.normalized_shape), f"LayerNorm {name}")
-        if isinstance(mod, _SHAPE_MODULES):
+        if isinstance(mod, SHAPE_MODULES):
             return self.replay(node, [src], lambda v: mod(v[0]))
-        if isinstance(mod, _SPATIAL_MODULES):
+        if isinstance(mod, SPATIAL_MODULES):
             return self.spatial(node, src, type(mod).__name__)
         if isinstance(mod, nn.PReLU):
             if mod.num_parameters > 1:
                 self.record_param(f"{name}.weight", self.layout_on(src, 1, "PReLU"))
             return src
-        if isinstance(mod, _ELEMENTWISE_MODULES):
+        if isinstance(mod, ELEMENTWISE_MODULES):
             return src
         raise UnsupportedModelError(
             f"{self.where}: layer type {type(mod).__name__} is not supported; supported are "
@@ -623,7 +539,7 @@ class _Builder:
         if name in self.seen_modules:
             raise UnsupportedModelError(f"{self.where}: conv {name} is called more than once "
                                         "(shared weights are not supported)")
-        shape = _shape(node)
+        shape = shape_of(node)
         if shape is None:
             raise UnsupportedModelError(f"{self.where}: conv output has no shape")
         groups = mod.groups
@@ -650,7 +566,7 @@ class _Builder:
         if name in self.seen_modules:
             raise UnsupportedModelError(f"{self.where}: linear {name} is called more than "
                                         "once (shared weights are not supported)")
-        shape = _shape(node)
+        shape = shape_of(node)
         if shape is None:
             raise UnsupportedModelError(f"{self.where}: linear output has no shape")
         space = self.new_space(mod.out_features)
@@ -663,7 +579,7 @@ class _Builder:
     def batchnorm(self, name: str, mod: nn.BatchNorm2d, src: _Chan,
                   node: torch.fx.Node) -> _Chan:
         if type(mod) is not nn.BatchNorm2d and not all(
-                _channelwise(m) for m in mod.children()):
+                channelwise(m) for m in mod.children()):
             raise UnsupportedModelError(
                 f"{self.where}: {type(mod).__name__} holds submodules that are not "
                 "activations or dropout; modellego cannot tell what it does to channels")
@@ -695,39 +611,39 @@ class _Builder:
     def call_function(self, node: torch.fx.Node, facts: dict) -> Any:
         target = node.target
         method = node.op == "call_method"
-        nodes = [a for a in _flat_args(node) if isinstance(a, torch.fx.Node)]
+        nodes = [a for a in flat_args(node) if isinstance(a, torch.fx.Node)]
         chans = [a for a in nodes if isinstance(facts.get(a), _Chan)]
         consts = [a for a in nodes if isinstance(facts.get(a), _Const)]
         lists = [a for a in nodes if isinstance(facts.get(a), list)]
         if target is operator.getitem and isinstance(node.args[0], torch.fx.Node) and \
                 isinstance(facts.get(node.args[0]), list):
-            return facts[node.args[0]][_value(node.args[1], self.where)]
-        if method and target in _META_METHODS or target is getattr and \
-                node.args[1] in _META_ATTRS:
+            return facts[node.args[0]][value_of(node.args[1], self.where)]
+        if method and target in META_METHODS or target is getattr and \
+                node.args[1] in META_ATTRS:
             return None
         if not chans and not consts and not lists:
-            if _shape(node) is not None:  # a tensor made from nothing the model reads
-                return _const(None, _shape(node) or ())
+            if shape_of(node) is not None:  # a tensor made from nothing the model reads
+                return _const(None, shape_of(node) or ())
             return None  # arithmetic on sizes, asserts
         if not chans:
             return self.const_op(node, consts, facts)
-        if method and target in _SHAPE_METHODS or not method and target in _SHAPE_FUNCTIONS:
+        if method and target in SHAPE_METHODS or not method and target in SHAPE_FUNCTIONS:
             if target in ("expand_as", "view_as", "reshape_as"):
-                like = _shape(node) or ()
+                like = shape_of(node) or ()
                 return self.replay(node, [self.chan(node.args[0], facts)],
                                    lambda v: v[0].reshape(v[0].shape[0], *like[1:]))
             return self.replay(node, [self.chan(node.args[0], facts)],
-                               lambda v: _call(node, v[0], self.where))
-        if method and target in _SPLIT_METHODS or not method and target in _SPLIT_FUNCTIONS:
+                               lambda v: call_on(node, v[0], self.where))
+        if method and target in SPLIT_METHODS or not method and target in SPLIT_FUNCTIONS:
             return self.split(node, self.chan(node.args[0], facts))
         if target is torch.cat or target is torch.concat or target is torch.stack:
             return self.concat(node, facts)
-        if target in _REDUCTIONS or method and target in _REDUCTION_METHODS:
+        if target in REDUCTIONS or method and target in REDUCTION_METHODS:
             return self.reduction(node, self.chan(node.args[0], facts))
-        if target in _SPATIAL_FUNCTIONS:
-            return self.spatial(node, self.chan(node.args[0], facts), _target_name(node))
+        if target in SPATIAL_FUNCTIONS:
+            return self.spatial(node, self.chan(node.args[0], facts), target_name(node))
         if target is F.pad:
-            pad = _value(node.args[1] if len(node.args) > 1 else node.kwargs["pad"], self.where)
+            pad = value_of(node.args[1] if len(node.args) > 1 else node.kwargs["pad"], self.where)
             src = self.chan(node.args[0], facts)
             if len(src.shape) == 4 and len(pad) <= 4:
                 return self.spatial(node, src, "padding")
@@ -737,16 +653,16 @@ class _Builder:
         if target in (F.linear, F.conv2d):
             return self.functional_layer(node, facts)
         if target is F.layer_norm:
-            normalized = _value(node.args[1] if len(node.args) > 1 else
+            normalized = value_of(node.args[1] if len(node.args) > 1 else
                                 node.kwargs["normalized_shape"], self.where)
             return self.layer_norm(self.chan(node.args[0], facts), tuple(normalized),
                                    f"layer_norm at {node.name}")
-        if target in _ELEMENTWISE_FUNCTIONS or method and target in _ELEMENTWISE_METHODS:
+        if target in ELEMENTWISE_FUNCTIONS or method and target in ELEMENTWISE_METHODS:
             return self.elementwise(node, chans, consts, facts)
         if (getattr(target, "__module__", None), getattr(target, "__name__", None)) in \
-                _WRAPPED_PER_SAMPLE:  # stochastic depth: identity in eval, else per sample
+                WRAPPED_PER_SAMPLE:  # stochastic depth: identity in eval, else per sample
             src = self.chan(node.args[0], facts)
-            shape = _shape(node)
+            shape = shape_of(node)
             if shape is None or shape != src.shape:
                 raise UnsupportedModelError(f"{self.where}: changes the tensor's shape")
             return src
@@ -754,7 +670,7 @@ class _Builder:
             raise UnsupportedModelError(f"{self.where}: reads attribute {node.args[1]!r} of a "
                                         "tensor")
         raise UnsupportedModelError(
-            f"{self.where}: operation {_target_name(node)} is not supported by the channel "
+            f"{self.where}: operation {target_name(node)} is not supported by the channel "
             "graph; supported are conv/linear/norm modules, activations, pooling, "
             "elementwise arithmetic, and reshapes, slices, splits and concatenations")
 
@@ -765,7 +681,7 @@ class _Builder:
         values, offset = [], 0
         for c in srcs:
             ids = c.full_ids()
-            batch = torch.arange(_BATCH).view(-1, *[1] * (ids.dim() - 1))
+            batch = torch.arange(BATCH).view(-1, *[1] * (ids.dim() - 1))
             values.append((ids + offset + total * batch).contiguous())
             offset += c.count
         try:
@@ -784,8 +700,8 @@ class _Builder:
             raise UnsupportedModelError(f"{self.where}: unexpected result of a shape op")
         outs: list[torch.Tensor] = []
         for r, shape in zip(raws, shapes):
-            batch = torch.arange(_BATCH).view(-1, *[1] * (r.dim() - 1))
-            if r.dim() == 0 or r.shape[0] != _BATCH or not bool((r // total == batch).all()):
+            batch = torch.arange(BATCH).view(-1, *[1] * (r.dim() - 1))
+            if r.dim() == 0 or r.shape[0] != BATCH or not bool((r // total == batch).all()):
                 raise UnsupportedModelError(f"{self.where}: mixes the batch dim with others; "
                                             "modellego follows channels only within a sample")
             if shape is not None and tuple(r.shape) != tuple(shape):
@@ -804,7 +720,7 @@ class _Builder:
         exact when the parts keep the same channels, one to one: tie them. Any other op
         that keeps part of the channels (``x[:, :n]``, ``split`` with sizes, ``narrow``)
         would cut at the source's fixed bounds: freeze those channels."""
-        op = str(node.target) if node.op == "call_method" else _target_name(node)
+        op = str(node.target) if node.op == "call_method" else target_name(node)
         total = src.count
         held = [set(torch.unique(i).tolist()) for i in outs]
         spaces = [s.space for s in src.base]
@@ -820,8 +736,8 @@ class _Builder:
             return
         if len(outs) != 1:
             return
-        before = len(_varying(src.full_ids()))
-        varying = _varying(outs[0])
+        before = len(varying_dims(src.full_ids()))
+        varying = varying_dims(outs[0])
         if len(varying) <= max(before, 1):
             return  # channels moved, not split across more dims
         sizes = list(node.args[1:]) if op in ("view", "reshape") else []
@@ -843,7 +759,7 @@ class _Builder:
             self.couple_layouts(_compose(src.base, row.tolist()), first)
 
     def split(self, node: torch.fx.Node, src: _Chan) -> list[_Chan]:
-        return self.replay(node, [src], lambda v: list(_call(node, v[0], self.where)))
+        return self.replay(node, [src], lambda v: list(call_on(node, v[0], self.where)))
 
     def concat(self, node: torch.fx.Node, facts: dict) -> _Chan:
         parts = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -851,9 +767,9 @@ class _Builder:
             raise UnsupportedModelError(f"{self.where}: expected a list of tensors to "
                                         "concatenate")
         chans = [self.chan(p, facts) for p in parts]
-        dim = _value(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0),
+        dim = value_of(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0),
                      self.where)
-        shape = _shape(node)
+        shape = shape_of(node)
         if node.target is not torch.stack and shape is not None:
             d = dim % len(shape)
             if all(c.ids is None and c.axis == d for c in chans):  # the common case, lazily
@@ -867,10 +783,10 @@ class _Builder:
         return out
 
     def reduction(self, node: torch.fx.Node, src: _Chan) -> _Chan:
-        shape = _shape(node)
-        dims: Any = _value(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"),
+        shape = shape_of(node)
+        dims: Any = value_of(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"),
                            self.where)
-        keep = bool(_value(node.args[2] if len(node.args) > 2 else
+        keep = bool(value_of(node.args[2] if len(node.args) > 2 else
                            node.kwargs.get("keepdim", False), self.where))
         nd = len(src.shape)
         if dims is None:
@@ -902,14 +818,14 @@ class _Builder:
             weight.name and weight.name.endswith(".weight") else None
         owner = self.modules.get(owner_name) if owner_name is not None else None
         bias = facts.get(bias_arg) if isinstance(bias_arg, torch.fx.Node) else None
-        groups = _value(args[6] if args[6] is not None else node.kwargs.get("groups", 1),
+        groups = value_of(args[6] if args[6] is not None else node.kwargs.get("groups", 1),
                         self.where) if kind is nn.Conv2d else None
         if owner_name is None or not isinstance(owner, kind) or (
                 bias_arg is not None and not (isinstance(bias, _Const) and
                                               bias.name == f"{owner_name}.bias")) or (
                 kind is nn.Conv2d and groups != owner.groups):
             raise UnsupportedModelError(
-                f"{self.where}: {_target_name(node)} on weights that are not those of one "
+                f"{self.where}: {target_name(node)} on weights that are not those of one "
                 f"{kind.__name__} module is not supported")
         src = self.chan(node.args[0], facts)
         if isinstance(owner, nn.Linear):
@@ -930,17 +846,17 @@ class _Builder:
 
     def const_op(self, node: torch.fx.Node, consts: list, facts: dict) -> _Const:
         """An op on parameters alone (``gamma.reshape(1, -1, 1, 1)``, ``scale.exp()``)."""
-        shape = _shape(node) or ()
+        shape = shape_of(node) or ()
         opaque = _Const(None, -1, None)
-        if _shape(node) is None:
+        if shape_of(node) is None:
             return opaque if any(facts[c].numel != 1 for c in consts) else _const(None, ())
         big = [facts[c] for c in consts if facts[c].numel != 1]
         if not big:
             return _const(None, shape)
         if len(big) > 1 or big[0].numel == -1:
             return opaque  # two tensors mixed, or one already lost
-        elementwise = node.target in _ELEMENTWISE_FUNCTIONS or \
-            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+        elementwise = node.target in ELEMENTWISE_FUNCTIONS or \
+            node.op == "call_method" and node.target in ELEMENTWISE_METHODS
         reshape = node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten") or \
             node.target in (torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten)
         out = _const(big[0].name, shape)
@@ -950,7 +866,7 @@ class _Builder:
 
     def elementwise(self, node: torch.fx.Node, chans: list, consts: list,
                     facts: dict) -> _Chan:
-        shape = _shape(node)
+        shape = shape_of(node)
         if shape is None:
             raise UnsupportedModelError(f"{self.where}: elementwise op without a tensor "
                                         "result")
@@ -1029,57 +945,6 @@ def _const(name: str | None, shape: Sequence[int]) -> _Const:
 
 def node_name(where: str) -> str:
     return where.split(" (")[0]
-
-
-def _varying(ids: torch.Tensor) -> list[int]:
-    """The dims (after the batch dim) along which an index tensor changes."""
-    return [d for d in range(1, ids.dim())
-            if ids.shape[d] > 1 and bool((ids != ids.narrow(d, 0, 1)).any())]
-
-
-def _flat_args(node: torch.fx.Node) -> list[Any]:
-    out: list[Any] = []
-    torch.fx.node.map_aggregate((node.args, node.kwargs), out.append)
-    return out
-
-
-def _value(arg: Any, where: str) -> Any:
-    """A node argument with every non-tensor node replaced by the value it had."""
-    if isinstance(arg, torch.fx.Node):
-        if "value" not in arg.meta:
-            raise UnsupportedModelError(f"{where}: an argument computed from tensor data")
-        return arg.meta["value"]
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_value(a, where) for a in arg)
-    if isinstance(arg, slice):
-        return slice(_value(arg.start, where), _value(arg.stop, where),
-                     _value(arg.step, where))
-    if isinstance(arg, dict):
-        return {k: _value(v, where) for k, v in arg.items()}
-    return arg
-
-
-def _call(node: torch.fx.Node, tensor: torch.Tensor, where: str) -> Any:
-    """Node ``node``'s op on ``tensor`` in place of its first argument."""
-    args = [_value(a, where) for a in node.args[1:]]
-    kwargs = _value(dict(node.kwargs), where)
-    if node.op == "call_method":
-        return getattr(tensor, str(node.target))(*args, **kwargs)
-    fn = node.target
-    if not callable(fn):
-        raise UnsupportedModelError(f"{where}: not a callable op")
-    return fn(tensor, *args, **kwargs)
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, torch.fx.Node) \
-        else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _target_name(node: torch.fx.Node) -> str:
-    t = node.target
-    return getattr(t, "__name__", None) or str(t)
 
 
 def build_channel_graph(model: nn.Module, input_shape: Sequence[int]) -> ChannelGraph:
