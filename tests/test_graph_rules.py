@@ -333,6 +333,27 @@ def test_channel_last_flatten():
     assert len(layout) == 16 and all(s.size == 4 and s.repeat == 1 for s in layout)
 
 
+class FixedView(nn.Module):
+    """A reshape with the channel count written out: a component could not shrink it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = cbr(3, 4)
+        self.mid = cbr(4, 4)
+        self.head = nn.Linear(4 * 16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.mid(self.conv(x)), 4)
+        return self.head(x.view(x.size(0), 4, 16).flatten(1))
+
+
+def test_reshape_to_a_fixed_channel_count_freezes_them():
+    graph = check_invariants(FixedView())
+    space = graph.find(graph.layer("mid.0").out_space)
+    assert "view at view fixes the number" in graph.frozen_reasons[space]
+    assert graph.find(graph.layer("conv.0").out_space) not in graph.frozen_spaces
+
+
 class AuxHead(nn.Module):
     """An auxiliary head used only in training (GoogLeNet, Inception-v3)."""
 

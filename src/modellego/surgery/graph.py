@@ -738,11 +738,16 @@ class _Builder:
             return
         before = len(varying_dims(src.full_ids()))
         varying = varying_dims(outs[0])
-        if len(varying) <= max(before, 1):
-            return  # channels moved, not split across more dims
         sizes = list(node.args[1:]) if op in ("view", "reshape") else []
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = list(sizes[0])
+        if len(varying) <= max(before, 1):  # channels moved, not split across more dims
+            if len(sizes) == outs[0].dim() and any(
+                    isinstance(sizes[d], int) and sizes[d] != -1 for d in varying):
+                # e.g. view(b, 512, -1): a component would ask for 512 channels again
+                self.freeze(spaces, f"{op} at {node.name} fixes the number of these "
+                                    "channels")
+            return
         if len(sizes) != outs[0].dim():
             self.freeze(spaces, f"{op} at {node.name} splits these channels across dims")
             return
