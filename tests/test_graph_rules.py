@@ -477,7 +477,18 @@ class ChannelMean(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
+class ChannelSoftmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).softmax(1).mean((2, 3))).log_softmax(-1)
+
+
 @pytest.mark.parametrize("cls, node, match", [
+    (ChannelSoftmax, "softmax", "softmax over channels other than the logits"),
     (Attention, "attn", "attention layers"),
     (BatchMix, "reshape", "mixes the batch dim"),
     (ChannelMean, "mean", "reduction over the channel dimension"),

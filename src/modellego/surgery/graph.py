@@ -49,6 +49,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .trace import (
     BATCH,
+    CAST_METHODS,
     ELEMENTWISE_FUNCTIONS,
     ELEMENTWISE_METHODS,
     ELEMENTWISE_MODULES,
@@ -59,6 +60,8 @@ from .trace import (
     SHAPE_FUNCTIONS,
     SHAPE_METHODS,
     SHAPE_MODULES,
+    SOFTMAX_FUNCTIONS,
+    SOFTMAX_METHODS,
     SPATIAL_FUNCTIONS,
     SPATIAL_MODULES,
     SPLIT_FUNCTIONS,
@@ -276,6 +279,7 @@ class _Builder:
         self.params: dict[str, Layout] = {}
         self.ties: list[tuple[Segment, Segment]] = []
         self.seen_modules: dict[str, Layer] = {}
+        self.softmaxes: list[tuple[str, Layout]] = []  # (where, the channels it normalises)
         self.where = ""
 
     # -- spaces ------------------------------------------------------------------------
@@ -438,6 +442,10 @@ class _Builder:
             frozen.setdefault(self.find(s), reason)
         if out_space in frozen:
             raise UnsupportedModelError(f"the logits cannot be cut to a task: {frozen[out_space]}")
+        for where, layout in self.softmaxes:
+            if {self.find(seg.space) for seg in layout} != {out_space}:
+                raise UnsupportedModelError(f"{where}: softmax over channels other than the "
+                                            "logits (it couples all of them)")
         ties = []
         for a, b in self.ties:
             a, b = res((a,))[0], res((b,))[0]
@@ -522,6 +530,8 @@ class _Builder:
             if mod.num_parameters > 1:
                 self.record_param(f"{name}.weight", self.layout_on(src, 1, "PReLU"))
             return src
+        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+            return self.softmax(src, mod.dim)
         if isinstance(mod, ELEMENTWISE_MODULES):
             return src
         raise UnsupportedModelError(
@@ -600,6 +610,16 @@ class _Builder:
             self.freeze([s.space for s in src.base], f"{what} normalises over these channels")
         return src
 
+    def softmax(self, src: _Chan, dim: Any) -> _Chan:
+        if not isinstance(dim, int):
+            raise UnsupportedModelError(f"{self.where}: softmax without an explicit dim")
+        ids = src.full_ids()
+        d = dim % ids.dim()
+        if ids.shape[d] > 1 and bool((ids != ids.narrow(d, 0, 1)).any()):
+            layout = self.layout_on(src, d, "softmax")
+            self.softmaxes.append((self.where, layout))
+        return src
+
     def record_param(self, name: str, layout: Layout) -> None:
         old = self.params.get(name)
         if old is not None and old != layout:
@@ -657,6 +677,11 @@ class _Builder:
                                 node.kwargs["normalized_shape"], self.where)
             return self.layer_norm(self.chan(node.args[0], facts), tuple(normalized),
                                    f"layer_norm at {node.name}")
+        if method and target in CAST_METHODS:
+            return self.chan(node.args[0], facts)
+        if target in SOFTMAX_FUNCTIONS or method and target in SOFTMAX_METHODS:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return self.softmax(self.chan(node.args[0], facts), value_of(dim, self.where))
         if target in ELEMENTWISE_FUNCTIONS or method and target in ELEMENTWISE_METHODS:
             return self.elementwise(node, chans, consts, facts)
         if (getattr(target, "__module__", None), getattr(target, "__name__", None)) in \

@@ -43,7 +43,14 @@ ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "erf", "abs",
     "sqrt", "rsqrt", "square", "pow", "neg", "clamp", "clamp_", "clamp_min", "clamp_min_",
     "clamp_max", "clamp_max_", "softmax", "log_softmax", "add", "add_", "sub", "sub_", "mul",
-    "mul_", "div", "div_", "contiguous", "clone", "detach", "float", "to", "type_as"}
+    "mul_", "div", "div_", "contiguous", "clone", "detach"}
+# Methods that only change a tensor's dtype or device (a second tensor argument, as in
+# ``type_as``, gives only its dtype).
+CAST_METHODS = {"float", "double", "half", "to", "type_as", "type"}
+# Softmax couples the channels it normalises: fine on the logits only (checked at the end).
+SOFTMAX_FUNCTIONS: set[Callable[..., Any]] = {F.softmax, F.log_softmax, torch.softmax,
+                                              torch.log_softmax}
+SOFTMAX_METHODS = {"softmax", "log_softmax"}
 SPATIAL_FUNCTIONS: set[Callable[..., Any]] = {
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
 SHAPE_FUNCTIONS: set[Callable[..., Any]] = {
