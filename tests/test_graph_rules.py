@@ -327,6 +327,27 @@ class ChannelLastFlatten(nn.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
+class OuterGate(nn.Module):
+    """A spatial map times a channel vector: no operand has the output's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = cbr(3, 5)
+        self.where = nn.Conv2d(5, 1, 1)
+        self.what = nn.Conv2d(5, 5, 1)
+        self.head = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        g = torch.sigmoid(self.where(x)) * self.what(F.adaptive_avg_pool2d(x, 1))
+        return self.head((x * g).mean((2, 3)))
+
+
+def test_broadcast_of_a_map_and_a_channel_vector():
+    graph = check_invariants(OuterGate())
+    assert graph.find(graph.layer("what").out_space) == graph.find(graph.layer("conv.0").out_space)
+
+
 def test_channel_last_flatten():
     graph = check_invariants(ChannelLastFlatten())
     layout = graph.layer("head").in_layout

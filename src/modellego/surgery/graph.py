@@ -902,7 +902,9 @@ class _Builder:
                                         "result")
         facts_c = [facts[a] for a in chans]
         full = [c for c in facts_c if c.shape == shape]
-        ref = full[0] if full else facts_c[0]
+        # the output's channels are those of an operand of its full shape, else of the
+        # operand with the most channels ((N, 1, H, W) * (N, C, 1, 1): the second)
+        ref = full[0] if full else max(facts_c, key=lambda c: c.count)
         if len(ref.shape) != len(shape):
             raise UnsupportedModelError(f"{self.where}: broadcasting across tensors of "
                                         "different ranks")
