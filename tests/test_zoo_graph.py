@@ -120,8 +120,8 @@ def test_family_specifics():
 
 
 def test_transformer_is_refused_naming_the_node():
-    from torchvision.models.vision_transformer import VisionTransformer
     tv()
+    from torchvision.models.vision_transformer import VisionTransformer
     vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
                             hidden_dim=16, mlp_dim=32, num_classes=10)
     with pytest.raises(UnsupportedModelError) as info:
