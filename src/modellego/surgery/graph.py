@@ -22,11 +22,18 @@ channels on the last axis, without rules per pattern.
 
 Couplings are exact or refused. Two whole spaces of an elementwise op are merged
 (union-find); two runs that are parts of spaces are *tied* (a plan keeps a channel of one
-run exactly when it keeps the matching channel of the other, see :mod:`.plan`). Ops that mix
-all the channels they see, so that no channel can be removed without changing the others
-(LayerNorm or GroupNorm over channels, a mean over channels, grouped convolutions), *freeze*
-the spaces involved: they are always kept whole, and :attr:`ChannelGraph.frozen_reasons` says
-why. Per-channel tensors that are not conv/linear/BN modules (a layer-scale parameter read
+run exactly when it keeps the matching channel of the other, see :mod:`.plan`). A component
+runs the source's forward code on fewer channels, so ops that depend on the channel count
+are constrained too: the parts of a ``chunk`` and the groups of a
+``view(b, g, c // g, h, w)`` (a channel shuffle) are tied one to one, so they shrink alike.
+Ops that would cut or size the channels at the source's fixed numbers (``x[:, :n]``,
+``split`` with sizes, ``view(b, 512, -1)``), and ops that mix the channels they see so that
+none can be removed without changing the others (LayerNorm over channels, grouped
+convolutions) *freeze* the spaces involved: they are always kept whole, and
+:attr:`ChannelGraph.frozen_reasons` says why. A reduction or a softmax over channels (other
+than the logits) is refused.
+
+Per-channel tensors that are not conv/linear/BN modules (a layer-scale parameter read
 through ``get_attr``, a PReLU weight, a BN over a concatenation) are recorded in
 :attr:`ChannelGraph.channel_params` with the layout they follow, so a plan slices them too.
 Anything the builder does not understand is refused with the name of the node, so a
@@ -107,7 +114,7 @@ class Layer:
     module: nn.Conv2d | nn.Linear  # the builder records only these two
     kind: str                      # "conv" | "linear"
     in_layout: Layout
-    out_space: int                 # depthwise: the space of its first input run
+    out_space: int                 # depthwise: the space of its (first) input run
     depthwise: bool = False
     frozen: bool = False           # grouped conv: its channels are never pruned
     bn_after: str | None = None    # the BatchNorm that alone reads this conv's output
