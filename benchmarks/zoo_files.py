@@ -28,8 +28,8 @@ from modellego import (
 )
 from modellego.data import load_split, model_input
 
-CLASSES = 4
-IMAGES_PER_CLASS = 6
+CLASSES = 10
+IMAGES_PER_CLASS = 5
 
 
 def image_folder(root: Path, size: int, seed: int = 0) -> Path:
@@ -46,9 +46,10 @@ def image_folder(root: Path, size: int, seed: int = 0) -> Path:
 
 def files_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: int,
                data: Path) -> dict[str, Any]:
-    """Import ``net`` (random weights, eval mode) as a model file of ``architecture`` on
-    ``folder:data``, cut two components, save and reload them, assemble them; the figures
-    and the first failure (``status`` ``ok`` or ``failed: ...``)."""
+    """Import ``net`` (random weights, eval mode, ``CLASSES`` outputs) as a model file of
+    ``architecture`` on ``folder:data``, cut two 2-class components, save and reload them,
+    assemble them into a 4-class classifier; the figures and a status (``ok`` or ``failed:
+    ...``)."""
     t0 = time.perf_counter()
     dataset = f"folder:{data}"
     out: dict[str, Any] = {}

@@ -7,14 +7,31 @@ rootdir conftest), so the test modules can import this one by its bare name.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
+import os
+from types import ModuleType
 
+import pytest
 import torch
 from torch import nn
 
 from modellego.cli import main
-from modellego.surgery.graph import ChannelGraph
-from modellego.surgery.plan import ComponentPlan
+from modellego.errors import PlanError
+from modellego.surgery.extract import apply_plan
+from modellego.surgery.graph import ChannelGraph, build_channel_graph
+from modellego.surgery.plan import ComponentPlan, full_plan, plan_from_masks
+
+
+def needs(module: str) -> ModuleType:
+    """Import an optional dependency (``torchvision``, ``timm``) for a test: skipped when it
+    is missing, but failed under ``CI=true``, where every extra must be installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{module} is not installed, and CI=true needs it")
+        pytest.skip(f"{module} is not installed")
 
 
 def run_cli(argv) -> tuple[int, str, str]:
@@ -57,12 +74,13 @@ def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
 def masked_source_logits(model: nn.Module, graph: ChannelGraph, plan: ComponentPlan,
                          x: torch.Tensor) -> torch.Tensor:
     """The "masked source": ``model`` run (without autograd) with every conv/linear layer's
-    input channels that ``plan`` removes set to zero. Hooks are removed afterwards."""
+    input channels that ``plan`` removes set to zero (dim 1 of a conv's input, the last dim
+    of a linear layer's). Hooks are removed afterwards."""
     def zero_removed(keep: torch.Tensor):
         def hook(module: nn.Module, args: tuple) -> tuple:
             inp = args[0]
             shape = [1] * inp.dim()
-            shape[1] = -1
+            shape[1 if isinstance(module, nn.Conv2d) else -1] = -1
             return (inp * keep.to(inp.dtype).view(shape),) + tuple(args[1:])
         return hook
 
@@ -111,18 +129,49 @@ def varied_random_model(arch: str, noise: torch.Tensor
     return model, y, tuple(int(c) for c in torch.sort(-counts, stable=True).indices[:2])
 
 
-def needs(module: str):
-    """Import an optional dependency for a test: skipped when it is missing, except in CI
-    (``CI=true``), where ``make test`` installs it, so that a missing one fails the test."""
-    import importlib
-    import os
+def graph_random_masks(graph: ChannelGraph, seed: int, p: float = 0.6
+                       ) -> dict[int, torch.Tensor]:
+    """Keep each channel with probability ``p``, at least one per space; frozen spaces whole."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for s in graph.spaces():
+        n = graph.space_size[s]
+        m = torch.rand(n, generator=gen) < p
+        if s in graph.frozen_spaces:
+            m[:] = True
+        elif not m.any():
+            m[int(torch.randint(n, (1,), generator=gen))] = True
+        masks[s] = m
+    return masks
 
-    import pytest
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        if os.environ.get("CI", "").lower() == "true":
-            raise AssertionError(f"{module} is not installed, but CI must test with it "
-                                 "(make test installs modellego[torchvision,timm])") from None
-        pytest.skip(f"{module} is not installed (pip install 'modellego[{module}]')")
+def assert_graph_invariants(model: nn.Module, input_shape: tuple[int, int, int], *,
+                            seeds: int = 4, out: tuple[int, ...] = (3, 0),
+                            tol: float = 1e-5) -> ChannelGraph:
+    """The channel graph's two invariants on ``model`` (BN statistics randomised, eval
+    mode): the keep-everything plan reproduces the logits exactly, and random plans'
+    components equal the masked source (within ``tol`` times the logit scale), at least one
+    of them removing channels that mattered. Returns the graph."""
+    torch.manual_seed(0)
+    model = randomize_bn(model, 1).eval()
+    graph = build_channel_graph(model, input_shape)
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(5))
+    src = run(model, x)
+    full = apply_plan(model, full_plan(graph)).eval()
+    assert (run(full, x) - src).abs().max().item() <= tol * max(1.0, src.abs().max().item())
+    changed, plans = False, 0
+    for seed in range(seeds):
+        try:
+            plan = plan_from_masks(graph, graph_random_masks(graph, seed), list(out))
+        except PlanError:  # a random mask emptied a layer (ties can do that): another seed
+            continue
+        plans += 1
+        assert ComponentPlan.from_dict(plan.to_dict()) == plan
+        comp = apply_plan(model, plan).eval()
+        masked = masked_source_logits(model, graph, plan, x)[:, list(out)]
+        scale = max(1.0, masked.abs().max().item())
+        assert (run(comp, x) - masked).abs().max().item() <= tol * scale
+        changed |= (src[:, list(out)] - masked).abs().max().item() > 1e-4 * scale
+        build_channel_graph(comp, input_shape)  # a component is traceable again
+    assert plans and changed, "no random plan removed a channel that mattered"
+    return graph

@@ -137,7 +137,9 @@ def channel_scores(graph: ChannelGraph, criterion: str) -> dict[int, torch.Tenso
     for space in prunable_spaces(graph):
         total = torch.zeros(graph.space_size[space], dtype=torch.float64)
         for lay in graph.layers:
-            if lay.out_space != space:
+            whole = len(lay.out_layout) == 1 and lay.out_layout[0].start == 0 and \
+                lay.out_layout[0].size == graph.space_size[space]
+            if lay.out_space != space or not whole:  # (a depthwise conv over part of it)
                 continue
             w = lay.module.weight.detach().double()
             s = filter_scores(w.reshape(w.shape[0], -1), criterion)

@@ -125,7 +125,7 @@ def active_class_masks(graph: ChannelGraph, profile: ActivityProfile, c: int,
         for seg in layer.in_layout:
             block = peak[offset:offset + seg.size * seg.repeat].view(seg.size, seg.repeat)
             offset += seg.size * seg.repeat
-            masks[seg.space] |= block.amax(1) > limit
+            masks[seg.space][seg.start:seg.start + seg.size] |= block.amax(1) > limit
             read.add(seg.space)
     for s in masks:
         if s not in read and s != graph.output_space:

@@ -153,7 +153,8 @@ def frat_class_masks(graph: ChannelGraph, profile: GradientProfile, c: int,
         critical = rescale(torch.cat(parts)) > alpha
         offset = 0
         for seg, part in zip(layer.in_layout, parts):
-            masks[seg.space] |= critical[offset:offset + len(part)]
+            masks[seg.space][seg.start:seg.start + seg.size] |= \
+                critical[offset:offset + len(part)]
             offset += len(part)
     return masks
 

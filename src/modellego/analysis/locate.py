@@ -129,9 +129,10 @@ def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index
                 block = need[offset:offset + seg.size * seg.repeat]
                 offset += seg.size * seg.repeat
                 chans = block.view(seg.size, seg.repeat).any(1)
-                grown = chans & ~masks[seg.space]
+                run = masks[seg.space][seg.start:seg.start + seg.size]  # a view: updated
+                grown = chans & ~run
                 if grown.any():
-                    masks[seg.space] |= chans
+                    run |= chans
                     changed = True
         if not changed:
             break

@@ -46,6 +46,9 @@ def _check_compatible(parts: Sequence[dict[str, Any]], graphs: Sequence[ChannelG
                                  "`layout` parallel")
         if any(lay.frozen for lay in g.layers):
             raise ModelLegoError("`layout` padded does not support grouped convolutions")
+    if not all(g.plain for g in graphs):
+        raise ModelLegoError("`layout` padded needs plain channel layouts (no channel slices, "
+                             "shuffles, ties or per-channel parameters); use `layout` parallel")
 
 
 def _offsets(sizes: Sequence[int], shared: bool) -> tuple[list[int], int]:

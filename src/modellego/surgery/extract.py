@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,68 +19,91 @@ def _idx(indices: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(indices, dtype=torch.long)
 
 
+def _param(like: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.clone(), requires_grad=like.requires_grad)
+
+
+# The slicers change the module they are given (apply_plan hands them its own deep copy), so
+# a subclass keeps its class and forward (timm's Linear, Conv2dSame, norm-act layers).
+
+
 def _slice_conv(conv: nn.Conv2d, out: tuple[int, ...], inp: tuple[int, ...]) -> nn.Conv2d:
     depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
     if conv.groups > 1 and not depthwise:
         if len(out) != conv.out_channels or len(inp) != conv.in_channels:
             raise PlanError("a grouped conv cannot be pruned; the plan must keep all its channels")
         return conv
-    groups = len(out) if depthwise else 1
-    # _ConvNd types these as tuple[int, ...]; a Conv2d always holds 2-tuples
-    pair = tuple[int, int]
-    new = nn.Conv2d(len(inp), len(out), cast(pair, conv.kernel_size),
-                    stride=cast(pair, conv.stride),
-                    padding=cast("str | tuple[int, int]", conv.padding),
-                    dilation=cast(pair, conv.dilation), groups=groups,
-                    bias=conv.bias is not None, padding_mode=conv.padding_mode)
     with torch.no_grad():
         w = conv.weight[_idx(out)]
-        new.weight.copy_(w if depthwise else w[:, _idx(inp)])
+        conv.weight = _param(conv.weight, w if depthwise else w[:, _idx(inp)])
         if conv.bias is not None:
-            # built with bias=True just above, so the new conv has one too
-            cast(torch.Tensor, new.bias).copy_(conv.bias[_idx(out)])
-    return new
+            conv.bias = _param(conv.bias, conv.bias[_idx(out)])
+    conv.in_channels, conv.out_channels = len(inp), len(out)
+    if depthwise:
+        conv.groups = len(out)
+    return conv
 
 
 def _slice_linear(lin: nn.Linear, out: tuple[int, ...], inp: tuple[int, ...]) -> nn.Linear:
-    new = nn.Linear(len(inp), len(out), bias=lin.bias is not None)
     with torch.no_grad():
-        new.weight.copy_(lin.weight[_idx(out)][:, _idx(inp)])
+        lin.weight = _param(lin.weight, lin.weight[_idx(out)][:, _idx(inp)])
         if lin.bias is not None:
-            new.bias.copy_(lin.bias[_idx(out)])
-    return new
+            lin.bias = _param(lin.bias, lin.bias[_idx(out)])
+    lin.in_features, lin.out_features = len(inp), len(out)
+    return lin
 
 
 def _slice_bn(bn: nn.BatchNorm2d, out: tuple[int, ...]) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(len(out), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                         track_running_stats=bn.track_running_stats)
+    """``bn`` with the per-channel parameters and statistics of channels ``out`` (a timm
+    norm-act layer stays one, with its activation)."""
     idx = _idx(out)
     with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight[idx])
-            new.bias.copy_(bn.bias[idx])
-        if bn.track_running_stats:
-            # BatchNorm registers these buffers exactly when track_running_stats is set
-            # (both modules have it), so neither side is None here
-            cast(torch.Tensor, new.running_mean).copy_(cast(torch.Tensor, bn.running_mean)[idx])
-            cast(torch.Tensor, new.running_var).copy_(cast(torch.Tensor, bn.running_var)[idx])
-            cast(torch.Tensor, new.num_batches_tracked).copy_(
-                cast(torch.Tensor, bn.num_batches_tracked))
-    return new
+        for name, p in list(bn.named_parameters(recurse=False)):
+            setattr(bn, name, _param(p, p[idx]))
+        for name, buf in list(bn.named_buffers(recurse=False)):
+            if buf is not None and buf.dim() == 1:  # num_batches_tracked is a scalar
+                setattr(bn, name, buf[idx].clone())
+    bn.num_features = len(out)
+    return bn
+
+
+def _slice_tensor(model: nn.Module, name: str, out: tuple[int, ...]) -> None:
+    """Slice parameter or buffer ``name`` of ``model`` in place, along its one axis longer
+    than 1 (how the channel graph records per-channel tensors)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    t = getattr(owner, attr, None)
+    if not isinstance(t, torch.Tensor):
+        raise PlanError(f"plan names {name!r}, which the model does not have")
+    axes = [d for d, n in enumerate(t.shape) if n > 1]
+    if len(axes) != 1:
+        raise PlanError(f"plan names {name!r} of shape {list(t.shape)}; only tensors with one "
+                        "axis longer than 1 can be sliced")
+    with torch.no_grad():
+        sliced = t.index_select(axes[0], _idx(out)).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(sliced, requires_grad=t.requires_grad))
+    else:
+        setattr(owner, attr, sliced)
 
 
 def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
     """A new model with every planned layer replaced by its sliced copy (``model`` untouched).
 
     The new model keeps the source's classes and forward code, so it traces and runs like
-    the source; only channel counts differ.
+    the source; only channel counts differ. A plan entry that names a parameter or buffer
+    rather than a module slices that tensor.
     """
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
     for name, spec in plan.modules.items():
         mod = modules.get(name)
         if mod is None:
-            raise PlanError(f"plan names layer {name!r}, which the model does not have")
+            try:
+                _slice_tensor(new, name, spec["out"])
+            except (AttributeError, IndexError, RuntimeError, KeyError) as exc:
+                raise PlanError(f"plan does not fit {name!r} ({exc})") from None
+            continue
         try:
             repl: nn.Module
             if isinstance(mod, nn.Conv2d):
@@ -94,10 +117,10 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
                                 "which cannot be sliced")
         except (IndexError, RuntimeError, KeyError) as exc:
             raise PlanError(f"plan does not fit layer {name!r} ({exc})") from None
-        repl.train(mod.training)  # fresh modules start in train mode; keep the source's
-        parent_name, _, attr = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else new
-        setattr(parent, attr, repl)
+        if repl is not mod:  # (the slicers change the copy's own modules in place)
+            parent_name, _, attr = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else new
+            setattr(parent, attr, repl)
     return new
 
 

@@ -1,5 +1,9 @@
 """A component plan: for every conv, linear and BN layer, the channel indices to keep.
 
+Other per-channel tensors the graph found (a BatchNorm over a concatenation, a layer-scale
+parameter, a PReLU weight) get an entry by their qualified name in the same shape,
+``{"out": [...]}``: the indices kept along their one non-singleton axis.
+
 Plans are plain data (JSON-friendly lists of indices), so a component can be rebuilt from
 its source architecture and replayed or composed without re-running any analysis.
 """
@@ -12,7 +16,7 @@ from typing import Sequence
 import torch
 
 from ..errors import PlanError
-from .graph import ChannelGraph
+from .graph import ChannelGraph, Layout
 
 
 @dataclass(frozen=True)
@@ -50,29 +54,78 @@ def _indices(mask: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in mask.nonzero().flatten())
 
 
+def close_ties(graph: ChannelGraph, masks: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``masks`` with every tie of ``graph`` honoured: a channel of a tied run is kept when
+    any channel tied to it is (new tensors; the caller's masks are left alone)."""
+    if not graph.ties:
+        return masks
+    spaces = sorted(masks)
+    offset, at = {}, 0
+    for s in spaces:
+        offset[s] = at
+        at += len(masks[s])
+    parent = list(range(at))  # union-find over every channel of every space
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in graph.ties:
+        for k in range(a.size):
+            ra, rb = find(offset[a.space] + a.start + k), find(offset[b.space] + b.start + k)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    flat = torch.cat([masks[s].bool() for s in spaces])
+    labels = torch.tensor([find(i) for i in range(at)], dtype=torch.long, device=flat.device)
+    kept = torch.zeros(at, dtype=torch.bool, device=flat.device).index_put_(
+        (labels,), flat, accumulate=True)
+    closed = kept[labels]
+    return {s: closed[offset[s]:offset[s] + len(masks[s])].clone() for s in spaces}
+
+
 def plan_from_masks(graph: ChannelGraph, masks: dict[int, torch.Tensor],
                     output_indices: Sequence[int], *, hint: str = "") -> ComponentPlan:
     """Turn per-space keep masks into a per-module plan; the logits keep ``output_indices``
-    in that order. Raises :class:`PlanError` naming the first layer left with no channels."""
+    in that order. Ties of the graph are closed (see :func:`close_ties`). Raises
+    :class:`PlanError` naming the first layer left with no channels, or a space kept whole
+    (:attr:`ChannelGraph.frozen_spaces`) that the masks would cut."""
+    masks = close_ties(graph, masks)
+    for s in graph.frozen_spaces:
+        if s != graph.output_space and not bool(masks[s].all()):
+            raise PlanError(f"the masks remove channels of a group that must be kept whole "
+                            f"({graph.frozen_reasons.get(s, 'frozen')})")
+
     def kept(space: int) -> tuple[int, ...]:
         if space == graph.output_space:
             return tuple(int(i) for i in output_indices)
         return _indices(masks[space])
 
+    def positions(layout: Layout) -> tuple[int, ...]:
+        """The kept features of an axis with ``layout``, in order."""
+        feats: list[int] = []
+        offset = 0
+        for seg in layout:
+            if seg.space == graph.output_space:
+                chans = [c - seg.start for c in kept(seg.space)
+                         if seg.start <= c < seg.start + seg.size]
+            else:
+                chans = list(_indices(masks[seg.space][seg.start:seg.start + seg.size]))
+            for c in chans:
+                start = offset + c * seg.repeat
+                feats.extend(range(start, start + seg.repeat))
+            offset += seg.size * seg.repeat
+        return tuple(feats)
+
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for layer in graph.layers:
-        out = kept(layer.out_space)
         if layer.depthwise:
+            out = positions(layer.in_layout)
             modules[layer.name] = {"out": out, "in": out}
         else:
-            feats: list[int] = []
-            offset = 0
-            for seg in layer.in_layout:
-                for c in kept(seg.space):
-                    start = offset + c * seg.repeat
-                    feats.extend(range(start, start + seg.repeat))
-                offset += seg.size * seg.repeat
-            modules[layer.name] = {"out": out, "in": tuple(feats)}
+            modules[layer.name] = {"out": kept(layer.out_space),
+                                   "in": positions(layer.in_layout)}
         for key in ("in", "out"):
             if not modules[layer.name][key]:
                 raise PlanError(
@@ -80,6 +133,8 @@ def plan_from_masks(graph: ChannelGraph, masks: dict[int, torch.Tensor],
                     f"prune too much for this task{hint}")
     for name, space in graph.norms.items():
         modules[name] = {"out": kept(space)}
+    for name, layout in graph.channel_params.items():
+        modules[name] = {"out": positions(layout)}
     return ComponentPlan(modules)
 
 

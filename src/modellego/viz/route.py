@@ -26,7 +26,7 @@ from ..analysis.locate import LocateConfig, locate_class, profiled_layers
 from ..analysis.methods import get_method
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
-from ..surgery.graph import ChannelGraph, build_channel_graph
+from ..surgery.graph import ChannelGraph, Segment, build_channel_graph
 from ..terminal import printable
 from ..training import task_outputs
 from .common import class_colors, new_figure, plain_text, save_figure, task_images
@@ -47,6 +47,8 @@ class LayerRoute:
     masks: torch.Tensor
     #: a grouped conv's channels are never pruned (kept whole by the component)
     frozen: bool = False
+    #: why they are kept whole (:attr:`ChannelGraph.frozen_reasons`), when they are
+    frozen_reason: str = ""
 
     @property
     def channels(self) -> int:
@@ -66,6 +68,7 @@ class RouteData:
     def counts(self) -> list[dict[str, Any]]:
         """Per layer, the channel counts of each segment (see :func:`route_counts`)."""
         return [{"layer": lay.name, "kind": lay.kind, "frozen": lay.frozen,
+                 **({"frozen_reason": lay.frozen_reason} if lay.frozen_reason else {}),
                  **route_counts(lay.masks, self.classes)} for lay in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,9 +141,15 @@ def _route(graph: ChannelGraph, classes: Sequence[int], per_class: list[dict],
            samples: dict[int, int]) -> RouteData:
     layers = []
     for lay in graph.layers:
-        masks = torch.stack([m[lay.out_space] for m in per_class])
-        frozen = lay.frozen or lay.out_space in graph.frozen_spaces
-        layers.append(LayerRoute(lay.name, lay.kind, lay.out_space, masks, frozen))
+        # the layer's own output channels (a depthwise conv may write part of a space)
+        runs = lay.out_layout or (Segment(lay.out_space, graph.space_size[lay.out_space]),)
+        masks = torch.stack([torch.cat([m[r.space][r.start:r.start + r.size] for r in runs])
+                             for m in per_class])
+        frozen = lay.frozen or any(r.space in graph.frozen_spaces for r in runs)
+        reason = next((graph.frozen_reasons[r.space] for r in runs
+                       if r.space in graph.frozen_reasons), "")
+        layers.append(LayerRoute(lay.name, lay.kind, lay.out_space, masks, frozen,
+                                 reason if frozen else ""))
     names = tuple(class_names) if class_names is not None else tuple(str(c) for c in classes)
     return RouteData(tuple(classes), names, tuple(layers), locate,
                      {int(c): int(n) for c, n in samples.items()})

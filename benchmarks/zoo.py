@@ -1,0 +1,356 @@
+"""Zoo sweep: every torchvision classification builder and a set of timm CNNs through the
+channel graph and the real disassembly path, with random weights.
+
+    OMP_NUM_THREADS=1 python benchmarks/zoo.py [--only PATTERN] [--size 64] [--skip-timm]
+
+Per model, in order (see ``STEPS``; a step may stop the model with a status):
+
+1. build it (``weights=None`` / ``pretrained=False``, 10 classes) and randomise the BN
+   statistics, so that BN handling matters;
+2. trace it and build the channel graph, or record the refusal and the node it names;
+3. check the keep-everything plan reproduces the logits exactly;
+4. disassemble a 2-class component with :func:`modellego.disassemble_model` (default
+   contribution method and thresholds) on random images, and check that it equals the
+   source with the removed input channels of every conv/linear zeroed ("masked source").
+
+Statuses: ``pass`` (both checks hold), ``refused`` (the library says which node it cannot
+handle), ``failed`` (anything else: a wrong component or an unexpected error). Prints a
+table and writes ``benchmarks/results/zoo.json`` (or ``zoo-PATTERN.json`` with ``--only``).
+Every figure is measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import gc
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from modellego import DisassemblyConfig, __version__, disassemble_model
+from modellego.analysis.locate import LocateConfig
+from modellego.errors import PlanError, UnsupportedModelError
+from modellego.metrics import count_flops, count_params
+from modellego.surgery.extract import apply_plan
+from modellego.surgery.graph import ChannelGraph, build_channel_graph
+from modellego.surgery.plan import full_plan, plan_from_masks
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import graph_random_masks, masked_source_logits, randomize_bn  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from zoo_files import files_step as run_files  # noqa: E402
+from zoo_files import image_folder  # noqa: E402
+
+#: timm CNNs, a few per family (names as in timm 1.0.31)
+TIMM = ["resnet18", "resnet50d", "resnext50_32x4d", "seresnext26d_32x4d", "regnetx_002",
+        "regnety_004", "efficientnet_b0", "efficientnet_lite0", "efficientnetv2_rw_t",
+        "mobilenetv2_100", "mobilenetv3_large_100", "mobilenetv3_small_050",
+        "mobilenetv4_conv_small", "convnext_atto", "convnext_pico", "convnextv2_atto",
+        "densenet121", "dpn68", "ghostnet_100", "ghostnetv2_100", "rexnet_100",
+        "mixnet_s", "mnasnet_100", "cspresnet50", "cspdarknet53", "darknet53",
+        "dla34", "hrnet_w18_small", "inception_v3", "xception41", "vgg11_bn",
+        "repvgg_a0", "res2net50_14w_8s", "resnest14d", "selecsls42b", "tinynet_a",
+        "lcnet_050", "hardcorenas_a", "fbnetc_100", "semnasnet_050", "spnasnet_100",
+        "regnetz_b16", "skresnet18", "gernet_s", "ese_vovnet19b_dw", "dm_nfnet_f0",
+        "resnetv2_50", "efficientvit_b0", "mobileone_s0", "fastvit_t8"]
+SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
+#: the default thresholds times these, in turn, until no layer is emptied (random weights
+#: can make a whole layer irrelevant, which a component cannot express)
+THRESHOLD_SCALES = (1.0, 0.5, 0.25, 0.1)
+TOL = 1e-9  # max |logit difference| in float64, relative to max(1, max |logit|)
+
+
+@dataclass
+class Case:
+    """One model going through the steps; steps fill ``row`` and may set ``stop``."""
+
+    source: str
+    name: str
+    size: int
+    row: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None
+    graph: ChannelGraph | None = None
+    images: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    stop: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.size, self.size)
+
+
+def _node_of(msg: str) -> str | None:
+    m = re.search(r"node '([^']+)'", msg)
+    return m.group(1) if m else None
+
+
+def build_step(case: Case) -> None:
+    torch.manual_seed(0)
+    if case.source == "torchvision":
+        import torchvision
+        kwargs: dict[str, Any] = {"weights": None, "num_classes": 10}
+        if case.name.startswith("vit_"):
+            kwargs["image_size"] = case.size
+        if case.name in ("googlenet", "inception_v3"):
+            kwargs["aux_logits"] = True
+            kwargs["init_weights"] = False  # random init without scipy's truncnorm
+        model = torchvision.models.get_model(case.name, **kwargs)
+    else:
+        import timm
+        kwargs = {"num_classes": 10}
+        model = timm.create_model(case.name, pretrained=False, **kwargs)
+    case.extra["kwargs"] = kwargs
+    case.model = randomize_bn(model, 1).eval()
+    case.row["params"] = count_params(case.model)
+
+
+def graph_step(case: Case) -> None:
+    assert case.model is not None
+    try:
+        case.graph = build_channel_graph(case.model, case.shape)
+    except UnsupportedModelError as exc:
+        case.row.update(status="refused", node=_node_of(str(exc)), reason=str(exc))
+        case.stop = True
+        return
+    g = case.graph
+    reasons: dict[str, int] = {}
+    for s, why in g.frozen_reasons.items():
+        kind = re.sub(r"[\w.]*\d[\w.]*|\(\d+ groups\)", "", why).strip()  # drop names
+        reasons[kind] = reasons.get(kind, 0) + g.space_size[s]
+    case.row.update(layers=len(g.layers), spaces=len(g.spaces()), ties=len(g.ties),
+                    channel_params=len(g.channel_params),
+                    frozen_channels=sum(g.space_size[s] for s in g.frozen_spaces),
+                    channels=sum(g.space_size[s] for s in g.spaces()),
+                    frozen_reasons=reasons)
+
+
+def _scale(x: torch.Tensor) -> float:
+    return max(1.0, x.abs().max().item())
+
+
+def full_plan_step(case: Case) -> None:
+    assert case.model is not None and case.graph is not None
+    gen = torch.Generator().manual_seed(7)
+    case.images = torch.randn(40, *case.shape, generator=gen)
+    with torch.no_grad():
+        src = case.model(case.images[:4])
+        full = apply_plan(case.model, full_plan(case.graph)).eval()(case.images[:4])
+    case.row["full_plan_delta"] = (full - src).abs().max().item()
+    if case.row["full_plan_delta"] > 0:  # the same computation: bit for bit
+        case.row.update(status="failed", reason="the keep-everything plan changes the logits")
+        case.stop = True
+
+
+def component_step(case: Case) -> None:
+    assert case.model is not None and case.graph is not None and case.images is not None
+    labels = torch.arange(len(case.images)) % 10
+    classes = (2, 7)
+    t0 = time.perf_counter()
+    comp, last = None, None
+    for scale in THRESHOLD_SCALES:
+        base = LocateConfig()
+        locate = replace(base, alpha_conv=base.alpha_conv * scale,
+                         beta_conv=base.beta_conv * scale,
+                         alpha_linear=base.alpha_linear * scale,
+                         beta_linear=base.beta_linear * scale)
+        config = DisassemblyConfig(classes, samples_per_class=4, batch_size=20, locate=locate)
+        try:
+            comp = disassemble_model(case.model, case.images, labels, classes=classes,
+                                     output_classes=range(10), config=config,
+                                     graph=case.graph)
+            case.row["threshold_scale"] = scale
+            break
+        except PlanError as exc:  # the thresholds emptied a layer: try lower ones
+            if "would keep no" not in str(exc):
+                raise
+            last = exc
+    case.row["disassembly_seconds"] = time.perf_counter() - t0
+    if comp is None:
+        # random weights can leave a branch dead (an SE squeeze after ReLU): every
+        # contribution is 0 and no threshold keeps it. The graph is still checked, on a
+        # seeded random plan, and the row says so
+        case.row["plan"] = f"random (disassembly: {last})"
+        plan = plan_from_masks(case.graph, graph_random_masks(case.graph, 0), classes)
+        model = apply_plan(case.model, plan).eval()
+    else:
+        case.row["plan"] = "disassembly"
+        case.extra["component"] = comp  # for later steps (file round trip, assembly)
+        model, plan = comp.model, comp.plan
+    case.extra["component_model"], case.extra["plan"] = model, plan
+    # exactness is checked in float64: random BN statistics make float32 rounding of deep
+    # nets' large intermediate values visible in the logits
+    x = case.images[:4].double()
+    net = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        got = net(x)
+    case.model.double()
+    try:
+        masked = masked_source_logits(case.model, case.graph, plan, x)[:, list(classes)]
+    finally:
+        case.model.float()
+    del net
+    case.row["max_delta_logit"] = (got - masked).abs().max().item()
+    case.row["delta_rel"] = case.row["max_delta_logit"] / _scale(masked)
+    case.row["params_kept"] = count_params(model) / count_params(case.model)
+    case.row["flops_kept"] = count_flops(model, case.shape) / \
+        count_flops(case.model, case.shape)
+    if case.row["delta_rel"] > TOL:
+        case.row.update(status="failed", reason="component differs from the masked source")
+        case.stop = True
+
+
+#: builder arguments each source gets in the model file (``weights``/``pretrained`` are the
+#: sources' own business: a file never asks for downloaded weights)
+def _file_kwargs(case: Case) -> dict[str, Any]:
+    return {k: v for k, v in case.extra.get("kwargs", {}).items() if k != "weights"}
+
+
+def files_step(case: Case) -> None:
+    """Through files, as a user would: the model imported (``modellego import``) on a
+    generated image folder, two 2-class components cut, saved and loaded again, and
+    assembled; every round trip must give bit-identical logits."""
+    assert case.model is not None
+    data = FOLDERS.get(case.size)
+    if data is None:
+        data = FOLDERS[case.size] = image_folder(Path(tempfile.mkdtemp()) / "data", case.size)
+    out = run_files(case.model, f"{case.source}:{case.name}", _file_kwargs(case), case.size,
+                    data)
+    case.row.update(out)
+    if out["files_status"] != "ok":
+        case.row.update(status="failed", reason=out["files_status"])
+        case.stop = True
+
+
+FOLDERS: dict[int, Path] = {}
+
+#: the steps every model goes through, in order; each takes the case and may set
+#: ``case.stop`` with a status
+STEPS: list[Callable[[Case], None]] = [build_step, graph_step, full_plan_step, component_step,
+                                       files_step]
+
+
+def run_case(source: str, name: str, size: int) -> dict[str, Any]:
+    case = Case(source, name, SIZES.get(name, size))
+    case.row.update(source=source, name=name, size=case.size)
+    t0 = time.perf_counter()
+    try:
+        for step in STEPS:
+            step(case)
+            if case.stop:
+                break
+        else:
+            case.row["status"] = "pass"
+    except Exception as exc:  # a benchmark records every failure and goes on
+        case.row.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
+                        traceback=traceback.format_exc(limit=-3))
+    case.row["seconds"] = time.perf_counter() - t0
+    return case.row
+
+
+def models(args: argparse.Namespace) -> list[tuple[str, str]]:
+    import torchvision
+    out = [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
+    if not args.skip_timm:
+        import timm
+        known = set(timm.list_models())
+        out += [("timm", n) for n in TIMM if n in known]
+    if args.only:
+        out = [(s, n) for s, n in out if fnmatch.fnmatch(n, args.only)
+               or fnmatch.fnmatch(f"{s}:{n}", args.only)]
+    return out
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for source in ("torchvision", "timm"):
+        mine = [r for r in rows if r["source"] == source]
+        if not mine:
+            continue
+        deltas = [r["max_delta_logit"] for r in mine if "max_delta_logit" in r]
+        rel = [r["delta_rel"] for r in mine if "delta_rel" in r]
+        out[source] = {
+            "models": len(mine),
+            "pass": sum(r["status"] == "pass" for r in mine),
+            "pass_random_plan": sum(r["status"] == "pass" and r["plan"] != "disassembly"
+                                    for r in mine),
+            "refused": sum(r["status"] == "refused" for r in mine),
+            "failed": sum(r["status"] == "failed" for r in mine),
+            "max_delta_logit": max(deltas) if deltas else None,
+            "max_delta_rel": max(rel) if rel else None,
+            "seconds": sum(r["seconds"] for r in mine)}
+    return out
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:5.1f}" if isinstance(v, float) else "    -"
+
+
+def print_row(r: dict[str, Any]) -> None:
+    frozen = r.get("frozen_channels")
+    share = f"{100 * frozen / r['channels']:5.1f}" if frozen is not None else "    -"
+    delta = f"{r['delta_rel']:.1e}" if "delta_rel" in r else "      -"
+    note = "" if r["status"] == "pass" else (r.get("node") or "") + "  " + \
+        r.get("reason", "")[:110]
+    if r["status"] == "pass" and r.get("plan") != "disassembly":
+        note = "random plan: " + r["plan"][8:110]
+    print(f"{r['source'][:5]:5s} {r['name']:28s} {r['status']:7s} {_pct(r.get('params_kept'))} "
+          f"{_pct(r.get('flops_kept'))} {share} {delta} {r['seconds']:6.1f}  {note}",
+          flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", help="fnmatch pattern on the name (or SOURCE:NAME)")
+    parser.add_argument("--size", type=int, default=64, help="input size in pixels")
+    parser.add_argument("--skip-timm", action="store_true", help="torchvision builders only")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    import torchvision
+    env = {"modellego_version": __version__, "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
+           "machine": platform.machine(), "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d"), "size": args.size, "tolerance": TOL}
+    if not args.skip_timm:
+        import timm
+        env["timm"] = timm.__version__
+    t0 = time.perf_counter()
+    print("source name                         status  params% flops% frozen% rel|d|   "
+          "seconds  node / reason")
+    rows = []
+    for source, name in models(args):
+        rows.append(run_case(source, name, args.size))
+        print_row(rows[-1])
+        gc.collect()
+    result = {**env, "summary": summary(rows), "models": rows,
+              "seconds": time.perf_counter() - t0}
+    for source, s in result["summary"].items():
+        print(f"{source}: {s['pass']} pass ({s['pass_random_plan']} on a random plan), "
+              f"{s['refused']} refused, {s['failed']} failed of "
+              f"{s['models']}; max |d logit| (float64) {s['max_delta_logit']}, relative "
+              f"{s['max_delta_rel']}; {s['seconds']:.0f} s")
+    name = "zoo.json" if not args.only else \
+        f"zoo-{re.sub(r'[^A-Za-z0-9_]+', '_', args.only).strip('_')}.json"
+    out = ROOT / "benchmarks" / "results" / name
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
