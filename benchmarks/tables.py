@@ -172,9 +172,69 @@ def compression(data: dict) -> list[str]:
     return lines
 
 
+def reconstruct(data: dict) -> list[str]:
+    lines = [f"Mass-rule components of the shipped Fashion-MNIST models, plain cut against "
+             f"`--reconstruct {data['fit_images']}` (each also with `--recalibrate-bn "
+             f"{data['bn_images']}`); points against the restricted source on the task's test "
+             f"images; run of {data['date']}, {data['threads']} thread, torch {data['torch']}.",
+             "", "| model, task | β | FLOPs kept | plain | plain + BN | reconstructed | "
+             "reconstructed + BN | repair s |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        task = "all 10" if len(r["task"]) == 10 else "{" + ",".join(map(str, r["task"])) + "}"
+        lines.append(
+            f"| {r['model'].split('/')[-1]} {task} ({100 * r['restricted_accuracy']:.2f} %) "
+            f"| {r['beta']} | {100 * r['flops_ratio']:.1f} % | {r['plain_delta_pp']:+.2f} | "
+            f"{r['plain_bn_delta_pp']:+.2f} | **{r['reconstructed_delta_pp']:+.2f}** | "
+            f"{r['reconstructed_bn_delta_pp']:+.2f} | {r['repair_seconds']:.0f} |")
+    return lines
+
+
+def _pct(v: object) -> str:
+    return f"{100 * v:.1f} %" if isinstance(v, float) else ""
+
+
+def zoo(data: dict) -> list[str]:
+    lines = [f"Run of {data['date']}: torch {data['torch']}, torchvision {data['torchvision']}, "
+             f"timm {data.get('timm', '-')}, {data['size']} px (some models larger), "
+             f"{data['threads']} thread, {data['seconds'] / 60:.0f} min in all.", "",
+             "| source | models | pass | refused (node named) | failed | file steps ok | "
+             "max relative Δlogit | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for source, s in data["summary"].items():
+        rows = [r for r in data["models"] if r["source"] == source]
+        files = sum(r.get("files_status") == "ok" for r in rows)
+        lines.append(f"| {source} | {s['models']} | {s['pass']} | {s['refused']} | "
+                     f"{s['failed']} | {files} | {s['max_delta_rel']:.1e} | "
+                     f"{s['seconds']:.0f} |")
+    refused: dict[str, list[str]] = {}
+    for r in data["models"]:
+        if r["status"] == "refused":
+            where = f"node `{r['node']}`" if r.get("node") else "not fx-traceable"
+            refused.setdefault(where, []).append(f"{r['source']}:{r['name']}")
+    lines += ["", "Refused: " + "; ".join(f"{', '.join(names)} at {where}"
+                                          for where, names in refused.items()) + "."]
+    failed = [r for r in data["models"] if r["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed: " + "; ".join(f"{r['source']}:{r['name']} ({r['reason'][:100]})"
+                                             for r in failed) + "."]
+    lines += ["", "<details><summary>Every model</summary>", "",
+              "| model | status | params kept | FLOPs kept | channels frozen | rel. Δlogit | "
+              "plan | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["models"]:
+        frozen = r.get("frozen_channels")
+        share = f"{100 * frozen / r['channels']:.0f} %" if frozen is not None else ""
+        delta = f"{r['delta_rel']:.0e}" if "delta_rel" in r else ""
+        plan = "random" if r.get("plan", "").startswith("random") else (
+            "disassembly" if r.get("plan") else "")
+        lines.append(f"| {r['source']}:{r['name']} | {r['status']} | "
+                     f"{_pct(r.get('params_kept'))} | {_pct(r.get('flops_kept'))} | {share} | "
+                     f"{delta} | {plan} | {r['seconds']:.0f} |")
+    return lines + ["", "</details>"]
+
+
 TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("distillation.json", distillation), ("strategies.json", strategies),
-          ("compression.json", compression))
+          ("compression.json", compression), ("reconstruct.json", reconstruct),
+          ("zoo.json", zoo))
 README = RESULTS.parent.parent / "README.md"
 
 
