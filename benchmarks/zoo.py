@@ -332,22 +332,22 @@ def main() -> int:
     t0 = time.perf_counter()
     print("source name                         status  params% flops% frozen% rel|d|   "
           "seconds  node / reason")
-    rows = []
-    for source, name in models(args):
-        rows.append(run_case(source, name, args.size))
+    name = "zoo.json" if not args.only else \
+        f"zoo-{re.sub(r'[^A-Za-z0-9_]+', '_', args.only).strip('_')}.json"
+    out = ROOT / "benchmarks" / "results" / name
+    rows: list[dict[str, Any]] = []
+    for source, model_name in models(args):
+        rows.append(run_case(source, model_name, args.size))
         print_row(rows[-1])
         gc.collect()
-    result = {**env, "summary": summary(rows), "models": rows,
-              "seconds": time.perf_counter() - t0}
+        result = {**env, "summary": summary(rows), "models": rows,
+                  "seconds": time.perf_counter() - t0}
+        out.write_text(json.dumps(result, indent=2) + "\n")  # so far, after every model
     for source, s in result["summary"].items():
         print(f"{source}: {s['pass']} pass ({s['pass_random_plan']} on a random plan), "
               f"{s['refused']} refused, {s['failed']} failed of "
               f"{s['models']}; max |d logit| (float64) {s['max_delta_logit']}, relative "
               f"{s['max_delta_rel']}; {s['seconds']:.0f} s")
-    name = "zoo.json" if not args.only else \
-        f"zoo-{re.sub(r'[^A-Za-z0-9_]+', '_', args.only).strip('_')}.json"
-    out = ROOT / "benchmarks" / "results" / name
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
 
