@@ -225,11 +225,16 @@ def files_step(case: Case) -> None:
     generated image folder, two 2-class components cut, saved and loaded again, and
     assembled; every round trip must give bit-identical logits."""
     assert case.model is not None
+    if not _matches(FILES_PATTERN[0], case.source, case.name):
+        return
+    if "component" not in case.extra:  # random weights: no thresholds keep every layer
+        case.row["files_status"] = "skipped: the in-memory component needed a random plan"
+        return
     data = FOLDERS.get(case.size)
     if data is None:
         data = FOLDERS[case.size] = image_folder(Path(tempfile.mkdtemp()) / "data", case.size)
     out = run_files(case.model, f"{case.source}:{case.name}", _file_kwargs(case), case.size,
-                    data)
+                    data, locate=case.extra["component"].locate)
     case.row.update(out)
     if out["files_status"] != "ok":
         case.row.update(status="failed", reason=out["files_status"])
@@ -237,6 +242,8 @@ def files_step(case: Case) -> None:
 
 
 FOLDERS: dict[int, Path] = {}
+#: the models (fnmatch on NAME or SOURCE:NAME) that go through the file steps (``--files``)
+FILES_PATTERN = ["*"]
 
 #: the steps every model goes through, in order; each takes the case and may set
 #: ``case.stop`` with a status
@@ -262,6 +269,11 @@ def run_case(source: str, name: str, size: int) -> dict[str, Any]:
     return case.row
 
 
+def _matches(pattern: str, source: str, name: str) -> bool:
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(f"{source}:{name}", p)
+               for p in pattern.split(","))
+
+
 def models(args: argparse.Namespace) -> list[tuple[str, str]]:
     import torchvision
     out = [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
@@ -270,8 +282,7 @@ def models(args: argparse.Namespace) -> list[tuple[str, str]]:
         known = set(timm.list_models())
         out += [("timm", n) for n in TIMM if n in known]
     if args.only:
-        out = [(s, n) for s, n in out if fnmatch.fnmatch(n, args.only)
-               or fnmatch.fnmatch(f"{s}:{n}", args.only)]
+        out = [(s, n) for s, n in out if _matches(args.only, s, n)]
     return out
 
 
@@ -315,10 +326,17 @@ def print_row(r: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", help="fnmatch pattern on the name (or SOURCE:NAME)")
+    parser.add_argument("--only", help="fnmatch patterns (comma-separated) on the name or "
+                        "SOURCE:NAME")
     parser.add_argument("--size", type=int, default=64, help="input size in pixels")
     parser.add_argument("--skip-timm", action="store_true", help="torchvision builders only")
+    parser.add_argument("--files", default="*", metavar="PATTERN",
+                        help="only these models (comma-separated patterns) also go through the "
+                        "file steps (default all)")
+    parser.add_argument("--out", default=None, help="results file name (default zoo.json, "
+                        "or zoo-PATTERN.json with --only)")
     args = parser.parse_args()
+    FILES_PATTERN[0] = args.files
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     import torchvision
@@ -332,8 +350,8 @@ def main() -> int:
     t0 = time.perf_counter()
     print("source name                         status  params% flops% frozen% rel|d|   "
           "seconds  node / reason")
-    name = "zoo.json" if not args.only else \
-        f"zoo-{re.sub(r'[^A-Za-z0-9_]+', '_', args.only).strip('_')}.json"
+    name = args.out or ("zoo.json" if not args.only else
+                        f"zoo-{re.sub(r'[^A-Za-z0-9_]+', '_', args.only).strip('_')}.json")
     out = ROOT / "benchmarks" / "results" / name
     rows: list[dict[str, Any]] = []
     for source, model_name in models(args):

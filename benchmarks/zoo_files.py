@@ -45,11 +45,12 @@ def image_folder(root: Path, size: int, seed: int = 0) -> Path:
 
 
 def files_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: int,
-               data: Path) -> dict[str, Any]:
+               data: Path, locate: Any = None) -> dict[str, Any]:
     """Import ``net`` (random weights, eval mode, ``CLASSES`` outputs) as a model file of
     ``architecture`` on ``folder:data``, cut two 2-class components, save and reload them,
     assemble them into a 4-class classifier; the figures and a status (``ok`` or ``failed:
-    ...``)."""
+    ...``). ``locate``: the thresholds the in-memory component was cut with (random
+    weights may need lower ones than the default)."""
     t0 = time.perf_counter()
     dataset = f"folder:{data}"
     out: dict[str, Any] = {}
@@ -70,7 +71,8 @@ def files_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: 
         parts = []
         for classes in ((0, 1), (2, 3)):
             comp, comp_manifest, _ = disassemble(
-                model, manifest, DisassemblyConfig(classes=classes, samples_per_class=3))
+                model, manifest, DisassemblyConfig(classes=classes, samples_per_class=3,
+                                                   locate=locate))
             path = tmp_path / f"c{classes[0]}.safetensors"
             save_model(path, comp.model, comp_manifest)
             again, again_manifest = load_model(path)
