@@ -194,23 +194,27 @@ def _pct(v: object) -> str:
 
 
 def zoo(data: dict) -> list[str]:
-    lines = [f"Run of {data['date']}: torch {data['torch']}, torchvision {data['torchvision']}, "
-             f"timm {data.get('timm', '-')}, {data['size']} px (some models larger), "
-             f"{data['threads']} thread, {data['seconds'] / 60:.0f} min in all.", "",
-             "| source | models | pass | refused (node named) | failed | file steps ok | "
-             "max relative Δlogit | seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Graph steps, run of {data['date']}: torch {data['torch']}, torchvision "
+             f"{data['torchvision']}, timm {data.get('timm', '-')}, {data['size']} px (some "
+             f"models larger), {data['threads']} thread, {data['seconds'] / 60:.0f} min in all.",
+             "", "| source | models | pass | refused (node named) | failed | "
+             "max relative Δlogit | median params kept | median FLOPs kept |",
+             "|---|---|---|---|---|---|---|---|"]
     for source, s in data["summary"].items():
-        rows = [r for r in data["models"] if r["source"] == source]
-        files = sum(r.get("files_status") == "ok" for r in rows)
+        rows = [r for r in data["models"] if r["source"] == source and r["status"] == "pass"]
+        params = sorted(r["params_kept"] for r in rows if "params_kept" in r)
+        flops = sorted(r["flops_kept"] for r in rows if "flops_kept" in r)
         lines.append(f"| {source} | {s['models']} | {s['pass']} | {s['refused']} | "
-                     f"{s['failed']} | {files} | {s['max_delta_rel']:.1e} | "
-                     f"{s['seconds']:.0f} |")
+                     f"{s['failed']} | {s['max_delta_rel']:.1e} | "
+                     f"{_pct(params[len(params) // 2]) if params else ''} | "
+                     f"{_pct(flops[len(flops) // 2]) if flops else ''} |")
     refused: dict[str, list[str]] = {}
     for r in data["models"]:
         if r["status"] == "refused":
-            where = f"node `{r['node']}`" if r.get("node") else "not fx-traceable"
+            where = f"at node `{r['node']}`" if r.get("node") else \
+                "not fx-traceable (the refusal names the class)"
             refused.setdefault(where, []).append(f"{r['source']}:{r['name']}")
-    lines += ["", "Refused: " + "; ".join(f"{', '.join(names)} at {where}"
+    lines += ["", "Refused: " + "; ".join(f"{', '.join(names)} {where}"
                                           for where, names in refused.items()) + "."]
     failed = [r for r in data["models"] if r["status"] == "failed"]
     if failed:
@@ -231,10 +235,36 @@ def zoo(data: dict) -> list[str]:
     return lines + ["", "</details>"]
 
 
+def zoo_files(data: dict) -> list[str]:
+    rows = data["models"]
+    ok = sum(r.get("files_status") == "ok" for r in rows)
+    tried = sum("files_status" in r for r in rows)
+    lines = [f"File steps, run of {data['date']} ({data['seconds'] / 60:.0f} min): "
+             f"{len(rows)} models, one or two per family; {ok} of the {tried} that reached "
+             "the file steps passed every round trip.", "",
+             "| model | graph steps | model file | components | assembly | file steps s |",
+             "|---|---|---|---|---|---|"]
+
+    def mark(r: dict, key: str) -> str:
+        return "" if key not in r else ("bit-identical" if r[key] else "CHANGED")
+
+    for r in rows:
+        status = r.get("files_status", "")
+        if status.startswith("skipped"):
+            files = ["skipped (random plan)", "", ""]
+        else:
+            files = [mark(r, "model_round_trip_equal"), mark(r, "component_round_trip_equal"),
+                     mark(r, "assembly_round_trip_equal")]
+        graph = r["status"] if r["status"] != "refused" else f"refused at `{r.get('node')}`"
+        lines.append(f"| {r['source']}:{r['name']} | {graph} | {' | '.join(files)} | "
+                     f"{r.get('files_seconds', '')} |")
+    return lines
+
+
 TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("distillation.json", distillation), ("strategies.json", strategies),
           ("compression.json", compression), ("reconstruct.json", reconstruct),
-          ("zoo.json", zoo))
+          ("zoo.json", zoo), ("zoo-files.json", zoo_files))
 README = RESULTS.parent.parent / "README.md"
 
 

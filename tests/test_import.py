@@ -454,3 +454,19 @@ def test_compressing_an_imported_model_of_another_input(tmp_path, own_package):
     assert small.conv.out_channels < 12
     assert sum(p.numel() for p in small.parameters()) <= 0.6 * sum(
         p.numel() for p in net.parameters())
+
+
+def test_modules_that_check_their_state_dict_version_load(tmp_path):
+    """torchvision's MNASNet refuses a state dict without its module versions; a file holds
+    tensors only, so loading passes the versions the network itself carries."""
+    tv = needs("torchvision")
+    net = tv.models.mnasnet0_5(num_classes=10).eval()
+    save_file(net.state_dict(), str(tmp_path / "m.safetensors"))
+    model, manifest, _ = import_model(tmp_path / "m.safetensors",
+                                      ImportConfig("torchvision:mnasnet0_5", "digits",
+                                                   input_size=(32, 32), evaluate=False))
+    save_model(tmp_path / "model.safetensors", model, manifest)
+    again, _ = load_model(tmp_path / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))

@@ -10,6 +10,7 @@ So a small file whose manifest asks for a huge network is refused without alloca
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -94,8 +95,19 @@ def _open_model(path: Path) -> LoadedModel:
             raise ModelFileError(f"{path}: tensor {k} contains NaN or infinite values")
     model = _build(manifest, str(path))
     _check_fixed(path, model, tensors)
-    model.load_state_dict(tensors)
+    load_state(model, tensors)
     return LoadedModel(model.eval(), checked, path)
+
+
+def load_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(tensors)``, with the module versions the network's own state
+    dict carries (``_metadata``): a file holds tensors only, and some modules (torchvision's
+    MNASNet) refuse a state dict that does not say which version of them wrote it."""
+    state: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)
+    metadata = getattr(model.state_dict(), "_metadata", None)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    model.load_state_dict(state)
 
 
 def load_model(path: str | Path, *, trust_code: Sequence[str] | str | None = None

@@ -25,6 +25,7 @@ from ..data.base import DatasetInfo
 from ..data.registry import FOLDER_PREFIX
 from ..errors import ModelLegoError
 from ..evaluation import evaluate
+from ..files import load_state
 from ..io import file_sha256
 from ..models import build_architecture, split_source
 from ..statedict import read_state_dict
@@ -183,7 +184,7 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
             f"the network reads {channels}-channel images and {info.name!r} has "
             f"{info.input_shape[0]} channels; only grey <-> colour conversions are defined")
     contract = input_contract(config, info, channels)
-    model.load_state_dict(check_state(model, state, str(weights)))
+    load_state(model, check_state(model, state, str(weights)))
     with torch.no_grad():
         try:
             out = model(torch.zeros(1, *contract["shape"]))
