@@ -470,3 +470,21 @@ def test_modules_that_check_their_state_dict_version_load(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(again(x), net(x))
+
+
+def test_a_builder_that_cannot_run_on_meta_is_built_on_the_cpu(tmp_path):
+    """torchvision's RegNet computes its widths from tensors, which the ``meta`` device has no
+    values for: the structure check builds such a library network on the CPU instead."""
+    tv = needs("torchvision")
+    with pytest.raises(NotImplementedError, match="meta"), torch.device("meta"):
+        tv.models.regnet_x_400mf(num_classes=10)
+    net = tv.models.regnet_x_400mf(num_classes=10).eval()
+    save_file(net.state_dict(), str(tmp_path / "r.safetensors"))
+    model, manifest, _ = import_model(tmp_path / "r.safetensors",
+                                      ImportConfig("torchvision:regnet_x_400mf", "digits",
+                                                   input_size=(32, 32), evaluate=False))
+    save_model(tmp_path / "model.safetensors", model, manifest)
+    again, _ = load_model(tmp_path / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))

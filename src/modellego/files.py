@@ -179,14 +179,32 @@ def _build(manifest: Mapping[str, Any], source: str, *, meta: bool = False) -> n
     allocated for its weights, however large the manifest says it is)."""
     try:
         if meta:
-            with torch.device("meta"):
-                return build_from_manifest(manifest)
+            try:
+                with torch.device("meta"):
+                    return build_from_manifest(manifest)
+            except (NotImplementedError, RuntimeError) as exc:
+                if "meta" not in str(exc) or not _other_sources(manifest):
+                    raise
+            # a library's builder that computes its layout with tensors (torchvision's RegNet
+            # takes its widths' values) cannot run on ``meta``: build it on the CPU, where
+            # its size is the library's (our own zoo always builds on ``meta``)
+            return build_from_manifest(manifest).to("meta")
         return build_from_manifest(manifest)
     except ModelFileError as exc:
         raise ModelFileError(f"{source}: {exc}") from None
     except Exception as exc:  # a manifest whose arguments the builder rejects
         raise ModelFileError(f"{source}: cannot rebuild the network from the manifest "
                              f"({type(exc).__name__}: {exc})") from None
+
+
+def _other_sources(manifest: Mapping[str, Any]) -> bool:
+    """Whether ``manifest`` (or a part or union source of it) names an architecture from
+    outside modellego's own zoo (``torchvision:``, ``timm:``, granted ``python:`` code)."""
+    specs = [manifest.get("architecture")] + [p.get("architecture") for p in
+                                              manifest.get("parts", ())]
+    specs.append((manifest.get("union") or {}).get("architecture"))
+    names = [str(a.get("name", "")) for a in specs if isinstance(a, Mapping)]
+    return any(":" in n and not n.startswith("modellego:") for n in names)
 
 
 def _count_outputs(manifest: Mapping[str, Any], shape: tuple[int, ...], source: str,
