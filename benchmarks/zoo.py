@@ -88,6 +88,8 @@ class Case:
     images: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     stop: bool = False
+    #: whether the model also goes through the file steps (``--files``)
+    files: bool = True
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -225,7 +227,7 @@ def files_step(case: Case) -> None:
     generated image folder, two 2-class components cut, saved and loaded again, and
     assembled; every round trip must give bit-identical logits."""
     assert case.model is not None
-    if not _matches(FILES_PATTERN[0], case.source, case.name):
+    if not case.files:
         return
     if "component" not in case.extra:  # random weights: no thresholds keep every layer
         case.row["files_status"] = "skipped: the in-memory component needed a random plan"
@@ -242,8 +244,6 @@ def files_step(case: Case) -> None:
 
 
 FOLDERS: dict[int, Path] = {}
-#: the models (fnmatch on NAME or SOURCE:NAME) that go through the file steps (``--files``)
-FILES_PATTERN = ["*"]
 
 #: the steps every model goes through, in order; each takes the case and may set
 #: ``case.stop`` with a status
@@ -251,8 +251,8 @@ STEPS: list[Callable[[Case], None]] = [build_step, graph_step, full_plan_step, c
                                        files_step]
 
 
-def run_case(source: str, name: str, size: int) -> dict[str, Any]:
-    case = Case(source, name, SIZES.get(name, size))
+def run_case(source: str, name: str, size: int, files: bool = True) -> dict[str, Any]:
+    case = Case(source, name, SIZES.get(name, size), files=files)
     case.row.update(source=source, name=name, size=case.size)
     t0 = time.perf_counter()
     try:
@@ -336,7 +336,6 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="results file name (default zoo.json, "
                         "or zoo-PATTERN.json with --only)")
     args = parser.parse_args()
-    FILES_PATTERN[0] = args.files
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     import torchvision
@@ -355,7 +354,8 @@ def main() -> int:
     out = ROOT / "benchmarks" / "results" / name
     rows: list[dict[str, Any]] = []
     for source, model_name in models(args):
-        rows.append(run_case(source, model_name, args.size))
+        rows.append(run_case(source, model_name, args.size,
+                             files=_matches(args.files, source, model_name)))
         print_row(rows[-1])
         gc.collect()
         result = {**env, "summary": summary(rows), "models": rows,

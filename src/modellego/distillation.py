@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DatasetInfo, dataset_info, load_split_for, model_input, normalize
+from .data.base import reads_as_dataset
 from .errors import ModelLegoError
 from .evaluation import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
@@ -82,10 +83,7 @@ def _contract_view(info: DatasetInfo, contract: Mapping[str, Any]
                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Turn images normalised as dataset ``info``'s into what a network with input
     ``contract`` reads (the identity when the contract is the dataset's)."""
-    same = (tuple(contract["shape"]) == tuple(info.input_shape)
-            and tuple(contract["mean"]) == tuple(info.mean)
-            and tuple(contract["std"]) == tuple(info.std))
-    if same:
+    if reads_as_dataset(info, contract):
         return lambda x: x
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)

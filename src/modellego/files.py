@@ -18,11 +18,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import ModelFileError
+from .errors import ModelFileError, ModelLegoError
 from .io import _load_tensors, _prepared, read_table, save_weights
 from .kinds import build_from_manifest
 from .manifest import Manifest
-from .models.sources import trusted
+from .models.sources import split_source, trusted
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,10 @@ def _other_sources(manifest: Mapping[str, Any]) -> bool:
                                               manifest.get("parts", ())]
     specs.append((manifest.get("union") or {}).get("architecture"))
     names = [str(a.get("name", "")) for a in specs if isinstance(a, Mapping)]
-    return any(":" in n and not n.startswith("modellego:") for n in names)
+    try:
+        return any(split_source(n)[0] != "modellego" for n in names)
+    except ModelLegoError:  # an unknown source: the builder has said so already
+        return False
 
 
 def _count_outputs(manifest: Mapping[str, Any], shape: tuple[int, ...], source: str,

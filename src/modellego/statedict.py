@@ -84,11 +84,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             raise ModelFileError(
                 f"{path}: the file mixes tensors with other entries ({', '.join(others)}); "
                 "save just the state dict (torch.save(model.state_dict(), FILE))")
-    what = type(obj).__name__
-    if isinstance(obj, torch.nn.Module):  # cannot happen with weights_only; be explicit
-        what = "a whole module"
     raise ModelFileError(
-        f"{path}: holds a {what}, not a state dict of tensors (looked also under "
+        f"{path}: holds a {type(obj).__name__}, not a state dict of tensors (looked also under "
         f"{', '.join(repr(k) for k in WRAPPER_KEYS)}); save the state dict with "
         "torch.save(model.state_dict(), FILE)")
 

@@ -224,20 +224,27 @@ def convert_images(x: torch.Tensor, channels: int, size: Sequence[int]) -> torch
     return x
 
 
+def reads_as_dataset(info: DatasetInfo, contract: Mapping[str, Any] | None) -> bool:
+    """Whether a network with input ``contract`` reads dataset ``info``'s images exactly as
+    the dataset normalises them (same shape, mean and std; no contract counts as yes)."""
+    if contract is None:
+        return True
+    return (tuple(int(v) for v in contract["shape"]) == tuple(info.input_shape)
+            and tuple(float(v) for v in contract["mean"]) == tuple(info.mean)
+            and tuple(float(v) for v in contract["std"]) == tuple(info.std))
+
+
 def model_input(images: torch.Tensor, info: DatasetInfo,
                 contract: Mapping[str, Any] | None = None) -> torch.Tensor:
     """``[0, 1]`` images of dataset ``info`` as a network with input ``contract`` (its
     manifest's ``input``: shape, mean, std) reads them: converted to its channels and size
     when they differ (see :func:`convert_images`), then normalised with its mean and std.
     Without a contract, or one equal to the dataset's, this is :func:`normalize`."""
-    if contract is None:
+    if contract is None or reads_as_dataset(info, contract):
         return normalize(images, info)
     shape = tuple(int(v) for v in contract["shape"])
     mean = tuple(float(v) for v in contract["mean"])
     std = tuple(float(v) for v in contract["std"])
-    if shape == tuple(info.input_shape) and mean == tuple(info.mean) and \
-            std == tuple(info.std):
-        return normalize(images, info)
     if images.dim() != 4:
         raise DataError(f"model_input expects images of shape (N, C, H, W), got "
                         f"{tuple(images.shape)}")
