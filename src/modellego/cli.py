@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -87,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(arch=args.arch, dataset=args.dataset, epochs=args.epochs,
                          classes=args.classes, width=args.width, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, augment=not args.no_augment,
-                         data_dir=args.data_dir)
+                         data_dir=args.data_dir, image_size=args.image_size)
     command = "modellego " + shlex.join(args.argv)
     model, manifest = train(config, command=command, progress=not args.quiet)
     save_model(out, model, manifest)
@@ -412,6 +413,12 @@ def _add_roots(s: argparse.ArgumentParser) -> None:
                         "$MODELLEGO_DATA/NAME is used when neither is given")
     s.add_argument("--allow-data-mismatch", action="store_true",
                    help="use data whose fingerprint differs from the one the model records")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes decoding the images of a streamed folder "
+                        "(default: half the cores, at most 8; 0: decode in this process)")
+    s.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="about how much memory a step may hold at once (decoded images, "
+                        "class statistics), e.g. 4G (default 4G)")
 
 
 def _add_trust(s: argparse.ArgumentParser) -> None:
@@ -473,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=0.05)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-augment", action="store_true")
+    s.add_argument("--image-size", type=parse_size, default=None, metavar="SIZE",
+                   help="for folder:PATH: the size images are resized and centre-cropped "
+                        "to (224 or HxW; default: their own size when all agree, else the "
+                        "median shorter side, at most 224)")
     _add_roots(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train)
@@ -685,13 +696,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _on_sigterm()
     try:
         with plain_warnings():
+            reads: Any = contextlib.nullcontext()
             if hasattr(args, "data"):  # one data_dir argument for the library
-                from .data import roots_from
+                from .data import reading, roots_from
+                from .data.lazy import default_workers, parse_memory
 
                 args.data_dir = roots_from(args.data, args.data_dir, args.allow_data_mismatch)
+                reads = reading(
+                    workers=default_workers() if args.workers is None else args.workers,
+                    max_memory=None if args.max_memory is None else parse_memory(args.max_memory))
             from .models.sources import trusted
 
-            with trusted(getattr(args, "trust_code", None)):
+            with trusted(getattr(args, "trust_code", None)), reads:
                 return args.func(args)
     except ModelLegoError as exc:
         message = cli_message(printable(exc), flag_names(parser, args.command))

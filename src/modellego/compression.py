@@ -35,6 +35,7 @@ from torch import nn
 from .analysis.locate import LocateConfig
 from .analysis.methods import get_method
 from .analysis.search import Trial, first_passing
+from .data.lazy import Inputs, as_tensor
 from .disassembly import (
     Component,
     DisassemblyConfig,
@@ -297,8 +298,8 @@ class Compressed:
 
 def compress_model(model: nn.Module, input_shape: Sequence[int], *,
                    output_classes: Sequence[int], config: CompressConfig,
-                   images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                   val_images: torch.Tensor | None = None,
+                   images: Inputs | None = None, labels: torch.Tensor | None = None,
+                   val_images: Inputs | None = None,
                    val_labels: torch.Tensor | None = None,
                    calibration_images: torch.Tensor | None = None) -> Compressed:
     """Compress ``model`` (logit ``i`` = class ``output_classes[i]``) for all its classes.
@@ -342,8 +343,8 @@ class Criterion:
 
     def compress(self, model: nn.Module, input_shape: tuple[int, ...],
                  output_classes: list[int], config: CompressConfig, *,
-                 images: torch.Tensor | None, labels: torch.Tensor | None,
-                 val_images: torch.Tensor | None, val_labels: torch.Tensor | None,
+                 images: Inputs | None, labels: torch.Tensor | None,
+                 val_images: Inputs | None, val_labels: torch.Tensor | None,
                  calibration_images: torch.Tensor | None) -> Compressed:
         """The compressed model (inputs already checked by :func:`compress_model`)."""
         raise NotImplementedError
@@ -364,7 +365,7 @@ class UniformCriterion(Criterion):
         graph = build_channel_graph(model, input_shape) if config.reconstruct else None
         if graph is not None and images is not None:  # (compress_model checked the images)
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-            fit_images = images[order[:config.reconstruct]]
+            fit_images = as_tensor(images[order[:config.reconstruct]])
 
         def finish(net: nn.Module, plan: ComponentPlan) -> None:
             # the repairs in disassembly's order: reconstruction, then BN statistics

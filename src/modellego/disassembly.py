@@ -18,6 +18,7 @@ from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile
     select_samples,
 )
 from .analysis.search import Trial, refine, search
+from .data.lazy import Inputs, as_tensor, take
 from .errors import ModelLegoError
 from .metrics import (
     accuracy_from_logits,
@@ -166,10 +167,10 @@ def kept_channels(graph: ChannelGraph, plan: ComponentPlan) -> dict[str, list[in
             for lay in graph.layers}
 
 
-def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                       classes: Sequence[int], output_classes: Sequence[int],
                       config: DisassemblyConfig | None = None,
-                      val_images: torch.Tensor | None = None,
+                      val_images: Inputs | None = None,
                       val_labels: torch.Tensor | None = None,
                       calibration_images: torch.Tensor | None = None,
                       dist: DistContext | None = None,
@@ -240,17 +241,18 @@ def disassemble_model(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         idx = torch.tensor([i for c in classes for i in selection.indices[c]],
                            dtype=torch.long)
         layers = {lay.name: lay.module for lay in profiled_layers(graph)}
-        profile = method.profile(model, layers, images[idx], labels[idx], classes,
+        profile = method.profile(model, layers, take(images, idx), labels[idx], classes,
                                  batch_size=config.batch_size, dist=dist)
     out_idx = method.output_indices(classes, output_classes)
     bn_after = {lay.name: lay.bn_after for lay in graph.layers}
     # the reconstruction's images: a seeded draw from the task's training images (as the
     # calibration images are drawn)
-    fit_images = images[:0]
+    fit_images = torch.zeros((0, *input_shape))
     if config.reconstruct:
-        pool = images[torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))]
-        fit_images = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
-                          [:config.reconstruct]]
+        pool = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype)).nonzero().flatten()
+        pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+                    [:config.reconstruct]]
+        fit_images = as_tensor(take(images, pick), "the reconstruction's images")
     fits: list[Reconstruction] = []
 
     def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:

@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DatasetInfo, dataset_info, load_split_for, model_input, normalize
+from .data import (
+    DatasetInfo,
+    Inputs,
+    as_tensor,
+    dataset_info_for,
+    load_split_for,
+    model_input,
+    normalize,
+)
 from .data.base import reads_as_dataset
 from .errors import ModelLegoError
 from .evaluation import check_dataset_matches
@@ -121,7 +129,7 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     require_single(teacher_manifest, "distil from", where="the teacher",
                    hint="; distil from one of the parts instead")
     dataset = teacher_manifest["dataset"]["name"]
-    info = dataset_info(dataset, data_dir=data_dir)
+    info = dataset_info_for(teacher_manifest["dataset"], data_dir=data_dir)
     check_dataset_matches(teacher_manifest, dataset, info)
     train_split = load_split_for(teacher_manifest["dataset"], "train", data_dir=data_dir,
                                  where="the teacher")
@@ -136,7 +144,8 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
         if n == 0:
             raise ModelLegoError(f"dataset {dataset!r} has no {name} images of the teacher's "
                                  f"classes {list(classes)}; add images or use another teacher")
-    x_val, x_test = normalize(val.images, info), normalize(test.images, info)
+    x_val = normalize(as_tensor(val.images, "distillation"), info)
+    x_test = normalize(as_tensor(test.images, "distillation"), info)
     # the student reads the dataset's images; the teacher may read them in another form
     # (an imported network at 224 px, say): its inputs are converted on the way in
     contract = teacher_manifest["input"]
@@ -148,7 +157,7 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     pad, flip = augmentation(dataset, h, config.augment)
     data = (x_train, y_train, x_val, val.labels, classes)
 
-    def measured(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    def measured(model: nn.Module, x: Inputs) -> dict[str, Any]:
         """Accuracy on the test images ``x`` (as ``model`` reads them), params, FLOPs."""
         acc = accuracy_from_logits(predict_logits(model, x), test.labels, classes)
         return {"accuracy": acc.accuracy, "params": count_params(model),

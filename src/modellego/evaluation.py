@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .data import dataset_info, load_split_for, model_input
+from .data import canonical_name, dataset_info, dataset_info_for, load_split_for, model_input
 from .errors import ModelLegoError
 from .metrics import accuracy_from_logits, count_flops, count_params, cpu_latency_ms, predict_logits
 
@@ -40,9 +40,10 @@ def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None 
     ``classes`` limits the images to those classes and adds ``restricted_accuracy``: the
     argmax taken over those classes' outputs only.
     """
-    dataset = dataset or manifest["dataset"]["name"]
-    info = dataset_info(dataset, data_dir=data_dir)  # canonical name, before loading images
-    dataset = info.name
+    dataset = canonical_name(dataset or manifest["dataset"]["name"], data_dir)
+    # the model's own dataset is read as it was for the model (a folder at its size)
+    info = dataset_info_for(manifest["dataset"], data_dir=data_dir) \
+        if dataset == manifest["dataset"]["name"] else dataset_info(dataset, data_dir=data_dir)
     check_dataset_matches(manifest, dataset, info)
     test = load_split_for(manifest["dataset"], split, data_dir=data_dir)
     own = list(manifest["classes"])

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .data.lazy import Inputs, iter_slices
 from .runtime.hooks import forward_hooks, preserved_state
 
 
@@ -70,14 +71,15 @@ def cpu_latency_ms(model: nn.Module, input_shape: Sequence[int], *, repeats: int
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 500
+def predict_logits(model: nn.Module, images: Inputs, *, batch_size: int = 500
                    ) -> torch.Tensor:
-    """Logits for ``images`` (already normalised), computed in eval mode in batches."""
+    """Logits for ``images`` (already normalised; lazy inputs are streamed), computed in
+    eval mode in batches."""
     outs = []
     with preserved_state(model):
         model.eval()
-        for start in range(0, len(images), batch_size):
-            outs.append(model(images[start:start + batch_size]).float())
+        for x in iter_slices(images, batch_size):
+            outs.append(model(x).float())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._version import __version__
-from .data import Split, load_split, normalize
+from .data import Split, as_tensor, load_split, model_input, normalize
 from .data.fingerprint import split_fingerprint
 from .errors import ModelLegoError, TrainingError
 from .metrics import accuracy_from_logits, predict_logits
@@ -53,6 +53,9 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     data_dir: str | None = None
+    #: the size (H, W) a ``folder:PATH`` dataset is read at (``None``: its own; see
+    #: :mod:`modellego.data.folder`)
+    image_size: tuple[int, int] | None = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -66,11 +69,11 @@ class TrainConfig:
 def task_split(split: Split, classes: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised images and labels remapped to output indices (position in ``classes``)."""
     if classes is None:
-        return normalize(split.images, split.info), split.labels
+        return normalize(as_tensor(split.images, "training"), split.info), split.labels
     sub = split.subset(classes)
     lookup = torch.full((split.info.num_classes,), -1, dtype=torch.long)
     lookup[torch.tensor(list(classes))] = torch.arange(len(classes))
-    return normalize(sub.images, sub.info), lookup[sub.labels]
+    return normalize(as_tensor(sub.images, "training"), sub.info), lookup[sub.labels]
 
 
 def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -97,14 +100,16 @@ def train(config: TrainConfig, *, command: str | None = None,
     config.validate()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    train_split = load_split(config.dataset, "train", data_dir=config.data_dir)
-    val_split = load_split(config.dataset, "val", data_dir=config.data_dir)
+    train_split = load_split(config.dataset, "train", data_dir=config.data_dir,
+                            image_size=config.image_size)
+    val_split = load_split(config.dataset, "val", data_dir=config.data_dir,
+                            image_size=config.image_size)
     info = train_split.info
     classes = tuple(config.classes) if config.classes is not None else tuple(
         range(info.num_classes))
     check_classes(classes, info.num_classes, "`classes`")
     x_train, y_train = task_split(train_split, classes)
-    x_val = normalize(val_split.subset(classes).images, info)
+    x_val = normalize(as_tensor(val_split.subset(classes).images, "training"), info)
     y_val = val_split.subset(classes).labels
     if len(y_val) == 0 or len(y_train) == 0:
         raise ModelLegoError(f"dataset {config.dataset!r} has no training or validation images "
@@ -118,9 +123,10 @@ def train(config: TrainConfig, *, command: str | None = None,
         model, x_train, y_train, x_val, y_val, classes, epochs=config.epochs,
         batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
         pad=pad, flip=flip, gen=gen, progress=progress)
-    test_all = load_split(config.dataset, "test", data_dir=config.data_dir)
+    test_all = load_split(config.dataset, "test", data_dir=config.data_dir,
+                            image_size=config.image_size)
     test = test_all.subset(classes)
-    test_acc = accuracy_from_logits(predict_logits(model, normalize(test.images, info)),
+    test_acc = accuracy_from_logits(predict_logits(model, model_input(test.images, info)),
                                     test.labels, classes)
     cfg = asdict(config)
     cfg.pop("data_dir")

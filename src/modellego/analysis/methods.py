@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..data.lazy import Inputs
 from ..errors import ModelLegoError
 from ..registry import Registry
 from ..runtime.distributed import DistContext
@@ -67,7 +68,7 @@ class Method:
         """The thresholds actually used for ``base`` (a method may pin some fields)."""
         return base
 
-    def profile(self, model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
+    def profile(self, model: nn.Module, layers: Mapping[str, nn.Module], images: Inputs,
                 labels: torch.Tensor, classes: Sequence[int], *, batch_size: int,
                 dist: DistContext | None) -> Profile:
         """The per-class statistics locating reads, from the selected samples."""

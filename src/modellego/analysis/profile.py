@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Sequence, cast
 import torch
 from torch import nn
 
+from ..data.lazy import Inputs, iter_batches
 from ..errors import ModelLegoError
 from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..runtime.hooks import forward_hooks, preserved_state
@@ -43,7 +44,7 @@ class SampleSelection:
 
 
 @torch.inference_mode()
-def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def select_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
                    classes: Sequence[int], output_classes: Sequence[int], *, k: int = 50,
                    batch_size: int = 500, dist: DistContext | None = None,
                    correct_only: bool = False) -> SampleSelection:
@@ -73,13 +74,14 @@ def select_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     batches = [(i, start, stop) for i, pos in enumerate(positions)
                for start, stop in chunk_ranges(len(pos), batch_size)]
     mine, mine_ok = [], []
+    owned = [(i, start, stop) for j, (i, start, stop) in enumerate(batches) if dist.owns(j)]
     with preserved_state(model):
         model.eval()
-        for j, (i, start, stop) in enumerate(batches):
-            if dist.owns(j):
-                logits = model(images[positions[i][start:stop]]).double()
-                mine.append(torch.softmax(logits, 1)[:, cols[i]])
-                mine_ok.append((logits.argmax(1) == cols[i]).double())
+        xs = iter_batches(images, [positions[i][start:stop] for i, start, stop in owned])
+        for (i, _, _), x in zip(owned, xs):
+            logits = model(x).double()
+            mine.append(torch.softmax(logits, 1)[:, cols[i]])
+            mine_ok.append((logits.argmax(1) == cols[i]).double())
     sizes = [stop - start for _, start, stop in batches]
     per_class: list[list[torch.Tensor]] = [[] for _ in positions]
     for (i, _, _), pr in zip(batches, gather_chunks(mine, sizes, dist)):
@@ -169,7 +171,7 @@ class ClassSums:
         self.totals[name].index_add_(0, rows.to(sums.device), sums)
 
 
-def contribution_profile(model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
+def contribution_profile(model: nn.Module, layers: Mapping[str, nn.Module], images: Inputs,
                          labels: torch.Tensor, classes: Sequence[int], *,
                          batch_size: int = 64,
                          dist: DistContext | None = None) -> ContributionProfile:
@@ -193,12 +195,13 @@ def contribution_profile(model: nn.Module, layers: Mapping[str, nn.Module], imag
     sums = ClassSums(len(classes))
 
     t0 = time.perf_counter()
-    for rnd in rounds.rounds():
-        if not dist.distributed:  # fold each layer call as it comes: no buffers
-            # a single process computes the one chunk of every round
-            start, stop = cast("tuple[int, int]", rnd.mine)
-            profile_chunk(model, layers, images[start:stop], rows[start:stop], sums.add)
-            continue
+    if not dist.distributed:  # fold each layer call as it comes: no buffers
+        # a single process computes the one chunk of every round, in order (streamed)
+        spans = [cast("tuple[int, int]", rnd.mine) for rnd in rounds.rounds()]
+        chunks = iter_batches(images, [range(a, b) for a, b in spans])
+        for (start, stop), x in zip(spans, chunks):
+            profile_chunk(model, layers, x, rows[start:stop], sums.add)
+    for rnd in rounds.rounds() if dist.distributed else ():
         calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if rnd.mine is not None:
             start, stop = rnd.mine

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..data.lazy import as_tensor
 from ..data.registry import check_one_folder, load_split_for
 from ..errors import ModelLegoError
 from ..files import load_model
@@ -162,7 +163,7 @@ def _calibration_data(parts: list[dict[str, Any]], config: AssemblyConfig,
                 raise ModelLegoError(f"no training images of class {c} in "
                                      f"{man['dataset']['name']} to calibrate with")
             pick = pos[torch.randperm(len(pos), generator=gen)[:config.calibration_samples]]
-            xs.append(split.images[pick])
+            xs.append(as_tensor(split.images[pick], "the router's calibration"))
             ys.append(torch.full((len(pick),), i, dtype=torch.long))
         x = convert_images(torch.cat(xs), contract[0], contract[1:])
         data.append((x, torch.cat(ys)))
@@ -302,7 +303,8 @@ def union_test_set(manifest: dict[str, Any], *, data_dir: str | None = None, spl
         test = load_split_for(spec, split, data_dir=data_dir, where=f"part {k}")
         for c, idx in pairs:
             sel = test.labels == c
-            xs.append(convert_images(test.images[sel], contract[0], contract[1:]))
+            xs.append(convert_images(as_tensor(test.images[sel], "the assembly's evaluation"),
+                                     contract[0], contract[1:]))
             ys.append(torch.full((int(sel.sum()),), idx, dtype=torch.long))
     return torch.cat(xs), torch.cat(ys)
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 
+from modellego.data.lazy import LazyImages, ModelInputs
 from modellego.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -132,11 +134,12 @@ class Split:
     """One split of a dataset.
 
     ``images`` is float32 ``(N, C, H, W)`` in [0, 1] (not normalised), ``labels`` int64
-    ``(N,)`` with the dataset's original class ids. Tensors returned by
+    ``(N,)`` with the dataset's original class ids; for a streamed folder ``images`` is
+    :class:`~modellego.data.lazy.LazyImages`, decoded when used. Tensors returned by
     :func:`modellego.data.load_split` are fresh copies, safe to modify.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | LazyImages
     labels: torch.Tensor
     info: DatasetInfo
     split: str
@@ -234,12 +237,27 @@ def reads_as_dataset(info: DatasetInfo, contract: Mapping[str, Any] | None) -> b
             and tuple(float(v) for v in contract["std"]) == tuple(info.std))
 
 
+@overload
 def model_input(images: torch.Tensor, info: DatasetInfo,
-                contract: Mapping[str, Any] | None = None) -> torch.Tensor:
+                contract: Mapping[str, Any] | None = None) -> torch.Tensor: ...
+@overload
+def model_input(images: LazyImages, info: DatasetInfo,
+                contract: Mapping[str, Any] | None = None) -> ModelInputs: ...
+@overload
+def model_input(images: torch.Tensor | LazyImages, info: DatasetInfo,
+                contract: Mapping[str, Any] | None = None) -> torch.Tensor | ModelInputs: ...
+def model_input(images: torch.Tensor | LazyImages, info: DatasetInfo,
+                contract: Mapping[str, Any] | None = None) -> torch.Tensor | ModelInputs:
     """``[0, 1]`` images of dataset ``info`` as a network with input ``contract`` (its
     manifest's ``input``: shape, mean, std) reads them: converted to its channels and size
     when they differ (see :func:`convert_images`), then normalised with its mean and std.
-    Without a contract, or one equal to the dataset's, this is :func:`normalize`."""
+    Without a contract, or one equal to the dataset's, this is :func:`normalize`. Lazy
+    images (a streamed folder) give lazy :class:`~modellego.data.lazy.ModelInputs`,
+    converted batch by batch when indexed."""
+    if isinstance(images, LazyImages):
+        shape = contract["shape"] if contract is not None else images.shape[1:]
+        return ModelInputs(images, shape, functools.partial(model_input, info=info,
+                                                            contract=contract))
     if contract is None or reads_as_dataset(info, contract):
         return normalize(images, info)
     shape = tuple(int(v) for v in contract["shape"])
@@ -264,8 +282,8 @@ class RawData:
     ``(N, C, H, W)``; labels are int64.
     """
 
-    train_images: torch.Tensor
+    train_images: torch.Tensor | LazyImages
     train_labels: torch.Tensor
-    test_images: torch.Tensor
+    test_images: torch.Tensor | LazyImages
     test_labels: torch.Tensor
     class_names: tuple[str, ...]

@@ -7,25 +7,52 @@ Layouts:
   permutation; every class needs at least 2 images.
 
 Only direct children with extensions png/jpg/jpeg/bmp/gif/webp are read; other files and
-hidden entries (starting with ".") are ignored. Images become greyscale ("L") if every
-image is greyscale, else RGB, and are resized (bilinear) to the size of the first image
-in sorted order unless all sizes agree.
+hidden entries (starting with ".") are ignored. Every file's header is read once (mode and
+size, not pixels). Images become greyscale ("L") if every image is greyscale, else RGB.
+
+Size: when every image has the same size and no size is asked for, images are used as they
+are. Otherwise every image is resized (bilinear) to cover the target size divided by
+:data:`~modellego.data.lazy.CROP_RATIO` and centre-cropped to it (the usual evaluation
+transform); the target is the size asked for (``--image-size``, or the model's input size
+when the folder is read for a model), else a square of the median shorter side, at most
+:data:`DEFAULT_MAX_SIZE`. No single image decides the size for all.
+
+Memory: a folder whose decoded images take at most :func:`stream_above` bytes is decoded
+once and held as uint8 tensors; a larger one is *streamed*: its splits are
+:class:`~modellego.data.lazy.LazyImages`, decoded batch by batch through a DataLoader.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from modellego.data.base import RawData
+from modellego.data.lazy import LazyImages, Recipe, open_image
 from modellego.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
-_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 TEST_FRACTION = 0.2
+#: the largest side a mixed-size folder is cut to when no size is asked for
+DEFAULT_MAX_SIZE = 224
+#: the environment variable bounding (in MB) the decoded size of a folder held in memory
+STREAM_ENV = "MODELLEGO_STREAM_ABOVE_MB"
+
+
+def stream_above() -> int:
+    """Bytes of decoded images above which a folder is streamed (``$MODELLEGO_STREAM_ABOVE_MB``,
+    default 1024 MB)."""
+    text = os.environ.get(STREAM_ENV, "1024")
+    try:
+        mb = float(text)
+    except ValueError:
+        raise DataError(f"${STREAM_ENV} is {text!r}; set it to a number of megabytes") from None
+    return int(mb * 2**20)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -58,42 +85,6 @@ def _image_files(class_dir: Path) -> list[Path]:
     return files
 
 
-def _open(path: Path) -> tuple[Image.Image, bool]:
-    """Load one image; return it converted to L or RGB and whether it is greyscale."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode.startswith("I;16"):  # 16-bit greyscale: keep the high byte
-                arr16 = np.asarray(im).astype(np.uint16)
-                return Image.fromarray((arr16 >> 8).astype(np.uint8)), True
-            if im.mode in _GREY_MODES:
-                return im.convert("L"), True
-            rgb = im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(
-            f"cannot read image {path} ({exc}); replace or delete the file"
-        ) from exc
-    if im.mode == "P":  # palette images with a grey palette count as greyscale
-        arr = np.asarray(rgb)
-        if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
-            return rgb.convert("L"), True
-    return rgb, False
-
-
-def _stack(images: list[Image.Image], grey: bool, size: tuple[int, int]) -> torch.Tensor:
-    mode = "L" if grey else "RGB"
-    arrays = []
-    for im in images:
-        if im.mode != mode:
-            im = im.convert(mode)
-        if im.size != size:
-            im = im.resize(size, Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(im, dtype=np.uint8))
-    arr = np.stack(arrays)
-    arr = arr[:, None] if grey else arr.transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(arr))
-
-
 def _split_per_class(labels: list[int], num_classes: int) -> tuple[list[int], list[int]]:
     """Seeded per-class 80/20 split; returns sorted (train, test) index lists."""
     gen = torch.Generator().manual_seed(0)
@@ -110,8 +101,36 @@ def _split_per_class(labels: list[int], num_classes: int) -> tuple[list[int], li
     return sorted(train), sorted(test)
 
 
-def load_folder(root: Path) -> RawData:
-    """Read an image-folder dataset rooted at ``root`` (see module docstring)."""
+def _header(path: Path) -> tuple[tuple[int, int], bool]:
+    """``((H, W), greyscale)`` from the file's header (palette images are decoded to tell)."""
+    try:
+        with Image.open(path) as im:
+            mode, (w, h) = im.mode, im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path} ({exc}); replace or delete the file") from exc
+    if w < 1 or h < 1:
+        raise DataError(f"image {path} is {w}x{h} pixels; replace or delete the file")
+    if mode == "P":
+        return (h, w), open_image(str(path))[1]
+    grey = mode.startswith("I;16") or mode in {"1", "L", "LA", "La", "I", "F"}
+    return (h, w), grey
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """What the headers of a folder's files say: classes, files and labels per part."""
+
+    class_names: tuple[str, ...]
+    files: tuple[tuple[str, ...], ...]
+    labels: tuple[tuple[int, ...], ...]
+    sizes: frozenset[tuple[int, int]]
+    shorter_median: int
+    grey: bool
+    split_layout: bool
+
+
+def scan_folder(root: Path) -> FolderScan:
+    """Read the class folders and every file's header (see the module docstring)."""
     if not root.is_dir():
         raise DataError(
             f"image folder {root} does not exist or is not a directory; use folder:PATH with "
@@ -129,37 +148,75 @@ def load_folder(root: Path) -> RawData:
             f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'}); "
             "make both hold the same classes"
         )
-
-    images: list[Image.Image] = []
-    labels: list[int] = []
-    counts: list[int] = []
+    files: list[tuple[str, ...]] = []
+    labels: list[tuple[int, ...]] = []
+    sizes: set[tuple[int, int]] = set()
+    shorter: list[int] = []
     all_grey = True
     for part in parts:
-        start = len(images)
+        part_files: list[str] = []
+        part_labels: list[int] = []
         for label, name in enumerate(class_names):
-            files = _image_files(part / name)
-            if not split_layout and len(files) < 2:
+            found = _image_files(part / name)
+            if not split_layout and len(found) < 2:
                 raise DataError(
                     f"class folder {part / name} has only 1 image; the automatic 80/20 "
                     "train/test split needs at least 2 per class: add images, or use "
                     "PATH/train/<class> and PATH/test/<class> sub-folders"
                 )
-            for f in files:
-                im, grey = _open(f)
+            for f in found:
+                size, grey = _header(f)
                 all_grey = all_grey and grey
-                images.append(im)
-                labels.append(label)
-        counts.append(len(images) - start)
+                sizes.add(size)
+                shorter.append(min(size))
+                part_files.append(str(f))
+                part_labels.append(label)
+        files.append(tuple(part_files))
+        labels.append(tuple(part_labels))
+    return FolderScan(class_names, tuple(files), tuple(labels), frozenset(sizes),
+                      int(statistics.median_low(shorter)), all_grey, split_layout)
 
-    sizes = {im.size for im in images}
-    size = images[0].size if len(sizes) > 1 else next(iter(sizes))
-    pixels = _stack(images, all_grey, size)
-    label_t = torch.tensor(labels, dtype=torch.int64)
-    if split_layout:
-        n_train = counts[0]
-        return RawData(pixels[:n_train], label_t[:n_train], pixels[n_train:],
-                       label_t[n_train:], class_names)
-    train_idx, test_idx = _split_per_class(labels, len(class_names))
-    tr = torch.tensor(train_idx, dtype=torch.int64)
-    te = torch.tensor(test_idx, dtype=torch.int64)
-    return RawData(pixels[tr], label_t[tr], pixels[te], label_t[te], class_names)
+
+def recipe_for(scan: FolderScan, size: tuple[int, int] | None) -> Recipe:
+    """How the folder's files are decoded for a target ``size`` (``None``: its own)."""
+    mode = "L" if scan.grey else "RGB"
+    if size is None:
+        if len(scan.sizes) == 1:
+            return Recipe(mode, next(iter(scan.sizes)), crop=False)
+        side = min(scan.shorter_median, DEFAULT_MAX_SIZE)
+        return Recipe(mode, (side, side), crop=True)
+    size = (int(size[0]), int(size[1]))
+    if min(size) < 1:
+        raise DataError(f"image size {list(size)} must be positive")
+    return Recipe(mode, size, crop=scan.sizes != {size})
+
+
+def load_folder(root: Path, size: tuple[int, int] | None = None) -> RawData:
+    """Read an image-folder dataset rooted at ``root`` (see the module docstring) for a
+    target ``size`` (H, W), or the folder's own (``None``)."""
+    scan = scan_folder(root)
+    recipe = recipe_for(scan, size)
+    if scan.split_layout:
+        (train_files, test_files), (train_labels, test_labels) = scan.files, scan.labels
+    else:
+        all_labels = list(scan.labels[0])
+        train_idx, test_idx = _split_per_class(all_labels, len(scan.class_names))
+        train_files = tuple(scan.files[0][i] for i in train_idx)
+        test_files = tuple(scan.files[0][i] for i in test_idx)
+        train_labels = tuple(all_labels[i] for i in train_idx)
+        test_labels = tuple(all_labels[i] for i in test_idx)
+    train = LazyImages(train_files, recipe)
+    test = LazyImages(test_files, recipe)
+    tr_lab = torch.tensor(train_labels, dtype=torch.int64)
+    te_lab = torch.tensor(test_labels, dtype=torch.int64)
+    if train.nbytes() // 4 + test.nbytes() // 4 > stream_above():
+        return RawData(train, tr_lab, test, te_lab, scan.class_names)
+    return RawData(_decode_uint8(train), tr_lab, _decode_uint8(test), te_lab, scan.class_names)
+
+
+def _decode_uint8(images: LazyImages) -> torch.Tensor:
+    step = 256
+    chunks = [range(a, min(a + step, len(images))) for a in range(0, len(images), step)]
+    if not chunks:
+        return torch.zeros((0, *images.shape[1:]), dtype=torch.uint8)
+    return torch.cat(list(images.uint8_batches(chunks)))

@@ -22,6 +22,7 @@ import torch
 from modellego.data.base import SPLITS, DatasetInfo, RawData, Split
 from modellego.data.fingerprint import differences, split_fingerprint
 from modellego.data.folder import load_folder
+from modellego.data.lazy import LazyImages
 from modellego.data.roots import ENV, DataRoots, env_folder
 from modellego.errors import DataError, ModelLegoWarning
 
@@ -36,6 +37,10 @@ FOLDER_DESCRIPTION = (
 VAL_FRACTION = 0.1
 
 Loader = Callable[[Path | None], RawData]
+#: a folder's target image size (H, W), or ``None`` for its own
+Size = Union[tuple[int, int], None]
+#: how many training images of a streamed folder its mean and std are estimated on
+STAT_SAMPLE = 2048
 InfoFn = Callable[[Path | None], DatasetInfo]
 
 
@@ -95,7 +100,7 @@ class _Loaded:
     info: DatasetInfo
 
 
-_CACHE: dict[tuple[str, str], _Loaded] = {}
+_CACHE: dict[tuple[str, str, str], _Loaded] = {}
 
 
 def clear_cache() -> None:
@@ -110,9 +115,22 @@ def _unknown(name: str) -> DataError:
     )
 
 
-def _resolve(name: str, data_dir: DataDir
+def _image_size(size: Any) -> Size:
+    if size is None:
+        return None
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise DataError(f"image size {size!r} must be two integers (height, width)") from None
+    if h < 1 or w < 1 or h > 8192 or w > 8192:
+        raise DataError(f"image size {[h, w]} must lie between 1 and 8192 pixels a side")
+    return h, w
+
+
+def _resolve(name: str, data_dir: DataDir, size: Size = None
              ) -> tuple[str, DatasetEntry, Path | None]:
-    """Map a user-given name to (canonical name, entry, resolved data directory)."""
+    """Map a user-given name to (canonical name, entry, resolved data directory); a
+    ``size`` is for ``folder:PATH`` datasets only."""
     if not isinstance(name, str):
         raise _unknown(repr(name))
     stripped = name.strip()
@@ -125,12 +143,16 @@ def _resolve(name: str, data_dir: DataDir
             )
         root = Path(raw_path).expanduser().resolve()
         canonical = FOLDER_PREFIX + str(root)
-        folder = DatasetEntry(canonical, FOLDER_DESCRIPTION, lambda _d: load_folder(root),
-                              uses_data_dir=False)
+        size = _image_size(size)
+        folder = DatasetEntry(canonical, FOLDER_DESCRIPTION,
+                              lambda _d: load_folder(root, size), uses_data_dir=False)
         return canonical, folder, None
     entry = _REGISTRY.get(stripped.lower())
     if entry is None:
         raise _unknown(name)
+    if size is not None:
+        raise DataError(f"an image size is for folder:PATH datasets; {entry.name!r} has its "
+                        "own: leave the image size out")
     if not entry.uses_data_dir:
         return entry.name, entry, None
     if isinstance(data_dir, DataRoots):
@@ -159,7 +181,11 @@ def _carve_val(n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[: n - n_val].sort().values, perm[n - n_val:].sort().values
 
 
-def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _channel_stats(images: torch.Tensor | LazyImages
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if isinstance(images, LazyImages):  # a seeded sample, decoded
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        images = images[pick[:STAT_SAMPLE].sort().values].decode("the mean and std")
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
     means, stds = [], []
     for c in range(images.shape[1]):
@@ -170,9 +196,9 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(means), tuple(stds)
 
 
-def _get_loaded(name: str, data_dir: DataDir) -> _Loaded:
-    canonical, entry, directory = _resolve(name, data_dir)
-    key = (canonical, "" if directory is None else str(directory))
+def _get_loaded(name: str, data_dir: DataDir, size: Size = None) -> _Loaded:
+    canonical, entry, directory = _resolve(name, data_dir, size)
+    key = (canonical, "" if directory is None else str(directory), str(_image_size(size)))
     cached = _CACHE.get(key)
     if cached is not None:
         return cached
@@ -189,7 +215,9 @@ def _get_loaded(name: str, data_dir: DataDir) -> _Loaded:
                 f"{info.input_shape} was expected; the files belong to another dataset"
             )
     else:
-        mean, std = _channel_stats(raw.train_images.index_select(0, train_idx))
+        mean, std = _channel_stats(raw.train_images[train_idx]
+                                   if isinstance(raw.train_images, LazyImages)
+                                   else raw.train_images.index_select(0, train_idx))
         shape = tuple(int(s) for s in raw.train_images.shape[1:])
         info = DatasetInfo(canonical, raw.class_names, shape, mean, std)  # type: ignore[arg-type]
     loaded = _Loaded(raw, train_idx, val_idx, info)
@@ -197,37 +225,46 @@ def _get_loaded(name: str, data_dir: DataDir) -> _Loaded:
     return loaded
 
 
-def dataset_info(name: str, *, data_dir: DataDir = None) -> DatasetInfo:
-    """Describe dataset ``name`` (a registered name or ``folder:PATH``).
+def dataset_info(name: str, *, data_dir: DataDir = None, image_size: Size = None
+                 ) -> DatasetInfo:
+    """Describe dataset ``name`` (a registered name or ``folder:PATH``, read at
+    ``image_size`` (H, W) or its own size: see :mod:`modellego.data.folder`).
 
     Cheap for registered datasets (CIFAR reads only the class-names file); ``folder:PATH``
-    reads the images once to compute mean/std, then caches them.
+    reads the headers once and the images (or a sample of them) to compute mean/std, then
+    caches them.
     """
-    _, entry, directory = _resolve(name, data_dir)
+    _, entry, directory = _resolve(name, data_dir, image_size)
     if entry.info is not None:
         return entry.info(directory)
-    return _get_loaded(name, data_dir).info
+    return _get_loaded(name, data_dir, image_size).info
 
 
-def _as_float(images: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+def _as_float(images: torch.Tensor | LazyImages, idx: torch.Tensor | None
+              ) -> torch.Tensor | LazyImages:
+    if isinstance(images, LazyImages):  # decoded when used
+        return images if idx is None else images[idx]
     x = images if idx is None else images.index_select(0, idx)
     if x.dtype == torch.uint8:
         return x.to(torch.float32).div_(255.0)
     return x.clone() if idx is None else x.to(torch.float32)
 
 
-def load_split(name: str, split: str, *, data_dir: DataDir = None) -> Split:
+def load_split(name: str, split: str, *, data_dir: DataDir = None,
+               image_size: Size = None) -> Split:
     """Load ``split`` ("train", "val" or "test") of dataset ``name``.
 
-    ``name`` is a registered name (:func:`list_datasets`) or ``folder:PATH``. Parsed files
-    are cached per (name, data directory); the returned tensors are fresh copies.
+    ``name`` is a registered name (:func:`list_datasets`) or ``folder:PATH`` (read at
+    ``image_size``, see :func:`dataset_info`). Parsed files are cached per (name, data
+    directory, size); the returned tensors are fresh copies. A streamed folder's split holds
+    :class:`~modellego.data.lazy.LazyImages`, decoded when used.
     """
-    _resolve(name, data_dir)  # unknown names are reported before unknown splits
+    _resolve(name, data_dir, image_size)  # unknown names are reported before unknown splits
     if split not in SPLITS:
         raise DataError(
             f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(SPLITS)}"
         )
-    loaded = _get_loaded(name, data_dir)
+    loaded = _get_loaded(name, data_dir, image_size)
     raw = loaded.raw
     if split == "test":
         images, labels = _as_float(raw.test_images, None), raw.test_labels.clone()
@@ -270,7 +307,7 @@ def load_split_for(dataset: Mapping[str, Any], split: str, *, data_dir: DataDir 
     accepted with a :class:`DataFingerprintWarning`.
     """
     name = dataset["name"]
-    loaded = load_split(name, split, data_dir=data_dir)
+    loaded = load_split(name, split, data_dir=data_dir, image_size=size_for(dataset))
     expected = (dataset.get("fingerprint") or {}).get(split)
     if expected is None:
         if not dataset.get("fingerprint"):
@@ -298,7 +335,34 @@ class DataFingerprintWarning(ModelLegoWarning):
     """The model file records no fingerprint of its data, so the data cannot be checked."""
 
 
-def dataset_fingerprint(name: str, *, data_dir: DataDir = None) -> dict[str, Any]:
+def dataset_fingerprint(name: str, *, data_dir: DataDir = None, image_size: Size = None
+                        ) -> dict[str, Any]:
     """The fingerprint of every split of dataset ``name``, as a manifest records it."""
-    return {split: split_fingerprint(load_split(name, split, data_dir=data_dir))
+    return {split: split_fingerprint(load_split(name, split, data_dir=data_dir,
+                                                image_size=image_size))
             for split in SPLITS}
+
+
+def canonical_name(name: str, data_dir: DataDir = None) -> str:
+    """The name a dataset is recorded under (``folder:`` paths made absolute), reading no
+    file."""
+    return _resolve(name, data_dir)[0]
+
+
+def is_folder(name: str) -> bool:
+    """Whether ``name`` is a ``folder:PATH`` dataset (whose image size is chosen)."""
+    return isinstance(name, str) and name.strip().lower().startswith(FOLDER_PREFIX)
+
+
+def size_for(dataset: Mapping[str, Any]) -> Size:
+    """The image size a model file's dataset entry was read at, for a ``folder:PATH``
+    (its ``input_shape``); ``None`` for registered datasets, whose size is their own."""
+    if not is_folder(dataset["name"]):
+        return None
+    shape = dataset["input_shape"]
+    return int(shape[1]), int(shape[2])
+
+
+def dataset_info_for(dataset: Mapping[str, Any], *, data_dir: DataDir = None) -> DatasetInfo:
+    """:func:`dataset_info` of the dataset a model file names, read as it was then."""
+    return dataset_info(dataset["name"], data_dir=data_dir, image_size=size_for(dataset))

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Sequence
 
 import torch
 
+from ..data.lazy import as_tensor
 from ..errors import ModelLegoError
 from ..terminal import printable
 
@@ -102,4 +103,5 @@ def task_images(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     data = task_data(manifest, classes, data_dir=data_dir, what="the analysis")
     own, classes = [int(c) for c in manifest["classes"]], data.classes
     names = dict(zip(own, manifest["class_names"]))
-    return data.images, data.labels, classes, [str(names[c]) for c in classes]
+    return (as_tensor(data.images, "the analysis"), data.labels, classes,
+            [str(names[c]) for c in classes])

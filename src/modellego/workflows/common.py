@@ -11,7 +11,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..data import Split, dataset_info, load_split_for, model_input
+from ..data import (
+    Inputs,
+    LazyImages,
+    Split,
+    as_tensor,
+    canonical_name,
+    dataset_info_for,
+    load_split_for,
+    model_input,
+)
 from ..errors import ModelLegoError
 from ..evaluation import check_dataset_matches
 from ..surgery.plan import ComponentPlan
@@ -48,17 +57,34 @@ def own_classes(manifest: dict[str, Any], classes: Sequence[int] | None, num_cla
     return chosen
 
 
+#: for a streamed folder, how many training images per sample wanted are drawn per class to
+#: select the samples from (the selection pass reads ``4 * samples_per_class`` images of
+#: each class, not the whole split)
+STREAMED_POOL_FACTOR = 4
+
+
 @dataclass(frozen=True)
 class TaskData:
     """Normalised images for a task on a model's own dataset (training split only)."""
 
     info: Any
     classes: tuple[int, ...]
-    #: the train split restricted to the task's classes (normalised images, class ids)
-    images: torch.Tensor
+    #: the train split restricted to the task's classes (normalised images, class ids);
+    #: lazy inputs for a streamed folder
+    images: Inputs
     labels: torch.Tensor
     #: calibration images of all the model's classes, or ``None``
     calibration: torch.Tensor | None = None
+    #: where ``images[i]`` is in the train split
+    positions: torch.Tensor | None = None
+    #: the images per class drawn for a streamed folder (``None``: all of them)
+    pool: int | None = None
+
+    def split_positions(self, indices: Sequence[int]) -> list[int]:
+        """Positions in the train split of positions ``indices`` in :attr:`images`."""
+        if self.positions is None:
+            return [int(i) for i in indices]
+        return [int(self.positions[i]) for i in indices]
 
 
 def sample_calibration_images(split: Split, count: int, seed: int = 0,
@@ -66,20 +92,36 @@ def sample_calibration_images(split: Split, count: int, seed: int = 0,
     """``count`` images of ``split`` (all of them if fewer), in a seeded order, as a network
     with input ``contract`` reads them (default: normalised as the dataset's)."""
     order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
-    return model_input(split.images[order[:count]], split.info, contract)
+    return as_tensor(model_input(split.images[order[:count]], split.info, contract),
+                     "the calibration images")
+
+
+def pooled(labels: torch.Tensor, classes: Sequence[int], pool: int, seed: int = 0
+           ) -> torch.Tensor:
+    """Sorted positions of at most ``pool`` images of each of ``classes``, drawn with a
+    seeded permutation per class."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in classes:
+        pos = (labels == c).nonzero().flatten()
+        picks.append(pos[torch.randperm(len(pos), generator=gen)[:pool]])
+    return torch.cat(picks).sort().values if picks else labels.new_zeros(0)
 
 
 def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
               data_dir: str | None = None, calibration: int = 0,
               what: str = "disassembly", param: str = "`classes`",
-              every_class: bool = True) -> TaskData:
+              every_class: bool = True, streamed_pool: int | None = None) -> TaskData:
     """The training images of ``classes`` (default: all the model's) on the model's dataset,
     with every check a profile needs: the classes are the model's, the dataset is the one
     the model was made for, and every class has training images. ``calibration`` > 0 also
     draws that many seeded training images of all the model's classes. ``every_class=False``
-    skips the check that every class has training images (for work that profiles none)."""
+    skips the check that every class has training images (for work that profiles none).
+    ``streamed_pool``: for a streamed folder, only that many seeded training images per
+    class are taken (so that picking a few samples per class does not read the whole
+    split); in-memory datasets keep them all."""
     dataset = manifest["dataset"]["name"]
-    info = dataset_info(dataset, data_dir=data_dir)
+    info = dataset_info_for(manifest["dataset"], data_dir=data_dir)
     chosen = own_classes(manifest, classes, info.num_classes, param=param)
     check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
     train = load_split_for(manifest["dataset"], "train", data_dir=data_dir)
@@ -95,15 +137,19 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
                              f"{dataset!r}, and {what} profiles each class on its "
                              "training images; add images of that class or choose other "
                              "classes")
+    positions, pool = None, None
+    if streamed_pool is not None and isinstance(train.images, LazyImages):
+        pool = streamed_pool
+        positions = pooled(train.labels, chosen, pool)
+        train = Split(train.images[positions], train.labels[positions], train.info, "train")
     return TaskData(train.info, chosen, model_input(train.images, train.info, manifest["input"]),
-                    train.labels,
-                    calib)
+                    train.labels, calib, positions, pool)
 
 
 def split_images(manifest: dict[str, Any], split: str, classes: Sequence[int], *,
-                 data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (as the model reads them: see :func:`modellego.data.model_input`) and labels
-    of ``classes`` from ``split`` of the model's dataset."""
+                 data_dir: str | None = None) -> tuple[Inputs, torch.Tensor]:
+    """Images (as the model reads them: see :func:`modellego.data.model_input`; lazy for a
+    streamed folder) and labels of ``classes`` from ``split`` of the model's dataset."""
     part = load_split_for(manifest["dataset"], split, data_dir=data_dir).subset(classes)
     return model_input(part.images, part.info, manifest["input"]), part.labels
 
@@ -114,6 +160,6 @@ def check_own_dataset(manifest: dict[str, Any], dataset: str | None,
     if dataset is None:
         return
     own = manifest["dataset"]["name"]
-    if dataset_info(dataset, data_dir=data_dir).name != own:
+    if canonical_name(dataset, data_dir) != own:
         raise ModelLegoError(f"`dataset` {dataset}: the model classifies {own!r}; pass "
                              f"`dataset` {own}")

@@ -9,11 +9,11 @@ from typing import Any
 from torch import nn
 
 from ..compression import CompressConfig, compress_model, get_criterion
-from ..data import dataset_info
+from ..data import dataset_info_for
 from ..disassembly import kept_channels
 from ..evaluation import check_dataset_matches
 from ..provenance import provenance, require_single, source_record
-from .common import component_manifest, split_images, task_data
+from .common import STREAMED_POOL_FACTOR, component_manifest, split_images, task_data
 from .disassembly import component_report
 
 
@@ -31,13 +31,14 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     dataset = manifest["dataset"]["name"]
     own = [int(c) for c in manifest["classes"]]
     t0 = time.perf_counter()
-    info = dataset_info(dataset, data_dir=data_dir)
+    info = dataset_info_for(manifest["dataset"], data_dir=data_dir)
     check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
     images = labels = val_images = val_labels = calibration = None
     needs_images = get_criterion(config.criterion).needs_training_images
     if needs_images or config.recalibrate_bn or config.reconstruct:
         data = task_data(manifest, own, data_dir=data_dir, calibration=config.recalibrate_bn,
-                         what="compression", every_class=needs_images)
+                         what="compression", every_class=needs_images,
+                         streamed_pool=STREAMED_POOL_FACTOR * config.samples_per_class)
         if needs_images or config.reconstruct:  # l1/fpgm need them to reconstruct only
             images, labels = data.images, data.labels
         calibration = data.calibration

@@ -12,7 +12,7 @@ from ..disassembly import Component, DisassemblyConfig, disassemble_model
 from ..metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from ..provenance import provenance, require_single, source_record
 from ..runtime.distributed import DistContext
-from .common import component_manifest, split_images, task_data
+from .common import STREAMED_POOL_FACTOR, component_manifest, split_images, task_data
 
 
 def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
@@ -29,7 +29,8 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     """
     require_single(manifest, "disassemble")
     data = task_data(manifest, config.classes, data_dir=data_dir,
-                     calibration=config.recalibrate_bn)
+                     calibration=config.recalibrate_bn,
+                     streamed_pool=STREAMED_POOL_FACTOR * config.samples_per_class)
     own = [int(c) for c in manifest["classes"]]
     t0 = time.perf_counter()
     val_images, val_labels = split_images(manifest, "val", config.classes, data_dir=data_dir)
@@ -41,6 +42,8 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     report = component_report(model, comp.model, manifest, config.classes, data_dir=data_dir)
     report.update({"profile_seconds": comp.profile.seconds, "total_seconds": seconds,
                    "samples_per_class": comp.profile.samples})
+    if data.pool is not None:  # a streamed folder: the samples were picked from a seeded pool
+        report["selection_pool"] = data.pool
     repairs = {}
     if comp.reconstruction is not None:
         repairs["reconstruction"] = report["reconstruction"] = comp.reconstruction.to_dict()
@@ -48,7 +51,7 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
         "modellego disassemble", command, source=source_record(manifest, source_path),
         method=config.method, config=config.to_dict(), locate=comp.locate.to_dict(),
         threshold_search=list(comp.search),
-        samples={str(c): list(v) for c, v in comp.selection.indices.items()},
+        samples={str(c): data.split_positions(v) for c, v in comp.selection.indices.items()},
         kept_channels=comp.kept_channels(), **repairs)
     new_manifest = component_manifest(data.info, config.classes, manifest, comp.plan,
                                       {"test_accuracy": report["component_accuracy"]}, prov)

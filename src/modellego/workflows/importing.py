@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..data import dataset_fingerprint, dataset_info
+from ..data import dataset_fingerprint, dataset_info, is_folder
 from ..data.base import DatasetInfo
 from ..data.registry import FOLDER_PREFIX
 from ..errors import ModelLegoError
@@ -171,7 +171,10 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
     ...                                 input_size=(28, 28)))
     """
     config.validate()
-    info = dataset_info(config.dataset, data_dir=data_dir)
+    # a folder of images is read at the network's input size (no second resize)
+    size = (int(config.input_size[0]), int(config.input_size[1])) \
+        if config.input_size and is_folder(config.dataset) else None
+    info = dataset_info(config.dataset, data_dir=data_dir, image_size=size)
     classes = tuple(int(c) for c in config.classes) if config.classes is not None \
         else tuple(range(info.num_classes))
     check_classes(classes, info.num_classes, "`classes`")
@@ -205,7 +208,8 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
             "in output order) or set num_classes in `kwargs`")
     manifest = base_manifest(info, classes)
     manifest["input"] = contract
-    manifest["dataset"]["fingerprint"] = dataset_fingerprint(info.name, data_dir=data_dir)
+    manifest["dataset"]["fingerprint"] = dataset_fingerprint(info.name, data_dir=data_dir,
+                                                             image_size=size)
     manifest.update({
         "kind": "model",
         "architecture": {"name": config.architecture, "kwargs": kwargs},
