@@ -190,10 +190,12 @@ def test_rgb_folder_for_a_grey_digits_model(models, tmp_path: Path, outdir: Path
     assert list(outdir.iterdir()) == []
 
 
-@pytest.mark.parametrize("rgb, size, shape", [(True, 12, "[3, 12, 12]"),
-                                               (False, 20, "[1, 20, 20]")])
-def test_folder_whose_images_changed_shape(rgb: bool, size: int, shape: str, tmp_path: Path,
-                                           outdir: Path) -> None:
+@pytest.mark.parametrize("rgb, size, words", [
+    (True, 12, ("[3, 12, 12]", "[1, 12, 12]")),
+    # read at the model's 12 px, the new 20 px images are other images
+    (False, 20, ("are not those the model was made on", "other labels or images"))])
+def test_folder_whose_images_changed_shape(rgb: bool, size: int, words: tuple[str, ...],
+                                           tmp_path: Path, outdir: Path) -> None:
     """A model trained on folder:PATH, whose images are then replaced by images of another
     channel count or size (simnet would silently accept another size: it pools globally)."""
     root = tmp_path / "imgs"
@@ -210,7 +212,7 @@ def test_folder_whose_images_changed_shape(rgb: bool, size: int, shape: str, tmp
         for argv in (["evaluate", source, "--no-latency"],
                      ["disassemble", source, "--classes", "0", "--out",
                       outdir / "c.safetensors"]):
-            err = _assert_error(run_cli(argv), argv[0], shape, "[1, 12, 12]", "restore them")
+            err = _assert_error(run_cli(argv), argv[0], *words, "restore them")
             assert "Traceback" not in err
     finally:
         clear_cache()

@@ -372,7 +372,8 @@ def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, tw
     train = load_split("fashion-mnist", "train")
     mean, std = 0.286, 0.353
     net = tv.models.resnet18(num_classes=10)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    # Adam: 40 steps of SGD at lr 0.05 reach 0.31..0.64 by seed and machine
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net.train()
     for _ in range(40):
         idx = torch.randint(len(train.labels), (64,))

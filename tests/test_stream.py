@@ -228,3 +228,31 @@ def test_a_small_pool_picks_samples_of_the_right_classes(photos, tmp_path: Path,
     # positions among the task's training images, as for data held in memory
     task = load_split(f"folder:{root}", "train").subset([1])
     assert len(samples) == 3 and max(samples) < len(task)
+
+
+def test_a_pool_within_k_is_taken_whole_without_a_selection_pass(
+        photos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """k above every class's count: in memory every image is selected, ranked by the model;
+    streamed, every image is taken in file order with no forward pass to rank them. The
+    component is the same."""
+    root, _ = photos
+    clear_cache()
+    model = tmp_path / "m.safetensors"
+    _train(root, model)
+    made = {}
+    for mode in ("held", "streamed"):
+        clear_cache()
+        if mode == "streamed":
+            monkeypatch.setenv(STREAM_ENV, "0")
+        out = tmp_path / f"{mode}.safetensors"
+        code, _, err = run_cli(["disassemble", model, "--classes", "0,1", "--samples-per-class",
+                                "200", "--rule", "mass", "--out", out])
+        assert code == 0, err
+        made[mode] = read_manifest(out)
+    clear_cache()
+    held, taken = (made[m]["provenance"]["samples"] for m in ("held", "streamed"))
+    task = load_split(f"folder:{root}", "train").subset([0, 1])
+    n0 = int((task.labels == 0).sum())
+    assert taken == {"0": list(range(n0)), "1": list(range(n0, len(task)))}
+    assert {c: sorted(v) for c, v in held.items()} == taken and held != taken
+    assert made["streamed"]["plan"] == made["held"]["plan"]

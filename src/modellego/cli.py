@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ._version import __version__
 from .errors import ModelLegoError
-from .terminal import plain_warnings, printable
+from .terminal import plain_warnings, printable, showing_progress
 
 #: Most class ids one ``--classes`` list may name (CIFAR-100 has 100, ImageNet-21k 21,841).
 MAX_CLASS_IDS = 100_000
@@ -707,7 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     max_memory=None if args.max_memory is None else parse_memory(args.max_memory))
             from .models.sources import trusted
 
-            with trusted(getattr(args, "trust_code", None)), reads:
+            with trusted(getattr(args, "trust_code", None)), reads, \
+                    showing_progress(not getattr(args, "quiet", False)):
                 return args.func(args)
     except ModelLegoError as exc:
         message = cli_message(printable(exc), flag_names(parser, args.command))

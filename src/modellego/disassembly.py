@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, cast
+from typing import Mapping, Sequence, cast
 
 import torch
 from torch import nn
 
-from .analysis.locate import LocateConfig, profiled_layers
+from .analysis.locate import LocateConfig, profiled_layers, union_of_class_masks
 from .analysis.methods import METHODS as METHOD_REGISTRY
 from .analysis.methods import Profile, get_method
 from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile here)
@@ -16,9 +16,10 @@ from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile
     SampleSelection,
     contribution_profile,
     select_samples,
+    take_every_sample,
 )
 from .analysis.search import Trial, refine, search
-from .data.lazy import Inputs, as_tensor, take
+from .data.lazy import Inputs, ModelInputs, as_tensor, max_memory, take
 from .errors import ModelLegoError
 from .metrics import (
     accuracy_from_logits,
@@ -34,6 +35,7 @@ from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
 from .surgery.reconstruct import Reconstruction, reconstruct_layers
+from .terminal import Progress, progress_enabled
 from .training import task_outputs
 
 #: the registered disassembly methods' names (see :mod:`modellego.analysis.methods`)
@@ -148,6 +150,13 @@ class Component:
     method: str = "contribution"
     #: what ``reconstruct`` re-fitted (``None`` without it)
     reconstruction: Reconstruction | None = None
+    #: when the profile was made in chunks of classes (too many classes for
+    #: ``max_memory``): each searched config's per-class masks; ``profile`` then holds no
+    #: per-class statistics
+    chunk_masks: dict[LocateConfig, dict[int, dict[int, torch.Tensor]]] | None = \
+        field(default=None, repr=False)
+    #: how many chunks of classes the profile was made in (1: all at once)
+    profile_chunks: int = 1
 
     def kept_channels(self) -> dict[str, list[int]]:
         """Per conv/linear layer: ``[kept outputs, total outputs]``."""
@@ -217,7 +226,10 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
         if any(lay.module is not modules.get(lay.name) for lay in g.layers):
             raise ModelLegoError(f"the given {what} was built from another model object")
 
-    if reuse is not None and (reuse.classes, reuse.selection.k, reuse.method) == (
+    chunk_masks: dict[LocateConfig, dict[int, dict[int, torch.Tensor]]] | None = None
+    per_chunk = len(classes)
+    if reuse is not None and reuse.chunk_masks is None and (
+            reuse.classes, reuse.selection.k, reuse.method) == (
             classes, config.samples_per_class, method.name):
         check_graph(reuse.graph, "component to reuse")
         graph, selection, profile = reuse.graph, reuse.selection, reuse.profile
@@ -226,6 +238,10 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
             graph = build_channel_graph(model, input_shape)
         else:
             check_graph(graph, "channel graph")
+        if selection is None and isinstance(images, ModelInputs) and not correct_only:
+            # streamed images: a pool no larger than k per class is taken whole, without
+            # a forward pass to rank what would all be selected anyway
+            selection = take_every_sample(labels, classes, config.samples_per_class)
         if selection is None:
             selection = select_samples(model, images, labels, classes, output_classes,
                                        k=config.samples_per_class, dist=dist,
@@ -238,11 +254,31 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                 f"{list(selection.classes)}, correct_only={selection.correct_only}) does not "
                 f"match the task (k={config.samples_per_class}, classes {list(classes)}, "
                 f"correct_only={correct_only})")
-        idx = torch.tensor([i for c in classes for i in selection.indices[c]],
-                           dtype=torch.long)
         layers = {lay.name: lay.module for lay in profiled_layers(graph)}
-        profile = method.profile(model, layers, take(images, idx), labels[idx], classes,
-                                 batch_size=config.batch_size, dist=dist)
+        per_chunk = classes_per_chunk(layers)
+        if len(classes) > per_chunk:
+            if not method.chunkable:
+                raise ModelLegoError(
+                    f"the profile of {len(classes)} classes would hold about "
+                    f"{len(classes) * statistics_bytes(layers) / 2**30:.1f} GiB of statistics "
+                    f"at once, and `method` {method.name} cannot profile in chunks of classes; "
+                    "raise `max_memory`, or use method contribution")
+            if config.refine:
+                raise ModelLegoError(
+                    f"`refine` re-reads the profile of all {len(classes)} classes, which is "
+                    f"made in chunks of {per_chunk} within `max_memory`; drop `refine` or "
+                    "raise `max_memory`")
+            searching = config.max_accuracy_drop is not None or \
+                config.target_flops is not None or config.target_params is not None
+            configs = [base] + (method.candidates(base) if searching else [])
+            profile, chunk_masks = chunked_class_masks(
+                method, model, graph, layers, images, labels, selection, classes,
+                output_classes, configs, per_chunk, batch_size=config.batch_size, dist=dist)
+        else:
+            idx = torch.tensor([i for c in classes for i in selection.indices[c]],
+                               dtype=torch.long)
+            profile = method.profile(model, layers, take(images, idx), labels[idx], classes,
+                                     batch_size=config.batch_size, dist=dist)
     out_idx = method.output_indices(classes, output_classes)
     bn_after = {lay.name: lay.bn_after for lay in graph.layers}
     # the reconstruction's images: a seeded draw from the task's training images (as the
@@ -256,7 +292,10 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
     fits: list[Reconstruction] = []
 
     def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
-        masks = method.locate(graph, profile, classes, output_classes, cfg)
+        if chunk_masks is not None:  # profiled in chunks: the classes' masks were kept
+            masks = union_of_class_masks(graph, classes, chunk_masks[cfg].__getitem__)
+        else:
+            masks = method.locate(graph, profile, classes, output_classes, cfg)
         plan = plan_from_masks(graph, masks, out_idx, hint=hint)
         net = apply_plan(model, plan).eval()
         if config.reconstruct:
@@ -315,4 +354,60 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
     plan, component = build(chosen)
     return Component(component, plan, classes, selection, profile, graph, chosen,
                      tuple(t.to_dict() for t in trials), method.name,
-                     fits[-1] if fits else None)
+                     fits[-1] if fits else None, chunk_masks,
+                     1 if chunk_masks is None else -(-len(classes) // per_chunk))
+
+
+def statistics_bytes(layers: Mapping[str, nn.Module]) -> int:
+    """Bytes of one class's profile statistics: a float64 ``Q x P`` per profiled layer."""
+    total = 0
+    for module in layers.values():
+        w = cast(torch.Tensor, module.weight)
+        total += int(w.shape[0]) * int(w.shape[1]) * 8
+    return total
+
+
+def classes_per_chunk(layers: Mapping[str, nn.Module]) -> int:
+    """How many classes one profile may hold within :func:`~modellego.data.lazy.max_memory`
+    (a third of it for the statistics: the running sums, a chunk's sums and the copies
+    locating makes)."""
+    return max(1, max_memory() // (3 * max(1, statistics_bytes(layers))))
+
+
+def chunked_class_masks(method, model: nn.Module, graph: ChannelGraph,
+                        layers: Mapping[str, nn.Module], images: Inputs, labels: torch.Tensor,
+                        selection: SampleSelection, classes: Sequence[int],
+                        output_classes: Sequence[int], configs: Sequence[LocateConfig],
+                        per_chunk: int, *, batch_size: int, dist: DistContext | None
+                        ) -> tuple[ContributionProfile,
+                                   dict[LocateConfig, dict[int, dict[int, torch.Tensor]]]]:
+    """Profile ``classes`` ``per_chunk`` at a time and keep, for every one of ``configs``,
+    each class's masks (a few bits per channel) instead of its statistics. Returns a profile
+    without per-class statistics (its ``layers`` are empty; ``means`` and ``samples`` are
+    of all classes) and ``masks[config][class]``."""
+    chunks = [tuple(classes[a:a + per_chunk]) for a in range(0, len(classes), per_chunk)]
+    masks: dict[LocateConfig, dict[int, dict[int, torch.Tensor]]] = {c: {} for c in configs}
+    signed: dict[str, torch.Tensor] = {}
+    samples: dict[int, int] = {}
+    seconds, total = 0.0, 0
+    with Progress(len(chunks), f"profile of {len(classes)} classes in {len(chunks)} chunks",
+                  enabled=progress_enabled()) as bar:
+        for part in chunks:
+            idx = torch.tensor([i for c in part for i in selection.indices[c]],
+                               dtype=torch.long)
+            prof = cast(ContributionProfile, method.profile(
+                model, layers, take(images, idx), labels[idx], part, batch_size=batch_size,
+                dist=dist))
+            for cfg in configs:
+                for c in part:
+                    masks[cfg][c] = method.class_masks(graph, prof, c, output_classes, cfg)
+            for name, m in prof.means.items():  # means of a chunk: its signed sums / n
+                add = m * len(idx)
+                signed[name] = signed[name] + add if name in signed else add
+            samples.update(prof.samples)
+            seconds += prof.seconds
+            total += len(idx)
+            del prof
+            bar.update(1)
+    means = {name: v / max(1, total) for name, v in signed.items()}
+    return ContributionProfile(tuple(classes), {}, samples, seconds, means), masks

@@ -10,6 +10,7 @@ each value from the data in the tables, messages and logs modellego prints.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 import unicodedata
 import warnings
@@ -64,6 +65,26 @@ def plain_warnings() -> Iterator[None]:
         warnings.simplefilter("always", ModelLegoWarning)
         warnings.showwarning = show
         yield
+
+
+_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("modellego_progress",
+                                                              default=False)
+
+
+@contextlib.contextmanager
+def showing_progress(enabled: bool = True) -> Iterator[None]:
+    """Within the block, long passes the library makes (profiles of many classes, streamed
+    folders) show :class:`Progress` on stderr; outside, they show nothing."""
+    token = _PROGRESS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def progress_enabled() -> bool:
+    """Whether :func:`showing_progress` is on (the command line turns it on)."""
+    return _PROGRESS.get()
 
 
 class Progress:

@@ -49,6 +49,9 @@ class Method:
     compensate = True
     #: ``refine`` applies (it tightens per-layer betas)
     refine = True
+    #: the task's masks are the OR of its classes' :meth:`class_masks`, so a profile of many
+    #: classes may be made and read in chunks of classes
+    chunkable = True
     #: the component's head (``None``: it answers with its task logits)
     head: str | None = None
     #: appended to a plan error (a layer left empty)
@@ -138,6 +141,7 @@ class AlphaMethod(Method):
 
     compensate = False
     refine = False
+    chunkable = False
     alpha = 0.2
 
     @staticmethod

@@ -22,8 +22,9 @@ class SampleSelection:
     """The training samples chosen for each class: the ``k`` most confidently correct ones.
 
     ``indices[c]`` are positions in the split the selection was made from, best first;
-    ``scores[c]`` the matching true-class softmax probabilities. ``correct_only``: only
-    correctly classified samples were eligible.
+    ``scores[c]`` the matching true-class softmax probabilities (empty when no selection
+    pass ran, see :func:`take_every_sample`). ``correct_only``: only correctly classified
+    samples were eligible.
     """
 
     classes: tuple[int, ...]
@@ -41,6 +42,21 @@ class SampleSelection:
     def all_indices(self) -> torch.Tensor:
         return torch.tensor([i for c in self.classes for i in self.indices[c]],
                             dtype=torch.long)
+
+
+def take_every_sample(labels: torch.Tensor, classes: Sequence[int], k: int
+                      ) -> SampleSelection | None:
+    """When no class has more than ``k`` samples, every sample is selected whatever the
+    model says: the selection (in position order, no scores) without a forward pass.
+    ``None`` when some class has more (or none)."""
+    indices: dict[int, tuple[int, ...]] = {}
+    for c in classes:
+        pos = (labels == c).nonzero().flatten()
+        if len(pos) == 0 or len(pos) > k:
+            return None
+        indices[int(c)] = tuple(int(v) for v in pos)
+    return SampleSelection(tuple(int(c) for c in classes), k, indices,
+                           {c: () for c in indices})
 
 
 @torch.inference_mode()

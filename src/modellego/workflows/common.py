@@ -16,7 +16,7 @@ from ..data import (
     LazyImages,
     Split,
     as_tensor,
-    canonical_name,
+    dataset_info,
     dataset_info_for,
     load_split_for,
     model_input,
@@ -160,6 +160,7 @@ def check_own_dataset(manifest: dict[str, Any], dataset: str | None,
     if dataset is None:
         return
     own = manifest["dataset"]["name"]
-    if canonical_name(dataset, data_dir) != own:
+    # dataset_info, not only the name: a folder's own problems are reported first
+    if dataset_info(dataset, data_dir=data_dir).name != own:
         raise ModelLegoError(f"`dataset` {dataset}: the model classifies {own!r}; pass "
                              f"`dataset` {own}")

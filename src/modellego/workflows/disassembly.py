@@ -44,6 +44,8 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
                    "samples_per_class": comp.profile.samples})
     if data.pool is not None:  # a streamed folder: the samples were picked from a seeded pool
         report["selection_pool"] = data.pool
+    if comp.chunk_masks is not None:  # too many classes for one profile within max_memory
+        report["profile_chunks"] = comp.profile_chunks
     repairs = {}
     if comp.reconstruction is not None:
         repairs["reconstruction"] = report["reconstruction"] = comp.reconstruction.to_dict()

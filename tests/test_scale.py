@@ -1,0 +1,72 @@
+"""Many classes within a memory bound: the profile is made in chunks of classes and only each
+class's masks are kept; the component is the one the whole profile gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modellego.analysis.locate import LocateConfig, profiled_layers
+from modellego.data import reading
+from modellego.disassembly import (
+    DisassemblyConfig,
+    classes_per_chunk,
+    disassemble_model,
+    statistics_bytes,
+)
+from modellego.errors import ModelLegoError
+from modellego.surgery.graph import build_channel_graph
+
+ALL = tuple(range(10))
+
+
+def _layers(model):
+    graph = build_channel_graph(model, (1, 28, 28))
+    return {lay.name: lay.module for lay in profiled_layers(graph)}
+
+
+def test_statistics_bytes_and_chunk_size(trained) -> None:
+    layers = _layers(trained)
+    expected = sum(m.weight.shape[0] * m.weight.shape[1] * 8 for m in layers.values())
+    assert statistics_bytes(layers) == expected
+    with reading(max_memory=3 * expected * 4 + 5):
+        assert classes_per_chunk(layers) == 4
+    with reading(max_memory=1):
+        assert classes_per_chunk(layers) == 1  # at least one class at a time
+
+
+@pytest.mark.parametrize("search", [None, 5.0])
+def test_chunked_profile_gives_the_whole_profiles_component(trained, digits, search) -> None:
+    x, y = digits
+    n = int(len(y) * 0.8)
+    cfg = DisassemblyConfig(ALL, samples_per_class=8, locate=LocateConfig(rule="mass"),
+                            max_accuracy_drop=search)
+    val = {} if search is None else {"val_images": x[n:], "val_labels": y[n:]}
+    whole = disassemble_model(trained, x[:n], y[:n], classes=ALL, output_classes=ALL,
+                              config=cfg, **val)
+    per_class = statistics_bytes(_layers(trained))
+    with reading(max_memory=3 * per_class * 3):  # 3 classes per chunk: 4 chunks
+        chunked = disassemble_model(trained, x[:n], y[:n], classes=ALL, output_classes=ALL,
+                                    config=cfg, **val)
+    assert whole.chunk_masks is None and chunked.chunk_masks is not None
+    assert chunked.plan.to_dict() == whole.plan.to_dict()
+    assert chunked.locate == whole.locate and chunked.search == whole.search
+    assert chunked.profile.layers == {} and chunked.profile.samples == whole.profile.samples
+    for name, m in whole.profile.means.items():
+        torch.testing.assert_close(chunked.profile.means[name], m, rtol=1e-12, atol=1e-12)
+    probe = x[n:n + 16]
+    assert torch.equal(chunked.model(probe), whole.model(probe))
+
+
+def test_what_cannot_be_chunked_is_refused(trained, digits) -> None:
+    x, y = digits
+    with reading(max_memory=1):
+        with pytest.raises(ModelLegoError, match="`refine` re-reads the profile of all 10"):
+            disassemble_model(trained, x, y, classes=ALL, output_classes=ALL,
+                              config=DisassemblyConfig(ALL, samples_per_class=4,
+                                                       max_accuracy_drop=1.0, refine=True),
+                              val_images=x[:50], val_labels=y[:50])
+        with pytest.raises(ModelLegoError, match="`method` frat cannot profile in chunks"):
+            disassemble_model(trained, x, y, classes=ALL, output_classes=ALL,
+                              config=DisassemblyConfig(ALL, samples_per_class=4,
+                                                       method="frat"))
