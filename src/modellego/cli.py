@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ._version import __version__
 from .errors import ModelLegoError
@@ -421,6 +421,12 @@ def _add_roots(s: argparse.ArgumentParser) -> None:
                         "class statistics), e.g. 4G (default 4G)")
 
 
+def _add_device(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="where the network runs: auto (CUDA when available, cuda:LOCAL_RANK "
+                        "under torchrun, else mps or cpu), cpu, cuda, cuda:N or mps")
+
+
 def _add_trust(s: argparse.ArgumentParser) -> None:
     s.add_argument("--trust-code", action="append", default=None, metavar="MODULE",
                    help="allow model files to import and run code of MODULE (and its "
@@ -486,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "median shorter side, at most 224)")
     _add_roots(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("import", help="wrap a torchvision, timm or own network's state dict "
@@ -517,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the weights file")
+    _add_device(s)
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("evaluate", help="accuracy, params, FLOPs and latency of a model file")
@@ -527,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     _add_trust(s)
+    _add_device(s)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("disassemble", help="extract the component of a model for some classes")
@@ -567,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "provenance)")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     _add_trust(s)
+    _add_device(s)
     s.set_defaults(func=cmd_disassemble)
 
     s = sub.add_parser("assemble", help="assemble models/components into one classifier")
@@ -640,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     _add_trust(s)
+    _add_device(s)
     s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("compress", help="a smaller model for all its classes, without "
@@ -671,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     _add_trust(s)
+    _add_device(s)
     s.set_defaults(func=cmd_compress)
     return p
 
@@ -705,6 +717,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reads = reading(
                     workers=default_workers() if args.workers is None else args.workers,
                     max_memory=None if args.max_memory is None else parse_memory(args.max_memory))
+            if hasattr(args, "device"):  # networks run there (modellego.runtime.device)
+                from .runtime.device import resolve_device, using_device
+                from .runtime.distributed import env_settings
+
+                local_rank = env_settings(os.environ)[2]
+                reads = _both(reads, using_device(resolve_device(args.device,
+                                                                 local_rank=local_rank)))
             from .models.sources import trusted
 
             with trusted(getattr(args, "trust_code", None)), reads, \
@@ -723,6 +742,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _both(first: Any, second: Any) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 class Terminated(BaseException):

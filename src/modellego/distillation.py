@@ -33,6 +33,7 @@ from .evaluation import check_dataset_matches
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from .models import create_model, list_models
 from .provenance import provenance, require_single, source_record
+from .runtime.device import device_of, on_current_device
 from .runtime.hooks import preserved_state
 from .terminal import printable
 from .training import (
@@ -172,11 +173,16 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
                        alpha=config.alpha)
 
     t0 = time.perf_counter()
+    home = device_of(teacher)
     with preserved_state(teacher):
         teacher.eval()
-        teacher_row = measured(teacher, x_teacher_test)
-        student, kd_row, history = _train_student(config, kwargs, data, pad, flip, soft_loss,
-                                                  progress)
+        try:  # the teacher runs where the student trains (see modellego.runtime.device)
+            on_current_device(teacher)
+            teacher_row = measured(teacher, x_teacher_test)
+            student, kd_row, history = _train_student(config, kwargs, data, pad, flip,
+                                                      soft_loss, progress)
+        finally:
+            teacher.to(home)
     kd_row.update(measured(student, x_test))
     report: dict[str, Any] = {
         "dataset": dataset, "classes": list(classes), "n": len(test),

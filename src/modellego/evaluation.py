@@ -10,6 +10,7 @@ from torch import nn
 from .data import canonical_name, dataset_info, dataset_info_for, load_split_for, model_input
 from .errors import ModelLegoError
 from .metrics import accuracy_from_logits, count_flops, count_params, cpu_latency_ms, predict_logits
+from .runtime.device import placed
 
 
 def check_dataset_matches(manifest: dict[str, Any], dataset: str, info) -> None:
@@ -56,7 +57,8 @@ def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None 
     if len(test) == 0:
         raise ModelLegoError(f"the {split} split of {dataset!r} has no images of classes "
                              f"{chosen}")
-    logits = predict_logits(model, model_input(test.images, test.info, manifest["input"]))
+    with placed(model):
+        logits = predict_logits(model, model_input(test.images, test.info, manifest["input"]))
     acc = accuracy_from_logits(logits, test.labels, own)
     shape = manifest["input"]["shape"]
     out: dict[str, Any] = {

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .data.lazy import Inputs, iter_slices
+from .runtime.device import device_of, to_device_of
 from .runtime.hooks import forward_hooks, preserved_state
 
 
@@ -43,7 +44,7 @@ def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
         macs[name] = macs.get(name, 0) + int(n)
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    x = torch.zeros(1, *input_shape)
+    x = torch.zeros(1, *input_shape, device=device_of(model))
     with preserved_state(model), forward_hooks(layers, hook), torch.inference_mode():
         model.eval()
         model(x)
@@ -57,7 +58,12 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 def cpu_latency_ms(model: nn.Module, input_shape: Sequence[int], *, repeats: int = 30,
                    warmup: int = 5) -> float:
-    """Median wall time in milliseconds of one forward pass of a single image on the CPU."""
+    """Median wall time in milliseconds of one forward pass of a single image on the CPU
+    (a network on another device is timed on a CPU copy)."""
+    if device_of(model).type != "cpu":
+        import copy
+
+        model = copy.deepcopy(model).cpu()
     x = torch.randn(1, *input_shape)
     times = []
     with preserved_state(model), torch.inference_mode():
@@ -79,7 +85,7 @@ def predict_logits(model: nn.Module, images: Inputs, *, batch_size: int = 500
     with preserved_state(model):
         model.eval()
         for x in iter_slices(images, batch_size):
-            outs.append(model(x).float())
+            outs.append(model(to_device_of(x, model)).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

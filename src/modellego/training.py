@@ -16,6 +16,7 @@ from .data.fingerprint import split_fingerprint
 from .errors import ModelLegoError, TrainingError
 from .metrics import accuracy_from_logits, predict_logits
 from .models import create_model
+from .runtime.device import device_of, on_current_device, to_device_of
 from .terminal import Progress
 
 # Datasets whose classes survive a horizontal flip (clothes, objects; not digits).
@@ -206,6 +207,8 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
     returns (best validation accuracy, its epoch, per-epoch history).
     """
     gen = gen or torch.Generator().manual_seed(0)
+    home = device_of(model)
+    on_current_device(model)  # trained there (see modellego.runtime.device), returned home
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                           weight_decay=weight_decay)
@@ -222,10 +225,11 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                 xb = x_train[idx]
                 if pad:
                     xb = _augment(xb, pad, flip, gen)
+                xb, yb = to_device_of(xb, model), to_device_of(y_train[idx], model)
                 if loss_fn is None:
-                    loss = F.cross_entropy(model(xb), y_train[idx])
+                    loss = F.cross_entropy(model(xb), yb)
                 else:
-                    loss = loss_fn(model(xb), y_train[idx], xb)
+                    loss = loss_fn(model(xb), yb, xb)
                 if not torch.isfinite(loss):
                     raise _diverged(f"the loss is {loss.item()} at step {step + 1} of epoch "
                                     f"{epoch}", lr)
@@ -250,7 +254,7 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
         raise ModelLegoError(f"training kept no weights: no epoch of {epochs} had a "
                              "validation accuracy to compare")
     model.load_state_dict(best)
-    model.eval()
+    model.to(home).eval()
     return best_acc, best_epoch, history
 
 

@@ -28,6 +28,7 @@ from typing import Mapping, Sequence, cast
 import torch
 from torch import nn
 
+from ..runtime.device import to_device_of
 from ..runtime.distributed import SINGLE, DistContext, gather_chunks
 from ..runtime.hooks import forward_pre_hooks, preserved_state
 from ..surgery.graph import ChannelGraph
@@ -56,11 +57,12 @@ def activity_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: to
 
     def capture(name: str, module: nn.Module):
         def hook(mod: nn.Module, args: tuple) -> None:
-            a = args[0].detach().double()
+            a = args[0].detach()
             if isinstance(module, nn.Linear):  # (B, ..., F): extra leading dims are positions
                 a = a.reshape(a.shape[0], -1, a.shape[-1]).amax(1)
             elif a.dim() > 2:
                 a = a.flatten(2).amax(2)
+            a = a.double().cpu()  # (peaks are exact in any precision)
             index = rows.view(-1, 1).expand_as(a)
             peaks[name].scatter_reduce_(0, index, a, "amax")  # a layer called twice: max
         return hook
@@ -68,7 +70,7 @@ def activity_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: to
     with preserved_state(model), forward_pre_hooks(
             (mod, capture(name, mod)) for name, mod in layers.items()):
         model.eval()
-        model(images)
+        model(to_device_of(images, model))
     return peaks
 
 

@@ -414,7 +414,8 @@ def _one_tap_sums(u: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
     pos = _row_sums(u.clamp(min=0), rows, num_rows).unsqueeze(2)
     neg = _row_sums((-u).clamp(min=0), rows, num_rows).unsqueeze(2)
     w = w.double().unsqueeze(0)
-    return w.clamp(min=0) * pos + (-w).clamp(min=0) * neg
+    out = w.clamp(min=0) * pos
+    return out.add_((-w).clamp(min=0) * neg)  # in place: one (rows, G, Q, P) buffer less
 
 
 @torch.no_grad()
@@ -471,7 +472,8 @@ def layer_class_sums(
     signed = signed.reshape(q_total, p_g)
     if taps <= 1:
         if taps == 0:
-            return torch.zeros((num_rows, q_total, p_g), dtype=torch.float64), signed
+            return torch.zeros((num_rows, q_total, p_g), dtype=torch.float64,
+                               device=inp.device), signed
         sums = _one_tap_sums(u[..., 0].double(), weight[..., 0], rows, num_rows)
         return sums.reshape(num_rows, q_total, p_g), signed
     if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
@@ -480,7 +482,7 @@ def layer_class_sums(
     # (G * P_g, B, taps) x (G * P_g, taps, Q_g): sample-major per input channel
     ut = u.permute(1, 2, 0, 3).reshape(groups * p_g, batch, taps)
     wt = weight.permute(0, 2, 3, 1).reshape(groups * p_g, taps, q_g)
-    acc = torch.zeros((num_rows, groups * p_g, q_g), dtype=torch.float64)
+    acc = torch.zeros((num_rows, groups * p_g, q_g), dtype=torch.float64, device=inp.device)
     step = max(1, _BLOCK_BYTES // (batch * q_g * ut.element_size()))
     for j in range(0, groups * p_g, step):
         block = torch.bmm(ut[j:j + step], wt[j:j + step]).clamp_(min=0)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..runtime.device import to_device_of
 from ..runtime.distributed import SINGLE, DistContext, gather_chunks
 from ..runtime.hooks import forward_pre_hooks, preserved_state
 from ..surgery.graph import ChannelGraph, Layer
@@ -53,7 +54,8 @@ def gradient_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: to
             captured[name] = (args[0], args[0]._version)
         return hook
 
-    x = images.detach().clone().requires_grad_(True)  # so every activation joins the graph
+    # so every activation joins the graph
+    x = to_device_of(images.detach(), model).clone().requires_grad_(True)
     with preserved_state(model), forward_pre_hooks(
             (mod, capture(name)) for name, mod in layers.items()):
         model.eval()
@@ -75,7 +77,7 @@ def gradient_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: to
         a = captured[n][0]
         g = torch.zeros_like(a) if g is None else g
         g = g.detach().clamp_min(0).double()
-        g = g.sum(tuple(range(2, g.dim()))) if g.dim() > 2 else g
+        g = (g.sum(tuple(range(2, g.dim()))) if g.dim() > 2 else g).cpu()
         out[n] = g.new_zeros((num_rows, g.shape[1])).index_add_(0, rows, g)
     return out
 

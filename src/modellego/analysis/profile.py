@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.lazy import Inputs, iter_batches
 from ..errors import ModelLegoError
+from ..runtime.device import to_device_of
 from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..runtime.hooks import forward_hooks, preserved_state
 from .contribution import layer_class_sums
@@ -95,7 +96,7 @@ def select_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
         model.eval()
         xs = iter_batches(images, [positions[i][start:stop] for i, start, stop in owned])
         for (i, _, _), x in zip(owned, xs):
-            logits = model(x).double()
+            logits = model(to_device_of(x, model)).double().cpu()
             mine.append(torch.softmax(logits, 1)[:, cols[i]])
             mine_ok.append((logits.argmax(1) == cols[i]).double())
     sizes = [stop - start for _, start, stop in batches]
@@ -161,7 +162,7 @@ def profile_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: tor
 
     with preserved_state(model), forward_hooks(layers.values(), hook), torch.inference_mode():
         model.eval()
-        model(images)
+        model(to_device_of(images, model))
 
 
 class ClassSums:
@@ -225,8 +226,10 @@ def contribution_profile(model: nn.Module, layers: Mapping[str, nn.Module], imag
                           _collector(calls))
         _exchange_round(calls, list(rnd.present), layers, sums, dist)
     seconds = time.perf_counter() - t0
-    means = {k: v / max(1, len(images)) for k, v in sums.signed.items()}
-    return ContributionProfile(classes, sums.totals, rounds.samples(), seconds, means)
+    # accumulated on the network's device; locating reads them on the CPU (no-op there)
+    means = {k: (v / max(1, len(images))).cpu() for k, v in sums.signed.items()}
+    totals = {k: v.cpu() for k, v in sums.totals.items()}
+    return ContributionProfile(classes, totals, rounds.samples(), seconds, means)
 
 
 def _collector(calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> ChunkEmit:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime.device import to_device_of
 from ..runtime.hooks import preserved_state
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -44,7 +45,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *,
             m.train()
         try:
             for start in range(0, len(images), batch_size):
-                model(images[start:start + batch_size])
+                model(to_device_of(images[start:start + batch_size], model))
         finally:
             for name, m in norms.items():
                 m.momentum = momenta[name]

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLegoError, PlanError
+from ..runtime.device import to_device_of
 from ..runtime.hooks import forward_hooks, forward_pre_hooks, preserved_state
 from .graph import ChannelGraph, Layer
 from .plan import ComponentPlan
@@ -183,8 +184,10 @@ class _Normal:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
+        if self.xtx.device != x.device:  # the sums stay on the network's device
+            self.xtx, self.xty = self.xtx.to(x.device), self.xty.to(x.device)
         if self.intercept:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
         self.xtx += x.T @ x
         self.xty += x.T @ y
         self.yy += float((y * y).sum())
@@ -258,7 +261,8 @@ def reconstruct_layers(component: nn.Module, source: nn.Module, graph: ChannelGr
         name = names[id(module)]
         y = out[:, keep[name]]
         if y.dim() == 4:
-            pos = _positions(len(y), y.shape[2] * y.shape[3], n, gens[name], max_rows)
+            pos = _positions(len(y), y.shape[2] * y.shape[3], n, gens[name],
+                             max_rows).to(y.device)
             positions[name].append(pos)
             y = y.flatten(2).gather(2, pos[:, None, :].expand(-1, y.shape[1], -1)) \
                 .transpose(1, 2).reshape(-1, y.shape[1])
@@ -269,7 +273,7 @@ def reconstruct_layers(component: nn.Module, source: nn.Module, graph: ChannelGr
         component.eval()
         with forward_hooks([src_mods[lay.name] for lay in fitted], record):
             for s in range(0, n, batch_size):
-                source(images[s:s + batch_size])
+                source(to_device_of(images[s:s + batch_size], source))
         for lay in fitted:
             fits.append(_refit(lay, component, comp_mods, src_mods, images, keep[lay.name],
                                targets.pop(lay.name), positions.pop(lay.name), batch_size,
@@ -298,7 +302,7 @@ def _refit(lay: Layer, component: nn.Module, comp_mods: dict[str, nn.Module],
     with forward_pre_hooks([(mod, stop)]):
         for b, s in enumerate(range(0, len(images), batch_size)):
             try:
-                component(images[s:s + batch_size])
+                component(to_device_of(images[s:s + batch_size], component))
             except _Reached as reached:
                 x = reached.value
             else:

@@ -13,6 +13,7 @@ from ..data import dataset_info_for
 from ..disassembly import kept_channels
 from ..evaluation import check_dataset_matches
 from ..provenance import provenance, require_single, source_record
+from ..runtime.device import device_of, placed
 from .common import STREAMED_POOL_FACTOR, component_manifest, split_images, task_data
 from .disassembly import component_report
 
@@ -44,12 +45,14 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
         calibration = data.calibration
     if config.max_accuracy_drop is not None:
         val_images, val_labels = split_images(manifest, "val", own, data_dir=data_dir)
-    result = compress_model(model, manifest["input"]["shape"], output_classes=own,
-                            config=config, images=images, labels=labels,
-                            val_images=val_images, val_labels=val_labels,
-                            calibration_images=calibration)
-    seconds = time.perf_counter() - t0
-    report = component_report(model, result.model, manifest, own, data_dir=data_dir)
+    with placed(model):  # on --device for the work (see modellego.runtime.device)
+        result = compress_model(model, manifest["input"]["shape"], output_classes=own,
+                                config=config, images=images, labels=labels,
+                                val_images=val_images, val_labels=val_labels,
+                                calibration_images=calibration)
+        seconds = time.perf_counter() - t0
+        report = component_report(model, result.model, manifest, own, data_dir=data_dir)
+    result.model.to(device_of(model))  # the smaller model lives where its source does
     report.update({"criterion": config.criterion, "target_flops": config.target_flops,
                    "target_params": config.target_params,
                    "max_accuracy_drop": config.max_accuracy_drop, "seconds": seconds,

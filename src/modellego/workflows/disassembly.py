@@ -11,6 +11,7 @@ from torch import nn
 from ..disassembly import Component, DisassemblyConfig, disassemble_model
 from ..metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from ..provenance import provenance, require_single, source_record
+from ..runtime.device import device_of, placed
 from ..runtime.distributed import DistContext
 from .common import STREAMED_POOL_FACTOR, component_manifest, split_images, task_data
 
@@ -34,12 +35,15 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     own = [int(c) for c in manifest["classes"]]
     t0 = time.perf_counter()
     val_images, val_labels = split_images(manifest, "val", config.classes, data_dir=data_dir)
-    comp = disassemble_model(model, data.images, data.labels, classes=config.classes,
-                             output_classes=own, config=config, val_images=val_images,
-                             val_labels=val_labels, calibration_images=data.calibration,
-                             dist=dist, reuse=reuse)
-    seconds = time.perf_counter() - t0
-    report = component_report(model, comp.model, manifest, config.classes, data_dir=data_dir)
+    with placed(model):  # on --device for the work (see modellego.runtime.device)
+        comp = disassemble_model(model, data.images, data.labels, classes=config.classes,
+                                 output_classes=own, config=config, val_images=val_images,
+                                 val_labels=val_labels, calibration_images=data.calibration,
+                                 dist=dist, reuse=reuse)
+        seconds = time.perf_counter() - t0
+        report = component_report(model, comp.model, manifest, config.classes,
+                                  data_dir=data_dir)
+    comp.model.to(device_of(model))  # the component lives where its source does
     report.update({"profile_seconds": comp.profile.seconds, "total_seconds": seconds,
                    "samples_per_class": comp.profile.samples})
     if data.pool is not None:  # a streamed folder: the samples were picked from a seeded pool
