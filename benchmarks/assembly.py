@@ -1,6 +1,6 @@
 """Assembly benchmark: training-free assembled classifiers against Base and a joint model.
 
-    .venv/bin/python benchmarks/assembly.py [--quick] [--joint-epochs 2]
+    .venv/bin/python benchmarks/assembly.py [--quick] [--joint-epochs 2 (0: no joint models)]
 
 Cases (shipped checkpoints; components made by `disassemble` with our settings):
   (a) vgg16_bn-classes0-4 + vgg16_bn-classes5-9 -> 10-class Fashion-MNIST
@@ -9,8 +9,10 @@ Cases (shipped checkpoints; components made by `disassemble` with our settings):
   (d) three parts: vgg16_bn-classes0-4 + vgg16_bn-classes5-9 + digits vgg16_bn
 For every case and scaling: accuracy on the union of the parts' test sets (plain and balanced:
 mean per class), Base (mean per-class accuracy of each part on its own classes), params,
-FLOPs, and a model of the same architecture trained jointly on the union for reference.
-Writes benchmarks/results/assembly.json.
+FLOPs, routing (routing accuracy, the accuracy with perfect routing, routing AUROC per pair
+of parts: see modellego.assembly.routing), and a model of the same architecture trained
+jointly on the union for reference. Writes benchmarks/results/assembly.json
+(assembly-routing.json with --joint-epochs 0).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
         row = {"accuracy": ev["accuracy"], "balanced_accuracy": ev["balanced_accuracy"],
                "delta_vs_base_pp": 100 * (ev["balanced_accuracy"] - ev["base"]),
                "params": ev["params"], "flops": ev["flops"], "assemble_seconds": fit_seconds,
-               "per_class": ev["per_class"]}
+               "per_class": ev["per_class"], "routing": ev["routing"]}
         if scaling == "calibrated":
             row["router_fit_accuracy"] = manifest["provenance"]["calibration"][
                 "router_fit_accuracy"]
@@ -118,13 +120,15 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
         case["scalings"][scaling] = row
         print(f"  {scaling:<10} accuracy {ev['accuracy']:.4f} balanced "
               f"{ev['balanced_accuracy']:.4f} Base {ev['base']:.4f} "
-              f"({row['delta_vs_base_pp']:+.2f} pp)", flush=True)
+              f"({row['delta_vs_base_pp']:+.2f} pp); routing accuracy "
+              f"{ev['routing']['routing_accuracy']:.4f}, perfect routing "
+              f"{ev['routing']['oracle_balanced_accuracy']:.4f}", flush=True)
     best = max(case["scalings"], key=lambda s: case["scalings"][s]["balanced_accuracy"])
     case["best_scaling"] = best
     case["meets_goal"] = case["scalings"][best]["delta_vs_base_pp"] >= -1.0
     if joint is not None:
         case["joint"] = joint
-    elif not quick:
+    elif not quick and joint_epochs > 0:
         case["joint"] = joint_reference(manifest, parts[0], joint_epochs)
     if "joint" in case:
         print(f"  joint model ({case['joint']['epochs']} epochs): accuracy "
@@ -136,7 +140,9 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="cases a and c1, no joint models")
-    parser.add_argument("--joint-epochs", type=int, default=2)
+    parser.add_argument("--joint-epochs", type=int, default=2,
+                        help="0: no jointly trained reference models (writes "
+                             "assembly-routing.json)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     result = {"modellego_version": __version__, "torch": torch.__version__,
@@ -193,8 +199,9 @@ def main() -> int:
           f"{result['padded_vs_parallel']['parallel_flops']:,} padded "
           f"{result['padded_vs_parallel']['padded_flops']:,}")
     result["seconds"] = time.perf_counter() - t0
-    out = ROOT / "benchmarks" / "results" / ("assembly-quick.json" if args.quick
-                                             else "assembly.json")
+    out = ROOT / "benchmarks" / "results" / (
+        "assembly-quick.json" if args.quick
+        else "assembly-routing.json" if args.joint_epochs == 0 else "assembly.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)} in {result['seconds']:.0f} s")
     return 0

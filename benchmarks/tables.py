@@ -94,6 +94,50 @@ def assembly(data: dict) -> list[str]:
     return lines
 
 
+def assembly_routing(data: dict) -> list[str]:
+    """Per case and scaling: balanced accuracy, routing accuracy, the accuracy with perfect
+    routing, the loss split, and the routing AUROC of every pair of parts."""
+    lines = [f"Measured {data['date']} (torch {data['torch']}, {data['threads']} threads).", "",
+             "| case | scaling | Base | assembled | routing accuracy | perfect routing | "
+             "loss: routing (pp) | loss: parts (pp) | routing AUROC per pair |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in data["cases"]:
+        for name, s in c["scalings"].items():
+            r = s["routing"]
+            pairs = ", ".join(f"{k}: {100 * v:.1f}" for k, v in r["auroc_pairs"].items())
+            lines.append(f"| {c['case']} | {name} | {c['base']:.4f} | "
+                         f"{s['balanced_accuracy']:.4f} | {r['routing_accuracy']:.4f} | "
+                         f"{r['oracle_balanced_accuracy']:.4f} | {r['routing_loss_pp']:.2f} | "
+                         f"{r['classification_loss_pp']:.2f} | {pairs} |")
+    return lines
+
+
+def scale(data: dict) -> list[str]:
+    rep, dis, fwd = data["report"], data["disassemble"], data["forward"]
+    return [
+        f"Measured {data['date']} (torch {data['torch']}, torchvision {data['torchvision']}, "
+        f"{data['cpu_threads']} threads, {data['workers']} DataLoader worker(s)): "
+        f"{data['classes']} classes × {data['train_per_class']} training + "
+        f"{data['test_per_class']} test JPEG photos of 224–400 px, streamed; "
+        f"`--max-memory {data['max_memory']}`.", "",
+        "| step | seconds | peak RSS (main) | peak RSS (a worker) |",
+        "|---|---|---|---|",
+        f"| plain forward pass over the {data['forward_images']} profiled images | "
+        f"{fwd['pass_seconds']:.1f} (process {fwd['seconds']:.1f}) | "
+        f"{fwd['peak_rss_mib'] / 1024:.2f} GiB | {fwd['worker_peak_rss_mib'] / 1024:.2f} GiB |",
+        f"| profile of all {data['classes']} classes ({rep['profile_chunks']} chunks) | "
+        f"{rep['profile_seconds']:.1f} | | |",
+        f"| `disassemble --classes 0-{data['classes'] - 1}` end to end (selection, profile, "
+        f"locating, extraction, test report) | {dis['seconds']:.1f} | "
+        f"{dis['peak_rss_mib'] / 1024:.2f} GiB | {dis['worker_peak_rss_mib'] / 1024:.2f} GiB |",
+        "",
+        f"Profile / forward pass: ×{data['profile_vs_forward']:.2f}; end-to-end disassemble / "
+        f"forward pass (processes): ×{data['disassemble_vs_forward']:.2f}, or "
+        f"×{data['disassemble_vs_forward_over_every_image_read']:.2f} against a forward pass "
+        f"over every image the command reads (it also runs source and component over the "
+        f"{rep['n']} test images for its report)."]
+
+
 def distillation(data: dict) -> list[str]:
     lines = ["| teacher | student | epochs | teacher acc. | student + KD | student alone "
              "| KD − alone (pp) | params teacher → student | FLOPs teacher → student |",
@@ -264,6 +308,7 @@ def zoo_files(data: dict) -> list[str]:
 
 
 TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
+          ("assembly-routing.json", assembly_routing), ("scale.json", scale),
           ("distillation.json", distillation), ("strategies.json", strategies),
           ("compression.json", compression), ("reconstruct.json", reconstruct),
           ("zoo.json", zoo), ("zoo-files.json", zoo_files))

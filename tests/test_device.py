@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import run_cli
 from modellego.errors import ModelLegoError
 from modellego.files import load_model
 from modellego.runtime import device as dev
@@ -20,8 +21,6 @@ from modellego.runtime.device import (
     to_device_of,
     using_device,
 )
-
-from helpers import run_cli
 
 
 @pytest.fixture

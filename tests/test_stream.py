@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import run_cli
 from modellego.data import (
     LazyImages,
     ModelInputs,
@@ -27,8 +28,6 @@ from modellego.data.folder import DEFAULT_MAX_SIZE, STREAM_ENV
 from modellego.data.lazy import Recipe, parse_memory, shape_image
 from modellego.errors import DataError
 from modellego.io import read_manifest
-
-from helpers import run_cli
 
 CLASSES = ("bright", "dark", "mid")
 

@@ -35,7 +35,7 @@ from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
 from .surgery.reconstruct import Reconstruction, reconstruct_layers
-from .terminal import Progress, progress_enabled
+from .terminal import Progress, progress_enabled, showing_progress
 from .training import task_outputs
 
 #: the registered disassembly methods' names (see :mod:`modellego.analysis.methods`)
@@ -395,9 +395,10 @@ def chunked_class_masks(method, model: nn.Module, graph: ChannelGraph,
         for part in chunks:
             idx = torch.tensor([i for c in part for i in selection.indices[c]],
                                dtype=torch.long)
-            prof = cast(ContributionProfile, method.profile(
-                model, layers, take(images, idx), labels[idx], part, batch_size=batch_size,
-                dist=dist))
+            with showing_progress(False):  # one line per chunk, not per chunk's batches
+                prof = cast(ContributionProfile, method.profile(
+                    model, layers, take(images, idx), labels[idx], part,
+                    batch_size=batch_size, dist=dist))
             for cfg in configs:
                 for c in part:
                     masks[cfg][c] = method.class_masks(graph, prof, c, output_classes, cfg)

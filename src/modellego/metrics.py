@@ -10,9 +10,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .data.lazy import Inputs, iter_slices
+from .data.lazy import Inputs, iter_slices, streamed
 from .runtime.device import device_of, to_device_of
 from .runtime.hooks import forward_hooks, preserved_state
+from .terminal import Progress
 
 
 def count_params(model: nn.Module) -> int:
@@ -82,10 +83,13 @@ def predict_logits(model: nn.Module, images: Inputs, *, batch_size: int = 500
     """Logits for ``images`` (already normalised; lazy inputs are streamed), computed in
     eval mode in batches."""
     outs = []
-    with preserved_state(model):
+    steps = -(-len(images) // batch_size)
+    with preserved_state(model), Progress(steps, f"forward pass over {len(images)} images",
+                                          enabled=streamed(images)) as bar:
         model.eval()
         for x in iter_slices(images, batch_size):
             outs.append(model(to_device_of(x, model)).float().cpu())
+            bar.update(1)
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

@@ -9,11 +9,12 @@ from typing import Callable, Mapping, Sequence, cast
 import torch
 from torch import nn
 
-from ..data.lazy import Inputs, iter_batches
+from ..data.lazy import Inputs, iter_batches, streamed
 from ..errors import ModelLegoError
 from ..runtime.device import to_device_of
 from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..runtime.hooks import forward_hooks, preserved_state
+from ..terminal import Progress
 from .contribution import layer_class_sums
 from .passes import ClassProfile, ProfilePass
 
@@ -95,10 +96,13 @@ def select_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
     with preserved_state(model):
         model.eval()
         xs = iter_batches(images, [positions[i][start:stop] for i, start, stop in owned])
-        for (i, _, _), x in zip(owned, xs):
-            logits = model(to_device_of(x, model)).double().cpu()
-            mine.append(torch.softmax(logits, 1)[:, cols[i]])
-            mine_ok.append((logits.argmax(1) == cols[i]).double())
+        with Progress(len(owned), f"sample selection over {sum(map(len, positions))} images",
+                      enabled=streamed(images)) as bar:
+            for (i, _, _), x in zip(owned, xs):
+                logits = model(to_device_of(x, model)).double().cpu()
+                mine.append(torch.softmax(logits, 1)[:, cols[i]])
+                mine_ok.append((logits.argmax(1) == cols[i]).double())
+                bar.update(1)
     sizes = [stop - start for _, start, stop in batches]
     per_class: list[list[torch.Tensor]] = [[] for _ in positions]
     for (i, _, _), pr in zip(batches, gather_chunks(mine, sizes, dist)):
@@ -216,8 +220,11 @@ def contribution_profile(model: nn.Module, layers: Mapping[str, nn.Module], imag
         # a single process computes the one chunk of every round, in order (streamed)
         spans = [cast("tuple[int, int]", rnd.mine) for rnd in rounds.rounds()]
         chunks = iter_batches(images, [range(a, b) for a, b in spans])
-        for (start, stop), x in zip(spans, chunks):
-            profile_chunk(model, layers, x, rows[start:stop], sums.add)
+        with Progress(len(spans), f"profile of {len(images)} images",
+                      enabled=streamed(images)) as bar:
+            for (start, stop), x in zip(spans, chunks):
+                profile_chunk(model, layers, x, rows[start:stop], sums.add)
+                bar.update(1)
     for rnd in rounds.rounds() if dist.distributed else ():
         calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if rnd.mine is not None:

@@ -22,6 +22,7 @@ from ..runtime.distributed import SINGLE, DistContext
 from ..runtime.hooks import preserved_state
 from .adapters import InputAdapter, contract_shape, convert_images
 from .layouts import LAYOUT_REGISTRY, ParallelBody, get_layout
+from .routing import routing_metrics
 from .scalings import SCALING_REGISTRY, default_scaling, get_scaling
 from .scoring import Router, pooled
 
@@ -314,20 +315,24 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
     """Assembled accuracy on the union of the parts' test images, and Base: the mean of the
     parts' own per-class accuracies on their own classes (argmax over each part's outputs).
 
-    One pass: each part's raw logits give Base, the combined logits give the accuracy.
+    One pass: each part's raw logits give Base, the combined logits give the accuracy and
+    ``routing`` (:func:`~modellego.assembly.routing.routing_metrics`: routing accuracy and
+    AUROCs, and the accuracy with perfect routing, so that the loss against Base splits into
+    routing and the parts' own classification).
     """
     check_one_folder([p["dataset"]["name"] for p in manifest["parts"]], data_dir)
     x, y = union_test_set(manifest, data_dir=data_dir)
-    preds: list[torch.Tensor] = []
+    combined: list[torch.Tensor] = []
     part_preds: list[list[torch.Tensor]] = [[] for _ in manifest["parts"]]
     with preserved_state(model), torch.inference_mode():
         model.eval()
         for i in range(0, len(x), batch_size):
             outs = model.body(x[i:i + batch_size])
-            preds.append(model.combine(outs).argmax(1))
+            combined.append(model.combine(outs).float())
             for k, (logits, _) in enumerate(outs):
                 part_preds[k].append(logits.argmax(1))
-    correct = torch.cat(preds) == y
+    assembled = torch.cat(combined)
+    correct = assembled.argmax(1) == y
     per_label = {}
     base = {}
     for idx, lab in enumerate(manifest["labels"]):
@@ -341,10 +346,16 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
         base = manifest["base"]["per_class"]
     shape = manifest["input"]["shape"]
     balanced = sum(per_label.values()) / len(per_label)
+    blocks = [[i for i, lab in enumerate(manifest["labels"]) if lab["part"] == k]
+              for k in range(len(manifest["parts"]))]
+    routing = routing_metrics(assembled, y, blocks)
+    base_mean = sum(base.values()) / len(base)
+    routing["routing_loss_pp"] = 100 * (routing["oracle_balanced_accuracy"] - balanced)
+    routing["classification_loss_pp"] = 100 * (base_mean - routing["oracle_balanced_accuracy"])
     return {"n": int(len(y)), "accuracy": float(correct.double().mean()),
-            "balanced_accuracy": balanced, "base": sum(base.values()) / len(base),
+            "balanced_accuracy": balanced, "base": base_mean,
             "base_per_class": base, "per_class": per_label, "params": count_params(model),
-            "flops": count_flops(model, shape)}
+            "flops": count_flops(model, shape), "routing": routing}
 
 
 def _parts_base(nets: Sequence[nn.Module], manifest: dict[str, Any], data_dir: str | None

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from modellego.errors import DataError
+from modellego.terminal import progress_enabled
 
 #: how much of the image the centre crop keeps along its shorter side (the usual 224/256)
 CROP_RATIO = 0.875
@@ -344,6 +345,12 @@ def iter_slices(x: Inputs, batch_size: int, start: int = 0, stop: int | None = N
         return
     for a in range(start, stop, batch_size):
         yield x[a:min(a + batch_size, stop)]
+
+
+def streamed(x: Any) -> bool:
+    """Whether ``x`` is lazy inputs and :func:`~modellego.terminal.showing_progress` is on:
+    a pass over it is long enough to show progress."""
+    return isinstance(x, (LazyImages, ModelInputs)) and progress_enabled()
 
 
 def take(x: Inputs, index: torch.Tensor) -> Inputs:

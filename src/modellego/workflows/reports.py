@@ -76,6 +76,15 @@ def format_assembly(result: dict[str, Any], manifest: dict[str, Any]) -> str:
              "parts on their own classes)",
              f"  params              {result['params']:,}",
              f"  FLOPs               {result['flops']:,}"]
+    routing = result.get("routing")
+    if routing:
+        pairs = ", ".join(f"{k} {v:.4f}" for k, v in routing["auroc_pairs"].items())
+        lines += [f"  routing accuracy    {routing['routing_accuracy']:.4f}  (images sent to "
+                  "the part owning their class)",
+                  f"  perfect routing     {routing['oracle_balanced_accuracy']:.4f}  "
+                  f"(balanced; loss: routing {routing['routing_loss_pp']:.2f} pp, the parts' "
+                  f"own {routing['classification_loss_pp']:.2f} pp)",
+                  f"  routing AUROC       {pairs}  (part pairs)"]
     if "latency_ms" in result:
         lines.append(f"  CPU latency         {result['latency_ms']:.3f} ms/image")
     for lab, (key, acc) in zip(manifest["labels"], result["per_class"].items()):
