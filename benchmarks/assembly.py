@@ -39,7 +39,7 @@ from modellego.training import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 CK = ROOT / "checkpoints"
-SCALINGS = ("none", "logit", "feature", "calibrated")
+SCALINGS = ("none", "logit", "feature", "calibrated", "joint")
 
 
 def component(tmp: Path, rel: str, classes: tuple[int, ...]) -> Path:
@@ -112,7 +112,7 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
                "delta_vs_base_pp": 100 * (ev["balanced_accuracy"] - ev["base"]),
                "params": ev["params"], "flops": ev["flops"], "assemble_seconds": fit_seconds,
                "per_class": ev["per_class"], "routing": ev["routing"]}
-        if scaling == "calibrated":
+        if scaling in ("calibrated", "joint"):
             row["router_fit_accuracy"] = manifest["provenance"]["calibration"][
                 "router_fit_accuracy"]
         case["base"] = ev["base"]

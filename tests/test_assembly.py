@@ -25,6 +25,7 @@ from modellego.assembly import (
     union_test_set,
 )
 from modellego.assembly.padded import PaddedBody
+from modellego.assembly.scalings import JOINT_L2
 from modellego.data import dataset_info, load_split, normalize
 from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
@@ -263,7 +264,7 @@ def test_calibrated_is_not_worse_than_none(part_a, part_b):
     assert calib["n"] == none["n"] == len(load_split("digits", "test"))
 
 
-@pytest.mark.parametrize("scaling", ["none", "logit", "feature", "calibrated"])
+@pytest.mark.parametrize("scaling", ["none", "logit", "feature", "calibrated", "joint"])
 def test_calibration_never_reads_the_test_split(scaling, part_a, part_b, part_f,
                                                 monkeypatch):
     seen = []
@@ -289,6 +290,25 @@ def test_calibration_never_reads_the_test_split(scaling, part_a, part_b, part_f,
         assert ("digits", "train") in seen and ("fashion-mnist", "train") in seen
     with pytest.raises(AssertionError, match="test split"):  # the guard is really in place
         union_test_set(man)
+
+
+def test_joint_router_reads_every_parts_features(part_a, part_b, part_f):
+    """One linear router over the standardised tapped features of all parts: as many weights
+    per part as all parts' features together, its penalty chosen on held-out images, and
+    routing at least as good as none's."""
+    parts = [part_a, part_b, part_f]
+    none = evaluate_assembly(*assemble(parts, AssemblyConfig(scaling="none")))
+    model, man = assemble(parts, AssemblyConfig(scaling="joint", calibration_samples=60))
+    joint = evaluate_assembly(model, man)
+    info = man["provenance"]["calibration"]
+    dims = [router.feat_mean.numel() for router in model.routers]
+    assert [router.weight.numel() for router in model.routers] == [sum(dims)] * 3
+    assert info["router_weights"] == 3 * sum(dims) + 3
+    assert info["l2"] in JOINT_L2 and set(info["held_out_routing_accuracy"]) == {
+        str(v) for v in JOINT_L2}
+    assert info["fit_images"] == sum(60 * len(p[1]["classes"]) for p in parts)
+    assert joint["routing"]["routing_accuracy"] >= none["routing"]["routing_accuracy"]
+    assert joint["balanced_accuracy"] >= none["balanced_accuracy"] - 0.02
 
 
 def test_calibrated_with_two_samples_per_class_stays_finite(part_a, part_b, tmp_path):
@@ -388,7 +408,7 @@ def test_invalid_config_values_are_refused(part_a, part_b):
 # --------------------------------------------------------------------------- files
 
 
-COMBOS = [("parallel", s) for s in ("none", "logit", "feature", "calibrated")] + [
+COMBOS = [("parallel", s) for s in ("none", "logit", "feature", "calibrated", "joint")] + [
     ("padded", s) for s in ("none", "logit", "feature")]
 
 

@@ -43,6 +43,8 @@ HEADS = ("one-vs-rest",)
 #: package, when it is assembled, hands over its registries (see :func:`set_vocabulary`)
 LAYOUTS = ("parallel", "padded", "union")
 SCALINGS = ("none", "logit", "feature", "calibrated")
+#: the scalings whose routers read the parts' tapped features (the file lists the taps)
+FEATURE_SCALINGS = ("calibrated", "joint")
 _VOCABULARY: dict[str, Callable[[], Sequence[str]]] = {}
 _DEFAULT_VOCABULARY = {"layout": LAYOUTS, "scaling": SCALINGS}
 
@@ -694,7 +696,7 @@ def _assembly(data: Mapping[str, Any], check: _Check
               ) -> tuple[AssemblySpec, tuple[int, ...], tuple[str, ...], InputContract]:
     layout = check.string(data["layout"], "layout", choices=vocabulary("layout"))
     scaling = check.string(data["scaling"], "scaling", choices=vocabulary("scaling"))
-    if layout != "parallel" and scaling == "calibrated":
+    if layout != "parallel" and scaling in FEATURE_SCALINGS:
         check.fail("scaling", f"none, logit or feature with layout {layout}", scaling)
     raw_parts = check.array(data["parts"], "parts")
     if len(raw_parts) < 2:
@@ -724,7 +726,7 @@ def _assembly(data: Mapping[str, Any], check: _Check
     if contract.adapters is None or len(contract.adapters) != n_adapters:
         check.fail("input.adapters", f"{n_adapters} adapter descriptions", contract.adapters)
     taps = None
-    if scaling == "calibrated":
+    if scaling in FEATURE_SCALINGS:
         raw = check.array(data["taps"], "taps", length=len(parts))
         taps = tuple(check.strings(t, f"taps[{k}]") for k, t in enumerate(raw))
     elif data["taps"] is not None:

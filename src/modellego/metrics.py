@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .data.lazy import Inputs, iter_slices, streamed
+from .data.lazy import Inputs, default_batch, iter_slices, streamed
 from .runtime.device import device_of, to_device_of
 from .runtime.hooks import forward_hooks, preserved_state
 from .terminal import Progress
@@ -78,10 +78,12 @@ def cpu_latency_ms(model: nn.Module, input_shape: Sequence[int], *, repeats: int
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: Inputs, *, batch_size: int = 500
+def predict_logits(model: nn.Module, images: Inputs, *, batch_size: int | None = None
                    ) -> torch.Tensor:
     """Logits for ``images`` (already normalised; lazy inputs are streamed), computed in
-    eval mode in batches."""
+    eval mode in batches (default: 500 small images, fewer large ones; see
+    :func:`~modellego.data.lazy.default_batch`)."""
+    batch_size = batch_size or default_batch(images.shape[1:])
     outs = []
     steps = -(-len(images) // batch_size)
     with preserved_state(model), Progress(steps, f"forward pass over {len(images)} images",

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence, cast
 import torch
 from torch import nn
 
-from ..data.lazy import Inputs, iter_batches, streamed
+from ..data.lazy import Inputs, default_batch, iter_batches, streamed
 from ..errors import ModelLegoError
 from ..runtime.device import to_device_of
 from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
@@ -64,7 +64,7 @@ def take_every_sample(labels: torch.Tensor, classes: Sequence[int], k: int
 @torch.inference_mode()
 def select_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
                    classes: Sequence[int], output_classes: Sequence[int], *, k: int = 50,
-                   batch_size: int = 500, dist: DistContext | None = None,
+                   batch_size: int | None = None, dist: DistContext | None = None,
                    correct_only: bool = False) -> SampleSelection:
     """For each class in ``classes``, the ``k`` samples with the highest true-class probability.
 
@@ -73,7 +73,8 @@ def select_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
     ``correct_only``: only samples whose top output (first on ties) is their class are
     eligible; a class may then get fewer than ``k``, and one with none is refused.
 
-    The probabilities are computed class by class in batches of ``batch_size`` samples;
+    The probabilities are computed class by class in batches of ``batch_size`` samples
+    (default: :func:`~modellego.data.lazy.default_batch` of the image shape);
     under ``dist`` batch ``j`` (counted over all classes) runs on rank ``j % world_size``
     and the probabilities are gathered, so every rank returns the same selection, equal to
     the single-process one.
@@ -81,6 +82,7 @@ def select_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
     if k < 1:
         raise ModelLegoError(f"`samples_per_class` must be >= 1, got {k}")
     dist = dist or SINGLE
+    batch_size = batch_size or default_batch(images.shape[1:])
     output_classes = list(output_classes)
     positions, cols = [], []
     for c in classes:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..data.lazy import as_tensor
+from ..data.lazy import as_tensor, default_batch
 from ..data.registry import check_one_folder, load_split_for
 from ..errors import ModelLegoError
 from ..files import load_model
@@ -311,7 +311,8 @@ def union_test_set(manifest: dict[str, Any], *, data_dir: str | None = None, spl
 
 
 def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
-                      data_dir: str | None = None, batch_size: int = 500) -> dict[str, Any]:
+                      data_dir: str | None = None, batch_size: int | None = None
+                      ) -> dict[str, Any]:
     """Assembled accuracy on the union of the parts' test images, and Base: the mean of the
     parts' own per-class accuracies on their own classes (argmax over each part's outputs).
 
@@ -322,6 +323,7 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
     """
     check_one_folder([p["dataset"]["name"] for p in manifest["parts"]], data_dir)
     x, y = union_test_set(manifest, data_dir=data_dir)
+    batch_size = batch_size or default_batch(x.shape[1:])
     combined: list[torch.Tensor] = []
     part_preds: list[list[torch.Tensor]] = [[] for _ in manifest["parts"]]
     with preserved_state(model), torch.inference_mode():

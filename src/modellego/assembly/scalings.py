@@ -26,7 +26,14 @@ from ..errors import ModelLegoError
 from ..registry import Registry
 from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..surgery.head import one_vs_rest
-from .scoring import FeatureTap, Router, class_gaussians, fit_router_weights
+from .scoring import (
+    FeatureTap,
+    JointRouterPart,
+    Router,
+    class_gaussians,
+    fit_joint_router,
+    fit_router_weights,
+)
 
 
 class AssembledModel(Protocol):
@@ -244,6 +251,65 @@ class Calibrated(Scaling):
         return torch.cat([p + log_route[:, k:k + 1] for k, p in enumerate(pieces)], 1)
 
 
+#: the ridge penalties the ``joint`` router chooses among (per weight, on standardised features)
+JOINT_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+class Joint(Calibrated):
+    """Route with one linear router over the pooled tapped features of *every* part (a
+    multinomial logistic regression on the calibration images of all parts), then classify
+    with the owning part; its ridge penalty is chosen on a held-out half of those images."""
+
+    name = "joint"
+
+    def routers(self, nets, taps, parts):
+        dims = [_tap_dims(net, taps[k]) for k, net in enumerate(nets)]
+        total = sum(sum(d) for d in dims)
+        return [JointRouterPart(d, total) for d in dims]
+
+    @torch.inference_mode()
+    def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
+        adapters = model.body.adapters
+        x = torch.cat([xk for xk, _ in data])
+        owner = torch.cat([torch.full((len(xk),), k, dtype=torch.long)
+                           for k, (xk, _) in enumerate(data)])
+        feats = []
+        for k, router in enumerate(model.routers):
+            part = model.body.parts[k]
+            _, f = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), x, dist)
+            f = torch.cat(f, 1)
+            router.feat_mean.copy_(f.mean(0))
+            router.feat_std.copy_(f.std(0).clamp_min(1e-6))
+            feats.append((f - router.feat_mean) / router.feat_std)
+        z = torch.cat(feats, 1)
+        # choose the penalty on one half of every part's images (seeded), then fit on all
+        perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(config.seed))
+        fit_idx, held = perm[::2], perm[1::2]
+        held_acc = {}
+        for l2 in JOINT_L2:
+            w, b = fit_joint_router(z[fit_idx], owner[fit_idx], l2)
+            routed = (z[held].double() @ w.T + b).argmax(1)
+            held_acc[l2] = float((routed == owner[held]).double().mean())
+        best = max(JOINT_L2, key=lambda v: (held_acc[v], v))  # ties: the stronger penalty
+        w, b = fit_joint_router(z, owner, best)
+        for k, router in enumerate(model.routers):
+            router.weight.copy_(w[k])
+            router.bias.fill_(float(b[k]))
+        routed = (z.double() @ w.T + b).argmax(1)
+        return {"scaling": self.name, "taps": taps, "l2": best,
+                "held_out_routing_accuracy": {str(k): v for k, v in held_acc.items()},
+                "router_fit_accuracy": float((routed == owner).double().mean()),
+                "router_weights": int(w.numel() + b.numel()), "fit_images": len(z)}
+
+    def combine(self, model, outs):
+        z = torch.cat([router.standardised(feats)
+                       for router, (_, feats) in zip(model.routers, outs)], 1)
+        routes = torch.stack([z @ router.weight + router.bias for router in model.routers], 1)
+        log_route = torch.log_softmax(routes, 1)
+        return torch.cat([torch.log_softmax(logits, 1)[:, model.part_columns(k)]
+                          + log_route[:, k:k + 1] for k, (logits, _) in enumerate(outs)], 1)
+
+
 class Concern(Scaling):
     """Pan & Rajan's composition: every part's one-vs-rest scores, the highest wins."""
 
@@ -265,7 +331,8 @@ class Concern(Scaling):
 
 #: every assembly scaling, by name, in the order the CLI lists them
 SCALING_REGISTRY: Registry[Scaling] = Registry("scaling")
-for _scaling in (Scaling(), LogitScaling(), FeatureScaling(), Calibrated(), Concern()):
+for _scaling in (Scaling(), LogitScaling(), FeatureScaling(), Calibrated(), Joint(),
+                 Concern()):
     SCALING_REGISTRY.register(_scaling.name, _scaling)
 
 

@@ -17,6 +17,10 @@
     ``log p(part k | x) + log softmax(logits_k)_i``, so the argmax first routes and then
     classifies. Low-level statistics (early layers) tell datasets apart; class-conditional
     distances (late layers) tell class sets of one dataset apart. No network weight changes.
+``joint`` (ours)
+    One linear router reads the pooled, standardised tapped features of *every* part: a
+    multinomial logistic regression (ridge penalty chosen on held-out calibration images)
+    predicts the owning part; combined as ``calibrated`` is.
 
 Each rule is a class in :mod:`modellego.assembly.scalings` (with ``concern``, Pan & Rajan's
 composition of one-vs-rest modules); this module holds their building blocks.
@@ -102,6 +106,50 @@ class Router(nn.Module):
     def forward(self, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         z = (self.scores(logits, feats) - self.z_mean) / self.z_std
         return z @ self.weight + self.bias
+
+
+class JointRouterPart(nn.Module):
+    """Part ``k``'s share of the ``joint`` router: the mean and spread of its own tapped
+    features (to standardise them), and its routing weights over the standardised features
+    of *every* part (``total`` of them, in part order) plus a bias."""
+
+    feat_mean: torch.Tensor
+    feat_std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, dims: Sequence[int], total: int) -> None:
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(sum(dims)))
+        self.register_buffer("feat_std", torch.ones(sum(dims)))
+        self.register_buffer("weight", torch.zeros(total))
+        self.register_buffer("bias", torch.zeros(()))
+
+    def standardised(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """This part's tapped features, concatenated and standardised."""
+        return (torch.cat(feats, 1) - self.feat_mean) / self.feat_std
+
+
+def fit_joint_router(z: torch.Tensor, owner: torch.Tensor, l2: float, *, steps: int = 300
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression ``softmax(z @ W.T + b)`` predicting ``owner`` from
+    standardised features ``z`` ``(N, D)``: cross-entropy plus ``l2 * ||W||^2``, L-BFGS in
+    float64. Returns ``W`` ``(parts, D)`` and ``b`` ``(parts,)``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        k = int(owner.max()) + 1
+        zz, owner = z.double().clone(), owner.clone()
+        w = torch.zeros(k, zz.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(zz @ w.T + b, owner) + l2 * (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return w.detach(), b.detach()
 
 
 def class_gaussians(feats: torch.Tensor, labels: torch.Tensor, num_classes: int

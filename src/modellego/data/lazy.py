@@ -347,6 +347,20 @@ def iter_slices(x: Inputs, batch_size: int, start: int = 0, stop: int | None = N
         yield x[a:min(a + batch_size, stop)]
 
 
+#: the input values a default batch of a pass over images holds (an eighth of a million
+#: 28 x 28 images would be 500 of them; 55 images at 3 x 224 x 224)
+BATCH_VALUES = 1 << 23
+
+
+def default_batch(shape: Sequence[int], most: int = 500) -> int:
+    """A batch size for a pass over images of ``shape`` (C, H, W): ``most`` for small
+    images, fewer for large ones, so that a batch's activations stay bounded."""
+    size = 1
+    for v in shape:
+        size *= int(v)
+    return max(1, min(most, BATCH_VALUES // max(1, size)))
+
+
 def streamed(x: Any) -> bool:
     """Whether ``x`` is lazy inputs and :func:`~modellego.terminal.showing_progress` is on:
     a pass over it is long enough to show progress."""

@@ -183,9 +183,9 @@ def _carve_val(n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _channel_stats(images: torch.Tensor | LazyImages
                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if isinstance(images, LazyImages):  # a seeded sample, decoded
+    if isinstance(images, LazyImages):  # a seeded sample, decoded a batch at a time
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-        images = images[pick[:STAT_SAMPLE].sort().values].decode("the mean and std")
+        return _streamed_stats(images[pick[:STAT_SAMPLE].sort().values])
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
     means, stds = [], []
     for c in range(images.shape[1]):
@@ -194,6 +194,31 @@ def _channel_stats(images: torch.Tensor | LazyImages
         std = float(x.std(unbiased=False))
         stds.append(round(std, 6) if std > 1e-6 else 1.0)  # constant images: no scaling
     return tuple(means), tuple(stds)
+
+
+def _streamed_stats(images: LazyImages, batch: int = 128
+                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of lazy images, merged batch by batch (Chan
+    et al.'s pairwise update: as exact as one pass over all of them in float64)."""
+    n, mean, m2 = 0, None, None
+    chunks = [range(a, min(a + batch, len(images))) for a in range(0, len(images), batch)]
+    for x in images.uint8_batches(chunks):
+        x = x.to(torch.float64).div_(255.0).transpose(0, 1).flatten(1)  # (C, pixels)
+        k = x.shape[1]
+        bm = x.mean(1)
+        bm2 = ((x - bm[:, None]) ** 2).sum(1)
+        if mean is None or m2 is None:
+            n, mean, m2 = k, bm, bm2
+            continue
+        delta = bm - mean
+        total = n + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + bm2 + delta ** 2 * (n * k / total)
+        n = total
+    assert mean is not None and m2 is not None  # a split has images (checked on load)
+    means = tuple(round(float(v), 6) for v in mean)
+    stds = tuple(round(float(s), 6) if s > 1e-6 else 1.0 for s in (m2 / n).sqrt().tolist())
+    return means, stds
 
 
 def _get_loaded(name: str, data_dir: DataDir, size: Size = None) -> _Loaded:
