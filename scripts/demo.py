@@ -83,7 +83,7 @@ def take_apart(rel: str, classes: tuple[int, ...], name: str) -> Path:
 
 def put_together(parts: list[Path]) -> None:
     section("Assemble the two components into one 6-class, 2-dataset classifier")
-    for scaling in ("none", "calibrated"):
+    for scaling in ("none", "joint"):
         model, manifest = assemble(parts, AssemblyConfig(scaling=scaling),
                                    command="scripts/demo.py")
         result = evaluate_assembly(model, manifest)

@@ -588,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "union of their channels")
     s.add_argument("--scaling", choices=SCALINGS, default=None,
                    help="default: concern when a part is a pan-rajan module (the highest "
-                        "one-vs-rest score wins), else calibrated")
+                        "one-vs-rest score wins), else joint")
     s.add_argument("--on-duplicate", choices=("error", "replace"), default="error",
                    help="what to do when two parts classify the same label")
     s.add_argument("--calibration-samples", type=int, default=200,

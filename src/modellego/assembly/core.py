@@ -40,7 +40,7 @@ class AssemblyConfig:
 
     layout: str = "parallel"
     #: ``None``: :func:`~modellego.assembly.scalings.default_scaling` of the parts
-    #: (``concern`` when a part has a one-vs-rest head, else ``calibrated``)
+    #: (``concern`` when a part has a one-vs-rest head, else ``joint``)
     scaling: str | None = None
     on_duplicate: str = "error"
     calibration_samples: int = 200
@@ -56,7 +56,7 @@ class AssemblyConfig:
                                      f"{', '.join(allowed)}, got {value!r}")
         if self.calibration_samples < 2:
             raise ModelLegoError("`calibration_samples` must be >= 2")
-        get_layout(self.layout).check(get_scaling(self.scaling or "calibrated"))
+        get_layout(self.layout).check(get_scaling(self.scaling or "joint"))
 
 
 def label_map(parts: Sequence[dict[str, Any]], on_duplicate: str
