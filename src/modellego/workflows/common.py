@@ -75,13 +75,15 @@ class TaskData:
     labels: torch.Tensor
     #: calibration images of all the model's classes, or ``None``
     calibration: torch.Tensor | None = None
-    #: where ``images[i]`` is in the train split
+    #: where ``images[i]`` is among the task's training images (``None``: at ``i``)
     positions: torch.Tensor | None = None
     #: the images per class drawn for a streamed folder (``None``: all of them)
     pool: int | None = None
 
     def split_positions(self, indices: Sequence[int]) -> list[int]:
-        """Positions in the train split of positions ``indices`` in :attr:`images`."""
+        """Positions among the task's training images (the train split restricted to the
+        task's classes, as provenance records samples) of positions ``indices`` in
+        :attr:`images`."""
         if self.positions is None:
             return [int(i) for i in indices]
         return [int(self.positions[i]) for i in indices]
