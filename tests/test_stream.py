@@ -80,6 +80,15 @@ def streamed(monkeypatch: pytest.MonkeyPatch):
     clear_cache()
 
 
+def _read_as(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget parsed folders; from now on they are held in memory or streamed (``mode``)."""
+    clear_cache()
+    if mode == "streamed":
+        monkeypatch.setenv(STREAM_ENV, "0")
+    else:
+        monkeypatch.delenv(STREAM_ENV, raising=False)
+
+
 def _splits(name: str) -> dict[str, object]:
     return {s: load_split(name, s) for s in ("train", "val", "test")}
 
@@ -118,11 +127,9 @@ def test_streaming_gives_the_in_memory_images_exactly(photos, streamed,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     root, _ = photos
     name = f"folder:{root}"
-    monkeypatch.delenv(STREAM_ENV)
-    clear_cache()
+    _read_as("held", monkeypatch)
     held = _splits(name)
-    monkeypatch.setenv(STREAM_ENV, "0")
-    clear_cache()
+    _read_as("streamed", monkeypatch)
     lazy = _splits(name)
     assert lazy["train"].info == held["train"].info  # stats over a sample = all of 180
     for s in held:
@@ -174,10 +181,14 @@ def test_decoding_is_bounded_and_bad_files_are_one_line(photos, streamed,
         assert message.startswith(f"cannot read image {good}") and "\n" not in message
 
 
-def _train(root: Path, out: Path) -> None:
+def _trained(root: Path, folder: Path) -> Path:
+    """A simnet trained for one epoch on the photo folder, read fresh; its file."""
+    clear_cache()
+    out = folder / "m.safetensors"
     code, _, err = run_cli(["train", "simnet", "--dataset", f"folder:{root}", "--epochs", "1",
                             "--width", "0.125", "--batch-size", "32", "--quiet", "--out", out])
     assert code == 0, err
+    return out
 
 
 def test_commands_on_a_streamed_folder_match_the_in_memory_ones(
@@ -186,14 +197,10 @@ def test_commands_on_a_streamed_folder_match_the_in_memory_ones(
     streamed through two DataLoader workers: the same numbers and the same component (the
     pool of 4 x 20 samples per class covers every training image)."""
     root, _ = photos
-    clear_cache()
-    model = tmp_path / "m.safetensors"
-    _train(root, model)
+    model = _trained(root, tmp_path)
     runs = {}
     for mode in ("held", "streamed"):
-        clear_cache()
-        if mode == "streamed":
-            monkeypatch.setenv(STREAM_ENV, "0")
+        _read_as(mode, monkeypatch)
         code, out, err = run_cli(["evaluate", model, "--json", "--no-latency",
                                   "--workers", "2"])
         assert code == 0, err
@@ -215,8 +222,7 @@ def test_commands_on_a_streamed_folder_match_the_in_memory_ones(
 def test_a_small_pool_picks_samples_of_the_right_classes(photos, tmp_path: Path,
                                                          streamed) -> None:
     root, _ = photos
-    model = tmp_path / "m.safetensors"
-    _train(root, model)
+    model = _trained(root, tmp_path)
     report = tmp_path / "r.json"
     code, _, err = run_cli(["disassemble", model, "--classes", "1", "--samples-per-class", "3",
                             "--workers", "0", "--out", tmp_path / "c.safetensors",
@@ -235,14 +241,10 @@ def test_a_pool_within_k_is_taken_whole_without_a_selection_pass(
     streamed, every image is taken in file order with no forward pass to rank them. The
     component is the same."""
     root, _ = photos
-    clear_cache()
-    model = tmp_path / "m.safetensors"
-    _train(root, model)
+    model = _trained(root, tmp_path)
     made = {}
     for mode in ("held", "streamed"):
-        clear_cache()
-        if mode == "streamed":
-            monkeypatch.setenv(STREAM_ENV, "0")
+        _read_as(mode, monkeypatch)
         out = tmp_path / f"{mode}.safetensors"
         code, _, err = run_cli(["disassemble", model, "--classes", "0,1", "--samples-per-class",
                                 "200", "--rule", "mass", "--out", out])

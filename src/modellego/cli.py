@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from ._version import __version__
 from .errors import ModelLegoError
@@ -707,28 +707,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     previous = _on_sigterm()
     try:
-        with plain_warnings():
-            reads: Any = contextlib.nullcontext()
+        with plain_warnings(), contextlib.ExitStack() as settings:
             if hasattr(args, "data"):  # one data_dir argument for the library
                 from .data import reading, roots_from
                 from .data.lazy import default_workers, parse_memory
 
                 args.data_dir = roots_from(args.data, args.data_dir, args.allow_data_mismatch)
-                reads = reading(
+                settings.enter_context(reading(
                     workers=default_workers() if args.workers is None else args.workers,
-                    max_memory=None if args.max_memory is None else parse_memory(args.max_memory))
+                    max_memory=None if args.max_memory is None else parse_memory(args.max_memory)))
             if hasattr(args, "device"):  # networks run there (modellego.runtime.device)
                 from .runtime.device import resolve_device, using_device
                 from .runtime.distributed import env_settings
 
                 local_rank = env_settings(os.environ)[2]
-                reads = _both(reads, using_device(resolve_device(args.device,
-                                                                 local_rank=local_rank)))
+                settings.enter_context(using_device(resolve_device(args.device,
+                                                                   local_rank=local_rank)))
             from .models.sources import trusted
 
-            with trusted(getattr(args, "trust_code", None)), reads, \
-                    showing_progress(not getattr(args, "quiet", False)):
-                return args.func(args)
+            settings.enter_context(trusted(getattr(args, "trust_code", None)))
+            settings.enter_context(showing_progress(not getattr(args, "quiet", False)))
+            return args.func(args)
     except ModelLegoError as exc:
         message = cli_message(printable(exc), flag_names(parser, args.command))
         print(f"modellego {args.command}: error: {message}", file=sys.stderr)
@@ -742,12 +741,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _both(first: Any, second: Any) -> Iterator[None]:
-    with first, second:
-        yield
 
 
 class Terminated(BaseException):

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from modellego.data.base import RawData
-from modellego.data.lazy import LazyImages, Recipe, open_image
+from modellego.data.lazy import LazyImages, Recipe, open_image, spans
 from modellego.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
@@ -215,8 +215,7 @@ def load_folder(root: Path, size: tuple[int, int] | None = None) -> RawData:
 
 
 def _decode_uint8(images: LazyImages) -> torch.Tensor:
-    step = 256
-    chunks = [range(a, min(a + step, len(images))) for a in range(0, len(images), step)]
+    chunks = spans(len(images), 256)
     if not chunks:
         return torch.zeros((0, *images.shape[1:]), dtype=torch.uint8)
     return torch.cat(list(images.uint8_batches(chunks)))

@@ -63,6 +63,12 @@ def reading(*, workers: int | None = None, max_memory: int | None = None) -> Ite
             var.reset(token)
 
 
+def spans(n: int, size: int) -> list[range]:
+    """``range(0, size), range(size, 2 * size), ...``: batches of positions covering
+    ``range(n)``."""
+    return [range(a, min(a + size, n)) for a in range(0, n, size)]
+
+
 def workers() -> int:
     """The number of decoding worker processes :func:`reading` set (default 0)."""
     return _WORKERS.get()
@@ -263,9 +269,7 @@ class LazyImages:
                 "GiB; use fewer images or raise the bound (--max-memory)")
         if not len(self):
             return torch.zeros(tuple(self.shape), dtype=torch.float32)
-        step = 256
-        chunks = [range(a, min(a + step, len(self))) for a in range(0, len(self), step)]
-        return torch.cat(list(self.batches(chunks)))
+        return torch.cat(list(self.batches(spans(len(self), 256))))
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
         """Decoded float32 images at ``index`` (``dim`` 0 only), as a tensor would give."""
@@ -335,16 +339,9 @@ def iter_batches(x: Inputs, batches: Iterable[Sequence[int]] | Iterable[torch.Te
                     else torch.as_tensor(list(b), dtype=torch.long)]
 
 
-def iter_slices(x: Inputs, batch_size: int, start: int = 0, stop: int | None = None
-                ) -> Iterator[torch.Tensor]:
-    """``x[a:a + batch_size]`` over ``[start, stop)`` (streamed for lazy inputs)."""
-    stop = len(x) if stop is None else stop
-    if isinstance(x, ModelInputs):
-        yield from x.batches([range(a, min(a + batch_size, stop))
-                              for a in range(start, stop, batch_size)])
-        return
-    for a in range(start, stop, batch_size):
-        yield x[a:min(a + batch_size, stop)]
+def iter_slices(x: Inputs, batch_size: int) -> Iterator[torch.Tensor]:
+    """``x[a:a + batch_size]`` for ``a = 0, batch_size, ...`` (streamed for lazy inputs)."""
+    return iter_batches(x, spans(len(x), batch_size))
 
 
 #: the input values a default batch of a pass over images holds (an eighth of a million

@@ -22,7 +22,7 @@ import torch
 from modellego.data.base import SPLITS, DatasetInfo, RawData, Split
 from modellego.data.fingerprint import differences, split_fingerprint
 from modellego.data.folder import load_folder
-from modellego.data.lazy import LazyImages
+from modellego.data.lazy import LazyImages, spans
 from modellego.data.roots import ENV, DataRoots, env_folder
 from modellego.errors import DataError, ModelLegoWarning
 
@@ -201,8 +201,7 @@ def _streamed_stats(images: LazyImages, batch: int = 128
     """Per-channel mean and (population) std of lazy images, merged batch by batch (Chan
     et al.'s pairwise update: as exact as one pass over all of them in float64)."""
     n, mean, m2 = 0, None, None
-    chunks = [range(a, min(a + batch, len(images))) for a in range(0, len(images), batch)]
-    for x in images.uint8_batches(chunks):
+    for x in images.uint8_batches(spans(len(images), batch)):
         x = x.to(torch.float64).div_(255.0).transpose(0, 1).flatten(1)  # (C, pixels)
         k = x.shape[1]
         bm = x.mean(1)
