@@ -35,8 +35,11 @@ typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed data
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) benchmarks/disassembly.py
 	$(PY) benchmarks/assembly.py
+	$(PY) benchmarks/assembly.py --joint-epochs 0
+	$(PY) benchmarks/routers.py
 	$(PY) benchmarks/strategies.py
 	$(PY) benchmarks/compression.py
 	$(PY) benchmarks/distillation.py

@@ -113,6 +113,42 @@ def assembly_routing(data: dict) -> list[str]:
     return lines
 
 
+def assembly_goals(data: dict) -> list[str]:
+    """Per case: the default router (joint) against its goal, the data-free router
+    (fingerprint), and how much the routers fit."""
+    lines = ["| case | parts | Base | joint (default) | goal | met | fingerprint (data-free) "
+             "| data-free − Base (pp) | joint: numbers fitted / images | FLOPs (parts' sum) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in data["cases"]:
+        j, f = c["scalings"]["joint"], c["scalings"]["fingerprint"]
+        met = "yes" if c.get("meets_goal") else "**no**"
+        lines.append(
+            f"| {c['case']} | {len(c['parts'])} | {c['base']:.4f} | "
+            f"{j['balanced_accuracy']:.4f} ({j['delta_vs_base_pp']:+.2f} pp) | {c['goal']} | "
+            f"{met} | {f['balanced_accuracy']:.4f} | {f['delta_vs_base_pp']:+.2f} | "
+            f"{j.get('router_weights', 0):,} / {j.get('fit_images', 0):,} | "
+            f"{j['flops'] / 1e6:.1f} M ({c['parts_flops'] / 1e6:.1f} M) |")
+    return lines
+
+
+def routers(data: dict) -> list[str]:
+    """Per case and router (ours, then pytorch-ood's detectors): the assembled balanced
+    accuracy and the mean routing AUROC over pairs of parts."""
+    names = list(data["cases"][0]["routers"])
+    lines = [f"Measured {data['date']} (torch {data['torch']}, pytorch-ood "
+             f"{data['pytorch_ood']}, {data['threads']} threads). Each cell: balanced accuracy "
+             "/ mean pair routing AUROC (%).", "",
+             "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in data["cases"]:
+        cells = []
+        for n in names:
+            r = c["routers"].get(n, {})
+            cells.append("failed" if "error" in r or not r else
+                         f"{r['balanced_accuracy']:.4f} / {100 * r['auroc_mean_pairs']:.1f}")
+        lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def scale(data: dict) -> list[str]:
     rep, dis, fwd = data["report"], data["disassemble"], data["forward"]
     return [
@@ -187,7 +223,8 @@ def compression(data: dict) -> list[str]:
     cells: dict[tuple, dict] = {}
     notes: list[str] = []
     for r in data["rows"]:
-        key = r["criterion"] + ("+bn" if r.get("recalibrate_bn") else "")
+        key = r["criterion"] + ("+rec" if r.get("reconstruct") else "") \
+            + ("+bn" if r.get("recalibrate_bn") else "")
         cells.setdefault((r["model"], r["target"]), {})[key] = r
         if "error" in r:
             keeps = re.search(r"keeps ([0-9.]+ %)", r["error"])
@@ -217,6 +254,34 @@ def compression(data: dict) -> list[str]:
         lines += ["", f"+ BN: the same criterion with `--recalibrate-bn {n}` (every candidate's "
                       "BatchNorm statistics re-estimated on that many training images); its "
                       "FLOPs match the column without it."]
+    return lines
+
+
+def compression_peers(data: dict) -> list[str]:
+    """Per model and FLOPs target: the accuracy (change against the source, pp) of our
+    criteria with their best training-free repair and of Torch-Pruning's at the same FLOPs."""
+    variants = [("contribution+rec+bn", "ours + rec + BN"), ("contribution+bn", "ours + BN"),
+                ("l1+rec+bn", "L1 + rec + BN"), ("fpgm+rec+bn", "FPGM + rec + BN"),
+                ("tp-l1+bn", "TP L1 + BN"), ("tp-l2+bn", "TP L2 + BN"),
+                ("tp-taylor+bn", "TP Taylor + BN"), ("tp-lamp+bn", "TP LAMP + BN")]
+    lines = [f"Measured {data['date']} (torch {data['torch']}, {data['threads']} threads).", "",
+             "| model | FLOPs target | FLOPs kept (ours) | " +
+             " | ".join(v[1] for v in variants) + " | best |",
+             "|---|---|---|" + "---|" * (len(variants) + 1)]
+    cells: dict[tuple, dict] = {}
+    for r in data["rows"]:
+        key = r["criterion"] + ("+rec" if r.get("reconstruct") else "") \
+            + ("+bn" if r.get("recalibrate_bn") else "")
+        cells.setdefault((r["model"], r["target"]), {})[key] = r
+    for (model, target), by in cells.items():
+        found = [(label, by.get(key)) for key, label in variants]
+        ok = [(label, r) for label, r in found if r and "error" not in r]
+        best = max(ok, key=lambda lr: lr[1]["accuracy"])[0] if ok else "—"
+        ours = by.get("contribution+rec+bn") or by.get("contribution+bn") or {}
+        kept = "—" if "flops_ratio" not in ours else f"{100 * ours['flops_ratio']:.1f} %"
+        row = " | ".join("—" if not r or "error" in r else
+                         f"{r['accuracy']:.4f} ({r['delta_pp']:+.2f})" for _, r in found)
+        lines.append(f"| {model} | {target:.2f} | {kept} | {row} | {best} |")
     return lines
 
 
@@ -312,9 +377,12 @@ def zoo_files(data: dict) -> list[str]:
 
 
 TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
-          ("assembly-routing.json", assembly_routing), ("scale.json", scale),
+          ("assembly-routing.json", assembly_routing),
+          ("assembly-routing.json", assembly_goals, "assembly-goals-table"),
+          ("routers.json", routers), ("scale.json", scale),
           ("distillation.json", distillation), ("strategies.json", strategies),
-          ("compression.json", compression), ("reconstruct.json", reconstruct),
+          ("compression.json", compression),
+          ("compression-peers.json", compression_peers), ("reconstruct.json", reconstruct),
           ("zoo.json", zoo), ("zoo-files.json", zoo_files))
 README = RESULTS.parent.parent / "README.md"
 
@@ -322,9 +390,9 @@ README = RESULTS.parent.parent / "README.md"
 def fill_readme(text: str) -> str:
     """Replace every ``<!-- NAME-table -->`` ... ``<!-- /NAME-table -->`` block of the README
     with the table made from ``benchmarks/results/NAME.json``."""
-    for name, fn in TABLES:
+    for name, fn, *named in TABLES:
         path = RESULTS / name
-        tag = name.removesuffix(".json") + "-table"
+        tag = named[0] if named else name.removesuffix(".json") + "-table"
         start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
         if path.exists() and start in text:
             block = "\n".join([start, *fn(json.loads(path.read_text())), end])
@@ -338,7 +406,7 @@ def main() -> int:
         README.write_text(fill_readme(README.read_text()))
         print(f"filled the tables of {README}")
         return 0
-    for name, fn in TABLES:
+    for name, fn, *_ in TABLES:
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n")

@@ -27,6 +27,7 @@ from modellego.data import (
 from modellego.data.folder import DEFAULT_MAX_SIZE, STREAM_ENV
 from modellego.data.lazy import Recipe, parse_memory, shape_image
 from modellego.errors import DataError
+from modellego.files import open_model
 from modellego.io import read_manifest
 
 CLASSES = ("bright", "dark", "mid")
@@ -217,6 +218,14 @@ def test_commands_on_a_streamed_folder_match_the_in_memory_ones(
     assert rep_s["component_accuracy"] == rep_h["component_accuracy"]
     assert rep_s["selection_pool"] == 80 and "selection_pool" not in rep_h
     assert man_s["provenance"]["samples"] == man_h["provenance"]["samples"]
+    # the router fingerprint, made from every training image of the component's classes
+    # read batch by batch: the same statistics
+    assert man_s["router_fingerprint"] == man_h["router_fingerprint"]
+    fp_h = open_model(tmp_path / "held.safetensors").fingerprint
+    fp_s = open_model(tmp_path / "streamed.safetensors").fingerprint
+    assert set(fp_s) == set(fp_h)
+    for k in fp_h:
+        assert torch.allclose(fp_s[k], fp_h[k], rtol=1e-4, atol=1e-5), k
 
 
 def test_a_small_pool_picks_samples_of_the_right_classes(photos, tmp_path: Path,

@@ -91,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          data_dir=args.data_dir, image_size=args.image_size)
     command = "modellego " + shlex.join(args.argv)
     model, manifest = train(config, command=command, progress=not args.quiet)
-    save_model(out, model, manifest)
+    manifest, fingerprint = _fingerprinted(args, model, manifest)
+    save_model(out, model, manifest, fingerprint=fingerprint)
     print(f"test accuracy {manifest['metrics']['test_accuracy']:.4f} "
           f"(best val {manifest['metrics']['val_accuracy']:.4f} at epoch "
           f"{manifest['provenance']['best_epoch']}); wrote {printable(out)}")
@@ -110,7 +111,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     command = "modellego " + shlex.join(args.argv)
     model, manifest, report = import_model(args.weights, config, data_dir=args.data_dir,
                                            command=command)
-    wrote = _finish(outs, model, manifest, report)
+    manifest, fingerprint = _fingerprinted(args, model, manifest)
+    wrote = _finish(outs, model, manifest, report, fingerprint=fingerprint)
     print(format_import(report))
     print(wrote)
     return 0
@@ -188,10 +190,25 @@ def _outputs(args: argparse.Namespace, inputs: Sequence[str], *flags: str) -> di
     return check_outputs(named, inputs, getattr(args, "force", False))
 
 
-def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=None) -> str:
-    """Write the model file, the JSON report and the HTML page asked for, in that order;
-    returns the ``wrote ...`` line. The page is rendered first: a figure that fails to
-    draw leaves no file behind, not a model and a report without their page."""
+def _fingerprinted(args: argparse.Namespace, model, manifest):
+    """``(manifest, fingerprint tensors)`` of a model about to be written: with its router
+    fingerprint made from its own training images, unless ``--no-fingerprint`` (or it is a
+    one-vs-rest module, which scaling ``concern`` combines without one). ``import
+    --no-evaluate`` reads no data, so it writes none either."""
+    if getattr(args, "no_fingerprint", True) or getattr(args, "no_evaluate", False) \
+            or manifest.get("head"):
+        return manifest, None
+    from .assembly.fingerprint import fingerprint_model
+
+    return fingerprint_model(model, manifest, data_dir=args.data_dir)
+
+
+def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=None, *,
+            fingerprint=None) -> str:
+    """Write the model file (with its router ``fingerprint`` tensors, if any), the JSON
+    report and the HTML page asked for, in that order; returns the ``wrote ...`` line. The
+    page is rendered first: a figure that fails to draw leaves no file behind, not a model
+    and a report without their page."""
     from .files import save_model
     from .viz.report import write_html
     from .workflows.outputs import write_all, write_json
@@ -206,7 +223,7 @@ def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=
         manifest = {**manifest, "provenance": provenance}
     page: str = html() if html is not None and outs.get("--html") is not None else ""
     done = write_all([
-        (out, lambda p: save_model(p, model, manifest)),
+        (out, lambda p: save_model(p, model, manifest, fingerprint=fingerprint)),
         (outs.get("--report"), lambda p: write_json(p, report)),
         (outs.get("--html"), lambda p: write_html(p, page)),
     ])
@@ -249,7 +266,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
                                   manifest["classes"], comp.locate, class_names)
         return disassembly_html(report, new_manifest, route)
 
-    wrote = _finish(outs, comp.model, new_manifest, report, page)
+    new_manifest, fingerprint = _fingerprinted(args, comp.model, new_manifest)
+    wrote = _finish(outs, comp.model, new_manifest, report, page, fingerprint=fingerprint)
     print(format_report(report))
     print(wrote)
     return 0
@@ -280,6 +298,11 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     from .workflows import format_assembly
 
     check_seed(args.seed)  # before torch's generators raise on it
+    if args.data_free:
+        if args.scaling not in (None, "fingerprint"):
+            raise ModelLegoError(f"--data-free routes with the parts' fingerprints (scaling "
+                                 f"fingerprint); drop --scaling {args.scaling} or --data-free")
+        args.scaling = "fingerprint"
     outs = _outputs(args, args.files, "--out", "--report", "--html")
     config = AssemblyConfig(layout=args.layout, scaling=args.scaling,
                             on_duplicate=args.on_duplicate,
@@ -382,6 +405,29 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from .assembly.fingerprint import fingerprint_model
+    from .files import load_model
+    from .training import check_seed
+
+    check_seed(args.seed)
+    if args.images_per_class < 2:
+        raise ModelLegoError(f"--images-per-class must be at least 2, got "
+                             f"{args.images_per_class}")
+    outs = _outputs(args, [args.file], "--out")
+    model, manifest = load_model(args.file)
+    new_manifest, fingerprint = fingerprint_model(
+        model, manifest, per_class=args.images_per_class, seed=args.seed,
+        data_dir=args.data_dir)
+    wrote = _finish(outs, model, new_manifest, fingerprint=fingerprint)
+    fp = new_manifest["router_fingerprint"]
+    size = sum(t.numel() for t in fingerprint.values()) * 4
+    print(f"router fingerprint from {fp['images']} training images at {len(fp['taps'])} "
+          f"layers ({', '.join(fp['taps'])}): {size / 1024:.0f} KB")
+    print(wrote)
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .compression import CompressConfig
     from .files import load_model
@@ -398,7 +444,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     command = "modellego " + shlex.join(args.argv)
     small, new_manifest, report = compress(model, manifest, config, source_path=args.file,
                                            data_dir=args.data_dir, command=command)
-    wrote = _finish(outs, small, new_manifest, report)
+    new_manifest, fingerprint = _fingerprinted(args, small, new_manifest)
+    wrote = _finish(outs, small, new_manifest, report, fingerprint=fingerprint)
     print(format_compress_report(report))
     print(wrote)
     return 0
@@ -432,6 +479,12 @@ def _add_trust(s: argparse.ArgumentParser) -> None:
                    help="allow model files to import and run code of MODULE (and its "
                         "submodules) for python: architectures (repeatable; also "
                         "$MODELLEGO_TRUST_CODE, comma-separated)")
+
+
+def _add_no_fingerprint(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--no-fingerprint", action="store_true",
+                   help="do not write a router fingerprint into the file (the statistics of "
+                        "its own training images that `assemble --data-free` routes with)")
 
 
 def _add_data_args(s: argparse.ArgumentParser) -> None:
@@ -492,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "median shorter side, at most 224)")
     _add_roots(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_no_fingerprint(s)
     _add_device(s)
     s.set_defaults(func=cmd_train)
 
@@ -524,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the weights file")
+    _add_no_fingerprint(s)
     _add_device(s)
     s.set_defaults(func=cmd_import)
 
@@ -576,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "provenance)")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     _add_trust(s)
+    _add_no_fingerprint(s)
     _add_device(s)
     s.set_defaults(func=cmd_disassemble)
 
@@ -591,9 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "one-vs-rest score wins), else joint")
     s.add_argument("--on-duplicate", choices=("error", "replace"), default="error",
                    help="what to do when two parts classify the same label")
-    s.add_argument("--calibration-samples", type=int, default=200,
+    s.add_argument("--calibration-samples", type=int, default=1000,
                    help="training images per class used to calibrate")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data-free", action="store_true",
+                   help="route with the parts' router fingerprints alone (scaling "
+                        "fingerprint): no dataset is read")
     _add_roots(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--html", default=None, metavar="REPORT.html",
@@ -601,6 +660,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="allow overwriting an input file")
     _add_trust(s)
     s.set_defaults(func=cmd_assemble)
+
+    s = sub.add_parser("fingerprint", help="add a router fingerprint to a model or component "
+                       "file, so that others can assemble it without its training data")
+    s.add_argument("file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--images-per-class", type=int, default=1000, metavar="N",
+                   help="training images per class it is made from (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    _add_roots(s)
+    s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    _add_trust(s)
+    _add_device(s)
+    s.set_defaults(func=cmd_fingerprint)
 
     s = sub.add_parser("route", help="draw which channels of every layer some classes use")
     s.add_argument("file")
@@ -681,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_roots(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    _add_no_fingerprint(s)
     _add_trust(s)
     _add_device(s)
     s.set_defaults(func=cmd_compress)

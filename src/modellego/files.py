@@ -21,31 +21,48 @@ from torch import nn
 from .errors import ModelFileError, ModelLegoError
 from .io import _load_tensors, _prepared, read_table, save_weights
 from .kinds import build_from_manifest
-from .manifest import Manifest
+from .manifest import ROUTER_FINGERPRINT_PREFIX, Manifest
 from .models.sources import split_source, trusted
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model file opened by :func:`open_model`: the network (eval mode) and its manifest."""
+    """A model file opened by :func:`open_model`: the network (eval mode), its manifest, and
+    its router fingerprint's tensors when it carries one (names without the ``@fingerprint/``
+    prefix; see :mod:`modellego.assembly.fingerprint`)."""
 
     model: nn.Module
     manifest: Manifest
     path: Path
+    fingerprint: dict[str, torch.Tensor] | None = None
 
 
 def save_model(path: str | Path, model: nn.Module,
-               manifest: Mapping[str, Any] | Manifest) -> None:
-    """Save ``model``'s weights (state_dict incl. buffers) with ``manifest``.
+               manifest: Mapping[str, Any] | Manifest, *,
+               fingerprint: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Save ``model``'s weights (state_dict incl. buffers) with ``manifest``, and the tensors
+    of its router ``fingerprint`` when the manifest describes one (``router_fingerprint``).
 
     The manifest must be valid and let the package rebuild a network with one output per
-    class; otherwise :class:`ModelFileError` and nothing is written. That check runs on the
-    ``meta`` device only, so a manifest asking for a huge network allocates nothing. Tensors
-    that share storage are saved as separate copies.
+    class, and the fingerprint's tensors must be exactly those it describes; otherwise
+    :class:`ModelFileError` and nothing is written. That check runs on the ``meta`` device
+    only, so a manifest asking for a huge network allocates nothing. Tensors that share
+    storage are saved as separate copies.
     """
     checked = _prepared(path, manifest)
     _check_outputs(checked, f"{path} (not written)")
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    if checked.router_fingerprint is not None or fingerprint is not None:
+        if checked.router_fingerprint is None or fingerprint is None:
+            raise ModelFileError(
+                f"{path} (not written): a router fingerprint needs both its tensors and "
+                "the manifest's router_fingerprint entry; give both or neither")
+        shapes = {k: tuple(v.shape) for k, v in fingerprint.items()}
+        _compare_tensors(Path(f"{path} (not written)"),
+                         checked.router_fingerprint.tensor_shapes(checked.num_outputs), shapes,
+                         what="router fingerprint tensors")
+        state.update({ROUTER_FINGERPRINT_PREFIX + k: v.detach().float().clone()
+                      for k, v in fingerprint.items()})
     save_weights(path, state, checked)
 
 
@@ -83,11 +100,26 @@ def _open_model(path: Path) -> LoadedModel:
     manifest = checked.to_dict()
     skeleton = _build(manifest, str(path), meta=True)
     expected = skeleton.state_dict()
+    marked = {k[len(ROUTER_FINGERPRINT_PREFIX):]: entry for k, entry in entries.items()
+              if k.startswith(ROUTER_FINGERPRINT_PREFIX)}
+    entries = {k: entry for k, entry in entries.items()
+               if not k.startswith(ROUTER_FINGERPRINT_PREFIX)}
     _compare_tensors(path, {k: tuple(v.shape) for k, v in expected.items()},
                      {k: shape for k, (_, shape) in entries.items()})
     _compare_dtypes(path, {k: v.dtype for k, v in expected.items()}, entries)
+    spec = checked.router_fingerprint
+    fp_shapes = spec.tensor_shapes(checked.num_outputs) if spec is not None else {}
+    _compare_tensors(path, fp_shapes, {k: shape for k, (_, shape) in marked.items()},
+                     what="router fingerprint tensors")
+    _compare_dtypes(path, {k: torch.float32 for k in fp_shapes}, marked)
     _check_outputs(checked, str(path), skeleton)
     tensors = _load_tensors(path)
+    fingerprint = {k[len(ROUTER_FINGERPRINT_PREFIX):]: tensors.pop(k).float()
+                   for k in list(tensors) if k.startswith(ROUTER_FINGERPRINT_PREFIX)}
+    for k, v in fingerprint.items():
+        if not torch.isfinite(v).all():
+            raise ModelFileError(f"{path}: router fingerprint tensor {k} contains NaN or "
+                                 "infinite values")
     for k, v in tensors.items():
         if v.dtype != expected[k].dtype:  # half or double precision: see FLOAT_DTYPES
             v = tensors[k] = v.to(expected[k].dtype)
@@ -96,7 +128,7 @@ def _open_model(path: Path) -> LoadedModel:
     model = _build(manifest, str(path))
     _check_fixed(path, model, tensors)
     load_state(model, tensors)
-    return LoadedModel(model.eval(), checked, path)
+    return LoadedModel(model.eval(), checked, path, fingerprint if spec is not None else None)
 
 
 def load_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -122,7 +154,7 @@ def load_model(path: str | Path, *, trust_code: Sequence[str] | str | None = Non
 
 
 def _compare_tensors(path: Path, expected: dict[str, tuple[int, ...]],
-                     found: dict[str, tuple[int, ...]]) -> None:
+                     found: dict[str, tuple[int, ...]], *, what: str = "weights") -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [k for k in expected if k in found and found[k] != expected[k]]
@@ -136,7 +168,7 @@ def _compare_tensors(path: Path, expected: dict[str, tuple[int, ...]],
             k = wrong[0]
             details.append(f"shape mismatch for {k}: file {found[k]}, "
                            f"manifest implies {expected[k]}")
-        raise ModelFileError(f"{path}: weights do not match the manifest: "
+        raise ModelFileError(f"{path}: {what} do not match the manifest: "
                              + "; ".join(details))
 
 

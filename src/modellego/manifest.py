@@ -44,7 +44,7 @@ HEADS = ("one-vs-rest",)
 LAYOUTS = ("parallel", "padded", "union")
 SCALINGS = ("none", "logit", "feature", "calibrated")
 #: the scalings whose routers read the parts' tapped features (the file lists the taps)
-FEATURE_SCALINGS = ("calibrated", "joint")
+FEATURE_SCALINGS = ("calibrated", "joint", "fingerprint")
 _VOCABULARY: dict[str, Callable[[], Sequence[str]]] = {}
 _DEFAULT_VOCABULARY = {"layout": LAYOUTS, "scaling": SCALINGS}
 
@@ -68,7 +68,7 @@ def vocabulary(field: str) -> tuple[str, ...]:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MISSING = object()
 _SINGLE_KEYS = ("kind", "architecture", "dataset", "classes", "class_names", "input",
-                "metrics", "provenance", "format", "format_version")
+                "metrics", "provenance", "format", "format_version", "router_fingerprint")
 _KEYS = {
     "model": _SINGLE_KEYS,
     "component": _SINGLE_KEYS + ("plan", "head"),
@@ -320,6 +320,66 @@ def _fingerprint(value: Any, num_classes: int, check: _Check, path: str) -> Mapp
             check.fail(f"{p}.sha256", "64 lower-case hex digits", digest)
         out[split] = {"n": n, "class_counts": list(counts), "sha256": digest}
     return MappingProxyType(out)
+
+
+#: the prefix of a file's router fingerprint tensors: a network's own tensor names are
+#: dotted module paths, which never start with "@"
+ROUTER_FINGERPRINT_PREFIX = "@fingerprint/"
+#: the router fingerprint versions this modellego reads
+ROUTER_FINGERPRINT_VERSIONS = (1,)
+#: bounds that keep what a fingerprint may ask for small, whatever a file claims
+MAX_FINGERPRINT_TAPS = 16
+MAX_FINGERPRINT_DIM = 4096
+
+
+@dataclass(frozen=True)
+class RouterFingerprintSpec:
+    """What a file's router fingerprint holds (``router_fingerprint``; the statistics a
+    data-free router needs, see :mod:`modellego.assembly.fingerprint`): the tapped layers,
+    each one's feature width, and how many of the owner's training images made it.
+
+    Its tensors are stored beside the network's, named ``@fingerprint/...``
+    (:meth:`tensor_shapes`)."""
+
+    version: int
+    taps: tuple[str, ...]
+    dims: tuple[int, ...]
+    images: int
+    seed: int
+
+    @classmethod
+    def from_dict(cls, data: Any, check: _Check, path: str) -> RouterFingerprintSpec:
+        keys = ("version", "taps", "dims", "images", "seed")
+        data = check.obj(data, path, keys, keys)
+        version = check.integer(data["version"], f"{path}.version")
+        if version not in ROUTER_FINGERPRINT_VERSIONS:
+            check.fail(f"{path}.version", "1 (upgrade modellego to read newer fingerprints)",
+                       version)
+        taps = check.strings(data["taps"], f"{path}.taps")
+        if len(taps) > MAX_FINGERPRINT_TAPS:
+            check.fail(f"{path}.taps", f"at most {MAX_FINGERPRINT_TAPS} layers", list(taps))
+        dims = tuple(check.integer(v, f"{path}.dims[{i}]", lo=1, hi=MAX_FINGERPRINT_DIM)
+                     for i, v in enumerate(check.array(data["dims"], f"{path}.dims",
+                                                       length=len(taps))))
+        return cls(version, taps, dims, check.integer(data["images"], f"{path}.images", lo=2),
+                   check.integer(data["seed"], f"{path}.seed"))
+
+    def tensor_shapes(self, num_classes: int) -> dict[str, tuple[int, ...]]:
+        """The fingerprint's tensors (names without the prefix) and their shapes: per tap
+        ``i`` the class means ``means{i}`` and the tied precision ``precision{i}``; the mean
+        and std of each tap's log distance (``tap_stats``) and of the combined score
+        (``score_stats``) on the owner's held-out images."""
+        out: dict[str, tuple[int, ...]] = {}
+        for i, d in enumerate(self.dims):
+            out[f"means{i}"] = (num_classes, d)
+            out[f"precision{i}"] = (d, d)
+        out["tap_stats"] = (2, len(self.dims))
+        out["score_stats"] = (2,)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "taps": list(self.taps), "dims": list(self.dims),
+                "images": self.images, "seed": self.seed}
 
 
 def _shape(value: Any, check: _Check, path: str) -> tuple[int, int, int]:
@@ -781,6 +841,7 @@ class Manifest:
     plan: PlanSpec | None = None
     head: str | None = None
     assembly: AssemblySpec | None = None
+    router_fingerprint: RouterFingerprintSpec | None = None
     metrics: Metrics | None = None
     provenance: Provenance | None = None
     format_version: int = FORMAT_VERSION
@@ -832,14 +893,18 @@ class Manifest:
                     if k not in {str(c) for c in classes}:
                         check.fail(f"metrics.test_per_class.{k}",
                                    "a class id listed in classes", k)
+        router_fp = None
+        if "router_fingerprint" in data:
+            router_fp = RouterFingerprintSpec.from_dict(data["router_fingerprint"], check,
+                                                        "router_fingerprint")
         plan = head = None
         if kind == "component":
             plan = PlanSpec.from_dict(data.get("plan", _MISSING), check, "plan")
             if "head" in data:
                 head = check.string(data["head"], "head", choices=HEADS)
         return cls(kind, classes, names, contract, architecture=arch, dataset=dataset,
-                   plan=plan, head=head, metrics=metrics, provenance=provenance,
-                   format_version=version)
+                   plan=plan, head=head, router_fingerprint=router_fp, metrics=metrics,
+                   provenance=provenance, format_version=version)
 
     @property
     def num_outputs(self) -> int:
@@ -860,6 +925,8 @@ class Manifest:
             out["plan"] = self.plan.to_dict()
         if self.head is not None:
             out["head"] = self.head
+        if self.router_fingerprint is not None:
+            out["router_fingerprint"] = self.router_fingerprint.to_dict()
         if self.assembly is not None:
             a = self.assembly
             out.update({
@@ -880,4 +947,5 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KINDS", "LAYOUTS", "SCALINGS",
            "set_vocabulary", "vocabulary",
            "ArchitectureSpec", "AssemblySpec", "BaseSpec", "DatasetSpec", "InputContract",
            "Label", "LayerKeep", "Manifest", "Metrics", "PartSpec", "PlanSpec", "Provenance",
+           "RouterFingerprintSpec", "ROUTER_FINGERPRINT_PREFIX",
            "SourceRef", "UnionSpec"]

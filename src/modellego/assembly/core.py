@@ -13,7 +13,7 @@ from .._version import __version__
 from ..data.lazy import as_tensor, default_batch
 from ..data.registry import check_one_folder, load_split_for
 from ..errors import ModelLegoError
-from ..files import load_model
+from ..files import open_model
 from ..kinds import build_from_manifest
 from ..metrics import count_flops, count_params, predict_logits
 from ..models.sources import trusted
@@ -24,7 +24,7 @@ from .adapters import InputAdapter, contract_shape, convert_images
 from .layouts import LAYOUT_REGISTRY, ParallelBody, get_layout
 from .routing import routing_metrics
 from .scalings import SCALING_REGISTRY, default_scaling, get_scaling
-from .scoring import Router, pooled
+from .scoring import pooled
 
 #: the registered layouts' and scalings' names (see :mod:`.layouts`, :mod:`.scalings`)
 LAYOUTS = LAYOUT_REGISTRY.names()
@@ -43,7 +43,7 @@ class AssemblyConfig:
     #: (``concern`` when a part has a one-vs-rest head, else ``joint``)
     scaling: str | None = None
     on_duplicate: str = "error"
-    calibration_samples: int = 200
+    calibration_samples: int = 1000
     max_taps: int = 8
     seed: int = 0
 
@@ -89,15 +89,6 @@ def label_map(parts: Sequence[dict[str, Any]], on_duplicate: str
     return labels, columns
 
 
-def tap_layers(net: nn.Module, max_taps: int) -> list[str]:
-    """Up to ``max_taps`` conv/linear layers spread over the depth, always with the last one."""
-    names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if len(names) <= max_taps:
-        return names
-    step = (len(names) - 1) / (max_taps - 1)
-    return [names[round(i * step)] for i in range(max_taps)]
-
-
 class AssembledModel(nn.Module):
     """Runs every part on its adapted input and combines the (scaled) outputs.
 
@@ -107,7 +98,7 @@ class AssembledModel(nn.Module):
     """
 
     def __init__(self, body: nn.Module, columns: Sequence[Sequence[int]], scaling: str,
-                 routers: Sequence[Router] | None = None,
+                 routers: Sequence[nn.Module] | None = None,
                  heads: Sequence[bool] | None = None) -> None:
         super().__init__()
         self.body = body
@@ -185,12 +176,16 @@ def _structure(parts: list[dict[str, Any]], nets: list[nn.Module], config: Assem
                           [bool(p.get("head")) for p in parts])
 
 
-def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
+def assemble(sources: Sequence[str | Path | tuple],
              config: AssemblyConfig | None = None, *, data_dir: str | None = None,
              command: str | None = None, dist: DistContext = SINGLE,
              trust_code: Sequence[str] | str | None = None
              ) -> tuple[AssembledModel, dict[str, Any]]:
-    """Assemble model files (or ``(model, manifest)`` pairs) into one classifier.
+    """Assemble model files (or ``(model, manifest)`` pairs, or ``(model, manifest,
+    fingerprint tensors)``) into one classifier.
+
+    Scaling ``fingerprint`` (``--data-free``) routes with the parts' router fingerprints
+    alone (:mod:`.fingerprint`) and reads no dataset.
 
     ``trust_code``: modules that files with ``python:`` architectures may import (see
     :func:`modellego.open_model`).
@@ -201,7 +196,7 @@ def assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         return _assemble(sources, config, data_dir=data_dir, command=command, dist=dist)
 
 
-def _assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
+def _assemble(sources: Sequence[str | Path | tuple],
               config: AssemblyConfig | None, *, data_dir: str | None,
               command: str | None, dist: DistContext) -> tuple[AssembledModel, dict[str, Any]]:
     config = config or AssemblyConfig()
@@ -210,16 +205,20 @@ def _assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
         raise ModelLegoError("assembly needs at least two parts")
     nets, parts = [], []
     for src in sources:
+        fingerprint = None
         if isinstance(src, (str, Path)):
-            net, man = load_model(src)
-            path = str(src)
-        else:
-            net, man = src
-            path = None
+            loaded = open_model(src)
+            net, man = loaded.model, loaded.manifest.to_dict()
+            fingerprint, path = loaded.fingerprint, str(src)
+        else:  # (model, manifest) or (model, manifest, fingerprint tensors)
+            net, man, *rest = src
+            fingerprint, path = (rest[0] if rest else None), None
         require_single(man, "assemble", where=path or "part",
                        hint="; assemble its parts instead")
         part = _part_manifest(man, path)
         part["_num_outputs"] = len(man["classes"])
+        part["_fingerprint"] = fingerprint if man.get("router_fingerprint") else None
+        part["router_fingerprint"] = man.get("router_fingerprint")
         nets.append(net.eval())
         parts.append(part)
     check_one_folder([p["dataset"]["name"] for p in parts], data_dir)
@@ -237,18 +236,16 @@ def _assemble(sources: Sequence[str | Path | tuple[nn.Module, dict[str, Any]]],
     layout.check_parts(parts)
     scaling.check_parts(parts)
     contract = contract_shape([p["input"] for p in parts])
-    taps = None
-    if scaling.needs_features:
-        taps = [tap_layers(n, config.max_taps) for n in nets]
+    taps = scaling.taps(nets, parts, config.max_taps)
     spec = layout.spec(parts)
     model = _structure(parts, nets, config, contract, columns, taps, spec, weights=True).eval()
-    if not scaling.calibrates:  # nothing to calibrate: no training images needed
-        calib = {"scaling": scaling.name}
-    else:
-        data = _calibration_data(parts, config, contract, data_dir)
-        calib = scaling.fit(model, nets, parts, data, config, taps, dist)
+    # a scaling that does not calibrate reads no training images (``fingerprint``: none at all)
+    data = _calibration_data(parts, config, contract, data_dir) if scaling.calibrates else []
+    calib = scaling.fit(model, nets, parts, data, config, taps, dist)
     for p in parts:
         p.pop("_num_outputs")
+        p.pop("_fingerprint")
+        p.pop("router_fingerprint", None)
     base = None
     if not layout.body_is_parts:
         per_class = _parts_base(nets, {"parts": parts, "labels": labels}, data_dir)

@@ -26,6 +26,7 @@ from ..errors import ModelLegoError
 from ..registry import Registry
 from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
 from ..surgery.head import one_vs_rest
+from .fingerprint import route_scores
 from .scoring import (
     FeatureTap,
     JointRouterPart,
@@ -33,6 +34,7 @@ from .scoring import (
     class_gaussians,
     fit_joint_router,
     fit_router_weights,
+    tap_layers,
 )
 
 
@@ -118,8 +120,15 @@ class Scaling:
                     f"concern scores, which scaling {self.name!r} cannot combine; use scaling "
                     "'concern' (or give none)")
 
+    def taps(self, nets: Sequence[nn.Module], parts: Sequence[dict[str, Any]],
+             max_taps: int) -> list[list[str]] | None:
+        """Per part, the layers whose inputs its router reads (``None``: no features)."""
+        if not self.needs_features:
+            return None
+        return [tap_layers(n, max_taps) for n in nets]
+
     def routers(self, nets: Sequence[nn.Module], taps: Sequence[Sequence[str]] | None,
-                parts: Sequence[dict[str, Any]]) -> list[Router] | None:
+                parts: Sequence[dict[str, Any]]) -> list[nn.Module] | None:
         """The per-part routers the assembled model holds (``None``: none)."""
         return None
 
@@ -310,6 +319,65 @@ class Joint(Calibrated):
                           + log_route[:, k:k + 1] for k, (logits, _) in enumerate(outs)], 1)
 
 
+class FingerprintRouter(nn.Module):
+    """Part ``k``'s data-free router: its fingerprint's tensors as buffers (see
+    :mod:`modellego.assembly.fingerprint`)."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        for i, d in enumerate(dims):
+            self.register_buffer(f"means{i}", torch.zeros(num_classes, d))
+            self.register_buffer(f"precision{i}", torch.zeros(d, d))
+        self.register_buffer("tap_stats", torch.ones(2, len(dims)))
+        self.register_buffer("score_stats", torch.ones(2))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return route_scores(feats, dict(self.named_buffers()))
+
+
+class FingerprintScaling(Scaling):
+    """Route with each part's own fingerprint, reading no images (``assemble --data-free``):
+    the log p-value of how atypical an image is for a part against its own training images,
+    normalised over the parts; then classify with the owning part."""
+
+    name = "fingerprint"
+    needs_features = True
+    accepts_heads = False
+
+    def check_parts(self, parts):
+        super().check_parts(parts)
+        for k, p in enumerate(parts):
+            if p.get("_fingerprint") is None:
+                where = p.get("file") or f"part {k}"
+                raise ModelLegoError(
+                    f"{where} carries no router fingerprint, so it cannot be routed to "
+                    "without its training data; its owner can add one with `modellego "
+                    "fingerprint MODEL --out MODEL2` (or assemble without --data-free)")
+
+    def taps(self, nets: Sequence[nn.Module], parts: Sequence[dict[str, Any]],
+             max_taps: int) -> list[list[str]]:
+        return [list(p["router_fingerprint"]["taps"]) for p in parts]
+
+    def routers(self, nets, taps, parts):
+        return [FingerprintRouter(_tap_dims(net, taps[k]), parts[k]["_num_outputs"])
+                for k, net in enumerate(nets)]
+
+    @torch.inference_mode()
+    def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
+        for router, p in zip(model.routers, parts):
+            for name, buf in router.named_buffers():
+                buf.copy_(p["_fingerprint"][name])
+        return {"scaling": self.name, "data_free": True, "taps": taps,
+                "fingerprint_images": [int(p["router_fingerprint"]["images"]) for p in parts]}
+
+    def combine(self, model, outs):
+        routes = torch.stack([router(feats) for router, (_, feats) in zip(model.routers, outs)],
+                             1)
+        log_route = torch.log_softmax(routes, 1)
+        return torch.cat([torch.log_softmax(logits, 1)[:, model.part_columns(k)]
+                          + log_route[:, k:k + 1] for k, (logits, _) in enumerate(outs)], 1)
+
+
 class Concern(Scaling):
     """Pan & Rajan's composition: every part's one-vs-rest scores, the highest wins."""
 
@@ -332,7 +400,7 @@ class Concern(Scaling):
 #: every assembly scaling, by name, in the order the CLI lists them
 SCALING_REGISTRY: Registry[Scaling] = Registry("scaling")
 for _scaling in (Scaling(), LogitScaling(), FeatureScaling(), Calibrated(), Joint(),
-                 Concern()):
+                 FingerprintScaling(), Concern()):
     SCALING_REGISTRY.register(_scaling.name, _scaling)
 
 

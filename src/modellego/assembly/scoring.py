@@ -34,6 +34,15 @@ import torch
 from torch import nn
 
 
+def tap_layers(net: nn.Module, max_taps: int) -> list[str]:
+    """Up to ``max_taps`` conv/linear layers spread over the depth, always with the last one."""
+    names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if len(names) <= max_taps:
+        return names
+    step = (len(names) - 1) / (max_taps - 1)
+    return [names[round(i * step)] for i in range(max_taps)]
+
+
 def pooled(x: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
     """Global average pooling of a feature map ``(N, C, H, W)``; a linear layer's
     ``(N, F)`` features pass unchanged, and the input of a linear layer applied on the last
