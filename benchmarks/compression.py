@@ -11,14 +11,6 @@ Accuracy is on the test split. Sample selection (one forward pass over the train
 is done once per model and its K samples per class are handed to every contribution run,
 which selects the same samples again (tests/test_compress.py checks that the components are
 identical). Prints a table and writes benchmarks/results/compression.json.
-
-``--reconstruct N`` also runs each of our criteria with closed-form reconstruction on the N
-selected training images (then BatchNorm re-estimation when ``--recalibrate-bn``).
-``--peers`` (needs ``pip install torch-pruning==1.6.1``, a benchmark-only dependency) runs
-Torch-Pruning side by side at the FLOPs our component reached: its MagnitudePruner with
-L1 and L2 magnitude, Taylor (gradients of the cross-entropy on the selected training
-images) and LAMP (global) importance, the classifier layer kept, the pruning ratio bisected
-to the FLOPs; each plain and with BatchNorm re-estimated the same way as ours.
 """
 
 from __future__ import annotations
@@ -46,75 +38,7 @@ TARGETS = [0.95, 0.9, 0.8, 0.7, 0.6]
 K = 50
 
 
-def torch_pruned(model: torch.nn.Module, shape: tuple, importance: str, ratio: float,
-                 x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
-    """A copy of ``model`` pruned by Torch-Pruning with ``importance`` at ``ratio``."""
-    import copy
-
-    import torch_pruning as tp
-
-    net = copy.deepcopy(model).eval()
-    last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
-    imp = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
-           "l2": lambda: tp.importance.MagnitudeImportance(p=2),
-           "taylor": lambda: tp.importance.TaylorImportance(),
-           "lamp": lambda: tp.importance.LAMPImportance(p=2)}[importance]()
-    pruner = tp.pruner.MagnitudePruner(net, torch.zeros(1, *shape), importance=imp,
-                                       pruning_ratio=ratio, ignored_layers=[last],
-                                       global_pruning=importance == "lamp")
-    if importance == "taylor":
-        net.zero_grad()
-        for i in range(0, len(x), 100):
-            torch.nn.functional.cross_entropy(net(x[i:i + 100]), y[i:i + 100],
-                                              reduction="sum").backward()
-    pruner.step()
-    net.zero_grad(set_to_none=True)
-    return net.eval()
-
-
-def torch_pruning_rows(rel: str, model, shape, target: float, goal: float, x, y, x_test,
-                       test, own, flops: int, src_acc: float, calib, recalibrate: int
-                       ) -> list[dict]:
-    """Torch-Pruning's importances at ``goal`` FLOPs (bisection on the pruning ratio)."""
-    from modellego.surgery.recalibrate import recalibrate_batchnorm
-
-    labels = torch.as_tensor([own.index(int(v)) for v in y])
-    rows = []
-    for importance in ("l1", "l2", "taylor", "lamp"):
-        t0 = time.perf_counter()
-        lo, hi, best = 0.0, 0.95, None
-        for _ in range(12):  # the largest ratio whose FLOPs are still above the goal, + 1 step
-            mid = (lo + hi) / 2
-            net = torch_pruned(model, shape, importance, mid, x, labels)
-            if count_flops(net, shape) / flops <= goal:
-                best, hi = (mid, net), mid
-            else:
-                lo = mid
-        if best is None:
-            rows.append({"model": rel, "target": target, "criterion": f"tp-{importance}",
-                         "error": f"no ratio up to 0.95 reaches {goal:.3f} of the FLOPs"})
-            continue
-        ratio, net = best
-        for recal in ([0, recalibrate] if recalibrate else [0]):
-            if recal:
-                recalibrate_batchnorm(net, calib)
-            acc = accuracy_from_logits(predict_logits(net, x_test), test.labels, own).accuracy
-            row = {"model": rel, "target": target, "criterion": f"tp-{importance}",
-                   "recalibrate_bn": recal, "reconstruct": 0, "target_flops": goal,
-                   "flops_ratio": count_flops(net, shape) / flops,
-                   "params_ratio": count_params(net) / count_params(model),
-                   "accuracy": acc, "delta_pp": 100 * (acc - src_acc),
-                   "seconds": time.perf_counter() - t0, "fraction": ratio, "locate": None}
-            rows.append(row)
-            label = f"tp-{importance}" + ("+bn" if recal else "")
-            print(f"  target {target:.2f} {label:<16} FLOPs {100 * row['flops_ratio']:5.1f} %"
-                  f" params {100 * row['params_ratio']:5.1f} %  accuracy {acc:.4f} "
-                  f"({row['delta_pp']:+.2f} pp)", flush=True)
-    return rows
-
-
-def run_model(rel: str, targets: list[float], recalibrate: int = 0, reconstruct: int = 0,
-              peers: bool = False) -> tuple[dict, list[dict]]:
+def run_model(rel: str, targets: list[float], recalibrate: int = 0) -> tuple[dict, list[dict]]:
     path = ROOT / "checkpoints" / f"{rel}.safetensors"
     model, manifest = load_model(path)
     own = list(manifest["classes"])
@@ -138,14 +62,12 @@ def run_model(rel: str, targets: list[float], recalibrate: int = 0, reconstruct:
     rows = []
     for target in targets:
         reached = target  # where ours fails, L1 and FPGM are pruned to the target itself
-        ours = ("contribution", "l1", "fpgm")
-        runs = [(c, 0, 0) for c in ours]
-        runs += [(c, recalibrate, 0) for c in ours if recalibrate]
-        runs += [(c, recalibrate, reconstruct) for c in ours if reconstruct]
-        for criterion, recal, recon in runs:
+        runs = [(c, 0) for c in ("contribution", "l1", "fpgm")]
+        runs += [(c, recalibrate) for c in ("contribution", "l1", "fpgm") if recalibrate]
+        for criterion, recal in runs:
             goal = target if criterion == "contribution" else reached
             config = CompressConfig(criterion, target_flops=goal, samples_per_class=K,
-                                    recalibrate_bn=recal, reconstruct=recon)
+                                    recalibrate_bn=recal)
             t0 = time.perf_counter()
             try:
                 res = compress_model(model, shape, output_classes=own, config=config,
@@ -153,15 +75,14 @@ def run_model(rel: str, targets: list[float], recalibrate: int = 0, reconstruct:
                                      calibration_images=calib if recal else None)
             except Exception as exc:  # a criterion that cannot reach the target: say so
                 rows.append({"model": rel, "target": target, "criterion": criterion,
-                             "recalibrate_bn": recal, "reconstruct": recon,
-                             "target_flops": goal, "error": str(exc)})
+                             "recalibrate_bn": recal, "target_flops": goal, "error": str(exc)})
                 print(f"  target {target:.2f} {criterion:<12} failed: {exc}", flush=True)
                 continue
             seconds = time.perf_counter() - t0
             acc = accuracy_from_logits(predict_logits(res.model, x_test), test.labels,
                                        own).accuracy
             row = {"model": rel, "target": target, "criterion": criterion,
-                   "recalibrate_bn": recal, "reconstruct": recon, "target_flops": goal,
+                   "recalibrate_bn": recal, "target_flops": goal,
                    "flops_ratio": count_flops(res.model, shape) / flops,
                    "params_ratio": count_params(res.model) / params,
                    "accuracy": acc, "delta_pp": 100 * (acc - src_acc), "seconds": seconds,
@@ -170,13 +91,10 @@ def run_model(rel: str, targets: list[float], recalibrate: int = 0, reconstruct:
             if criterion == "contribution" and not recal:
                 reached = row["flops_ratio"]
             rows.append(row)
-            label = criterion + ("+rec" if recon else "") + ("+bn" if recal else "")
+            label = criterion + ("+bn" if recal else "")
             print(f"  target {target:.2f} {label:<16} FLOPs {100 * row['flops_ratio']:5.1f} %"
                   f" params {100 * row['params_ratio']:5.1f} %  accuracy {acc:.4f} "
                   f"({row['delta_pp']:+.2f} pp) [{seconds:.0f} s]", flush=True)
-        if peers:
-            rows += torch_pruning_rows(rel, model, shape, target, reached, x_sel, y_sel,
-                                       x_test, test, own, flops, src_acc, calib, recalibrate)
     return source, rows
 
 
@@ -187,22 +105,15 @@ def main() -> int:
     parser.add_argument("--recalibrate-bn", type=int, default=2000, metavar="N",
                         help="also run every criterion with BatchNorm re-estimation on N "
                              "training images (0: skip)")
-    parser.add_argument("--reconstruct", type=int, default=0, metavar="N",
-                        help="also run our criteria with reconstruction on N images")
-    parser.add_argument("--peers", action="store_true",
-                        help="also run Torch-Pruning (pip install torch-pruning==1.6.1)")
-    parser.add_argument("--out", default="compression.json",
-                        help="file name under benchmarks/results/")
     args = parser.parse_args()
-    out = ROOT / "benchmarks" / "results" / args.out
+    out = ROOT / "benchmarks" / "results" / "compression.json"
     t0 = time.perf_counter()
     result = {"modellego_version": __version__, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "samples_per_class": K,
               "targets": args.targets, "sources": [], "rows": []}
     for rel in args.models:
-        source, rows = run_model(rel, args.targets, args.recalibrate_bn, args.reconstruct,
-                                 args.peers)
+        source, rows = run_model(rel, args.targets, args.recalibrate_bn)
         result["sources"].append(source)
         result["rows"] += rows
     result["seconds"] = time.perf_counter() - t0

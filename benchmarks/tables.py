@@ -257,34 +257,6 @@ def compression(data: dict) -> list[str]:
     return lines
 
 
-def compression_peers(data: dict) -> list[str]:
-    """Per model and FLOPs target: the accuracy (change against the source, pp) of our
-    criteria with their best training-free repair and of Torch-Pruning's at the same FLOPs."""
-    variants = [("contribution+rec+bn", "ours + rec + BN"), ("contribution+bn", "ours + BN"),
-                ("l1+rec+bn", "L1 + rec + BN"), ("fpgm+rec+bn", "FPGM + rec + BN"),
-                ("tp-l1+bn", "TP L1 + BN"), ("tp-l2+bn", "TP L2 + BN"),
-                ("tp-taylor+bn", "TP Taylor + BN"), ("tp-lamp+bn", "TP LAMP + BN")]
-    lines = [f"Measured {data['date']} (torch {data['torch']}, {data['threads']} threads).", "",
-             "| model | FLOPs target | FLOPs kept (ours) | " +
-             " | ".join(v[1] for v in variants) + " | best |",
-             "|---|---|---|" + "---|" * (len(variants) + 1)]
-    cells: dict[tuple, dict] = {}
-    for r in data["rows"]:
-        key = r["criterion"] + ("+rec" if r.get("reconstruct") else "") \
-            + ("+bn" if r.get("recalibrate_bn") else "")
-        cells.setdefault((r["model"], r["target"]), {})[key] = r
-    for (model, target), by in cells.items():
-        found = [(label, by.get(key)) for key, label in variants]
-        ok = [(label, r) for label, r in found if r and "error" not in r]
-        best = max(ok, key=lambda lr: lr[1]["accuracy"])[0] if ok else "—"
-        ours = by.get("contribution+rec+bn") or by.get("contribution+bn") or {}
-        kept = "—" if "flops_ratio" not in ours else f"{100 * ours['flops_ratio']:.1f} %"
-        row = " | ".join("—" if not r or "error" in r else
-                         f"{r['accuracy']:.4f} ({r['delta_pp']:+.2f})" for _, r in found)
-        lines.append(f"| {model} | {target:.2f} | {kept} | {row} | {best} |")
-    return lines
-
-
 def reconstruct(data: dict) -> list[str]:
     lines = [f"Mass-rule components of the shipped Fashion-MNIST models, plain cut against "
              f"`--reconstruct {data['fit_images']}` (each also with `--recalibrate-bn "
@@ -379,10 +351,10 @@ def zoo_files(data: dict) -> list[str]:
 TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("assembly-routing.json", assembly_routing),
           ("assembly-routing.json", assembly_goals, "assembly-goals-table"),
-          ("routers.json", routers), ("scale.json", scale),
+          ("routers.json", routers), ("routers-quick.json", routers, "routers-table"),
+          ("scale.json", scale),
           ("distillation.json", distillation), ("strategies.json", strategies),
-          ("compression.json", compression),
-          ("compression-peers.json", compression_peers), ("reconstruct.json", reconstruct),
+          ("compression.json", compression), ("reconstruct.json", reconstruct),
           ("zoo.json", zoo), ("zoo-files.json", zoo_files))
 README = RESULTS.parent.parent / "README.md"
 
