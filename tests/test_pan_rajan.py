@@ -65,7 +65,7 @@ def test_cli_choices_come_from_the_registries():
     assert choices[("compress", "criterion")] == CRITERIA == ("contribution", "l1", "fpgm")
     assert choices[("assemble", "layout")] == LAYOUTS == ("parallel", "padded", "union")
     assert choices[("assemble", "scaling")] == SCALINGS == (
-        "none", "logit", "feature", "calibrated", "joint", "concern")
+        "none", "logit", "feature", "calibrated", "joint", "fingerprint", "concern")
     assert METHODS == ("contribution", "contribution-2022", "frat", "pan-rajan")
 
 
