@@ -100,10 +100,7 @@ def _open_model(path: Path) -> LoadedModel:
     manifest = checked.to_dict()
     skeleton = _build(manifest, str(path), meta=True)
     expected = skeleton.state_dict()
-    marked = {k[len(ROUTER_FINGERPRINT_PREFIX):]: entry for k, entry in entries.items()
-              if k.startswith(ROUTER_FINGERPRINT_PREFIX)}
-    entries = {k: entry for k, entry in entries.items()
-               if not k.startswith(ROUTER_FINGERPRINT_PREFIX)}
+    entries, marked = _split_fingerprint(entries)
     _compare_tensors(path, {k: tuple(v.shape) for k, v in expected.items()},
                      {k: shape for k, (_, shape) in entries.items()})
     _compare_dtypes(path, {k: v.dtype for k, v in expected.items()}, entries)
@@ -113,9 +110,8 @@ def _open_model(path: Path) -> LoadedModel:
                      what="router fingerprint tensors")
     _compare_dtypes(path, {k: torch.float32 for k in fp_shapes}, marked)
     _check_outputs(checked, str(path), skeleton)
-    tensors = _load_tensors(path)
-    fingerprint = {k[len(ROUTER_FINGERPRINT_PREFIX):]: tensors.pop(k).float()
-                   for k in list(tensors) if k.startswith(ROUTER_FINGERPRINT_PREFIX)}
+    tensors, fingerprint = _split_fingerprint(_load_tensors(path))
+    fingerprint = {k: v.float() for k, v in fingerprint.items()}
     for k, v in fingerprint.items():
         if not torch.isfinite(v).all():
             raise ModelFileError(f"{path}: router fingerprint tensor {k} contains NaN or "
@@ -129,6 +125,18 @@ def _open_model(path: Path) -> LoadedModel:
     _check_fixed(path, model, tensors)
     load_state(model, tensors)
     return LoadedModel(model.eval(), checked, path, fingerprint if spec is not None else None)
+
+
+def _split_fingerprint(items: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A file's entries (or tensors) split into the network's and its router fingerprint's
+    (those named ``@fingerprint/...``, returned without the prefix)."""
+    network, marked = {}, {}
+    for k, v in items.items():
+        if k.startswith(ROUTER_FINGERPRINT_PREFIX):
+            marked[k[len(ROUTER_FINGERPRINT_PREFIX):]] = v
+        else:
+            network[k] = v
+    return network, marked
 
 
 def load_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -38,7 +38,7 @@ from ..data.lazy import default_batch, iter_slices
 from ..data.registry import load_split_for
 from ..errors import ModelLegoError
 from ..manifest import ROUTER_FINGERPRINT_VERSIONS
-from .scoring import FeatureTap, class_gaussians, tap_layers
+from .scoring import FeatureTap, class_distances, class_gaussians, class_halves, tap_layers
 
 #: training images per class a fingerprint is made from (fewer when a class has fewer)
 FINGERPRINT_IMAGES = 1000
@@ -59,9 +59,7 @@ def min_distances(f: torch.Tensor, means: torch.Tensor, precision: torch.Tensor
                   ) -> torch.Tensor:
     """``(N,)`` squared Mahalanobis distance of each row of ``f`` to its nearest class mean
     (float64, at least 1e-12 so that its log is finite)."""
-    f, mu, prec = f.double(), means.double(), precision.double()
-    fp = f @ prec
-    d = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + ((mu @ prec) * mu).sum(1)
+    d = class_distances(f.double(), means.double(), precision.double())
     return d.min(1).values.clamp_min(1e-12)
 
 
@@ -77,13 +75,14 @@ def route_scores(feats: Sequence[torch.Tensor], tensors: Mapping[str, torch.Tens
 
 
 def _halves(y: torch.Tensor, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    per_class = [perm[y[perm] == c] for c in range(num_classes)]
-    if any(len(p) < 2 for p in per_class):
-        c = next(c for c, p in enumerate(per_class) if len(p) < 2)
+    """:func:`class_halves`, refusing a class with fewer than 2 images (a half without it
+    would give it no Gaussian or no held-out score)."""
+    counts = torch.bincount(y, minlength=num_classes)
+    if bool((counts < 2).any()):
+        c = int((counts < 2).nonzero()[0])
         raise ModelLegoError(f"a fingerprint needs at least 2 training images of every "
-                             f"class; output {c} has {len(per_class[c])}")
-    return (torch.cat([p[::2] for p in per_class]), torch.cat([p[1::2] for p in per_class]))
+                             f"class; output {c} has {int(counts[c])}")
+    return class_halves(y, num_classes, seed)
 
 
 @torch.inference_mode()

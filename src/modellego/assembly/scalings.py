@@ -32,6 +32,7 @@ from .scoring import (
     JointRouterPart,
     Router,
     class_gaussians,
+    class_halves,
     fit_joint_router,
     fit_router_weights,
     tap_layers,
@@ -150,6 +151,15 @@ def _adapter(adapters: Sequence[nn.Module], k: int) -> nn.Module:
     return adapters[k] if len(adapters) > 1 else adapters[0]
 
 
+def route_then_classify(model: AssembledModel, outs: PartOutputs, routes: torch.Tensor
+                        ) -> torch.Tensor:
+    """The routers' combination: the assembled logit of kept output ``c`` of part ``k`` is
+    ``log softmax_k(routes) + log softmax(logits_k)_c`` (``routes``: ``(B, parts)``)."""
+    log_route = torch.log_softmax(routes, 1)
+    return torch.cat([torch.log_softmax(logits, 1)[:, model.part_columns(k)]
+                      + log_route[:, k:k + 1] for k, (logits, _) in enumerate(outs)], 1)
+
+
 class LogitScaling(Scaling):
     """Each output divided by its class's mean winning logit (the public code's rule)."""
 
@@ -216,13 +226,8 @@ class Calibrated(Scaling):
     def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
         adapters = model.body.adapters
         # Gaussians on one half of each part's images, router on the other half
-        halves = []
-        for x, y in data:
-            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))
-            # split every class in two, so that each class has fitting images (else NaN means)
-            per_class = [perm[y[perm] == c] for c in range(int(y.max()) + 1)]
-            halves.append((torch.cat([p[::2] for p in per_class]),
-                           torch.cat([p[1::2] for p in per_class])))
+        # split every class in two, so that each class has fitting images (else NaN means)
+        halves = [class_halves(y, int(y.max()) + 1, config.seed) for _, y in data]
         for k, (router, (x, y)) in enumerate(zip(model.routers, data)):
             fit_idx = halves[k][0]
             part = model.body.parts[k]
@@ -252,12 +257,9 @@ class Calibrated(Scaling):
                 "router_fit_accuracy": float((routed == owner).double().mean()), "taps": taps}
 
     def combine(self, model, outs):
-        pieces, routes = [], []
-        for k, (logits, feats) in enumerate(outs):
-            routes.append(model.routers[k](logits, feats))
-            pieces.append(torch.log_softmax(logits, 1)[:, model.part_columns(k)])
-        log_route = torch.log_softmax(torch.stack(routes, 1), 1)
-        return torch.cat([p + log_route[:, k:k + 1] for k, p in enumerate(pieces)], 1)
+        routes = torch.stack([model.routers[k](logits, feats)
+                              for k, (logits, feats) in enumerate(outs)], 1)
+        return route_then_classify(model, outs, routes)
 
 
 #: the ridge penalties the ``joint`` router chooses among (per weight, on standardised features)
@@ -314,9 +316,7 @@ class Joint(Calibrated):
         z = torch.cat([router.standardised(feats)
                        for router, (_, feats) in zip(model.routers, outs)], 1)
         routes = torch.stack([z @ router.weight + router.bias for router in model.routers], 1)
-        log_route = torch.log_softmax(routes, 1)
-        return torch.cat([torch.log_softmax(logits, 1)[:, model.part_columns(k)]
-                          + log_route[:, k:k + 1] for k, (logits, _) in enumerate(outs)], 1)
+        return route_then_classify(model, outs, routes)
 
 
 class FingerprintRouter(nn.Module):
@@ -373,9 +373,7 @@ class FingerprintScaling(Scaling):
     def combine(self, model, outs):
         routes = torch.stack([router(feats) for router, (_, feats) in zip(model.routers, outs)],
                              1)
-        log_route = torch.log_softmax(routes, 1)
-        return torch.cat([torch.log_softmax(logits, 1)[:, model.part_columns(k)]
-                          + log_route[:, k:k + 1] for k, (logits, _) in enumerate(outs)], 1)
+        return route_then_classify(model, outs, routes)
 
 
 class Concern(Scaling):

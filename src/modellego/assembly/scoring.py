@@ -43,6 +43,23 @@ def tap_layers(net: nn.Module, max_taps: int) -> list[str]:
     return [names[round(i * step)] for i in range(max_taps)]
 
 
+def class_distances(f: torch.Tensor, means: torch.Tensor, precision: torch.Tensor
+                    ) -> torch.Tensor:
+    """``(N, C)`` squared Mahalanobis distances of the rows of ``f`` to each class mean under
+    one tied ``precision`` matrix (in the tensors' own dtype)."""
+    fp = f @ precision
+    return (fp * f).sum(1, keepdim=True) - 2 * fp @ means.T + ((means @ precision) * means).sum(1)
+
+
+def class_halves(y: torch.Tensor, num_classes: int, seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint halves of the positions of ``y`` (one seeded permutation), every class
+    split in two, so that each half holds images of every class that has two or more."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    per_class = [perm[y[perm] == c] for c in range(num_classes)]
+    return (torch.cat([p[::2] for p in per_class]), torch.cat([p[1::2] for p in per_class]))
+
+
 def pooled(x: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
     """Global average pooling of a feature map ``(N, C, H, W)``; a linear layer's
     ``(N, F)`` features pass unchanged, and the input of a linear layer applied on the last
@@ -105,10 +122,7 @@ class Router(nn.Module):
         """``(B, L + 1)`` raw scores: log-sum-exp, then minus each layer's distance."""
         cols = [torch.logsumexp(logits, 1)]
         for i, f in enumerate(feats):
-            mu = getattr(self, f"means{i}")
-            prec = getattr(self, f"precision{i}")
-            fp = f @ prec
-            d = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + ((mu @ prec) * mu).sum(1)
+            d = class_distances(f, getattr(self, f"means{i}"), getattr(self, f"precision{i}"))
             cols.append(-d.min(1).values)
         return torch.stack(cols, 1)
 
