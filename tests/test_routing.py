@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from modellego.assembly.routing import auroc, routing_metrics
+from modellego.assembly.scoring import balancing_weights, fit_joint_router
 
 
 def test_auroc_counts_pairs_and_half_ties() -> None:
@@ -61,3 +62,28 @@ def test_three_parts_one_vs_rest_and_pairs() -> None:
     assert m["auroc_pairs"] == {"0-1": 1.0, "0-2": 1.0, "1-2": 1.0}
     with pytest.raises(ValueError, match="every output must belong to a part"):
         routing_metrics(logits, labels, [[0], [1]])
+
+
+def test_balancing_weights_give_every_group_the_same_total() -> None:
+    w = balancing_weights(torch.tensor([0, 0, 0, 5, 5, 9]))
+    # 1/3, 1/3, 1/3, 1/2, 1/2, 1 scaled to mean 1 (their mean is 1/2)
+    assert torch.allclose(w, torch.tensor([2 / 3, 2 / 3, 2 / 3, 1.0, 1.0, 2.0],
+                                          dtype=torch.float64))
+    assert float(w[:3].sum()) == pytest.approx(float(w[3:5].sum())) == pytest.approx(2.0)
+
+
+def test_weighted_joint_router_equals_the_fit_on_repeated_images() -> None:
+    """Weight 2 on an image is the same objective as that image twice (the loss is
+    mean-normalised by the weights), so both fits reach the same optimum."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    owner = torch.randint(0, 3, (30,), generator=g)
+    weights = torch.ones(30, dtype=torch.float64)
+    weights[:7] = 2.0
+    w1, b1 = fit_joint_router(z, owner, 1e-2, weights=weights)
+    rep = torch.cat([z, z[:7]])
+    w2, b2 = fit_joint_router(rep, torch.cat([owner, owner[:7]]), 1e-2)
+    assert torch.allclose(w1, w2, atol=1e-6) and torch.allclose(b1, b2, atol=1e-6)
+    # and the weights do change the fit
+    w0, _ = fit_joint_router(z, owner, 1e-2)
+    assert not torch.allclose(w0, w1, atol=1e-3)

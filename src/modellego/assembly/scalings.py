@@ -31,6 +31,7 @@ from .scoring import (
     FeatureTap,
     JointRouterPart,
     Router,
+    balancing_weights,
     class_gaussians,
     class_halves,
     fit_joint_router,
@@ -284,6 +285,11 @@ class Joint(Calibrated):
         x = torch.cat([xk for xk, _ in data])
         owner = torch.cat([torch.full((len(xk),), k, dtype=torch.long)
                            for k, (xk, _) in enumerate(data)])
+        # every assembled class weighs the same, however many calibration images it has
+        # (else a part with 1000 images per class outvotes one with 130)
+        offsets = torch.tensor([0] + [p["_num_outputs"] for p in parts]).cumsum(0)
+        groups = torch.cat([yk.long() + offsets[k] for k, (_, yk) in enumerate(data)])
+        weights = balancing_weights(groups)
         feats = []
         for k, router in enumerate(model.routers):
             part = model.body.parts[k]
@@ -293,21 +299,24 @@ class Joint(Calibrated):
             router.feat_std.copy_(f.std(0).clamp_min(1e-6))
             feats.append((f - router.feat_mean) / router.feat_std)
         z = torch.cat(feats, 1)
-        # choose the penalty on one half of every part's images (seeded), then fit on all
+        # choose the penalty on one half of every part's images (seeded), then fit on all;
+        # held-out routing accuracy weighted the same way (the mean over assembled classes)
         perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(config.seed))
         fit_idx, held = perm[::2], perm[1::2]
+        held_w = balancing_weights(groups[held])
         held_acc = {}
         for l2 in JOINT_L2:
-            w, b = fit_joint_router(z[fit_idx], owner[fit_idx], l2)
+            w, b = fit_joint_router(z[fit_idx], owner[fit_idx], l2,
+                                    weights=balancing_weights(groups[fit_idx]))
             routed = (z[held].double() @ w.T + b).argmax(1)
-            held_acc[l2] = float((routed == owner[held]).double().mean())
+            held_acc[l2] = float(((routed == owner[held]).double() * held_w).mean())
         best = max(JOINT_L2, key=lambda v: (held_acc[v], v))  # ties: the stronger penalty
-        w, b = fit_joint_router(z, owner, best)
+        w, b = fit_joint_router(z, owner, best, weights=weights)
         for k, router in enumerate(model.routers):
             router.weight.copy_(w[k])
             router.bias.fill_(float(b[k]))
         routed = (z.double() @ w.T + b).argmax(1)
-        return {"scaling": self.name, "taps": taps, "l2": best,
+        return {"scaling": self.name, "taps": taps, "l2": best, "class_balanced": True,
                 "held_out_routing_accuracy": {str(k): v for k, v in held_acc.items()},
                 "router_fit_accuracy": float((routed == owner).double().mean()),
                 "router_weights": int(w.numel() + b.numel()), "fit_images": len(z)}

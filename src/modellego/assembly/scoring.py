@@ -153,26 +153,40 @@ class JointRouterPart(nn.Module):
         return (torch.cat(feats, 1) - self.feat_mean) / self.feat_std
 
 
-def fit_joint_router(z: torch.Tensor, owner: torch.Tensor, l2: float, *, steps: int = 300
+def fit_joint_router(z: torch.Tensor, owner: torch.Tensor, l2: float, *,
+                     weights: torch.Tensor | None = None, steps: int = 300
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression ``softmax(z @ W.T + b)`` predicting ``owner`` from
-    standardised features ``z`` ``(N, D)``: cross-entropy plus ``l2 * ||W||^2``, L-BFGS in
-    float64. Returns ``W`` ``(parts, D)`` and ``b`` ``(parts,)``."""
+    standardised features ``z`` ``(N, D)``: the (``weights``-weighted, mean-normalised)
+    cross-entropy plus ``l2 * ||W||^2``, L-BFGS in float64. Returns ``W`` ``(parts, D)`` and
+    ``b`` ``(parts,)``."""
     with torch.inference_mode(False), torch.enable_grad():
         k = int(owner.max()) + 1
         zz, owner = z.double().clone(), owner.clone()
+        sw = torch.ones(len(zz), dtype=torch.float64) if weights is None \
+            else weights.double().clone()
+        sw = sw / sw.mean()
         w = torch.zeros(k, zz.shape[1], dtype=torch.float64, requires_grad=True)
         b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(zz @ w.T + b, owner) + l2 * (w ** 2).sum()
+            ce = nn.functional.cross_entropy(zz @ w.T + b, owner, reduction="none")
+            loss = (ce * sw).mean() + l2 * (w ** 2).sum()
             loss.backward()
             return loss
 
         opt.step(closure)
     return w.detach(), b.detach()
+
+
+def balancing_weights(groups: torch.Tensor) -> torch.Tensor:
+    """Per-image weights ``1 / (images in its group)``, scaled to mean 1: every group
+    (an assembled class) then weighs the same in a fit, however many images it has."""
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    w = 1.0 / counts.double()[inverse]
+    return w / w.mean()
 
 
 def class_gaussians(feats: torch.Tensor, labels: torch.Tensor, num_classes: int
