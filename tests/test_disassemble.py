@@ -39,7 +39,9 @@ def modes(model: nn.Module) -> list[bool]:
 
 
 def config(k: int = K, classes=TASK, **locate) -> DisassemblyConfig:
-    return DisassemblyConfig(tuple(classes), samples_per_class=k, locate=LocateConfig(**locate))
+    # the plain cut with the given thresholds (the default preset would also reconstruct)
+    return DisassemblyConfig(tuple(classes), samples_per_class=k, locate=LocateConfig(**locate),
+                             preset="paper")
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -15,7 +15,7 @@ from modellego.analysis.frat import frat_locate, gradient_profile
 from modellego.analysis.locate import LocateConfig, locate, profiled_layers
 from modellego.analysis.methods import candidates, get_method
 from modellego.analysis.profile import contribution_profile, select_samples
-from modellego.analysis.search import FRAT_SCALES
+from modellego.analysis.search import FRAT_SCALES, rule_family
 from modellego.cli import main
 from modellego.data import load_split, normalize
 from modellego.disassembly import METHODS, DisassemblyConfig, default_locate, disassemble_model
@@ -49,9 +49,10 @@ def test_default_method_is_the_contribution_pipeline_bit_for_bit(trained, digits
     pipeline's parts as they were before methods existed (no method anywhere)."""
     x, y = digits
     comp = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
-                             config=DisassemblyConfig(TASK, samples_per_class=K))
+                             config=DisassemblyConfig.paper(TASK, samples_per_class=K))
     assert comp.method == "contribution" and comp.locate == LocateConfig()
-    assert DisassemblyConfig(TASK).locate == LocateConfig() == default_locate()
+    assert DisassemblyConfig.paper(TASK).locate == LocateConfig() == default_locate()
+    assert comp.reconstruction is None and comp.validation is None
     graph = build_channel_graph(trained, (1, 28, 28))
     sel = select_samples(trained, x, y, TASK, range(10), k=K)
     idx = sel.all_indices()
@@ -68,7 +69,8 @@ def test_default_method_is_the_contribution_pipeline_bit_for_bit(trained, digits
         assert torch.equal(got[key], want[key]), key
     explicit = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
                                  config=DisassemblyConfig(TASK, samples_per_class=K,
-                                                          method="contribution"))
+                                                          method="contribution",
+                                                          preset="paper"))
     assert explicit.plan == plan
 
 
@@ -156,7 +158,7 @@ def test_2022_keeps_the_inputs_above_alpha_of_the_max():
         want = s / (s.max() + 1e-5) > alpha
         assert comp.plan.kept("conv") == tuple(int(i) for i in want.nonzero().flatten())
         minmax = disassemble_model(model, x, y, classes=(c,), output_classes=range(4),
-                                   config=DisassemblyConfig((c,), samples_per_class=8))
+                                   config=DisassemblyConfig.paper((c,), samples_per_class=8))
         want_minmax = (s - s.min()) / (s.max() - s.min() + 1e-5) > alpha
         assert minmax.plan.kept("conv") == tuple(
             int(i) for i in want_minmax.nonzero().flatten())
@@ -382,7 +384,7 @@ def test_every_architecture_disassembles_with_every_method(arch, method, noise):
     assert torch.bincount(y, minlength=10)[list(classes)].min() > 0
     comp = disassemble_model(model, noise, y, classes=classes, output_classes=range(10),
                              config=DisassemblyConfig(classes, samples_per_class=5,
-                                                      method=method))
+                                                      method=method, preset="paper"))
     assert comp.method == method
     assert comp.plan.kept(comp.graph.output_layer.name) == classes
     out = run(comp.model, noise[:6])
@@ -415,7 +417,12 @@ def test_cli_records_the_method(method, source, tmp_path):
     assert code == 0, err
     prov = read_manifest(out)["provenance"]
     assert prov["method"] == method and prov["config"]["method"] == method
-    assert prov["locate"] == default_locate(method).to_dict()
+    if method == "contribution":  # the default preset: the mass rule's searched threshold
+        family = [c.to_dict() for c in rule_family(LocateConfig(rule="mass"))]
+        assert prov["config"]["preset"] == "default" and prov["locate"] in family
+        assert prov["validation"]["budget_pp"] == 0.5 and prov["config"]["reconstruct"] == 1000
+    else:
+        assert prov["locate"] == default_locate(method).to_dict()
     assert prov["locate"]["normalize"] == ("max" if method == "contribution-2022" else "minmax")
     comp, _ = load_model(out)
     assert run(comp, torch.zeros(1, 1, 28, 28)).shape == (1, 2)

@@ -306,7 +306,7 @@ def test_on_a_trained_model_reconstruction_beats_the_plain_cut(trained, digits) 
     locate = LocateConfig(rule="mass", beta_conv=0.3, beta_linear=0.3)
     kwargs = dict(classes=task, output_classes=range(10))
     plain = disassemble_model(trained, x, y, config=DisassemblyConfig(
-        task, samples_per_class=20, locate=locate), **kwargs)
+        task, samples_per_class=20, locate=locate, reconstruct=0), **kwargs)
     fixed = disassemble_model(trained, x, y, config=DisassemblyConfig(
         task, samples_per_class=20, locate=locate, reconstruct=300), reuse=plain, **kwargs)
     assert fixed.plan == plain.plan and plain.reconstruction is None
@@ -380,7 +380,8 @@ def test_cli_reconstructs_records_it_and_the_file_gives_the_same_logits(
         simnet_digits_file: Path, tmp_path: Path) -> None:
     out, rep = tmp_path / "c.safetensors", tmp_path / "c.json"
     code, stdout, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
-                                 "--rule", "mass", "--reconstruct", "200", "--out", out,
+                                 "--preset", "paper", "--rule", "mass", "--reconstruct", "200",
+                                 "--out", out,
                                  "--report", rep])
     assert code == 0, err
     assert "reconstruction: " in stdout and "on 200 training images" in stdout

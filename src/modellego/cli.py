@@ -231,7 +231,7 @@ def _finish(outs: dict[str, Path], model=None, manifest=None, report=None, html=
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
-    from .disassembly import DisassemblyConfig
+    from .disassembly import DEFAULT_BUDGET, DisassemblyConfig
     from .files import load_model
     from .runtime.distributed import distributed_from_env
     from .workflows import disassemble, format_report
@@ -239,13 +239,19 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
 
     outs = _outputs(args, [args.file], "--out", "--report", "--html")
     model, manifest = load_model(args.file)
+    locate = _locate_config(args, args.method)
+    budget = args.max_accuracy_drop
+    if locate is not None and args.preset == "default" and args.method == "contribution" \
+            and _thresholds_given(args) == {} and (budget, args.target_flops) == (None, None):
+        budget = DEFAULT_BUDGET  # --rule alone: the default search along that rule's family
+    reconstruct = 0 if args.no_reconstruct else args.reconstruct
     config = DisassemblyConfig(tuple(args.classes), samples_per_class=args.samples_per_class,
-                               locate=_locate_config(args, args.method),
-                               compensate=args.compensate,
-                               max_accuracy_drop=args.max_accuracy_drop,
+                               locate=locate, compensate=args.compensate,
+                               max_accuracy_drop=budget,
                                target_flops=args.target_flops, refine=args.refine,
                                recalibrate_bn=args.recalibrate_bn,
-                               reconstruct=args.reconstruct, method=args.method)
+                               reconstruct=reconstruct, method=args.method,
+                               preset=args.preset, confidence=args.confidence)
     check_own_dataset(manifest, args.dataset, args.data_dir)
     command = "modellego " + shlex.join(args.argv)
     # under torchrun the profile runs data-parallel (same result); only rank 0 writes
@@ -352,16 +358,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thresholds_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The locating thresholds given on the command line."""
+    return {k: getattr(args, k) for k in ("alpha_conv", "beta_conv", "alpha_linear",
+                                          "beta_linear") if getattr(args, k) is not None}
+
+
 def _locate_config(args: argparse.Namespace, method: str = "contribution"):
-    """The locating thresholds given on the command line; the method's defaults for the
-    others (see :func:`modellego.disassembly.default_locate`)."""
+    """The locating thresholds given on the command line, the method's defaults for the
+    others (see :func:`modellego.disassembly.default_locate`); ``None`` when neither a rule
+    nor a threshold is given (the preset's, see :class:`~modellego.DisassemblyConfig`)."""
     from dataclasses import replace
 
     from .disassembly import default_locate
 
-    given = {k: getattr(args, k) for k in ("alpha_conv", "beta_conv", "alpha_linear",
-                                           "beta_linear") if getattr(args, k) is not None}
-    return replace(default_locate(method), rule=args.rule, **given)
+    given = _thresholds_given(args)
+    if args.rule is None and not given and getattr(args, "preset", None) is not None:
+        return None
+    rule = args.rule or ("count" if getattr(args, "preset", None) == "paper"
+                         or method != "contribution" else "mass")
+    return replace(default_locate(method), rule=rule, **given)
 
 
 def _figure_outputs(args: argparse.Namespace, *flags: str) -> dict[str, Path]:
@@ -494,10 +510,12 @@ def _add_data_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--samples-per-class", type=int, default=50)
 
 
-def _add_locate_args(s: argparse.ArgumentParser) -> None:
-    """The locating thresholds, with disassemble's defaults."""
-    s.add_argument("--rule", choices=("count", "mass"), default="count",
-                   help="count: the paper's relevant-kernel counting; mass: contribution mass")
+def _add_locate_args(s: argparse.ArgumentParser, rule: str | None = None) -> None:
+    """The locating thresholds, with disassemble's defaults (``rule``: the default rule;
+    ``None``: the preset's)."""
+    s.add_argument("--rule", choices=("count", "mass"), default=rule,
+                   help="count: the paper's relevant-kernel counting; mass: contribution mass "
+                        f"(default: {rule or 'mass; count with --preset paper'})")
     s.add_argument("--alpha-conv", type=float, default=None,
                    help="default 0.3 (0.2 with --method frat)")
     s.add_argument("--beta-conv", type=float, default=None, help="default 0.2")
@@ -611,9 +629,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 0.01; outputs are concern scores)")
     s.add_argument("--compensate", action="store_true",
                    help="fold the mean contribution of removed channels into biases")
+    s.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="default: the mass rule's threshold searched for the smallest "
+                        "component within --max-accuracy-drop (0.5) of the restricted source "
+                        "at --confidence (0.9), each candidate reconstructed; paper: the "
+                        "published method exactly (count rule, its thresholds, no search, no "
+                        "repair). Flags given override either")
     s.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",
                    help="search thresholds on the validation split: lose at most PP points "
-                        "against the restricted source")
+                        "against the restricted source (default 0.5 unless thresholds or "
+                        "--target-flops are given or --preset paper)")
+    s.add_argument("--confidence", type=float, default=None, metavar="C",
+                   help="with --max-accuracy-drop: a candidate passes when the one-sided "
+                        "C upper bound of its paired drop is within PP (default 0.9; 0: its "
+                        "observed validation accuracy, the paper preset's criterion)")
     s.add_argument("--target-flops", type=float, default=None, metavar="R",
                    help="search thresholds: keep at most this share of the source's FLOPs")
     s.add_argument("--refine", action="store_true",
@@ -622,10 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="re-estimate the component's BatchNorm statistics on N training "
                         "images of all the model's classes (no labels, no gradients)")
-    s.add_argument("--reconstruct", type=int, default=0, metavar="N",
+    s.add_argument("--reconstruct", type=int, default=None, metavar="N",
                    help="re-fit each layer that reads removed channels by ridge least squares "
                         "on N training images of the task, to match the source's outputs "
-                        "(no labels, no gradients; before --recalibrate-bn)")
+                        "(no labels, no gradients; before --recalibrate-bn; default 1000, "
+                        "0 with --compensate or --preset paper)")
+    s.add_argument("--no-reconstruct", action="store_true",
+                   help="the plain cut: no reconstruction")
     s.add_argument("--html", default=None, metavar="REPORT.html",
                    help="also write a self-contained HTML report (tables, route figure, "
                         "provenance)")
@@ -680,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the classes to compare, e.g. 3,4 or 0-2")
     s.add_argument("--out", required=True, help="figure file, .png or .svg")
     _add_data_args(s)
-    _add_locate_args(s)
+    _add_locate_args(s, "count")
     s.add_argument("--json", default=None, metavar="FILE",
                    help="also write the per-layer channel counts as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")

@@ -86,7 +86,8 @@ class CompressConfig:
                                  target_flops=self.target_flops,
                                  target_params=self.target_params,
                                  recalibrate_bn=self.recalibrate_bn,
-                                 reconstruct=self.reconstruct)
+                                 reconstruct=self.reconstruct, confidence=0.0,
+                                 validation_per_class=0)
 
     def validate(self) -> None:
         if self.criterion not in CRITERION_REGISTRY:

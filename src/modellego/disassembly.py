@@ -18,11 +18,12 @@ from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile
     select_samples,
     take_every_sample,
 )
-from .analysis.search import Trial, refine, search
+from .analysis.search import PairedDrop, Trial, refine, search
 from .data.lazy import Inputs, ModelInputs, as_tensor, max_memory, take
 from .errors import ModelLegoError
 from .metrics import (
     accuracy_from_logits,
+    correct_flags,
     count_flops,
     count_params,
     macs_by_layer,
@@ -49,13 +50,37 @@ def default_locate(method: str = "contribution") -> LocateConfig:
     return get_method(method).default_locate()
 
 
+#: the presets :class:`DisassemblyConfig` fills its unset fields from
+PRESETS = ("default", "paper")
+#: the default preset's accuracy budget (points against the restricted source) ...
+DEFAULT_BUDGET = 0.5
+#: ... the confidence of the one-sided bound on the drop that must meet it ...
+DEFAULT_CONFIDENCE = 0.9
+#: ... the validation images per class it is judged on (the validation split first, topped
+#: up with training images the profile and the reconstruction do not use) ...
+DEFAULT_VALIDATION = 500
+#: ... and the training images of the task the reconstruction fits on
+DEFAULT_RECONSTRUCT = 1000
+
+
 @dataclass(frozen=True)
 class DisassemblyConfig:
-    """What to take out of a model and how."""
+    """What to take out of a model and how.
+
+    Fields left ``None`` come from ``preset``. ``"default"`` (the best we have, for method
+    ``contribution``): the mass rule, its threshold searched for the smallest component
+    whose validation accuracy is, with ``confidence`` (0.9), within ``max_accuracy_drop``
+    (0.5 points) of the restricted source, judged on ``validation_per_class`` (500) images
+    per class, every candidate repaired by closed-form reconstruction (``reconstruct``: on
+    1000 training images of the task). Thresholds given in ``locate`` turn the search off;
+    another target changes it; the rest stays. ``"paper"``: the published method exactly
+    (the method's own thresholds, no search, no repair). Methods other than
+    ``contribution`` always take their own published defaults."""
 
     classes: tuple[int, ...]
     samples_per_class: int = 50
-    #: ``None`` (the default) becomes :func:`default_locate` of ``method``
+    #: ``None``: the preset's (the mass rule for ``default``, else
+    #: :func:`default_locate` of ``method``)
     locate: LocateConfig | None = None
     batch_size: int = 64
     #: fold the mean contribution of removed inputs into biases / BN means
@@ -63,6 +88,7 @@ class DisassemblyConfig:
     #: search thresholds (along ``locate.rule``'s family) on the validation split so the
     #: component loses at most this many points against the restricted source ...
     max_accuracy_drop: float | None = None
+    #: (``None``: the preset's; see the class docstring) ...
     #: ... or so that it keeps at most this share of the source's FLOPs
     target_flops: float | None = None
     #: ... or at most this share of its parameters
@@ -74,24 +100,69 @@ class DisassemblyConfig:
     recalibrate_bn: int = 0
     #: re-fit every layer that reads removed channels by ridge least squares on this many
     #: (seeded) training images of the task, to match the source's outputs (0: the plain
-    #: cut); see :mod:`modellego.surgery.reconstruct`. Runs before ``recalibrate_bn``
-    reconstruct: int = 0
+    #: cut; ``None``: the preset's); see :mod:`modellego.surgery.reconstruct`. Runs before
+    #: ``recalibrate_bn``
+    reconstruct: int | None = None
     #: one of :data:`METHODS`; ``contribution-2022`` locates with ``normalize="max"``, and
     #: ``frat`` and ``pan-rajan`` read ``locate.alpha_conv``/``alpha_linear`` as their
     #: thresholds (betas unused)
     method: str = "contribution"
+    #: one of :data:`PRESETS`: where the fields left ``None`` come from
+    preset: str = "default"
+    #: with ``max_accuracy_drop``: a candidate passes when the one-sided upper bound, at this
+    #: confidence, of its paired drop against the source on the validation images is within
+    #: the budget (see :class:`~modellego.analysis.search.PairedDrop`); ``0``: when its
+    #: observed validation accuracy is (the paper preset's criterion)
+    confidence: float | None = None
+    #: with ``confidence``: judge on at least this many images per class, topping up the
+    #: validation split with training images the profile and reconstruction do not use
+    validation_per_class: int | None = None
 
     def __post_init__(self) -> None:
+        best = self.preset == "default" and self.method == "contribution"
+        fill: dict[str, object] = {}
         if self.locate is None:  # an unknown method is reported by validate()
-            object.__setattr__(self, "locate", get_method(self.method).default_locate()
-                               if self.method in METHOD_REGISTRY else LocateConfig())
+            if best:
+                fill["locate"] = LocateConfig(rule="mass")
+                if (self.max_accuracy_drop, self.target_flops, self.target_params) == \
+                        (None, None, None):
+                    fill["max_accuracy_drop"] = DEFAULT_BUDGET
+            else:
+                fill["locate"] = get_method(self.method).default_locate() \
+                    if self.method in METHOD_REGISTRY else LocateConfig()
+        if self.reconstruct is None:
+            fill["reconstruct"] = DEFAULT_RECONSTRUCT if best and not self.compensate else 0
+        if self.confidence is None:
+            fill["confidence"] = DEFAULT_CONFIDENCE if best else 0.0
+        if self.validation_per_class is None:
+            fill["validation_per_class"] = DEFAULT_VALIDATION if best else 0
+        for name, value in fill.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def paper(cls, classes: Sequence[int], **fields) -> DisassemblyConfig:
+        """The published method with its exact thresholds (``preset="paper"``)."""
+        return cls(tuple(classes), preset="paper", **fields)
 
     @property
     def thresholds(self) -> LocateConfig:
         """``locate``, which ``__post_init__`` has filled in with the method's defaults."""
         return cast(LocateConfig, self.locate)
 
+    @property
+    def fit_images(self) -> int:
+        """``reconstruct``, which ``__post_init__`` has filled in."""
+        return int(cast(int, self.reconstruct))
+
+    @property
+    def confident(self) -> bool:
+        """Whether an accuracy budget is judged by a confidence bound (see ``confidence``)."""
+        return self.max_accuracy_drop is not None and bool(self.confidence)
+
     def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ModelLegoError(f"`preset` {self.preset!r} is unknown; use one of "
+                                 f"{', '.join(PRESETS)}")
         get_method(self.method).check(self.compensate, self.refine)
         self.thresholds.validate()
         if self.samples_per_class < 1:
@@ -109,9 +180,15 @@ class DisassemblyConfig:
         if self.recalibrate_bn < 0:
             raise ModelLegoError(f"`recalibrate_bn` is a number of images and must be >= 0, "
                                  f"got {self.recalibrate_bn}")
-        if self.reconstruct < 0:
+        if self.fit_images < 0:
             raise ModelLegoError(f"`reconstruct` is a number of images and must be >= 0, "
                                  f"got {self.reconstruct}")
+        if not (self.confidence == 0 or 0.5 <= cast(float, self.confidence) < 1):
+            raise ModelLegoError(f"`confidence` must be 0 (judge the observed accuracy) or "
+                                 f"lie in [0.5, 1), got {self.confidence}")
+        if cast(int, self.validation_per_class) < 0:
+            raise ModelLegoError(f"`validation_per_class` must be >= 0, got "
+                                 f"{self.validation_per_class}")
         if self.reconstruct and self.compensate:
             raise ModelLegoError("give one of `compensate` and `reconstruct`: reconstruction "
                                  "re-fits the biases that compensation would shift")
@@ -130,7 +207,9 @@ class DisassemblyConfig:
                 "compensate": self.compensate, "max_accuracy_drop": self.max_accuracy_drop,
                 "target_flops": self.target_flops, "target_params": self.target_params,
                 "refine": self.refine, "recalibrate_bn": self.recalibrate_bn,
-                "reconstruct": self.reconstruct, "method": self.method}
+                "reconstruct": self.reconstruct, "method": self.method,
+                "preset": self.preset, "confidence": self.confidence,
+                "validation_per_class": self.validation_per_class}
 
 
 @dataclass(frozen=True)
@@ -157,6 +236,10 @@ class Component:
         field(default=None, repr=False)
     #: how many chunks of classes the profile was made in (1: all at once)
     profile_chunks: int = 1
+    #: what the accuracy search judged on (images, where they came from, the resolution of
+    #: one image, the confidence and budget, the chosen candidate's drop and bound);
+    #: ``None`` without an accuracy budget
+    validation: dict | None = None
 
     def kept_channels(self) -> dict[str, list[int]]:
         """Per conv/linear layer: ``[kept outputs, total outputs]``."""
@@ -281,34 +364,55 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                                      batch_size=config.batch_size, dist=dist)
     out_idx = method.output_indices(classes, output_classes)
     bn_after = {lay.name: lay.bn_after for lay in graph.layers}
+    # validation images drawn from the training split (a confident search on too few
+    # validation images of a class), kept out of the reconstruction's fit
+    topup = torch.zeros(0, dtype=torch.long)
+    if config.confident:
+        topup = validation_topup(labels, classes, selection, val_labels,
+                                 cast(int, config.validation_per_class))
     # the reconstruction's images: a seeded draw from the task's training images (as the
     # calibration images are drawn)
     fit_images = torch.zeros((0, *input_shape))
-    if config.reconstruct:
-        pool = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype)).nonzero().flatten()
+    if config.fit_images:
+        in_task = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+        in_task[topup] = False
+        pool = in_task.nonzero().flatten()
         pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
-                    [:config.reconstruct]]
+                    [:config.fit_images]]
         fit_images = as_tensor(take(images, pick), "the reconstruction's images")
-    fits: list[Reconstruction] = []
+    # the latest candidates built (the search measures a candidate's cost and accuracy,
+    # then returns the last one that passed: each is cut and repaired once)
+    built: dict[LocateConfig, tuple[ComponentPlan, nn.Module, Reconstruction | None]] = {}
 
-    def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
+    def build_fitted(cfg: LocateConfig
+                     ) -> tuple[ComponentPlan, nn.Module, Reconstruction | None]:
+        if cfg in built:
+            return built[cfg]
         if chunk_masks is not None:  # profiled in chunks: the classes' masks were kept
             masks = union_of_class_masks(graph, classes, chunk_masks[cfg].__getitem__)
         else:
             masks = method.locate(graph, profile, classes, output_classes, cfg)
         plan = plan_from_masks(graph, masks, out_idx, hint=hint)
         net = apply_plan(model, plan).eval()
-        if config.reconstruct:
-            fits.append(reconstruct_layers(net, model, graph, plan, fit_images))
+        fit = reconstruct_layers(net, model, graph, plan, fit_images) \
+            if config.fit_images else None
         comp = method.finish(net, classes).eval()
         if config.compensate:  # the methods that allow it profile contributions
             compensate_removed_inputs(comp, plan, cast(ContributionProfile, profile).means,
                                       bn_after)
         if calibration_images is not None and config.recalibrate_bn:
             recalibrate_batchnorm(comp, calibration_images)
+        while len(built) >= 2:
+            built.pop(next(iter(built)))
+        built[cfg] = (plan, comp, fit)
+        return built[cfg]
+
+    def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
+        plan, comp, _ = build_fitted(cfg)
         return plan, comp
 
     chosen, trials = base, cast(list[Trial], [])
+    judge, validation = None, {}
     if config.max_accuracy_drop is not None or config.target_flops is not None \
             or config.target_params is not None:
         source_flops = count_flops(model, input_shape)
@@ -326,7 +430,21 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
             cost_of, cost, target = params_of, "params", config.target_params
 
         accuracy_of, min_acc = None, None
-        if config.max_accuracy_drop is not None:
+        if config.confident:
+            sets = ([(val_images, val_labels)] if val_images is not None and
+                    val_labels is not None and len(val_labels) else []) + \
+                ([(take(images, topup), labels[topup])] if len(topup) else [])
+            if not sets:
+                raise ModelLegoError("`max_accuracy_drop` needs validation images of the "
+                                     "task: give `val_images`, or training images of its "
+                                     "classes beyond the profile's samples")
+            budget = cast(float, config.max_accuracy_drop)
+            judge, validation = confident_judge(model, sets, classes, output_classes,
+                                                lambda cfg: build(cfg)[1],
+                                                cast(float, config.confidence), budget)
+            validation.update({"from_validation_split": 0 if val_labels is None
+                               else int(len(val_labels)), "from_training_split": len(topup)})
+        elif config.max_accuracy_drop is not None:
             if val_images is None or val_labels is None:
                 raise ModelLegoError("`max_accuracy_drop` needs `val_images` and `val_labels`")
             src_logits = predict_logits(model, val_images)
@@ -340,8 +458,10 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                                             classes).accuracy
 
         chosen, trials = search(method.candidates(base), cost_of, accuracy_of,
-                                min_accuracy=min_acc, max_flops_ratio=target, cost=cost)
-        if config.refine and min_acc is not None and accuracy_of is not None:
+                                min_accuracy=min_acc, max_flops_ratio=target, cost=cost,
+                                judge=judge)
+        if config.refine and (judge is not None or
+                              (min_acc is not None and accuracy_of is not None)):
             # (refine needs the accuracy budget: validate() checked it is given)
             # the layers whose inputs cost most in the component found so far
             macs = macs_by_layer(build(chosen)[1], input_shape)
@@ -349,13 +469,67 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
             order = sorted((n for n in macs if n in kinds), key=lambda n: -macs[n])[:8]
             default = {"conv": chosen.beta_conv, "linear": chosen.beta_linear}
             chosen, more = refine(chosen, [(n, default[kinds[n]]) for n in order], flops_of,
-                                  accuracy_of, min_acc)
+                                  accuracy_of, min_acc, judge=judge)
             trials = trials + more
-    plan, component = build(chosen)
+    plan, component, fit = build_fitted(chosen)
+    if judge is not None:  # the chosen candidate's figures, from its trial
+        last = [t for t in trials if t.config == chosen and t.accuracy is not None]
+        acc, ok, note = (last[-1].accuracy, last[-1].ok, last[-1].note) if last \
+            else judge(chosen)
+        validation.update({"chosen_accuracy": acc, "chosen_passes": ok, "chosen": note})
     return Component(component, plan, classes, selection, profile, graph, chosen,
-                     tuple(t.to_dict() for t in trials), method.name,
-                     fits[-1] if fits else None, chunk_masks,
-                     1 if chunk_masks is None else -(-len(classes) // per_chunk))
+                     tuple(t.to_dict() for t in trials), method.name, fit, chunk_masks,
+                     1 if chunk_masks is None else -(-len(classes) // per_chunk),
+                     validation if judge is not None else None)
+
+
+def validation_topup(labels: torch.Tensor, classes: Sequence[int], selection: SampleSelection,
+                     val_labels: torch.Tensor | None, per_class: int) -> torch.Tensor:
+    """Indices into the training ``labels`` that top the validation split up to
+    ``per_class`` images of each of ``classes``: a seeded draw from the class's training
+    images the profile did not select (none where the split already has enough)."""
+    picked: list[torch.Tensor] = []
+    chosen = {i for c in classes for i in selection.indices.get(c, ())}
+    gen = torch.Generator().manual_seed(1)
+    for c in classes:
+        have = 0 if val_labels is None else int((val_labels == c).sum())
+        need = per_class - have
+        if need <= 0:
+            continue
+        pool = [i for i in (labels == c).nonzero().flatten().tolist() if i not in chosen]
+        if pool:
+            order = torch.randperm(len(pool), generator=gen)[:need]
+            picked.append(torch.tensor(pool, dtype=torch.long)[order])
+    return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
+
+
+def confident_judge(model: nn.Module, sets: Sequence[tuple[Inputs, torch.Tensor]],
+                    classes: Sequence[int], output_classes: Sequence[int],
+                    component_of, confidence: float, budget: float):
+    """The pass/fail of a candidate under a confident budget: the one-sided ``confidence``
+    upper bound of its paired drop against the restricted source on ``sets`` (image, label
+    pairs) must be at most ``budget`` points. Returns ``judge(config) -> (accuracy,
+    passes, note)`` and a dict describing the validation (filled in further by the
+    caller)."""
+    labels = torch.cat([y for _, y in sets])
+    source = torch.cat([correct_flags(predict_logits(model, x), y, output_classes,
+                                      restrict_to=classes) for x, y in sets])
+    n = len(labels)
+    validation: dict = {"images": n, "resolution_pp": 100 / n, "confidence": confidence,
+                        "budget_pp": budget,
+                        "source_accuracy": float(source.double().mean())}
+
+    def judge(cfg: LocateConfig) -> tuple[float, bool, str]:
+        comp = component_of(cfg)
+        flags = torch.cat([correct_flags(predict_logits(comp, x), y, classes)
+                           for x, y in sets])
+        paired = PairedDrop.of(source, flags)
+        bound = 100 * paired.upper(confidence)
+        return (float(flags.double().mean()), bound <= budget + 1e-9,
+                f"drop {100 * paired.drop:+.2f} pp ({paired.lost} lost, {paired.gained} "
+                f"gained of {n}), bound {bound:.2f} pp at {confidence:.0%}")
+
+    return judge, validation
 
 
 def statistics_bytes(layers: Mapping[str, nn.Module]) -> int:

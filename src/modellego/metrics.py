@@ -108,6 +108,19 @@ class Accuracy:
         return asdict(self)
 
 
+def correct_flags(logits: torch.Tensor, labels: torch.Tensor, output_classes: Sequence[int],
+                  restrict_to: Sequence[int] | None = None) -> torch.Tensor:
+    """Per image: whether the ``argmax`` prediction (over ``restrict_to``'s outputs only,
+    when given) is its label; output index ``i`` means class ``output_classes[i]``."""
+    output_classes = list(output_classes)
+    columns = list(range(len(output_classes)))
+    if restrict_to is not None:
+        columns = [output_classes.index(c) for c in restrict_to]
+    pred_col = logits[:, columns].argmax(1)
+    pred = torch.tensor([output_classes[c] for c in columns], dtype=torch.long)[pred_col]
+    return pred == labels
+
+
 def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor,
                          output_classes: Sequence[int],
                          restrict_to: Sequence[int] | None = None) -> Accuracy:
@@ -115,13 +128,7 @@ def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor,
 
     With ``restrict_to`` (class ids), the argmax is taken over those classes' outputs only.
     """
-    output_classes = list(output_classes)
-    columns = list(range(len(output_classes)))
-    if restrict_to is not None:
-        columns = [output_classes.index(c) for c in restrict_to]
-    pred_col = logits[:, columns].argmax(1)
-    pred = torch.tensor([output_classes[c] for c in columns], dtype=torch.long)[pred_col]
-    correct = pred == labels
+    correct = correct_flags(logits, labels, output_classes, restrict_to)
     per_class, counts = {}, {}
     for c in sorted(set(labels.tolist())):
         sel = labels == c

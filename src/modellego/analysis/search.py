@@ -3,16 +3,20 @@ to the least aggressive, and pick the first that meets a target on the validatio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+from statistics import NormalDist
 from typing import Any, Callable, Mapping, Sequence
+
+import torch
 
 from ..errors import PlanError
 from .locate import LocateConfig
 
 # Most aggressive first. For the mass rule the knob is the dropped share of contribution mass;
 # for the count rule it scales the paper's alpha/beta defaults.
-MASS_STEPS = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03, 0.02,
-              0.015, 0.01, 0.007, 0.005, 0.003, 0.002, 0.001, 0.0)
+MASS_STEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06,
+              0.05, 0.04, 0.03, 0.02, 0.015, 0.01, 0.007, 0.005, 0.003, 0.002, 0.001, 0.0)
 COUNT_SCALES = (2.0, 1.5, 1.25, 1.0, 0.8, 0.6, 0.45, 0.33, 0.25, 0.18, 0.12, 0.08, 0.05, 0.02,
                 0.0)
 FRAT_SCALES = COUNT_SCALES
@@ -90,10 +94,47 @@ class Trial:
         return out
 
 
+@dataclass(frozen=True)
+class PairedDrop:
+    """How much a component loses against its source on the same ``n`` images, paired:
+    ``lost`` images the source gets right and the component wrong, ``gained`` the reverse.
+
+    ``drop = (lost - gained) / n`` is the observed loss (a fraction); ``upper(confidence)``
+    is its one-sided upper confidence bound, ``drop + z * se`` with ``z`` the normal
+    quantile and ``se`` the standard error of the mean of the per-image differences
+    (``-1, 0, +1``): ``sqrt(((lost + gained) / n - drop^2) / n)``. Images on which both
+    agree carry no uncertainty, so a candidate that changes no prediction has bound 0
+    whatever ``n`` is; ``1 / n`` is the resolution of one image."""
+
+    n: int
+    lost: int
+    gained: int
+
+    @classmethod
+    def of(cls, source_correct: torch.Tensor, component_correct: torch.Tensor) -> PairedDrop:
+        if source_correct.shape != component_correct.shape or source_correct.ndim != 1:
+            raise ValueError("the paired flags must be two vectors of one length")
+        s, c = source_correct.bool(), component_correct.bool()
+        return cls(int(len(s)), int((s & ~c).sum()), int((~s & c).sum()))
+
+    @property
+    def drop(self) -> float:
+        return (self.lost - self.gained) / self.n if self.n else 0.0
+
+    def upper(self, confidence: float) -> float:
+        if not self.n:
+            return math.inf
+        z = NormalDist().inv_cdf(confidence)
+        var = max(0.0, (self.lost + self.gained) / self.n - self.drop ** 2) / self.n
+        return self.drop + z * math.sqrt(var)
+
+
 def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], float],
            accuracy_of: Callable[[LocateConfig], float] | None, *,
            min_accuracy: float | None = None, max_flops_ratio: float | None = None,
-           cost: str = "flops") -> tuple[LocateConfig, list[Trial]]:
+           cost: str = "flops",
+           judge: Callable[[LocateConfig], tuple[float, bool, str]] | None = None,
+           ) -> tuple[LocateConfig, list[Trial]]:
     """Pick thresholds from ``family`` (most aggressive first) for one target.
 
     ``min_accuracy``: binary search (accuracy assumed to grow along the family) for the most
@@ -101,6 +142,9 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
     aggressive. ``max_flops_ratio``: the least aggressive candidate under the FLOPs target.
     ``cost="params"`` says that ``flops_of`` measures the parameter ratio instead, and
     ``max_flops_ratio`` is then a parameter target (trials record ``params_ratio``).
+
+    ``judge``: instead of ``min_accuracy``, a candidate passes when ``judge(config)``
+    says so; it returns ``(validation accuracy, passes, note)`` (the same binary search).
 
     ``flops_of`` raises :class:`PlanError` for candidates that empty a layer.
     """
@@ -118,17 +162,20 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
                                               cost))
             cache[i] = False
             return False
-        acc = None
+        acc, note = None, ""
         ok = max_flops_ratio is None or ratio <= max_flops_ratio
-        if min_accuracy is not None and accuracy_of is not None:
+        if judge is not None:
+            acc, passed, note = judge(cfg)
+            ok = ok and passed
+        elif min_accuracy is not None and accuracy_of is not None:
             acc = accuracy_of(cfg)
             ok = ok and acc >= min_accuracy
-        trials.append(Trial.of_thresholds(cfg, ratio, acc, ok, cost=cost))
+        trials.append(Trial.of_thresholds(cfg, ratio, acc, ok, note, cost=cost))
         cache[i] = ok
         return ok
 
-    if (max_flops_ratio is None) == (min_accuracy is None):
-        raise ValueError("give exactly one target: min_accuracy or max_flops_ratio")
+    if (max_flops_ratio is None) == (min_accuracy is None and judge is None):
+        raise ValueError("give exactly one target: min_accuracy (or judge) or max_flops_ratio")
     if max_flops_ratio is not None:
         # FLOPs cost no data: scan from the least aggressive end for the first under target
         for i in reversed(range(len(family))):
@@ -141,11 +188,14 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
 
 def refine(start: LocateConfig, layers: Sequence[tuple[str, float]],
            flops_of: Callable[[LocateConfig], float],
-           accuracy_of: Callable[[LocateConfig], float], min_accuracy: float, *,
-           steps: Sequence[float] = (0.3, 0.15, 0.07)) -> tuple[LocateConfig, list[Trial]]:
+           accuracy_of: Callable[[LocateConfig], float] | None,
+           min_accuracy: float | None, *, steps: Sequence[float] = (0.3, 0.15, 0.07),
+           judge: Callable[[LocateConfig], tuple[float, bool, str]] | None = None,
+           ) -> tuple[LocateConfig, list[Trial]]:
     """Greedy per-layer tightening after a global search: for each ``(layer, its beta)`` in
     ``layers`` (most expensive first), raise the layer's beta by the largest step that keeps
-    the validation accuracy at ``min_accuracy``."""
+    the validation accuracy at ``min_accuracy`` (or that ``judge`` passes, as in
+    :func:`search`)."""
     trials: list[Trial] = []
     current = start
     for name, base in layers:
@@ -161,9 +211,15 @@ def refine(start: LocateConfig, layers: Sequence[tuple[str, float]],
             except PlanError as exc:
                 trials.append(Trial.of_thresholds(cfg, None, None, False, str(exc).split(";")[0]))
                 continue
-            acc = accuracy_of(cfg)
-            ok = acc >= min_accuracy
-            trials.append(Trial.of_thresholds(cfg, ratio, acc, ok, f"refine {name}"))
+            if judge is not None:
+                acc, ok, note = judge(cfg)
+            elif accuracy_of is not None and min_accuracy is not None:
+                acc, note = accuracy_of(cfg), ""
+                ok = acc >= min_accuracy
+            else:
+                raise ValueError("refine needs min_accuracy and accuracy_of, or judge")
+            trials.append(Trial.of_thresholds(cfg, ratio, acc, ok,
+                                              f"refine {name}" + (f": {note}" if note else "")))
             if ok:
                 current = cfg
                 break

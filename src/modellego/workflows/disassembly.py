@@ -50,7 +50,9 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
         report["selection_pool"] = data.pool
     if comp.chunk_masks is not None:  # too many classes for one profile within max_memory
         report["profile_chunks"] = comp.profile_chunks
-    repairs = {}
+    repairs: dict[str, Any] = {}
+    if comp.validation is not None:
+        repairs["validation"] = report["validation"] = comp.validation
     if comp.reconstruction is not None:
         repairs["reconstruction"] = report["reconstruction"] = comp.reconstruction.to_dict()
     prov = provenance(

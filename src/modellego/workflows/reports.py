@@ -27,6 +27,14 @@ def format_report(report: dict[str, Any]) -> str:
         fit = report["reconstruction"]
         lines.append(f"  reconstruction: {len(fit['layers'])} layers re-fitted on "
                      f"{fit['images']} training images ({fit['seconds']:.2f} s)")
+    if report.get("validation"):
+        v = report["validation"]
+        lines.append(f"  search: the smallest candidate whose drop is within "
+                     f"{v['budget_pp']:g} pp at {v['confidence']:.0%} confidence, on "
+                     f"{v['images']} validation images ({v['from_training_split']} from the "
+                     f"training split; one image = {v['resolution_pp']:.3f} pp)")
+        lines.append(f"  chosen: {v['chosen']}" + ("" if v["chosen_passes"] else
+                     " -- no candidate passed: the least aggressive is kept"))
     lines.append(f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'restr.':>7} "
                  f"{'comp.':>7}")
     for r in report["per_class"]:
