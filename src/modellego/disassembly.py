@@ -487,7 +487,8 @@ def validation_topup(labels: torch.Tensor, classes: Sequence[int], selection: Sa
                      val_labels: torch.Tensor | None, per_class: int) -> torch.Tensor:
     """Indices into the training ``labels`` that top the validation split up to
     ``per_class`` images of each of ``classes``: a seeded draw from the class's training
-    images the profile did not select (none where the split already has enough)."""
+    images the profile did not select (none where the split already has enough), at most
+    half of them, so that the reconstruction keeps the other half to fit on."""
     picked: list[torch.Tensor] = []
     chosen = {i for c in classes for i in selection.indices.get(c, ())}
     gen = torch.Generator().manual_seed(1)
@@ -497,8 +498,8 @@ def validation_topup(labels: torch.Tensor, classes: Sequence[int], selection: Sa
         if need <= 0:
             continue
         pool = [i for i in (labels == c).nonzero().flatten().tolist() if i not in chosen]
-        if pool:
-            order = torch.randperm(len(pool), generator=gen)[:need]
+        if len(pool) >= 2:
+            order = torch.randperm(len(pool), generator=gen)[:min(need, len(pool) // 2)]
             picked.append(torch.tensor(pool, dtype=torch.long)[order])
     return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
 

@@ -1,0 +1,252 @@
+"""The default disassembly: presets, the paired confidence bound, the validation top-up, and
+the search that chooses the smallest reconstructed component within the budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import norm
+
+from helpers import run_cli
+from modellego.analysis.locate import LocateConfig
+from modellego.analysis.methods import get_method
+from modellego.analysis.profile import SampleSelection
+from modellego.analysis.search import PairedDrop, rule_family, search
+from modellego.data import load_split, normalize
+from modellego.disassembly import (
+    DEFAULT_BUDGET,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RECONSTRUCT,
+    DEFAULT_VALIDATION,
+    DisassemblyConfig,
+    disassemble_model,
+    validation_topup,
+)
+from modellego.errors import ModelLegoError
+from modellego.io import read_manifest
+from modellego.metrics import correct_flags, predict_logits
+
+TASK = (0, 1, 2)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_the_default_preset_is_the_searched_reconstructed_mass_rule() -> None:
+    cfg = DisassemblyConfig(TASK)
+    assert cfg.preset == "default" and cfg.locate == LocateConfig(rule="mass")
+    assert cfg.max_accuracy_drop == DEFAULT_BUDGET == 0.5
+    assert cfg.confidence == DEFAULT_CONFIDENCE == 0.9 and cfg.confident
+    assert cfg.reconstruct == DEFAULT_RECONSTRUCT == 1000
+    assert cfg.validation_per_class == DEFAULT_VALIDATION == 500
+    cfg.validate()
+    # given thresholds: no search, the repair stays; another target replaces the budget
+    fixed = DisassemblyConfig(TASK, locate=LocateConfig(rule="mass", beta_conv=0.3))
+    assert fixed.max_accuracy_drop is None and fixed.reconstruct == 1000 and not fixed.confident
+    flops = DisassemblyConfig(TASK, target_flops=0.5)
+    assert flops.max_accuracy_drop is None and flops.locate == LocateConfig(rule="mass")
+    assert DisassemblyConfig(TASK, max_accuracy_drop=1.0).max_accuracy_drop == 1.0
+    # compensation and reconstruction exclude each other: compensate turns the default off
+    assert DisassemblyConfig(TASK, compensate=True).reconstruct == 0
+    # explicit values win over the preset
+    assert DisassemblyConfig(TASK, reconstruct=0, confidence=0.0).confident is False
+
+
+def test_the_paper_preset_is_the_published_method_exactly() -> None:
+    paper = DisassemblyConfig.paper(TASK)
+    assert paper == DisassemblyConfig(TASK, preset="paper")
+    assert paper.locate == LocateConfig() == get_method("contribution").default_locate()
+    assert (paper.max_accuracy_drop, paper.reconstruct, paper.confidence,
+            paper.validation_per_class) == (None, 0, 0.0, 0)
+    # the other methods keep their own published defaults under either preset
+    frat = DisassemblyConfig(TASK, method="frat")
+    assert frat.locate == get_method("frat").default_locate()
+    assert (frat.max_accuracy_drop, frat.reconstruct, frat.confidence) == (None, 0, 0.0)
+    # and the records say which preset made them
+    assert paper.to_dict()["preset"] == "paper"
+    assert DisassemblyConfig(TASK).to_dict()["confidence"] == 0.9
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"preset": "fast"}, "`preset` 'fast' is unknown; use one of default, paper"),
+    ({"confidence": 1.0}, "`confidence` must be 0"),
+    ({"confidence": 0.3}, "`confidence` must be 0"),
+    ({"validation_per_class": -1}, "`validation_per_class` must be >= 0"),
+    ({"reconstruct": 5, "compensate": True}, "give one of `compensate` and `reconstruct`"),
+])
+def test_bad_values_are_refused(fields, match) -> None:
+    with pytest.raises(ModelLegoError, match=match):
+        DisassemblyConfig(TASK, **fields).validate()
+
+
+# --------------------------------------------------------------------------- the bound
+
+
+def test_paired_drop_and_its_bound_equal_an_independent_computation() -> None:
+    src = torch.tensor([1, 1, 1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    comp = torch.tensor([1, 0, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    paired = PairedDrop.of(src, comp)
+    assert (paired.n, paired.lost, paired.gained) == (10, 2, 1)
+    assert paired.drop == pytest.approx(0.1)
+    d = src.double().numpy() - comp.double().numpy()  # +1 lost, -1 gained
+    want = d.mean() + norm.ppf(0.9) * d.std(ddof=0) / math.sqrt(len(d))
+    assert paired.upper(0.9) == pytest.approx(want, abs=1e-12)
+    assert paired.upper(0.5) == pytest.approx(0.1)
+    # a candidate that changes no prediction: bound 0 whatever the number of images
+    same = PairedDrop.of(src, src.clone())
+    assert same.upper(0.99) == 0.0 and same.drop == 0.0
+    # gains can pay for losses
+    assert PairedDrop.of(torch.tensor([True, False]), torch.tensor([False, True])).drop == 0
+    with pytest.raises(ValueError, match="two vectors of one length"):
+        PairedDrop.of(src, comp[:3])
+    assert PairedDrop(0, 0, 0).upper(0.9) == math.inf
+
+
+def test_search_with_a_judge_takes_the_most_aggressive_passing_candidate() -> None:
+    family = rule_family(LocateConfig(rule="mass"))
+    # candidates with beta <= 0.2 pass: the first passing one along the family is 0.2
+    cfg, trials = search(family, lambda c: 1 - c.beta_conv, None,
+                         judge=lambda c: (0.9, c.beta_conv <= 0.2, f"b{c.beta_conv}"))
+    assert cfg.beta_conv == 0.2
+    assert all(t.ok == (t.config.beta_conv <= 0.2) for t in trials)
+    assert {t.note for t in trials} == {f"b{t.config.beta_conv}" for t in trials}
+    with pytest.raises(ValueError, match="exactly one target"):
+        search(family, lambda c: 1.0, None)
+
+
+# --------------------------------------------------------------------------- the top-up
+
+
+def test_validation_topup_fills_each_class_from_unselected_training_images() -> None:
+    labels = torch.tensor([0] * 6 + [1] * 4 + [2] * 5)
+    selection = SampleSelection((0, 1), 2, {0: (0, 1), 1: (6,)}, {})
+    val_labels = torch.tensor([0, 0, 0, 1])
+    picked = validation_topup(labels, (0, 1), selection, val_labels, 5)
+    # class 0: 5 - 3 = 2 more, from the unselected 2..5 (at most half of them: 2);
+    # class 1: 4 wanted, but at most half of the unselected 7..9: 1
+    got0 = sorted(i for i in picked.tolist() if labels[i] == 0)
+    got1 = sorted(i for i in picked.tolist() if labels[i] == 1)
+    assert len(got0) == 2 and set(got0) <= {2, 3, 4, 5}
+    assert len(got1) == 1 and set(got1) <= {7, 8, 9} and len(picked) == 3
+    assert torch.equal(picked, validation_topup(labels, (0, 1), selection, val_labels, 5))
+    assert len(validation_topup(labels, (0, 1), selection, val_labels, 3)) == 1  # class 1 only
+    assert len(validation_topup(labels, (0, 1), selection, None, 0)) == 0
+
+
+# --------------------------------------------------------------------------- on a model
+
+
+def test_the_default_search_on_a_trained_model(trained, digits) -> None:
+    x, y = digits
+    val = load_split("digits", "val").subset(TASK)
+    vx, vy = normalize(val.images, val.info), val.labels
+    cfg = DisassemblyConfig(TASK, samples_per_class=20, reconstruct=150,
+                            validation_per_class=60)
+    comp = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
+                             config=cfg, val_images=vx, val_labels=vy)
+    v = comp.validation
+    assert v is not None and comp.reconstruction is not None
+    assert comp.reconstruction.images == 150
+    # the split's images first, then 60 per class in all from unselected training images
+    assert v["from_validation_split"] == len(vy)
+    assert v["from_training_split"] == sum(60 - int((vy == c).sum()) for c in TASK)
+    assert v["images"] == 180 and v["resolution_pp"] == pytest.approx(100 / 180)
+    topup = validation_topup(y, TASK, comp.selection, vy, 60)
+    # the chosen component's bound, computed here from its predictions
+    src = torch.cat([correct_flags(predict_logits(trained, xs), ys, range(10), TASK)
+                     for xs, ys in ((vx, vy), (x[topup], y[topup]))])
+    got = torch.cat([correct_flags(predict_logits(comp.model, xs), ys, TASK)
+                     for xs, ys in ((vx, vy), (x[topup], y[topup]))])
+    bound = 100 * PairedDrop.of(src, got).upper(0.9)
+    assert v["chosen_passes"] == (bound <= 0.5 + 1e-9)
+    assert f"bound {bound:.2f} pp at 90%" in v["chosen"]
+    assert v["chosen_accuracy"] == pytest.approx(float(got.double().mean()))
+    # the search's verdicts: the chosen candidate passed and every more aggressive
+    # candidate it measured failed
+    family = [c.to_dict() for c in rule_family(LocateConfig(rule="mass"))]
+    index = family.index(comp.locate.to_dict())
+    for t in comp.search:
+        if family.index(t["locate"]) < index:
+            assert not t["ok"]
+    if v["chosen_passes"]:
+        assert any(t["ok"] and t["locate"] == comp.locate.to_dict() for t in comp.search)
+    # no validation images at all: the training split tops it up alone
+    alone = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
+                              config=cfg, reuse=comp)
+    assert alone.validation is not None and alone.validation["from_validation_split"] == 0
+    assert alone.validation["images"] == sum(min(60, (int((y == c).sum()) - 20) // 2)
+                                             for c in TASK)
+
+
+def test_reconstruction_never_fits_on_the_validation_images(trained, digits,
+                                                            monkeypatch) -> None:
+    x, y = digits
+    seen: list[torch.Tensor] = []
+    import modellego.disassembly as mod
+
+    real = mod.reconstruct_layers
+
+    def spy(net, source, graph, plan, images, **kw):
+        seen.append(images.clone())
+        return real(net, source, graph, plan, images, **kw)
+
+    monkeypatch.setattr(mod, "reconstruct_layers", spy)
+    task = (3, 4)
+    cfg = DisassemblyConfig(task, samples_per_class=20, reconstruct=10_000,
+                            validation_per_class=70)
+    comp = disassemble_model(trained, x, y, classes=task, output_classes=range(10), config=cfg)
+    topup = validation_topup(y, task, comp.selection, None, 70)
+    # 70 wanted per class, at most half of the unselected training images of each
+    unselected = [int((y == c).sum()) - 20 for c in task]
+    assert len(topup) == sum(min(70, n // 2) for n in unselected) and seen
+    fit = seen[0].flatten(1)
+    # every task image not in the top-up, and none of the top-up's
+    assert len(fit) == int(torch.isin(y, torch.tensor(task)).sum()) - len(topup)
+    held = x[topup].flatten(1)
+    assert not bool((torch.cdist(fit, held) == 0).any())
+
+
+def test_without_validation_images_the_paper_search_still_needs_them(trained, digits) -> None:
+    x, y = digits
+    with pytest.raises(ModelLegoError, match="needs `val_images`"):
+        disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
+                          config=DisassemblyConfig.paper(TASK, max_accuracy_drop=1.0))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_default_and_paper_preset(simnet_digits_file, tmp_path) -> None:
+    out, rep = tmp_path / "d.safetensors", tmp_path / "d.json"
+    code, stdout, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
+                                 "--samples-per-class", "10", "--reconstruct", "100",
+                                 "--out", out, "--report", rep])
+    assert code == 0, err
+    assert "search: the smallest candidate whose drop is within 0.5 pp at 90% confidence" \
+        in stdout and "one image = " in stdout
+    prov = read_manifest(out)["provenance"]
+    assert prov["config"]["preset"] == "default" and prov["locate"]["rule"] == "mass"
+    assert prov["validation"]["confidence"] == 0.9 and prov["reconstruction"]["images"] == 100
+    paper = tmp_path / "p.safetensors"
+    code, stdout, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
+                                 "--samples-per-class", "10", "--preset", "paper",
+                                 "--out", paper])
+    assert code == 0, err
+    prov = read_manifest(paper)["provenance"]
+    assert prov["locate"] == LocateConfig().to_dict() and "validation" not in prov
+    assert "reconstruction" not in prov and "search:" not in stdout
+    plain = tmp_path / "n.safetensors"
+    code, _, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
+                            "--samples-per-class", "10", "--no-reconstruct",
+                            "--beta-conv", "0.1", "--beta-linear", "0.1", "--out", plain])
+    assert code == 0, err
+    prov = read_manifest(plain)["provenance"]
+    assert "reconstruction" not in prov and "validation" not in prov
+    assert prov["locate"]["rule"] == "mass" and prov["locate"]["beta_conv"] == 0.1
+    bad = tmp_path / "bad.safetensors"
+    code, _, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
+                            "--confidence", "1.5", "--out", bad])
+    assert code == 2 and "--confidence must be 0" in err and not bad.exists()
+    assert len(err.strip().splitlines()) == 1
