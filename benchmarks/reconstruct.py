@@ -64,7 +64,8 @@ def rows_for(rel: str, task: tuple[int, ...], betas: tuple[float, ...],
     for beta in betas:
         locate = LocateConfig(rule="mass", beta_conv=beta, beta_linear=beta)
         plain = disassemble_model(model, x, y, classes=task, output_classes=own,
-                                  config=DisassemblyConfig(task, locate=locate), reuse=first)
+                                  config=DisassemblyConfig(task, locate=locate, reconstruct=0),
+                                  reuse=first)
         first = first or plain
         t0 = time.perf_counter()
         fixed = disassemble_model(model, x, y, classes=task, output_classes=own,

@@ -136,7 +136,7 @@ def run_model(rel: str, tasks: list[tuple[int, ...]]) -> list[dict]:
         base = {"model": rel, "task": list(task), "restricted_accuracy": restricted,
                 "selection_seconds": select_seconds}
         for name, options in STRATEGIES.items():
-            cfg = DisassemblyConfig(task, samples_per_class=K, **options)
+            cfg = DisassemblyConfig(task, samples_per_class=K, preset="paper", **options)
             sel = sel22 if cfg.method == "contribution-2022" else selection
             t0 = time.perf_counter()
             comp = disassemble_model(model, x, y, classes=task, output_classes=own, config=cfg,

@@ -16,21 +16,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def disassembly(data: dict) -> list[str]:
     lines = ["| model | task | method | restricted source | component | Δ (pp) | FLOPs kept "
-             "| params kept | targets met |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(target) | params kept | validation images (one image) | targets met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["components"]:
         task = "{" + ",".join(map(str, r["task"])) + "}"
         if "error" in r:
             lines.append(f"| {r['model']} | {task} | {r['method']} | | failed: {r['error']} "
-                         "| | | | no |")
+                         "| | | | | no |")
             continue
         met = "yes" if r["meets_accuracy"] and r["meets_flops"] else (
             "accuracy only" if r["meets_accuracy"] else
-            ("FLOPs only" if r["meets_flops"] and len(r["task"]) <= 3 else "no"))
+            ("FLOPs only" if r["meets_flops"] else "no"))
+        target = f" (≤ {100 * r['flops_target']:.0f} %)" if "flops_target" in r else ""
+        v = r.get("validation")
+        judged = f"{v['images']} ({v['resolution_pp']:.2f} pp)" if v else ""
         lines.append(f"| {r['model']} | {task} | {r['method']} | "
                      f"{r['restricted_accuracy']:.4f} | {r['component_accuracy']:.4f} | "
-                     f"{r['delta_pp']:+.2f} | {100 * r['flops_ratio']:.1f} % | "
-                     f"{100 * r['params_ratio']:.1f} % | {met} |")
+                     f"{r['delta_pp']:+.2f} | {100 * r['flops_ratio']:.1f} %{target} | "
+                     f"{100 * r['params_ratio']:.1f} % | {judged} | {met} |")
     for f in data.get("frontier", []):
         task = "{" + ",".join(map(str, f["task"])) + "}"
         lines += ["", f"Accuracy against FLOPs on {f['model']} {task} along the mass rule "

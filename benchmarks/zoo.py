@@ -170,7 +170,8 @@ def component_step(case: Case) -> None:
                          beta_conv=base.beta_conv * scale,
                          alpha_linear=base.alpha_linear * scale,
                          beta_linear=base.beta_linear * scale)
-        config = DisassemblyConfig(classes, samples_per_class=4, batch_size=20, locate=locate)
+        config = DisassemblyConfig(classes, samples_per_class=4, batch_size=20, locate=locate,
+                                   preset="paper")
         try:
             comp = disassemble_model(case.model, case.images, labels, classes=classes,
                                      output_classes=range(10), config=config,

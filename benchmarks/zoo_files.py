@@ -53,9 +53,10 @@ def _component(model: nn.Module, manifest: dict[str, Any], classes: tuple[int, i
     as far as needed (on random weights a layer may get no contribution on these images)."""
     base = locate or LocateConfig()
     for scale in (1.0, 0.5, 0.25, 0.1):
-        config = DisassemblyConfig(classes=classes, samples_per_class=3, locate=replace(
-            base, alpha_conv=base.alpha_conv * scale, beta_conv=base.beta_conv * scale,
-            alpha_linear=base.alpha_linear * scale, beta_linear=base.beta_linear * scale))
+        config = DisassemblyConfig(
+            classes=classes, samples_per_class=3, preset="paper", locate=replace(
+                base, alpha_conv=base.alpha_conv * scale, beta_conv=base.beta_conv * scale,
+                alpha_linear=base.alpha_linear * scale, beta_linear=base.beta_linear * scale))
         try:
             comp, comp_manifest, _ = disassemble(model, manifest, config)
             return comp, comp_manifest

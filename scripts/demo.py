@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from modellego import DisassemblyConfig, disassemble
-from modellego.analysis.locate import LocateConfig
 from modellego.assembly import AssemblyConfig, assemble, evaluate_assembly
 from modellego.errors import ModelLegoError
 from modellego.files import load_model, save_model
@@ -59,10 +58,9 @@ def take_apart(rel: str, classes: tuple[int, ...], name: str) -> Path:
     model, manifest = load_model(src)
     names = [manifest["class_names"][manifest["classes"].index(c)] for c in classes]
     section(f"Disassemble {rel}: component for {', '.join(names)}")
-    # ours: contribution-mass locating, thresholds searched on the validation split to
-    # lose at most 0.2 points against the restricted source
-    config = DisassemblyConfig(classes, locate=LocateConfig(rule="mass"),
-                               max_accuracy_drop=0.2)
+    # the default: the smallest reconstructed mass-rule component within 0.5 points of the
+    # restricted source at 90 % confidence
+    config = DisassemblyConfig(classes)
     comp, comp_manifest, report = disassemble(model, manifest, config, source_path=src,
                                               command="scripts/demo.py")
     out = OUT / name

@@ -29,9 +29,13 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     >>> comp, comp_manifest, report = disassemble(model, manifest, DisassemblyConfig((0, 1)))
     """
     require_single(manifest, "disassemble")
+    # a streamed folder is read in a seeded pool per class: enough for the selection, the
+    # validation top-up and the reconstruction's share of the class
+    pool = STREAMED_POOL_FACTOR * config.samples_per_class + \
+        (2 * int(config.validation_per_class or 0) if config.confident else 0) + \
+        -(-config.fit_images // max(1, len(config.classes)))
     data = task_data(manifest, config.classes, data_dir=data_dir,
-                     calibration=config.recalibrate_bn,
-                     streamed_pool=STREAMED_POOL_FACTOR * config.samples_per_class)
+                     calibration=config.recalibrate_bn, streamed_pool=pool)
     own = [int(c) for c in manifest["classes"]]
     t0 = time.perf_counter()
     val_images, val_labels = split_images(manifest, "val", config.classes, data_dir=data_dir)
