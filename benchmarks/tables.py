@@ -215,48 +215,69 @@ def strategies(data: dict) -> list[str]:
     return lines
 
 
+#: the compression table's columns: (criterion, repair) -> header
+COMPRESSION_COLUMNS = {
+    ("contribution", "none"): "ours", ("contribution", "bn"): "ours + BN",
+    ("contribution", "rec+bn"): "ours + rec + BN", ("l1", "none"): "L1",
+    ("l1", "bn"): "L1 + BN", ("l1", "rec+bn"): "L1 + rec + BN", ("fpgm", "none"): "FPGM",
+    ("fpgm", "bn"): "FPGM + BN", ("fpgm", "rec+bn"): "FPGM + rec + BN",
+    ("tp-l1", "bn"): "TP L1 + BN", ("tp-l2", "bn"): "TP L2 + BN",
+    ("tp-taylor", "bn"): "TP Taylor + BN", ("tp-lamp", "bn"): "TP LAMP + BN"}
+
+
+def _repair(r: dict) -> str:
+    """A compression row's repair (rows of earlier runs name none: from their flags)."""
+    if "repair" in r:
+        return r["repair"]
+    return ("rec+" if r.get("reconstruct") else "") + ("bn" if r.get("recalibrate_bn")
+                                                       else "none")
+
+
 def compression(data: dict) -> list[str]:
-    recal = any(r.get("recalibrate_bn") for r in data["rows"])
-    head = ("| model (source accuracy) | FLOPs target | β (ours) | FLOPs kept (ours / L1 / FPGM) "
-            "| params kept (ours / L1 / FPGM) | contribution (ours) | L1 | FPGM |")
-    if recal:
-        head += " ours + BN | L1 + BN | FPGM + BN |"
-    lines = [head, "|---" * head.count(" | ") + "|---|"]
-    sources = {s["model"]: s for s in data["sources"]}
     cells: dict[tuple, dict] = {}
     notes: list[str] = []
     for r in data["rows"]:
-        key = r["criterion"] + ("+rec" if r.get("reconstruct") else "") \
-            + ("+bn" if r.get("recalibrate_bn") else "")
+        key = (r["criterion"], _repair(r))
         cells.setdefault((r["model"], r["target"]), {})[key] = r
         if "error" in r:
             keeps = re.search(r"keeps ([0-9.]+ %)", r["error"])
             note = (f"{r['model']}: the most aggressive threshold of the contribution search "
                     f"keeps {keeps.group(1)} of the FLOPs" if keeps else
-                    f"{r['model']} {key}: {r['error']}")
+                    f"{r['model']} {COMPRESSION_COLUMNS.get(key, key)}: {r['error']}")
             if note not in notes:
                 notes.append(note)
+    present = [k for k in COMPRESSION_COLUMNS if any(k in by for by in cells.values())]
+    head = ("| model (source accuracy) | FLOPs target | β (ours) | FLOPs kept (ours / others) | "
+            + " | ".join(COMPRESSION_COLUMNS[k] for k in present) + " | best |")
+    lines = [head, "|---" * (head.count(" | ") + 1) + "|"]
+    sources = {s["model"]: s for s in data["sources"]}
     for (model, target), by in cells.items():
-        runs = [by.get(c, {"error": "not run"}) for c in ("contribution", "l1", "fpgm")]
-        flops, params = (" / ".join("—" if "error" in r else f"{100 * r[key]:.1f}"
-                                    for r in runs) + " %"
-                         for key in ("flops_ratio", "params_ratio"))
-        if recal:
-            runs += [by.get(c + "+bn", {"error": "not run"}) for c in ("contribution", "l1",
-                                                                       "fpgm")]
-        acc = " | ".join("not reached" if "error" in r else
-                         f"{r['accuracy']:.4f} ({r['delta_pp']:+.2f})" for r in runs)
-        ours = runs[0].get("locate")
-        beta = f"{ours['beta_conv']}" if ours else "—"
+        runs = [by.get(k, {"error": "not run"}) for k in present]
+        ours = by.get(("contribution", "none"), {})
+        other = next((r for k, r in by.items() if k[0] != "contribution" and "error" not in r),
+                     {})
+        flops = " / ".join("—" if "flops_ratio" not in r else f"{100 * r['flops_ratio']:.1f}"
+                           for r in (ours, other)) + " %"
+        done = [(r["delta_pp"], COMPRESSION_COLUMNS[k]) for k, r in zip(present, runs)
+                if "error" not in r]
+        best = max(done)[0] if done else None
+        acc = " | ".join("—" if "error" in r else
+                         (f"**{r['delta_pp']:+.2f}**" if r["delta_pp"] == best
+                          else f"{r['delta_pp']:+.2f}") for r in runs)
+        winner = ", ".join(name for d, name in done if d == best) if done else "—"
+        beta = f"{ours['locate']['beta_conv']}" if ours.get("locate") else "—"
         lines.append(f"| {model} ({sources[model]['accuracy']:.4f}) | {target:.2f} | {beta} | "
-                     f"{flops} | {params} | {acc} |")
+                     f"{flops} | {acc} | {winner} |")
     if notes:
         lines += [""] + [f"Not reached — {n}." for n in notes]
-    if recal:
-        n = max(r.get("recalibrate_bn", 0) for r in data["rows"])
-        lines += ["", f"+ BN: the same criterion with `--recalibrate-bn {n}` (every candidate's "
-                      "BatchNorm statistics re-estimated on that many training images); its "
-                      "FLOPs match the column without it."]
+    bn = max((r.get("recalibrate_bn", 0) for r in data["rows"]), default=0)
+    rec = max((r.get("reconstruct", 0) for r in data["rows"]), default=0)
+    lines += ["", "Points against the source on the test split (the best of a row in bold). "
+                  f"BN: `--recalibrate-bn {bn}` (BatchNorm statistics re-estimated on that many "
+                  f"training images); rec: `--reconstruct {rec}` (every layer reading removed "
+                  "channels re-fitted by least squares on that many selected training images of "
+                  "all classes), before BN; TP: Torch-Pruning's pruner with that importance at "
+                  "the same FLOPs, BN re-estimated the same way."]
     return lines
 
 

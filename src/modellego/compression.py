@@ -212,8 +212,9 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
     :func:`removal_order`, that leave at most that share of the source's FLOPs (parameters);
     with ``min_accuracy`` the most that keep ``accuracy_of(model)`` at it (accuracy assumed
     to fall as channels go). Both are found by bisection over the number of removals.
-    ``finish(candidate, plan)`` is applied to every pruned candidate before it is measured
-    (e.g. reconstruction, BatchNorm re-estimation).
+    ``finish(candidate, plan)`` (e.g. reconstruction, BatchNorm re-estimation) is applied to
+    every pruned candidate before its accuracy is measured; with a cost target, to the
+    chosen one only (a repair changes weights, not the cost).
 
     >>> small = prune_uniform(net, (1, 28, 28), "l1", target_flops=0.5).model
     """
@@ -230,6 +231,10 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
     built: dict[int, tuple[ComponentPlan, nn.Module, Trial]] = {}
     measured: dict[int, dict[str, float]] = {}
 
+    # a cost target does not depend on the repair (it changes weights, not shapes): only
+    # the chosen candidate is repaired; an accuracy budget measures every candidate repaired
+    repair_each = min_accuracy is not None
+
     def build(i: int) -> tuple[ComponentPlan, nn.Module, Trial]:
         """The model after the first ``i`` removals."""
         if i not in built:
@@ -238,7 +243,7 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
                 drops[s] += 1
             plan = plan_from_masks(graph, masks_from_drops(graph, scores, drops), range(n_out))
             small = apply_plan(model, plan).eval()
-            if finish is not None:
+            if finish is not None and repair_each:
                 finish(small, plan)
             ratios = {"flops_ratio": count_flops(small, input_shape) / source_flops,
                       "params_ratio": count_params(small) / source_params}
@@ -272,6 +277,8 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
                 "image input, grouped convs) and the logits cannot be pruned; choose a larger "
                 "target")
     plan, small, trial = build(i)
+    if finish is not None and not repair_each:
+        finish(small, plan)
     trials = tuple(t.to_dict() for _, (_, _, t) in sorted(built.items()))
     return UniformPruning(small, plan, graph, criterion, trial.candidate["fraction"],
                           measure(i, "flops_ratio"), measure(i, "params_ratio"), trials)

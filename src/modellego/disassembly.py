@@ -382,12 +382,14 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
         fit_images = as_tensor(take(images, pick), "the reconstruction's images")
     # the latest candidates built (the search measures a candidate's cost and accuracy,
     # then returns the last one that passed: each is cut and repaired once)
-    built: dict[LocateConfig, tuple[ComponentPlan, nn.Module, Reconstruction | None]] = {}
+    built: dict[tuple[LocateConfig, bool],
+                tuple[ComponentPlan, nn.Module, Reconstruction | None]] = {}
 
-    def build_fitted(cfg: LocateConfig
+    def build_fitted(cfg: LocateConfig, repair: bool = True
                      ) -> tuple[ComponentPlan, nn.Module, Reconstruction | None]:
-        if cfg in built:
-            return built[cfg]
+        """The candidate ``cfg``; ``repair=False``: the cut alone (its cost is the same)."""
+        if (cfg, repair) in built:
+            return built[cfg, repair]
         if chunk_masks is not None:  # profiled in chunks: the classes' masks were kept
             masks = union_of_class_masks(graph, classes, chunk_masks[cfg].__getitem__)
         else:
@@ -395,20 +397,28 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
         plan = plan_from_masks(graph, masks, out_idx, hint=hint)
         net = apply_plan(model, plan).eval()
         fit = reconstruct_layers(net, model, graph, plan, fit_images) \
-            if config.fit_images else None
+            if config.fit_images and repair else None
         comp = method.finish(net, classes).eval()
-        if config.compensate:  # the methods that allow it profile contributions
+        if config.compensate and repair:  # the methods that allow it profile contributions
             compensate_removed_inputs(comp, plan, cast(ContributionProfile, profile).means,
                                       bn_after)
-        if calibration_images is not None and config.recalibrate_bn:
+        if calibration_images is not None and config.recalibrate_bn and repair:
             recalibrate_batchnorm(comp, calibration_images)
         while len(built) >= 2:
             built.pop(next(iter(built)))
-        built[cfg] = (plan, comp, fit)
-        return built[cfg]
+        built[cfg, repair] = (plan, comp, fit)
+        return built[cfg, repair]
+
+    # with a cost target and no accuracy budget, candidates are priced as cut (a repair
+    # changes weights, not the cost) and only the chosen one is repaired
+    price_repaired = config.max_accuracy_drop is not None
 
     def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
         plan, comp, _ = build_fitted(cfg)
+        return plan, comp
+
+    def build_priced(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
+        plan, comp, _ = build_fitted(cfg, price_repaired)
         return plan, comp
 
     chosen, trials = base, cast(list[Trial], [])
@@ -418,14 +428,14 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
         source_flops = count_flops(model, input_shape)
 
         def flops_of(cfg: LocateConfig) -> float:
-            return count_flops(build(cfg)[1], input_shape) / source_flops
+            return count_flops(build_priced(cfg)[1], input_shape) / source_flops
 
         cost_of, cost, target = flops_of, "flops", config.target_flops
         if config.target_params is not None:  # the same search, priced in parameters
             source_params = count_params(model)
 
             def params_of(cfg: LocateConfig) -> float:
-                return count_params(build(cfg)[1]) / source_params
+                return count_params(build_priced(cfg)[1]) / source_params
 
             cost_of, cost, target = params_of, "params", config.target_params
 
