@@ -28,6 +28,7 @@ SHIPPED = [
     "fashion-mnist/vgg16_bn-classes0-4.safetensors",
     "fashion-mnist/vgg16_bn-classes5-9.safetensors",
     "digits/vgg16_bn.safetensors",
+    "digits/mobilenet_v2.safetensors",
 ]
 
 

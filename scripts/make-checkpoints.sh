@@ -14,3 +14,6 @@ ml train vgg16_bn --dataset fashion-mnist --classes 5-9 --width 0.5 --epochs 12 
    --out checkpoints/fashion-mnist/vgg16_bn-classes5-9.safetensors
 ml train resnet18 --dataset fashion-mnist --width 0.25 --epochs 12 --seed 0 --quiet \
    --out checkpoints/fashion-mnist/resnet18.safetensors
+# the third source of the disassembly benchmark (issue 13: a model nobody tuned the defaults on)
+ml train mobilenet_v2 --dataset digits --width 0.5 --epochs 60 --seed 0 --quiet \
+   --out checkpoints/digits/mobilenet_v2.safetensors
