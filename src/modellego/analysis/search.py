@@ -15,8 +15,9 @@ from .locate import LocateConfig
 
 # Most aggressive first. For the mass rule the knob is the dropped share of contribution mass;
 # for the count rule it scales the paper's alpha/beta defaults.
-MASS_STEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06,
-              0.05, 0.04, 0.03, 0.02, 0.015, 0.01, 0.007, 0.005, 0.003, 0.002, 0.001, 0.0)
+MASS_STEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1,
+              0.08, 0.06, 0.05, 0.04, 0.03, 0.02, 0.015, 0.01, 0.007, 0.005, 0.003, 0.002,
+              0.001, 0.0)
 COUNT_SCALES = (2.0, 1.5, 1.25, 1.0, 0.8, 0.6, 0.45, 0.33, 0.25, 0.18, 0.12, 0.08, 0.05, 0.02,
                 0.0)
 FRAT_SCALES = COUNT_SCALES
