@@ -558,15 +558,28 @@ def test_cli_assemble_into_a_missing_folder(files, tmp_path):
 # --------------------------------------------------------------------------- union layout
 
 
-def _component_file(part, classes, path: Path, source: Path) -> Path:
-    """Disassemble ``part`` (saved at ``source``) for ``classes`` and save the component."""
+def _component_file(part, classes, path: Path, source: Path, **fields) -> Path:
+    """Disassemble ``part`` (saved at ``source``) for ``classes`` and save the component
+    (the plain cut of the paper preset unless ``fields`` say otherwise)."""
+    fields = {"preset": "paper", **fields}
     from modellego import disassemble
 
     net, man = part
-    comp, comp_man, _ = disassemble(net, man, DisassemblyConfig(tuple(classes)),
+    comp, comp_man, _ = disassemble(net, man, DisassemblyConfig(tuple(classes), **fields),
                                     source_path=source)
     save_model(path, comp.model, comp_man)
     return path
+
+
+def test_union_refuses_parts_repaired_after_the_cut(files, part_a, tmp_path):
+    plain = _component_file(part_a, (0, 1), tmp_path / "c01.safetensors", files["a"])
+    fixed = _component_file(part_a, (2, 4), tmp_path / "c24.safetensors", files["a"],
+                            preset="default", samples_per_class=5, reconstruct=50)
+    with pytest.raises(ModelLegoError, match=r"part 1 was repaired after the cut "
+                                             r"\(--reconstruct\).*use `layout` parallel"):
+        assemble([plain, fixed], AssemblyConfig(layout="union", scaling="none"))
+    parallel, _ = assemble([plain, fixed], AssemblyConfig(layout="parallel", scaling="none"))
+    assert evaluate_assembly(parallel, _)["balanced_accuracy"] > 0
 
 
 def test_union_equals_the_source_masked_by_the_union_of_plans(files, part_a, tmp_path):
@@ -671,7 +684,7 @@ def test_union_does_not_overwrite_the_components_source_without_force(files, par
     monkeypatch.chdir(work)
     for classes, name in (("0,1", "c1"), ("3", "c2")):
         code, _, err = run_cli(["disassemble", "src.safetensors", "--classes", classes,
-                                "--out", f"comps/{name}.safetensors"])
+                                "--no-reconstruct", "--out", f"comps/{name}.safetensors"])
         assert code == 0, err
     # stored relative to the component, found from any working folder
     assert read_manifest(work / "comps" / "c1.safetensors")["provenance"]["source"]["file"] \

@@ -219,6 +219,11 @@ def _assemble(sources: Sequence[str | Path | tuple],
         part["_num_outputs"] = len(man["classes"])
         part["_fingerprint"] = fingerprint if man.get("router_fingerprint") else None
         part["router_fingerprint"] = man.get("router_fingerprint")
+        made = (man.get("provenance") or {}).get("config") or {}
+        part["_repairs"] = [flag for flag, key in (("--reconstruct", "reconstruct"),
+                                                   ("--compensate", "compensate"),
+                                                   ("--recalibrate-bn", "recalibrate_bn"))
+                            if made.get(key)]  # weights changed after the cut
         nets.append(net.eval())
         parts.append(part)
     check_one_folder([p["dataset"]["name"] for p in parts], data_dir)
@@ -245,6 +250,7 @@ def _assemble(sources: Sequence[str | Path | tuple],
     for p in parts:
         p.pop("_num_outputs")
         p.pop("_fingerprint")
+        p.pop("_repairs")
         p.pop("router_fingerprint", None)
     base = None
     if not layout.body_is_parts:

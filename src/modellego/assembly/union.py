@@ -66,6 +66,15 @@ def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if any(p.get("kind") != "component" for p in parts) or len(sources) != 1 or None in sources:
         raise ModelLegoError("`layout` union needs components cut from one source model "
                              "(their manifests name the same source file hash)")
+    for k, p in enumerate(parts):
+        # the union is the source cut by the union of the plans: a part whose weights were
+        # repaired after the cut would silently lose its repair
+        repairs = p.get("_repairs") or []
+        if repairs:
+            raise ModelLegoError(
+                f"`layout` union: part {k} was repaired after the cut ({', '.join(repairs)}), "
+                "and the union is the source's plain cut; use `layout` parallel, or "
+                "disassemble the parts with --no-reconstruct")
     src = parts[0]["source"]
     found = find_source(src.get("file"), src["sha256"], parts[0].get("file"))
     path = src.get("file")
