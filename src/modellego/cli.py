@@ -375,8 +375,10 @@ def _locate_config(args: argparse.Namespace, method: str = "contribution"):
     given = _thresholds_given(args)
     if args.rule is None and not given and getattr(args, "preset", None) is not None:
         return None
-    rule = args.rule or ("count" if getattr(args, "preset", None) == "paper"
-                         or method != "contribution" else "mass")
+    # the alphas are the count rule's (the mass rule reads the betas only)
+    counting = getattr(args, "preset", None) == "paper" or method != "contribution" or \
+        any(k.startswith("alpha") for k in given)
+    rule = args.rule or ("count" if counting else "mass")
     return replace(default_locate(method), rule=rule, **given)
 
 
@@ -515,7 +517,7 @@ def _add_locate_args(s: argparse.ArgumentParser, rule: str | None = None) -> Non
     ``None``: the preset's)."""
     s.add_argument("--rule", choices=("count", "mass"), default=rule,
                    help="count: the paper's relevant-kernel counting; mass: contribution mass "
-                        f"(default: {rule or 'mass; count with --preset paper'})")
+                        f"(default: {rule or 'mass; count with --preset paper or --alpha-*'})")
     s.add_argument("--alpha-conv", type=float, default=None,
                    help="default 0.3 (0.2 with --method frat)")
     s.add_argument("--beta-conv", type=float, default=None, help="default 0.2")
