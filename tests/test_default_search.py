@@ -13,7 +13,7 @@ from helpers import run_cli
 from modellego.analysis.locate import LocateConfig
 from modellego.analysis.methods import get_method
 from modellego.analysis.profile import SampleSelection
-from modellego.analysis.search import PairedDrop, rule_family, search
+from modellego.analysis.search import MASS_STEPS, PairedDrop, cost_family, rule_family, search
 from modellego.data import load_split, normalize
 from modellego.disassembly import (
     DEFAULT_BUDGET,
@@ -250,3 +250,14 @@ def test_cli_default_and_paper_preset(simnet_digits_file, tmp_path) -> None:
                             "--confidence", "1.5", "--out", bad])
     assert code == 2 and "--confidence must be 0" in err and not bad.exists()
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_cost_target_walks_the_finer_mass_family() -> None:
+    family = cost_family(rule_family(LocateConfig(rule="mass")))
+    betas = [c.beta_conv for c in family]
+    assert betas == sorted(set(betas), reverse=True)  # most aggressive first, no repeats
+    assert set(MASS_STEPS) <= set(betas) and {0.575, 0.525, 0.95} <= set(betas)
+    assert all(c.beta_conv == c.beta_linear for c in family)
+    # the count rule's family (and hand-tuned layers) are left as they are
+    count = rule_family(LocateConfig())
+    assert cost_family(count) == count

@@ -18,7 +18,7 @@ from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile
     select_samples,
     take_every_sample,
 )
-from .analysis.search import PairedDrop, Trial, refine, search
+from .analysis.search import PairedDrop, Trial, cost_family, refine, search
 from .data.lazy import Inputs, ModelInputs, as_tensor, max_memory, take
 from .errors import ModelLegoError
 from .metrics import (
@@ -353,7 +353,10 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                     "raise `max_memory`")
             searching = config.max_accuracy_drop is not None or \
                 config.target_flops is not None or config.target_params is not None
-            configs = [base] + (method.candidates(base) if searching else [])
+            family = method.candidates(base)
+            if config.max_accuracy_drop is None:
+                family = cost_family(family)
+            configs = [base] + (family if searching else [])
             profile, chunk_masks = chunked_class_masks(
                 method, model, graph, layers, images, labels, selection, classes,
                 output_classes, configs, per_chunk, batch_size=config.batch_size, dist=dist)
@@ -467,7 +470,10 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                 return accuracy_from_logits(predict_logits(comp, val_images), val_labels,
                                             classes).accuracy
 
-        chosen, trials = search(method.candidates(base), cost_of, accuracy_of,
+        family = method.candidates(base)
+        if config.max_accuracy_drop is None:  # a cost target: cut-only pricing, finer steps
+            family = cost_family(family)
+        chosen, trials = search(family, cost_of, accuracy_of,
                                 min_accuracy=min_acc, max_flops_ratio=target, cost=cost,
                                 judge=judge)
         if config.refine and (judge is not None or

@@ -18,6 +18,10 @@ from .locate import LocateConfig
 MASS_STEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1,
               0.08, 0.06, 0.05, 0.04, 0.03, 0.02, 0.015, 0.01, 0.007, 0.005, 0.003, 0.002,
               0.001, 0.0)
+#: the dropped shares a FLOPs or parameter target also walks (candidates are priced as cut,
+#: which is cheap): above 0.5 the steps of :data:`MASS_STEPS` leave gaps of 15-20 points of
+#: FLOPs between neighbours
+FINE_MASS_STEPS = tuple(round(0.95 - 0.025 * i, 3) for i in range(19))  # 0.95 ... 0.5
 COUNT_SCALES = (2.0, 1.5, 1.25, 1.0, 0.8, 0.6, 0.45, 0.33, 0.25, 0.18, 0.12, 0.08, 0.05, 0.02,
                 0.0)
 FRAT_SCALES = COUNT_SCALES
@@ -40,6 +44,16 @@ def rule_family(base: LocateConfig) -> list[LocateConfig]:
                     beta_conv=min(1.0, base.beta_conv * f),
                     alpha_linear=min(1.0, base.alpha_linear * f),
                     beta_linear=min(1.0, base.beta_linear * f)) for f in COUNT_SCALES]
+
+
+def cost_family(family: Sequence[LocateConfig]) -> list[LocateConfig]:
+    """``family`` for a cost target: a mass-rule family gets :data:`FINE_MASS_STEPS` too
+    (most aggressive first); others are returned as they are."""
+    if not family or any(c.rule != "mass" or c.layer_beta or c.beta_conv != c.beta_linear
+                         for c in family):
+        return list(family)
+    steps = sorted({c.beta_conv for c in family} | set(FINE_MASS_STEPS), reverse=True)
+    return [replace(family[0], beta_conv=t, beta_linear=t) for t in steps]
 
 
 def first_passing(n: int, passes: Callable[[int], bool]) -> int:
