@@ -50,12 +50,13 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def parts(source: Path) -> tuple[Path, Path]:
-    """Two components of ``source`` (classes 1,3 and 5,6), to assemble."""
+    """Two components of ``source`` (classes 1,3 and 5,6), to assemble (plain cuts, so that
+    the union layout takes them too)."""
     out = []
     for classes in ("1,3", "5,6"):
         path = source.parent / f"comp{classes.replace(',', '')}.safetensors"
-        assert run_cli(["disassemble", str(source), "--classes", classes, "--out",
-                        str(path)])[0] == 0
+        assert run_cli(["disassemble", str(source), "--classes", classes, "--no-reconstruct",
+                        "--out", str(path)])[0] == 0
         out.append(path)
     return out[0], out[1]
 

@@ -223,6 +223,7 @@ def test_torchrun_two_gloo_processes_write_the_single_process_bytes(tmp_path: Pa
     assert (tmp_path / "dist" / "out.safetensors").read_bytes() == single
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in runs]
     for rep in reports:
+        rep.get("reconstruction", {}).pop("seconds", None)  # a timing, as TIMING
         assert TIMING <= rep.keys()
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in reports] == [
         {k: v for k, v in reports[0].items() if k not in TIMING}] * 2

@@ -165,11 +165,18 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                         width=0.25, batch_size=32), progress=False)
     src = keep("train", model, manifest)
     comps = []
-    for classes in ((0, 1, 2), (3, 4)):
+    for classes in ((0, 1, 2), (3, 4)):  # plain cuts: the union layout takes them too
         comp, man, _ = disassemble(model, manifest,
-                                   DisassemblyConfig(classes, samples_per_class=10),
+                                   DisassemblyConfig(classes, samples_per_class=10,
+                                                     reconstruct=0),
                                    source_path=src)
         comps.append(keep(f"disassemble-{classes[0]}", comp.model, man))
+    # the default: reconstructed, searched with a confidence bound (its provenance records both)
+    comp, man, _ = disassemble(model, manifest,
+                               DisassemblyConfig((5, 6), samples_per_class=10, reconstruct=100),
+                               source_path=src)
+    assert {"validation", "reconstruction"} <= set(man["provenance"])
+    keep("disassemble-default", comp.model, man)
     for criterion, target in (("l1", 0.7), ("contribution", 0.9)):
         small, man, _ = compress(model, manifest,
                                  CompressConfig(criterion=criterion, target_flops=target,

@@ -26,6 +26,7 @@ from modellego.data import (
 )
 from modellego.data.folder import DEFAULT_MAX_SIZE, STREAM_ENV
 from modellego.data.lazy import Recipe, parse_memory, shape_image
+from modellego.disassembly import DEFAULT_RECONSTRUCT, DEFAULT_VALIDATION
 from modellego.errors import DataError
 from modellego.files import open_model
 from modellego.io import read_manifest
@@ -216,7 +217,9 @@ def test_commands_on_a_streamed_folder_match_the_in_memory_ones(
     assert ev_s["accuracy"] == ev_h["accuracy"] and ev_s["per_class"] == ev_h["per_class"]
     assert man_s["plan"] == man_h["plan"]
     assert rep_s["component_accuracy"] == rep_h["component_accuracy"]
-    assert rep_s["selection_pool"] == 80 and "selection_pool" not in rep_h
+    # 4 x 20 to select from, twice the validation top-up, the reconstruction's share per class
+    pool = 4 * 20 + 2 * DEFAULT_VALIDATION + -(-DEFAULT_RECONSTRUCT // 2)
+    assert rep_s["selection_pool"] == pool and "selection_pool" not in rep_h
     assert man_s["provenance"]["samples"] == man_h["provenance"]["samples"]
     # the router fingerprint, made from every training image of the component's classes
     # read batch by batch: the same statistics
@@ -237,7 +240,8 @@ def test_a_small_pool_picks_samples_of_the_right_classes(photos, tmp_path: Path,
                             "--workers", "0", "--out", tmp_path / "c.safetensors",
                             "--report", report])
     assert code == 0, err
-    assert json.loads(report.read_text())["selection_pool"] == 12
+    assert json.loads(report.read_text())["selection_pool"] == \
+        4 * 3 + 2 * DEFAULT_VALIDATION + DEFAULT_RECONSTRUCT
     samples = read_manifest(tmp_path / "c.safetensors")["provenance"]["samples"]["1"]
     # positions among the task's training images, as for data held in memory
     task = load_split(f"folder:{root}", "train").subset([1])
