@@ -247,6 +247,9 @@ def test_cli_default_and_paper_preset(simnet_digits_file, tmp_path) -> None:
     assert prov["locate"]["rule"] == "mass" and prov["locate"]["beta_conv"] == 0.1
     bad = tmp_path / "bad.safetensors"
     code, _, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
+                            "--reconstruct", "10", "--no-reconstruct", "--out", bad])
+    assert code == 2 and "give one of --reconstruct and --no-reconstruct" in err
+    code, _, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
                             "--confidence", "1.5", "--out", bad])
     assert code == 2 and "--confidence must be 0" in err and not bad.exists()
     assert len(err.strip().splitlines()) == 1

@@ -244,6 +244,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     if locate is not None and args.preset == "default" and args.method == "contribution" \
             and _thresholds_given(args) == {} and (budget, args.target_flops) == (None, None):
         budget = DEFAULT_BUDGET  # --rule alone: the default search along that rule's family
+    if args.no_reconstruct and args.reconstruct is not None:
+        raise ModelLegoError("give one of --reconstruct and --no-reconstruct")
     reconstruct = 0 if args.no_reconstruct else args.reconstruct
     config = DisassemblyConfig(tuple(args.classes), samples_per_class=args.samples_per_class,
                                locate=locate, compensate=args.compensate,
