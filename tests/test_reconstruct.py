@@ -418,7 +418,7 @@ def test_compress_config_carries_the_option_to_every_criterion() -> None:
         CompressConfig("l1", target_flops=0.5, reconstruct=-2).validate()
 
 
-def test_cli_compress_reconstructs_every_candidate(simnet_digits_file: Path,
+def test_cli_compress_reconstructs_the_chosen_candidate(simnet_digits_file: Path,
                                                    tmp_path: Path) -> None:
     out = tmp_path / "small.safetensors"
     code, _, err = run_cli(["compress", simnet_digits_file, "--criterion", "l1",
