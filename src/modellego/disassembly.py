@@ -353,10 +353,7 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                     "raise `max_memory`")
             searching = config.max_accuracy_drop is not None or \
                 config.target_flops is not None or config.target_params is not None
-            family = method.candidates(base)
-            if config.max_accuracy_drop is None:
-                family = cost_family(family)
-            configs = [base] + (family if searching else [])
+            configs = [base] + (search_family(method, base, config) if searching else [])
             profile, chunk_masks = chunked_class_masks(
                 method, model, graph, layers, images, labels, selection, classes,
                 output_classes, configs, per_chunk, batch_size=config.batch_size, dist=dist)
@@ -470,10 +467,7 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                 return accuracy_from_logits(predict_logits(comp, val_images), val_labels,
                                             classes).accuracy
 
-        family = method.candidates(base)
-        if config.max_accuracy_drop is None:  # a cost target: cut-only pricing, finer steps
-            family = cost_family(family)
-        chosen, trials = search(family, cost_of, accuracy_of,
+        chosen, trials = search(search_family(method, base, config), cost_of, accuracy_of,
                                 min_accuracy=min_acc, max_flops_ratio=target, cost=cost,
                                 judge=judge)
         if config.refine and (judge is not None or
@@ -497,6 +491,15 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                      tuple(t.to_dict() for t in trials), method.name, fit, chunk_masks,
                      1 if chunk_masks is None else -(-len(classes) // per_chunk),
                      validation if judge is not None else None)
+
+
+def search_family(method, base: LocateConfig, config: DisassemblyConfig
+                  ) -> list[LocateConfig]:
+    """The thresholds a search of ``config`` walks from ``base``: the method's family, with
+    the finer steps of :func:`~modellego.analysis.search.cost_family` for a cost target
+    (no accuracy budget: candidates are priced as cut, so the extra steps are cheap)."""
+    family = method.candidates(base)
+    return family if config.max_accuracy_drop is not None else cost_family(family)
 
 
 def validation_topup(labels: torch.Tensor, classes: Sequence[int], selection: SampleSelection,
