@@ -9,7 +9,9 @@ For each target the contribution component is made first (``modellego compress F
 --target-flops T``); the others are then pruned to the FLOPs ratio that component reached
 (``--criterion l1 --target-flops R``), or to T where no contribution threshold reaches T.
 Each of ours runs with every training-free repair (none, BN re-estimation, reconstruction
-then BN re-estimation: ``--reconstruct N --recalibrate-bn M``); Torch-Pruning's with BN
+then BN re-estimation: ``--reconstruct 2000 --recalibrate-bn 2000``, compress's default;
+reconstruction fits on the selected samples and seeded other training images, 2000 in all);
+Torch-Pruning's with BN
 re-estimated the same way (its pruning ratio bisected to the FLOPs, every layer but the
 logits prunable, LAMP global as published, the others per layer; Taylor's gradients from
 the cross-entropy on the selected training images).
@@ -33,7 +35,8 @@ import torch
 
 from modellego import __version__
 from modellego.analysis.profile import select_samples
-from modellego.compression import CompressConfig, compress_model
+from modellego.compression import (DEFAULT_RECALIBRATE_BN, DEFAULT_RECONSTRUCT,
+                                   CompressConfig, compress_model)
 from modellego.data import load_split, normalize
 from modellego.files import load_model
 from modellego.metrics import accuracy_from_logits, count_flops, count_params, predict_logits
@@ -45,8 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["fashion-mnist/vgg16_bn", "fashion-mnist/resnet18"]
 TARGETS = [0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.25]
 K = 50
-#: the repairs each of our criteria runs with: (name, --reconstruct, --recalibrate-bn)
-REPAIRS = [("none", 0, 0), ("bn", 0, 2000), ("rec+bn", 500, 2000)]
+#: the repairs each of our criteria runs with: (name, --reconstruct, --recalibrate-bn);
+#: "rec+bn" is compress's default
+REPAIRS = [("none", 0, 0), ("bn", 0, DEFAULT_RECALIBRATE_BN),
+           ("rec+bn", DEFAULT_RECONSTRUCT, DEFAULT_RECALIBRATE_BN)]
 #: Torch-Pruning's importance criteria compared
 PEERS = ["tp-l1", "tp-l2", "tp-taylor", "tp-lamp"]
 
@@ -114,6 +119,14 @@ def run_model(rel: str, targets: list[float], recalibrate: int = 0) -> tuple[dic
     x_train = normalize(train.images, train.info)
     idx = select_samples(model, x_train, train.labels, own, own, k=K).all_indices()
     x_sel, y_sel = x_train[idx], train.labels[idx]
+    # the images ours are handed: the selected samples (selection picks the same ones again:
+    # the top-K of a superset) and seeded others, as many as reconstruction fits on
+    rest = torch.ones(len(x_train), dtype=torch.bool)
+    rest[idx] = False
+    rest = rest.nonzero().flatten()
+    more = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(1))[
+        :max(0, DEFAULT_RECONSTRUCT - len(idx))]]
+    x_fit, y_fit = torch.cat([x_sel, x_train[more]]), torch.cat([y_sel, train.labels[more]])
     calib = sample_calibration_images(train, recalibrate) if recalibrate else None
     selection = time.perf_counter() - t0
     source = {"model": rel, "accuracy": src_acc, "flops": flops, "params": params,
@@ -137,7 +150,7 @@ def run_model(rel: str, targets: list[float], recalibrate: int = 0) -> tuple[dic
                     config = CompressConfig(criterion, target_flops=goal, samples_per_class=K,
                                             recalibrate_bn=recal, reconstruct=rec)
                     res = compress_model(model, shape, output_classes=own, config=config,
-                                         images=x_sel, labels=y_sel,
+                                         images=x_fit, labels=y_fit,
                                          calibration_images=calib if recal else None)
                     net, fraction, locate = res.model, res.fraction, res.locate
             except Exception as exc:  # a criterion that cannot reach the target: say so

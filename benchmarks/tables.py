@@ -275,8 +275,8 @@ def compression(data: dict) -> list[str]:
     lines += ["", "Points against the source on the test split (the best of a row in bold). "
                   f"BN: `--recalibrate-bn {bn}` (BatchNorm statistics re-estimated on that many "
                   f"training images); rec: `--reconstruct {rec}` (every layer reading removed "
-                  "channels re-fitted by least squares on that many selected training images of "
-                  "all classes), before BN; TP: Torch-Pruning's pruner with that importance at "
+                  "channels re-fitted by least squares on that many training images of all "
+                  "classes), before BN; ours + rec + BN is `compress`'s default; TP: Torch-Pruning's pruner with that importance at "
                   "the same FLOPs, BN re-estimated the same way."]
     return lines
 

@@ -34,6 +34,9 @@ from modellego.training import base_manifest
 
 TOL = 1e-5
 SHAPE = (1, 28, 28)
+#: the plain cut (compress repairs every candidate by default): what the structural tests check
+PLAIN = {"reconstruct": 0, "recalibrate_bn": 0}
+PLAIN_CLI = ["--no-reconstruct", "--recalibrate-bn", "0"]
 # Uniform pruning moves in steps of one channel of one space, so it lands at most one step
 # under a FLOPs target. On these tiny widths one channel of an early layer is worth up to
 # 8 % of the FLOPs; in LeNet-5 one of the 6 channels of the first conv is worth 14 %.
@@ -251,7 +254,7 @@ def test_contribution_compression_meets_the_flops_target(arch, noise):
     x, y = noise
     model = tiny_model(arch)
     target = 0.9
-    config = CompressConfig("contribution", target_flops=target, samples_per_class=2)
+    config = CompressConfig("contribution", target_flops=target, samples_per_class=2, **PLAIN)
     res = compress_model(model, SHAPE, output_classes=range(10), config=config, images=x,
                          labels=y)
     assert res.criterion == "contribution" and res.locate.rule == "mass"
@@ -267,7 +270,8 @@ def test_contribution_from_the_selected_samples_alone_is_the_same(noise):
     """benchmarks/compression.py selects samples once and hands only those on."""
     x, y = noise
     model = tiny_model("resnet18")
-    config = CompressConfig("contribution", target_flops=0.9, samples_per_class=2)
+    config = CompressConfig("contribution", target_flops=0.9, samples_per_class=2,
+                            **PLAIN)
     full = compress_model(model, SHAPE, output_classes=range(10), config=config, images=x,
                           labels=y)
     idx = select_samples(model, x, y, range(10), range(10), k=2).all_indices()
@@ -284,7 +288,7 @@ def test_params_target_for_every_criterion(noise):
     x, y = noise
     model = tiny_model("vgg11_bn")
     for criterion in ("l1", "fpgm", "contribution"):
-        config = CompressConfig(criterion, target_params=0.7, samples_per_class=2)
+        config = CompressConfig(criterion, target_params=0.7, samples_per_class=2, **PLAIN)
         res = compress_model(model, SHAPE, output_classes=range(10), config=config, images=x,
                              labels=y)
         assert count_params(res.model) / count_params(model) <= 0.7, criterion
@@ -296,7 +300,7 @@ def test_accuracy_budget_for_uniform_pruning_stops_at_the_boundary(noise):
     model = tiny_model("simnet")
     # labels the source itself predicts: source accuracy 1.0 on this "validation" set
     labels = run(model, x).argmax(1)
-    config = CompressConfig("l1", max_accuracy_drop=30.0)
+    config = CompressConfig("l1", max_accuracy_drop=30.0, **PLAIN)
     res = compress_model(model, SHAPE, output_classes=range(10), config=config,
                          val_images=x, val_labels=labels)
     acc = (run(res.model, x).argmax(1) == labels).double().mean().item()
@@ -365,7 +369,7 @@ def test_cli_writes_a_component_file(criterion, simnet_file, tmp_path):
     out, rep = tmp_path / "small.safetensors", tmp_path / "r.json"
     code, stdout, err = run_cli(["compress", simnet_file, "--criterion", criterion,
                                  "--target-flops", "0.8", "--samples-per-class", "3",
-                                 "--out", out, "--report", rep])
+                                 "--out", out, "--report", rep, *PLAIN_CLI])
     assert code == 0, err
     assert f"compressed by {criterion}" in stdout and "wrote" in stdout
     small, manifest = load_model(out)
@@ -418,10 +422,10 @@ def test_cli_method_of_the_contribution_criterion(simnet_file, tmp_path):
 def test_cli_compressed_file_can_be_disassembled_and_compressed_again(simnet_file, tmp_path):
     first = tmp_path / "a.safetensors"
     assert run_cli(["compress", simnet_file, "--criterion", "l1", "--target-params", "0.8",
-                    "--out", first])[0] == 0
+                    "--out", first, *PLAIN_CLI])[0] == 0
     second = tmp_path / "b.safetensors"
     code, _, err = run_cli(["compress", first, "--criterion", "fpgm", "--target-flops", "0.9",
-                            "--out", second])
+                            "--out", second, *PLAIN_CLI])
     assert code == 0, err
     comp = tmp_path / "c.safetensors"
     code, _, err = run_cli(["disassemble", second, "--classes", "0,1", "--out", comp,
@@ -465,9 +469,11 @@ def test_cli_bad_targets_exit_2_and_write_nothing(args, words, simnet_file, tmp_
     code, stdout, err = run_cli(["compress", simnet_file, "--out", out, "--report",
                                  out.parent / "r.json", *args])
     assert code == 2 and stdout == ""
-    assert err.startswith("modellego compress: error:")
+    # (a warning may come first: the fixture records no data fingerprint, and the repairs
+    # read training images before the target is found unreachable)
+    assert err.splitlines()[-1].startswith("modellego compress: error:")
     for w in words:
-        assert w in err
+        assert w in err.splitlines()[-1]
     assert list(out.parent.iterdir()) == []
 
 
@@ -482,9 +488,9 @@ def test_recalibrate_bn_refreshes_the_statistics_of_the_chosen_model(criterion, 
 
     plain, recal = tmp_path / "plain.safetensors", tmp_path / "recal.safetensors"
     common = ["--criterion", criterion, "--target-flops", "0.8", "--samples-per-class", "3"]
-    assert run_cli(["compress", simnet_file, *common, "--out", plain])[0] == 0
-    code, _, err = run_cli(["compress", simnet_file, *common, "--recalibrate-bn", "300",
-                            "--out", recal])
+    assert run_cli(["compress", simnet_file, *common, *PLAIN_CLI, "--out", plain])[0] == 0
+    code, _, err = run_cli(["compress", simnet_file, *common, "--no-reconstruct",
+                            "--recalibrate-bn", "300", "--out", recal])
     assert code == 0, err
     a, man_a = load_model(plain)
     b, man_b = load_model(recal)

@@ -13,13 +13,13 @@ from torch import nn
 
 from helpers import randomize_bn, run, run_cli
 from modellego.analysis.locate import LocateConfig
-from modellego.compression import CompressConfig
+from modellego.compression import CompressConfig, compress_model
 from modellego.data import load_split, normalize
 from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError, PlanError
 from modellego.files import load_model, save_model
 from modellego.io import read_manifest
-from modellego.metrics import accuracy_from_logits, predict_logits
+from modellego.metrics import accuracy_from_logits, count_flops, predict_logits
 from modellego.models import create_model
 from modellego.runtime.hooks import forward_hooks, forward_pre_hooks
 from modellego.surgery.extract import apply_plan
@@ -422,7 +422,8 @@ def test_cli_compress_reconstructs_the_chosen_candidate(simnet_digits_file: Path
                                                    tmp_path: Path) -> None:
     out = tmp_path / "small.safetensors"
     code, _, err = run_cli(["compress", simnet_digits_file, "--criterion", "l1",
-                            "--target-flops", "0.6", "--reconstruct", "100", "--out", out])
+                            "--target-flops", "0.6", "--reconstruct", "100", "--recalibrate-bn", "0",
+                            "--out", out])
     assert code == 0, err
     manifest = read_manifest(out)
     assert manifest["provenance"]["config"]["reconstruct"] == 100
@@ -437,3 +438,52 @@ def test_cli_compress_reconstructs_the_chosen_candidate(simnet_digits_file: Path
     reconstruct_layers(by_hand, source, graph, plan, fit_x)
     x = torch.randn(8, 1, 28, 28)
     assert torch.equal(run(small, x), run(by_hand, x))
+
+
+def test_cli_compress_repairs_by_default(simnet_digits_file: Path, tmp_path: Path) -> None:
+    """No repair flag: reconstruction on DEFAULT_RECONSTRUCT images, then BN re-estimation
+    on DEFAULT_RECALIBRATE_BN, recorded in the manifest; the file is that model exactly."""
+    from modellego.compression import DEFAULT_RECALIBRATE_BN, DEFAULT_RECONSTRUCT
+    from modellego.surgery.recalibrate import recalibrate_batchnorm
+    from modellego.workflows import sample_calibration_images
+
+    out = tmp_path / "small.safetensors"
+    code, _, err = run_cli(["compress", simnet_digits_file, "--criterion", "fpgm",
+                            "--target-flops", "0.6", "--out", out])
+    assert code == 0, err
+    config = read_manifest(out)["provenance"]["config"]
+    assert (config["reconstruct"], config["recalibrate_bn"]) == (DEFAULT_RECONSTRUCT,
+                                                                 DEFAULT_RECALIBRATE_BN)
+    source, _ = load_model(simnet_digits_file)
+    small, manifest = load_model(out)
+    plan = ComponentPlan.from_dict(manifest["plan"])
+    split = load_split("digits", "train")
+    pool = normalize(split.images, split.info)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+    by_hand = apply_plan(source, plan).eval()
+    reconstruct_layers(by_hand, source, build_channel_graph(source, (1, 28, 28)), plan,
+                       pool[order[:DEFAULT_RECONSTRUCT]])
+    recalibrate_batchnorm(by_hand, sample_calibration_images(split, DEFAULT_RECALIBRATE_BN))
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.allclose(run(small, x), run(by_hand, x), rtol=1e-5, atol=1e-5)
+    # both flags at once are refused before any file is read
+    code, stdout, err = run_cli(["compress", simnet_digits_file, "--target-flops", "0.6",
+                                 "--reconstruct", "10", "--no-reconstruct",
+                                 "--out", tmp_path / "x.safetensors"])
+    assert code == 2 and stdout == "" and not (tmp_path / "x.safetensors").exists()
+    assert "give one of --reconstruct and --no-reconstruct" in err
+
+
+def test_library_compress_without_images_says_how_to_cut_plainly() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    with pytest.raises(ModelLegoError, match="pass recalibrate_bn=0"):
+        compress_model(net, (1, 9, 9), output_classes=range(3),
+                       config=CompressConfig("l1", target_flops=0.7))
+    with pytest.raises(ModelLegoError, match="pass reconstruct=0 for the plain cut"):
+        compress_model(net, (1, 9, 9), output_classes=range(3),
+                       config=CompressConfig("l1", target_flops=0.7, recalibrate_bn=0))
+    plain = compress_model(net, (1, 9, 9), output_classes=range(3),
+                           config=CompressConfig("l1", target_flops=0.7, recalibrate_bn=0,
+                                                 reconstruct=0))
+    assert count_flops(plain.model, (1, 9, 9)) <= 0.7 * count_flops(net, (1, 9, 9))

@@ -449,15 +449,20 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compression import CompressConfig
+    from .compression import DEFAULT_RECONSTRUCT, CompressConfig
     from .files import load_model
     from .workflows import compress, format_compress_report
 
+    if args.no_reconstruct and args.reconstruct is not None:
+        raise ModelLegoError("give one of --reconstruct and --no-reconstruct")
+    reconstruct = 0 if args.no_reconstruct else args.reconstruct
     config = CompressConfig(criterion=args.criterion, target_flops=args.target_flops,
                             target_params=args.target_params,
                             max_accuracy_drop=args.max_accuracy_drop,
                             samples_per_class=args.samples_per_class, method=args.method,
-                            recalibrate_bn=args.recalibrate_bn, reconstruct=args.reconstruct)
+                            recalibrate_bn=args.recalibrate_bn,
+                            reconstruct=DEFAULT_RECONSTRUCT if reconstruct is None
+                            else reconstruct)
     config.validate()  # before any file is read
     outs = _outputs(args, [args.file], "--out", "--report")
     model, manifest = load_model(args.file)
@@ -533,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     # scaling is on the command line without further edits
     from .analysis.methods import METHODS
     from .assembly import LAYOUTS, SCALINGS
-    from .compression import CRITERIA
+    from .compression import CRITERIA, DEFAULT_RECALIBRATE_BN, DEFAULT_RECONSTRUCT
 
     p = argparse.ArgumentParser(prog="modellego", description=__doc__)
     p.add_argument("--version", action="version", version=f"modellego {__version__}")
@@ -779,13 +784,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contribution: training samples profiled per class")
     s.add_argument("--method", choices=METHODS.names(), default="contribution",
                    help="contribution criterion: how channels are scored (as in disassemble)")
-    s.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+    s.add_argument("--recalibrate-bn", type=int, default=DEFAULT_RECALIBRATE_BN, metavar="N",
                    help="every criterion: re-estimate each candidate's BatchNorm statistics "
-                        "on N training images (no labels, no gradients)")
-    s.add_argument("--reconstruct", type=int, default=0, metavar="N",
+                        "on N training images, no labels, no gradients (default "
+                        f"{DEFAULT_RECALIBRATE_BN}; 0: keep the source's)")
+    s.add_argument("--reconstruct", type=int, default=None, metavar="N",
                    help="every criterion: re-fit each candidate's layers that read removed "
                         "channels by ridge least squares on N training images, to match the "
-                        "source's outputs (before --recalibrate-bn)")
+                        f"source's outputs, before --recalibrate-bn (default "
+                        f"{DEFAULT_RECONSTRUCT})")
+    s.add_argument("--no-reconstruct", action="store_true",
+                   help="no reconstruction (with --recalibrate-bn 0: the plain cut)")
     _add_roots(s)
     s.add_argument("--report", default=None, help="also write the report as JSON")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")

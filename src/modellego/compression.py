@@ -53,6 +53,14 @@ from .surgery.reconstruct import reconstruct_layers
 from .training import task_outputs
 
 
+#: the repairs ``compress`` applies by default, the best measured (``benchmarks/compression.py``):
+#: every candidate's layers reading removed channels re-fitted on this many training images
+#: of all classes ...
+DEFAULT_RECONSTRUCT = 2000
+#: ... then its BatchNorm statistics re-estimated on this many
+DEFAULT_RECALIBRATE_BN = 2000
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """How to compress a model: a criterion and exactly one target."""
@@ -72,10 +80,10 @@ class CompressConfig:
     method: str = "contribution"
     #: re-estimate the BatchNorm statistics of every candidate on this many training images of
     #: all classes (0: keep the source's); see :mod:`modellego.surgery.recalibrate`
-    recalibrate_bn: int = 0
+    recalibrate_bn: int = DEFAULT_RECALIBRATE_BN
     #: re-fit the layers that read removed channels of every candidate on this many training
-    #: images of all classes (0: off); see :mod:`modellego.surgery.reconstruct`
-    reconstruct: int = 0
+    #: images of all classes (0: off, the plain cut); see :mod:`modellego.surgery.reconstruct`
+    reconstruct: int = DEFAULT_RECONSTRUCT
 
     def disassembly(self, classes: Sequence[int]) -> DisassemblyConfig:
         """The disassembly that makes the ``contribution`` compression of ``classes``."""
@@ -314,9 +322,12 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
 
     ``contribution`` needs normalised training ``images``/``labels``; a
     ``max_accuracy_drop`` target needs ``val_images``/``val_labels``; ``recalibrate_bn``
-    needs ``calibration_images``; ``reconstruct`` needs ``images`` (of all classes).
+    needs ``calibration_images``; ``reconstruct`` needs ``images`` (of all classes). Both
+    repairs are on by default (:data:`DEFAULT_RECONSTRUCT`, :data:`DEFAULT_RECALIBRATE_BN`);
+    ``reconstruct=0, recalibrate_bn=0`` is the plain cut, which needs no images.
 
-    >>> small = compress_model(net, (1, 28, 28), output_classes=range(10),
+    >>> small = compress_model(net, (1, 28, 28), output_classes=range(10), images=x,
+    ...                        calibration_images=x,
     ...                        config=CompressConfig("l1", target_flops=0.5)).model
     """
     config.validate()
@@ -327,9 +338,12 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
     if config.max_accuracy_drop is not None and (val_images is None or val_labels is None):
         raise ModelLegoError("`max_accuracy_drop` needs `val_images` and `val_labels`")
     if config.recalibrate_bn and calibration_images is None:
-        raise ModelLegoError("`recalibrate_bn` needs `calibration_images`")
+        raise ModelLegoError("`recalibrate_bn` needs `calibration_images` (training images of "
+                             "all classes); pass recalibrate_bn=0 to keep the source's "
+                             "statistics")
     if config.reconstruct and images is None:
-        raise ModelLegoError("`reconstruct` needs `images`")
+        raise ModelLegoError("`reconstruct` needs `images` (training images of all classes); "
+                             "pass reconstruct=0 for the plain cut")
     return get_criterion(config.criterion).compress(
         model, tuple(input_shape), output_classes, config, images=images, labels=labels,
         val_images=val_images, val_labels=val_labels, calibration_images=calibration_images)

@@ -39,7 +39,8 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     if needs_images or config.recalibrate_bn or config.reconstruct:
         data = task_data(manifest, own, data_dir=data_dir, calibration=config.recalibrate_bn,
                          what="compression", every_class=needs_images,
-                         streamed_pool=STREAMED_POOL_FACTOR * config.samples_per_class)
+                         streamed_pool=max(STREAMED_POOL_FACTOR * config.samples_per_class,
+                                           -(-config.reconstruct // len(own))))
         if needs_images or config.reconstruct:  # l1/fpgm need them to reconstruct only
             images, labels = data.images, data.labels
         calibration = data.calibration
