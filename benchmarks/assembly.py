@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -79,39 +80,37 @@ def component(tmp: Path, rel: str, classes: tuple[int, ...]) -> Path:
     return out
 
 
-def make_cases(tmp: Path, quick: bool, joint_a: dict | None = None
+def make_cases(tmp: Path, quick: bool, joint_a: dict | None = None,
+               wanted: set[str] | None = None
                ) -> list[tuple[str, list[Path], dict | str | None]]:
     """The benchmark's cases: ``(name, part files, joint reference)``; components are made
-    in ``tmp``. ``"reuse-b"``: case (b)'s jointly trained model serves (same label set)."""
+    in ``tmp``. ``"reuse-b"``: case (b)'s jointly trained model serves (same label set).
+    ``wanted``: only these cases (their components alone are made)."""
     fm, dg = CK / "fashion-mnist", CK / "digits"
-    cases: list[tuple[str, list[Path], dict | str | None]] = [
-        ("a", [fm / "vgg16_bn-classes0-4.safetensors", fm / "vgg16_bn-classes5-9.safetensors"],
-         joint_a)]
-    if not quick:
-        cases.append(("b", [fm / "vgg16_bn.safetensors", dg / "vgg16_bn.safetensors"], None))
-    print("making components for (c) and (e)", flush=True)
-    c1 = [component(tmp, "fashion-mnist/vgg16_bn.safetensors", (0, 1, 2)),
-          component(tmp, "digits/vgg16_bn.safetensors", (7, 8, 9))]
-    cases.append(("c1", c1, None))
+    half0, half1 = fm / "vgg16_bn-classes0-4.safetensors", fm / "vgg16_bn-classes5-9.safetensors"
+    fm_vgg, dg_vgg = "fashion-mnist/vgg16_bn.safetensors", "digits/vgg16_bn.safetensors"
+    makers: list[tuple[str, Callable[[], list[Path]], dict | str | None]] = [
+        ("a", lambda: [half0, half1], joint_a),
+        ("b", lambda: [fm / "vgg16_bn.safetensors", dg / "vgg16_bn.safetensors"], None),
+        ("c1", lambda: [component(tmp, fm_vgg, (0, 1, 2)), component(tmp, dg_vgg, (7, 8, 9))],
+         None),
+        ("c2", lambda: [component(tmp, fm_vgg, (3, 4, 5, 6, 7, 8, 9)),
+                        component(tmp, dg_vgg, (0, 1, 2, 3, 4))], None),
+        ("c3", lambda: [component(tmp, fm_vgg, (0,)), component(tmp, dg_vgg, (0,))], None),
+        ("d", lambda: [half0, half1, dg / "vgg16_bn.safetensors"], "reuse-b"),
+        # five parts, two architectures: FM 0-4 (the VGG-16 half), FM 5-7 and 8-9
+        # (components of the shipped ResNet-18), digits 0-4 and 5-9 (components of the
+        # digits VGG-16)
+        ("e", lambda: [half0,
+                       component(tmp, "fashion-mnist/resnet18.safetensors", (5, 6, 7)),
+                       component(tmp, "fashion-mnist/resnet18.safetensors", (8, 9)),
+                       component(tmp, dg_vgg, (0, 1, 2, 3, 4)),
+                       component(tmp, dg_vgg, (5, 6, 7, 8, 9))], "reuse-b"),
+    ]
     if quick:
-        return cases
-    cases.append(("c2", [component(tmp, "fashion-mnist/vgg16_bn.safetensors",
-                                   (3, 4, 5, 6, 7, 8, 9)),
-                         component(tmp, "digits/vgg16_bn.safetensors", (0, 1, 2, 3, 4))], None))
-    cases.append(("c3", [component(tmp, "fashion-mnist/vgg16_bn.safetensors", (0,)),
-                         component(tmp, "digits/vgg16_bn.safetensors", (0,))], None))
-    cases.append(("d", [fm / "vgg16_bn-classes0-4.safetensors",
-                        fm / "vgg16_bn-classes5-9.safetensors",
-                        dg / "vgg16_bn.safetensors"], "reuse-b"))
-    # five parts, two architectures: FM 0-4 (the VGG-16 half), FM 5-7 and 8-9 (components of
-    # the shipped ResNet-18), digits 0-4 and 5-9 (components of the digits VGG-16)
-    cases.append(("e", [fm / "vgg16_bn-classes0-4.safetensors",
-                        component(tmp, "fashion-mnist/resnet18.safetensors", (5, 6, 7)),
-                        component(tmp, "fashion-mnist/resnet18.safetensors", (8, 9)),
-                        component(tmp, "digits/vgg16_bn.safetensors", (0, 1, 2, 3, 4)),
-                        component(tmp, "digits/vgg16_bn.safetensors", (5, 6, 7, 8, 9))],
-                  "reuse-b"))
-    return cases
+        wanted = {"a", "c1"}
+    return [(name, make(), joint) for name, make, joint in makers
+            if wanted is None or name in wanted]
 
 
 def joint_reference(manifest: dict, arch_of: Path, epochs: int) -> dict:
@@ -150,7 +149,7 @@ def joint_reference(manifest: dict, arch_of: Path, epochs: int) -> dict:
 
 
 def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None,
-             quick: bool, tmp: Path) -> dict:
+             quick: bool, tmp: Path, scalings: tuple[str, ...] = SCALINGS) -> dict:
     print(f"== case {name}: " + " + ".join(p.name for p in parts), flush=True)
     case: dict = {"case": name, "parts": [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT)
                                           else p.name for p in parts], "scalings": {}}
@@ -158,7 +157,7 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
     case["parts_flops"] = sum(count_flops(n, tuple(m["input"]["shape"])) for n, m in nets)
     parts = [fingerprinted(tmp, p) for p in parts]
     manifest = None
-    for scaling in SCALINGS:
+    for scaling in scalings:
         t0 = time.perf_counter()
         model, manifest = assemble(parts, AssemblyConfig(scaling=scaling))
         fit_seconds = time.perf_counter() - t0
@@ -191,8 +190,10 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
         limit = -2.0 if name in ("d", "e") else -0.5
         case["goal"] = f"balanced accuracy >= Base {limit:+.1f} pp"
         case["meets_goal"] = default["delta_vs_base_pp"] >= limit
-    if name not in ("a", "d", "e"):  # data-free across datasets: within 1 pp of Base
-        case["data_free_meets_goal"] = case["scalings"]["fingerprint"]["delta_vs_base_pp"] >= -1
+    if name not in ("a", "d", "e") and "fingerprint" in case["scalings"]:
+        # data-free across datasets: within 1 pp of Base
+        case["data_free_meets_goal"] = \
+            case["scalings"]["fingerprint"]["delta_vs_base_pp"] >= -1
     if joint is not None:
         case["joint"] = joint
     elif not quick and joint_epochs > 0:
@@ -210,7 +211,17 @@ def main() -> int:
     parser.add_argument("--joint-epochs", type=int, default=2,
                         help="0: no jointly trained reference models (writes "
                              "assembly-routing.json)")
+    parser.add_argument("--cases", default=None, metavar="a,d,e",
+                        help="only these cases (writes assembly-subset.json)")
+    parser.add_argument("--scalings", default=None, metavar="joint,fingerprint",
+                        help=f"only these scalings of {', '.join(SCALINGS)} (writes "
+                             "assembly-subset.json; must include joint, the default)")
     args = parser.parse_args()
+    wanted = set(args.cases.split(",")) if args.cases else None
+    scalings = tuple(args.scalings.split(",")) if args.scalings else SCALINGS
+    if "joint" not in scalings or not set(scalings) <= set(SCALINGS):
+        parser.error(f"--scalings: joint and any of {', '.join(SCALINGS)}")
+    subset = wanted is not None or scalings != SCALINGS
     t0 = time.perf_counter()
     result = {"modellego_version": __version__, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.machine(),
@@ -225,12 +236,12 @@ def main() -> int:
             "balanced_accuracy": full_manifest["metrics"]["test_accuracy"],
             "params": count_params(fm_full), "flops": count_flops(fm_full, (1, 28, 28)),
             "note": "the shipped 10-class model (test set is balanced)"}
-        cases = make_cases(tmp, args.quick, joint_a)
+        cases = make_cases(tmp, args.quick, joint_a, wanted)
         joint_b = None
         for name, parts, joint in cases:
             if joint == "reuse-b":
                 joint = joint_b
-            case = run_case(name, parts, args.joint_epochs, joint, args.quick, tmp)
+            case = run_case(name, parts, args.joint_epochs, joint, args.quick, tmp, scalings)
             if name == "b":
                 joint_b = case.get("joint")
             result["cases"].append(case)
@@ -248,8 +259,9 @@ def main() -> int:
           f"{result['padded_vs_parallel']['parallel_flops']:,} padded "
           f"{result['padded_vs_parallel']['padded_flops']:,}")
     result["seconds"] = time.perf_counter() - t0
+    result["scalings"] = list(scalings)
     out = ROOT / "benchmarks" / "results" / (
-        "assembly-quick.json" if args.quick
+        "assembly-subset.json" if subset else "assembly-quick.json" if args.quick
         else "assembly-routing.json" if args.joint_epochs == 0 else "assembly.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)} in {result['seconds']:.0f} s")

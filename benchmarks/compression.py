@@ -35,8 +35,12 @@ import torch
 
 from modellego import __version__
 from modellego.analysis.profile import select_samples
-from modellego.compression import (DEFAULT_RECALIBRATE_BN, DEFAULT_RECONSTRUCT,
-                                   CompressConfig, compress_model)
+from modellego.compression import (
+    DEFAULT_RECALIBRATE_BN,
+    DEFAULT_RECONSTRUCT,
+    CompressConfig,
+    compress_model,
+)
 from modellego.data import load_split, normalize
 from modellego.files import load_model
 from modellego.metrics import accuracy_from_logits, count_flops, count_params, predict_logits

@@ -134,6 +134,27 @@ def assembly_goals(data: dict) -> list[str]:
     return lines
 
 
+def assembly_subset(data: dict) -> list[str]:
+    """A run of some cases and scalings (``--cases``/``--scalings``): per case and scaling,
+    accuracy against Base and the goal, the routing split, and what the router fits."""
+    lines = [f"Measured {data['date']} (torch {data['torch']}, {data['threads']} threads).", "",
+             "| case | parts | scaling | Base | assembled (balanced) | goal | met | routing "
+             "accuracy | perfect routing | numbers fitted / images | assemble s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in data["cases"]:
+        for name, r in c["scalings"].items():
+            met = ("yes" if c.get("meets_goal") else "**no**") if name == "joint" else ""
+            lines.append(
+                f"| {c['case']} | {len(c['parts'])} | {name} | {c['base']:.4f} | "
+                f"{r['balanced_accuracy']:.4f} ({r['delta_vs_base_pp']:+.2f} pp) | "
+                f"{c['goal'] if name == 'joint' else ''} | {met} | "
+                f"{r['routing']['routing_accuracy']:.4f} | "
+                f"{r['routing']['oracle_balanced_accuracy']:.4f} | "
+                f"{r.get('router_weights', 0):,} / {r.get('fit_images', 0):,} | "
+                f"{r['assemble_seconds']:.0f} |")
+    return lines
+
+
 def routers(data: dict) -> list[str]:
     """Per case and router (ours, then pytorch-ood's detectors): the assembled balanced
     accuracy and the mean routing AUROC over pairs of parts."""
@@ -276,8 +297,9 @@ def compression(data: dict) -> list[str]:
                   f"BN: `--recalibrate-bn {bn}` (BatchNorm statistics re-estimated on that many "
                   f"training images); rec: `--reconstruct {rec}` (every layer reading removed "
                   "channels re-fitted by least squares on that many training images of all "
-                  "classes), before BN; ours + rec + BN is `compress`'s default; TP: Torch-Pruning's pruner with that importance at "
-                  "the same FLOPs, BN re-estimated the same way."]
+                  "classes), before BN; ours + rec + BN is `compress`'s default; TP: "
+                  "Torch-Pruning's pruner with that importance at the same FLOPs, BN "
+                  "re-estimated the same way."]
     return lines
 
 
@@ -375,6 +397,7 @@ def zoo_files(data: dict) -> list[str]:
 TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("assembly-routing.json", assembly_routing),
           ("assembly-routing.json", assembly_goals, "assembly-goals-table"),
+          ("assembly-subset.json", assembly_subset),
           ("routers.json", routers), ("routers-quick.json", routers, "routers-table"),
           ("scale.json", scale),
           ("distillation.json", distillation), ("strategies.json", strategies),

@@ -24,8 +24,10 @@ from modellego.assembly import (
     label_map,
     union_test_set,
 )
+from modellego.assembly.core import build_assembly
 from modellego.assembly.padded import PaddedBody
 from modellego.assembly.scalings import JOINT_L2
+from modellego.assembly.scoring import FeatureTap, pooled, tap_layers
 from modellego.data import dataset_info, load_split, normalize
 from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
@@ -730,3 +732,64 @@ def test_taps_pool_a_channel_last_linear_input_over_its_positions():
     _, (feats,) = FeatureTap(net, ["mlp"])(images)
     with torch.no_grad():
         assert torch.allclose(feats, net.conv(images).mean((2, 3)), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- router taps
+
+
+def test_pooled_max_and_mean_on_a_hand_made_map():
+    x = torch.tensor([[[[1.0, -2.0], [4.0, 0.0]], [[-1.0, -3.0], [-0.5, -7.0]]]])  # (1,2,2,2)
+    assert pooled(x).tolist() == [[0.75, -2.875]]
+    assert pooled(x, how="max").tolist() == [[4.0, -0.5]]
+    last = x.permute(0, 2, 3, 1)  # (N, H, W, C): a linear layer on the last axis
+    assert pooled(last, channels_last=True, how="max").tolist() == [[4.0, -0.5]]
+    flat = torch.tensor([[3.0, -1.0]])
+    assert torch.equal(pooled(flat, how="max"), flat)
+
+
+def test_a_max_tap_reads_the_maximum_of_the_layers_input():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 2)).eval()
+    x = torch.randn(5, 1, 8, 8)
+    _, (mean, peak, lin) = FeatureTap(net, ["2", "2@max", "4"])(x)
+    seen = net[1](net[0](x))
+    assert torch.equal(mean, seen.mean((2, 3))) and torch.equal(peak, seen.amax((2, 3)))
+    assert torch.equal(lin, net[3](net[2](seen)))
+    with pytest.raises(ModelLegoError, match="router tap '9@max'.*no conv or linear layer '9'"):
+        FeatureTap(net, ["9@max"])(x)
+
+
+def test_joint_taps_every_tapped_conv_both_ways(part_a, part_b):
+    model, man = assemble([part_a, part_b], AssemblyConfig(scaling="joint",
+                                                           calibration_samples=20))
+    for taps, (net, _) in zip(man["taps"], (part_a, part_b)):
+        modules = dict(net.named_modules())
+        base = [t for t in taps if not t.endswith("@max")]
+        assert base == tap_layers(net, 8)
+        assert [t for t in taps if t.endswith("@max")] == [
+            t + "@max" for t in base if isinstance(modules[t], nn.Conv2d)]
+    assert man["provenance"]["calibration"]["router_weights"] == \
+        2 * sum(r.feat_mean.numel() for r in model.routers) + 2
+
+
+def test_a_joint_file_with_mean_taps_only_still_loads(part_a, part_b, tmp_path, monkeypatch):
+    """Files of the previous release tapped each layer by its mean alone: they load and
+    give the logits they were written with."""
+    from modellego.assembly.scalings import Calibrated, Joint
+
+    monkeypatch.setattr(Joint, "taps", Calibrated.taps)
+    model, man = assemble([part_a, part_b], AssemblyConfig(scaling="joint",
+                                                           calibration_samples=20))
+    monkeypatch.undo()
+    assert not any(t.endswith("@max") for taps in man["taps"] for t in taps)
+    path = tmp_path / "old.safetensors"
+    save_model(path, model, man)
+    again, _ = load_model(path)
+    x = digits_test()[:16]
+    assert torch.equal(run(again, x), run(model, x))
+    # a file whose taps name a layer its part does not have is refused in one line
+    bad = json.loads(json.dumps(man))
+    bad["taps"][0][0] = "no.such.layer"
+    with pytest.raises(ModelLegoError, match="router tap 'no.such.layer'"):
+        build_assembly(bad)

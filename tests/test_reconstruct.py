@@ -422,8 +422,8 @@ def test_cli_compress_reconstructs_the_chosen_candidate(simnet_digits_file: Path
                                                    tmp_path: Path) -> None:
     out = tmp_path / "small.safetensors"
     code, _, err = run_cli(["compress", simnet_digits_file, "--criterion", "l1",
-                            "--target-flops", "0.6", "--reconstruct", "100", "--recalibrate-bn", "0",
-                            "--out", out])
+                            "--target-flops", "0.6", "--reconstruct", "100",
+                            "--recalibrate-bn", "0", "--out", out])
     assert code == 0, err
     manifest = read_manifest(out)
     assert manifest["provenance"]["config"]["reconstruct"] == 100

@@ -688,8 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one-vs-rest score wins), else joint")
     s.add_argument("--on-duplicate", choices=("error", "replace"), default="error",
                    help="what to do when two parts classify the same label")
-    s.add_argument("--calibration-samples", type=int, default=1000,
-                   help="training images per class used to calibrate")
+    s.add_argument("--calibration-samples", type=int, default=3000,
+                   help="training images per class used to calibrate (all of a class's "
+                        "images where it has fewer)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--data-free", action="store_true",
                    help="route with the parts' router fingerprints alone (scaling "

@@ -52,7 +52,6 @@ from .surgery.recalibrate import recalibrate_batchnorm
 from .surgery.reconstruct import reconstruct_layers
 from .training import task_outputs
 
-
 #: the repairs ``compress`` applies by default, the best measured (``benchmarks/compression.py``):
 #: every candidate's layers reading removed channels re-fitted on this many training images
 #: of all classes ...

@@ -43,7 +43,7 @@ class AssemblyConfig:
     #: (``concern`` when a part has a one-vs-rest head, else ``joint``)
     scaling: str | None = None
     on_duplicate: str = "error"
-    calibration_samples: int = 1000
+    calibration_samples: int = 3000
     max_taps: int = 8
     seed: int = 0
 

@@ -17,7 +17,7 @@ whether it can combine parts that already answer with concern scores (a one-vs-r
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chun
 from ..surgery.head import one_vs_rest
 from .fingerprint import route_scores
 from .scoring import (
+    MAX_SUFFIX,
     FeatureTap,
     JointRouterPart,
     Router,
@@ -36,6 +37,7 @@ from .scoring import (
     class_halves,
     fit_joint_router,
     fit_router_weights,
+    tap_layer,
     tap_layers,
 )
 
@@ -98,8 +100,12 @@ def _last_layer(net: nn.Module) -> str:
 
 def _tap_dims(net: nn.Module, taps: Sequence[str]) -> list[int]:
     modules = dict(net.named_modules())
-    return [modules[t].in_channels if isinstance(modules[t], nn.Conv2d)
-            else modules[t].in_features for t in taps]
+    dims = []
+    for t in taps:
+        module = tap_layer(modules, t)[2]
+        dims.append(module.in_channels if isinstance(module, nn.Conv2d)
+                    else cast("nn.Linear", module).in_features)
+    return dims
 
 
 class Scaling:
@@ -273,6 +279,17 @@ class Joint(Calibrated):
     with the owning part; its ridge penalty is chosen on a held-out half of those images."""
 
     name = "joint"
+
+    def taps(self, nets, parts, max_taps):
+        # each tapped conv's input both averaged and maximised over its positions (where
+        # a pattern is, not only how much of it: +0.2 pp balanced on the FM halves, case a)
+        taps = super().taps(nets, parts, max_taps) or []
+        out = []
+        for net, names in zip(nets, taps):
+            modules = dict(net.named_modules())
+            out.append(names + [n + MAX_SUFFIX for n in names
+                                if isinstance(modules[n], nn.Conv2d)])
+        return out
 
     def routers(self, nets, taps, parts):
         dims = [_tap_dims(net, taps[k]) for k, net in enumerate(nets)]

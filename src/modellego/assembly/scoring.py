@@ -28,10 +28,12 @@ composition of one-vs-rest modules); this module holds their building blocks.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+
+from ..errors import ModelLegoError
 
 
 def tap_layers(net: nn.Module, max_taps: int) -> list[str]:
@@ -60,14 +62,37 @@ def class_halves(y: torch.Tensor, num_classes: int, seed: int
     return (torch.cat([p[::2] for p in per_class]), torch.cat([p[1::2] for p in per_class]))
 
 
-def pooled(x: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
-    """Global average pooling of a feature map ``(N, C, H, W)``; a linear layer's
-    ``(N, F)`` features pass unchanged, and the input of a linear layer applied on the last
-    axis of a map (``(N, H, W, C)``, as ConvNeXt's MLPs read it; ``channels_last``) is
-    averaged over every axis but the batch and the last."""
+def pooled(x: torch.Tensor, *, channels_last: bool = False, how: str = "mean"
+           ) -> torch.Tensor:
+    """Global average pooling of a feature map ``(N, C, H, W)`` (``how="max"``: its maximum
+    over the positions); a linear layer's ``(N, F)`` features pass unchanged, and the input
+    of a linear layer applied on the last axis of a map (``(N, H, W, C)``, as ConvNeXt's
+    MLPs read it; ``channels_last``) is pooled over every axis but the batch and the last."""
     if channels_last:
-        return x if x.dim() == 2 else x.flatten(1, -2).mean(1)
-    return x.mean((2, 3)) if x.dim() == 4 else x
+        if x.dim() == 2:
+            return x
+        x = x.flatten(1, -2)
+        return x.amax(1) if how == "max" else x.mean(1)
+    if x.dim() != 4:
+        return x
+    return x.amax((2, 3)) if how == "max" else x.mean((2, 3))
+
+
+#: a tap ``LAYER`` reads the average of that layer's input over its positions (every
+#: release); ``LAYER@max`` reads its maximum (the ``joint`` router taps a conv both ways)
+MAX_SUFFIX = "@max"
+
+
+def tap_layer(modules: Mapping[str, nn.Module], tap: str) -> tuple[str, str, nn.Module]:
+    """``(layer name, pooling, module)`` of a tap name; a clear error when the part has no
+    such conv/linear layer (a file whose taps do not fit its parts)."""
+    layer, how = (tap[:-len(MAX_SUFFIX)], "max") if tap.endswith(MAX_SUFFIX) else (tap, "mean")
+    module = modules.get(layer)
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise ModelLegoError(f"router tap {tap!r}: the part has no conv or linear layer "
+                             f"{layer!r}; the file's taps do not fit its parts (write it "
+                             "again with `assemble`)")
+    return layer, how, module
 
 
 class FeatureTap(nn.Module):
@@ -87,12 +112,14 @@ class FeatureTap(nn.Module):
         found: dict[str, torch.Tensor] = {}
         modules = dict(self.net.named_modules())
 
-        def make(name: str):
+        def make(name: str, how: str):
             def hook(module: nn.Module, args: tuple) -> None:
-                found[name] = pooled(args[0], channels_last=isinstance(module, nn.Linear))
+                found[name] = pooled(args[0], channels_last=isinstance(module, nn.Linear),
+                                     how=how)
             return hook
 
-        with forward_pre_hooks([(modules[n], make(n)) for n in self.layers]):
+        taps = [(n, *tap_layer(modules, n)) for n in self.layers]
+        with forward_pre_hooks([(module, make(n, how)) for n, _, how, module in taps]):
             logits = self.net(x)
         return logits, [found[n] for n in self.layers]
 
