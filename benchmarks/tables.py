@@ -98,10 +98,15 @@ def assembly(data: dict) -> list[str]:
     return lines
 
 
+def measured(data: dict) -> list[str]:
+    """A table's first lines: when and with what it was measured."""
+    return [f"Measured {data['date']} (torch {data['torch']}, {data['threads']} threads).", ""]
+
+
 def assembly_routing(data: dict) -> list[str]:
     """Per case and scaling: balanced accuracy, routing accuracy, the accuracy with perfect
     routing, the loss split, and the routing AUROC of every pair of parts."""
-    lines = [f"Measured {data['date']} (torch {data['torch']}, {data['threads']} threads).", "",
+    lines = [*measured(data),
              "| case | scaling | Base | assembled | routing accuracy | perfect routing | "
              "loss: routing (pp) | loss: parts (pp) | routing AUROC per pair |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -137,7 +142,7 @@ def assembly_goals(data: dict) -> list[str]:
 def assembly_subset(data: dict) -> list[str]:
     """A run of some cases and scalings (``--cases``/``--scalings``): per case and scaling,
     accuracy against Base and the goal, the routing split, and what the router fits."""
-    lines = [f"Measured {data['date']} (torch {data['torch']}, {data['threads']} threads).", "",
+    lines = [*measured(data),
              "| case | parts | scaling | Base | assembled (balanced) | goal | met | routing "
              "accuracy | perfect routing | numbers fitted / images | assemble s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
