@@ -446,10 +446,14 @@ def test_cli_compressed_file_can_be_disassembled_and_compressed_again(simnet_fil
 def test_cli_on_every_architecture(arch, tmp_path):
     path = model_file(tmp_path, arch)
     out = tmp_path / "small.safetensors"
+    # the default repairs, on few images: reconstruction is graph-aware on every architecture
     code, stdout, err = run_cli(["compress", path, "--criterion", "fpgm", "--target-flops",
-                                 "0.7", "--out", out])
+                                 "0.7", "--out", out, "--reconstruct", "64",
+                                 "--recalibrate-bn", "64"])
     assert code == 0, err
-    assert read_manifest(out)["architecture"]["name"] == arch
+    manifest = read_manifest(out)
+    assert manifest["architecture"]["name"] == arch
+    assert manifest["provenance"]["config"]["reconstruct"] == 64
     load_model(out)
 
 
