@@ -760,15 +760,44 @@ def test_a_max_tap_reads_the_maximum_of_the_layers_input():
         FeatureTap(net, ["9@max"])(x)
 
 
-def test_joint_taps_every_tapped_conv_both_ways(part_a, part_b):
+def test_a_grid_tap_reads_the_averages_of_the_four_quarters():
+    x = torch.arange(32.0).view(1, 2, 4, 4)
+    # channel 0 holds 0..15 row by row: its quarters average 2.5, 4.5, 10.5, 12.5
+    assert pooled(x, how="grid").tolist() == [[2.5, 4.5, 10.5, 12.5, 18.5, 20.5, 26.5, 28.5]]
+    odd = torch.tensor([[[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]]])
+    # a 3x3 map: the cells overlap on the middle row and column (adaptive pooling)
+    assert pooled(odd, how="grid").tolist() == [[3.0, 4.0, 6.0, 7.0]]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 2)).eval()
+    x = torch.randn(5, 1, 8, 8)
+    _, (grid,) = FeatureTap(net, ["2@grid"])(x)
+    seen = net[1](net[0](x))  # (5, 3, 6, 6)
+    assert grid.shape == (5, 12)
+    assert torch.allclose(grid[:, 4 * 1 + 3], seen[:, 1, 3:, 3:].mean((1, 2)))
+    with pytest.raises(ModelLegoError, match="router tap '4@grid'.*no conv layer '4'"):
+        FeatureTap(net, ["4@grid"])(x)
+
+
+def test_joint_taps_a_conv_every_way_its_map_allows():
+    from modellego.assembly.scalings import Joint
+
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(4, 5, 1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(5, 6, 1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    # conv 0 reads 8x8, conv 2 6x6, conv 5 2x2 (4x4 pooled by 2), conv 8 1x1
+    taps = Joint().taps([net], [{"input": {"shape": [1, 8, 8]}}], 8)
+    assert taps == [["0", "2", "5", "8", "10", "0@max", "2@max", "5@max",
+                     "0@grid", "2@grid", "5@grid"]]
+
+
+def test_joint_router_weights_cover_every_tap(part_a, part_b):
     model, man = assemble([part_a, part_b], AssemblyConfig(scaling="joint",
                                                            calibration_samples=20))
     for taps, (net, _) in zip(man["taps"], (part_a, part_b)):
-        modules = dict(net.named_modules())
-        base = [t for t in taps if not t.endswith("@max")]
+        base = [t for t in taps if "@" not in t]
         assert base == tap_layers(net, 8)
-        assert [t for t in taps if t.endswith("@max")] == [
-            t + "@max" for t in base if isinstance(modules[t], nn.Conv2d)]
+        assert {t.split("@")[0] for t in taps} == set(base)
     assert man["provenance"]["calibration"]["router_weights"] == \
         2 * sum(r.feat_mean.numel() for r in model.routers) + 2
 
@@ -782,7 +811,7 @@ def test_a_joint_file_with_mean_taps_only_still_loads(part_a, part_b, tmp_path, 
     model, man = assemble([part_a, part_b], AssemblyConfig(scaling="joint",
                                                            calibration_samples=20))
     monkeypatch.undo()
-    assert not any(t.endswith("@max") for taps in man["taps"] for t in taps)
+    assert not any("@" in t for taps in man["taps"] for t in taps)
     path = tmp_path / "old.safetensors"
     save_model(path, model, man)
     again, _ = load_model(path)

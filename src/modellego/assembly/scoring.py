@@ -28,7 +28,7 @@ composition of one-vs-rest modules); this module holds their building blocks.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -65,7 +65,9 @@ def class_halves(y: torch.Tensor, num_classes: int, seed: int
 def pooled(x: torch.Tensor, *, channels_last: bool = False, how: str = "mean"
            ) -> torch.Tensor:
     """Global average pooling of a feature map ``(N, C, H, W)`` (``how="max"``: its maximum
-    over the positions); a linear layer's ``(N, F)`` features pass unchanged, and the input
+    over the positions; ``how="grid"``: its averages over the cells of a 2x2 grid of the
+    positions, ``(N, 4C)``, channel-major, as :func:`torch.nn.functional.adaptive_avg_pool2d`
+    divides a map); a linear layer's ``(N, F)`` features pass unchanged, and the input
     of a linear layer applied on the last axis of a map (``(N, H, W, C)``, as ConvNeXt's
     MLPs read it; ``channels_last``) is pooled over every axis but the batch and the last."""
     if channels_last:
@@ -75,24 +77,42 @@ def pooled(x: torch.Tensor, *, channels_last: bool = False, how: str = "mean"
         return x.amax(1) if how == "max" else x.mean(1)
     if x.dim() != 4:
         return x
+    if how == "grid":
+        return nn.functional.adaptive_avg_pool2d(x, GRID).flatten(1)
     return x.amax((2, 3)) if how == "max" else x.mean((2, 3))
 
 
 #: a tap ``LAYER`` reads the average of that layer's input over its positions (every
-#: release); ``LAYER@max`` reads its maximum (the ``joint`` router taps a conv both ways)
+#: release); ``LAYER@max`` reads its maximum, ``LAYER@grid`` (a conv's only) its averages
+#: over a ``GRID`` x ``GRID`` grid of the positions (the ``joint`` router taps a conv all ways)
 MAX_SUFFIX = "@max"
+GRID_SUFFIX = "@grid"
+GRID = 2
+_POOLINGS = ((MAX_SUFFIX, "max"), (GRID_SUFFIX, "grid"))
 
 
 def tap_layer(modules: Mapping[str, nn.Module], tap: str) -> tuple[str, str, nn.Module]:
     """``(layer name, pooling, module)`` of a tap name; a clear error when the part has no
     such conv/linear layer (a file whose taps do not fit its parts)."""
-    layer, how = (tap[:-len(MAX_SUFFIX)], "max") if tap.endswith(MAX_SUFFIX) else (tap, "mean")
+    layer, how = tap, "mean"
+    for suffix, name in _POOLINGS:
+        if tap.endswith(suffix):
+            layer, how = tap[:-len(suffix)], name
     module = modules.get(layer)
-    if not isinstance(module, (nn.Conv2d, nn.Linear)):
-        raise ModelLegoError(f"router tap {tap!r}: the part has no conv or linear layer "
+    wanted = nn.Conv2d if how == "grid" else (nn.Conv2d, nn.Linear)
+    if not isinstance(module, wanted):
+        kind = "conv" if how == "grid" else "conv or linear"
+        raise ModelLegoError(f"router tap {tap!r}: the part has no {kind} layer "
                              f"{layer!r}; the file's taps do not fit its parts (write it "
                              "again with `assemble`)")
     return layer, how, module
+
+
+def tap_width(module: nn.Module, how: str) -> int:
+    """How many numbers a tap of ``module`` (a conv or linear layer) pooled ``how`` gives."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels * (GRID * GRID if how == "grid" else 1)
+    return cast("nn.Linear", module).in_features
 
 
 class FeatureTap(nn.Module):
