@@ -24,7 +24,9 @@ from torch import nn
 
 from ..errors import ModelLegoError
 from ..registry import Registry
+from ..runtime.device import device_of
 from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chunks
+from ..runtime.hooks import forward_pre_hooks, preserved_state
 from ..surgery.head import one_vs_rest
 from .fingerprint import route_scores
 from .scoring import (
@@ -96,13 +98,10 @@ def _map_chunks(fn: Callable, x: torch.Tensor, dist: DistContext, chunk: int = 6
     return cols[0], cols[1:]
 
 
-@torch.inference_mode()
 def _tap_map_sizes(net: nn.Module, names: Sequence[str], shape: Sequence[int]
                    ) -> dict[str, tuple[int, int]]:
     """``(H, W)`` of the map each of the conv layers ``names`` of ``net`` reads, for one
     input of ``shape`` (``(1, 1)`` for a linear layer); one forward pass of zeros."""
-    from ..runtime.hooks import forward_pre_hooks
-
     modules = dict(net.named_modules())
     sizes = {n: (1, 1) for n in names}
 
@@ -112,14 +111,11 @@ def _tap_map_sizes(net: nn.Module, names: Sequence[str], shape: Sequence[int]
                 sizes[name] = (int(args[0].shape[2]), int(args[0].shape[3]))
         return hook
 
-    was = net.training
-    net.eval()
-    try:
-        with forward_pre_hooks([(modules[n], make(n)) for n in names]):
-            first = next(net.parameters(), None)
-            net(torch.zeros(1, *shape, device=first.device if first is not None else None))
-    finally:
-        net.train(was)
+    x = torch.zeros(1, *shape, device=device_of(net))
+    with preserved_state(net), forward_pre_hooks([(modules[n], make(n)) for n in names]), \
+            torch.inference_mode():
+        net.eval()
+        net(x)
     return sizes
 
 
