@@ -1,11 +1,12 @@
 """Routers side by side with pytorch-ood's out-of-distribution detectors.
 
     .venv/bin/pip install 'pytorch-ood==0.4.0'   # a benchmark-only dependency
-    .venv/bin/python benchmarks/routers.py [--quick]
+    .venv/bin/python benchmarks/routers.py [--quick | --cases a,d] [--ours-from FILE]
 
 On the cases of benchmarks/assembly.py (the same parts, components made the same way), every
 detector below is fitted on each part's own calibration images -- the very images our routers
-are fitted on (``AssemblyConfig()``'s seeded 1000 training images per class) -- and used as
+are fitted on (``AssemblyConfig()``'s seeded 3000 training images per class, all of a class's
+images where it has fewer) -- and used as
 that part's routing score, combined as ``calibrated`` combines its scores: each part's score
 standardised on the calibration images, one weight and bias per part fitted by logistic
 regression to predict the owning part, ``log softmax`` of the routes added to each part's
@@ -17,7 +18,11 @@ library's default), ViM (d = min(64, D // 2)), EnergyBased (EBO), MaxLogit, GEN,
 NNGuide (k = 10). Ours: joint (the default), calibrated, and fingerprint (data-free: no
 calibration image at all). For each: routing AUROC (mean over pairs of parts), routing
 accuracy and the assembled balanced accuracy on the union of the parts' test sets.
-Writes benchmarks/results/routers.json.
+``--ours-from benchmarks/results/assembly-routing.json`` takes our three routers' rows from
+that run of benchmarks/assembly.py (the same parts, calibration images and test sets; it
+must hold every case asked for) instead of assembling them again, which on the five-part
+case alone takes a quarter of an hour. Writes benchmarks/results/routers.json
+(routers-quick.json with --quick, routers-subset.json with --cases).
 """
 
 from __future__ import annotations
@@ -124,11 +129,38 @@ def summary(logits: torch.Tensor, y: torch.Tensor, blocks) -> dict:
             "auroc_mean_pairs": sum(pairs) / len(pairs), "auroc_pairs": routing["auroc_pairs"]}
 
 
-def run_case(name: str, parts: list[Path], tmp: Path) -> dict:
+def ours_from(path: Path, names: list[str]) -> dict[str, dict]:
+    """Our routers' rows per case from a benchmarks/assembly.py result file."""
+    data = json.loads(path.read_text())
+    cases = {c["case"]: c for c in data.get("cases", [])}
+    missing = [n for n in names if n not in cases
+               or not set(OURS) <= set(cases[n].get("scalings", {}))]
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(OURS)} rows for case(s) "
+                         f"{', '.join(missing)}; run benchmarks/assembly.py for them first")
+    out = {}
+    for n in names:
+        out[n] = {"base": cases[n]["base"], "date": data.get("date"), "routers": {}}
+        for scaling in OURS:
+            ev = cases[n]["scalings"][scaling]
+            pairs = list(ev["routing"]["auroc_pairs"].values())
+            out[n]["routers"][scaling] = {
+                "balanced_accuracy": ev["balanced_accuracy"],
+                "routing_accuracy": ev["routing"]["routing_accuracy"],
+                "auroc_mean_pairs": sum(pairs) / len(pairs),
+                "auroc_pairs": ev["routing"]["auroc_pairs"], "ours": True,
+                "from": str(path.name)}
+    return out
+
+
+def run_case(name: str, parts: list[Path], tmp: Path, ours: dict | None = None) -> dict:
     print(f"== case {name}: " + " + ".join(p.name for p in parts), flush=True)
     parts = [fingerprinted(tmp, p) for p in parts]
     row: dict = {"case": name, "routers": {}}
-    for scaling in OURS:
+    if ours is not None:
+        row["base"] = ours["base"]
+        row["routers"].update(ours["routers"])
+    for scaling in (OURS if ours is None else ()):
         model, man = assemble(parts, AssemblyConfig(scaling=scaling))
         ev = evaluate_assembly(model, man)
         pairs = list(ev["routing"]["auroc_pairs"].values())
@@ -199,7 +231,14 @@ def run_case(name: str, parts: list[Path], tmp: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="cases a and c1 only")
+    parser.add_argument("--cases", default=None, metavar="a,d",
+                        help="only these cases (writes routers-subset.json)")
+    parser.add_argument("--ours-from", type=Path, default=None, metavar="FILE",
+                        help="our routers' rows from this benchmarks/assembly.py result")
     args = parser.parse_args()
+    wanted = set(args.cases.split(",")) if args.cases else None
+    if args.quick and wanted is not None:
+        parser.error("give one of --quick and --cases")
     import pytorch_ood
 
     t0 = time.perf_counter()
@@ -208,11 +247,19 @@ def main() -> int:
               "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"), "cases": []}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for name, parts, _ in make_cases(tmp, args.quick):
-            result["cases"].append(run_case(name, parts, tmp))
+        cases = make_cases(tmp, args.quick, wanted=wanted)
+        ours = None if args.ours_from is None else ours_from(args.ours_from,
+                                                             [n for n, _, _ in cases])
+        if ours is not None:
+            result["ours_from"] = {"file": str(args.ours_from),
+                                   "date": next(iter(ours.values()))["date"]}
+        for name, parts, _ in cases:
+            result["cases"].append(run_case(name, parts, tmp,
+                                            None if ours is None else ours[name]))
     result["seconds"] = time.perf_counter() - t0
-    out = ROOT / "benchmarks" / "results" / ("routers-quick.json" if args.quick
-                                             else "routers.json")
+    out = ROOT / "benchmarks" / "results" / ("routers-quick.json" if args.quick else
+                                             "routers-subset.json" if wanted else
+                                             "routers.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)} in {result['seconds']:.0f} s")
     return 0

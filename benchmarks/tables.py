@@ -165,8 +165,10 @@ def routers(data: dict) -> list[str]:
     accuracy and the mean routing AUROC over pairs of parts."""
     names = list(data["cases"][0]["routers"])
     lines = [f"Measured {data['date']} (torch {data['torch']}, pytorch-ood "
-             f"{data['pytorch_ood']}, {data['threads']} threads). Each cell: balanced accuracy "
-             "/ mean pair routing AUROC (%).", "",
+             f"{data['pytorch_ood']}, {data['threads']} threads)"
+             + (f"; our routers' rows from `{Path(data['ours_from']['file']).name}` of "
+                f"{data['ours_from']['date']}" if "ours_from" in data else "")
+             + ". Each cell: balanced accuracy / mean pair routing AUROC (%).", "",
              "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in data["cases"]:
         cells = []
@@ -403,7 +405,8 @@ TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("assembly-routing.json", assembly_routing),
           ("assembly-routing.json", assembly_goals, "assembly-goals-table"),
           ("assembly-subset.json", assembly_subset),
-          ("routers.json", routers), ("routers-quick.json", routers, "routers-table"),
+          # the full run, where there is one, fills the table after the quick one
+          ("routers-quick.json", routers, "routers-table"), ("routers.json", routers),
           ("scale.json", scale),
           ("distillation.json", distillation), ("strategies.json", strategies),
           ("compression.json", compression), ("reconstruct.json", reconstruct),
