@@ -125,8 +125,9 @@ def assembly_goals(data: dict) -> list[str]:
     """Per case: the default router (joint) against its goal, the data-free router
     (fingerprint), and how much the routers fit."""
     lines = ["| case | parts | Base | joint (default) | goal | met | fingerprint (data-free) "
-             "| data-free − Base (pp) | joint: numbers fitted / images | FLOPs (parts' sum) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| data-free − Base (pp) | joint: numbers fitted / images | joint: assemble s "
+             "| FLOPs (parts' sum) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in data["cases"]:
         j, f = c["scalings"]["joint"], c["scalings"]["fingerprint"]
         met = "yes" if c.get("meets_goal") else "**no**"
@@ -135,6 +136,7 @@ def assembly_goals(data: dict) -> list[str]:
             f"{j['balanced_accuracy']:.4f} ({j['delta_vs_base_pp']:+.2f} pp) | {c['goal']} | "
             f"{met} | {f['balanced_accuracy']:.4f} | {f['delta_vs_base_pp']:+.2f} | "
             f"{j.get('router_weights', 0):,} / {j.get('fit_images', 0):,} | "
+            f"{j['assemble_seconds']:.0f} | "
             f"{j['flops'] / 1e6:.1f} M ({c['parts_flops'] / 1e6:.1f} M) |")
     return lines
 
