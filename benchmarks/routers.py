@@ -119,18 +119,25 @@ def combined(scores_cal: list[torch.Tensor], scores_test: list[torch.Tensor],
                       for k, (lg, cols) in enumerate(zip(test_logits, columns))], 1)
 
 
-def summary(logits: torch.Tensor, y: torch.Tensor, blocks) -> dict:
-    pred = logits.argmax(1)
-    per = [float((pred[y == c] == c).double().mean()) for c in range(logits.shape[1])]
-    routing = routing_metrics(logits, y, blocks)
+def router_row(balanced_accuracy: float, routing: dict) -> dict:
+    """A router's row: the assembled balanced accuracy, and of ``routing`` (as
+    :func:`routing_metrics` gives it) the routing accuracy and the pair AUROCs with their
+    mean."""
     pairs = list(routing["auroc_pairs"].values())
-    return {"balanced_accuracy": sum(per) / len(per),
+    return {"balanced_accuracy": balanced_accuracy,
             "routing_accuracy": routing["routing_accuracy"],
             "auroc_mean_pairs": sum(pairs) / len(pairs), "auroc_pairs": routing["auroc_pairs"]}
 
 
-def ours_from(path: Path, names: list[str]) -> dict[str, dict]:
-    """Our routers' rows per case from a benchmarks/assembly.py result file."""
+def summary(logits: torch.Tensor, y: torch.Tensor, blocks) -> dict:
+    pred = logits.argmax(1)
+    per = [float((pred[y == c] == c).double().mean()) for c in range(logits.shape[1])]
+    return router_row(sum(per) / len(per), routing_metrics(logits, y, blocks))
+
+
+def ours_from(path: Path, names: list[str]) -> tuple[str | None, dict[str, dict]]:
+    """The date of a benchmarks/assembly.py result file and, per case of ``names``, its
+    Base and our routers' rows."""
     data = json.loads(path.read_text())
     cases = {c["case"]: c for c in data.get("cases", [])}
     missing = [n for n in names if n not in cases
@@ -140,39 +147,31 @@ def ours_from(path: Path, names: list[str]) -> dict[str, dict]:
                          f"{', '.join(missing)}; run benchmarks/assembly.py for them first")
     out = {}
     for n in names:
-        out[n] = {"base": cases[n]["base"], "date": data.get("date"), "routers": {}}
-        for scaling in OURS:
-            ev = cases[n]["scalings"][scaling]
-            pairs = list(ev["routing"]["auroc_pairs"].values())
-            out[n]["routers"][scaling] = {
-                "balanced_accuracy": ev["balanced_accuracy"],
-                "routing_accuracy": ev["routing"]["routing_accuracy"],
-                "auroc_mean_pairs": sum(pairs) / len(pairs),
-                "auroc_pairs": ev["routing"]["auroc_pairs"], "ours": True,
-                "from": str(path.name)}
-    return out
+        evs = cases[n]["scalings"]
+        out[n] = {"base": cases[n]["base"], "routers": {
+            s: {**router_row(evs[s]["balanced_accuracy"], evs[s]["routing"]), "ours": True,
+                "from": path.name} for s in OURS}}
+    return data.get("date"), out
 
 
 def run_case(name: str, parts: list[Path], tmp: Path, ours: dict | None = None) -> dict:
+    """Every detector on case ``name``, beside our routers (assembled here, or ``ours``: their
+    rows from :func:`ours_from`)."""
     print(f"== case {name}: " + " + ".join(p.name for p in parts), flush=True)
-    parts = [fingerprinted(tmp, p) for p in parts]
     row: dict = {"case": name, "routers": {}}
     if ours is not None:
         row["base"] = ours["base"]
         row["routers"].update(ours["routers"])
-    for scaling in (OURS if ours is None else ()):
-        model, man = assemble(parts, AssemblyConfig(scaling=scaling))
-        ev = evaluate_assembly(model, man)
-        pairs = list(ev["routing"]["auroc_pairs"].values())
-        row["routers"][scaling] = {
-            "balanced_accuracy": ev["balanced_accuracy"],
-            "routing_accuracy": ev["routing"]["routing_accuracy"],
-            "auroc_mean_pairs": sum(pairs) / len(pairs),
-            "auroc_pairs": ev["routing"]["auroc_pairs"], "ours": True}
-        row["base"] = ev["base"]
-        print(f"  {scaling:<12} balanced {ev['balanced_accuracy']:.4f} routing "
-              f"{ev['routing']['routing_accuracy']:.4f} AUROC {sum(pairs) / len(pairs):.4f}",
-              flush=True)
+    else:
+        fingerprinted_parts = [fingerprinted(tmp, p) for p in parts]  # for `fingerprint`
+        for scaling in OURS:
+            model, man = assemble(fingerprinted_parts, AssemblyConfig(scaling=scaling))
+            ev = evaluate_assembly(model, man)
+            r = row["routers"][scaling] = {**router_row(ev["balanced_accuracy"],
+                                                        ev["routing"]), "ours": True}
+            row["base"] = ev["base"]
+            print(f"  {scaling:<12} balanced {r['balanced_accuracy']:.4f} routing "
+                  f"{r['routing_accuracy']:.4f} AUROC {r['auroc_mean_pairs']:.4f}", flush=True)
     model, man = assemble(parts, AssemblyConfig(scaling="none"))
     contract = man["input"]["shape"]
     cal = _calibration_data([dict(p) for p in man["parts"]], AssemblyConfig(), contract, None)
@@ -248,11 +247,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cases = make_cases(tmp, args.quick, wanted=wanted)
-        ours = None if args.ours_from is None else ours_from(args.ours_from,
-                                                             [n for n, _, _ in cases])
-        if ours is not None:
-            result["ours_from"] = {"file": str(args.ours_from),
-                                   "date": next(iter(ours.values()))["date"]}
+        ours = None
+        if args.ours_from is not None:
+            date, ours = ours_from(args.ours_from, [n for n, _, _ in cases])
+            result["ours_from"] = {"file": str(args.ours_from), "date": date}
         for name, parts, _ in cases:
             result["cases"].append(run_case(name, parts, tmp,
                                             None if ours is None else ours[name]))
