@@ -422,3 +422,39 @@ def test_class_sums_property_random_hyperparameters(config, seed: int) -> None:
     x = torch.randn(5, conv.in_channels, h, w)
     rows = torch.randint(0, 3, (5,))
     _check_class_sums(conv, x, rows, 3, rtol=2e-6)
+
+
+@pytest.mark.parametrize("case", ["groups2", "depthwise", "padding1"])
+@pytest.mark.parametrize("size", [5, 12])  # one product of tap sums (<= 100 px), and two
+def test_class_sums_blocks_cut_across_groups(case: str, size: int, monkeypatch) -> None:
+    # blocks of 3 input channels: with 2 or 5 groups, blocks straddle group boundaries
+    import modellego.analysis.contribution as contribution
+
+    torch.manual_seed(4)
+    conv = nn.Conv2d(**CONV_CASES[case])
+    x = torch.randn(6, conv.in_channels, size, size)
+    q_g = conv.out_channels // conv.groups
+    monkeypatch.setattr(contribution, "_BLOCK_BYTES", 3 * len(x) * q_g * 4)
+    _check_class_sums(conv, x, torch.tensor([1, 0, 1, 2, 2, 0]), 3)
+
+
+def test_class_sums_cache_keeps_weight_layouts_for_a_pass() -> None:
+    torch.manual_seed(5)
+    conv, lin = nn.Conv2d(4, 6, 3, padding=1), nn.Linear(7, 3)
+    x, z = torch.randn(5, 4, 6, 6), torch.randn(5, 7)
+    rows = torch.tensor([0, 1, 1, 0, 1])
+    cache: dict = {}
+    for module, inp in ((conv, x), (lin, z)):
+        plain = layer_class_sums(inp, module, rows, 2)
+        first = layer_class_sums(inp, module, rows, 2, cache=cache)
+        kept = dict(cache)
+        again = layer_class_sums(inp, module, rows, 2, cache=cache)
+        assert all(v is kept[k] for k, v in cache.items()) and cache.keys() == kept.keys()
+        for got in (first, again):
+            assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    assert len(cache) == 2  # one entry per layer (and geometry)
+    # a 1x1 map keeps only the centre tap: a layout of its own, still exact
+    tiny = torch.randn(5, 4, 1, 1)
+    layer_class_sums(tiny, conv, rows, 2, cache=cache)
+    assert len(cache) == 3
+    _check_class_sums(conv, tiny, rows, 2, rtol=1e-12)

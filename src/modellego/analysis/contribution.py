@@ -36,6 +36,7 @@ float32 products for float32 inputs, float64 sums).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import cast
 
@@ -175,20 +176,29 @@ def tap_sums(
             f"input of spatial size {(h, w)} is too small for kernel {(kh, kw)} with "
             f"stride {(sh, sw)}, padding {((top, bottom), (left, right))}, dilation {(dh, dw)}"
         )
+    rows, cols, both = _visit_matrices(h, w, (kh, kw), (sh, sw), (dh, dw),
+                                       ((top, bottom), (left, right)), inp.dtype, inp.device)
+    if both is not None:  # a small map: one product with the (H * W, taps) visit matrix
+        return torch.matmul(inp.reshape(b * c, h * w), both).reshape(b, c, kh * kw)
     # U = R x C^T per (sample, channel): R[i, h] = 1 when tap row i visits input row h (and
     # C likewise for columns), so two small matrix products replace kh + kw strided sums.
-    visit_rows = _visits(_tap_ranges(h, ho, kh, sh, dh, top), h, inp)
-    visit_cols = _visits(_tap_ranges(w, wo, kw, sw, dw, left), w, inp)
-    u = torch.matmul(torch.matmul(visit_rows, inp), visit_cols.T)
+    u = torch.matmul(torch.matmul(rows, inp), cols.T)
     return u.reshape(b, c, kh * kw)
 
 
-def _taps_seeing_data(size: Sequence[int], kernel: tuple[int, int], stride: IntPair,
+#: maps of at most this many pixels get their tap sums from one matrix product
+_ONE_PRODUCT_PIXELS = 100
+
+
+@functools.lru_cache(maxsize=512)
+def _taps_seeing_data(size: tuple[int, int], kernel: tuple[int, int],
+                      stride: tuple[int, int],
                       padding: tuple[tuple[int, int], tuple[int, int]],
-                      dilation: IntPair) -> torch.Tensor:
+                      dilation: tuple[int, int]) -> torch.Tensor:
     """Indices ``i * kw + j`` of the kernel taps that read at least one input pixel (the
-    others see only zero padding, e.g. all but the centre of a 3x3 kernel on a 1x1 map)."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel, _pair(stride, "stride"), _pair(dilation, "dilation")
+    others see only zero padding, e.g. all but the centre of a 3x3 kernel on a 1x1 map).
+    Cached per geometry; read-only."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     (top, bottom), (left, right) = padding
     h, w = size
     rows = _tap_ranges(h, _out_size(h, kh, sh, dh, top, bottom), kh, sh, dh, top)
@@ -197,13 +207,34 @@ def _taps_seeing_data(size: Sequence[int], kernel: tuple[int, int], stride: IntP
                          if r is not None and c is not None], dtype=torch.long)
 
 
-def _visits(ranges: list[slice | None], size: int, like: torch.Tensor) -> torch.Tensor:
+def _visits(ranges: list[slice | None], size: int, dtype: torch.dtype) -> torch.Tensor:
     """0/1 matrix ``(taps, size)``: which input indices along one axis each tap visits."""
-    m = like.new_zeros((len(ranges), size))
+    m = torch.zeros((len(ranges), size), dtype=dtype)
     for i, r in enumerate(ranges):
         if r is not None:
             m[i, r] = 1
     return m
+
+
+@functools.lru_cache(maxsize=512)
+def _visit_matrices(h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
+                    dilation: tuple[int, int],
+                    padding: tuple[tuple[int, int], tuple[int, int]], dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                   torch.Tensor | None]:
+    """The row and column visit matrices of one conv geometry (``(kh, H)``, ``(kw, W)``)
+    and, for a map of at most :data:`_ONE_PRODUCT_PIXELS` pixels, their product
+    ``M[(h, w), (i, j)] = R[i, h] * C[j, w]`` of shape ``(H * W, kh * kw)``, which gives the
+    tap sums in one matrix product (cheaper there than many tiny batched ones). Cached per
+    geometry, dtype and device: a profile pass calls every layer once per chunk. Read-only."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    (top, bottom), (left, right) = padding
+    ho = _out_size(h, kh, sh, dh, top, bottom)
+    wo = _out_size(w, kw, sw, dw, left, right)
+    rows = _visits(_tap_ranges(h, ho, kh, sh, dh, top), h, dtype)
+    cols = _visits(_tap_ranges(w, wo, kw, sw, dw, left), w, dtype)
+    both = torch.kron(rows, cols).T.contiguous() if h * w <= _ONE_PRODUCT_PIXELS else None
+    return rows.to(device), cols.to(device), None if both is None else both.to(device)
 
 
 def _layer_label(module: nn.Module, name: str | None) -> str:
@@ -403,19 +434,37 @@ def _row_sums(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.
                                                                       *values.shape[1:])
 
 
-def _one_tap_sums(u: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
-                  num_rows: int) -> torch.Tensor:
+def _one_tap_sums(u: torch.Tensor, w_pos: torch.Tensor, w_neg: torch.Tensor,
+                  rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Class sums when each ``(q, p)`` has a single product ``w[.., q, p] * u[b, .., p]``.
 
     ``max(w * u, 0) = max(w, 0) * max(u, 0) + max(-w, 0) * max(-u, 0)`` exactly, so the sum
     over samples needs only the per-class sums of the positive and negative parts of ``u``.
-    ``u`` is ``(B, G, P)``, ``w`` is ``(G, Q, P)``; returns ``(num_rows, G, Q, P)``.
+    ``u`` is ``(B, G, P)``; ``w_pos`` and ``w_neg`` are ``max(w, 0)`` and ``max(-w, 0)`` of
+    ``w`` ``(G, Q, P)`` in float64; returns ``(num_rows, G, Q, P)``.
     """
     pos = _row_sums(u.clamp(min=0), rows, num_rows).unsqueeze(2)
     neg = _row_sums((-u).clamp(min=0), rows, num_rows).unsqueeze(2)
-    w = w.double().unsqueeze(0)
-    out = w.clamp(min=0) * pos
-    return out.add_((-w).clamp(min=0) * neg)  # in place: one (rows, G, Q, P) buffer less
+    out = w_pos.unsqueeze(0) * pos
+    return out.add_(w_neg.unsqueeze(0) * neg)  # in place: one (rows, G, Q, P) buffer less
+
+
+def _signed_parts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` in float64 with its positive and negative parts."""
+    w = w.double()
+    return w, w.clamp(min=0), (-w).clamp(min=0)
+
+
+#: what :func:`layer_class_sums` derives from a layer's weight for one input geometry
+_Derived = tuple[torch.Tensor, ...]
+
+
+def _derived(cache: dict | None, key: tuple, make) -> _Derived:
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 @torch.no_grad()
@@ -426,6 +475,7 @@ def layer_class_sums(
     num_rows: int,
     *,
     name: str | None = None,
+    cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class sums of clamped contributions, without a ``(B, Q, P)`` tensor in memory.
 
@@ -443,6 +493,10 @@ def layer_class_sums(
     ``(p, sample, tap) x (p, tap, q)`` in the input's precision (float32 for a float32
     model), made block by block so a block stays in cache while it is clamped and summed
     over each class's samples; block sums are accumulated in float64.
+
+    ``cache``: a dict the caller keeps for as long as the layer's weights do not change (a
+    profile pass keeps one for all its chunks); the weight layouts derived for the products
+    are stored there instead of being made again on every call.
     """
     if isinstance(module, nn.Linear):
         _check_linear(inp, module, name)
@@ -450,49 +504,82 @@ def layer_class_sums(
         if x.dim() > 2:
             x = x.reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1)
         x = x.double()
-        w = module.weight.detach().double()
-        sums = _one_tap_sums(x.unsqueeze(1), w.unsqueeze(0), rows, num_rows)[:, 0]
+        w, w_pos, w_neg = _derived(cache, (id(module), "linear"),
+                                   lambda: _signed_parts(module.weight.detach()))
+        sums = _one_tap_sums(x.unsqueeze(1), w_pos.unsqueeze(0), w_neg.unsqueeze(0), rows,
+                             num_rows)[:, 0]
         return sums, w * x.sum(0)
     conv = _check_conv(inp, module, name)
     groups = conv.groups
     q_total, p_g, kh, kw = conv.weight.shape
     q_g = q_total // groups
     dtype = torch.promote_types(inp.dtype, torch.float32)
-    weight = conv.weight.detach().to(dtype).reshape(groups, q_g, p_g, kh * kw)
     padding = _explicit_padding(conv.padding, (kh, kw), _pair(conv.stride, "stride"),
                                 _pair(conv.dilation, "dilation"))
     batch = inp.shape[0]
     u = tap_sums(inp.detach().to(dtype), (kh, kw), conv.stride, padding, conv.dilation)
     u = u.reshape(batch, groups, p_g, kh * kw)
-    used = _taps_seeing_data(inp.shape[2:], (kh, kw), conv.stride, padding, conv.dilation)
+    used = _taps_seeing_data((inp.shape[2], inp.shape[3]), (kh, kw),
+                             _pair(conv.stride, "stride"), padding,
+                             _pair(conv.dilation, "dilation"))
     taps = len(used)
     if taps < kh * kw:  # taps that only ever see padding contribute exactly nothing
-        u, weight = u[..., used], weight[..., used]
-    signed = torch.einsum("gqpk,gpk->gqp", weight.double(), u.sum(0, dtype=torch.float64))
+        u = u[..., used]
+
+    def weights() -> _Derived:
+        weight = conv.weight.detach().to(dtype).reshape(groups, q_g, p_g, kh * kw)
+        if taps < kh * kw:
+            weight = weight[..., used]
+        if taps == 1:
+            return _signed_parts(weight[..., 0])
+        # (G * P_g, taps, Q_g): per input channel, for the sample-major products below
+        wt = weight.permute(0, 2, 3, 1).reshape(groups * p_g, taps, q_g).contiguous()
+        return weight.double(), wt
+
+    derived = _derived(cache, (id(module), dtype, tuple(used.tolist())), weights)
+    signed = torch.einsum("gqpk,gpk->gqp", derived[0].reshape(groups, q_g, p_g, -1),
+                          u.sum(0, dtype=torch.float64))
     signed = signed.reshape(q_total, p_g)
     if taps <= 1:
         if taps == 0:
             return torch.zeros((num_rows, q_total, p_g), dtype=torch.float64,
                                device=inp.device), signed
-        sums = _one_tap_sums(u[..., 0].double(), weight[..., 0], rows, num_rows)
+        sums = _one_tap_sums(u[..., 0].double(), derived[1], derived[2], rows, num_rows)
         return sums.reshape(num_rows, q_total, p_g), signed
+    wt = derived[1]
     if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
         u = u[torch.sort(rows, stable=True).indices]  # each class's samples contiguous
     counts = torch.bincount(rows, minlength=num_rows).tolist()
+    ends = [sum(counts[:r + 1]) for r in range(num_rows)]
+    spans = [(r, end - n, end) for r, (n, end) in enumerate(zip(counts, ends)) if n]
     # (G * P_g, B, taps) x (G * P_g, taps, Q_g): sample-major per input channel
     ut = u.permute(1, 2, 0, 3).reshape(groups * p_g, batch, taps)
-    wt = weight.permute(0, 2, 3, 1).reshape(groups * p_g, taps, q_g)
-    acc = torch.zeros((num_rows, groups * p_g, q_g), dtype=torch.float64, device=inp.device)
+    # laid out as returned, (rows, G, Q_g, P_g): callers add it to their totals, and adding a
+    # transposed view costs several times a contiguous one
+    acc = torch.zeros((num_rows, groups, q_g, p_g), dtype=torch.float64, device=inp.device)
     step = max(1, _BLOCK_BYTES // (batch * q_g * ut.element_size()))
     for j in range(0, groups * p_g, step):
         block = torch.bmm(ut[j:j + step], wt[j:j + step]).clamp_(min=0)
-        start = 0
-        for r, n in enumerate(counts):
-            if n:
-                acc[r, j:j + step] += block[:, start:start + n].sum(1)
-                start += n
-    sums = acc.reshape(num_rows, groups, p_g, q_g).transpose(2, 3)
-    return sums.reshape(num_rows, q_total, p_g), signed
+        cuts = _group_cuts(j, len(block), p_g)
+        for r, start, stop in spans:  # each (row, block) slot is written once
+            part = block[:, start:stop].sum(1)  # (input channels j .. j + step, Q_g)
+            for g, a, b, c, d in cuts:
+                acc[r, g, :, a:b] = part[c:d].T
+    return acc.reshape(num_rows, q_total, p_g), signed
+
+
+def _group_cuts(j: int, n: int, p_g: int) -> list[tuple[int, int, int, int, int]]:
+    """Input channels ``j .. j + n`` (of all ``G * P_g``, flattened) cut at group
+    boundaries: ``(group, first, stop)`` within the group, ``(first, stop)`` within the
+    block."""
+    cuts = []
+    k = j
+    while k < j + n:
+        g, a = divmod(k, p_g)
+        b = min(p_g, a + j + n - k)
+        cuts.append((g, a, b, k - j, k - j + b - a))
+        k += b - a
+    return cuts
 
 
 def minmax_normalize(S: torch.Tensor, dim: int = -1, eps: float = 1e-5) -> torch.Tensor:

@@ -149,12 +149,14 @@ ChunkEmit = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def profile_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: torch.Tensor,
-                  rows: torch.Tensor, emit: ChunkEmit) -> None:
+                  rows: torch.Tensor, emit: ChunkEmit, cache: dict | None = None) -> None:
     """One forward pass of ``images`` (one chunk); ``emit`` receives each layer call's sums.
 
     ``rows`` are the samples' profile rows (class positions). Only the rows present in the
     chunk get sums (``len(rows.unique()) * Q * P`` per layer call, not one ``Q * P`` tensor
     per profiled class); see :func:`~modellego.analysis.contribution.layer_class_sums`.
+    ``cache``: kept by the caller over the chunks of one pass (the weights do not change),
+    it holds the weight layouts each layer derives.
     """
     present = torch.unique(rows)
     local = torch.searchsorted(present, rows)
@@ -162,7 +164,8 @@ def profile_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: tor
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = names[id(module)]
-        sums, signed = layer_class_sums(inputs[0], module, local, len(present), name=name)
+        sums, signed = layer_class_sums(inputs[0], module, local, len(present), name=name,
+                                        cache=cache)
         positions = output.numel() // (output.shape[0] * sums.shape[1])
         emit(name, present, sums, signed / positions)
 
@@ -216,6 +219,7 @@ def contribution_profile(model: nn.Module, layers: Mapping[str, nn.Module], imag
     rounds = ProfilePass(labels, classes, batch_size=batch_size, dist=dist)
     classes, rows = rounds.classes, rounds.rows
     sums = ClassSums(len(classes))
+    derived: dict = {}  # weight layouts, made once per layer for all chunks
 
     t0 = time.perf_counter()
     if not dist.distributed:  # fold each layer call as it comes: no buffers
@@ -225,14 +229,14 @@ def contribution_profile(model: nn.Module, layers: Mapping[str, nn.Module], imag
         with Progress(len(spans), f"profile of {len(images)} images",
                       enabled=streamed(images)) as bar:
             for (start, stop), x in zip(spans, chunks):
-                profile_chunk(model, layers, x, rows[start:stop], sums.add)
+                profile_chunk(model, layers, x, rows[start:stop], sums.add, derived)
                 bar.update(1)
     for rnd in rounds.rounds() if dist.distributed else ():
         calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if rnd.mine is not None:
             start, stop = rnd.mine
             profile_chunk(model, layers, images[start:stop], rows[start:stop],
-                          _collector(calls))
+                          _collector(calls), derived)
         _exchange_round(calls, list(rnd.present), layers, sums, dist)
     seconds = time.perf_counter() - t0
     # accumulated on the network's device; locating reads them on the CPU (no-op there)
