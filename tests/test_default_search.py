@@ -13,9 +13,17 @@ from helpers import run_cli
 from modellego.analysis.locate import LocateConfig
 from modellego.analysis.methods import get_method
 from modellego.analysis.profile import SampleSelection
-from modellego.analysis.search import MASS_STEPS, PairedDrop, cost_family, rule_family, search
+from modellego.analysis.search import (
+    MASS_STEPS,
+    PairedDrop,
+    cost_family,
+    midpoint,
+    rule_family,
+    search,
+)
 from modellego.data import load_split, normalize
 from modellego.disassembly import (
+    DEFAULT_BISECT,
     DEFAULT_BUDGET,
     DEFAULT_CONFIDENCE,
     DEFAULT_RECONSTRUCT,
@@ -41,6 +49,7 @@ def test_the_default_preset_is_the_searched_reconstructed_mass_rule() -> None:
     assert cfg.confidence == DEFAULT_CONFIDENCE == 0.9 and cfg.confident
     assert cfg.reconstruct == DEFAULT_RECONSTRUCT == 1000
     assert cfg.validation_per_class == DEFAULT_VALIDATION == 500
+    assert cfg.bisect == DEFAULT_BISECT == 2 and cfg.to_dict()["bisect"] == 2
     cfg.validate()
     # given thresholds: no search, the repair stays; another target replaces the budget
     fixed = DisassemblyConfig(TASK, locate=LocateConfig(rule="mass", beta_conv=0.3))
@@ -59,7 +68,7 @@ def test_the_paper_preset_is_the_published_method_exactly() -> None:
     assert paper == DisassemblyConfig(TASK, preset="paper")
     assert paper.locate == LocateConfig() == get_method("contribution").default_locate()
     assert (paper.max_accuracy_drop, paper.reconstruct, paper.confidence,
-            paper.validation_per_class) == (None, 0, 0.0, 0)
+            paper.validation_per_class, paper.bisect) == (None, 0, 0.0, 0, 0)
     # the other methods keep their own published defaults under either preset
     frat = DisassemblyConfig(TASK, method="frat")
     assert frat.locate == get_method("frat").default_locate()
@@ -74,6 +83,8 @@ def test_the_paper_preset_is_the_published_method_exactly() -> None:
     ({"confidence": 1.0}, "`confidence` must be 0"),
     ({"confidence": 0.3}, "`confidence` must be 0"),
     ({"validation_per_class": -1}, "`validation_per_class` must be >= 0"),
+    ({"bisect": -1}, r"`bisect` is a number of halvings and must lie in \[0, 10\], got -1"),
+    ({"bisect": 11}, r"`bisect` is a number of halvings and must lie in \[0, 10\], got 11"),
     ({"reconstruct": 5, "compensate": True}, "give one of `compensate` and `reconstruct`"),
 ])
 def test_bad_values_are_refused(fields, match) -> None:
@@ -114,6 +125,41 @@ def test_search_with_a_judge_takes_the_most_aggressive_passing_candidate() -> No
     assert {t.note for t in trials} == {f"b{t.config.beta_conv}" for t in trials}
     with pytest.raises(ValueError, match="exactly one target"):
         search(family, lambda c: 1.0, None)
+
+
+def test_bisection_halves_the_gap_to_the_failing_neighbour() -> None:
+    family = rule_family(LocateConfig(rule="mass"))  # ... 0.5, 0.45, 0.4, 0.35, 0.3 ...
+    seen: list[float] = []
+
+    def judge(c: LocateConfig) -> tuple[float, bool, str]:
+        seen.append(c.beta_conv)
+        return 0.9, c.beta_conv <= 0.3625, ""
+
+    cfg, trials = search(family, lambda c: 1 - c.beta_conv, None, judge=judge, bisect=3)
+    # the family gives 0.35 (0.4 fails); then 0.375 fails, 0.3625 passes, 0.36875 fails
+    assert cfg == LocateConfig(rule="mass", beta_conv=0.3625, beta_linear=0.3625)
+    assert seen[-3:] == [0.375, 0.3625, 0.36875] and len(seen) == len(set(seen))
+    assert [t.ok for t in trials[-3:]] == [False, True, False]
+    # no bisection: the family's step; the most aggressive step passing: nothing to halve
+    assert search(family, lambda c: 0.5, None, judge=judge)[0].beta_conv == 0.35
+    top, top_trials = search(family, lambda c: 0.5, None, judge=lambda c: (1.0, True, ""),
+                             bisect=3)
+    assert top == family[0] and all(t.config in family for t in top_trials)
+    # none passes: the least aggressive, no midpoint
+    low, _ = search(family, lambda c: 0.5, None, judge=lambda c: (0.0, False, ""), bisect=3)
+    assert low == family[-1]
+
+
+def test_midpoint_of_thresholds() -> None:
+    a = LocateConfig(alpha_conv=0.6, beta_conv=0.4, alpha_linear=0.8, beta_linear=0.6)
+    b = LocateConfig(alpha_conv=0.3, beta_conv=0.2, alpha_linear=0.4, beta_linear=0.3)
+    assert midpoint(a, b) == LocateConfig(alpha_conv=0.45, beta_conv=0.3, alpha_linear=0.6,
+                                          beta_linear=0.45)
+    # neighbours of different families, or too close to split: none
+    assert midpoint(a, LocateConfig(rule="mass")) is None
+    assert midpoint(b, b) is None
+    assert midpoint(LocateConfig(beta_conv=0.2), LocateConfig(beta_conv=0.200001)) is None
+    assert midpoint(LocateConfig(layer_beta=(("f", 0.5),)), b) is None
 
 
 # --------------------------------------------------------------------------- the top-up
@@ -164,12 +210,13 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
     assert f"bound {bound:.2f} pp at 90%" in v["chosen"]
     assert v["chosen_accuracy"] == pytest.approx(float(got.double().mean()))
     # the search's verdicts: the chosen candidate passed and every more aggressive
-    # candidate it measured failed
-    family = [c.to_dict() for c in rule_family(LocateConfig(rule="mass"))]
-    index = family.index(comp.locate.to_dict())
+    # candidate it measured failed (the family's steps and the bisection's midpoints)
     for t in comp.search:
-        if family.index(t["locate"]) < index:
+        if t["locate"]["beta_conv"] > comp.locate.beta_conv:
             assert not t["ok"]
+    steps = [t["locate"]["beta_conv"] for t in comp.search]
+    assert len(steps) == len(set(steps))  # no candidate measured twice
+    assert 0 < sum(b not in MASS_STEPS for b in steps) <= DEFAULT_BISECT
     if v["chosen_passes"]:
         assert any(t["ok"] and t["locate"] == comp.locate.to_dict() for t in comp.search)
     # no validation images at all: the training split tops it up alone
@@ -229,6 +276,18 @@ def test_cli_default_and_paper_preset(simnet_digits_file, tmp_path) -> None:
     prov = read_manifest(out)["provenance"]
     assert prov["config"]["preset"] == "default" and prov["locate"]["rule"] == "mass"
     assert prov["validation"]["confidence"] == 0.9 and prov["reconstruction"]["images"] == 100
+    assert prov["config"]["bisect"] == 2
+    steps = tmp_path / "s.safetensors"
+    code, _, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
+                            "--samples-per-class", "10", "--reconstruct", "100",
+                            "--bisect", "0", "--out", steps])
+    assert code == 0, err
+    assert read_manifest(steps)["provenance"]["config"]["bisect"] == 0
+    measured = [t["locate"]["beta_conv"] for t in prov["threshold_search"]]
+    assert any(b not in MASS_STEPS for b in measured)  # the default halved a gap
+    measured = [t["locate"]["beta_conv"]
+                for t in read_manifest(steps)["provenance"]["threshold_search"]]
+    assert all(b in MASS_STEPS for b in measured)
     paper = tmp_path / "p.safetensors"
     code, stdout, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
                                  "--samples-per-class", "10", "--preset", "paper",
@@ -253,6 +312,9 @@ def test_cli_default_and_paper_preset(simnet_digits_file, tmp_path) -> None:
                             "--confidence", "1.5", "--out", bad])
     assert code == 2 and "--confidence must be 0" in err and not bad.exists()
     assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
+                            "--bisect", "-1", "--out", bad])
+    assert code == 2 and "--bisect is a number of halvings" in err and not bad.exists()
 
 
 def test_a_cost_target_walks_the_finer_mass_family() -> None:

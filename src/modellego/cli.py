@@ -253,7 +253,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
                                target_flops=args.target_flops, refine=args.refine,
                                recalibrate_bn=args.recalibrate_bn,
                                reconstruct=reconstruct, method=args.method,
-                               preset=args.preset, confidence=args.confidence)
+                               preset=args.preset, confidence=args.confidence,
+                               bisect=args.bisect)
     check_own_dataset(manifest, args.dataset, args.data_dir)
     command = "modellego " + shlex.join(args.argv)
     # under torchrun the profile runs data-parallel (same result); only rank 0 writes
@@ -654,6 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "observed validation accuracy, the paper preset's criterion)")
     s.add_argument("--target-flops", type=float, default=None, metavar="R",
                    help="search thresholds: keep at most this share of the source's FLOPs")
+    s.add_argument("--bisect", type=int, default=None, metavar="N",
+                   help="with --max-accuracy-drop: after the family's steps, halve the gap "
+                        "between the candidate found and its failing neighbour N times "
+                        "(default 2; 0 with --preset paper)")
     s.add_argument("--refine", action="store_true",
                    help="with --max-accuracy-drop: also tighten the costliest layers one by "
                         "one on the validation split (slower, smaller components)")

@@ -59,8 +59,10 @@ DEFAULT_CONFIDENCE = 0.9
 #: ... the validation images per class it is judged on (the validation split first, topped
 #: up with training images the profile and the reconstruction do not use) ...
 DEFAULT_VALIDATION = 500
-#: ... and the training images of the task the reconstruction fits on
+#: ... and the training images of the task the reconstruction fits on; the search halves
+#: the gap between the family's last passing and first failing step this many times
 DEFAULT_RECONSTRUCT = 1000
+DEFAULT_BISECT = 2
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ class DisassemblyConfig:
     whose validation accuracy is, with ``confidence`` (0.9), within ``max_accuracy_drop``
     (0.5 points) of the restricted source, judged on ``validation_per_class`` (500) images
     per class, every candidate repaired by closed-form reconstruction (``reconstruct``: on
-    1000 training images of the task). Thresholds given in ``locate`` turn the search off;
+    1000 training images of the task), the family's steps refined by ``bisect`` (2)
+    halvings. Thresholds given in ``locate`` turn the search off;
     another target changes it; the rest stays. ``"paper"``: the published method exactly
     (the method's own thresholds, no search, no repair). Methods other than
     ``contribution`` always take their own published defaults."""
@@ -117,6 +120,11 @@ class DisassemblyConfig:
     #: with ``confidence``: judge on at least this many images per class, topping up the
     #: validation split with training images the profile and reconstruction do not use
     validation_per_class: int | None = None
+    #: with ``max_accuracy_drop``: after the family's steps, halve this many times the gap
+    #: between the candidate found and its failing neighbour, measuring each midpoint
+    #: (``None``: the preset's, 2 for ``default``, else 0); not with a profile made in chunks
+    #: of classes (its masks exist for the family's steps only)
+    bisect: int | None = None
 
     def __post_init__(self) -> None:
         best = self.preset == "default" and self.method == "contribution"
@@ -136,6 +144,8 @@ class DisassemblyConfig:
             fill["confidence"] = DEFAULT_CONFIDENCE if best else 0.0
         if self.validation_per_class is None:
             fill["validation_per_class"] = DEFAULT_VALIDATION if best else 0
+        if self.bisect is None:
+            fill["bisect"] = DEFAULT_BISECT if best else 0
         for name, value in fill.items():
             object.__setattr__(self, name, value)
 
@@ -186,6 +196,9 @@ class DisassemblyConfig:
         if not (self.confidence == 0 or 0.5 <= cast(float, self.confidence) < 1):
             raise ModelLegoError(f"`confidence` must be 0 (judge the observed accuracy) or "
                                  f"lie in [0.5, 1), got {self.confidence}")
+        if not 0 <= cast(int, self.bisect) <= 10:
+            raise ModelLegoError(f"`bisect` is a number of halvings and must lie in [0, 10], "
+                                 f"got {self.bisect}")
         if cast(int, self.validation_per_class) < 0:
             raise ModelLegoError(f"`validation_per_class` must be >= 0, got "
                                  f"{self.validation_per_class}")
@@ -209,7 +222,7 @@ class DisassemblyConfig:
                 "refine": self.refine, "recalibrate_bn": self.recalibrate_bn,
                 "reconstruct": self.reconstruct, "method": self.method,
                 "preset": self.preset, "confidence": self.confidence,
-                "validation_per_class": self.validation_per_class}
+                "validation_per_class": self.validation_per_class, "bisect": self.bisect}
 
 
 @dataclass(frozen=True)
@@ -469,7 +482,9 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
 
         chosen, trials = search(search_family(method, base, config), cost_of, accuracy_of,
                                 min_accuracy=min_acc, max_flops_ratio=target, cost=cost,
-                                judge=judge)
+                                judge=judge,
+                                bisect=int(cast(int, config.bisect)) if chunk_masks is None
+                                else 0)
         if config.refine and (judge is not None or
                               (min_acc is not None and accuracy_of is not None)):
             # (refine needs the accuracy budget: validate() checked it is given)

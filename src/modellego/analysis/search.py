@@ -149,12 +149,16 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
            min_accuracy: float | None = None, max_flops_ratio: float | None = None,
            cost: str = "flops",
            judge: Callable[[LocateConfig], tuple[float, bool, str]] | None = None,
+           bisect: int = 0,
            ) -> tuple[LocateConfig, list[Trial]]:
     """Pick thresholds from ``family`` (most aggressive first) for one target.
 
     ``min_accuracy``: binary search (accuracy assumed to grow along the family) for the most
     aggressive candidate whose validation accuracy reaches it; falls back to the least
-    aggressive. ``max_flops_ratio``: the least aggressive candidate under the FLOPs target.
+    aggressive. Then ``bisect`` times the gap between that candidate and its failing
+    neighbour (more aggressive) is halved (:func:`midpoint` of their thresholds) and the
+    midpoint measured, so the result may lie between two steps of the family.
+    ``max_flops_ratio``: the least aggressive candidate under the FLOPs target.
     ``cost="params"`` says that ``flops_of`` measures the parameter ratio instead, and
     ``max_flops_ratio`` is then a parameter target (trials record ``params_ratio``).
 
@@ -164,18 +168,20 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
     ``flops_of`` raises :class:`PlanError` for candidates that empty a layer.
     """
     trials: list[Trial] = []
-    cache: dict[int, bool] = {}
+    cache: dict[LocateConfig, bool] = {}
 
     def passes(i: int) -> bool:
-        if i in cache:
-            return cache[i]
-        cfg = family[i]
+        return measured(family[i])
+
+    def measured(cfg: LocateConfig) -> bool:
+        if cfg in cache:
+            return cache[cfg]
         try:
             ratio = flops_of(cfg)
         except PlanError as exc:
             trials.append(Trial.of_thresholds(cfg, None, None, False, str(exc).split(";")[0],
                                               cost))
-            cache[i] = False
+            cache[cfg] = False
             return False
         acc, note = None, ""
         ok = max_flops_ratio is None or ratio <= max_flops_ratio
@@ -186,7 +192,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
             acc = accuracy_of(cfg)
             ok = ok and acc >= min_accuracy
         trials.append(Trial.of_thresholds(cfg, ratio, acc, ok, note, cost=cost))
-        cache[i] = ok
+        cache[cfg] = ok
         return ok
 
     if (max_flops_ratio is None) == (min_accuracy is None and judge is None):
@@ -198,7 +204,32 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
                 return family[i], trials
         return family[0], trials
     best = first_passing(len(family), passes)
-    return family[min(best, len(family) - 1)], trials
+    if not 0 < best < len(family):  # the most aggressive passes, or none does
+        return family[min(best, len(family) - 1)], trials
+    failing, passing = family[best - 1], family[best]  # the bisection measured both
+    for _ in range(bisect):
+        mid = midpoint(failing, passing)
+        if mid is None:
+            break
+        if measured(mid):
+            passing = mid
+        else:
+            failing = mid
+    return passing, trials
+
+
+#: the thresholds :func:`midpoint` interpolates
+THRESHOLDS = ("alpha_conv", "beta_conv", "alpha_linear", "beta_linear")
+
+
+def midpoint(a: LocateConfig, b: LocateConfig) -> LocateConfig | None:
+    """The thresholds halfway between ``a`` and ``b`` (each of :data:`THRESHOLDS` averaged,
+    rounded to 5 decimals), for two neighbours of one family: ``None`` when they differ in
+    anything else (rule, normalisation, per-layer betas) or the midpoint is one of them."""
+    if replace(a, **{f: getattr(b, f) for f in THRESHOLDS}) != b:
+        return None
+    mid = replace(a, **{f: round((getattr(a, f) + getattr(b, f)) / 2, 5) for f in THRESHOLDS})
+    return None if mid in (a, b) else mid
 
 
 def refine(start: LocateConfig, layers: Sequence[tuple[str, float]],
