@@ -424,17 +424,19 @@ def test_class_sums_property_random_hyperparameters(config, seed: int) -> None:
     _check_class_sums(conv, x, rows, 3, rtol=2e-6)
 
 
-@pytest.mark.parametrize("case", ["groups2", "depthwise", "padding1"])
+@pytest.mark.parametrize("case", ["groups2", "depthwise", "padding1", "groups2_of3"])
 @pytest.mark.parametrize("size", [5, 12])  # one product of tap sums (<= 100 px), and two
-def test_class_sums_blocks_cut_across_groups(case: str, size: int, monkeypatch) -> None:
-    # blocks of 3 input channels: with 2 or 5 groups, blocks straddle group boundaries
+def test_class_sums_in_small_blocks(case: str, size: int, monkeypatch) -> None:
+    # blocks of 2 input channels: several whole groups per block (depthwise), one group
+    # (groups2), or parts of a group (padding1, groups2_of3: 3 input channels per group)
     import modellego.analysis.contribution as contribution
 
     torch.manual_seed(4)
-    conv = nn.Conv2d(**CONV_CASES[case])
+    conv = nn.Conv2d(6, 4, 3, padding=1, groups=2) if case == "groups2_of3" \
+        else nn.Conv2d(**CONV_CASES[case])
     x = torch.randn(6, conv.in_channels, size, size)
     q_g = conv.out_channels // conv.groups
-    monkeypatch.setattr(contribution, "_BLOCK_BYTES", 3 * len(x) * q_g * 4)
+    monkeypatch.setattr(contribution, "_BLOCK_BYTES", 2 * len(x) * q_g * 4)
     _check_class_sums(conv, x, torch.tensor([1, 0, 1, 2, 2, 0]), 3)
 
 

@@ -558,28 +558,19 @@ def layer_class_sums(
     # transposed view costs several times a contiguous one
     acc = torch.zeros((num_rows, groups, q_g, p_g), dtype=torch.float64, device=inp.device)
     step = max(1, _BLOCK_BYTES // (batch * q_g * ut.element_size()))
-    for j in range(0, groups * p_g, step):
-        block = torch.bmm(ut[j:j + step], wt[j:j + step]).clamp_(min=0)
-        cuts = _group_cuts(j, len(block), p_g)
-        for r, start, stop in spans:  # each (row, block) slot is written once
-            part = block[:, start:stop].sum(1)  # (input channels j .. j + step, Q_g)
-            for g, a, b, c, d in cuts:
-                acc[r, g, :, a:b] = part[c:d].T
+    # blocks of whole groups when a group fits in one, else blocks within a group
+    per_block = max(1, step // p_g)
+    width = p_g if step >= p_g else step
+    for g0 in range(0, groups, per_block):
+        g1 = min(groups, g0 + per_block)
+        for a in range(0, p_g, width):
+            b = min(p_g, a + width)
+            j, n = g0 * p_g + a, (g1 - g0) * (b - a)  # whole groups: a = 0, b = p_g
+            block = torch.bmm(ut[j:j + n], wt[j:j + n]).clamp_(min=0)
+            for r, start, stop in spans:  # each (row, block) slot is written once
+                part = block[:, start:stop].sum(1)  # (input channels, Q_g)
+                acc[r, g0:g1, :, a:b] = part.reshape(g1 - g0, b - a, q_g).transpose(1, 2)
     return acc.reshape(num_rows, q_total, p_g), signed
-
-
-def _group_cuts(j: int, n: int, p_g: int) -> list[tuple[int, int, int, int, int]]:
-    """Input channels ``j .. j + n`` (of all ``G * P_g``, flattened) cut at group
-    boundaries: ``(group, first, stop)`` within the group, ``(first, stop)`` within the
-    block."""
-    cuts = []
-    k = j
-    while k < j + n:
-        g, a = divmod(k, p_g)
-        b = min(p_g, a + j + n - k)
-        cuts.append((g, a, b, k - j, k - j + b - a))
-        k += b - a
-    return cuts
 
 
 def minmax_normalize(S: torch.Tensor, dim: int = -1, eps: float = 1e-5) -> torch.Tensor:
