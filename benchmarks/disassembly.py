@@ -186,7 +186,7 @@ def naive_contribution(inp: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor
     return out
 
 
-def profile_cost(samples: int = 150) -> dict:
+def profile_cost(samples: int = 150, repeats: int = 9) -> dict:
     path = ROOT / "checkpoints" / "fashion-mnist/vgg16_bn.safetensors"
     model, manifest = load_model(path)
     train = load_split("fashion-mnist", "train").subset([0, 1, 2])
@@ -203,11 +203,12 @@ def profile_cost(samples: int = 150) -> dict:
     def profile_pass() -> None:
         contribution_profile(model, layers, x, y, (0, 1, 2), batch_size=64)
 
-    # best of 5 alternating runs of each: the machine may be shared
+    # best of `repeats` alternating runs of each: the machine may be shared (its speed
+    # varies by 20-40 % between runs of a minute)
     plain_forward()
     profile_pass()  # warm up
     forward = profile = float("inf")
-    for _ in range(5):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         plain_forward()
         forward = min(forward, time.perf_counter() - t0)
@@ -240,7 +241,7 @@ def profile_cost(samples: int = 150) -> dict:
             "profile_over_forward": profile / forward,
             "naive_seconds_estimated": naive, "naive_over_profile": naive / profile,
             "naive_measured_on_samples": few, "threads": torch.get_num_threads(),
-            "timing": "best of 5 alternating runs"}
+            "timing": f"best of {repeats} alternating runs"}
 
 
 _MEM_CHILD = r"""
