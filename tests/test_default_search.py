@@ -4,6 +4,7 @@ the search that chooses the smallest reconstructed component within the budget."
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,12 +24,14 @@ from modellego.analysis.search import (
 )
 from modellego.data import load_split, normalize
 from modellego.disassembly import (
+    BISECT_MIN_IMAGES_IN_BUDGET,
     DEFAULT_BISECT,
     DEFAULT_BUDGET,
     DEFAULT_CONFIDENCE,
     DEFAULT_RECONSTRUCT,
     DEFAULT_VALIDATION,
     DisassemblyConfig,
+    bisect_steps,
     disassemble_model,
     validation_topup,
 )
@@ -150,6 +153,18 @@ def test_bisection_halves_the_gap_to_the_failing_neighbour() -> None:
     assert low == family[-1]
 
 
+def test_bisection_needs_a_budget_worth_four_validation_images() -> None:
+    cfg = DisassemblyConfig(TASK)  # 0.5 pp: 800 images are worth 4
+    assert BISECT_MIN_IMAGES_IN_BUDGET == 4
+    assert bisect_steps(cfg, True, 800) == 2 and bisect_steps(cfg, True, 799) == 0
+    assert bisect_steps(cfg, False, 5000) == 0  # a profile in chunks: masks of steps only
+    assert bisect_steps(cfg, True, None) == 0 and bisect_steps(cfg, True, 0) == 0
+    assert bisect_steps(replace(cfg, bisect=5), True, 800) == 5
+    assert bisect_steps(replace(cfg, max_accuracy_drop=2.0), True, 200) == 2
+    assert bisect_steps(DisassemblyConfig(TASK, target_flops=0.5), True, 10**6) == 0
+    assert bisect_steps(DisassemblyConfig.paper(TASK, max_accuracy_drop=1.0), True, 10**6) == 0
+
+
 def test_midpoint_of_thresholds() -> None:
     a = LocateConfig(alpha_conv=0.6, beta_conv=0.4, alpha_linear=0.8, beta_linear=0.6)
     b = LocateConfig(alpha_conv=0.3, beta_conv=0.2, alpha_linear=0.4, beta_linear=0.3)
@@ -214,9 +229,20 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
     for t in comp.search:
         if t["locate"]["beta_conv"] > comp.locate.beta_conv:
             assert not t["ok"]
-    steps = [t["locate"]["beta_conv"] for t in comp.search]
+    # 180 images: the 0.5 pp budget is worth 0.9 of them, too few to halve steps on
+    assert v["bisect"] == 0 and all(t["locate"]["beta_conv"] in MASS_STEPS
+                                    for t in comp.search)
+    # a 3 pp budget is worth 5.4 images: the gap to the failing neighbour is halved twice
+    wide = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
+                             config=replace(cfg, max_accuracy_drop=3.0), val_images=vx,
+                             val_labels=vy, reuse=comp)
+    assert wide.validation is not None and wide.validation["bisect"] == DEFAULT_BISECT
+    steps = [t["locate"]["beta_conv"] for t in wide.search]
     assert len(steps) == len(set(steps))  # no candidate measured twice
-    assert 0 < sum(b not in MASS_STEPS for b in steps) <= DEFAULT_BISECT
+    assert sum(b not in MASS_STEPS for b in steps) == DEFAULT_BISECT
+    for t in wide.search:  # more aggressive than the chosen: failed
+        if t["locate"]["beta_conv"] > wide.locate.beta_conv:
+            assert not t["ok"]
     if v["chosen_passes"]:
         assert any(t["ok"] and t["locate"] == comp.locate.to_dict() for t in comp.search)
     # no validation images at all: the training split tops it up alone
@@ -277,17 +303,18 @@ def test_cli_default_and_paper_preset(simnet_digits_file, tmp_path) -> None:
     assert prov["config"]["preset"] == "default" and prov["locate"]["rule"] == "mass"
     assert prov["validation"]["confidence"] == 0.9 and prov["reconstruction"]["images"] == 100
     assert prov["config"]["bisect"] == 2
-    steps = tmp_path / "s.safetensors"
-    code, _, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
-                            "--samples-per-class", "10", "--reconstruct", "100",
-                            "--bisect", "0", "--out", steps])
+    # the budget is worth fewer than 4 of these validation images: no halving, and it says so
+    assert prov["validation"]["images"] * 0.5 / 100 < 4 and prov["validation"]["bisect"] == 0
+    assert "steps: the family's only (no halving: the budget is worth fewer than 4" in stdout
+    assert all(t["locate"]["beta_conv"] in MASS_STEPS for t in prov["threshold_search"])
+    wide = tmp_path / "w.safetensors"
+    code, stdout, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
+                                 "--samples-per-class", "10", "--reconstruct", "100",
+                                 "--max-accuracy-drop", "20", "--bisect", "1", "--out", wide])
     assert code == 0, err
-    assert read_manifest(steps)["provenance"]["config"]["bisect"] == 0
-    measured = [t["locate"]["beta_conv"] for t in prov["threshold_search"]]
-    assert any(b not in MASS_STEPS for b in measured)  # the default halved a gap
-    measured = [t["locate"]["beta_conv"]
-                for t in read_manifest(steps)["provenance"]["threshold_search"]]
-    assert all(b in MASS_STEPS for b in measured)
+    prov = read_manifest(wide)["provenance"]
+    assert prov["config"]["bisect"] == 1 and prov["validation"]["bisect"] == 1
+    assert "steps: the family's, then 1 halving of the gap to the failing neighbour" in stdout
     paper = tmp_path / "p.safetensors"
     code, stdout, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
                                  "--samples-per-class", "10", "--preset", "paper",

@@ -63,6 +63,12 @@ DEFAULT_VALIDATION = 500
 #: the gap between the family's last passing and first failing step this many times
 DEFAULT_RECONSTRUCT = 1000
 DEFAULT_BISECT = 2
+#: the bisection runs only when the budget is worth at least this many validation images:
+#: on fewer, a midpoint that changes no validation prediction passes with bound 0, and each
+#: extra candidate judged on the same few images is one more chance of a false pass (the
+#: digits MobileNet-V2 {0,1,2}, 162 images: a midpoint passed and lost 1.85 pp on the test
+#: split)
+BISECT_MIN_IMAGES_IN_BUDGET = 4
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,9 @@ class DisassemblyConfig:
     validation_per_class: int | None = None
     #: with ``max_accuracy_drop``: after the family's steps, halve this many times the gap
     #: between the candidate found and its failing neighbour, measuring each midpoint
-    #: (``None``: the preset's, 2 for ``default``, else 0); not with a profile made in chunks
-    #: of classes (its masks exist for the family's steps only)
+    #: (``None``: the preset's, 2 for ``default``, else 0); only when the budget is worth at
+    #: least :data:`BISECT_MIN_IMAGES_IN_BUDGET` validation images, and not with a profile
+    #: made in chunks of classes (its masks exist for the family's steps only)
     bisect: int | None = None
 
     def __post_init__(self) -> None:
@@ -480,11 +487,14 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                 return accuracy_from_logits(predict_logits(comp, val_images), val_labels,
                                             classes).accuracy
 
+        halvings = bisect_steps(config, chunk_masks is None,
+                                validation.get("images") if judge is not None
+                                else None if val_labels is None else len(val_labels))
+        if judge is not None:
+            validation["bisect"] = halvings
         chosen, trials = search(search_family(method, base, config), cost_of, accuracy_of,
                                 min_accuracy=min_acc, max_flops_ratio=target, cost=cost,
-                                judge=judge,
-                                bisect=int(cast(int, config.bisect)) if chunk_masks is None
-                                else 0)
+                                judge=judge, bisect=halvings)
         if config.refine and (judge is not None or
                               (min_acc is not None and accuracy_of is not None)):
             # (refine needs the accuracy budget: validate() checked it is given)
@@ -506,6 +516,18 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                      tuple(t.to_dict() for t in trials), method.name, fit, chunk_masks,
                      1 if chunk_masks is None else -(-len(classes) // per_chunk),
                      validation if judge is not None else None)
+
+
+def bisect_steps(config: DisassemblyConfig, whole_profile: bool, images: int | None) -> int:
+    """The halvings the search of ``config`` makes after the family's steps: ``bisect``
+    when an accuracy budget is judged on ``images`` validation images that the budget is
+    worth at least :data:`BISECT_MIN_IMAGES_IN_BUDGET` of, and the profile is whole (not
+    made in chunks of classes); else 0."""
+    if config.max_accuracy_drop is None or not whole_profile or not images:
+        return 0
+    if images * config.max_accuracy_drop / 100 < BISECT_MIN_IMAGES_IN_BUDGET:
+        return 0
+    return int(cast(int, config.bisect))
 
 
 def search_family(method, base: LocateConfig, config: DisassemblyConfig
