@@ -314,7 +314,7 @@ def test_cli_default_and_paper_preset(simnet_digits_file, tmp_path) -> None:
     assert code == 0, err
     prov = read_manifest(wide)["provenance"]
     assert prov["config"]["bisect"] == 1 and prov["validation"]["bisect"] == 1
-    assert "steps: the family's, then 1 halving of the gap to the failing neighbour" in stdout
+    assert "steps: the family's, then up to 1 halving of the gap to the failing neighbour" in stdout
     paper = tmp_path / "p.safetensors"
     code, stdout, err = run_cli(["disassemble", simnet_digits_file, "--classes", "0,1",
                                  "--samples-per-class", "10", "--preset", "paper",

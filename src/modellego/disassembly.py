@@ -59,9 +59,10 @@ DEFAULT_CONFIDENCE = 0.9
 #: ... the validation images per class it is judged on (the validation split first, topped
 #: up with training images the profile and the reconstruction do not use) ...
 DEFAULT_VALIDATION = 500
-#: ... and the training images of the task the reconstruction fits on; the search halves
-#: the gap between the family's last passing and first failing step this many times
+#: ... the training images of the task the reconstruction fits on ...
 DEFAULT_RECONSTRUCT = 1000
+#: ... and how many times the search halves the gap between the family's passing step and
+#: its failing neighbour
 DEFAULT_BISECT = 2
 #: the bisection runs only when the budget is worth at least this many validation images:
 #: on fewer, a midpoint that changes no validation prediction passes with bound 0, and each

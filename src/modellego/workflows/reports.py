@@ -35,11 +35,12 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{v['images']} validation images ({v['from_training_split']} from the "
                      f"training split; one image = {v['resolution_pp']:.3f} pp)")
         if "bisect" in v:  # reports of earlier releases have no bisection
-            lines.append(f"  steps: the family's, then {v['bisect']} halving"
+            lines.append(f"  steps: the family's, then up to {v['bisect']} halving"
                          f"{'s' if v['bisect'] > 1 else ''} of the gap to the failing "
                          "neighbour" if v["bisect"] else
                          "  steps: the family's only (no halving: the budget is worth fewer "
-                         f"than {BISECT_MIN_IMAGES_IN_BUDGET} validation images, or --bisect 0)")
+                         f"than {BISECT_MIN_IMAGES_IN_BUDGET} validation images, the profile "
+                         "was made in chunks of classes, or --bisect 0)")
         lines.append(f"  chosen: {v['chosen']}" + ("" if v["chosen_passes"] else
                      " -- no candidate passed: the least aggressive is kept"))
     lines.append(f"  {'class':>5} {'name':<14} {'n':>5} {'source':>7} {'restr.':>7} "
