@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import cast
 
 import torch
@@ -550,8 +551,8 @@ def layer_class_sums(
     if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
         u = u[torch.sort(rows, stable=True).indices]  # each class's samples contiguous
     counts = torch.bincount(rows, minlength=num_rows).tolist()
-    ends = [sum(counts[:r + 1]) for r in range(num_rows)]
-    spans = [(r, end - n, end) for r, (n, end) in enumerate(zip(counts, ends)) if n]
+    spans = [(r, end - n, end) for r, (n, end) in enumerate(zip(counts, accumulate(counts)))
+             if n]
     # (G * P_g, B, taps) x (G * P_g, taps, Q_g): sample-major per input channel
     ut = u.permute(1, 2, 0, 3).reshape(groups * p_g, batch, taps)
     # laid out as returned, (rows, G, Q_g, P_g): callers add it to their totals, and adding a
