@@ -45,6 +45,14 @@ class TinyNet(nn.Module):
 
 def build(num_classes=10):
     return TinyNet(num_classes=num_classes)
+
+
+def tiny_vit(num_classes=10):
+    """A plain torchvision VisionTransformer, as a user would configure a small one."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=28, patch_size=7, num_layers=2, num_heads=2,
+                             hidden_dim=16, mlp_dim=32, num_classes=num_classes)
 '''
 
 
@@ -486,3 +494,43 @@ def test_a_builder_that_cannot_run_on_meta_is_built_on_the_cpu(tmp_path):
     with pytest.raises(NotImplementedError, match="meta"), torch.device("meta"):
         tv.models.regnet_x_400mf(num_classes=10)
     assert_torchvision_file_round_trip(tv, "regnet_x_400mf", tmp_path)
+
+
+def test_a_torchvision_vit_imports_and_assembles_with_a_cnn_by_default(tmp_path, own_package):
+    """Whole transformers: `import` makes its router fingerprint and `assemble` (default
+    joint router) runs, both tapping only layers that run as modules (the attention's
+    ``out_proj`` is applied as a function by ``nn.MultiheadAttention``)."""
+    needs("torchvision")
+    from modellego.assembly.scoring import called_layers, tap_layers
+
+    vit_name, cnn_name = f"python:{own_package}:tiny_vit", f"python:{own_package}:TinyNet"
+    with trusted(own_package):
+        vit = build_architecture(vit_name, {"num_classes": 5}).eval()
+        cnn = build_architecture(cnn_name, {"num_classes": 5, "in_channels": 1}).eval()
+    torch.save(vit.state_dict(), tmp_path / "vit.pt")
+    torch.save(cnn.state_dict(), tmp_path / "cnn.pt")
+    for name, weights, out, classes, kwargs in (
+            (vit_name, "vit.pt", "vit.safetensors", "0-4", '{"num_classes": 5}'),
+            (cnn_name, "cnn.pt", "cnn.safetensors", "5-9",
+             '{"num_classes": 5, "in_channels": 1}')):
+        code, _, err = run_cli(["import", name, "--weights", tmp_path / weights, "--out",
+                                tmp_path / out, "--dataset", "digits", "--classes", classes,
+                                "--kwargs", kwargs, "--trust-code",
+                                own_package])
+        assert code == 0, err
+    model, manifest = load_model(tmp_path / "vit.safetensors", trust_code=[own_package])
+    taps = manifest["router_fingerprint"]["taps"]
+    x = torch.zeros(2, 3, 28, 28)
+    ran = called_layers(model, x)
+    assert taps and set(taps) <= ran
+    out_proj = "encoder.layers.encoder_layer_1.self_attention.out_proj"
+    assert out_proj not in ran and out_proj not in tap_layers(model, 100)
+    assert out_proj not in tap_layers(model, 100, x)
+    code, out, err = run_cli(["assemble", tmp_path / "vit.safetensors",
+                              tmp_path / "cnn.safetensors", "--out", tmp_path / "both.safetensors",
+                              "--calibration-samples", "10", "--trust-code", own_package])
+    assert code == 0, err
+    both, bm = load_model(tmp_path / "both.safetensors", trust_code=[own_package])
+    assert bm["classes"] == list(range(10))
+    with torch.no_grad():
+        assert both(torch.zeros(3, 1, 28, 28)).shape == (3, 10)

@@ -49,7 +49,7 @@ from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
-from .surgery.reconstruct import reconstruct_layers
+from .surgery.reconstruct import SourceTargets, reconstruct_layers
 from .training import task_outputs
 
 #: the repairs ``compress`` applies by default, the best measured (``benchmarks/compression.py``):
@@ -388,10 +388,12 @@ class UniformCriterion(Criterion):
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
             fit_images = as_tensor(images[order[:config.reconstruct]])
 
+        targets = SourceTargets()  # the source's outputs, measured once for every candidate
+
         def finish(net: nn.Module, plan: ComponentPlan) -> None:
             # the repairs in disassembly's order: reconstruction, then BN statistics
             if graph is not None:
-                reconstruct_layers(net, model, graph, plan, fit_images)
+                reconstruct_layers(net, model, graph, plan, fit_images, cache=targets)
             if config.recalibrate_bn:
                 recalibrate_batchnorm(net, calibration_images)
 

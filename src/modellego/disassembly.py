@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Mapping, Sequence, cast
 
 import torch
@@ -19,7 +20,7 @@ from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile
     take_every_sample,
 )
 from .analysis.search import PairedDrop, Trial, cost_family, refine, search
-from .data.lazy import Inputs, ModelInputs, as_tensor, max_memory, take
+from .data.lazy import Inputs, ModelInputs, as_tensor, default_batch, max_memory, take
 from .errors import ModelLegoError
 from .metrics import (
     accuracy_from_logits,
@@ -35,7 +36,7 @@ from .surgery.graph import ChannelGraph, build_channel_graph
 from .surgery.head import head_of
 from .surgery.plan import ComponentPlan, plan_from_masks
 from .surgery.recalibrate import recalibrate_batchnorm
-from .surgery.reconstruct import Reconstruction, reconstruct_layers
+from .surgery.reconstruct import Reconstruction, SourceTargets, reconstruct_layers
 from .terminal import Progress, progress_enabled, showing_progress
 from .training import task_outputs
 
@@ -405,6 +406,8 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
     # then returns the last one that passed: each is cut and repaired once)
     built: dict[tuple[LocateConfig, bool],
                 tuple[ComponentPlan, nn.Module, Reconstruction | None]] = {}
+    # the source's outputs on the reconstruction's images, measured once for every candidate
+    targets = SourceTargets()
 
     def build_fitted(cfg: LocateConfig, repair: bool = True
                      ) -> tuple[ComponentPlan, nn.Module, Reconstruction | None]:
@@ -417,7 +420,7 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
             masks = method.locate(graph, profile, classes, output_classes, cfg)
         plan = plan_from_masks(graph, masks, out_idx, hint=hint)
         net = apply_plan(model, plan).eval()
-        fit = reconstruct_layers(net, model, graph, plan, fit_images) \
+        fit = reconstruct_layers(net, model, graph, plan, fit_images, cache=targets) \
             if config.fit_images and repair else None
         comp = method.finish(net, classes).eval()
         if config.compensate and repair:  # the methods that allow it profile contributions
@@ -568,7 +571,15 @@ def confident_judge(model: nn.Module, sets: Sequence[tuple[Inputs, torch.Tensor]
     upper bound of its paired drop against the restricted source on ``sets`` (image, label
     pairs) must be at most ``budget`` points. Returns ``judge(config) -> (accuracy,
     passes, note)`` and a dict describing the validation (filled in further by the
-    caller)."""
+    caller).
+
+    A candidate is judged block by block, each block one batch of
+    :func:`~modellego.metrics.predict_logits` (so every image is predicted in the batch a
+    whole pass would put it in, and the verdicts do not depend on where a judgement stops),
+    and stops as soon as it surely fails: when even the best outcome on the images not yet
+    seen (every one the source gets wrong gained, none lost) leaves the bound over all of
+    them above the budget (:func:`surely_fails`). The verdict is the one the whole set
+    gives; a candidate stopped early reports its accuracy on the images it was judged on."""
     labels = torch.cat([y for _, y in sets])
     source = torch.cat([correct_flags(predict_logits(model, x), y, output_classes,
                                       restrict_to=classes) for x, y in sets])
@@ -576,11 +587,27 @@ def confident_judge(model: nn.Module, sets: Sequence[tuple[Inputs, torch.Tensor]
     validation: dict = {"images": n, "resolution_pp": 100 / n, "confidence": confidence,
                         "budget_pp": budget,
                         "source_accuracy": float(source.double().mean())}
+    blocks = []  # (set, start, stop)
+    for i, (x, y) in enumerate(sets):
+        size = default_batch(tuple(x.shape[1:]))
+        blocks += [(i, a, min(a + size, len(y))) for a in range(0, len(y), size)]
 
     def judge(cfg: LocateConfig) -> tuple[float, bool, str]:
         comp = component_of(cfg)
-        flags = torch.cat([correct_flags(predict_logits(comp, x), y, classes)
-                           for x, y in sets])
+        flags = torch.zeros(0, dtype=torch.bool)
+        for k, (i, a, b) in enumerate(blocks):
+            x, y = sets[i]
+            logits = predict_logits(comp, take(x, torch.arange(a, b)), batch_size=b - a)
+            flags = torch.cat([flags, correct_flags(logits, y[a:b], classes)])
+            if k + 1 < len(blocks):
+                seen = len(flags)
+                partial = PairedDrop.of(source[:seen], flags)
+                wrong = int((~source[seen:]).sum())
+                if surely_fails(partial, n - seen - wrong, wrong, n, confidence, budget):
+                    return (float(flags.double().mean()), False,
+                            f"stopped after {seen} of {n} images: {partial.lost} lost, "
+                            f"{partial.gained} gained, the bound exceeds {budget:.2f} pp at "
+                            f"{confidence:.0%} whatever the other {n - seen} give")
         paired = PairedDrop.of(source, flags)
         bound = 100 * paired.upper(confidence)
         return (float(flags.double().mean()), bound <= budget + 1e-9,
@@ -588,6 +615,22 @@ def confident_judge(model: nn.Module, sets: Sequence[tuple[Inputs, torch.Tensor]
                 f"gained of {n}), bound {bound:.2f} pp at {confidence:.0%}")
 
     return judge, validation
+
+
+def surely_fails(seen: PairedDrop, right: int, wrong: int, n: int, confidence: float,
+                 budget: float) -> bool:
+    """Whether every completion of ``seen`` (a paired drop on some of ``n`` images) has its
+    bound above ``budget`` points: the other images are ``right`` the source gets right
+    (each may be lost or not) and ``wrong`` it gets wrong (each may be gained or not); the
+    bound is taken at every reachable ``(lost, gained)``."""
+    lost = torch.arange(seen.lost, seen.lost + right + 1, dtype=torch.float64)[:, None]
+    gained = torch.arange(seen.gained, seen.gained + wrong + 1, dtype=torch.float64)[None, :]
+    if lost.numel() * gained.numel() > 4_000_000:  # too many completions to check: go on
+        return False
+    drop = (lost - gained) / n
+    var = ((lost + gained) / n - drop ** 2).clamp(min=0) / n
+    z = NormalDist().inv_cdf(confidence)
+    return bool((100 * (drop + z * var.sqrt())).min() > budget + 1e-9)
 
 
 def statistics_bytes(layers: Mapping[str, nn.Module]) -> int:

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..data.lazy import default_batch, iter_slices
+from ..data.lazy import as_tensor, default_batch, iter_slices, take
 from ..data.registry import load_split_for
 from ..errors import ModelLegoError
 from ..manifest import ROUTER_FINGERPRINT_VERSIONS
@@ -46,10 +46,12 @@ FINGERPRINT_IMAGES = 1000
 FINGERPRINT_SPREAD = 8
 
 
-def fingerprint_taps(net: nn.Module) -> list[str]:
+def fingerprint_taps(net: nn.Module, example: torch.Tensor | None = None) -> list[str]:
     """The layers a fingerprint taps: of :data:`FINGERPRINT_SPREAD` conv/linear layers spread
-    over the depth, the first half after the first one (the whole list if it has one)."""
-    names = tap_layers(net, FINGERPRINT_SPREAD)
+    over the depth (among those a pass on ``example`` calls; see
+    :func:`~modellego.assembly.scoring.tap_layers`), the first half after the first one (the
+    whole list if it has one)."""
+    names = tap_layers(net, FINGERPRINT_SPREAD, example)
     if len(names) == 1:
         return names
     return names[1:1 + max(1, len(names) // 2)]
@@ -107,7 +109,7 @@ def make_fingerprint(net: nn.Module, x: Any, y: torch.Tensor, *, seed: int = 0
     ``router_fingerprint`` entry and the tensors to store with :func:`~modellego.save_model`.
     """
     num_classes = int(y.max()) + 1
-    taps = fingerprint_taps(net)
+    taps = fingerprint_taps(net, as_tensor(take(x, torch.arange(min(2, len(y))))))
     net.eval()
     feats = tapped_features(net, taps, x)
     fit, held = _halves(y, num_classes, seed)

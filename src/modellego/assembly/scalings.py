@@ -154,7 +154,8 @@ class Scaling:
         """Per part, the layers whose inputs its router reads (``None``: no features)."""
         if not self.needs_features:
             return None
-        return [tap_layers(n, max_taps) for n in nets]
+        return [tap_layers(n, max_taps, torch.zeros(2, *p["input"]["shape"]))
+                for n, p in zip(nets, parts)]
 
     def routers(self, nets: Sequence[nn.Module], taps: Sequence[Sequence[str]] | None,
                 parts: Sequence[dict[str, Any]]) -> list[nn.Module] | None:

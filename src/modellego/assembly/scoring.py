@@ -36,13 +36,45 @@ from torch import nn
 from ..errors import ModelLegoError
 
 
-def tap_layers(net: nn.Module, max_taps: int) -> list[str]:
-    """Up to ``max_taps`` conv/linear layers spread over the depth, always with the last one."""
+def tap_layers(net: nn.Module, max_taps: int, example: torch.Tensor | None = None
+               ) -> list[str]:
+    """Up to ``max_taps`` conv/linear layers spread over the depth, always with the last one,
+    among those that run as modules: with ``example`` (a small batch of model inputs) the
+    ones a forward pass on it calls; always without the projections an
+    ``nn.MultiheadAttention`` holds but applies as functions (its ``out_proj``), which no
+    hook on them would ever see."""
     names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    inside = {f"{n}.{c}" if n else c for n, m in net.named_modules()
+              if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_modules() if c}
+    names = [n for n in names if n not in inside]
+    if example is not None:
+        ran = called_layers(net, example)
+        names = [n for n in names if n in ran]
     if len(names) <= max_taps:
         return names
     step = (len(names) - 1) / (max_taps - 1)
     return [names[round(i * step)] for i in range(max_taps)]
+
+
+@torch.no_grad()
+def called_layers(net: nn.Module, example: torch.Tensor) -> set[str]:
+    """The conv/linear modules of ``net`` that a forward pass on ``example`` calls (in eval
+    mode; the modes are restored)."""
+    from ..runtime.device import to_device_of
+    from ..runtime.hooks import forward_pre_hooks, preserved_state
+
+    ran: set[str] = set()
+
+    def make(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            ran.add(name)
+        return hook
+
+    layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with preserved_state(net), forward_pre_hooks([(m, make(n)) for n, m in layers]):
+        net.eval()
+        net(to_device_of(example, net))
+    return ran
 
 
 def class_distances(f: torch.Tensor, means: torch.Tensor, precision: torch.Tensor

@@ -48,12 +48,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.lazy import max_memory
 from ..errors import ModelLegoError, PlanError
 from ..runtime.device import to_device_of
 from ..runtime.hooks import forward_hooks, forward_pre_hooks, preserved_state
@@ -156,27 +157,54 @@ def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
 
-def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _used_taps(conv: nn.Conv2d, height: int, width: int) -> list[tuple[int, int]]:
+    """The kernel taps ``(u, v)`` of ``conv`` that read inside an input of ``height x
+    width`` at some output position: the others read only padding (a 3x3 conv on a 1x1 map
+    reads its centre alone), so their columns of the design matrix are zero."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    if isinstance(conv.padding, str):
+        ph, pw = ((dh * (kh - 1)) // 2, (dw * (kw - 1)) // 2) if conv.padding == "same" \
+            else (0, 0)
+    else:
+        ph, pw = conv.padding[0], conv.padding[1]
+    out_h = height if conv.padding == "same" else (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = width if conv.padding == "same" else (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def inside(k: int, size: int, out: int, stride: int, pad: int, dil: int) -> bool:
+        return any(0 <= i * stride - pad + k * dil < size for i in range(out))
+
+    rows = [u for u in range(kh) if inside(u, height, out_h, sh, ph, dh)]
+    cols = [v for v in range(kw) if inside(v, width, out_w, sw, pw, dw)]
+    return [(u, v) for u in rows for v in cols]
+
+
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor,
+               taps: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """The patches ``conv`` reads at output positions ``pos`` (``(B, k)`` flat indices into
     its output map) of each image of ``x``, one row each, ordered as ``weight.view(Q, -1)``
-    (input channel, then kernel row, then kernel column): im2col at those positions only."""
+    (input channel, then kernel row, then kernel column): im2col at those positions only.
+    ``taps``: only these kernel taps (in their order within each channel)."""
     x = _padded(conv, x)
     b, c, hp, wp = x.shape
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    taps = taps if taps is not None else [(u, v) for u in range(kh) for v in range(kw)]
     wo = (wp - dw * (kw - 1) - 1) // sw + 1
     top, left = (pos // wo) * sh, (pos % wo) * sw  # the patch's corner in the padded input
     flat = x.flatten(2)
-    taps = [flat.gather(2, ((top + u * dh) * wp + left + v * dw)[:, None, :].expand(b, c, -1))
-            for u in range(kh) for v in range(kw)]
-    return torch.stack(taps, 3).permute(0, 2, 1, 3).reshape(-1, c * kh * kw)
+    cols = [flat.gather(2, ((top + u * dh) * wp + left + v * dw)[:, None, :].expand(b, c, -1))
+            for u, v in taps]
+    return torch.stack(cols, 3).permute(0, 2, 1, 3).reshape(-1, c * len(taps))
 
 
 class _Normal:
-    """Accumulates ``X1^T X1``, ``X1^T Y`` and ``||Y||^2`` in float64."""
+    """Accumulates ``X1^T X1``, ``X1^T Y`` and ``||Y||^2`` in float64. ``columns``: how many
+    columns the full design matrix has when only ``d`` of them (the others all zero) are
+    accumulated; the ridge is relative to the mean over all of them."""
 
-    def __init__(self, d: int, q: int, intercept: bool) -> None:
+    def __init__(self, d: int, q: int, intercept: bool, columns: int | None = None) -> None:
         n = d + int(intercept)
         self.d, self.intercept = d, intercept
+        self.columns = d if columns is None else columns
         self.xtx = torch.zeros(n, n, dtype=torch.float64)
         self.xty = torch.zeros(n, q, dtype=torch.float64)
         self.yy = 0.0
@@ -188,15 +216,16 @@ class _Normal:
             self.xtx, self.xty = self.xtx.to(x.device), self.xty.to(x.device)
         if self.intercept:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
-        self.xtx += x.T @ x
-        self.xty += x.T @ y
+        self.xtx.addmm_(x.T, x)
+        self.xty.addmm_(x.T, y)
         self.yy += float((y * y).sum())
         self.rows += len(x)
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, float]:
-        mean = float(self.xtx.diagonal()[:self.d].mean()) if self.d else 0.0
+        total = float(self.xtx.diagonal()[:self.d].sum())
+        mean = total / self.columns if self.columns else 0.0
         lam = ridge * mean if mean > 0 else ridge
-        penalty = torch.ones(self.xtx.shape[0], dtype=torch.float64)
+        penalty = torch.ones(self.xtx.shape[0], dtype=torch.float64, device=self.xtx.device)
         if self.intercept:
             penalty[-1] = 0.0
         return torch.linalg.solve(self.xtx + lam * torch.diag(penalty), self.xty), lam
@@ -207,17 +236,126 @@ class _Normal:
         return max(sq, 0.0) / self.yy if self.yy > 0 else 0.0
 
 
+def _flat_positions(out: torch.Tensor, conv: bool) -> int:
+    """How many output positions one image of ``out`` has: a conv's ``H x W``; a linear's
+    product of the axes between the batch and its features (1 for a 2-D input)."""
+    return out.shape[2] * out.shape[3] if conv else math.prod(out.shape[1:-1])
+
+
+def _target_rows(out: torch.Tensor, conv: bool, pos: torch.Tensor | None) -> torch.Tensor:
+    """``out`` (all its channels) at positions ``pos`` of each image, one row each: a
+    conv's channels lie on dim 1, a linear's on the last dim (a linear over a channel-last
+    map or the tokens of a sequence has one row per position)."""
+    if conv:
+        q = out.shape[1]
+        return out.flatten(2).gather(2, cast(torch.Tensor, pos)[:, None, :].expand(-1, q, -1)) \
+            .transpose(1, 2).reshape(-1, q)
+    return _linear_rows(out, pos)
+
+
+def _linear_rows(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """A linear layer's rows: ``x`` itself for a 2-D input, else its feature vectors (the
+    last axis) at the flat positions ``pos`` of the axes in between."""
+    if x.dim() == 2:
+        return x
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    pos = cast(torch.Tensor, pos)
+    return flat.gather(1, pos[:, :, None].expand(-1, -1, flat.shape[2])).reshape(-1, flat.shape[2])
+
+
+class SourceTargets:
+    """The source's outputs of each fitted layer at its sampled rows (every output
+    channel), measured in one source pass and shared by every candidate that is fitted on
+    the same images: a search re-fits many candidates of one source, and what the source
+    does on the fit images does not depend on the candidate.
+
+    Positions are drawn per layer from a generator seeded with ``seed`` plus the layer's
+    index, batch by batch (as each call without a cache draws them), so a cached run and an
+    uncached one fit on the same rows. At most ``budget`` bytes are kept; beyond that the
+    targets are measured again for each call."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = max_memory() // 4 if budget is None else budget
+        self.key: tuple | None = None
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.positions: dict[str, list[torch.Tensor | None]] = {}
+        self.bytes = 0
+        self.passes = 0
+
+    def targets(self, source: nn.Module, images: torch.Tensor, layers: list[Layer],
+                index: dict[str, int], *, batch_size: int, max_rows: int, seed: int
+                ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor | None]]]:
+        """Per layer of ``layers``: its per-batch target rows (all channels) and positions."""
+        key = (id(source), id(images), len(images), batch_size, max_rows, seed)
+        if key != self.key:
+            self.key, self.rows, self.positions, self.bytes = key, {}, {}, 0
+        missing = [lay for lay in layers if lay.name not in self.rows]
+        if missing:
+            rows, positions = _source_pass(source, images, missing, index,
+                                           batch_size=batch_size, max_rows=max_rows, seed=seed)
+            self.passes += 1
+            size = sum(t.numel() * t.element_size() for ts in rows.values() for t in ts)
+            if self.bytes + size > self.budget:
+                found = {lay.name: self.rows[lay.name] for lay in layers
+                         if lay.name in self.rows}
+                where = {lay.name: self.positions[lay.name] for lay in layers
+                         if lay.name in self.positions}
+                return {**found, **rows}, {**where, **positions}
+            self.rows.update(rows)
+            self.positions.update(positions)
+            self.bytes += size
+        return ({lay.name: self.rows[lay.name] for lay in layers},
+                {lay.name: self.positions[lay.name] for lay in layers})
+
+
+def _source_pass(source: nn.Module, images: torch.Tensor, layers: list[Layer],
+                 index: dict[str, int], *, batch_size: int, max_rows: int, seed: int
+                 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor | None]]]:
+    """One pass of ``source`` over ``images`` recording each of ``layers``' output rows."""
+    n = len(images)
+    src_mods = dict(source.named_modules())
+    targets: dict[str, list[torch.Tensor]] = {lay.name: [] for lay in layers}
+    positions: dict[str, list[torch.Tensor | None]] = {lay.name: [] for lay in layers}
+    gens = {lay.name: torch.Generator().manual_seed(seed + index[lay.name]) for lay in layers}
+    names = {id(src_mods[lay.name]): lay.name for lay in layers}
+
+    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        name = names[id(module)]
+        conv = isinstance(module, nn.Conv2d)
+        pos = None
+        if conv or out.dim() > 2:
+            pos = _positions(len(out), _flat_positions(out, conv), n, gens[name],
+                             max_rows).to(out.device)
+        positions[name].append(pos)
+        targets[name].append(_target_rows(out, conv, pos))
+
+    with preserved_state(source):
+        source.eval()
+        with forward_hooks([src_mods[lay.name] for lay in layers], record):
+            for s in range(0, n, batch_size):
+                source(to_device_of(images[s:s + batch_size], source))
+    return targets, positions
+
+
 @torch.no_grad()
 def reconstruct_layers(component: nn.Module, source: nn.Module, graph: ChannelGraph,
                        plan: ComponentPlan, images: torch.Tensor, *, ridge: float = RIDGE,
                        max_rows: int = MAX_ROWS, max_features: int = MAX_FEATURES,
-                       batch_size: int = 250, seed: int = 0) -> Reconstruction:
+                       batch_size: int = 250, seed: int = 0,
+                       cache: SourceTargets | None = None,
+                       staged: bool = True) -> Reconstruction:
     """Re-fit, in place, every layer of ``component`` that reads channels ``plan`` removed.
 
     ``component`` is ``apply_plan(source, plan)`` (before any head), ``graph`` the channel
     graph of ``source`` and ``images`` normalised training images of the task. See the
     module's docstring for what is fitted. The models' train/eval flags are restored (the
-    passes run in eval mode); ``source`` is not changed.
+    passes run in eval mode); ``source`` is not changed. ``cache``: the source's targets
+    kept from an earlier call on the same ``source`` and ``images`` (see
+    :class:`SourceTargets`). ``staged``: run the component once through the traced graph,
+    node by node over all the images, re-fitting each layer when its inputs are complete
+    (falls back to one component pass per layer when the live activations of all images
+    would not fit in a quarter of :func:`~modellego.data.lazy.max_memory`, or the traced
+    graph does not reproduce the component's own forward); both give the same fits.
 
     >>> net = apply_plan(model, plan).eval()
     >>> fits = reconstruct_layers(net, model, graph, plan, x_train[:1000])
@@ -233,7 +371,7 @@ def reconstruct_layers(component: nn.Module, source: nn.Module, graph: ChannelGr
         return Reconstruction(n, (), {}, time.perf_counter() - t0)
     src_mods, comp_mods = dict(source.named_modules()), dict(component.named_modules())
     index = {lay.name: i for i, lay in enumerate(graph.layers)}
-    fits, skipped, fitted = [], {}, []
+    skipped, fitted = {}, []
     for lay in todo:
         mod = comp_mods.get(lay.name)
         spec = plan.modules[lay.name]
@@ -249,42 +387,229 @@ def reconstruct_layers(component: nn.Module, source: nn.Module, graph: ChannelGr
                                  f"{max_features}")
             continue
         fitted.append(lay)
+    if not fitted:
+        return Reconstruction(n, (), skipped, time.perf_counter() - t0)
 
-    # the source's outputs at the kept channels (and the positions sampled), in one pass
-    targets: dict[str, list[torch.Tensor]] = {lay.name: [] for lay in fitted}
-    positions: dict[str, list[torch.Tensor]] = {lay.name: [] for lay in fitted}
-    gens = {lay.name: torch.Generator().manual_seed(seed + index[lay.name]) for lay in fitted}
+    # the source's outputs of every fitted layer (all channels) at the positions sampled
+    cache = cache if cache is not None else SourceTargets()
+    full, positions = cache.targets(source, images, fitted, index, batch_size=batch_size,
+                                    max_rows=max_rows, seed=seed)
     keep = {lay.name: torch.tensor(plan.kept(lay.name), dtype=torch.long) for lay in fitted}
-    names = {id(src_mods[lay.name]): lay.name for lay in fitted}
-
-    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        name = names[id(module)]
-        y = out[:, keep[name]]
-        if y.dim() == 4:
-            pos = _positions(len(y), y.shape[2] * y.shape[3], n, gens[name],
-                             max_rows).to(y.device)
-            positions[name].append(pos)
-            y = y.flatten(2).gather(2, pos[:, None, :].expand(-1, y.shape[1], -1)) \
-                .transpose(1, 2).reshape(-1, y.shape[1])
-        targets[name].append(y)
-
+    job = _Job(component, src_mods, comp_mods, images, batch_size, ridge, keep, full,
+               positions)
     with preserved_state(source), preserved_state(component):
         source.eval()
         component.eval()
-        with forward_hooks([src_mods[lay.name] for lay in fitted], record):
-            for s in range(0, n, batch_size):
-                source(to_device_of(images[s:s + batch_size], source))
-        for lay in fitted:
-            fits.append(_refit(lay, component, comp_mods, src_mods, images, keep[lay.name],
-                               targets.pop(lay.name), positions.pop(lay.name), batch_size,
-                               ridge))
+        fits = None
+        if staged and _staged_fits(graph, len(images), batch_size):
+            saved = {lay.name: _layer_state(comp_mods, lay) for lay in fitted}
+            try:
+                fits = _refit_staged(graph, fitted, job)
+            except _NotStaged:
+                for lay in fitted:
+                    _restore_state(comp_mods, lay, saved[lay.name])
+                fits = None
+        if fits is None:
+            fits = [_refit(lay, job, _inputs_by_passes(lay, job)) for lay in fitted]
     return Reconstruction(n, tuple(fits), skipped, time.perf_counter() - t0)
 
 
-def _refit(lay: Layer, component: nn.Module, comp_mods: dict[str, nn.Module],
-           src_mods: dict[str, nn.Module], images: torch.Tensor, keep: torch.Tensor,
-           ys: list[torch.Tensor], pos: list[torch.Tensor], batch_size: int,
-           ridge: float) -> LayerFit:
+@dataclass
+class _Job:
+    """What every layer's fit of one :func:`reconstruct_layers` call reads."""
+
+    component: nn.Module
+    src_mods: dict[str, nn.Module]
+    comp_mods: dict[str, nn.Module]
+    images: torch.Tensor
+    batch_size: int
+    ridge: float
+    keep: dict[str, torch.Tensor]
+    targets: dict[str, list[torch.Tensor]]
+    positions: dict[str, list[torch.Tensor | None]]
+
+
+class _NotStaged(Exception):
+    """The traced graph cannot run the component: fit layer by layer instead."""
+
+
+def _layer_state(mods: dict[str, nn.Module], lay: Layer) -> list[torch.Tensor]:
+    """Copies of what :func:`_refit` may change on ``lay``: weight, bias, its BN's mean."""
+    mod = mods[lay.name]
+    out = [cast(torch.Tensor, mod.weight).detach().clone()]
+    if getattr(mod, "bias", None) is not None:
+        out.append(cast(torch.Tensor, mod.bias).detach().clone())
+    bn = mods.get(lay.bn_after) if lay.bn_after else None
+    if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
+        out.append(bn.running_mean.clone())
+    return out
+
+
+def _restore_state(mods: dict[str, nn.Module], lay: Layer, state: list[torch.Tensor]) -> None:
+    mod = mods[lay.name]
+    tensors = [cast(torch.Tensor, mod.weight)]
+    if getattr(mod, "bias", None) is not None:
+        tensors.append(cast(torch.Tensor, mod.bias))
+    bn = mods.get(lay.bn_after) if lay.bn_after else None
+    if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
+        tensors.append(bn.running_mean)
+    for t, s in zip(tensors, state):
+        t.copy_(s)
+
+
+def _inputs_by_passes(lay: Layer, job: _Job):
+    """The component's input to ``lay``, batch by batch: one pass each, stopped there."""
+    mod = job.comp_mods[lay.name]
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise _Reached(args[0])
+
+    with forward_pre_hooks([(mod, stop)]):
+        for s in range(0, len(job.images), job.batch_size):
+            try:
+                job.component(to_device_of(job.images[s:s + job.batch_size], job.component))
+            except _Reached as reached:
+                yield reached.value
+            else:
+                raise ModelLegoError(f"layer {lay.name!r} did not run in the component's "
+                                     "forward pass")
+
+
+def _tensor_bytes(meta) -> int:
+    """Bytes of the tensors ShapeProp recorded for one node (tuples summed)."""
+    if meta is None:
+        return 0
+    if isinstance(meta, (tuple, list)):
+        return sum(_tensor_bytes(m) for m in meta)
+    if isinstance(meta, dict):
+        return sum(_tensor_bytes(m) for m in meta.values())
+    shape = getattr(meta, "shape", None)
+    dtype = getattr(meta, "dtype", None)
+    if shape is None or dtype is None:
+        return 0
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _staged_fits(graph: ChannelGraph, images: int, batch_size: int) -> bool:
+    """Whether the live activations of a staged pass over ``images`` fit in a quarter of
+    :func:`~modellego.data.lazy.max_memory`: the peak over the traced graph's schedule of
+    the values still to be read, per example (ShapeProp's shapes, at the source's widths,
+    an upper bound for a component), times the images."""
+    from .trace import BATCH
+    nodes = list(graph.graph_module.graph.nodes)
+    last = {}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last[arg] = i
+    live, peak = 0, 0
+    sizes = {}
+    for i, node in enumerate(nodes):
+        sizes[node] = _tensor_bytes(node.meta.get("tensor_meta")) // BATCH
+        live += sizes[node]
+        peak = max(peak, live)
+        for arg in node.all_input_nodes:
+            if last.get(arg) == i:
+                live -= sizes[arg]
+    rounded = -(-images // batch_size) * batch_size
+    return peak * rounded <= max_memory() // 4
+
+
+def _pick(env: dict[torch.fx.Node, list], b: int) -> Callable[[torch.fx.Node], Any]:
+    """The value of a node for batch ``b``."""
+    def value(node: torch.fx.Node) -> Any:
+        return env[node][b]
+    return value
+
+
+def _refit_staged(graph: ChannelGraph, fitted: list[Layer], job: _Job) -> list[LayerFit]:
+    """Run ``job.component`` once through ``graph``'s traced graph, every node over all
+    batches before the next, and re-fit each layer of ``fitted`` when it is reached (its
+    inputs then come from the layers already re-fitted upstream, as in a pass stopped at
+    it). Raises :class:`_NotStaged` where the traced graph cannot run the component, or its
+    outputs differ from the component's own forward on the first batch."""
+    gm = graph.graph_module
+    nodes = list(gm.graph.nodes)
+    if sum(node.op == "placeholder" for node in nodes) != 1:
+        raise _NotStaged
+    calls = {node.target: node for node in nodes if node.op == "call_module"}
+    if any(sum(1 for node in nodes if node.op == "call_module" and node.target == lay.name)
+           != 1 for lay in fitted):
+        raise _NotStaged
+    by_name = {lay.name: lay for lay in fitted}
+    last = {}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last[arg] = i
+    batches = [to_device_of(job.images[s:s + job.batch_size], job.component)
+               for s in range(0, len(job.images), job.batch_size)]
+    env: dict[torch.fx.Node, list] = {}
+    fits: dict[str, LayerFit] = {}
+    result = None
+
+    def attr(target: str):
+        for root in (job.component, gm):
+            obj = root
+            try:
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+                return obj
+            except AttributeError:
+                continue
+        raise _NotStaged
+
+    for i, node in enumerate(nodes):
+        if node.op == "placeholder":
+            env[node] = batches
+        elif node.op == "get_attr":
+            env[node] = [attr(str(node.target))] * len(batches)
+        elif node.op == "output":
+            result = [torch.fx.node.map_arg(node.args[0], _pick(env, b))
+                      for b in range(len(batches))]
+        else:
+            if node.op == "call_module" and node.target in by_name:
+                lay = by_name[str(node.target)]
+                first = node.args[0]
+                if not isinstance(first, torch.fx.Node) or len(node.args) != 1 or node.kwargs:
+                    raise _NotStaged
+                fits[lay.name] = _refit(lay, job, iter(env[first]))
+            values = []
+            for b in range(len(batches)):
+                args = cast(tuple, torch.fx.node.map_arg(node.args, _pick(env, b)))
+                kwargs = cast(dict, torch.fx.node.map_arg(node.kwargs, _pick(env, b)))
+                try:
+                    if node.op == "call_module":
+                        mod = job.comp_mods.get(str(node.target))
+                        if mod is None:
+                            raise _NotStaged
+                        values.append(mod(*args, **kwargs))
+                    elif node.op == "call_function":
+                        values.append(cast(Callable, node.target)(*args, **kwargs))
+                    else:  # call_method
+                        values.append(getattr(args[0], str(node.target))(*args[1:], **kwargs))
+                except _NotStaged:
+                    raise
+                except Exception:
+                    raise _NotStaged from None
+            env[node] = values
+        for arg in node.all_input_nodes:
+            if last.get(arg) == i:
+                del env[arg]
+    del calls
+    if result is None or not isinstance(result[0], torch.Tensor):
+        raise _NotStaged
+    # the traced graph must be the component's own forward: compare on the first batch
+    with torch.no_grad():
+        own = job.component(batches[0])
+    if not isinstance(own, torch.Tensor) or own.shape != result[0].shape or \
+            not torch.allclose(own, result[0], rtol=1e-4, atol=1e-5):
+        raise _NotStaged
+    return [fits[lay.name] for lay in fitted]
+
+
+def _refit(lay: Layer, job: _Job, inputs) -> LayerFit:
+    """Re-fit ``lay`` of the component on ``inputs`` (its input, batch by batch)."""
+    comp_mods, src_mods = job.comp_mods, job.src_mods
+    keep = job.keep[lay.name]
     mod = cast("nn.Conv2d | nn.Linear", comp_mods[lay.name])
     q = mod.weight.shape[0]
     d = mod.weight[0].numel()
@@ -294,25 +619,31 @@ def _refit(lay: Layer, component: nn.Module, comp_mods: dict[str, nn.Module],
         where = "bias"
     elif isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
         where = "batchnorm"
-    normal = _Normal(d, q, where != "none")
-
-    def stop(module: nn.Module, args: tuple) -> None:
-        raise _Reached(args[0])
-
-    with forward_pre_hooks([(mod, stop)]):
-        for b, s in enumerate(range(0, len(images), batch_size)):
-            try:
-                component(to_device_of(images[s:s + batch_size], component))
-            except _Reached as reached:
-                x = reached.value
-            else:
-                raise ModelLegoError(f"layer {lay.name!r} did not run in the component's "
-                                     "forward pass")
-            rows = _conv_rows(mod, x, pos[b]) if isinstance(mod, nn.Conv2d) else x
-            normal.add(rows, ys[b])
+    normal: _Normal | None = None
+    # a conv's taps that read only padding give zero columns: left out of the products
+    # (their weights come out 0, as the full ridge solve would give them)
+    columns = torch.arange(d)
+    taps = None
+    for b, x in enumerate(inputs):
+        pos = job.positions[lay.name][b]
+        y = job.targets[lay.name][b]
+        if normal is None:
+            if isinstance(mod, nn.Conv2d):
+                kw = mod.kernel_size[1]
+                taps = _used_taps(mod, x.shape[2], x.shape[3])
+                used = torch.tensor([u * kw + v for u, v in taps], dtype=torch.long)
+                per = mod.kernel_size[0] * kw
+                columns = (torch.arange(mod.weight.shape[1])[:, None] * per + used).flatten()
+            normal = _Normal(len(columns), q, where != "none", columns=d)
+        rows = _conv_rows(mod, x, cast(torch.Tensor, pos), taps) \
+            if isinstance(mod, nn.Conv2d) else _linear_rows(x, pos)
+        normal.add(rows, y[:, keep.to(y.device)])
+    if normal is None:
+        raise ModelLegoError(f"layer {lay.name!r} received no inputs to fit on")
     # the layer as cut: its weights and its intercept, where the source's output is the
     # reference (for a BN fold: the shift of the component BN's mean from the source BN's)
-    current = mod.weight.reshape(q, d).T.double()
+    full = mod.weight.reshape(q, d).T.double()
+    current = full[columns.to(full.device)]
     source_mean = None
     if where == "bias":
         current = torch.cat([current, cast(torch.Tensor, mod.bias).double()[None]])
@@ -322,11 +653,14 @@ def _refit(lay: Layer, component: nn.Module, comp_mods: dict[str, nn.Module],
         shift = source_mean - cast(torch.Tensor, comp_mods[bn_name].running_mean).double()
         current = torch.cat([current, shift[None]])
     before = normal.error(current)
-    w, lam = normal.solve(ridge)
+    w, lam = normal.solve(job.ridge)
     after = normal.error(w)
-    mod.weight.copy_(w[:d].T.reshape(mod.weight.shape))
+    k = len(columns)
+    weights = torch.zeros_like(full)
+    weights[columns.to(full.device)] = w[:k]
+    mod.weight.copy_(weights.T.reshape(mod.weight.shape))
     if where == "bias":
-        cast(torch.Tensor, mod.bias).copy_(w[d])
+        cast(torch.Tensor, mod.bias).copy_(w[k])
     elif source_mean is not None:
-        cast(torch.Tensor, cast(nn.BatchNorm2d, bn).running_mean).copy_(source_mean - w[d])
-    return LayerFit(lay.name, normal.rows, normal.xtx.shape[0], lam, where, before, after)
+        cast(torch.Tensor, cast(nn.BatchNorm2d, bn).running_mean).copy_(source_mean - w[k])
+    return LayerFit(lay.name, normal.rows, d + int(where != "none"), lam, where, before, after)
