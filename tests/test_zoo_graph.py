@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from helpers import assert_graph_invariants, needs
+from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import UnsupportedModelError
 from modellego.surgery.graph import ChannelGraph, build_channel_graph
+from modellego.surgery.reconstruct import layers_to_refit
 
 
 def tv() -> Any:
@@ -78,8 +80,10 @@ TIMM_KWARGS = {"convnext_atto": {"ls_init_value": 1.0}}  # (1e-6 would hide the 
 def test_torchvision_family(name):
     tv()
     build, size = TORCHVISION[name]
-    graph = assert_graph_invariants(build(), (3, size, size), seeds=3)
+    model = build()
+    graph = assert_graph_invariants(model, (3, size, size), seeds=3)
     _check_reasons(graph)
+    _check_default(model, graph, (3, size, size))
 
 
 @pytest.mark.parametrize("name", list(TIMM))
@@ -91,6 +95,27 @@ def test_timm_family(name):
                               **TIMM_KWARGS.get(arch, {}))
     graph = assert_graph_invariants(model, (3, TIMM[name], TIMM[name]), seeds=3)
     _check_reasons(graph)
+    _check_default(model, graph, (3, TIMM[name], TIMM[name]))
+
+
+def _check_default(model: torch.nn.Module, graph: ChannelGraph,
+                   shape: tuple[int, int, int]) -> None:
+    """The default disassembly (threshold search with the confidence bound, every candidate
+    repaired by reconstruction) on random images: it runs, repairs exactly the layers whose
+    inputs lost channels (or says why one was left as cut), and the component answers for
+    the task's two classes."""
+    x = torch.randn(60, *shape, generator=torch.Generator().manual_seed(11))
+    y = torch.arange(60) % 10
+    comp = disassemble_model(model, x, y, classes=(2, 7), output_classes=range(10),
+                             config=DisassemblyConfig((2, 7), samples_per_class=3,
+                                                      batch_size=20), graph=graph)
+    fit = comp.reconstruction
+    assert fit is not None and comp.validation is not None
+    assert sorted([f.name for f in fit.layers] + list(fit.skipped)) == \
+        sorted(lay.name for lay in layers_to_refit(comp.graph, comp.plan))
+    with torch.no_grad():
+        out = comp.model(x[:2])
+    assert out.shape == (2, 2) and torch.isfinite(out).all()
 
 
 def _check_reasons(graph: ChannelGraph) -> None:

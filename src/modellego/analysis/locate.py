@@ -29,6 +29,7 @@ import torch
 
 from ..errors import ModelLegoError
 from ..surgery.graph import ChannelGraph, Layer
+from ..surgery.plan import close_ties
 from .contribution import minmax_normalize
 from .profile import ContributionProfile
 
@@ -98,7 +99,14 @@ def _needed_inputs(S: torch.Tensor, out_mask: torch.Tensor, alpha: float, beta: 
     need_count = int((cum < (1.0 - beta) * cum[-1]).sum()) + 1
     keep = torch.zeros_like(u, dtype=torch.bool)
     keep[order[:need_count]] = True
-    return keep & (u > 0)
+    keep &= u > 0
+    if not keep.any() and len(u):
+        # no input contributes at all (a dead branch: an SE squeeze after a ReLU that never
+        # fires); one input is kept, the first of the largest, so that the layer still
+        # exists: its contribution is zero, so the component computes what the masked
+        # source does
+        keep[order[0]] = True
+    return keep
 
 
 def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index: int,
@@ -133,6 +141,14 @@ def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index
                 grown = chans & ~run
                 if grown.any():
                     run |= chans
+                    changed = True
+        if graph.ties:
+            # a run tied to a kept one is kept too (an SE gate multiplying the map it
+            # gates): its writers then need their inputs in the next round
+            closed = close_ties(graph, masks)
+            for s, m in closed.items():
+                if not torch.equal(m, masks[s]):
+                    masks[s] |= m
                     changed = True
         if not changed:
             break
