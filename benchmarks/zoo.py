@@ -13,6 +13,13 @@ Per model, in order (see ``STEPS``; a step may stop the model with a status):
    contribution method and thresholds) on random images, and check that it equals the
    source with the removed input channels of every conv/linear zeroed ("masked source").
 
+5. the default (no flags: threshold search with the confidence bound, every candidate
+   repaired by closed-form reconstruction) on 100 random images, a 2-class task: it must run
+   and repair exactly the layers whose inputs lost channels (column ``default``);
+6. (``--files``) the file steps of ``zoo_files.py``: import, components, assembly;
+7. every builder, transformers included, imported as a whole model and assembled with a
+   small CNN of another dataset by the default router (column ``whole``).
+
 Statuses: ``pass`` (both checks hold), ``refused`` (the library says which node it cannot
 handle), ``failed`` (anything else: a wrong component or an unexpected error). Prints a
 table and writes ``benchmarks/results/zoo.json`` (or ``zoo-PATTERN.json`` with ``--only``).
@@ -47,6 +54,7 @@ from modellego.metrics import count_flops, count_params
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import ChannelGraph, build_channel_graph
 from modellego.surgery.plan import full_plan, plan_from_masks
+from modellego.surgery.reconstruct import layers_to_refit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -55,6 +63,7 @@ from helpers import graph_random_masks, masked_source_logits, randomize_bn  # no
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from zoo_files import files_step as run_files  # noqa: E402
 from zoo_files import image_folder  # noqa: E402
+from zoo_files import whole_step as run_whole  # noqa: E402
 
 #: timm CNNs, a few per family (names as in timm 1.0.31)
 TIMM = ["resnet18", "resnet50d", "resnext50_32x4d", "seresnext26d_32x4d", "regnetx_002",
@@ -217,6 +226,63 @@ def component_step(case: Case) -> None:
         case.stop = True
 
 
+def default_step(case: Case) -> None:
+    """The default configuration on the model: search + reconstruction must run."""
+    assert case.model is not None and case.graph is not None
+    gen = torch.Generator().manual_seed(11)
+    images = torch.randn(100, *case.shape, generator=gen)
+    labels = torch.arange(len(images)) % 10
+    classes = (2, 7)
+    t0 = time.perf_counter()
+    try:
+        comp = disassemble_model(case.model, images, labels, classes=classes,
+                                 output_classes=range(10),
+                                 config=DisassemblyConfig(classes, samples_per_class=3,
+                                                          batch_size=20), graph=case.graph)
+    except Exception as exc:  # a crash of the default is this row's failure
+        case.row.update(default_status="failed", default_seconds=time.perf_counter() - t0,
+                        status="failed", reason=f"default: {type(exc).__name__}: {exc}",
+                        traceback=traceback.format_exc(limit=-3))
+        case.stop = True
+        return
+    fit = comp.reconstruction
+    repaired = sorted([f.name for f in fit.layers] + list(fit.skipped)) if fit else []
+    expected = sorted(lay.name for lay in layers_to_refit(comp.graph, comp.plan))
+    with torch.no_grad():
+        finite = bool(torch.isfinite(comp.model(images[:2])).all())
+    case.row.update(default_seconds=time.perf_counter() - t0,
+                    default_flops_kept=count_flops(comp.model, case.shape) /
+                    count_flops(case.model, case.shape),
+                    default_refitted=len(fit.layers) if fit else 0,
+                    default_candidates=len(comp.search))
+    if repaired != expected or not finite:
+        case.row.update(default_status="failed", status="failed",
+                        reason="default: " + ("the repaired layers are not those whose inputs "
+                                              "lost channels" if repaired != expected
+                                              else "non-finite logits"))
+        case.stop = True
+        return
+    case.row["default_status"] = "pass"
+
+
+def whole_step(case: Case) -> None:
+    """The whole model through files: imported with its router fingerprint, then assembled
+    with a small CNN of another dataset by the default router."""
+    assert case.model is not None
+    data = FOLDERS.get(case.size)
+    if data is None:
+        data = FOLDERS[case.size] = image_folder(Path(tempfile.mkdtemp()) / "data", case.size)
+    other = FOLDERS.get(-case.size)
+    if other is None:
+        other = FOLDERS[-case.size] = image_folder(Path(tempfile.mkdtemp()) / "other",
+                                                   case.size, seed=1)
+    out = run_whole(case.model, f"{case.source}:{case.name}", _file_kwargs(case), case.size,
+                    data, other)
+    case.row.update(out)
+    if out["whole_status"] != "ok":
+        case.row.update(status="failed", reason=out["whole_status"])
+
+
 #: builder arguments each source gets in the model file (``weights``/``pretrained`` are the
 #: sources' own business: a file never asks for downloaded weights)
 def _file_kwargs(case: Case) -> dict[str, Any]:
@@ -249,10 +315,11 @@ FOLDERS: dict[int, Path] = {}
 #: the steps every model goes through, in order; each takes the case and may set
 #: ``case.stop`` with a status
 STEPS: list[Callable[[Case], None]] = [build_step, graph_step, full_plan_step, component_step,
-                                       files_step]
+                                       default_step, files_step]
 
 
-def run_case(source: str, name: str, size: int, files: bool = True) -> dict[str, Any]:
+def run_case(source: str, name: str, size: int, files: bool = True,
+             whole: bool = True) -> dict[str, Any]:
     case = Case(source, name, SIZES.get(name, size), files=files)
     case.row.update(source=source, name=name, size=case.size)
     t0 = time.perf_counter()
@@ -266,6 +333,13 @@ def run_case(source: str, name: str, size: int, files: bool = True) -> dict[str,
     except Exception as exc:  # a benchmark records every failure and goes on
         case.row.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
                         traceback=traceback.format_exc(limit=-3))
+    if whole and case.model is not None and case.row.get("status") != "failed":
+        try:  # refused networks too: a whole model must import and assemble
+            whole_step(case)
+        except Exception as exc:
+            case.row.update(status="failed", whole_status=f"failed: {type(exc).__name__}",
+                            reason=f"whole: {type(exc).__name__}: {exc}",
+                            traceback=traceback.format_exc(limit=-3))
     case.row["seconds"] = time.perf_counter() - t0
     return case.row
 
@@ -302,6 +376,11 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                     for r in mine),
             "refused": sum(r["status"] == "refused" for r in mine),
             "failed": sum(r["status"] == "failed" for r in mine),
+            "default_pass": sum(r.get("default_status") == "pass" for r in mine),
+            "default_failed": sum(r.get("default_status") == "failed" for r in mine),
+            "whole_ok": sum(r.get("whole_status") == "ok" for r in mine),
+            "whole_failed": sum(str(r.get("whole_status", "")).startswith("failed")
+                                for r in mine),
             "max_delta_logit": max(deltas) if deltas else None,
             "max_delta_rel": max(rel) if rel else None,
             "seconds": sum(r["seconds"] for r in mine)}
@@ -320,8 +399,12 @@ def print_row(r: dict[str, Any]) -> None:
         r.get("reason", "")[:110]
     if r["status"] == "pass" and r.get("plan") != "disassembly":
         note = "random plan: " + r["plan"][8:110]
+    default = r.get("default_status", "-")
+    whole = "ok" if r.get("whole_status") == "ok" else ("-" if "whole_status" not in r
+                                                          else "failed")
     print(f"{r['source'][:5]:5s} {r['name']:28s} {r['status']:7s} {_pct(r.get('params_kept'))} "
-          f"{_pct(r.get('flops_kept'))} {share} {delta} {r['seconds']:6.1f}  {note}",
+          f"{_pct(r.get('flops_kept'))} {share} {delta} {default:7s} "
+          f"{_pct(r.get('default_flops_kept'))} {whole:6s} {r['seconds']:6.1f}  {note}",
           flush=True)
 
 
@@ -334,6 +417,9 @@ def main() -> int:
     parser.add_argument("--files", default="*", metavar="PATTERN",
                         help="only these models (comma-separated patterns) also go through the "
                         "file steps (default all)")
+    parser.add_argument("--whole", default="*", metavar="PATTERN",
+                        help="only these models (comma-separated patterns) are also imported "
+                        "whole and assembled with a small CNN (default all)")
     parser.add_argument("--out", default=None, help="results file name (default zoo.json, "
                         "or zoo-PATTERN.json with --only)")
     args = parser.parse_args()
@@ -349,14 +435,15 @@ def main() -> int:
         env["timm"] = timm.__version__
     t0 = time.perf_counter()
     print("source name                         status  params% flops% frozen% rel|d|   "
-          "seconds  node / reason")
+          "default flops% whole  seconds  node / reason")
     name = args.out or ("zoo.json" if not args.only else
                         f"zoo-{re.sub(r'[^A-Za-z0-9_]+', '_', args.only).strip('_')}.json")
     out = ROOT / "benchmarks" / "results" / name
     rows: list[dict[str, Any]] = []
     for source, model_name in models(args):
         rows.append(run_case(source, model_name, args.size,
-                             files=_matches(args.files, source, model_name)))
+                             files=_matches(args.files, source, model_name),
+                             whole=_matches(args.whole, source, model_name)))
         print_row(rows[-1])
         gc.collect()
         result = {**env, "summary": summary(rows), "models": rows,
@@ -365,6 +452,8 @@ def main() -> int:
     for source, s in result["summary"].items():
         print(f"{source}: {s['pass']} pass ({s['pass_random_plan']} on a random plan), "
               f"{s['refused']} refused, {s['failed']} failed of "
+              f"{s['models']}; default {s['default_pass']} pass, {s['default_failed']} failed; "
+              f"whole import + assembly {s['whole_ok']} ok, {s['whole_failed']} failed of "
               f"{s['models']}; max |d logit| (float64) {s['max_delta_logit']}, relative "
               f"{s['max_delta_rel']}; {s['seconds']:.0f} s")
     print(f"wrote {out.relative_to(ROOT)}")

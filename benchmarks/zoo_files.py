@@ -117,3 +117,51 @@ def files_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: 
                               "assembly_round_trip_equal")) and out["assembly_labels"] == 4
     out["files_status"] = "ok" if ok else "failed: a round trip changed the logits"
     return out
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, CLASSES))
+
+
+def whole_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: int,
+               data: Path, other: Path) -> dict[str, Any]:
+    """Import ``net`` whole on ``folder:data`` with its router fingerprint (as ``modellego
+    import`` writes it), and assemble it with a small CNN imported on another folder by the
+    default router (``joint``); the assembly must load again with the same logits."""
+    from modellego.assembly.fingerprint import fingerprint_model
+    from modellego.models.sources import trusted
+
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        paths = []
+        for k, (network, arch, kw, folder) in enumerate((
+                (net, architecture, kwargs, data),
+                (_small_cnn(), f"python:{__name__}:_small_cnn", {}, other))):
+            state = {n: v.contiguous() for n, v in network.state_dict().items()}
+            save_file(state, str(tmp_path / f"w{k}.safetensors"))
+            with trusted(__name__):
+                model, manifest, _ = import_model(
+                    tmp_path / f"w{k}.safetensors",
+                    ImportConfig(arch, f"folder:{folder}", kwargs=kw,
+                                 input_size=(size, size), evaluate=False))
+                manifest, fingerprint = fingerprint_model(model, manifest, per_class=3)
+                paths.append(tmp_path / f"m{k}.safetensors")
+                save_model(paths[-1], model, manifest, fingerprint=fingerprint)
+            if k == 0:
+                out["whole_taps"] = list(manifest["router_fingerprint"]["taps"])
+        with trusted(__name__):
+            assembled, asm_manifest = assemble(paths, AssemblyConfig(calibration_samples=3))
+            save_model(tmp_path / "asm.safetensors", assembled, asm_manifest)
+            again, _ = load_model(tmp_path / "asm.safetensors")
+        images = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            equal = torch.equal(again(images), assembled.eval()(images))
+        out["whole_labels"] = len(asm_manifest["labels"])
+    out["whole_seconds"] = round(time.perf_counter() - t0, 2)
+    out["whole_status"] = "ok" if equal and out["whole_labels"] == 2 * CLASSES else \
+        "failed: the assembly changed the logits on loading"
+    return out
