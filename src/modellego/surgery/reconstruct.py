@@ -354,7 +354,7 @@ def reconstruct_layers(component: nn.Module, source: nn.Module, graph: ChannelGr
     :class:`SourceTargets`). ``staged``: run the component once through the traced graph,
     node by node over all the images, re-fitting each layer when its inputs are complete
     (falls back to one component pass per layer when the live activations of all images
-    would not fit in a quarter of :func:`~modellego.data.lazy.max_memory`, or the traced
+    would not fit in half of :func:`~modellego.data.lazy.max_memory`, or the traced
     graph does not reproduce the component's own forward); both give the same fits.
 
     >>> net = apply_plan(model, plan).eval()
@@ -491,7 +491,7 @@ def _tensor_bytes(meta) -> int:
 
 
 def _staged_fits(graph: ChannelGraph, images: int, batch_size: int) -> bool:
-    """Whether the live activations of a staged pass over ``images`` fit in a quarter of
+    """Whether the live activations of a staged pass over ``images`` fit in half of
     :func:`~modellego.data.lazy.max_memory`: the peak over the traced graph's schedule of
     the values still to be read, per example (ShapeProp's shapes, at the source's widths,
     an upper bound for a component), times the images."""
@@ -511,7 +511,7 @@ def _staged_fits(graph: ChannelGraph, images: int, batch_size: int) -> bool:
             if last.get(arg) == i:
                 live -= sizes[arg]
     rounded = -(-images // batch_size) * batch_size
-    return peak * rounded <= max_memory() // 4
+    return peak * rounded <= max_memory() // 2
 
 
 def _pick(env: dict[torch.fx.Node, list], b: int) -> Callable[[torch.fx.Node], Any]:
