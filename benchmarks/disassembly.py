@@ -191,7 +191,7 @@ def image_folder_224(root: Path, train: int = 60, test: int = 20, size: int = 22
     return root
 
 
-def default_at_224(task: tuple[int, ...] = (0, 1, 2)) -> dict:
+def default_at_224(task: tuple[int, ...] = (0, 1, 2), device: str | None = None) -> dict:
     """The default against the paper preset at ImageNet resolution: a torchvision ResNet-50
     imported from a seeded random state dict on a generated 224 px photo folder (10 classes
     x 60 training + 20 test images), each command timed as a whole, against one plain
@@ -203,6 +203,13 @@ def default_at_224(task: tuple[int, ...] = (0, 1, 2)) -> dict:
 
     from modellego import ImportConfig, import_model
     from modellego.data import load_split_for, model_input
+    from modellego.runtime.device import using_device
+
+    where = torch.device(device) if device else None
+
+    def sync() -> None:
+        if where is not None and where.type == "cuda":
+            torch.cuda.synchronize()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = image_folder_224(Path(tmp) / "photos")
@@ -219,20 +226,31 @@ def default_at_224(task: tuple[int, ...] = (0, 1, 2)) -> dict:
                               load_split_for(manifest["dataset"], split).info,
                               manifest["input"]) for split in ("train", "test")]
         n = sum(len(x) for x in images)
+        net = model.to(where) if where is not None else model
+        with torch.inference_mode():  # warm up
+            net(images[0][:2].to(where) if where is not None else images[0][:2])
+        sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
             for x in images:
                 for a in range(0, len(x), 32):
-                    model(x[a:a + 32])
+                    net(x[a:a + 32].to(where) if where is not None else x[a:a + 32])
+        sync()
         forward = time.perf_counter() - t0
         del images
+        model = model.cpu()
         row: dict = {"model": "torchvision resnet50 (random weights), 224 px",
                      "task": list(task), "images_read": n, "forward_seconds": forward,
-                     "threads": torch.get_num_threads()}
+                     "threads": torch.get_num_threads(), "device": str(where or "cpu")}
         for method, cfg in (("paper", DisassemblyConfig.paper(task)),
                             ("default", DisassemblyConfig(task))):
             t0 = time.perf_counter()
-            comp, _, rep = disassemble(model, manifest, cfg)
+            if where is not None:
+                with using_device(where):
+                    comp, _, rep = disassemble(model, manifest, cfg)
+            else:
+                comp, _, rep = disassemble(model, manifest, cfg)
+            sync()
             row[method] = {"seconds": time.perf_counter() - t0,
                            "flops_ratio": rep["flops_ratio"],
                            "component_accuracy": rep["component_accuracy"],

@@ -237,3 +237,24 @@ def test_taps_that_read_only_padding():
     assert _used_taps(nn.Conv2d(1, 1, 3, padding="same"), 1, 1) == [(1, 1)]
     assert _used_taps(nn.Conv2d(1, 1, 3, padding=1, stride=2), 1, 1) == [(1, 1)]
     assert len(_used_taps(nn.Conv2d(1, 1, 3), 5, 5)) == 9
+
+
+@pytest.mark.parametrize("rows", [5, 40])
+@pytest.mark.parametrize("intercept", [True, False])
+def test_dual_and_normal_equations_give_the_lstsq_solution(rows, intercept):
+    """Fewer rows than columns: the rows are kept and the dual form solved; more: the
+    normal equations. Both equal the independent lstsq, in batches of any size."""
+    from modellego.surgery.reconstruct import _Normal
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 12, generator=gen, dtype=torch.float64)
+    y = torch.randn(rows, 3, generator=gen, dtype=torch.float64)
+    normal = _Normal(12, 3, intercept)
+    for a in range(0, rows, 4):
+        normal.add(x[a:a + 4], y[a:a + 4])
+    assert (normal.xtx is None) == (rows < 13 + int(intercept))
+    w, _ = normal.solve(1e-4)
+    want = ridge_lstsq(x, y, intercept=intercept)
+    assert torch.allclose(w, want, rtol=1e-6, atol=1e-8)
+    x1 = torch.cat([x, torch.ones(rows, 1, dtype=torch.float64)], 1) if intercept else x
+    direct = float((x1 @ w - y).pow(2).sum() / y.pow(2).sum())
+    assert normal.error(w) == pytest.approx(direct, rel=1e-6, abs=1e-12)

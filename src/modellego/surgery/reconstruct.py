@@ -199,40 +199,92 @@ def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor,
 class _Normal:
     """Accumulates ``X1^T X1``, ``X1^T Y`` and ``||Y||^2`` in float64. ``columns``: how many
     columns the full design matrix has when only ``d`` of them (the others all zero) are
-    accumulated; the ridge is relative to the mean over all of them."""
+    accumulated; the ridge is relative to the mean over all of them.
+
+    While there are no more rows than columns, the rows themselves are kept instead and the
+    fit is solved in its dual form, ``W = Xc^T (Xc Xc^T + lam I)^-1 Yc`` on the centred
+    rows (the intercept, unpenalised, is ``mean(Y) - mean(X) W``): the same solution as the
+    normal equations, at the cost of the rows' count cubed instead of the columns'."""
 
     def __init__(self, d: int, q: int, intercept: bool, columns: int | None = None) -> None:
-        n = d + int(intercept)
-        self.d, self.intercept = d, intercept
+        self.d, self.q, self.intercept = d, q, intercept
         self.columns = d if columns is None else columns
-        self.xtx = torch.zeros(n, n, dtype=torch.float64)
-        self.xty = torch.zeros(n, q, dtype=torch.float64)
+        self.xtx: torch.Tensor | None = None
+        self.xty: torch.Tensor | None = None
+        self.xs: list[torch.Tensor] = []
+        self.ys: list[torch.Tensor] = []
         self.yy = 0.0
         self.rows = 0
 
+    @property
+    def features(self) -> int:
+        return self.d + int(self.intercept)
+
+    def _with_ones(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.intercept:
+            return x
+        return torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
+
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
-        if self.xtx.device != x.device:  # the sums stay on the network's device
-            self.xtx, self.xty = self.xtx.to(x.device), self.xty.to(x.device)
-        if self.intercept:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
-        self.xtx.addmm_(x.T, x)
-        self.xty.addmm_(x.T, y)
         self.yy += float((y * y).sum())
         self.rows += len(x)
+        if self.xtx is None and self.rows <= self.features:
+            self.xs.append(x)
+            self.ys.append(y)
+            return
+        if self.xtx is None:  # past as many rows as columns: the normal equations
+            n = self.features
+            self.xtx = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            self.xty = torch.zeros(n, self.q, dtype=torch.float64, device=x.device)
+            for kx, ky in zip(self.xs, self.ys):
+                self._accumulate(kx, ky)
+            self.xs, self.ys = [], []
+        self._accumulate(x, y)
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        xtx, xty = cast(torch.Tensor, self.xtx), cast(torch.Tensor, self.xty)
+        if xtx.device != x.device:  # the sums stay on the network's device
+            self.xtx, self.xty = xtx.to(x.device), xty.to(x.device)
+            xtx, xty = self.xtx, self.xty
+        x = self._with_ones(x)
+        xtx.addmm_(x.T, x)
+        xty.addmm_(x.T, y)
+
+    def _ridge(self, squares: float, ridge: float) -> float:
+        mean = squares / self.columns if self.columns else 0.0
+        return ridge * mean if mean > 0 else ridge
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, float]:
-        total = float(self.xtx.diagonal()[:self.d].sum())
-        mean = total / self.columns if self.columns else 0.0
-        lam = ridge * mean if mean > 0 else ridge
-        penalty = torch.ones(self.xtx.shape[0], dtype=torch.float64, device=self.xtx.device)
+        if self.xtx is None:
+            return self._solve_dual(ridge)
+        xtx, xty = self.xtx, cast(torch.Tensor, self.xty)
+        lam = self._ridge(float(xtx.diagonal()[:self.d].sum()), ridge)
+        penalty = torch.ones(xtx.shape[0], dtype=torch.float64, device=xtx.device)
         if self.intercept:
             penalty[-1] = 0.0
-        return torch.linalg.solve(self.xtx + lam * torch.diag(penalty), self.xty), lam
+        return torch.linalg.solve(xtx + lam * torch.diag(penalty), xty), lam
+
+    def _solve_dual(self, ridge: float) -> tuple[torch.Tensor, float]:
+        x, y = torch.cat(self.xs), torch.cat(self.ys)
+        lam = self._ridge(float((x * x).sum()), ridge)
+        xm = x.mean(0, keepdim=True) if self.intercept else torch.zeros_like(x[:1])
+        ym = y.mean(0, keepdim=True) if self.intercept else torch.zeros_like(y[:1])
+        xc, yc = x - xm, y - ym
+        gram = xc @ xc.T + lam * torch.eye(len(x), dtype=torch.float64, device=x.device)
+        w = xc.T @ torch.linalg.solve(gram, yc)
+        if self.intercept:
+            w = torch.cat([w, ym - xm @ w])
+        return w, lam
 
     def error(self, w: torch.Tensor) -> float:
-        """``||X1 w - Y||^2 / ||Y||^2`` from the accumulated products."""
-        sq = float((w * (self.xtx @ w)).sum() - 2 * (w * self.xty).sum()) + self.yy
+        """``||X1 w - Y||^2 / ||Y||^2`` on the rows."""
+        if self.xtx is None:
+            x, y = torch.cat(self.xs), torch.cat(self.ys)
+            sq = float(((self._with_ones(x) @ w.to(x.device)) - y).pow(2).sum())
+        else:
+            xtx, xty = self.xtx, cast(torch.Tensor, self.xty)
+            sq = float((w * (xtx @ w)).sum() - 2 * (w * xty).sum()) + self.yy
         return max(sq, 0.0) / self.yy if self.yy > 0 else 0.0
 
 
@@ -479,15 +531,14 @@ def _tensor_bytes(meta) -> int:
     """Bytes of the tensors ShapeProp recorded for one node (tuples summed)."""
     if meta is None:
         return 0
+    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+    if isinstance(shape, torch.Size) and isinstance(dtype, torch.dtype):  # (a NamedTuple)
+        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if isinstance(meta, (tuple, list)):
         return sum(_tensor_bytes(m) for m in meta)
     if isinstance(meta, dict):
         return sum(_tensor_bytes(m) for m in meta.values())
-    shape = getattr(meta, "shape", None)
-    dtype = getattr(meta, "dtype", None)
-    if shape is None or dtype is None:
-        return 0
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return 0
 
 
 def _staged_fits(graph: ChannelGraph, images: int, batch_size: int) -> bool:
@@ -510,8 +561,7 @@ def _staged_fits(graph: ChannelGraph, images: int, batch_size: int) -> bool:
         for arg in node.all_input_nodes:
             if last.get(arg) == i:
                 live -= sizes[arg]
-    rounded = -(-images // batch_size) * batch_size
-    return peak * rounded <= max_memory() // 2
+    return peak * images <= max_memory() // 2
 
 
 def _pick(env: dict[torch.fx.Node, list], b: int) -> Callable[[torch.fx.Node], Any]:
