@@ -48,6 +48,32 @@ def disassembly(data: dict) -> list[str]:
                          f"{p['recalibrated_accuracy']:.4f} | "
                          f"{100 * (p['recalibrated_accuracy'] - f['restricted_accuracy']):+.2f}"
                          " |")
+    times = {}
+    for r in data["components"]:
+        if "seconds" in r and r["method"] in ("paper", "default"):
+            times.setdefault((r["model"], tuple(r["task"])), {})[r["method"]] = r["seconds"]
+    paired = [(k, t) for k, t in times.items() if len(t) == 2]
+    if paired:
+        lines += ["", "Wall time of the whole command (sample selection, profile, search and "
+                      "repair, test evaluation; each run alone, nothing shared):", "",
+                  "| model | task | `--preset paper` (s) | default (s) | default / paper "
+                  "(goal ≤ 1.5) |", "|---|---|---|---|---|"]
+        for (model, task), t in paired:
+            ratio = t["default"] / t["paper"]
+            lines.append(f"| {model} | {{{','.join(map(str, task))}}} | {t['paper']:.1f} | "
+                         f"{t['default']:.1f} | ×{ratio:.2f}"
+                         f"{'' if ratio <= 1.5 else ' (missed)'} |")
+    d224 = data.get("default_224")
+    if d224:
+        lines += ["", f"At 224 px ({d224['model']}, generated photo folder, task "
+                      f"{{{','.join(map(str, d224['task']))}}}, {d224['threads']} threads, "
+                      f"{d224.get('device', 'cpu')}): one plain forward pass over the "
+                      f"{d224['images_read']} images the command reads "
+                      f"{d224['forward_seconds']:.1f} s; `--preset paper` "
+                      f"{d224['paper']['seconds']:.1f} s; default "
+                      f"{d224['default']['seconds']:.1f} s (×{d224['default_over_paper']:.2f} "
+                      f"the paper preset, ×{d224['default_over_forward']:.2f} the forward "
+                      f"pass; goal ≤ 3: {'met' if d224['meets_3x_forward'] else 'missed'})."]
     pc = data.get("profile_cost")
     if pc:
         lines += ["", f"Profile pass on {pc['model']} ({pc['samples']} samples): "
@@ -333,13 +359,19 @@ def _pct(v: object) -> str:
     return f"{100 * v:.1f} %" if isinstance(v, float) else ""
 
 
+def _default_cell(r: dict) -> str:
+    kept = r.get("default_flops_kept")
+    return r.get("default_status", "") + (f" ({_pct(kept)})" if kept is not None else "")
+
+
 def zoo(data: dict) -> list[str]:
     lines = [f"Graph steps, run of {data['date']}: torch {data['torch']}, torchvision "
              f"{data['torchvision']}, timm {data.get('timm', '-')}, {data['size']} px (some "
              f"models larger), {data['threads']} thread, {data['seconds'] / 60:.0f} min in all.",
              "", "| source | models | pass | refused (node named) | failed | "
-             "max relative Δlogit | median params kept | median FLOPs kept |",
-             "|---|---|---|---|---|---|---|---|"]
+             "max relative Δlogit | median params kept | median FLOPs kept | default "
+             "(search + repair) pass / failed | whole import + assembly ok / failed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for source, s in data["summary"].items():
         rows = [r for r in data["models"] if r["source"] == source and r["status"] == "pass"]
         params = sorted(r["params_kept"] for r in rows if "params_kept" in r)
@@ -347,7 +379,9 @@ def zoo(data: dict) -> list[str]:
         lines.append(f"| {source} | {s['models']} | {s['pass']} | {s['refused']} | "
                      f"{s['failed']} | {s['max_delta_rel']:.1e} | "
                      f"{_pct(params[len(params) // 2]) if params else ''} | "
-                     f"{_pct(flops[len(flops) // 2]) if flops else ''} |")
+                     f"{_pct(flops[len(flops) // 2]) if flops else ''} | "
+                     f"{s.get('default_pass', '-')} / {s.get('default_failed', '-')} | "
+                     f"{s.get('whole_ok', '-')} / {s.get('whole_failed', '-')} |")
     refused: dict[str, list[str]] = {}
     for r in data["models"]:
         if r["status"] == "refused":
@@ -362,7 +396,8 @@ def zoo(data: dict) -> list[str]:
                                              for r in failed) + "."]
     lines += ["", "<details><summary>Every model</summary>", "",
               "| model | status | params kept | FLOPs kept | channels frozen | rel. Δlogit | "
-              "plan | seconds |", "|---|---|---|---|---|---|---|---|"]
+              "plan | default (FLOPs kept) | whole | seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["models"]:
         frozen = r.get("frozen_channels")
         share = f"{100 * frozen / r['channels']:.0f} %" if frozen is not None else ""
@@ -371,7 +406,8 @@ def zoo(data: dict) -> list[str]:
             "disassembly" if r.get("plan") else "")
         lines.append(f"| {r['source']}:{r['name']} | {r['status']} | "
                      f"{_pct(r.get('params_kept'))} | {_pct(r.get('flops_kept'))} | {share} | "
-                     f"{delta} | {plan} | {r['seconds']:.0f} |")
+                     f"{delta} | {plan} | {_default_cell(r)} | {r.get('whole_status', '')} | "
+                     f"{r['seconds']:.0f} |")
     return lines + ["", "</details>"]
 
 

@@ -353,3 +353,63 @@ def test_a_cost_target_walks_the_finer_mass_family() -> None:
     # the count rule's family (and hand-tuned layers) are left as they are
     count = rule_family(LocateConfig())
     assert cost_family(count) == count
+
+
+def test_surely_fails_holds_for_every_completion_of_the_unseen_images():
+    """Brute force over every outcome of the images not yet judged: ``surely_fails`` says so
+    exactly when each completion's bound exceeds the budget."""
+    import itertools
+
+    from modellego.disassembly import surely_fails
+
+    gen = torch.Generator().manual_seed(4)
+    n, budget, confidence = 12, 8.0, 0.9
+    checked = {True: 0, False: 0}
+    for _ in range(60):
+        source = torch.rand(n, generator=gen) < 0.8
+        comp = torch.rand(n, generator=gen) < 0.6
+        seen = int(torch.randint(1, n, (1,), generator=gen))
+        partial = PairedDrop.of(source[:seen], comp[:seen])
+        rest = source[seen:]
+        bounds = []
+        for tail in itertools.product([False, True], repeat=n - seen):
+            flags = torch.cat([comp[:seen], torch.tensor(tail, dtype=torch.bool)])
+            bounds.append(100 * PairedDrop.of(source, flags).upper(confidence))
+        right, wrong = int(rest.sum()), int((~rest).sum())
+        got = surely_fails(partial, right, wrong, n, confidence, budget)
+        assert got == all(b > budget + 1e-9 for b in bounds)
+        checked[got] += 1
+    assert checked[True] and checked[False]
+
+
+def test_the_judge_stops_early_only_where_the_whole_set_fails(monkeypatch):
+    """A candidate judged block by block gives the verdict of the whole validation set; a
+    candidate that surely fails stops before its last block, one that passes does not."""
+    import modellego.disassembly as mod
+
+    monkeypatch.setattr(mod, "default_batch", lambda shape, most=500: 10)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(60, 1, 2, 2)
+    with torch.no_grad():
+        y = net(x).argmax(1)               # the source is right on every image
+    calls = []
+
+    class Wrong(torch.nn.Module):          # wrong on every image
+        def forward(self, z):
+            calls.append(len(z))
+            return -net(z)
+
+    class Same(torch.nn.Module):
+        def forward(self, z):
+            calls.append(len(z))
+            return net(z)
+
+    judge, info = mod.confident_judge(net, [(x, y)], (0, 1, 2), (0, 1, 2),
+                                      lambda cfg: cfg, 0.9, 0.5)
+    assert info["images"] == 60
+    acc, ok, note = judge(Wrong())
+    assert not ok and calls == [10] and note.startswith("stopped after 10 of 60 images")
+    calls.clear()
+    acc, ok, note = judge(Same())
+    assert ok and acc == 1.0 and calls == [10] * 6 and "bound 0.00 pp" in note
