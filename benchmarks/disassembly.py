@@ -405,7 +405,8 @@ def main() -> int:
         result["default_224"]["date"] = time.strftime("%Y-%m-%d")
         return _finish(result, out, t0)
     if args.cost_only:
-        result.update({k: old[k] for k in ("components", "frontier") if k in old})
+        result.update({k: old[k] for k in ("components", "frontier", "default_224")
+                       if k in old})
     else:
         print("== components (test split; delta against the restricted source)")
         rows = component_rows(args.quick, args.models)

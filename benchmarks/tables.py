@@ -439,6 +439,29 @@ def zoo_files(data: dict) -> list[str]:
     return lines
 
 
+def zoo_default(data: dict) -> list[str]:
+    """The default (search + reconstruction) and the whole-model import + assembly over the
+    zoo: the models the run reached, each with its figures."""
+    rows = data["models"]
+    lines = [f"Run of {data['date']}: torch {data['torch']}, torchvision {data['torchvision']}, "
+             f"{data['size']} px (some models larger), {data['threads']} thread, "
+             f"{len(rows)} models in {data['seconds'] / 60:.0f} min "
+             "(the graph checks as in the zoo table, then the default and the whole-model "
+             "steps).", "",
+             "| model | graph | default (search + repair) | FLOPs kept by the default | "
+             "layers re-fitted | candidates | whole import + default-router assembly | "
+             "seconds |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        graph = r["status"] if r["status"] != "refused" else f"refused at `{r.get('node')}`"
+        if r["status"] == "failed":
+            graph = f"failed: {r.get('reason', '')[:80]}"
+        lines.append(f"| {r['source']}:{r['name']} | {graph} | {r.get('default_status', '')} | "
+                     f"{_pct(r.get('default_flops_kept'))} | {r.get('default_refitted', '')} | "
+                     f"{r.get('default_candidates', '')} | {r.get('whole_status', '')} | "
+                     f"{r['seconds']:.0f} |")
+    return lines
+
+
 TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("assembly-routing.json", assembly_routing),
           ("assembly-routing.json", assembly_goals, "assembly-goals-table"),
@@ -448,7 +471,8 @@ TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("scale.json", scale),
           ("distillation.json", distillation), ("strategies.json", strategies),
           ("compression.json", compression), ("reconstruct.json", reconstruct),
-          ("zoo.json", zoo), ("zoo-files.json", zoo_files))
+          ("zoo.json", zoo), ("zoo-files.json", zoo_files),
+          ("zoo-default.json", zoo_default))
 README = RESULTS.parent.parent / "README.md"
 
 

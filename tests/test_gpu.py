@@ -17,7 +17,7 @@ from modellego.files import load_model
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.reconstruct import reconstruct_layers
-from test_reconstruct_layouts import PATTERNS, random_plan
+from test_reconstruct_layouts import PATTERNS, pattern, random_plan
 
 pytestmark = pytest.mark.gpu
 
@@ -46,11 +46,7 @@ def test_the_profile_on_cuda_equals_the_cpu_one():
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_the_staged_reconstruction_on_cuda_equals_the_cpu_one(name):
-    cls, kwargs = PATTERNS[name]
-    torch.manual_seed(1)
-    net = cls(**kwargs).eval()
-    x = torch.randn(30, 2, 8, 8)
-    graph = build_channel_graph(net, (2, 8, 8))
+    net, x, graph = pattern(name, 1, 30)
     plan = random_plan(net, graph, seed=5)
     cpu = apply_plan(net, plan).eval()
     fits = reconstruct_layers(cpu, net, graph, plan, x, max_rows=60, batch_size=8)
@@ -74,7 +70,7 @@ def test_the_default_disassembly_and_an_assembly_run_on_cuda(simnet_digits_file,
                                     "--device", device, "--out", out])
             assert code == 0, err
             runs[device] = load_model(out)
-        (_, cpu_man), (gpu_model, gpu_man) = runs["cpu"], runs["cuda"]
+        cpu_man, gpu_man = runs["cpu"][1], runs["cuda"][1]
         # the same task; the search may stop one step apart where a prediction ties
         assert gpu_man["classes"] == cpu_man["classes"]
         assert abs(gpu_man["metrics"]["test_accuracy"] -

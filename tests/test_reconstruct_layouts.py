@@ -129,6 +129,14 @@ def random_plan(net, graph, seed):
     return plan_from_masks(graph, masks, list(range(5)))
 
 
+def pattern(name, seed, images):
+    """The network of pattern ``name`` (seeded), ``images`` random inputs and its graph."""
+    cls, kwargs = PATTERNS[name]
+    torch.manual_seed(seed)
+    net = cls(**kwargs).eval()
+    return net, torch.randn(images, 2, 8, 8), build_channel_graph(net, (2, 8, 8))
+
+
 def design_rows(mod, x):
     """Every row of ``mod``'s design matrix on input ``x`` (no sampling)."""
     if isinstance(mod, nn.Conv2d):
@@ -144,11 +152,7 @@ def target_rows(mod, out, keep):
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_each_refit_equals_an_independent_lstsq(name):
-    cls, kwargs = PATTERNS[name]
-    torch.manual_seed(0)
-    net = cls(**kwargs).eval()
-    x = torch.randn(12, 2, 8, 8)
-    graph = build_channel_graph(net, (2, 8, 8))
+    net, x, graph = pattern(name, 0, 12)
     plan = random_plan(net, graph, seed=3)
     todo = layers_to_refit(graph, plan)
     assert todo, "the plan must remove some layer's inputs"
@@ -182,11 +186,7 @@ def test_each_refit_equals_an_independent_lstsq(name):
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_staged_pass_equals_a_pass_per_layer(name):
-    cls, kwargs = PATTERNS[name]
-    torch.manual_seed(1)
-    net = cls(**kwargs).eval()
-    x = torch.randn(10, 2, 8, 8)
-    graph = build_channel_graph(net, (2, 8, 8))
+    net, x, graph = pattern(name, 1, 10)
     plan = random_plan(net, graph, seed=5)
     a, b = apply_plan(net, plan).eval(), apply_plan(net, plan).eval()
     fa = reconstruct_layers(a, net, graph, plan, x, max_rows=40, batch_size=4)
@@ -198,11 +198,7 @@ def test_staged_pass_equals_a_pass_per_layer(name):
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_nothing_removed_leaves_the_source(name):
-    cls, kwargs = PATTERNS[name]
-    torch.manual_seed(2)
-    net = cls(**kwargs).eval()
-    x = torch.randn(6, 2, 8, 8)
-    graph = build_channel_graph(net, (2, 8, 8))
+    net, x, graph = pattern(name, 2, 6)
     plan = full_plan(graph)
     comp = apply_plan(net, plan).eval()
     fit = reconstruct_layers(comp, net, graph, plan, x)

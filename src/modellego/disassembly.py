@@ -325,6 +325,8 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
     correct_only = method.correct_only
     base = method.prepare(config.thresholds)
     hint = method.hint
+    if base.rule == "mass":  # (the hint's last advice is already taken)
+        hint = hint.replace(", or use `rule` mass", "")
 
     def check_graph(g: ChannelGraph, what: str) -> None:
         modules = dict(model.named_modules())
