@@ -413,3 +413,36 @@ def test_the_judge_stops_early_only_where_the_whole_set_fails(monkeypatch):
     calls.clear()
     acc, ok, note = judge(Same())
     assert ok and acc == 1.0 and calls == [10] * 6 and "bound 0.00 pp" in note
+
+
+def test_the_empty_layer_advice_does_not_suggest_the_rule_in_use():
+    """A layer the task leaves empty (here a conv whose output nothing reads): the count
+    rule's refusal suggests the mass rule; the mass rule's does not suggest itself."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.side = nn.Conv2d(4, 3, 1)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            a = torch.relu(self.a(x))
+            _ = self.side(a)
+            return self.head(a.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x, y = torch.randn(30, 1, 6, 6), torch.arange(30) % 3
+    messages = {}
+    for rule in ("mass", "count"):
+        with pytest.raises(ModelLegoError) as info:
+            disassemble_model(net, x, y, classes=(0, 1), output_classes=range(3),
+                              config=DisassemblyConfig((0, 1), samples_per_class=4,
+                                                       preset="paper",
+                                                       locate=LocateConfig(rule=rule)))
+        messages[rule] = str(info.value)
+    assert messages["mass"].startswith("layer 'side' would keep no output channels")
+    assert messages["mass"].endswith("try again")
+    assert messages["count"].endswith("try again, or use `rule` mass")
