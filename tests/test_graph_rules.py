@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_graph_invariants, graph_random_masks, randomize_bn, run
+from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import PlanError, UnsupportedModelError
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import ChannelGraph, build_channel_graph
@@ -518,3 +519,42 @@ def test_refusals_name_the_node(cls, node, match):
     with pytest.raises(UnsupportedModelError, match=match) as info:
         build_channel_graph(cls(), (3, SIZE, SIZE))
     assert str(info.value).startswith(f"node {node!r} ")
+
+
+class _BN1dHead(nn.Module):
+    """BatchNorm1d where classifier heads hold it: over (N, C) features between linears, and
+    over (N, C, L) tokens of a flattened map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.tokens = nn.BatchNorm1d(8)
+        self.fc1 = nn.Linear(8, 12, bias=False)
+        self.bn = nn.BatchNorm1d(12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x):
+        t = self.tokens(torch.relu(self.conv(x)).flatten(2))     # (N, 8, H*W)
+        return self.fc2(torch.relu(self.bn(self.fc1(t.mean(2)))))
+
+
+def test_batchnorm1d_in_heads_is_sliced_with_its_channels():
+    net = randomize_bn(_BN1dHead(), 1).eval()
+    graph = assert_graph_invariants(net, (2, 6, 6), seeds=4, out=(3, 0))
+    assert set(graph.norms) == {"tokens", "bn"}
+    assert graph.norms["bn"] == graph.find(graph.layer("fc1").out_space)
+    x, y = torch.randn(60, 2, 6, 6), torch.arange(60) % 5
+    comp = disassemble_model(net, x, y, classes=(0, 3), output_classes=range(5),
+                             config=DisassemblyConfig((0, 3), samples_per_class=4))
+    kept = len(comp.plan.kept("fc1"))
+    assert comp.model.bn.num_features == kept == comp.model.bn.running_mean.shape[0]
+    with torch.no_grad():
+        assert comp.model(x[:2]).shape == (2, 2)
+
+
+def test_batchnorm1d_over_mixed_positions_is_refused_naming_the_node():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.BatchNorm1d(4 * 36),
+                        nn.Linear(4 * 36, 3)).eval()
+    with pytest.raises(UnsupportedModelError, match="BatchNorm1d reads a tensor whose "
+                                                    "channels are not laid along dim 1"):
+        build_channel_graph(net, (2, 6, 6))

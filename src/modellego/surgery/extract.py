@@ -53,7 +53,8 @@ def _slice_linear(lin: nn.Linear, out: tuple[int, ...], inp: tuple[int, ...]) ->
     return lin
 
 
-def _slice_bn(bn: nn.BatchNorm2d, out: tuple[int, ...]) -> nn.BatchNorm2d:
+def _slice_bn(bn: nn.BatchNorm1d | nn.BatchNorm2d, out: tuple[int, ...]
+              ) -> nn.BatchNorm1d | nn.BatchNorm2d:
     """``bn`` with the per-channel parameters and statistics of channels ``out`` (a timm
     norm-act layer stays one, with its activation)."""
     idx = _idx(out)
@@ -110,7 +111,7 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
                 repl = _slice_conv(mod, spec["out"], spec["in"])
             elif isinstance(mod, nn.Linear):
                 repl = _slice_linear(mod, spec["out"], spec["in"])
-            elif isinstance(mod, nn.BatchNorm2d):
+            elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 repl = _slice_bn(mod, spec["out"])
             else:
                 raise PlanError(f"plan names layer {name!r} of type {type(mod).__name__}, "

@@ -525,7 +525,7 @@ class _Builder:
             return self.conv(name, mod, src, node)
         if isinstance(mod, nn.Linear):
             return self.linear(name, mod, src, node)
-        if isinstance(mod, nn.BatchNorm2d):
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return self.batchnorm(name, mod, src, node)
         if isinstance(mod, nn.LayerNorm):
             return self.layer_norm(src, tuple(mod.normalized_shape), f"LayerNorm {name}")
@@ -543,7 +543,7 @@ class _Builder:
             return src
         raise UnsupportedModelError(
             f"{self.where}: layer type {type(mod).__name__} is not supported; supported are "
-            "Conv2d, Linear, BatchNorm2d (and subclasses), LayerNorm, Flatten, "
+            "Conv2d, Linear, BatchNorm1d, BatchNorm2d (and subclasses), LayerNorm, Flatten, "
             "pooling, dropout and activations")
 
     def conv(self, name: str, mod: nn.Conv2d, src: _Chan, node: torch.fx.Node) -> _Chan:
@@ -593,14 +593,20 @@ class _Builder:
         self.seen_modules[name] = layer
         return _Chan(layer.out_layout, shape, axis=len(shape) - 1)
 
-    def batchnorm(self, name: str, mod: nn.BatchNorm2d, src: _Chan,
+    def batchnorm(self, name: str, mod: nn.BatchNorm1d | nn.BatchNorm2d, src: _Chan,
                   node: torch.fx.Node) -> _Chan:
-        if type(mod) is not nn.BatchNorm2d and not all(
+        if type(mod) not in (nn.BatchNorm1d, nn.BatchNorm2d) and not all(
                 channelwise(m) for m in mod.children()):
             raise UnsupportedModelError(
                 f"{self.where}: {type(mod).__name__} holds submodules that are not "
                 "activations or dropout; modellego cannot tell what it does to channels")
-        out = self.spatial(node, src, "BatchNorm")
+        if isinstance(mod, nn.BatchNorm1d):  # (N, C) or (N, C, L): channels on dim 1
+            if len(src.shape) not in (2, 3):
+                raise UnsupportedModelError(f"{self.where}: BatchNorm1d expects an (N, C) or "
+                                            "(N, C, L) input")
+            out = _Chan(self.layout_on(src, 1, "BatchNorm1d"), tuple(src.shape), axis=1)
+        else:
+            out = self.spatial(node, src, "BatchNorm")
         if name in self.norms and self.norms[name] != out.base:
             raise UnsupportedModelError(f"{self.where}: BatchNorm {name} is applied to "
                                         "different channel groups")

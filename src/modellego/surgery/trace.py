@@ -78,7 +78,8 @@ class NormLeafTracer(torch.fx.Tracer):
     activation, as in timm) stays one module, so slicing can keep its class."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) or \
+            super().is_leaf_module(m, module_qualified_name)
 
 
 class ValueShapeProp(ShapeProp):
