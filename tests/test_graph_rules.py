@@ -558,3 +558,29 @@ def test_batchnorm1d_over_mixed_positions_is_refused_naming_the_node():
     with pytest.raises(UnsupportedModelError, match="BatchNorm1d reads a tensor whose "
                                                     "channels are not laid along dim 1"):
         build_channel_graph(net, (2, 6, 6))
+
+
+class _IndexedGain(nn.Module):
+    """A per-channel gain indexed into shape (``g[None, :, None, None]``), and one indexed
+    with an integer array (which moves values: refused)."""
+
+    def __init__(self, fancy: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.g = nn.Parameter(torch.rand(8) + 0.5)
+        self.fc = nn.Linear(8, 4)
+        self.fancy = fancy
+
+    def forward(self, x):
+        g = self.g[[1, 0, 2, 3, 4, 5, 6, 7]] if self.fancy else self.g
+        return self.fc((self.conv(x) * g[None, :, None, None]).mean((2, 3)))
+
+
+def test_a_parameter_indexed_into_a_channel_vector_is_sliced_with_its_channels():
+    graph = assert_graph_invariants(_IndexedGain().eval(), (2, 6, 6), seeds=4, out=(3, 0))
+    (run,) = graph.channel_params["g"]
+    assert graph.find(run.space) == graph.find(graph.layer("conv").out_space)
+    assert (run.start, run.size, run.repeat) == (0, 8, 1)
+    with pytest.raises(UnsupportedModelError, match="multiplies or adds a parameter that was "
+                                                    "indexed, mixed with another"):
+        build_channel_graph(_IndexedGain(fancy=True).eval(), (2, 6, 6))

@@ -902,6 +902,9 @@ class _Builder:
             node.op == "call_method" and node.target in ELEMENTWISE_METHODS
         reshape = node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten") or \
             node.target in (torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten)
+        if node.target in (operator.getitem, "__getitem__") and len(node.args) > 1:
+            # g[None, :, None, None]: new axes and whole slices move no value
+            reshape = reshape or _new_axes_only(node.args[1])
         out = _const(big[0].name, shape)
         if (elementwise or reshape) and out.numel == big[0].numel and out.axis is not None:
             return out
@@ -966,7 +969,12 @@ class _Builder:
     def const_operand(self, ref: _Chan, c: _Const, shape: tuple[int, ...]) -> None:
         if c.numel == 1:
             return
-        if c.numel == -1 or c.axis is None:
+        if c.numel == -1:
+            raise UnsupportedModelError(f"{self.where}: multiplies or adds a parameter that "
+                                        "was indexed, mixed with another or transformed in a "
+                                        "way modellego does not follow (new axes, whole "
+                                        "slices, reshapes and elementwise ops are followed)")
+        if c.axis is None:
             raise UnsupportedModelError(f"{self.where}: multiplies or adds a tensor "
                                         "parameter that varies along several dims")
         axis = c.axis + len(shape) - c.ndim
@@ -978,6 +986,12 @@ class _Builder:
             raise UnsupportedModelError(f"{self.where}: a per-channel constant that is not a "
                                         "parameter or buffer of the model cannot be sliced")
         self.record_param(c.name, layout)
+
+
+def _new_axes_only(index: Any) -> bool:
+    """Whether an index only adds axes or takes whole dims (``None``, ``:``, ``...``)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or p == slice(None) for p in parts)
 
 
 def _const(name: str | None, shape: Sequence[int]) -> _Const:
