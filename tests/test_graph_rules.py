@@ -584,3 +584,21 @@ def test_a_parameter_indexed_into_a_channel_vector_is_sliced_with_its_channels()
     with pytest.raises(UnsupportedModelError, match="multiplies or adds a parameter that was "
                                                     "indexed, mixed with another"):
         build_channel_graph(_IndexedGain(fancy=True).eval(), (2, 6, 6))
+
+
+def test_a_two_input_model_is_refused_naming_its_second_input():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, mask):
+            return self.fc((self.conv(x) * mask).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        build_channel_graph(TwoInputs().eval(), (2, 6, 6))
+    assert str(info.value) == (
+        "node 'mask' (placeholder): TwoInputs.forward takes 2 inputs (x, mask); modellego "
+        "takes apart classifiers of one image input: wrap the model so that forward(x) takes "
+        "the image alone")

@@ -359,6 +359,16 @@ class _Builder:
         finally:  # restore each submodule's own flag (a model may mix train and eval)
             for m, mode in modes:
                 m.training = mode
+        # (a placeholder with a default value, ``forward(x, flag=False)``, needs no input)
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+        if len(inputs) != 1:
+            names = ", ".join(str(n.target) for n in inputs)
+            where = f"node {str(inputs[1].target)!r} (placeholder)" if len(inputs) > 1 \
+                else "the traced graph"
+            raise UnsupportedModelError(
+                f"{where}: {type(self.model).__name__}.forward takes {len(inputs)} inputs "
+                f"({names}); modellego takes apart classifiers of one image input: wrap the "
+                "model so that forward(x) takes the image alone")
         example = torch.zeros(BATCH, *self.input_shape)
         try:
             gm.eval()
