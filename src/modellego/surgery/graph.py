@@ -360,13 +360,13 @@ class _Builder:
             for m, mode in modes:
                 m.training = mode
         # (a placeholder with a default value, ``forward(x, flag=False)``, needs no input)
-        inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
-        if len(inputs) != 1:
-            names = ", ".join(str(n.target) for n in inputs)
-            where = f"node {str(inputs[1].target)!r} (placeholder)" if len(inputs) > 1 \
+        required = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+        if len(required) != 1:
+            names = ", ".join(str(n.target) for n in required)
+            where = f"node {str(required[1].target)!r} (placeholder)" if len(required) > 1 \
                 else "the traced graph"
             raise UnsupportedModelError(
-                f"{where}: {type(self.model).__name__}.forward takes {len(inputs)} inputs "
+                f"{where}: {type(self.model).__name__}.forward takes {len(required)} inputs "
                 f"({names}); modellego takes apart classifiers of one image input: wrap the "
                 "model so that forward(x) takes the image alone")
         example = torch.zeros(BATCH, *self.input_shape)
