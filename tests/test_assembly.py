@@ -822,3 +822,33 @@ def test_a_joint_file_with_mean_taps_only_still_loads(part_a, part_b, tmp_path, 
     bad["taps"][0][0] = "no.such.layer"
     with pytest.raises(ModelLegoError, match="router tap 'no.such.layer'"):
         build_assembly(bad)
+
+
+def test_router_taps_read_one_row_per_image():
+    """A linear applied to a table shared by every image (Swin-V2's position-bias MLP) or to
+    the windows of an image is not a tap: its input has no row per image."""
+    from torch import nn
+
+    from modellego.assembly.scoring import called_layers, tap_layers
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Linear(2, 4)
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.windows = nn.Linear(4, 4)
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("coords", torch.rand(1, 9, 2))
+
+        def forward(self, x):
+            bias = self.table(self.coords).mean()                      # (1, 9, 2): shared
+            f = self.conv(x)                                           # (N, 4, 6, 6)
+            w = f.reshape(len(x) * 4, 4, 9).transpose(1, 2)            # 4 windows per image
+            f = self.windows(w).mean((0, 1)) + f.mean((2, 3))          # (N, 4)
+            return self.fc(f + bias)
+
+    net = Net().eval()
+    x = torch.randn(2, 1, 6, 6)
+    assert called_layers(net, x) == {"conv", "fc"}
+    assert tap_layers(net, 8, x) == ["conv", "fc"]
+    assert tap_layers(net, 8) == ["table", "conv", "windows", "fc"]

@@ -39,8 +39,8 @@ from ..errors import ModelLegoError
 def tap_layers(net: nn.Module, max_taps: int, example: torch.Tensor | None = None
                ) -> list[str]:
     """Up to ``max_taps`` conv/linear layers spread over the depth, always with the last one,
-    among those that run as modules: with ``example`` (a small batch of model inputs) the
-    ones a forward pass on it calls; always without the projections an
+    among those that run as modules: with ``example`` (a small batch of model inputs, two
+    or more) the ones a forward pass on it calls on one row per image; always without the projections an
     ``nn.MultiheadAttention`` holds but applies as functions (its ``out_proj``), which no
     hook on them would ever see."""
     names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -58,8 +58,8 @@ def tap_layers(net: nn.Module, max_taps: int, example: torch.Tensor | None = Non
 
 @torch.no_grad()
 def called_layers(net: nn.Module, example: torch.Tensor) -> set[str]:
-    """The conv/linear modules of ``net`` that a forward pass on ``example`` calls (in eval
-    mode; the modes are restored)."""
+    """The conv/linear modules of ``net`` that a forward pass on ``example`` calls on a
+    tensor with one row per image of ``example`` (in eval mode; the modes are restored)."""
     from ..runtime.device import to_device_of
     from ..runtime.hooks import forward_pre_hooks, preserved_state
 
@@ -67,7 +67,11 @@ def called_layers(net: nn.Module, example: torch.Tensor) -> set[str]:
 
     def make(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            ran.add(name)
+            # a layer that reads one row per image (not a table shared by all images, as
+            # Swin-V2's position-bias MLP, nor the windows of an image, as Swin's attention)
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 and \
+                    args[0].shape[0] == len(example):
+                ran.add(name)
         return hook
 
     layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
