@@ -40,9 +40,9 @@ def tap_layers(net: nn.Module, max_taps: int, example: torch.Tensor | None = Non
                ) -> list[str]:
     """Up to ``max_taps`` conv/linear layers spread over the depth, always with the last one,
     among those that run as modules: with ``example`` (a small batch of model inputs, two
-    or more) the ones a forward pass on it calls on one row per image; always without the projections an
-    ``nn.MultiheadAttention`` holds but applies as functions (its ``out_proj``), which no
-    hook on them would ever see."""
+    or more) the ones a forward pass on it calls on one row per image; always without the
+    projections an ``nn.MultiheadAttention`` holds but applies as functions (its
+    ``out_proj``), which no hook on them would ever see."""
     names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     inside = {f"{n}.{c}" if n else c for n, m in net.named_modules()
               if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_modules() if c}
