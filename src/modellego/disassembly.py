@@ -11,7 +11,7 @@ from torch import nn
 
 from .analysis.locate import LocateConfig, profiled_layers, union_of_class_masks
 from .analysis.methods import METHODS as METHOD_REGISTRY
-from .analysis.methods import Profile, get_method
+from .analysis.methods import USE_MASS_RULE, Profile, get_method
 from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile here)
     ContributionProfile,
     SampleSelection,
@@ -324,9 +324,7 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
     method = get_method(config.method)
     correct_only = method.correct_only
     base = method.prepare(config.thresholds)
-    hint = method.hint
-    if base.rule == "mass":  # (the hint's last advice is already taken)
-        hint = hint.replace(", or use `rule` mass", "")
+    hint = method.hint.removesuffix(USE_MASS_RULE) if base.rule == "mass" else method.hint
 
     def check_graph(g: ChannelGraph, what: str) -> None:
         modules = dict(model.named_modules())

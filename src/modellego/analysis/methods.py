@@ -35,6 +35,9 @@ from .profile import ContributionProfile, contribution_profile
 from .search import FRAT_SCALES, alpha_family, rule_family
 
 Masks = dict[int, torch.Tensor]
+#: the end of a plan error's advice that suggests the mass rule (left out where it is in use)
+USE_MASS_RULE = ", or use `rule` mass"
+
 #: what a method's profile pass returns
 Profile = ContributionProfile | GradientProfile | ActivityProfile
 
@@ -56,7 +59,7 @@ class Method:
     head: str | None = None
     #: appended to a plan error (a layer left empty)
     hint = ("; lower `beta_conv`/`beta_linear` (or `alpha_conv`/`alpha_linear`) and try "
-            "again, or use `rule` mass")
+            "again" + USE_MASS_RULE)
 
     def default_locate(self) -> LocateConfig:
         """The thresholds used unless given."""

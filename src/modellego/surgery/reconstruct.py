@@ -29,9 +29,11 @@ map without changing the module); a bias-free layer with no such BN is fitted wi
 
 **Memory.** Only ``X1^T X1`` (``(D+1)^2``) and ``X1^T Y`` (``(D+1) x Q'``) are kept, in
 float64, accumulated over batches; a batch's patches are gathered at the sampled positions
-only (``rows x D`` floats, never the whole im2col). The source's targets at the kept outputs
-are measured in one pass and cached for the sampled positions (float32, about ``max_rows x
-Q'`` per layer). When a conv
+only (``rows x D`` floats, never the whole im2col); while a layer has no more rows than
+columns, the rows themselves are kept and the fit solved in its dual form. The source's
+targets (every output channel) are measured in one pass and cached for the sampled positions
+(float32, about ``max_rows x Q`` per layer; :class:`SourceTargets` shares them among the
+candidates of a search, within a quarter of ``max_memory``). When a conv
 has more than ``max_rows`` output positions over all images, each image contributes
 ``ceil(max_rows / images)`` of its positions, drawn uniformly without replacement (a torch
 generator seeded with ``seed`` plus the layer's index, drawn batch by batch in order: the
@@ -39,14 +41,16 @@ result is deterministic). A layer with more than ``max_features`` columns is lef
 
 **What is left alone.** Layers whose inputs lost no channel (so a keep-everything plan leaves
 the component bit-identical), depthwise convs (their outputs read only their own kept
-channel) and grouped convs (never pruned). Cost: one source pass, and per re-fitted layer one
-component pass stopped at that layer.
+channel) and grouped convs (never pruned). Cost: one source pass (none with a cache that
+holds it), and one component pass through the traced graph, node by node over all the
+images (see :func:`reconstruct_layers`; else one component pass per re-fitted layer).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
@@ -332,7 +336,6 @@ class SourceTargets:
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.positions: dict[str, list[torch.Tensor | None]] = {}
         self.bytes = 0
-        self.passes = 0
 
     def targets(self, source: nn.Module, images: torch.Tensor, layers: list[Layer],
                 index: dict[str, int], *, batch_size: int, max_rows: int, seed: int
@@ -345,7 +348,6 @@ class SourceTargets:
         if missing:
             rows, positions = _source_pass(source, images, missing, index,
                                            batch_size=batch_size, max_rows=max_rows, seed=seed)
-            self.passes += 1
             size = sum(t.numel() * t.element_size() for ts in rows.values() for t in ts)
             if self.bytes + size > self.budget:
                 found = {lay.name: self.rows[lay.name] for lay in layers
@@ -453,13 +455,14 @@ def reconstruct_layers(component: nn.Module, source: nn.Module, graph: ChannelGr
         source.eval()
         component.eval()
         fits = None
-        if staged and _staged_fits(graph, len(images), batch_size):
-            saved = {lay.name: _layer_state(comp_mods, lay) for lay in fitted}
+        if staged and _staged_fits(graph, len(images)):
+            saved = [(t, t.detach().clone()) for lay in fitted
+                     for t in _refitted_tensors(comp_mods, lay)]
             try:
                 fits = _refit_staged(graph, fitted, job)
-            except _NotStaged:
-                for lay in fitted:
-                    _restore_state(comp_mods, lay, saved[lay.name])
+            except _NotStaged:  # back to the layers as cut
+                for t, copy in saved:
+                    t.detach().copy_(copy)
                 fits = None
         if fits is None:
             fits = [_refit(lay, job, _inputs_by_passes(lay, job)) for lay in fitted]
@@ -485,28 +488,16 @@ class _NotStaged(Exception):
     """The traced graph cannot run the component: fit layer by layer instead."""
 
 
-def _layer_state(mods: dict[str, nn.Module], lay: Layer) -> list[torch.Tensor]:
-    """Copies of what :func:`_refit` may change on ``lay``: weight, bias, its BN's mean."""
+def _refitted_tensors(mods: dict[str, nn.Module], lay: Layer) -> list[torch.Tensor]:
+    """What :func:`_refit` may change on ``lay``: its weight, bias and its BN's mean."""
     mod = mods[lay.name]
-    out = [cast(torch.Tensor, mod.weight).detach().clone()]
+    out = [cast(torch.Tensor, mod.weight)]
     if getattr(mod, "bias", None) is not None:
-        out.append(cast(torch.Tensor, mod.bias).detach().clone())
+        out.append(cast(torch.Tensor, mod.bias))
     bn = mods.get(lay.bn_after) if lay.bn_after else None
     if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
-        out.append(bn.running_mean.clone())
+        out.append(bn.running_mean)
     return out
-
-
-def _restore_state(mods: dict[str, nn.Module], lay: Layer, state: list[torch.Tensor]) -> None:
-    mod = mods[lay.name]
-    tensors = [cast(torch.Tensor, mod.weight)]
-    if getattr(mod, "bias", None) is not None:
-        tensors.append(cast(torch.Tensor, mod.bias))
-    bn = mods.get(lay.bn_after) if lay.bn_after else None
-    if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
-        tensors.append(bn.running_mean)
-    for t, s in zip(tensors, state):
-        t.copy_(s)
 
 
 def _inputs_by_passes(lay: Layer, job: _Job):
@@ -541,17 +532,23 @@ def _tensor_bytes(meta) -> int:
     return 0
 
 
-def _staged_fits(graph: ChannelGraph, images: int, batch_size: int) -> bool:
+def _last_uses(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, int]:
+    """Per node, the position in ``nodes`` of the last node that reads it."""
+    last = {}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last[arg] = i
+    return last
+
+
+def _staged_fits(graph: ChannelGraph, images: int) -> bool:
     """Whether the live activations of a staged pass over ``images`` fit in half of
     :func:`~modellego.data.lazy.max_memory`: the peak over the traced graph's schedule of
     the values still to be read, per example (ShapeProp's shapes, at the source's widths,
     an upper bound for a component), times the images."""
     from .trace import BATCH
     nodes = list(graph.graph_module.graph.nodes)
-    last = {}
-    for i, node in enumerate(nodes):
-        for arg in node.all_input_nodes:
-            last[arg] = i
+    last = _last_uses(nodes)
     live, peak = 0, 0
     sizes = {}
     for i, node in enumerate(nodes):
@@ -581,15 +578,11 @@ def _refit_staged(graph: ChannelGraph, fitted: list[Layer], job: _Job) -> list[L
     nodes = list(gm.graph.nodes)
     if sum(node.op == "placeholder" for node in nodes) != 1:
         raise _NotStaged
-    calls = {node.target: node for node in nodes if node.op == "call_module"}
-    if any(sum(1 for node in nodes if node.op == "call_module" and node.target == lay.name)
-           != 1 for lay in fitted):
+    calls = Counter(node.target for node in nodes if node.op == "call_module")
+    if any(calls[lay.name] != 1 for lay in fitted):  # each fitted layer called once
         raise _NotStaged
     by_name = {lay.name: lay for lay in fitted}
-    last = {}
-    for i, node in enumerate(nodes):
-        for arg in node.all_input_nodes:
-            last[arg] = i
+    last = _last_uses(nodes)
     batches = [to_device_of(job.images[s:s + job.batch_size], job.component)
                for s in range(0, len(job.images), job.batch_size)]
     env: dict[torch.fx.Node, list] = {}
@@ -644,7 +637,6 @@ def _refit_staged(graph: ChannelGraph, fitted: list[Layer], job: _Job) -> list[L
         for arg in node.all_input_nodes:
             if last.get(arg) == i:
                 del env[arg]
-    del calls
     if result is None or not isinstance(result[0], torch.Tensor):
         raise _NotStaged
     # the traced graph must be the component's own forward: compare on the first batch
