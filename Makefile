@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,torchvision,timm]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,torchvision,timm,export]'
 	touch $@
 
 data:

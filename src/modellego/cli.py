@@ -477,6 +477,48 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import MAX_DIFF, export
+    from .workflows.outputs import write_json
+
+    if not 1 <= args.check_images <= 100_000:
+        raise ModelLegoError(f"--check-images must be between 1 and 100000, got "
+                             f"{args.check_images}")
+    outs = _outputs(args, [args.file], "--out", "--report")
+    report = export(args.file, outs["--out"], format=args.format, count=args.check_images,
+                    data_dir=args.data_dir)
+    sizes = " and ".join(str(b) for b in report.batch_sizes)
+    print(f"exported {printable(args.file)} to {report.format} with {report.exporter} "
+          f"in {report.seconds:.1f} s; input: [0, 1] images (batch, "
+          f"{', '.join(map(str, report.input_shape))}), normalised inside")
+    print(f"checked on {report.check_images} {printable(report.check_source)} at batch sizes "
+          f"{sizes}: max |logit difference| {report.max_abs_diff:.2g} (at most {MAX_DIFF:g})")
+    if outs.get("--report") is not None:
+        write_json(outs["--report"], report.to_dict())
+    print("wrote " + " and ".join(printable(p) for p in outs.values() if p is not None))
+    return 0
+
+
+def add_export_parser(sub: Any) -> None:
+    from .export import CHECK_IMAGES, FORMATS
+
+    s = sub.add_parser("export", help="write a model, component or assembly as ONNX or a "
+                       "torch.export program, checked against modellego's outputs")
+    s.add_argument("file")
+    s.add_argument("--out", required=True,
+                   help="the file to write (its suffix .onnx or .pt2 gives the format)")
+    s.add_argument("--format", choices=FORMATS, default=None,
+                   help="default: from the suffix of --out")
+    s.add_argument("--check-images", type=int, default=CHECK_IMAGES, metavar="N",
+                   help=f"test images the export is checked on (default {CHECK_IMAGES}; "
+                        "random images when the data cannot be read)")
+    _add_roots(s)
+    s.add_argument("--report", default=None, help="also write the report as JSON")
+    s.add_argument("--force", action="store_true", help="allow overwriting an output file")
+    _add_trust(s)
+    s.set_defaults(func=cmd_export)
+
+
 def _add_roots(s: argparse.ArgumentParser) -> None:
     """Where the datasets' files are, and whether data unlike the model's may be used."""
     s.add_argument("--data-dir", default=None, metavar="DIR",
@@ -808,6 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(s)
     _add_device(s)
     s.set_defaults(func=cmd_compress)
+
+    add_export_parser(sub)
     return p
 
 
