@@ -26,7 +26,7 @@ from modellego.assembly import (
 )
 from modellego.assembly.core import build_assembly
 from modellego.assembly.padded import PaddedBody
-from modellego.assembly.scalings import JOINT_L2
+from modellego.assembly.scalings import JOINT_L2, SPREAD_FLOOR, feature_spread
 from modellego.assembly.scoring import FeatureTap, pooled, tap_layers
 from modellego.data import dataset_info, load_split, normalize
 from modellego.disassembly import DisassemblyConfig, disassemble_model
@@ -292,6 +292,24 @@ def test_calibration_never_reads_the_test_split(scaling, part_a, part_b, part_f,
         assert ("digits", "train") in seen and ("fashion-mnist", "train") in seen
     with pytest.raises(AssertionError, match="test split"):  # the guard is really in place
         union_test_set(man)
+
+
+def test_feature_spread_floors_constant_features():
+    """A feature constant up to float rounding is standardised by 1 % of its size (its noise
+    no longer scaled up a million-fold); a varying one by its standard deviation; an all-zero
+    one by 1e-6."""
+    gen = torch.Generator().manual_seed(0)
+    varying = torch.randn(200, generator=gen) * 0.5 + 3.0
+    constant = 2.5 + 1e-7 * torch.randn(200, generator=gen)
+    f = torch.stack([varying, constant, torch.zeros(200)], 1)
+    spread = feature_spread(f)
+    assert spread.dtype == torch.float32
+    assert spread[0].item() == pytest.approx(varying.double().std().item(), rel=1e-6)
+    assert spread[1].item() == pytest.approx(SPREAD_FLOOR * 2.5, rel=1e-6)
+    assert spread[2].item() == pytest.approx(1e-6)
+    # the rounding noise of the constant feature stays below 1e-4 once standardised
+    z = (f - f.mean(0)) / spread
+    assert z[:, 1].abs().max().item() < 1e-4
 
 
 def test_joint_router_reads_every_parts_features(part_a, part_b, part_f):

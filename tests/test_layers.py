@@ -95,7 +95,8 @@ LAYERS = (
     ("files", "provenance"),
     ("surgery",),
     ("metrics", "analysis"),
-    ("disassembly", "compression", "assembly", "training", "evaluation", "distillation"),
+    ("disassembly", "compression", "assembly", "training", "evaluation", "distillation",
+     "exporting"),
     ("viz", "workflows"),
     ("cli", "__main__"),
 )

@@ -17,6 +17,7 @@ from .disassembly import Component, DisassemblyConfig, disassemble_model
 from .distillation import DistillConfig, distill
 from .errors import (
     DataError,
+    ExportError,
     ModelFileError,
     ModelLegoError,
     PlanError,
@@ -24,6 +25,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .evaluation import evaluate
+from .exporting import ExportReport, export, export_model
 from .files import LoadedModel, load_model, open_model, save_model
 from .io import read_manifest
 from .models import create_model, list_models, trusted
@@ -62,6 +64,8 @@ __all__ = [
     "DataError",
     "DisassemblyConfig",
     "DistillConfig",
+    "ExportError",
+    "ExportReport",
     "ImportConfig",
     "LoadedModel",
     "LocateConfig",
@@ -80,6 +84,8 @@ __all__ = [
     "disassemble_model",
     "distill",
     "evaluate",
+    "export",
+    "export_model",
     "evaluate_assembly",
     "import_model",
     "list_datasets",

@@ -478,7 +478,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import MAX_DIFF, export
+    from .exporting import export
     from .workflows.outputs import write_json
 
     if not 1 <= args.check_images <= 100_000:
@@ -492,7 +492,8 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"in {report.seconds:.1f} s; input: [0, 1] images (batch, "
           f"{', '.join(map(str, report.input_shape))}), normalised inside")
     print(f"checked on {report.check_images} {printable(report.check_source)} at batch sizes "
-          f"{sizes}: max |logit difference| {report.max_abs_diff:.2g} (at most {MAX_DIFF:g})")
+          f"{sizes}: max |logit difference| {report.max_abs_diff:.2g} (at most "
+          f"{report.tolerance:.2g})")
     if outs.get("--report") is not None:
         write_json(outs["--report"], report.to_dict())
     print("wrote " + " and ".join(printable(p) for p in outs.values() if p is not None))
@@ -500,7 +501,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export_parser(sub: Any) -> None:
-    from .export import CHECK_IMAGES, FORMATS
+    from .exporting import CHECK_IMAGES, FORMATS
 
     s = sub.add_parser("export", help="write a model, component or assembly as ONNX or a "
                        "torch.export program, checked against modellego's outputs")

@@ -32,6 +32,11 @@ class PlanError(ModelLegoError):
     """A disassembly or assembly plan that cannot be applied (e.g. a layer left empty)."""
 
 
+class ExportError(ModelLegoError):
+    """A network could not be exported, or its export does not reproduce modellego's outputs
+    (nothing is written)."""
+
+
 class TrainingError(ModelLegoError):
     """A training run diverged (non-finite loss or weights); nothing is written."""
 

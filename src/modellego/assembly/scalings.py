@@ -275,7 +275,7 @@ class Calibrated(Scaling):
                                         dist)
             z = router.scores(logits, feats)
             router.z_mean.copy_(z.mean(0))
-            router.z_std.copy_(z.std(0).clamp_min(1e-6))
+            router.z_std.copy_(feature_spread(z))
             zs.append((z - router.z_mean) / router.z_std)
         w, b = fit_router_weights(zs, owner)
         for k, router in enumerate(model.routers):
@@ -293,6 +293,19 @@ class Calibrated(Scaling):
 
 #: the ridge penalties the ``joint`` router chooses among (per weight, on standardised features)
 JOINT_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+#: a feature is standardised by its spread over the calibration images, but by no less than
+#: this share of its root mean square: a feature that is constant up to float rounding (a
+#: channel after a BatchNorm whose input does not vary) would otherwise be rounding noise
+#: scaled up a million-fold, and the routes would change with the kernels' summation order
+#: (another machine, thread count or an ONNX runtime: 0.1 on a random MobileNet-V2 assembly)
+SPREAD_FLOOR = 1e-2
+
+
+def feature_spread(f: torch.Tensor) -> torch.Tensor:
+    """Per column of ``f`` (rows: images): its standard deviation, floored at
+    :data:`SPREAD_FLOOR` of its root mean square and at 1e-6."""
+    floor = (f.double().pow(2).mean(0).sqrt() * SPREAD_FLOOR).clamp_min(1e-6)
+    return torch.maximum(f.double().std(0), floor).to(f.dtype)
 
 
 class Joint(Calibrated):
@@ -337,7 +350,7 @@ class Joint(Calibrated):
             _, f = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), x, dist)
             f = torch.cat(f, 1)
             router.feat_mean.copy_(f.mean(0))
-            router.feat_std.copy_(f.std(0).clamp_min(1e-6))
+            router.feat_std.copy_(feature_spread(f))
             feats.append((f - router.feat_mean) / router.feat_std)
         z = torch.cat(feats, 1)
         # choose the penalty on one half of every part's images (seeded), then fit on all;
