@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # pair that imports together, e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" on aarch64.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint typecheck bench data browser clean
+.PHONY: demo test lint typecheck bench docs data browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,12 @@ bench: $(VENV)/.installed data
 	$(PY) benchmarks/strategies.py
 	$(PY) benchmarks/compression.py
 	$(PY) benchmarks/distillation.py
-	$(PY) benchmarks/tables.py --readme
+	$(PY) benchmarks/tables.py --docs
+
+# the documentation site (mkdocs.yml, docs/) into out/site/; `$(VENV)/bin/mkdocs serve` serves it
+docs: $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[docs]'
+	$(VENV)/bin/mkdocs build --strict --site-dir out/site
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

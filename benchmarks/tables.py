@@ -1,11 +1,15 @@
-"""Markdown tables for the README from benchmarks/results/*.json.
+"""Markdown tables for the documentation from benchmarks/results/*.json.
 
-    .venv/bin/python benchmarks/tables.py            # print them
-    .venv/bin/python benchmarks/tables.py --readme   # write them into README.md
+The tables live in the pages of ``docs/`` (``docs/results.md``, ``docs/scale.md``), each
+between ``<!-- NAME-table -->`` and ``<!-- /NAME-table -->``.
+
+    .venv/bin/python benchmarks/tables.py          # print them
+    .venv/bin/python benchmarks/tables.py --docs   # write them into docs/*.md (--readme: the same)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -394,7 +398,8 @@ def zoo(data: dict) -> list[str]:
     if failed:
         lines += ["", "Failed: " + "; ".join(f"{r['source']}:{r['name']} ({r['reason'][:100]})"
                                              for r in failed) + "."]
-    lines += ["", "<details><summary>Every model</summary>", "",
+    # markdown="1": MkDocs (md_in_html) renders the table inside; GitHub ignores it
+    lines += ["", '<details markdown="1"><summary>Every model</summary>', "",
               "| model | status | params kept | FLOPs kept | channels frozen | rel. Δlogit | "
               "plan | default (FLOPs kept) | whole | seconds |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -473,11 +478,11 @@ TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("compression.json", compression), ("reconstruct.json", reconstruct),
           ("zoo.json", zoo), ("zoo-files.json", zoo_files),
           ("zoo-default.json", zoo_default))
-README = RESULTS.parent.parent / "README.md"
+DOCS = RESULTS.parent.parent / "docs"
 
 
-def fill_readme(text: str) -> str:
-    """Replace every ``<!-- NAME-table -->`` ... ``<!-- /NAME-table -->`` block of the README
+def fill_tables(text: str) -> str:
+    """Replace every ``<!-- NAME-table -->`` ... ``<!-- /NAME-table -->`` block of a page
     with the table made from ``benchmarks/results/NAME.json``."""
     for name, fn, *named in TABLES:
         path = RESULTS / name
@@ -490,10 +495,35 @@ def fill_readme(text: str) -> str:
     return text
 
 
-def main() -> int:
-    if sys.argv[1:] == ["--readme"]:
-        README.write_text(fill_readme(README.read_text()))
-        print(f"filled the tables of {README}")
+def fill_docs(docs: Path = DOCS) -> list[Path]:
+    """Refill the tables of every page of ``docs``; return the pages that hold tables."""
+    pages = []
+    for page in sorted(docs.glob("*.md")):
+        text = page.read_text()
+        if not re.search(r"<!-- [\w-]+-table -->", text):
+            continue
+        pages.append(page)
+        filled = fill_tables(text)
+        if filled != text:
+            page.write_text(filled)
+    return pages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Make the Markdown tables of the documentation from "
+                    "benchmarks/results/*.json (no benchmark is run): print them, or with "
+                    "--docs write each into the page of docs/ that holds its "
+                    "<!-- NAME-table --> ... <!-- /NAME-table --> block.")
+    parser.add_argument("--docs", "--readme", dest="docs", action="store_true",
+                        help="write the tables into docs/*.md (docs/results.md, "
+                             "docs/scale.md) instead of printing them; --readme is its "
+                             "former name, from when they lived in README.md")
+    args = parser.parse_args(argv)
+    if args.docs:
+        pages = fill_docs()
+        root = DOCS.parent
+        print("filled the tables of " + ", ".join(str(p.relative_to(root)) for p in pages))
         return 0
     for name, fn, *_ in TABLES:
         path = RESULTS / name

@@ -372,9 +372,10 @@ def test_an_imported_model_works_through_disassemble_and_evaluate(tmp_path, own_
 
 @pytest.mark.slow
 def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, two_threads):
-    """The README's example: a torchvision resnet18 trained by a plain PyTorch loop on
-    Fashion-MNIST (grey images repeated to RGB), its state dict imported, a 3-class
-    component cut from it and assembled with the shipped digits model, all by the CLI."""
+    """The example of docs/commands.md ("Your own models"): a torchvision resnet18 trained
+    by a plain PyTorch loop on Fashion-MNIST (grey images repeated to RGB), its state dict
+    imported, a 3-class component cut from it and assembled with the shipped digits model,
+    all by the CLI."""
     tv = needs("torchvision")
     torch.manual_seed(0)
     train = load_split("fashion-mnist", "train")

@@ -85,7 +85,7 @@ def test_no_import_cycle_between_files():
 
 
 #: the layers, top first: a module may import from its own layer and those above it (the
-#: README's Development section draws the same list)
+#: Development page, docs/development.md, draws the same list)
 LAYERS = (
     ("errors", "_version", "registry", "terminal"),
     ("data", "models", "runtime"),

@@ -1,4 +1,6 @@
-"""The README's "Library" section runs as written, on the shipped checkpoints."""
+"""The documentation's Library page (docs/library.md) runs as written, on the shipped
+checkpoints; the MkDocs nav names every page of docs/; the README stays short and points
+at the docs and the two set-up commands."""
 
 from __future__ import annotations
 
@@ -13,12 +15,16 @@ import modellego
 ROOT = Path(__file__).resolve().parents[1]
 
 
+LIBRARY_PAGE = ROOT / "docs" / "library.md"
+
+
 def library_code() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Library\n", 1)[1].split("\n## ", 1)[0]
+    text = LIBRARY_PAGE.read_text()
+    # the page is the Library section: everything after its "# Library" title
+    section = text.split("# Library\n", 1)[1]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     if not blocks:
-        raise AssertionError("the README's Library section has no python code block")
+        raise AssertionError("docs/library.md has no python code block")
     return "\n".join(blocks)
 
 
@@ -36,10 +42,34 @@ def test_library_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     (tmp_path / "checkpoints").symlink_to(ROOT / "checkpoints")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(library_code(), "README.md:Library", "exec"), namespace)  # noqa: S102
+    exec(compile(library_code(), "docs/library.md", "exec"), namespace)  # noqa: S102
     written = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert written, "the example saves at least one model file"
     for name in written:  # everything it saved loads back
         modellego.load_model(tmp_path / name)
     assert capsys.readouterr().out.strip(), "the example prints its results"
     assert os.getcwd() == str(tmp_path)
+
+
+def nav_pages() -> list[str]:
+    """The pages mkdocs.yml's nav names (read without a YAML parser: mkdocs is not a test
+    dependency)."""
+    text = (ROOT / "mkdocs.yml").read_text()
+    nav = text.split("\nnav:\n", 1)[1]
+    nav = re.split(r"\n(?=\S)", nav, maxsplit=1)[0]  # up to the next top-level key
+    return re.findall(r"^\s*-\s*(?:[^:\n]+:\s*)?(\S+\.md)\s*$", nav, re.M)
+
+
+def test_the_docs_nav_names_every_page_and_only_pages_that_exist():
+    pages = nav_pages()
+    assert "index.md" in pages and len(pages) == len(set(pages)), pages
+    assert [p for p in pages if not (ROOT / "docs" / p).is_file()] == []
+    on_disk = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    assert sorted(on_disk - set(pages)) == [], "pages missing from mkdocs.yml's nav"
+
+
+def test_readme_is_short_and_points_at_the_docs():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 120
+    for needed in ("make demo", "make test", "docs/"):
+        assert needed in text, needed

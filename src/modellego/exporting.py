@@ -15,9 +15,8 @@ After writing, the export is **checked**: the written file is loaded by onnxrunt
 ``torch.export.load``) and run on the check images at two batch sizes; the largest absolute
 difference from modellego's logits must be at most :data:`MAX_DIFF` times the largest absolute
 logit (at least 1), or the file is removed and :class:`ExportError` says by how much it
-differed. (Relative beyond 1: float32 kernels that sum in another order differ by about 1e-7 of
-the values summed, and a router that standardises near-constant features amplifies that; one
-measured case, a random-weight GoogLeNet assembly, differs by 2.6e-4 at logits of 19.7.) The check images are test images of the
+differed (relative beyond 1: float32 kernels that sum in another order differ by about 1e-7 of
+the values summed). The check images are test images of the
 model's dataset (an assembly's: of its parts' datasets) when they can be read, else seeded
 random ``[0, 1]`` images, and the report says which.
 

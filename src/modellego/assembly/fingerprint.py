@@ -23,8 +23,8 @@ logit of class ``c`` of part ``k`` is ``log softmax_k(route) + log softmax(logit
 Which layers: the first half of the router's taps, skipping the network's first layer
 (whose input is the image itself). Low-level statistics tell datasets apart; they are what
 a part can say about itself without seeing the other parts' data. Telling two halves of one
-dataset apart needs the other part's images (the ``joint`` router); see the README for how
-far fingerprints get there.
+dataset apart needs the other part's images (the ``joint`` router); see the assembly results
+(docs/results.md) for how far fingerprints get there.
 """
 
 from __future__ import annotations

@@ -473,5 +473,5 @@ def get_scaling(name: str) -> Scaling:
 def default_scaling(parts: Sequence[dict[str, Any]]) -> str:
     """The scaling used when none is given: ``concern`` when some part carries a one-vs-rest
     head (its outputs are concern scores), else ``joint`` (the best router measured: see the
-    README's assembly tables)."""
+    assembly tables of docs/results.md)."""
     return "concern" if any(p.get("head") for p in parts) else "joint"
