@@ -2,7 +2,7 @@
 
 One tiny model per architecture (width 1/8, one epoch on four digits classes) goes through
 train -> evaluate -> disassemble (with --html) -> route -> heatmap -> assemble -> evaluate
--> export (model as .pt2, assembly as ONNX).
+-> export (a component as ONNX, the assembly as .pt2).
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def test_every_command(trained, tmp_path: Path) -> None:
     assert result["balanced_accuracy"] == pytest.approx(sum(per_class) / len(per_class))
     assert sorted(result["per_class"]) == ["digits:0", "digits:1", "digits:2", "digits:3"]
 
-    # deployment: the model as a torch.export program, the assembly of its components (and
-    # its router) as ONNX, each checked against modellego's logits by the command itself
-    for path, out in ((model_path, tmp_path / "model.pt2"), (asm, tmp_path / "asm.onnx")):
+    # deployment: a component as ONNX, the assembly (components, adapters and router) as a
+    # torch.export program, each checked against modellego's logits by the command itself
+    for path, out in ((comps[0], tmp_path / "comp.onnx"), (asm, tmp_path / "asm.pt2")):
         text = _ok(["export", path, "--out", out, "--check-images", "8"])
         assert "checked on 8 test images of" in text and out.stat().st_size > 0

@@ -103,6 +103,8 @@ def test_pt2_of_a_component_matches(parts, tmp_path):
     report = export(parts["c013"], out)
     assert (report.format, report.exporter) == ("pt2", "torch.export")
     assert report.max_abs_diff <= MAX_DIFF and report.check_images == 64
+    # its odd channel counts were padded to multiples of 8 (checked against the unpadded one)
+    assert report.align == 8 and report.channels_added > 0 and report.spaces_padded > 0
     program = torch.export.load(str(out))
     x = _digits(5)
     with torch.no_grad():
@@ -131,6 +133,8 @@ def test_every_layout_exports_to_onnx(layout, scaling, parts, tmp_path):
     assert report.exporter == "torch.onnx (dynamo)"
     assert report.check_source == "test images of the parts' datasets"
     assert report.max_abs_diff <= MAX_DIFF
+    assert (report.channels_added, report.align_note) == (0, "assemblies are exported as "
+                                                              "they are")
     meta = read_export_metadata(tmp_path / "asm.onnx")
     assert json.loads(meta["modellego.labels"]) == [
         "digits:0", "digits:1", "digits:3", "digits:2", "digits:7"]
@@ -142,6 +146,20 @@ def test_every_layout_exports_to_onnx(layout, scaling, parts, tmp_path):
     with torch.no_grad():
         want = load_model(path)[0](x)
     assert (got - want).abs().max().item() <= MAX_DIFF
+
+
+def test_alignment_can_be_turned_off(parts, tmp_path):
+    code, out, err = run_cli(["export", parts["c27"], "--out", tmp_path / "c.pt2", "--align",
+                              "1", "--check-images", "4"])
+    assert code == 0, err
+    assert "channel counts" not in out
+    code, out, err = run_cli(["export", parts["c27"], "--out", tmp_path / "d.pt2",
+                              "--check-images", "4"])
+    assert code == 0, err
+    assert "channel counts padded to multiples of 8: " in out
+    code, _, err = run_cli(["export", parts["c27"], "--out", tmp_path / "e.pt2", "--align",
+                            "0"])
+    assert code == 2 and "--align must be between 1 and 1024, got 0" in err
 
 
 def test_an_export_that_differs_is_removed(parts, tmp_path, monkeypatch):

@@ -404,13 +404,18 @@ def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, tw
     assert f"test accuracy {manifest['metrics']['test_accuracy']:.4f}" in out
 
     comp = tmp_path / "shoes.safetensors"
+    # the default (search + reconstruction), re-fitting on 250 images instead of 1000
     code, out, err = run_cli(["disassemble", model, "--classes", "5,7,9", "--out", comp,
-                              "--samples-per-class", "20"])
+                              "--samples-per-class", "20", "--reconstruct", "250"])
     assert code == 0, err
     _, comp_manifest = load_model(comp)
     assert comp_manifest["kind"] == "component"
     assert comp_manifest["class_names"] == ["Sandal", "Sneaker", "Ankle boot"]
     assert comp_manifest["input"] == manifest["input"]
+    code, out, err = run_cli(["export", comp, "--out", tmp_path / "shoes.onnx",
+                              "--check-images", "16"])
+    assert code == 0, err
+    assert "checked on 16 test images of fashion-mnist" in out
 
     assembly = tmp_path / "shoes+digits.safetensors"
     code, out, err = run_cli(["assemble", comp, DIGITS, "--out", assembly,
@@ -535,3 +540,8 @@ def test_a_torchvision_vit_imports_and_assembles_with_a_cnn_by_default(tmp_path,
     assert bm["classes"] == list(range(10))
     with torch.no_grad():
         assert both(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    # the assembled transformer and CNN export as one torch.export program
+    code, out, err = run_cli(["export", tmp_path / "both.safetensors", "--out",
+                              tmp_path / "both.pt2", "--check-images", "8", "--trust-code",
+                              own_package])
+    assert code == 0, err

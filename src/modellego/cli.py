@@ -481,12 +481,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .exporting import export
     from .workflows.outputs import write_json
 
+    if not 1 <= args.align <= 1024:
+        raise ModelLegoError(f"--align must be between 1 and 1024, got {args.align}")
     if not 1 <= args.check_images <= 100_000:
         raise ModelLegoError(f"--check-images must be between 1 and 100000, got "
                              f"{args.check_images}")
     outs = _outputs(args, [args.file], "--out", "--report")
     report = export(args.file, outs["--out"], format=args.format, count=args.check_images,
-                    data_dir=args.data_dir)
+                    data_dir=args.data_dir, align=args.align)
     sizes = " and ".join(str(b) for b in report.batch_sizes)
     print(f"exported {printable(args.file)} to {report.format} with {report.exporter} "
           f"in {report.seconds:.1f} s; input: [0, 1] images (batch, "
@@ -494,6 +496,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"checked on {report.check_images} {printable(report.check_source)} at batch sizes "
           f"{sizes}: max |logit difference| {report.max_abs_diff:.2g} (at most "
           f"{report.tolerance:.2g})")
+    if report.channels_added:
+        print(f"channel counts padded to multiples of {report.align}: {report.channels_added} "
+              f"channels that change nothing, in {report.spaces_padded} channel groups")
+    elif report.align > 1:
+        print(f"channel counts not padded: {printable(report.align_note)}")
     if outs.get("--report") is not None:
         write_json(outs["--report"], report.to_dict())
     print("wrote " + " and ".join(printable(p) for p in outs.values() if p is not None))
@@ -501,7 +508,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export_parser(sub: Any) -> None:
-    from .exporting import CHECK_IMAGES, FORMATS
+    from .exporting import ALIGN, CHECK_IMAGES, FORMATS
 
     s = sub.add_parser("export", help="write a model, component or assembly as ONNX or a "
                        "torch.export program, checked against modellego's outputs")
@@ -510,6 +517,9 @@ def add_export_parser(sub: Any) -> None:
                    help="the file to write (its suffix .onnx or .pt2 gives the format)")
     s.add_argument("--format", choices=FORMATS, default=None,
                    help="default: from the suffix of --out")
+    s.add_argument("--align", type=int, default=ALIGN, metavar="K",
+                   help=f"pad channel counts to multiples of K with channels that change "
+                        f"nothing, for onnxruntime's fast kernels (default {ALIGN}; 1: off)")
     s.add_argument("--check-images", type=int, default=CHECK_IMAGES, metavar="N",
                    help=f"test images the export is checked on (default {CHECK_IMAGES}; "
                         "random images when the data cannot be read)")

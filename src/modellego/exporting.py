@@ -52,6 +52,9 @@ MAX_DIFF = 1e-4
 #: ... relative to the largest absolute logit when that is above 1 (see the module docstring)
 #: check images used by default
 CHECK_IMAGES = 64
+#: channel counts are padded to multiples of this by default (see
+#: :mod:`modellego.surgery.align`): onnxruntime's fast CPU convolutions need them
+ALIGN = 8
 #: the ONNX operator set written by the dynamo-based exporter
 ONNX_OPSET = 20
 _TORCHSCRIPT_OPSET = 17
@@ -73,6 +76,13 @@ class ExportReport:
     manifest_sha256: str
     input_shape: tuple[int, int, int]
     seconds: float
+    #: channel counts padded to multiples of ``align`` (1: not asked for) ...
+    align: int = 1
+    #: ... with this many channels that change nothing, in this many channel groups
+    channels_added: int = 0
+    spaces_padded: int = 0
+    #: why nothing was padded, when nothing was
+    align_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -272,13 +282,17 @@ def _compare(run: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, images
 
 def export_model(model: nn.Module, manifest: Manifest, out: str | Path, *, format: str = "onnx",
                  images: torch.Tensor | None = None, check_source: str | None = None,
-                 text: str | None = None, max_diff: float = MAX_DIFF) -> ExportReport:
+                 text: str | None = None, max_diff: float = MAX_DIFF,
+                 align: int = ALIGN) -> ExportReport:
     """Export ``model`` (described by ``manifest``) to ``out`` in ``format`` (onnx or pt2)
     and check it.
 
     ``images`` are ``[0, 1]`` images of the contract's shape to check on (default: 64 seeded
     random ones), ``check_source`` says what they are; ``text`` is the manifest as stored in
-    its file (for the recorded SHA-256).
+    its file (for the recorded SHA-256). Channel counts are padded to multiples of ``align``
+    (1: as they are; assemblies are exported as they are) by channels that change nothing
+    (:func:`~modellego.surgery.align.align_channels`); the check compares the export with the
+    network as given.
     Returns an :class:`ExportReport`; raises :class:`ExportError` (nothing written) when the
     network cannot be exported or its export differs by more than ``max_diff`` times
     max(1, the largest absolute logit)."""
@@ -300,7 +314,17 @@ def export_model(model: nn.Module, manifest: Manifest, out: str | Path, *, forma
         raise ExportError(f"check images of shape {tuple(images.shape)} do not match the "
                           f"model's input (N, {', '.join(map(str, shape))}); give [0, 1] images "
                           "of that shape")
-    net = ContractInput(model, manifest.input.mean, manifest.input.std).to("cpu").eval()
+    from .surgery.align import Alignment, align_channels
+
+    if align < 1:
+        raise ExportError(f"`align` must be at least 1, got {align}")
+    reference = ContractInput(model, manifest.input.mean, manifest.input.std).to("cpu").eval()
+    if manifest.assembly is not None and align > 1:
+        alignment = Alignment(align, 0, 0, "assemblies are exported as they are")
+        exported = model
+    else:
+        exported, alignment = align_channels(model.to("cpu"), shape, align)
+    net = ContractInput(exported, manifest.input.mean, manifest.input.std).to("cpu").eval()
     meta = export_metadata(manifest, text)
     example = images[:2] if len(images) >= 2 else images.expand(2, *shape)
     batches = _batches(len(images))
@@ -313,7 +337,7 @@ def export_model(model: nn.Module, manifest: Manifest, out: str | Path, *, forma
         else:
             found["exporter"] = _write_pt2(net, example.contiguous(), tmp, meta)
             run = _run_pt2(tmp)
-        diff, scale = _compare(run, net, images, batches)
+        diff, scale = _compare(run, reference, images, batches)
         found["diff"], found["tolerance"] = diff, max_diff * max(1.0, scale)
         if not diff <= found["tolerance"]:
             raise ExportError(
@@ -327,7 +351,9 @@ def export_model(model: nn.Module, manifest: Manifest, out: str | Path, *, forma
     return ExportReport(str(out), fmt, found["exporter"], len(images), check_source, batches,
                         float(found["diff"]), float(found["tolerance"]),
                         meta["modellego.manifest_sha256"],
-                        shape, round(time.perf_counter() - started, 3))  # type: ignore[arg-type]
+                        shape, round(time.perf_counter() - started, 3),  # type: ignore[arg-type]
+                        alignment.multiple, alignment.channels_added, alignment.spaces_padded,
+                        alignment.reason)
 
 
 def check_images(manifest: Manifest, *, count: int = CHECK_IMAGES,
@@ -364,7 +390,7 @@ def check_images(manifest: Manifest, *, count: int = CHECK_IMAGES,
 
 
 def export(path: str | Path, out: str | Path, *, format: str | None = None,
-           count: int = CHECK_IMAGES, data_dir: Any = None,
+           count: int = CHECK_IMAGES, data_dir: Any = None, align: int = ALIGN,
            trust_code: Sequence[str] | str | None = None) -> ExportReport:
     """Export the model file ``path`` to ``out`` (``format``, or from ``out``'s suffix,
     ``.onnx`` or ``.pt2``), checked on ``count`` test images (see the module docstring)."""
@@ -379,7 +405,7 @@ def export(path: str | Path, out: str | Path, *, format: str | None = None,
     if images is not None and len(images) == 0:
         images, source = None, "random images (the test split has no images)"
     return export_model(loaded.model, loaded.manifest, out, format=fmt, images=images,
-                        check_source=source, text=text)
+                        check_source=source, text=text, align=align)
 
 
 def _format_of(out: str | Path) -> str:
