@@ -467,6 +467,28 @@ def zoo_default(data: dict) -> list[str]:
     return lines
 
 
+def latency(data: dict) -> list[str]:
+    """Source, component and compressed model: FLOPs and measured latency ratios."""
+    lines = [f"Run of {data['date']}: torch {data['torch']}, onnxruntime {data['onnxruntime']}, "
+             f"{data['threads']} threads, {data['machine']}, device {data['device']}; median "
+             f"milliseconds per batch, speed-up = the source's time / this one's; "
+             f"{data['goal_met']} of {data['goal_rows']} components with at least 3x fewer "
+             f"FLOPs meet the goal (onnxruntime batch-32 speed-up x 1.5 >= FLOPs ratio).", "",
+             "| model | variant | FLOPs (M) | FLOPs ratio | eager b1 | eager b32 | "
+             "onnxruntime b1 | onnxruntime b32 | b32 speed-up: eager / onnxruntime / "
+             "onnxruntime unpadded | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        ms, up = r["ms"], r["speedup"]
+        goal = "" if "meets_goal" not in r else ("met" if r["meets_goal"] else "missed")
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['flops'] / 1e6:.1f} | "
+            f"{r['flops_ratio']:.2f}x | {ms['eager_b1']:.2f} | {ms['eager_b32']:.1f} | "
+            f"{ms['onnxruntime_b1']:.2f} | {ms['onnxruntime_b32']:.1f} | "
+            f"{up['eager_b32']:.2f}x / {up['onnxruntime_b32']:.2f}x / "
+            f"{up['onnxruntime_unaligned_b32']:.2f}x | {goal} |")
+    return lines
+
+
 TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("assembly-routing.json", assembly_routing),
           ("assembly-routing.json", assembly_goals, "assembly-goals-table"),
@@ -477,7 +499,7 @@ TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
           ("distillation.json", distillation), ("strategies.json", strategies),
           ("compression.json", compression), ("reconstruct.json", reconstruct),
           ("zoo.json", zoo), ("zoo-files.json", zoo_files),
-          ("zoo-default.json", zoo_default))
+          ("zoo-default.json", zoo_default), ("latency.json", latency))
 DOCS = RESULTS.parent.parent / "docs"
 
 
