@@ -46,7 +46,7 @@ from modellego import (  # noqa: E402
     disassemble,
     load_model,
 )
-from modellego.exporting import ContractInput, check_images, export_model  # noqa: E402
+from modellego.exporting import ContractInput, check_set, export_model  # noqa: E402
 from modellego.files import open_model, save_model  # noqa: E402
 from modellego.metrics import count_flops  # noqa: E402
 from modellego.workflows import compress  # noqa: E402
@@ -112,7 +112,7 @@ def time_model(name: str, path: Path, tmp: Path, repeats: int, device: str,
     for variant, file in variants(path, tmp, data_dir, preset):
         loaded = open_model(file)
         shape = tuple(loaded.manifest.input.shape)
-        images, source = check_images(loaded.manifest, count=8, data_dir=data_dir)
+        images, source = check_set(loaded.manifest, count=8, data_dir=data_dir)
         sessions = {}
         for align in (8, 1):
             onnx_path = tmp / f"{file.stem}-align{align}.onnx"

@@ -1,4 +1,5 @@
-"""The main job: evaluate the shipped models, take one apart, assemble a cross-dataset classifier.
+"""The main job: evaluate the shipped models, take one apart, assemble a cross-dataset classifier,
+export the component for deployment.
 
 Run with ``make demo``. Writes everything under ``out/demo/``.
 """
@@ -93,6 +94,19 @@ def put_together(parts: list[Path]) -> None:
         print(f"wrote {out.relative_to(ROOT)}")
 
 
+def deploy(component: Path) -> None:
+    from modellego import export
+
+    section("Export the Fashion-MNIST component as ONNX, checked with onnxruntime")
+    out = OUT / component.with_suffix(".onnx").name
+    report = export(component, out)
+    print(f"{report.exporter}: [0, 1] images (batch, {', '.join(map(str, report.input_shape))})"
+          f" in, logits out; {report.channels_added} padding channels (multiples of "
+          f"{report.align}); max |logit difference| on {report.check_images} "
+          f"{report.check_source}: {report.max_abs_diff:.2g}")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -104,6 +118,7 @@ def main() -> int:
             digits = take_apart("digits/vgg16_bn.safetensors", (7, 8, 9),
                                 "digits-vgg16_bn-classes7-9.safetensors")
             put_together([fm, digits])
+            deploy(fm)
     except ModelLegoError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 2

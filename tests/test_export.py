@@ -129,7 +129,7 @@ def test_every_layout_exports_to_onnx(layout, scaling, parts, tmp_path):
                                          calibration_samples=20))
     path = tmp_path / "asm.safetensors"
     save_model(path, model, man)
-    report = export(path, tmp_path / "asm.onnx", count=24)
+    report = export(path, tmp_path / "asm.onnx", check_images=24)
     assert report.exporter == "torch.onnx (dynamo)"
     assert report.check_source == "test images of the parts' datasets"
     assert report.max_abs_diff <= MAX_DIFF
@@ -179,7 +179,7 @@ def test_a_network_torch_export_cannot_capture(parts, tmp_path, monkeypatch):
     def refuse(net, example):
         raise RuntimeError("data-dependent control flow\nsecond line")
     monkeypatch.setattr(export_module, "_captured", refuse)
-    report = export(parts["c27"], tmp_path / "c.onnx", count=10)
+    report = export(parts["c27"], tmp_path / "c.onnx", check_images=10)
     assert report.exporter == "torch.onnx (torchscript)" and report.max_abs_diff <= MAX_DIFF
     assert json.loads(read_export_metadata(tmp_path / "c.onnx")["modellego.classes"]) == [2, 7]
     with pytest.raises(ExportError, match=r"^cannot export to pt2: torch.export failed "
@@ -196,7 +196,7 @@ def test_without_its_data_an_export_is_checked_on_random_images(parts, tmp_path,
     def missing(*args, **kwargs):
         raise DataError("dataset 'digits' not found")
     monkeypatch.setattr(registry, "load_split_for", missing)
-    report = export(parts["model"], tmp_path / "m.pt2", count=5)
+    report = export(parts["model"], tmp_path / "m.pt2", check_images=5)
     assert report.check_images == 64  # the random images' default count
     assert report.check_source == ("random images (the test data could not be read: "
                                    "dataset 'digits' not found)")
@@ -206,7 +206,7 @@ def test_bad_requests_are_one_line_errors(parts, tmp_path):
     cases = [
         (["--out", tmp_path / "m.bin"], "cannot tell the format of"),
         (["--out", tmp_path / "m.onnx", "--check-images", "0"],
-         "--check-images must be between 1 and 100000, got 0"),
+         "--check-images must be between 1 and 2048, got 0"),
         (["--out", tmp_path / "missing" / "m.onnx"], "folder"),
         (["--out", parts["model"]], "would overwrite the input"),
     ]
@@ -244,8 +244,8 @@ def test_a_timm_import_and_its_component_export(tmp_path):
                                     source_path=path)
     comp_path = tmp_path / "comp.safetensors"
     save_model(comp_path, comp.model, comp_man)
-    assert export(path, tmp_path / "timm.pt2", count=16).max_abs_diff <= MAX_DIFF
-    report = export(comp_path, tmp_path / "comp.onnx", count=16)
+    assert export(path, tmp_path / "timm.pt2", check_images=16).max_abs_diff <= MAX_DIFF
+    report = export(comp_path, tmp_path / "comp.onnx", check_images=16)
     assert report.exporter == "torch.onnx (dynamo)" and report.max_abs_diff <= MAX_DIFF
     assert report.input_shape == (3, 32, 32)
 
@@ -266,10 +266,27 @@ def test_the_tolerance_is_relative_beyond_unit_logits(parts, tmp_path, monkeypat
         return run_with_error
 
     monkeypatch.setattr(export_module, "_run_pt2", off_by(0.9e-4))
-    report = export(parts["model"], tmp_path / "a.pt2", count=8)
+    report = export(parts["model"], tmp_path / "a.pt2", check_images=8)
     assert report.max_abs_diff > MAX_DIFF and report.tolerance > MAX_DIFF
     assert report.max_abs_diff <= report.tolerance
     monkeypatch.setattr(export_module, "_run_pt2", off_by(1.1e-4))
     with pytest.raises(ExportError, match="differs from modellego's outputs"):
-        export(parts["model"], tmp_path / "b.pt2", count=8)
+        export(parts["model"], tmp_path / "b.pt2", check_images=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt2"]
+
+
+def test_a_compressed_model_exports(parts, tmp_path):
+    from modellego import CompressConfig
+    from modellego.workflows import compress
+
+    model, manifest = load_model(parts["model"])
+    small, small_manifest, _ = compress(model, manifest,
+                                        CompressConfig("l1", target_flops=0.5, reconstruct=0,
+                                                       recalibrate_bn=0))
+    path = tmp_path / "small.safetensors"
+    save_model(path, small, small_manifest)
+    report = export(path, tmp_path / "small.onnx", check_images=16)
+    assert report.max_abs_diff <= MAX_DIFF and report.exporter == "torch.onnx (dynamo)"
+    meta = read_export_metadata(tmp_path / "small.onnx")
+    assert json.loads(meta["modellego.classes"]) == list(range(10))
+    assert meta["modellego.kind"] == "component"

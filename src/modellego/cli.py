@@ -483,11 +483,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not 1 <= args.align <= 1024:
         raise ModelLegoError(f"--align must be between 1 and 1024, got {args.align}")
-    if not 1 <= args.check_images <= 100_000:
-        raise ModelLegoError(f"--check-images must be between 1 and 100000, got "
-                             f"{args.check_images}")
     outs = _outputs(args, [args.file], "--out", "--report")
-    report = export(args.file, outs["--out"], format=args.format, count=args.check_images,
+    report = export(args.file, outs["--out"], format=args.format,
+                    check_images=args.check_images,
                     data_dir=args.data_dir, align=args.align)
     sizes = " and ".join(str(b) for b in report.batch_sizes)
     print(f"exported {printable(args.file)} to {report.format} with {report.exporter} "

@@ -50,8 +50,9 @@ FORMATS = ("onnx", "pt2")
 #: the largest absolute logit difference an export may have from modellego's outputs
 MAX_DIFF = 1e-4
 #: ... relative to the largest absolute logit when that is above 1 (see the module docstring)
-#: check images used by default
+#: check images used by default, and the most a check reads (they are held in memory)
 CHECK_IMAGES = 64
+MAX_CHECK_IMAGES = 2048
 #: channel counts are padded to multiples of this by default (see
 #: :mod:`modellego.surgery.align`): onnxruntime's fast CPU convolutions need them
 ALIGN = 8
@@ -356,7 +357,7 @@ def export_model(model: nn.Module, manifest: Manifest, out: str | Path, *, forma
                         alignment.reason)
 
 
-def check_images(manifest: Manifest, *, count: int = CHECK_IMAGES,
+def check_set(manifest: Manifest, *, count: int = CHECK_IMAGES,
                  data_dir: Any = None) -> tuple[torch.Tensor | None, str]:
     """Up to ``count`` test images (a seeded draw) of the model's data as its export reads
     them (``[0, 1]``, the contract's shape), and where they come from; ``(None, reason)``
@@ -390,18 +391,21 @@ def check_images(manifest: Manifest, *, count: int = CHECK_IMAGES,
 
 
 def export(path: str | Path, out: str | Path, *, format: str | None = None,
-           count: int = CHECK_IMAGES, data_dir: Any = None, align: int = ALIGN,
+           check_images: int = CHECK_IMAGES, data_dir: Any = None, align: int = ALIGN,
            trust_code: Sequence[str] | str | None = None) -> ExportReport:
     """Export the model file ``path`` to ``out`` (``format``, or from ``out``'s suffix,
-    ``.onnx`` or ``.pt2``), checked on ``count`` test images (see the module docstring)."""
+    ``.onnx`` or ``.pt2``), checked on ``check_images`` test images (see the module docstring)."""
     from .files import open_model
     from .io import raw_header
 
     fmt = format or _format_of(out)
+    if not 1 <= check_images <= MAX_CHECK_IMAGES:
+        raise ExportError(f"`check_images` must be between 1 and {MAX_CHECK_IMAGES}, got "
+                          f"{check_images}")
     loaded = open_model(path, trust_code=trust_code)
     header, _, _ = raw_header(Path(path))
     text = header["__metadata__"]["modellego"]
-    images, source = check_images(loaded.manifest, count=count, data_dir=data_dir)
+    images, source = check_set(loaded.manifest, count=check_images, data_dir=data_dir)
     if images is not None and len(images) == 0:
         images, source = None, "random images (the test split has no images)"
     return export_model(loaded.model, loaded.manifest, out, format=fmt, images=images,
