@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import graph_random_masks, randomize_bn, run
+from helpers import graph_random_masks, needs, randomize_bn, run
 from modellego.models import create_model, list_models
 from modellego.surgery.align import align_channels
 from modellego.surgery.extract import apply_plan
@@ -81,3 +81,19 @@ def test_what_needs_no_padding_or_cannot_be_padded_is_returned_as_it_is():
     assert done.reason.startswith("the graph engine cannot follow it (")
     with pytest.raises(Exception, match="`align` must be at least 1, got 0"):
         align_channels(net, SHAPE, 0)
+
+
+def test_a_network_that_sizes_channels_by_fixed_numbers_is_left_unpadded():
+    """timm's GhostNet cuts ``cat([x1, cheap(x1)])[:, :out_chs]`` at the source's width: a
+    no-op on the source and on a component, a cut once the widths grow. The padded network
+    does not run, so the network is returned as it is, with the reason."""
+    timm = needs("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("ghostnet_050", pretrained=False, num_classes=5).eval()
+    shape = (3, 32, 32)
+    graph = build_channel_graph(net, shape)
+    comp = apply_plan(net, plan_from_masks(graph, graph_random_masks(graph, 0), range(5))).eval()
+    same, done = align_channels(comp, shape, 8)
+    assert same is comp and done.channels_added == 0
+    assert done.reason.startswith("the padded network does not run (RuntimeError: ")
+    assert done.reason.endswith("; left as it was")
