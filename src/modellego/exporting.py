@@ -93,20 +93,22 @@ class ExportReport:
 
 
 class ContractInput(nn.Module):
-    """``model`` behind its input contract: ``[0, 1]`` images in, normalised inside."""
+    """``model`` behind its input contract: ``[0, 1]`` images in, normalised inside. (The
+    buffers have names no network's own tensors or operators take: a graph value named
+    ``mean`` made the dynamo exporter's unoptimised output invalid.)"""
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.model = model
         self.normalise = any(m != 0.0 for m in mean) or any(s != 1.0 for s in std)
-        self.mean: torch.Tensor
-        self.std: torch.Tensor
-        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1))
+        self.input_mean_of_contract: torch.Tensor
+        self.input_std_of_contract: torch.Tensor
+        self.register_buffer("input_mean_of_contract", torch.tensor(list(mean)).view(1, -1, 1, 1))
+        self.register_buffer("input_std_of_contract", torch.tensor(list(std)).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalise:
-            x = (x - self.mean) / self.std
+            x = (x - self.input_mean_of_contract) / self.input_std_of_contract
         return self.model(x)
 
 
