@@ -295,7 +295,7 @@ def export_model(model: nn.Module, manifest: Manifest, out: str | Path, *, forma
     its file (for the recorded SHA-256). Channel counts are padded to multiples of ``align``
     (1: as they are; assemblies are exported as they are) by channels that change nothing
     (:func:`~modellego.surgery.align.align_channels`); the check compares the export with the
-    network as given.
+    network as given. Export runs on the CPU: ``model`` is moved there.
     Returns an :class:`ExportReport`; raises :class:`ExportError` (nothing written) when the
     network cannot be exported or its export differs by more than ``max_diff`` times
     max(1, the largest absolute logit)."""
@@ -375,8 +375,9 @@ def check_set(manifest: Manifest, *, count: int = CHECK_IMAGES,
 
             x, _ = union_test_set(manifest.to_dict(), data_dir=data_dir)
             source = "test images of the parts' datasets"
+        elif manifest.dataset is None:
+            return None, "random images (the manifest names no dataset)"
         else:
-            assert manifest.dataset is not None
             test = load_split_for(manifest.dataset.to_dict(), "test", data_dir=data_dir)
             x = None
             source = f"test images of {manifest.dataset.name}"
