@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import ModelLegoError
 from .extract import apply_plan
 from .graph import ChannelGraph, Layout, build_channel_graph
-from .plan import ComponentPlan
+from .plan import ComponentPlan, layout_positions
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,9 @@ def _padded_plan(graph: ChannelGraph, chans: dict[int, list[tuple[int, bool]]]
     positions that are padding copies (their weights are zeroed)."""
 
     def positions(layout: Layout) -> list[tuple[int, bool]]:
-        feats: list[tuple[int, bool]] = []
-        offset = 0
-        for seg in layout:
-            for c, copy in chans[graph.find(seg.space)]:
-                if seg.start <= c < seg.start + seg.size:
-                    start = offset + (c - seg.start) * seg.repeat
-                    feats.extend((i, copy) for i in range(start, start + seg.repeat))
-            offset += seg.size * seg.repeat
-        return feats
+        return layout_positions(layout, lambda seg: (
+            (c - seg.start, copy) for c, copy in chans[graph.find(seg.space)]
+            if seg.start <= c < seg.start + seg.size))
 
     def kept(space: int) -> tuple[int, ...]:
         return tuple(c for c, _ in chans[graph.find(space)])

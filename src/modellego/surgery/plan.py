@@ -11,12 +11,14 @@ its source architecture and replayed or composed without re-running any analysis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 
 from ..errors import PlanError
-from .graph import ChannelGraph, Layout
+from .graph import ChannelGraph, Layout, Segment
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,22 @@ class ComponentPlan:
             out[name] = {k: tuple(v[i] for i in sub[k]) if sub and k in sub else v
                          for k, v in spec.items()}
         return ComponentPlan(out)
+
+
+def layout_positions(layout: Layout, channels: Callable[[Segment], Iterable[tuple[int, T]]]
+                     ) -> list[tuple[int, T]]:
+    """The features of an axis with ``layout`` that hold the channels ``channels(seg)`` names
+    for each run (``(channel relative to the run's start, tag)``, in the order given; a
+    channel may be named more than once), each with its tag: a run's channel ``c`` is the
+    ``repeat`` features from ``offset + c * repeat`` on."""
+    feats: list[tuple[int, T]] = []
+    offset = 0
+    for seg in layout:
+        for c, tag in channels(seg):
+            start = offset + c * seg.repeat
+            feats.extend((i, tag) for i in range(start, start + seg.repeat))
+        offset += seg.size * seg.repeat
+    return feats
 
 
 def _indices(mask: torch.Tensor) -> tuple[int, ...]:
@@ -104,19 +122,12 @@ def plan_from_masks(graph: ChannelGraph, masks: dict[int, torch.Tensor],
 
     def positions(layout: Layout) -> tuple[int, ...]:
         """The kept features of an axis with ``layout``, in order."""
-        feats: list[int] = []
-        offset = 0
-        for seg in layout:
+        def chans(seg: Segment) -> list[tuple[int, None]]:
             if seg.space == graph.output_space:
-                chans = [c - seg.start for c in kept(seg.space)
-                         if seg.start <= c < seg.start + seg.size]
-            else:
-                chans = list(_indices(masks[seg.space][seg.start:seg.start + seg.size]))
-            for c in chans:
-                start = offset + c * seg.repeat
-                feats.extend(range(start, start + seg.repeat))
-            offset += seg.size * seg.repeat
-        return tuple(feats)
+                return [(c - seg.start, None) for c in kept(seg.space)
+                        if seg.start <= c < seg.start + seg.size]
+            return [(c, None) for c in _indices(masks[seg.space][seg.start:seg.start + seg.size])]
+        return tuple(p for p, _ in layout_positions(layout, chans))
 
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for layer in graph.layers:
