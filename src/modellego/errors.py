@@ -45,3 +45,10 @@ class OutputWriteError(ModelFileError, OSError):
     """An output could not be written (no space, no permission, ...): a one-line
     :class:`ModelFileError` that is also the :class:`OSError` it stands for, so that code
     catching ``OSError`` around a write keeps working."""
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: first line of the message"`` (the line cut at ``limit`` characters), for a
+    one-line error that names an exception raised by another library."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {(lines[0] if lines else '')[:limit]}"

@@ -42,14 +42,14 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .errors import DataError, ExportError
+from .errors import DataError, ExportError, exception_line
 from .manifest import Manifest
 
 #: the formats :func:`export_model` writes
 FORMATS = ("onnx", "pt2")
-#: the largest absolute logit difference an export may have from modellego's outputs
+#: the largest absolute logit difference an export may have from modellego's outputs,
+#: relative to the largest absolute logit when that is above 1 (see the module docstring)
 MAX_DIFF = 1e-4
-#: ... relative to the largest absolute logit when that is above 1 (see the module docstring)
 #: check images used by default, and the most a check reads (they are held in memory)
 CHECK_IMAGES = 64
 MAX_CHECK_IMAGES = 2048
@@ -140,12 +140,6 @@ def export_metadata(manifest: Manifest, text: str | None = None) -> dict[str, st
     return meta
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(exc).__name__}: {line[:300]}"
-
-
 def _captured(net: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     return torch.export.export(net, (example,), dynamic_shapes=({0: batch},), strict=False)
@@ -188,8 +182,8 @@ def _write_onnx(net: nn.Module, example: torch.Tensor, tmp: str,
                                   dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
             except Exception as exc:  # noqa: BLE001
                 raise ExportError(
-                    f"cannot export to ONNX: torch.export failed ({_first_line(dynamo_exc)}) "
-                    f"and so did the TorchScript exporter ({_first_line(exc)}); export the "
+                    f"cannot export to ONNX: torch.export failed ({exception_line(dynamo_exc)}) "
+                    f"and so did the TorchScript exporter ({exception_line(exc)}); export the "
                     "parts of an assembly one by one, or report the network") from None
     model = onnx.load(tmp)
     del model.metadata_props[:]
@@ -222,7 +216,7 @@ def _write_pt2(net: nn.Module, example: torch.Tensor, tmp: str,
             program = _captured(net, example)
         except Exception as exc:  # noqa: BLE001 (torch.export raises many kinds)
             raise ExportError(f"cannot export to pt2: torch.export failed "
-                              f"({_first_line(exc)}); try format onnx, which falls back to "
+                              f"({exception_line(exc)}); try format onnx, which falls back to "
                               "the TorchScript exporter") from None
     buffer = io.BytesIO()  # torch.export wants a buffer or a name ending in .pt2
     torch.export.save(program, buffer,

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelLegoError
+from ..errors import ModelLegoError, exception_line
 from .extract import apply_plan
 from .graph import ChannelGraph, Layout, build_channel_graph
 from .plan import ComponentPlan, layout_positions
@@ -129,9 +129,8 @@ def align_channels(model: nn.Module, input_shape: Sequence[int], multiple: int =
                 modules[name].weight[:, torch.tensor(cols, dtype=torch.long)] = 0.0
         got = padded(x)
     except (RuntimeError, ValueError, IndexError, ModelLegoError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         return model, Alignment(multiple, 0, 0, f"the padded network does not run "
-                                                f"({type(exc).__name__}: {first}); left as it was")
+                                                f"({exception_line(exc, 200)}); left as it was")
     tolerance = 1e-5 * max(1.0, float(want.abs().max()))
     if got.shape != want.shape or not float((got - want).abs().max()) <= tolerance:
         return model, Alignment(multiple, 0, 0, "padding changed its outputs (left as it was)")
