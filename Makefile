@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # beside the 2.13.0 CPU build there); elsewhere pip fetches them from PyPI. Override with a
 # pair that imports together, e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" on aarch64.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# the tests run single-threaded (tests/conftest.py), so make test runs them in this many
+# worker processes, a test file per worker at a time (pytest-xdist); 1: one process
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck bench docs data browser clean
 
@@ -26,7 +29,7 @@ demo: $(VENV)/.installed data
 	$(VENV)/bin/python scripts/demo.py
 
 test: $(VENV)/.installed data browser
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks scripts

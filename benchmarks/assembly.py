@@ -34,7 +34,7 @@ import torch
 
 from modellego import DisassemblyConfig, __version__, disassemble
 from modellego.analysis.locate import LocateConfig
-from modellego.assembly import AssemblyConfig, assemble, evaluate_assembly, union_test_set
+from modellego.assembly import AssemblyConfig, evaluate_assembly, union_test_set
 from modellego.assembly.adapters import convert_images
 from modellego.assembly.fingerprint import fingerprint_model
 from modellego.data import load_split
@@ -42,6 +42,7 @@ from modellego.files import load_model, save_model
 from modellego.metrics import count_flops, count_params, predict_logits
 from modellego.models import create_model
 from modellego.training import fit
+from modellego.workflows import assemble
 
 ROOT = Path(__file__).resolve().parent.parent
 CK = ROOT / "checkpoints"
@@ -159,7 +160,7 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
     manifest = None
     for scaling in scalings:
         t0 = time.perf_counter()
-        model, manifest = assemble(parts, AssemblyConfig(scaling=scaling))
+        model, manifest, _ = assemble(parts, AssemblyConfig(scaling=scaling), evaluate=False)
         fit_seconds = time.perf_counter() - t0
         ev = evaluate_assembly(model, manifest)
         row = {"accuracy": ev["accuracy"], "balanced_accuracy": ev["balanced_accuracy"],
@@ -247,8 +248,8 @@ def main() -> int:
             result["cases"].append(case)
     # padded == parallel, measured on case (a)
     a_parts = [fm / "vgg16_bn-classes0-4.safetensors", fm / "vgg16_bn-classes5-9.safetensors"]
-    par, man = assemble(a_parts, AssemblyConfig(layout="parallel", scaling="logit"))
-    pad, _ = assemble(a_parts, AssemblyConfig(layout="padded", scaling="logit"))
+    par, man, _ = assemble(a_parts, AssemblyConfig(layout="parallel", scaling="logit"))
+    pad, _, _ = assemble(a_parts, AssemblyConfig(layout="padded", scaling="logit"))
     x, _ = union_test_set(man)
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:500]]
     diff = float((predict_logits(par, x) - predict_logits(pad, x)).abs().max())

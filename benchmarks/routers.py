@@ -45,13 +45,16 @@ from assembly import fingerprinted, make_cases  # noqa: E402  (the sibling bench
 from modellego import __version__  # noqa: E402
 from modellego.assembly import (  # noqa: E402
     AssemblyConfig,
-    assemble,
     evaluate_assembly,
     union_test_set,
 )
-from modellego.assembly.core import _calibration_data  # noqa: E402
 from modellego.assembly.routing import routing_metrics  # noqa: E402
 from modellego.assembly.scoring import FeatureTap, fit_router_weights  # noqa: E402
+from modellego.workflows.assembly import (  # noqa: E402
+    as_parts,
+    assemble,
+    calibration_images,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("joint", "calibrated", "fingerprint")
@@ -165,16 +168,16 @@ def run_case(name: str, parts: list[Path], tmp: Path, ours: dict | None = None) 
     else:
         fingerprinted_parts = [fingerprinted(tmp, p) for p in parts]  # for `fingerprint`
         for scaling in OURS:
-            model, man = assemble(fingerprinted_parts, AssemblyConfig(scaling=scaling))
+            model, man, _ = assemble(fingerprinted_parts, AssemblyConfig(scaling=scaling),
+                                     evaluate=False)
             ev = evaluate_assembly(model, man)
             r = row["routers"][scaling] = {**router_row(ev["balanced_accuracy"],
                                                         ev["routing"]), "ours": True}
             row["base"] = ev["base"]
             print(f"  {scaling:<12} balanced {r['balanced_accuracy']:.4f} routing "
                   f"{r['routing_accuracy']:.4f} AUROC {r['auroc_mean_pairs']:.4f}", flush=True)
-    model, man = assemble(parts, AssemblyConfig(scaling="none"))
-    contract = man["input"]["shape"]
-    cal = _calibration_data([dict(p) for p in man["parts"]], AssemblyConfig(), contract, None)
+    model, man, _ = assemble(parts, AssemblyConfig(scaling="none"), evaluate=False)
+    cal = calibration_images(as_parts(parts), AssemblyConfig())
     x_cal = torch.cat([x for x, _ in cal])
     owner_cal = torch.cat([torch.full((len(x),), k, dtype=torch.long)
                            for k, (x, _) in enumerate(cal)])

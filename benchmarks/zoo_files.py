@@ -103,8 +103,9 @@ def files_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: 
             parts.append(path)
         # logit scaling: the calibrated router fits a Gaussian per tapped layer, and on a
         # wide flatten head (AlexNet's 9,216 features) that alone takes most of a minute
-        assembled, asm_manifest = assemble(parts, AssemblyConfig(scaling="logit",
-                                                                 calibration_samples=3))
+        assembled, asm_manifest, _ = assemble(parts, AssemblyConfig(scaling="logit",
+                                                                    calibration_samples=3),
+                                              evaluate=False)
         save_model(tmp_path / "asm.safetensors", assembled, asm_manifest)
         asm_again, _ = load_model(tmp_path / "asm.safetensors")
         images = torch.as_tensor(test.images[:4], dtype=torch.float32)
@@ -154,7 +155,8 @@ def whole_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: 
             if k == 0:
                 out["whole_taps"] = list(manifest["router_fingerprint"]["taps"])
         with trusted(__name__):
-            assembled, asm_manifest = assemble(paths, AssemblyConfig(calibration_samples=3))
+            assembled, asm_manifest, _ = assemble(paths, AssemblyConfig(calibration_samples=3),
+                                                  evaluate=False)
             save_model(tmp_path / "asm.safetensors", assembled, asm_manifest)
             again, _ = load_model(tmp_path / "asm.safetensors")
         images = torch.rand(2, 3, size, size)

@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 
 from modellego import DisassemblyConfig, disassemble
-from modellego.assembly import AssemblyConfig, assemble, evaluate_assembly
+from modellego.assembly import AssemblyConfig
 from modellego.errors import ModelLegoError
 from modellego.files import load_model, save_model
 from modellego.metrics import count_flops, count_params, cpu_latency_ms
 from modellego.terminal import plain_warnings
 from modellego.viz.report import disassembly_html, write_html
 from modellego.viz.route import plot_route, route_from_profile
-from modellego.workflows import format_assembly, format_report
+from modellego.workflows import assemble, format_assembly, format_report
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = ROOT / "checkpoints"
@@ -84,9 +84,9 @@ def take_apart(rel: str, classes: tuple[int, ...], name: str) -> Path:
 def put_together(parts: list[Path]) -> None:
     section("Assemble the two components into one 6-class, 2-dataset classifier")
     for scaling in ("none", "joint"):
-        model, manifest = assemble(parts, AssemblyConfig(scaling=scaling),
-                                   command="scripts/demo.py")
-        result = evaluate_assembly(model, manifest)
+        model, manifest, report = assemble(parts, AssemblyConfig(scaling=scaling),
+                                           command="scripts/demo.py")
+        result = report["evaluation"]
         out = OUT / f"assembled-{scaling}.safetensors"
         save_model(out, model, manifest)
         print(f"\n-- scaling {scaling}")

@@ -17,7 +17,6 @@ from modellego.assembly import (
     AssembledModel,
     AssemblyConfig,
     InputAdapter,
-    assemble,
     contract_shape,
     convert_images,
     evaluate_assembly,
@@ -36,6 +35,7 @@ from modellego.io import read_manifest
 from modellego.metrics import predict_logits
 from modellego.models import create_model
 from modellego.training import TrainConfig, train
+from modellego.workflows import assemble
 
 A_CLASSES = (0, 1, 2, 3, 4)
 B_CLASSES = (5, 6, 7, 8, 9)
@@ -140,7 +140,7 @@ def files(tmp_path_factory, part_a, part_b, part_c) -> dict[str, Path]:
 
 
 def test_label_order_is_part_order_then_class_order(part_a, part_b, part_f):
-    model, man = assemble([part_b, part_a, part_f], AssemblyConfig(scaling="none"))
+    model, man, _ = assemble([part_b, part_a, part_f], AssemblyConfig(scaling="none"))
     keys = [(lab["dataset"], lab["class"]) for lab in man["labels"]]
     assert keys == ([("digits", c) for c in B_CLASSES] + [("digits", c) for c in A_CLASSES]
                     + [("fashion-mnist", c) for c in (0, 1, 2)])
@@ -176,7 +176,7 @@ def test_duplicates_are_refused_by_default(part_a, part_c):
 
 
 def test_replace_keeps_the_later_parts_column(part_a, part_c):
-    model, man = assemble([part_c, part_a],
+    model, man, _ = assemble([part_c, part_a],
                           AssemblyConfig(scaling="none", on_duplicate="replace"))
     assert [(lab["class"], lab["part"], lab["part_output"]) for lab in man["labels"]] == (
         [(c, 0, c) for c in B_CLASSES] + [(c, 1, i) for i, c in enumerate(A_CLASSES)])
@@ -202,7 +202,7 @@ def test_replace_fixes_a_weak_class(part_a, part_c):
     weak_acc = float((own_logits(weak, threes).argmax(1) == 3).double().mean())
     assert weak_acc == 0.0
     for scaling in ("none", "calibrated"):
-        model, man = assemble([weak, part_a],
+        model, man, _ = assemble([weak, part_a],
                               AssemblyConfig(scaling=scaling, on_duplicate="replace"))
         result = evaluate_assembly(model, man)
         assert result["per_class"]["digits:3"] >= 0.5 + weak_acc, (scaling, result)
@@ -213,7 +213,7 @@ def test_replace_fixes_a_weak_class(part_a, part_c):
 
 
 def test_scaling_none_concatenates_the_parts_own_logits(part_a, part_b, part_f):
-    model, man = assemble([part_a, part_b, part_f], AssemblyConfig(scaling="none"))
+    model, man, _ = assemble([part_a, part_b, part_f], AssemblyConfig(scaling="none"))
     assert man["provenance"]["calibration"] == {"scaling": "none"}
     for x in (digits_test()[:64], load_split("fashion-mnist", "test").images[:64]):
         expected = torch.cat([own_logits(p, x) for p in (part_a, part_b, part_f)], 1)
@@ -222,7 +222,7 @@ def test_scaling_none_concatenates_the_parts_own_logits(part_a, part_b, part_f):
 
 def test_scaling_logit_divides_by_the_mean_winning_logit(part_a, part_b):
     # more calibration samples than any class has: calibration uses every training image
-    model, man = assemble([part_a, part_b],
+    model, man, _ = assemble([part_a, part_b],
                           AssemblyConfig(scaling="logit", calibration_samples=10_000))
     split = load_split("digits", "train")
     for k, part in enumerate((part_a, part_b)):
@@ -244,7 +244,7 @@ def test_scaling_logit_divides_by_the_mean_winning_logit(part_a, part_b):
 
 
 def test_scaling_feature_is_one_factor_per_part(part_a, part_b):
-    model, man = assemble([part_a, part_b], AssemblyConfig(scaling="feature"))
+    model, man, _ = assemble([part_a, part_b], AssemblyConfig(scaling="feature"))
     mags = man["provenance"]["calibration"]["feature_magnitudes"]
     avg = sum(mags) / 2
     for k in range(2):
@@ -253,8 +253,8 @@ def test_scaling_feature_is_one_factor_per_part(part_a, part_b):
 
 
 def test_calibrated_is_not_worse_than_none(part_a, part_b):
-    none = evaluate_assembly(*assemble([part_a, part_b], AssemblyConfig(scaling="none")))
-    model, man = assemble([part_a, part_b], AssemblyConfig(scaling="calibrated"))
+    none = evaluate_assembly(*assemble([part_a, part_b], AssemblyConfig(scaling="none"))[:2])
+    model, man, _ = assemble([part_a, part_b], AssemblyConfig(scaling="calibrated"))
     calib = evaluate_assembly(model, man)
     assert calib["balanced_accuracy"] >= none["balanced_accuracy"] - 0.02, (
         f"calibrated balanced accuracy {calib['balanced_accuracy']:.4f}, "
@@ -284,8 +284,9 @@ def test_calibration_never_reads_the_test_split(scaling, part_a, part_b, part_f,
             monkeypatch.setattr(mod, "load_split", guarded)
             patched += 1
     assert patched >= 2  # modellego.data and modellego.assembly.core at least
-    model, man = assemble([part_a, part_b, part_f],
-                          AssemblyConfig(scaling=scaling, calibration_samples=50))
+    model, man, _ = assemble([part_a, part_b, part_f],
+                             AssemblyConfig(scaling=scaling, calibration_samples=50),
+                             evaluate=False)
     if scaling == "none":  # nothing to calibrate: no images read at all
         assert not [s for s in seen if s[1] in ("train", "val")]
     else:
@@ -317,8 +318,8 @@ def test_joint_router_reads_every_parts_features(part_a, part_b, part_f):
     per part as all parts' features together, its penalty chosen on held-out images, and
     routing at least as good as none's."""
     parts = [part_a, part_b, part_f]
-    none = evaluate_assembly(*assemble(parts, AssemblyConfig(scaling="none")))
-    model, man = assemble(parts, AssemblyConfig(scaling="joint", calibration_samples=60))
+    none = evaluate_assembly(*assemble(parts, AssemblyConfig(scaling="none"))[:2])
+    model, man, _ = assemble(parts, AssemblyConfig(scaling="joint", calibration_samples=60))
     joint = evaluate_assembly(model, man)
     info = man["provenance"]["calibration"]
     dims = [router.feat_mean.numel() for router in model.routers]
@@ -334,7 +335,7 @@ def test_joint_router_reads_every_parts_features(part_a, part_b, part_f):
 def test_calibrated_with_two_samples_per_class_stays_finite(part_a, part_b, tmp_path):
     # Regression: the fit/route halves were not split per class, so a class could end up
     # without fitting images; its Gaussian mean became NaN and so did every output.
-    model, man = assemble([part_a, part_b],
+    model, man, _ = assemble([part_a, part_b],
                           AssemblyConfig(scaling="calibrated", calibration_samples=2))
     assert all(torch.isfinite(b).all() for b in model.buffers())
     x = digits_test()[:30]
@@ -348,8 +349,8 @@ def test_calibrated_with_two_samples_per_class_stays_finite(part_a, part_b, tmp_
 
 def _compare_layouts(parts, scaling: str) -> None:
     config = dict(scaling=scaling, calibration_samples=20)
-    par, man_p = assemble(parts, AssemblyConfig(layout="parallel", **config))
-    pad, man_d = assemble(parts, AssemblyConfig(layout="padded", **config))
+    par, man_p, _ = assemble(parts, AssemblyConfig(layout="parallel", **config))
+    pad, man_d, _ = assemble(parts, AssemblyConfig(layout="padded", **config))
     assert isinstance(pad.body, PaddedBody)
     assert man_p["labels"] == man_d["labels"]
     x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -397,7 +398,7 @@ def test_padded_equals_parallel_for_components(arch, part_a, noise):
 def test_padded_equals_parallel_across_datasets(part_a, part_f):
     # different input normalisations: the adapted images are stacked along channels
     parts = [part_a, part_f]
-    model, _ = assemble(parts, AssemblyConfig(layout="padded", scaling="none"))
+    model, _, _ = assemble(parts, AssemblyConfig(layout="padded", scaling="none"))
     assert not model.body.shared_input
     for scaling in ("none", "logit"):
         _compare_layouts(parts, scaling)
@@ -434,7 +435,7 @@ COMBOS = [("parallel", s) for s in ("none", "logit", "feature", "calibrated", "j
 
 @pytest.mark.parametrize("layout,scaling", COMBOS)
 def test_save_load_round_trip_is_bit_identical(layout, scaling, files, tmp_path):
-    model, man = assemble([files["a"], files["b"]],
+    model, man, _ = assemble([files["a"], files["b"]],
                           AssemblyConfig(layout=layout, scaling=scaling,
                                          calibration_samples=50))
     assert isinstance(model, AssembledModel)
@@ -464,7 +465,7 @@ def test_grey_part_next_to_rgb_part(part_a):
     # An RGB 32x32 part (random weights; its manifest claims the digits dataset so that
     # calibration has images) next to the grey 28x28 digits part.
     rgb = fake_part(part_a[1], "simnet", B_CLASSES, 4, in_channels=3, input_size=32)
-    model, man = assemble([part_a, rgb], AssemblyConfig(scaling="none"))
+    model, man, _ = assemble([part_a, rgb], AssemblyConfig(scaling="none"))
     assert man["input"]["shape"] == [3, 32, 32]
     assert man["input"]["adapters"][0] == "RGB -> grey (mean), resize to 28x28, normalise"
     assert man["input"]["adapters"][1] == "normalise"
@@ -596,10 +597,12 @@ def test_union_refuses_parts_repaired_after_the_cut(files, part_a, tmp_path):
     fixed = _component_file(part_a, (2, 4), tmp_path / "c24.safetensors", files["a"],
                             preset="default", samples_per_class=5, reconstruct=50)
     with pytest.raises(ModelLegoError, match=r"part 1 was repaired after the cut "
-                                             r"\(--reconstruct\).*use `layout` parallel"):
+                                             r"\(reconstruct\).*use `layout` parallel"):
         assemble([plain, fixed], AssemblyConfig(layout="union", scaling="none"))
-    parallel, _ = assemble([plain, fixed], AssemblyConfig(layout="parallel", scaling="none"))
-    assert evaluate_assembly(parallel, _)["balanced_accuracy"] > 0
+    parallel, man_p, report = assemble([plain, fixed],
+                                       AssemblyConfig(layout="parallel", scaling="none"))
+    assert report["evaluation"] == evaluate_assembly(parallel, man_p)
+    assert report["evaluation"]["balanced_accuracy"] > 0
 
 
 def test_union_equals_the_source_masked_by_the_union_of_plans(files, part_a, tmp_path):
@@ -607,7 +610,7 @@ def test_union_equals_the_source_masked_by_the_union_of_plans(files, part_a, tmp
 
     c1 = _component_file(part_a, (1, 3), tmp_path / "c13.safetensors", files["a"])
     c2 = _component_file(part_a, (0,), tmp_path / "c0.safetensors", files["a"])
-    model, man = assemble([c1, c2], AssemblyConfig(layout="union", scaling="none"))
+    model, man, _ = assemble([c1, c2], AssemblyConfig(layout="union", scaling="none"))
     plans = [read_manifest(c)["plan"] for c in (c1, c2)]
     source, _ = load_model(files["a"])
     modules = dict(source.named_modules())
@@ -639,9 +642,9 @@ def test_union_equals_the_source_masked_by_the_union_of_plans(files, part_a, tmp
 def test_union_computes_shared_channels_once(files, part_a, tmp_path):
     c1 = _component_file(part_a, (0, 1), tmp_path / "c01.safetensors", files["a"])
     c2 = _component_file(part_a, (2, 4), tmp_path / "c24.safetensors", files["a"])
-    union, man = assemble([c1, c2], AssemblyConfig(layout="union", scaling="none"))
-    parallel, _ = assemble([c1, c2], AssemblyConfig(layout="parallel", scaling="none"))
-    ev_u, ev_p = evaluate_assembly(union, man), evaluate_assembly(parallel, _)
+    union, man, _ = assemble([c1, c2], AssemblyConfig(layout="union", scaling="none"))
+    parallel, man_p, _ = assemble([c1, c2], AssemblyConfig(layout="parallel", scaling="none"))
+    ev_u, ev_p = evaluate_assembly(union, man), evaluate_assembly(parallel, man_p)
     assert ev_u["flops"] < ev_p["flops"]
     assert [lab["class"] for lab in man["labels"]] == [0, 1, 2, 4]
     # Base is measured on the components themselves, so both layouts report the same Base
@@ -659,8 +662,8 @@ def test_union_scales_like_parallel(files, part_a, tmp_path, scaling):
     c1 = _component_file(part_a, (0, 1), tmp_path / "c01.safetensors", files["a"])
     c2 = _component_file(part_a, (2, 4), tmp_path / "c24.safetensors", files["a"])
     config = {"scaling": scaling, "calibration_samples": 10}
-    union, man = assemble([c1, c2], AssemblyConfig(layout="union", **config))
-    parallel, _ = assemble([c1, c2], AssemblyConfig(layout="parallel", **config))
+    union, man, _ = assemble([c1, c2], AssemblyConfig(layout="union", **config))
+    parallel, _, _ = assemble([c1, c2], AssemblyConfig(layout="parallel", **config))
     for k in range(2):  # the scales are fitted on the parts' own networks in both layouts
         assert torch.equal(getattr(union, f"scale{k}"), getattr(parallel, f"scale{k}"))
     assert man["provenance"]["calibration"]["scaling"] == scaling
@@ -810,7 +813,7 @@ def test_joint_taps_a_conv_every_way_its_map_allows():
 
 
 def test_joint_router_weights_cover_every_tap(part_a, part_b):
-    model, man = assemble([part_a, part_b], AssemblyConfig(scaling="joint",
+    model, man, _ = assemble([part_a, part_b], AssemblyConfig(scaling="joint",
                                                            calibration_samples=20))
     for taps, (net, _) in zip(man["taps"], (part_a, part_b)):
         base = [t for t in taps if "@" not in t]
@@ -826,7 +829,7 @@ def test_a_joint_file_with_mean_taps_only_still_loads(part_a, part_b, tmp_path, 
     from modellego.assembly.scalings import Calibrated, Joint
 
     monkeypatch.setattr(Joint, "taps", Calibrated.taps)
-    model, man = assemble([part_a, part_b], AssemblyConfig(scaling="joint",
+    model, man, _ = assemble([part_a, part_b], AssemblyConfig(scaling="joint",
                                                            calibration_samples=20))
     monkeypatch.undo()
     assert not any("@" in t for taps in man["taps"] for t in taps)

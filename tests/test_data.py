@@ -162,7 +162,10 @@ def test_missing_files_messages(tmp_path: Path) -> None:
     msg = str(exc.value)
     assert str(tmp_path) in msg and "train-images-idx3-ubyte" in msg
     assert "t10k-labels-idx1-ubyte" in msg
-    assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "pass `data_dir`: a" in msg
+    from modellego.cli import cli_message  # the command line names its flag instead
+
+    assert "pass --data-dir: a directory" in cli_message(msg, {"data_dir": "--data-dir"})
     with pytest.raises(DataError, match="does not exist"):
         load_split("fashion-mnist", "train", data_dir=tmp_path / "nope")
     # both ways to give it: a root for the dataset, or the environment's folder of roots

@@ -28,7 +28,7 @@ from modellego.disassembly import (
     DEFAULT_BISECT,
     DEFAULT_BUDGET,
     DEFAULT_CONFIDENCE,
-    DEFAULT_RECONSTRUCT,
+    DEFAULT_FIT_IMAGES,
     DEFAULT_VALIDATION,
     DisassemblyConfig,
     bisect_steps,
@@ -50,7 +50,7 @@ def test_the_default_preset_is_the_searched_reconstructed_mass_rule() -> None:
     assert cfg.preset == "default" and cfg.locate == LocateConfig(rule="mass")
     assert cfg.max_accuracy_drop == DEFAULT_BUDGET == 0.5
     assert cfg.confidence == DEFAULT_CONFIDENCE == 0.9 and cfg.confident
-    assert cfg.reconstruct == DEFAULT_RECONSTRUCT == 1000
+    assert cfg.reconstruct == DEFAULT_FIT_IMAGES == 1000
     assert cfg.validation_per_class == DEFAULT_VALIDATION == 500
     assert cfg.bisect == DEFAULT_BISECT == 2 and cfg.to_dict()["bisect"] == 2
     cfg.validate()

@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers import run_cli
 from modellego import DisassemblyConfig, disassemble
-from modellego.assembly import AssemblyConfig, assemble
+from modellego.assembly import AssemblyConfig
 from modellego.data import dataset_info, load_split
 from modellego.distillation import DistillConfig, distill, kd_loss
 from modellego.errors import ModelLegoError
@@ -22,6 +22,7 @@ from modellego.evaluation import evaluate
 from modellego.files import load_model, save_model
 from modellego.models import create_model, list_models
 from modellego.training import TrainConfig, base_manifest, train
+from modellego.workflows import assemble
 
 CLASSES = (7, 3, 1)  # deliberately not sorted: the student must keep the teacher's order
 SEED = 3
@@ -219,7 +220,7 @@ def test_cli_refuses_an_assembly_teacher(teacher_file: Path, tmp_path: Path,
                       "architecture": {"name": "simnet", "kwargs": {
                           "in_channels": 1, "num_classes": 2, "input_size": 28,
                           "width": 0.25}}}
-    model, asm_manifest = assemble([(teacher, manifest), (other.eval(), other_manifest)],
+    model, asm_manifest, _ = assemble([(teacher, manifest), (other.eval(), other_manifest)],
                                    AssemblyConfig(scaling="none"))
     asm = tmp_path / "asm.safetensors"
     save_model(asm, model, asm_manifest)

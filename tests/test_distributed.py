@@ -233,7 +233,8 @@ def test_torchrun_two_gloo_processes_write_the_single_process_bytes(tmp_path: Pa
 def test_assembly_calibration_is_identical_for_emulated_world_sizes(scaling):
     """Calibration forward passes are shared out in fixed chunks: any world size gives the
     same buffers, bit for bit, as one process."""
-    from modellego.assembly import AssemblyConfig, assemble
+    from modellego.assembly import AssemblyConfig
+    from modellego.workflows import assemble
 
     parts = []
     for seed, classes in ((0, (0, 1, 2)), (1, (5, 6))):

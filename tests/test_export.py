@@ -124,7 +124,7 @@ def test_pt2_of_a_component_matches(parts, tmp_path):
 @pytest.mark.parametrize("layout,scaling", [("parallel", "joint"), ("padded", "logit"),
                                             ("union", "none")])
 def test_every_layout_exports_to_onnx(layout, scaling, parts, tmp_path):
-    model, man = assemble([parts["c013"], parts["c27"]],
+    model, man, _ = assemble([parts["c013"], parts["c27"]],
                           AssemblyConfig(layout=layout, scaling=scaling,
                                          calibration_samples=20))
     path = tmp_path / "asm.safetensors"

@@ -14,7 +14,7 @@ from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from helpers import run, run_cli
-from modellego.assembly import AssemblyConfig, assemble, evaluate_assembly
+from modellego.assembly import AssemblyConfig, evaluate_assembly
 from modellego.assembly.fingerprint import (
     fingerprint_model,
     fingerprint_taps,
@@ -27,6 +27,7 @@ from modellego.files import load_model, open_model, save_model
 from modellego.io import read_manifest
 from modellego.manifest import ROUTER_FINGERPRINT_PREFIX
 from modellego.training import TrainConfig, train
+from modellego.workflows import assemble
 
 
 class TwoLayer(nn.Module):
@@ -97,7 +98,7 @@ def test_route_score_is_the_log_upper_tail_of_the_own_distribution():
 def _train(classes, dataset="digits"):
     config = TrainConfig(arch="simnet", dataset=dataset, epochs=3, width=0.25,
                          classes=classes, batch_size=32)
-    return train(config, progress=False)
+    return train(config, progress=False, fingerprint=False)
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +194,9 @@ def test_data_free_assembly_reads_no_dataset(parts, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         _no_datasets(m)
         with pytest.raises(AssertionError, match="a dataset was read"):  # the guard holds
-            assemble(files, AssemblyConfig(scaling="joint", calibration_samples=5))
-        model, man = assemble(files, AssemblyConfig(scaling="fingerprint"))
+            assemble(files, AssemblyConfig(scaling="joint", calibration_samples=5),
+                     evaluate=False)
+        model, man, _ = assemble(files, AssemblyConfig(scaling="fingerprint"), evaluate=False)
         save_model(tmp_path / "free.safetensors", model, man)
     assert man["scaling"] == "fingerprint" and man["base"] is None
     assert man["taps"] == [p[2]["router_fingerprint"]["taps"] for p in parts]

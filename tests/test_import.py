@@ -20,7 +20,7 @@ from modellego.data import load_split, model_input, normalize
 from modellego.files import save_model
 from modellego.io import read_manifest
 from modellego.models import build_architecture, split_source, trusted
-from modellego.models.sources import ENV, is_granted
+from modellego.models.sources import TRUST_ENV, is_granted
 from modellego.statedict import read_state_dict
 
 DIGITS = Path(__file__).resolve().parent.parent / "checkpoints" / "digits" / \
@@ -73,9 +73,11 @@ def own_package(tmp_path_factory):
 
 @pytest.fixture
 def two_threads():
-    """A full-size network: both cores (the session runs tiny models on one)."""
+    """A full-size network: both cores (the session runs tiny models on one), unless the
+    suite runs in several worker processes (``make test``), which share the cores."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(2 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2
+                          else 1)
     yield
     torch.set_num_threads(threads)
 
@@ -106,12 +108,12 @@ def test_architecture_names_and_their_sources():
 
 
 def test_grants_cover_a_module_and_its_submodules_only(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv(TRUST_ENV, raising=False)
     with trusted(["mynets"]):
         assert is_granted("mynets") and is_granted("mynets.models")
         assert not is_granted("mynets_evil") and not is_granted("os")
     assert not is_granted("mynets")  # the grant ends with the block
-    monkeypatch.setenv(ENV, "a.b, c")
+    monkeypatch.setenv(TRUST_ENV, "a.b, c")
     assert is_granted("a.b.c") and is_granted("c") and not is_granted("a")
     with pytest.raises(ModelLegoError, match="'os;rm' is not a module name"):
         with trusted("os;rm"):
@@ -125,7 +127,7 @@ def test_grants_cover_a_module_and_its_submodules_only(monkeypatch):
 ])
 def test_a_file_naming_code_runs_nothing_without_a_grant(tmp_path, monkeypatch, own_package,
                                                          target, kwargs):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv(TRUST_ENV, raising=False)
     marker = tmp_path / "ran"
     filled = json.loads(json.dumps(kwargs).replace("{marker}", str(marker)))
     path = crafted_file(tmp_path / "evil.safetensors", {"name": f"python:{target}",
@@ -137,8 +139,8 @@ def test_a_file_naming_code_runs_nothing_without_a_grant(tmp_path, monkeypatch, 
             load_model(path, trust_code=trust)
         assert str(exc.value) == (
             f"{path}: the file's architecture 'python:{target}' asks to import and run code "
-            f"of module {module!r}, which is not trusted; if you trust it, pass --trust-code "
-            f"{module} (API: trust_code=[{module!r}], or set {ENV}={module})")
+            f"of module {module!r}, which is not trusted; if you trust it, grant it with "
+            f"`trust_code` {module} (or set {TRUST_ENV}={module})")
     assert not marker.exists()
     assert "ownnets_for_tests.models" not in sys.modules  # not even imported
     code, out, err = run_cli(["evaluate", path])
@@ -146,7 +148,7 @@ def test_a_file_naming_code_runs_nothing_without_a_grant(tmp_path, monkeypatch, 
 
 
 def test_own_class_with_a_grant_round_trips(tmp_path, monkeypatch, own_package):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv(TRUST_ENV, raising=False)
     name = f"python:{own_package}:TinyNet"
     with trusted(own_package):
         net = build_architecture(name, {"num_classes": 10}).eval()
@@ -164,7 +166,7 @@ def test_own_class_with_a_grant_round_trips(tmp_path, monkeypatch, own_package):
     x = normalize(test.images[:16], test.info)
     with torch.no_grad():
         assert torch.equal(model(x), net(x))
-    monkeypatch.setenv(ENV, "ownnets_for_tests")  # a package grants its modules
+    monkeypatch.setenv(TRUST_ENV, "ownnets_for_tests")  # a package grants its modules
     assert load_model(tmp_path / "tiny.safetensors")[1]["kind"] == "model"
     acc = manifest["metrics"]["test_accuracy"]
     assert f"test accuracy {acc:.4f} ({len(test)} images)" in out
@@ -396,7 +398,8 @@ def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, tw
     model = tmp_path / "resnet18.safetensors"
     code, out, err = run_cli(["import", "torchvision:resnet18", "--weights",
                               tmp_path / "resnet18.pt", "--out", model, "--dataset",
-                              "fashion-mnist", "--mean", str(mean), "--std", str(std)])
+                              "fashion-mnist", "--mean", str(mean), "--std", str(std),
+                              "--no-fingerprint"])  # (the assembly below routes jointly)
     assert code == 0, err
     _, manifest = load_model(model)
     assert manifest["input"] == {"shape": [3, 28, 28], "mean": [mean] * 3, "std": [std] * 3}

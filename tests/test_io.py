@@ -241,7 +241,7 @@ def test_safetensors_without_manifest(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError) as exc:
         load_model(path)
     assert "no modellego manifest" in str(exc.value)
-    assert "`modellego import ARCH --weights FILE`" in str(exc.value)
+    assert "wrap a plain state dict with the modellego import command" in str(exc.value)
     save_file({"w": torch.ones(2)}, str(path), metadata={"other": "x"})
     with pytest.raises(ModelFileError, match="no modellego manifest"):
         read_manifest(path)

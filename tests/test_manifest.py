@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from helpers import run_cli
 from modellego import CompressConfig, DisassemblyConfig, compress, disassemble
 from modellego import assembly as assembly_module
-from modellego.assembly import AssemblyConfig, assemble
+from modellego.assembly import AssemblyConfig
 from modellego.distillation import DistillConfig, distill
 from modellego.errors import ModelFileError
 from modellego.files import LoadedModel, load_model, open_model, save_model
@@ -28,14 +28,15 @@ from modellego.io import MAX_HEADER_BYTES, load_weights, read_manifest, save_wei
 from modellego.manifest import (
     FORMAT,
     HEADS,
-    LAYOUTS,
-    SCALINGS,
+    LAYOUTS_0_1,
+    SCALINGS_0_1,
     DatasetSpec,
     Manifest,
     set_vocabulary,
     vocabulary,
 )
 from modellego.training import TrainConfig, train
+from modellego.workflows import assemble
 
 ROOT = Path(__file__).resolve().parent.parent
 V010 = ROOT / "tests" / "data" / "v0_1_0"
@@ -186,10 +187,10 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                                              epochs=1, batch_size=64),
                               source_path=src, compare=False)
     keep("distill", student, man)
-    for layout, scalings in (("parallel", SCALINGS), ("padded", ("none", "logit", "feature")),
+    for layout, scalings in (("parallel", SCALINGS_0_1), ("padded", ("none", "logit", "feature")),
                              ("union", ("none", "logit", "feature"))):
         for scaling in scalings:
-            net, man = assemble(comps, AssemblyConfig(layout=layout, scaling=scaling,
+            net, man, _ = assemble(comps, AssemblyConfig(layout=layout, scaling=scaling,
                                                       calibration_samples=10))
             keep(f"assemble-{layout}-{scaling}", net, man)
     return files
@@ -207,7 +208,7 @@ def test_every_kind_is_made(made: dict[str, Path]) -> None:
     assert {kinds[k] for k in kinds if k.startswith(("disassemble", "compress"))} == \
         {"component"}
     # parallel with each 0.1.0 scaling, padded and union with none, logit and feature
-    assert sum(k == "assembly" for k in kinds.values()) == len(SCALINGS) + 3 + 3
+    assert sum(k == "assembly" for k in kinds.values()) == len(SCALINGS_0_1) + 3 + 3
 
 
 def test_round_trip_is_exact_on_every_file_written_today(made: dict[str, Path]) -> None:
@@ -496,7 +497,7 @@ def test_assembly_layout_scaling_and_taps() -> None:
 def test_assembly_part_with_more_classes_than_its_network(tmp_path: Path) -> None:
     # scaling none: no router whose tensors would give the extra class away first
     parts = [V010 / "component.safetensors", V010 / "component-b.safetensors"]
-    model, manifest = assemble(parts, AssemblyConfig(scaling="none"))
+    model, manifest, _ = assemble(parts, AssemblyConfig(scaling="none"))
     manifest = json.loads(json.dumps(manifest))
     manifest["parts"][1]["classes"].append(5)
     manifest["parts"][1]["class_names"].append("5")
@@ -509,8 +510,8 @@ def test_assembly_part_with_more_classes_than_its_network(tmp_path: Path) -> Non
 
 def test_value_sets_agree_with_the_assembly_package() -> None:
     # 0.1.0's names are all still registered; files may name whatever is registered now
-    assert set(LAYOUTS) <= set(assembly_module.LAYOUTS)
-    assert set(SCALINGS) <= set(assembly_module.SCALINGS)
+    assert set(LAYOUTS_0_1) <= set(assembly_module.LAYOUTS)
+    assert set(SCALINGS_0_1) <= set(assembly_module.SCALINGS)
     assert vocabulary("layout") == assembly_module.LAYOUTS
     assert vocabulary("scaling") == assembly_module.SCALINGS
     with pytest.raises(ValueError, match="set already"):

@@ -12,10 +12,9 @@ import torch
 from helpers import TwoLayer, masked_source_logits, run, run_cli, varied_random_model
 from modellego.analysis.activity import activity_profile
 from modellego.analysis.frat import gradient_profile
-from modellego.analysis.methods import METHODS as METHOD_REGISTRY
-from modellego.analysis.methods import Method, get_method
+from modellego.analysis.methods import METHOD_REGISTRY, Method, get_method
 from modellego.analysis.profile import contribution_profile
-from modellego.assembly import LAYOUTS, SCALINGS, AssemblyConfig, assemble
+from modellego.assembly import LAYOUTS, SCALINGS, AssemblyConfig
 from modellego.cli import build_parser
 from modellego.compression import CRITERIA, CompressConfig
 from modellego.disassembly import METHODS, DisassemblyConfig, disassemble_model
@@ -27,6 +26,7 @@ from modellego.models import list_models
 from modellego.registry import Registry
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.head import OneVsRest
+from modellego.workflows import assemble
 
 TOL = 1e-5
 
@@ -248,7 +248,7 @@ def test_module_file_carries_the_head_as_plain_data(modules, source):
 
 def test_assembly_of_modules_takes_the_highest_concern_score(modules):
     parts = [modules[1], modules[3], modules[7]]
-    model, man = assemble(parts, AssemblyConfig())  # no scaling given: concern
+    model, man, _ = assemble(parts, AssemblyConfig())  # no scaling given: concern
     assert man["scaling"] == "concern" and man["provenance"]["config"]["scaling"] == "concern"
     assert [p["head"] for p in man["parts"]] == ["one-vs-rest"] * 3
     assert man["provenance"]["calibration"] == {"scaling": "concern"}
@@ -271,7 +271,7 @@ def test_concern_scaling_scores_plain_parts_one_vs_rest(modules, source, tmp_pat
     code, _, err = run_cli(["disassemble", source, "--classes", "2,5", "--out", comp,
                             "--samples-per-class", "10"])
     assert code == 0, err
-    model, man = assemble([modules[1], comp], AssemblyConfig(scaling="concern"))
+    model, man, _ = assemble([modules[1], comp], AssemblyConfig(scaling="concern"))
     x = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     z = model.body.adapters[0](x)
     plain = run(load_model(comp)[0], z)

@@ -73,3 +73,12 @@ def test_readme_is_short_and_points_at_the_docs():
     assert len(text.splitlines()) <= 120
     for needed in ("make demo", "make test", "docs/"):
         assert needed in text, needed
+
+
+def test_the_cli_reference_page_is_the_parsers_help():
+    from modellego.cli import reference_markdown
+
+    page = (ROOT / "docs" / "cli-reference.md").read_text()
+    assert page == reference_markdown(), "run python scripts/cli-reference.py"
+    for command in ("disassemble", "assemble", "export", "compress"):
+        assert f"\n## {command}\n" in page and f"usage: modellego {command}" in page

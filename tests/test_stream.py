@@ -26,7 +26,7 @@ from modellego.data import (
 )
 from modellego.data.folder import DEFAULT_MAX_SIZE, STREAM_ENV
 from modellego.data.lazy import Recipe, parse_memory, shape_image
-from modellego.disassembly import DEFAULT_RECONSTRUCT, DEFAULT_VALIDATION
+from modellego.disassembly import DEFAULT_FIT_IMAGES, DEFAULT_VALIDATION
 from modellego.errors import DataError
 from modellego.files import open_model
 from modellego.io import read_manifest
@@ -163,7 +163,7 @@ def test_decoding_is_bounded_and_bad_files_are_one_line(photos, streamed,
     with reading(max_memory=1000), pytest.raises(DataError) as exc:
         test.images.decode("the test")
     assert str(exc.value).startswith(f"the test would decode {len(test)} images")
-    assert "over the bound of" in str(exc.value) and "--max-memory" in str(exc.value)
+    assert "over the bound of" in str(exc.value) and "(`max_memory`)" in str(exc.value)
     assert parse_memory("4G") == 4 << 30 and parse_memory("512MiB") == 512 << 20
     with pytest.raises(DataError, match="write a number"):
         parse_memory("lots")
@@ -218,7 +218,7 @@ def test_commands_on_a_streamed_folder_match_the_in_memory_ones(
     assert man_s["plan"] == man_h["plan"]
     assert rep_s["component_accuracy"] == rep_h["component_accuracy"]
     # 4 x 20 to select from, twice the validation top-up, the reconstruction's share per class
-    pool = 4 * 20 + 2 * DEFAULT_VALIDATION + -(-DEFAULT_RECONSTRUCT // 2)
+    pool = 4 * 20 + 2 * DEFAULT_VALIDATION + -(-DEFAULT_FIT_IMAGES // 2)
     assert rep_s["selection_pool"] == pool and "selection_pool" not in rep_h
     assert man_s["provenance"]["samples"] == man_h["provenance"]["samples"]
     # the router fingerprint, made from every training image of the component's classes
@@ -241,7 +241,7 @@ def test_a_small_pool_picks_samples_of_the_right_classes(photos, tmp_path: Path,
                             "--report", report])
     assert code == 0, err
     assert json.loads(report.read_text())["selection_pool"] == \
-        4 * 3 + 2 * DEFAULT_VALIDATION + DEFAULT_RECONSTRUCT
+        4 * 3 + 2 * DEFAULT_VALIDATION + DEFAULT_FIT_IMAGES
     samples = read_manifest(tmp_path / "c.safetensors")["provenance"]["samples"]["1"]
     # positions among the task's training images, as for data held in memory
     task = load_split(f"folder:{root}", "train").subset([1])

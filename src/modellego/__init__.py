@@ -10,7 +10,7 @@ components into new classifiers, without training.
 
 from ._version import __version__
 from .analysis.locate import LocateConfig
-from .assembly import AssembledModel, AssemblyConfig, assemble, evaluate_assembly
+from .assembly import AssembledModel, AssemblyConfig, Part, assemble_models, evaluate_assembly
 from .compression import CompressConfig, Compressed, compress_model
 from .data import list_datasets, load_split, normalize
 from .disassembly import Component, DisassemblyConfig, disassemble_model
@@ -31,7 +31,7 @@ from .io import read_manifest
 from .models import create_model, list_models, trusted
 from .surgery.plan import ComponentPlan
 from .training import TrainConfig, train
-from .workflows import compress, disassemble
+from .workflows import assemble, compress, disassemble
 from .workflows.importing import ImportConfig, import_model
 
 
@@ -76,7 +76,9 @@ __all__ = [
     "TrainingError",
     "UnsupportedModelError",
     "__version__",
+    "Part",
     "assemble",
+    "assemble_models",
     "compress",
     "compress_model",
     "create_model",

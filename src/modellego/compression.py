@@ -32,6 +32,7 @@ from typing import Callable, Sequence, cast
 import torch
 from torch import nn
 
+from .analysis.candidates import Candidates
 from .analysis.locate import LocateConfig
 from .analysis.methods import get_method
 from .analysis.search import Trial, first_passing
@@ -229,44 +230,26 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
         raise ValueError("give exactly one of target_flops, target_params, min_accuracy")
     if min_accuracy is not None and accuracy_of is None:
         raise ValueError("min_accuracy needs accuracy_of")
-    input_shape = tuple(input_shape)
-    graph = build_channel_graph(model, input_shape)
+    graph = build_channel_graph(model, tuple(input_shape))
     scores = channel_scores(graph, criterion)  # before any work: an unknown criterion fails
-    order = removal_order(graph)
-    n_out = graph.space_size[graph.output_space]
-    source_flops, source_params = count_flops(model, input_shape), count_params(model)
-    built: dict[int, tuple[ComponentPlan, nn.Module, Trial]] = {}
-    measured: dict[int, dict[str, float]] = {}
-
     # a cost target does not depend on the repair (it changes weights, not shapes): only
     # the chosen candidate is repaired; an accuracy budget measures every candidate repaired
-    repair_each = min_accuracy is not None
+    cands = UniformCandidates(model, tuple(input_shape), graph, scores, finish,
+                              price_repaired=min_accuracy is not None)
+    trials: dict[int, Trial] = {}
 
-    def build(i: int) -> tuple[ComponentPlan, nn.Module, Trial]:
-        """The model after the first ``i`` removals."""
-        if i not in built:
-            drops = {s: 0 for s in scores}
-            for _, s in order[:i]:
-                drops[s] += 1
-            plan = plan_from_masks(graph, masks_from_drops(graph, scores, drops), range(n_out))
-            small = apply_plan(model, plan).eval()
-            if finish is not None and repair_each:
-                finish(small, plan)
-            ratios = {"flops_ratio": count_flops(small, input_shape) / source_flops,
-                      "params_ratio": count_params(small) / source_params}
-            accuracy = accuracy_of(small) if accuracy_of is not None and \
+    def measure(i: int, key: str) -> float:
+        if i not in trials:
+            ratios = {"flops_ratio": cands.flops_of(i), "params_ratio": cands.params_of(i)}
+            accuracy = accuracy_of(cands.priced(i)) if accuracy_of is not None and \
                 min_accuracy is not None else None
-            measured[i] = {**ratios, "val_accuracy": accuracy if accuracy is not None else 0.0}
-            built[i] = plan, small, Trial(
-                {"removed": i, "fraction": float(order[i - 1][0]) if i else 0.0}, ratios,
-                accuracy)
-        return built[i]
+            trials[i] = Trial({"removed": i, "fraction": cands.fraction(i)}, ratios, accuracy)
+        trial = trials[i]
+        if key == "val_accuracy":
+            return trial.accuracy if trial.accuracy is not None else 0.0
+        return float(cast(float, trial.ratios[key]))
 
-    def measure(j: int, key: str) -> float:
-        build(j)
-        return measured[j][key]
-
-    n = len(order) + 1
+    n = len(cands.order) + 1
     if min_accuracy is not None:
         floor = min_accuracy
         i = max(0, first_passing(n, lambda j: measure(j, "val_accuracy") < floor) - 1)
@@ -283,12 +266,42 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
                 f"of the {what}, above the target {100 * goal:.1f} %; frozen layers (on the "
                 "image input, grouped convs) and the logits cannot be pruned; choose a larger "
                 "target")
-    plan, small, trial = build(i)
-    if finish is not None and not repair_each:
-        finish(small, plan)
-    trials = tuple(t.to_dict() for _, (_, _, t) in sorted(built.items()))
-    return UniformPruning(small, plan, graph, criterion, trial.candidate["fraction"],
-                          measure(i, "flops_ratio"), measure(i, "params_ratio"), trials)
+    plan, small, _ = cands.build_fitted(i)
+    return UniformPruning(small, plan, graph, criterion, cands.fraction(i),
+                          measure(i, "flops_ratio"), measure(i, "params_ratio"),
+                          tuple(t.to_dict() for _, t in sorted(trials.items())))
+
+
+class UniformCandidates(Candidates[int]):
+    """Uniform pruning's candidates, keyed by how many channels of :func:`removal_order`
+    are removed; ``finish(network, plan)`` repairs one (see
+    :class:`~modellego.analysis.candidates.Candidates`)."""
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], graph: ChannelGraph,
+                 scores: dict[int, torch.Tensor],
+                 finish: Callable[[nn.Module, ComponentPlan], object] | None, *,
+                 price_repaired: bool) -> None:
+        super().__init__(model, input_shape, price_repaired=price_repaired)
+        self.graph, self.scores, self.finish = graph, scores, finish
+        self.order = removal_order(graph)
+
+    def fraction(self, removed: int) -> float:
+        """The share of every space's channels the first ``removed`` removals take."""
+        return float(self.order[removed - 1][0]) if removed else 0.0
+
+    def plan(self, key: int) -> ComponentPlan:
+        drops = {s: 0 for s in self.scores}
+        for _, s in self.order[:key]:
+            drops[s] += 1
+        graph = self.graph
+        return plan_from_masks(graph, masks_from_drops(graph, self.scores, drops),
+                               range(graph.space_size[graph.output_space]))
+
+    def make(self, plan: ComponentPlan, repair: bool) -> tuple[nn.Module, None]:
+        small = apply_plan(self.model, plan).eval()
+        if self.finish is not None and repair:
+            self.finish(small, plan)
+        return small, None
 
 
 # --------------------------------------------------------------------------- any criterion

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Mapping, Sequence, cast
+from typing import Callable, Mapping, Sequence, cast
 
 import torch
 from torch import nn
 
+from .analysis.candidates import Candidates
 from .analysis.locate import LocateConfig, profiled_layers, union_of_class_masks
-from .analysis.methods import METHODS as METHOD_REGISTRY
-from .analysis.methods import USE_MASS_RULE, Profile, get_method
+from .analysis.methods import METHOD_REGISTRY, USE_MASS_RULE, Method, Profile, get_method
 from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile here)
     ContributionProfile,
     SampleSelection,
@@ -25,8 +25,6 @@ from .errors import ModelLegoError
 from .metrics import (
     accuracy_from_logits,
     correct_flags,
-    count_flops,
-    count_params,
     macs_by_layer,
     predict_logits,
 )
@@ -61,7 +59,7 @@ DEFAULT_CONFIDENCE = 0.9
 #: up with training images the profile and the reconstruction do not use) ...
 DEFAULT_VALIDATION = 500
 #: ... the training images of the task the reconstruction fits on ...
-DEFAULT_RECONSTRUCT = 1000
+DEFAULT_FIT_IMAGES = 1000
 #: ... and how many times the search halves the gap between the family's passing step and
 #: its failing neighbour
 DEFAULT_BISECT = 2
@@ -148,7 +146,7 @@ class DisassemblyConfig:
                 fill["locate"] = get_method(self.method).default_locate() \
                     if self.method in METHOD_REGISTRY else LocateConfig()
         if self.reconstruct is None:
-            fill["reconstruct"] = DEFAULT_RECONSTRUCT if best and not self.compensate else 0
+            fill["reconstruct"] = DEFAULT_FIT_IMAGES if best and not self.compensate else 0
         if self.confidence is None:
             fill["confidence"] = DEFAULT_CONFIDENCE if best else 0.0
         if self.validation_per_class is None:
@@ -320,206 +318,258 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
     if head_of(model) is not None:
         raise ModelLegoError(f"the model carries a {head_of(model)} head (a pan-rajan module); "
                              "disassemble its source model instead")
-    input_shape = tuple(images.shape[1:])
     method = get_method(config.method)
-    correct_only = method.correct_only
     base = method.prepare(config.thresholds)
-    hint = method.hint.removesuffix(USE_MASS_RULE) if base.rule == "mass" else method.hint
-
-    def check_graph(g: ChannelGraph, what: str) -> None:
-        modules = dict(model.named_modules())
-        if any(lay.module is not modules.get(lay.name) for lay in g.layers):
-            raise ModelLegoError(f"the given {what} was built from another model object")
-
-    chunk_masks: dict[LocateConfig, dict[int, dict[int, torch.Tensor]]] | None = None
-    per_chunk = len(classes)
-    if reuse is not None and reuse.chunk_masks is None and (
-            reuse.classes, reuse.selection.k, reuse.method) == (
-            classes, config.samples_per_class, method.name):
-        check_graph(reuse.graph, "component to reuse")
-        graph, selection, profile = reuse.graph, reuse.selection, reuse.profile
-    else:
-        if graph is None:
-            graph = build_channel_graph(model, input_shape)
-        else:
-            check_graph(graph, "channel graph")
-        if selection is None and isinstance(images, ModelInputs) and not correct_only:
-            # streamed images: a pool no larger than k per class is taken whole, without
-            # a forward pass to rank what would all be selected anyway
-            selection = take_every_sample(labels, classes, config.samples_per_class)
-        if selection is None:
-            selection = select_samples(model, images, labels, classes, output_classes,
-                                       k=config.samples_per_class, dist=dist,
-                                       correct_only=correct_only)
-        elif selection.correct_only != correct_only or \
-                selection.k != config.samples_per_class or \
-                any(c not in selection.indices for c in classes):
-            raise ModelLegoError(
-                f"the given sample selection (k={selection.k}, classes "
-                f"{list(selection.classes)}, correct_only={selection.correct_only}) does not "
-                f"match the task (k={config.samples_per_class}, classes {list(classes)}, "
-                f"correct_only={correct_only})")
-        layers = {lay.name: lay.module for lay in profiled_layers(graph)}
-        per_chunk = classes_per_chunk(layers)
-        if len(classes) > per_chunk:
-            if not method.chunkable:
-                raise ModelLegoError(
-                    f"the profile of {len(classes)} classes would hold about "
-                    f"{len(classes) * statistics_bytes(layers) / 2**30:.1f} GiB of statistics "
-                    f"at once, and `method` {method.name} cannot profile in chunks of classes; "
-                    "raise `max_memory`, or use method contribution")
-            if config.refine:
-                raise ModelLegoError(
-                    f"`refine` re-reads the profile of all {len(classes)} classes, which is "
-                    f"made in chunks of {per_chunk} within `max_memory`; drop `refine` or "
-                    "raise `max_memory`")
-            searching = config.max_accuracy_drop is not None or \
-                config.target_flops is not None or config.target_params is not None
-            configs = [base] + (search_family(method, base, config) if searching else [])
-            profile, chunk_masks = chunked_class_masks(
-                method, model, graph, layers, images, labels, selection, classes,
-                output_classes, configs, per_chunk, batch_size=config.batch_size, dist=dist)
-        else:
-            idx = torch.tensor([i for c in classes for i in selection.indices[c]],
-                               dtype=torch.long)
-            profile = method.profile(model, layers, take(images, idx), labels[idx], classes,
-                                     batch_size=config.batch_size, dist=dist)
-    out_idx = method.output_indices(classes, output_classes)
-    bn_after = {lay.name: lay.bn_after for lay in graph.layers}
+    prof = _task_profile(model, images, labels, classes, output_classes, config, method, base,
+                         dist=dist, selection=selection, reuse=reuse, graph=graph)
     # validation images drawn from the training split (a confident search on too few
     # validation images of a class), kept out of the reconstruction's fit
     topup = torch.zeros(0, dtype=torch.long)
     if config.confident:
-        topup = validation_topup(labels, classes, selection, val_labels,
+        topup = validation_topup(labels, classes, prof.selection, val_labels,
                                  cast(int, config.validation_per_class))
-    # the reconstruction's images: a seeded draw from the task's training images (as the
-    # calibration images are drawn)
-    fit_images = torch.zeros((0, *input_shape))
-    if config.fit_images:
-        in_task = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
-        in_task[topup] = False
-        pool = in_task.nonzero().flatten()
-        pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
-                    [:config.fit_images]]
-        fit_images = as_tensor(take(images, pick), "the reconstruction's images")
-    # the latest candidates built (the search measures a candidate's cost and accuracy,
-    # then returns the last one that passed: each is cut and repaired once)
-    built: dict[tuple[LocateConfig, bool],
-                tuple[ComponentPlan, nn.Module, Reconstruction | None]] = {}
-    # the source's outputs on the reconstruction's images, measured once for every candidate
-    targets = SourceTargets()
-
-    def build_fitted(cfg: LocateConfig, repair: bool = True
-                     ) -> tuple[ComponentPlan, nn.Module, Reconstruction | None]:
-        """The candidate ``cfg``; ``repair=False``: the cut alone (its cost is the same)."""
-        if (cfg, repair) in built:
-            return built[cfg, repair]
-        if chunk_masks is not None:  # profiled in chunks: the classes' masks were kept
-            masks = union_of_class_masks(graph, classes, chunk_masks[cfg].__getitem__)
-        else:
-            masks = method.locate(graph, profile, classes, output_classes, cfg)
-        plan = plan_from_masks(graph, masks, out_idx, hint=hint)
-        net = apply_plan(model, plan).eval()
-        fit = reconstruct_layers(net, model, graph, plan, fit_images, cache=targets) \
-            if config.fit_images and repair else None
-        comp = method.finish(net, classes).eval()
-        if config.compensate and repair:  # the methods that allow it profile contributions
-            compensate_removed_inputs(comp, plan, cast(ContributionProfile, profile).means,
-                                      bn_after)
-        if calibration_images is not None and config.recalibrate_bn and repair:
-            recalibrate_batchnorm(comp, calibration_images)
-        while len(built) >= 2:
-            built.pop(next(iter(built)))
-        built[cfg, repair] = (plan, comp, fit)
-        return built[cfg, repair]
-
-    # with a cost target and no accuracy budget, candidates are priced as cut (a repair
-    # changes weights, not the cost) and only the chosen one is repaired
-    price_repaired = config.max_accuracy_drop is not None
-
-    def build(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
-        plan, comp, _ = build_fitted(cfg)
-        return plan, comp
-
-    def build_priced(cfg: LocateConfig) -> tuple[ComponentPlan, nn.Module]:
-        plan, comp, _ = build_fitted(cfg, price_repaired)
-        return plan, comp
-
-    chosen, trials = base, cast(list[Trial], [])
-    judge, validation = None, {}
+    candidates = TaskCandidates(
+        model, prof, classes, output_classes, config, method, base,
+        fit_images=_fit_images(images, labels, classes, topup, config),
+        calibration_images=calibration_images)
+    chosen, trials, judge = base, cast(list[Trial], []), None
+    validation: dict = {}
     if config.max_accuracy_drop is not None or config.target_flops is not None \
             or config.target_params is not None:
-        source_flops = count_flops(model, input_shape)
-
-        def flops_of(cfg: LocateConfig) -> float:
-            return count_flops(build_priced(cfg)[1], input_shape) / source_flops
-
-        cost_of, cost, target = flops_of, "flops", config.target_flops
-        if config.target_params is not None:  # the same search, priced in parameters
-            source_params = count_params(model)
-
-            def params_of(cfg: LocateConfig) -> float:
-                return count_params(build_priced(cfg)[1]) / source_params
-
-            cost_of, cost, target = params_of, "params", config.target_params
-
-        accuracy_of, min_acc = None, None
-        if config.confident:
-            sets = ([(val_images, val_labels)] if val_images is not None and
-                    val_labels is not None and len(val_labels) else []) + \
-                ([(take(images, topup), labels[topup])] if len(topup) else [])
-            if not sets:
-                raise ModelLegoError("`max_accuracy_drop` needs validation images of the "
-                                     "task: give `val_images`, or training images of its "
-                                     "classes beyond the profile's samples")
-            budget = cast(float, config.max_accuracy_drop)
-            judge, validation = confident_judge(model, sets, classes, output_classes,
-                                                lambda cfg: build(cfg)[1],
-                                                cast(float, config.confidence), budget)
-            validation.update({"from_validation_split": 0 if val_labels is None
-                               else int(len(val_labels)), "from_training_split": len(topup)})
-        elif config.max_accuracy_drop is not None:
-            if val_images is None or val_labels is None:
-                raise ModelLegoError("`max_accuracy_drop` needs `val_images` and `val_labels`")
-            src_logits = predict_logits(model, val_images)
-            restricted = accuracy_from_logits(src_logits, val_labels, output_classes,
-                                              restrict_to=classes).accuracy
-            min_acc = restricted - config.max_accuracy_drop / 100
-
-            def accuracy_of(cfg: LocateConfig) -> float:
-                comp = build(cfg)[1]
-                return accuracy_from_logits(predict_logits(comp, val_images), val_labels,
-                                            classes).accuracy
-
-        halvings = bisect_steps(config, chunk_masks is None,
-                                validation.get("images") if judge is not None
-                                else None if val_labels is None else len(val_labels))
-        if judge is not None:
-            validation["bisect"] = halvings
-        chosen, trials = search(search_family(method, base, config), cost_of, accuracy_of,
-                                min_accuracy=min_acc, max_flops_ratio=target, cost=cost,
-                                judge=judge, bisect=halvings)
-        if config.refine and (judge is not None or
-                              (min_acc is not None and accuracy_of is not None)):
-            # (refine needs the accuracy budget: validate() checked it is given)
-            # the layers whose inputs cost most in the component found so far
-            macs = macs_by_layer(build(chosen)[1], input_shape)
-            kinds = {lay.name: lay.kind for lay in profiled_layers(graph)}
-            order = sorted((n for n in macs if n in kinds), key=lambda n: -macs[n])[:8]
-            default = {"conv": chosen.beta_conv, "linear": chosen.beta_linear}
-            chosen, more = refine(chosen, [(n, default[kinds[n]]) for n in order], flops_of,
-                                  accuracy_of, min_acc, judge=judge)
-            trials = trials + more
-    plan, component, fit = build_fitted(chosen)
+        chosen, trials, judge, validation = _search_candidates(
+            candidates, images, labels, topup, val_images, val_labels)
+    plan, component, fit = candidates.build_fitted(chosen)
     if judge is not None:  # the chosen candidate's figures, from its trial
         last = [t for t in trials if t.config == chosen and t.accuracy is not None]
         acc, ok, note = (last[-1].accuracy, last[-1].ok, last[-1].note) if last \
             else judge(chosen)
         validation.update({"chosen_accuracy": acc, "chosen_passes": ok, "chosen": note})
-    return Component(component, plan, classes, selection, profile, graph, chosen,
-                     tuple(t.to_dict() for t in trials), method.name, fit, chunk_masks,
-                     1 if chunk_masks is None else -(-len(classes) // per_chunk),
+    return Component(component, plan, classes, prof.selection, prof.profile, prof.graph,
+                     chosen, tuple(t.to_dict() for t in trials), method.name, fit,
+                     prof.chunk_masks, prof.chunks(len(classes)),
                      validation if judge is not None else None)
+
+
+@dataclass(frozen=True)
+class TaskProfile:
+    """What every candidate of a disassembly shares: the channel graph, the selected
+    samples, the method's profile and (for a profile made in chunks of classes) each
+    searched config's per-class masks."""
+
+    graph: ChannelGraph
+    selection: SampleSelection
+    profile: Profile
+    chunk_masks: dict[LocateConfig, dict[int, dict[int, torch.Tensor]]] | None = None
+    per_chunk: int = 0
+
+    def chunks(self, classes: int) -> int:
+        """How many chunks of classes the profile was made in (1: all at once)."""
+        return 1 if self.chunk_masks is None else -(-classes // self.per_chunk)
+
+
+def _check_graph(model: nn.Module, graph: ChannelGraph, what: str) -> None:
+    modules = dict(model.named_modules())
+    if any(lay.module is not modules.get(lay.name) for lay in graph.layers):
+        raise ModelLegoError(f"the given {what} was built from another model object")
+
+
+def _task_profile(model: nn.Module, images: Inputs, labels: torch.Tensor,
+                  classes: tuple[int, ...], output_classes: Sequence[int],
+                  config: DisassemblyConfig, method: Method, base: LocateConfig, *,
+                  dist: DistContext | None, selection: SampleSelection | None,
+                  reuse: Component | None, graph: ChannelGraph | None) -> TaskProfile:
+    """The graph, samples and profile of the task (those of ``reuse`` when it matches)."""
+    if reuse is not None and reuse.chunk_masks is None and (
+            reuse.classes, reuse.selection.k, reuse.method) == (
+            classes, config.samples_per_class, method.name):
+        _check_graph(model, reuse.graph, "component to reuse")
+        return TaskProfile(reuse.graph, reuse.selection, reuse.profile)
+    if graph is None:
+        graph = build_channel_graph(model, tuple(images.shape[1:]))
+    else:
+        _check_graph(model, graph, "channel graph")
+    selection = _task_samples(model, images, labels, classes, output_classes, config,
+                              method.correct_only, dist, selection)
+    layers = {lay.name: lay.module for lay in profiled_layers(graph)}
+    per_chunk = classes_per_chunk(layers)
+    if len(classes) <= per_chunk:
+        idx = torch.tensor([i for c in classes for i in selection.indices[c]],
+                           dtype=torch.long)
+        profile = method.profile(model, layers, take(images, idx), labels[idx], classes,
+                                 batch_size=config.batch_size, dist=dist)
+        return TaskProfile(graph, selection, profile)
+    if not method.chunkable:
+        raise ModelLegoError(
+            f"the profile of {len(classes)} classes would hold about "
+            f"{len(classes) * statistics_bytes(layers) / 2**30:.1f} GiB of statistics "
+            f"at once, and `method` {method.name} cannot profile in chunks of classes; "
+            "raise `max_memory`, or use method contribution")
+    if config.refine:
+        raise ModelLegoError(
+            f"`refine` re-reads the profile of all {len(classes)} classes, which is "
+            f"made in chunks of {per_chunk} within `max_memory`; drop `refine` or "
+            "raise `max_memory`")
+    searching = config.max_accuracy_drop is not None or \
+        config.target_flops is not None or config.target_params is not None
+    configs = [base] + (search_family(method, base, config) if searching else [])
+    profile, chunk_masks = chunked_class_masks(
+        method, model, graph, layers, images, labels, selection, classes,
+        output_classes, configs, per_chunk, batch_size=config.batch_size, dist=dist)
+    return TaskProfile(graph, selection, profile, chunk_masks, per_chunk)
+
+
+def _task_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
+                  classes: tuple[int, ...], output_classes: Sequence[int],
+                  config: DisassemblyConfig, correct_only: bool, dist: DistContext | None,
+                  selection: SampleSelection | None) -> SampleSelection:
+    """The samples the profile reads: ``selection`` when given (checked against the task),
+    else selected here."""
+    if selection is None:
+        if isinstance(images, ModelInputs) and not correct_only:
+            # streamed images: a pool no larger than k per class is taken whole, without
+            # a forward pass to rank what would all be selected anyway
+            every = take_every_sample(labels, classes, config.samples_per_class)
+            if every is not None:
+                return every
+        return select_samples(model, images, labels, classes, output_classes,
+                              k=config.samples_per_class, dist=dist,
+                              correct_only=correct_only)
+    if selection.correct_only != correct_only or \
+            selection.k != config.samples_per_class or \
+            any(c not in selection.indices for c in classes):
+        raise ModelLegoError(
+            f"the given sample selection (k={selection.k}, classes "
+            f"{list(selection.classes)}, correct_only={selection.correct_only}) does not "
+            f"match the task (k={config.samples_per_class}, classes {list(classes)}, "
+            f"correct_only={correct_only})")
+    return selection
+
+
+def _fit_images(images: Inputs, labels: torch.Tensor, classes: tuple[int, ...],
+                topup: torch.Tensor, config: DisassemblyConfig) -> torch.Tensor:
+    """The reconstruction's images: a seeded draw from the task's training images (as the
+    calibration images are drawn), without those drawn for validation (``topup``)."""
+    if not config.fit_images:
+        return torch.zeros((0, *images.shape[1:]))
+    in_task = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+    in_task[topup] = False
+    pool = in_task.nonzero().flatten()
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+                [:config.fit_images]]
+    return as_tensor(take(images, pick), "the reconstruction's images")
+
+
+class TaskCandidates(Candidates[LocateConfig]):
+    """The candidates of a disassembly, one per locating config: cut by the channels the
+    config locates, then reconstructed, compensated and their BatchNorm re-estimated, as
+    the disassembly's config asks (see :class:`~modellego.analysis.candidates.Candidates`)."""
+
+    def __init__(self, model: nn.Module, prof: TaskProfile, classes: tuple[int, ...],
+                 output_classes: Sequence[int], config: DisassemblyConfig, method: Method,
+                 base: LocateConfig, *, fit_images: torch.Tensor,
+                 calibration_images: torch.Tensor | None) -> None:
+        # with a cost target and no accuracy budget, candidates are priced as cut
+        super().__init__(model, fit_images.shape[1:],
+                         price_repaired=config.max_accuracy_drop is not None)
+        self.prof, self.config, self.method, self.base = prof, config, method, base
+        self.classes, self.output_classes = classes, output_classes
+        self.out_idx = method.output_indices(classes, output_classes)
+        self.hint = method.hint.removesuffix(USE_MASS_RULE) if base.rule == "mass" \
+            else method.hint
+        self.fit_images, self.calibration_images = fit_images, calibration_images
+        self.bn_after = {lay.name: lay.bn_after for lay in prof.graph.layers}
+        # the source's outputs on the reconstruction's images, measured once for all
+        self.targets = SourceTargets()
+
+    def plan(self, key: LocateConfig) -> ComponentPlan:
+        prof = self.prof
+        if prof.chunk_masks is not None:  # profiled in chunks: the classes' masks were kept
+            masks = union_of_class_masks(prof.graph, self.classes,
+                                         prof.chunk_masks[key].__getitem__)
+        else:
+            masks = self.method.locate(prof.graph, prof.profile, self.classes,
+                                       self.output_classes, key)
+        return plan_from_masks(prof.graph, masks, self.out_idx, hint=self.hint)
+
+    def make(self, plan: ComponentPlan, repair: bool
+             ) -> tuple[nn.Module, Reconstruction | None]:
+        config = self.config
+        net = apply_plan(self.model, plan).eval()
+        fit = reconstruct_layers(net, self.model, self.prof.graph, plan, self.fit_images,
+                                 cache=self.targets) if config.fit_images and repair else None
+        comp = self.method.finish(net, self.classes).eval()
+        if config.compensate and repair:  # the methods that allow it profile contributions
+            compensate_removed_inputs(comp, plan,
+                                      cast(ContributionProfile, self.prof.profile).means,
+                                      self.bn_after)
+        if self.calibration_images is not None and config.recalibrate_bn and repair:
+            recalibrate_batchnorm(comp, self.calibration_images)
+        return comp, fit
+
+
+def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tensor,
+                       topup: torch.Tensor, val_images: Inputs | None,
+                       val_labels: torch.Tensor | None
+                       ) -> tuple[LocateConfig, list[Trial], Callable | None, dict]:
+    """The threshold search of ``cands.config``: the config chosen, the trials, the
+    confident judge (``None`` without one) and what it judged on."""
+    config, classes, base = cands.config, cands.classes, cands.base
+    cost_of, cost, target = cands.flops_of, "flops", config.target_flops
+    if config.target_params is not None:  # the same search, priced in parameters
+        cost_of, cost, target = cands.params_of, "params", config.target_params
+    accuracy_of, min_acc, judge, validation = None, None, None, {}
+    if config.confident:
+        sets = ([(val_images, val_labels)] if val_images is not None and
+                val_labels is not None and len(val_labels) else []) + \
+            ([(take(images, topup), labels[topup])] if len(topup) else [])
+        if not sets:
+            raise ModelLegoError("`max_accuracy_drop` needs validation images of the "
+                                 "task: give `val_images`, or training images of its "
+                                 "classes beyond the profile's samples")
+        judge, validation = confident_judge(
+            cands.model, sets, classes, cands.output_classes, cands.build,
+            cast(float, config.confidence), cast(float, config.max_accuracy_drop))
+        validation.update({"from_validation_split": 0 if val_labels is None
+                           else int(len(val_labels)), "from_training_split": len(topup)})
+    elif config.max_accuracy_drop is not None:
+        accuracy_of, min_acc = _accuracy_judge(cands, val_images, val_labels)
+    halvings = bisect_steps(config, cands.prof.chunk_masks is None,
+                            validation.get("images") if judge is not None
+                            else None if val_labels is None else len(val_labels))
+    if judge is not None:
+        validation["bisect"] = halvings
+    chosen, trials = search(search_family(cands.method, base, config), cost_of, accuracy_of,
+                            min_accuracy=min_acc, max_flops_ratio=target, cost=cost,
+                            judge=judge, bisect=halvings)
+    if config.refine and (judge is not None or accuracy_of is not None):
+        # (refine needs the accuracy budget: validate() checked it is given)
+        # the layers whose inputs cost most in the component found so far
+        macs = macs_by_layer(cands.build(chosen), cands.input_shape)
+        kinds = {lay.name: lay.kind for lay in profiled_layers(cands.prof.graph)}
+        order = sorted((n for n in macs if n in kinds), key=lambda n: -macs[n])[:8]
+        default = {"conv": chosen.beta_conv, "linear": chosen.beta_linear}
+        chosen, more = refine(chosen, [(n, default[kinds[n]]) for n in order],
+                              cands.flops_of, accuracy_of, min_acc, judge=judge)
+        trials = trials + more
+    return chosen, trials, judge, validation
+
+
+def _accuracy_judge(cands: TaskCandidates, val_images: Inputs | None,
+                    val_labels: torch.Tensor | None
+                    ) -> tuple[Callable[[LocateConfig], float], float]:
+    """The observed-accuracy criterion (``confidence`` 0): a candidate's validation
+    accuracy, and the least it may have (the restricted source's less the budget)."""
+    if val_images is None or val_labels is None:
+        raise ModelLegoError("`max_accuracy_drop` needs `val_images` and `val_labels`")
+    src_logits = predict_logits(cands.model, val_images)
+    restricted = accuracy_from_logits(src_logits, val_labels, cands.output_classes,
+                                      restrict_to=cands.classes).accuracy
+
+    def accuracy_of(cfg: LocateConfig) -> float:
+        return accuracy_from_logits(predict_logits(cands.build(cfg), val_images), val_labels,
+                                    cands.classes).accuracy
+
+    return accuracy_of, restricted - cast(float, cands.config.max_accuracy_drop) / 100
 
 
 def bisect_steps(config: DisassemblyConfig, whole_profile: bool, images: int | None) -> int:

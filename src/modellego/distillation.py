@@ -130,21 +130,7 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     require_single(teacher_manifest, "distil from", where="the teacher",
                    hint="; distil from one of the parts instead")
     dataset = teacher_manifest["dataset"]["name"]
-    info = dataset_info_for(teacher_manifest["dataset"], data_dir=data_dir)
-    check_dataset_matches(teacher_manifest, dataset, info)
-    train_split = load_split_for(teacher_manifest["dataset"], "train", data_dir=data_dir,
-                                 where="the teacher")
-    classes = tuple(int(c) for c in teacher_manifest["classes"])
-    check_classes(classes, info.num_classes, "the teacher's classes")
-    x_train, y_train = task_split(train_split, classes)
-    val = load_split_for(teacher_manifest["dataset"], "val", data_dir=data_dir,
-                         where="the teacher").subset(classes)
-    test = load_split_for(teacher_manifest["dataset"], "test", data_dir=data_dir,
-                          where="the teacher").subset(classes)
-    for name, n in (("train", len(y_train)), ("validation", len(val)), ("test", len(test))):
-        if n == 0:
-            raise ModelLegoError(f"dataset {dataset!r} has no {name} images of the teacher's "
-                                 f"classes {list(classes)}; add images or use another teacher")
+    info, classes, (x_train, y_train), val, test = _teacher_data(teacher_manifest, data_dir)
     x_val = normalize(as_tensor(val.images, "distillation"), info)
     x_test = normalize(as_tensor(test.images, "distillation"), info)
     # the student reads the dataset's images; the teacher may read them in another form
@@ -200,6 +186,26 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     manifest = _student_manifest(teacher_manifest, info, classes, kwargs, config, kd_row,
                                  history, command=command, source_path=source_path)
     return student, manifest, report
+
+
+def _teacher_data(teacher_manifest: dict[str, Any], data_dir: str | None) -> tuple:
+    """The teacher's dataset, its classes, the training images and labels of those classes,
+    and their validation and test splits (each refused when empty)."""
+    spec = teacher_manifest["dataset"]
+    info = dataset_info_for(spec, data_dir=data_dir)
+    check_dataset_matches(teacher_manifest, spec["name"], info)
+    train_split = load_split_for(spec, "train", data_dir=data_dir, where="the teacher")
+    classes = tuple(int(c) for c in teacher_manifest["classes"])
+    check_classes(classes, info.num_classes, "the teacher's classes")
+    x_train, y_train = task_split(train_split, classes)
+    val = load_split_for(spec, "val", data_dir=data_dir, where="the teacher").subset(classes)
+    test = load_split_for(spec, "test", data_dir=data_dir, where="the teacher").subset(classes)
+    for name, n in (("train", len(y_train)), ("validation", len(val)), ("test", len(test))):
+        if n == 0:
+            raise ModelLegoError(f"dataset {spec['name']!r} has no {name} images of the "
+                                 f"teacher's classes {list(classes)}; add images or use "
+                                 "another teacher")
+    return info, classes, (x_train, y_train), val, test
 
 
 def _train_student(config: DistillConfig, kwargs: dict[str, Any], data: tuple, pad: int,

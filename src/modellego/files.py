@@ -10,6 +10,7 @@ So a small file whose manifest asks for a huge network is refused without alloca
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError, ModelLegoError
-from .io import _load_tensors, _prepared, read_table, save_weights
+from .io import _load_tensors, _prepared, file_sha256, read_table, save_weights
 from .kinds import build_from_manifest
 from .manifest import ROUTER_FINGERPRINT_PREFIX, Manifest
 from .models.sources import split_source, trusted
@@ -37,19 +38,52 @@ class LoadedModel:
     fingerprint: dict[str, torch.Tensor] | None = None
 
 
+#: the attribute of a network that holds its router fingerprint's tensors between the verb
+#: that made them (or :func:`open_model`) and :func:`save_model`
+FINGERPRINT_ATTRIBUTE = "modellego_fingerprint"
+
+
+def attach_fingerprint(model: nn.Module, tensors: Mapping[str, torch.Tensor] | None) -> None:
+    """Keep a router fingerprint's ``tensors`` with ``model``, for :func:`save_model` (which
+    writes them when the manifest it is given describes them); ``None`` removes them."""
+    if tensors is None:
+        model.__dict__.pop(FINGERPRINT_ATTRIBUTE, None)
+    else:
+        model.__dict__[FINGERPRINT_ATTRIBUTE] = dict(tensors)
+
+
+def attached_fingerprint(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The router fingerprint tensors kept with ``model`` (see :func:`attach_fingerprint`)."""
+    return model.__dict__.get(FINGERPRINT_ATTRIBUTE)
+
+
 def save_model(path: str | Path, model: nn.Module,
                manifest: Mapping[str, Any] | Manifest, *,
                fingerprint: Mapping[str, torch.Tensor] | None = None) -> None:
     """Save ``model``'s weights (state_dict incl. buffers) with ``manifest``, and the tensors
     of its router ``fingerprint`` when the manifest describes one (``router_fingerprint``).
 
-    The manifest must be valid and let the package rebuild a network with one output per
-    class, and the fingerprint's tensors must be exactly those it describes; otherwise
-    :class:`ModelFileError` and nothing is written. That check runs on the ``meta`` device
-    only, so a manifest asking for a huge network allocates nothing. Tensors that share
-    storage are saved as separate copies.
+    Args:
+        path: the ``.safetensors`` file to write (atomically).
+        model: the network.
+        manifest: its manifest, as a verb returned it.
+        fingerprint: the router fingerprint's tensors; by default those the verb that made
+            ``model`` kept with it (or :func:`open_model` read), when the manifest describes
+            a fingerprint.
+
+    A source file named by a relative path (relative to the working folder, as the verbs
+    record it) is stored relative to ``path``'s folder, where
+    :func:`modellego.assembly.union.find_source` looks first: the library and the command
+    line write the same file. The manifest must be valid and let the package rebuild a
+    network with one output per class, and the fingerprint's tensors must be exactly those
+    it describes; otherwise :class:`ModelFileError` and nothing is written. That check runs
+    on the ``meta`` device only, so a manifest asking for a huge network allocates nothing.
+    Tensors that share storage are saved as separate copies.
     """
+    manifest = _source_relative_to(manifest, Path(path))
     checked = _prepared(path, manifest)
+    if fingerprint is None and checked.router_fingerprint is not None:
+        fingerprint = attached_fingerprint(model)
     _check_outputs(checked, f"{path} (not written)")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     if checked.router_fingerprint is not None or fingerprint is not None:
@@ -64,6 +98,28 @@ def save_model(path: str | Path, model: nn.Module,
         state.update({ROUTER_FINGERPRINT_PREFIX + k: v.detach().float().clone()
                       for k, v in fingerprint.items()})
     save_weights(path, state, checked)
+
+
+def _source_relative_to(manifest: Mapping[str, Any] | Manifest, out: Path
+                        ) -> Mapping[str, Any] | Manifest:
+    """``manifest`` with its relative source path made relative to the folder of ``out``,
+    the file about to be written, when it names a file of the working folder (the one whose
+    SHA-256 the manifest records: the verbs record the path as they were given it). A path
+    read from a file is relative to that file's folder and is kept as it is."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
+    source = (manifest.get("provenance") or {}).get("source") or {}
+    stored = source.get("file") if isinstance(source, Mapping) else None
+    if not isinstance(stored, str) or not stored or Path(stored).is_absolute():
+        return manifest
+    if not Path(stored).is_file() or file_sha256(stored) != source.get("sha256"):
+        return manifest  # not the working folder's file: a path stored relative to a file
+    try:
+        relative = os.path.relpath(Path(stored).resolve(), out.parent.resolve())
+    except ValueError:  # another drive (Windows): keep the path as given
+        return manifest
+    provenance = {**manifest["provenance"], "source": {**source, "file": relative}}
+    return {**manifest, "provenance": provenance}
 
 
 #: the dtypes a floating-point tensor of the network may be stored as; they are read and
@@ -124,7 +180,9 @@ def _open_model(path: Path) -> LoadedModel:
     model = _build(manifest, str(path))
     _check_fixed(path, model, tensors)
     load_state(model, tensors)
-    return LoadedModel(model.eval(), checked, path, fingerprint if spec is not None else None)
+    kept = fingerprint if spec is not None else None
+    attach_fingerprint(model, kept)  # saved again with the model (see save_model)
+    return LoadedModel(model.eval(), checked, path, kept)
 
 
 def _split_fingerprint(items: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

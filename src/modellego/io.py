@@ -319,8 +319,9 @@ def _refuse_pickle(path: Path, head: bytes, size: int) -> None:
             f"{path}: this looks like a pickle-based PyTorch checkpoint, not a modellego "
             "model file (.safetensors); modellego never unpickles model files because "
             "unpickling can run "
-            "arbitrary code. If it is a state dict, wrap it with `modellego import ARCH "
-            "--weights FILE` (which reads it with torch's restricted weights-only loader)")
+            "arbitrary code. If it is a state dict, wrap it with the modellego import "
+            "command or modellego.import_model (which read it with torch's restricted "
+            "weights-only loader)")
 
 
 def _refuse_not_a_file(path: Path) -> None:
@@ -409,7 +410,7 @@ def read_table(path: str | Path, *, check: bool = True
     if "modellego" not in meta:
         raise ModelFileError(
             f"{path}: safetensors file has no modellego manifest; it was not written by "
-            "modellego (wrap a plain state dict with `modellego import ARCH --weights FILE`)")
+            "modellego (wrap a plain state dict with the modellego import command)")
     manifest = Manifest.from_dict(parse_json(meta["modellego"], what="manifest", source=path),
                                   source=str(path))
     if not check:

@@ -17,18 +17,18 @@ from .registry import Registry
 
 Builder = Callable[[Mapping[str, Any]], nn.Module]
 
-KINDS: Registry[Builder] = Registry("model kind")
+KIND_REGISTRY: Registry[Builder] = Registry("model kind")
 
 
 def register_kind(kind: str, build: Builder) -> Builder:
     """Register how a manifest of ``kind`` is rebuilt; a kind can be registered once."""
-    return KINDS.register(kind, build)
+    return KIND_REGISTRY.register(kind, build)
 
 
 def build_from_manifest(manifest: Mapping[str, Any]) -> nn.Module:
     """An ``nn.Module`` with the structure ``manifest`` describes (weights not loaded)."""
     kind = manifest.get("kind", "model")
-    if kind not in KINDS:
+    if kind not in KIND_REGISTRY:
         raise ModelFileError(f"unknown model kind {kind!r} in manifest; known: "
-                             f"{', '.join(sorted(KINDS.names()))}; upgrade modellego")
-    return KINDS.get(kind)(manifest)
+                             f"{', '.join(sorted(KIND_REGISTRY.names()))}; upgrade modellego")
+    return KIND_REGISTRY.get(kind)(manifest)

@@ -41,12 +41,12 @@ KINDS = ("model", "component", "assembly")
 HEADS = ("one-vs-rest",)
 #: the assembly layouts and scalings of modellego 0.1.0: what a file may name until the
 #: package, when it is assembled, hands over its registries (see :func:`set_vocabulary`)
-LAYOUTS = ("parallel", "padded", "union")
-SCALINGS = ("none", "logit", "feature", "calibrated")
+LAYOUTS_0_1 = ("parallel", "padded", "union")
+SCALINGS_0_1 = ("none", "logit", "feature", "calibrated")
 #: the scalings whose routers read the parts' tapped features (the file lists the taps)
 FEATURE_SCALINGS = ("calibrated", "joint", "fingerprint")
 _VOCABULARY: dict[str, Callable[[], Sequence[str]]] = {}
-_DEFAULT_VOCABULARY = {"layout": LAYOUTS, "scaling": SCALINGS}
+_DEFAULT_VOCABULARY = {"layout": LAYOUTS_0_1, "scaling": SCALINGS_0_1}
 
 
 def set_vocabulary(field: str, names: Callable[[], Sequence[str]]) -> None:
@@ -943,7 +943,7 @@ class Manifest:
         return out
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KINDS", "LAYOUTS", "SCALINGS",
+__all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KINDS", "LAYOUTS_0_1", "SCALINGS_0_1",
            "set_vocabulary", "vocabulary",
            "ArchitectureSpec", "AssemblySpec", "BaseSpec", "DatasetSpec", "InputContract",
            "Label", "LayerKeep", "Manifest", "Metrics", "PartSpec", "PlanSpec", "Provenance",

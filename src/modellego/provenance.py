@@ -5,7 +5,7 @@ also take files (assembly, distillation)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ._version import __version__
 from .errors import ModelLegoError
@@ -15,7 +15,7 @@ from .io import file_sha256
 SINGLE_KINDS = ("model", "component")
 
 
-def require_single(manifest: dict[str, Any], verb: str, *, where: str = "",
+def require_single(manifest: Mapping[str, Any], verb: str, *, where: str = "",
                    hint: str = "") -> None:
     """Refuse a file that is not a single model or component: ``verb`` says what was to be
     done with it (``"disassemble"``), ``where`` names the file, ``hint`` what to do instead."""

@@ -93,10 +93,13 @@ def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> tor
 
 
 def train(config: TrainConfig, *, command: str | None = None,
-          progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+          progress: bool = True, fingerprint: bool = True
+          ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``config.arch`` on ``config.dataset``; keep the epoch best on the validation split.
 
-    Returns the model (eval mode) and its manifest, ready for :func:`modellego.save_model`.
+    Returns the model (eval mode) and its manifest, ready for :func:`modellego.save_model`;
+    with ``fingerprint``, the manifest has the model's router fingerprint (its tensors are
+    kept with the model, see :func:`modellego.disassemble`).
     """
     config.validate()
     torch.manual_seed(config.seed)
@@ -143,7 +146,9 @@ def train(config: TrainConfig, *, command: str | None = None,
                        "best_epoch": best_epoch, "history": history,
                        "modellego_version": __version__, "torch_version": torch.__version__},
     })
-    return model, manifest
+    from .assembly.fingerprint import fingerprinted
+
+    return model, fingerprinted(model, manifest, fingerprint, data_dir=config.data_dir)
 
 
 def augmentation(dataset: str, input_size: int, augment: bool) -> tuple[int, bool]:

@@ -500,16 +500,7 @@ def layer_class_sums(
     are stored there instead of being made again on every call.
     """
     if isinstance(module, nn.Linear):
-        _check_linear(inp, module, name)
-        x = inp.detach()
-        if x.dim() > 2:
-            x = x.reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1)
-        x = x.double()
-        w, w_pos, w_neg = _derived(cache, (id(module), "linear"),
-                                   lambda: _signed_parts(module.weight.detach()))
-        sums = _one_tap_sums(x.unsqueeze(1), w_pos.unsqueeze(0), w_neg.unsqueeze(0), rows,
-                             num_rows)[:, 0]
-        return sums, w * x.sum(0)
+        return _linear_class_sums(inp, module, rows, num_rows, name, cache)
     conv = _check_conv(inp, module, name)
     groups = conv.groups
     q_total, p_g, kh, kw = conv.weight.shape
@@ -547,7 +538,33 @@ def layer_class_sums(
                                device=inp.device), signed
         sums = _one_tap_sums(u[..., 0].double(), derived[1], derived[2], rows, num_rows)
         return sums.reshape(num_rows, q_total, p_g), signed
-    wt = derived[1]
+    return _blocked_class_sums(u, derived[1], rows, num_rows), signed
+
+
+def _linear_class_sums(inp: torch.Tensor, module: nn.Linear, rows: torch.Tensor,
+                       num_rows: int, name: str | None, cache: dict | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`layer_class_sums` of a linear layer: one product per ``(q, p)``, in closed
+    form (the input summed over every axis but the batch and the last)."""
+    _check_linear(inp, module, name)
+    x = inp.detach()
+    if x.dim() > 2:
+        x = x.reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1)
+    x = x.double()
+    w, w_pos, w_neg = _derived(cache, (id(module), "linear"),
+                               lambda: _signed_parts(module.weight.detach()))
+    sums = _one_tap_sums(x.unsqueeze(1), w_pos.unsqueeze(0), w_neg.unsqueeze(0), rows,
+                         num_rows)[:, 0]
+    return sums, w * x.sum(0)
+
+
+def _blocked_class_sums(u: torch.Tensor, wt: torch.Tensor, rows: torch.Tensor,
+                        num_rows: int) -> torch.Tensor:
+    """Per-class sums of the clamped per-sample products of tap sums ``u`` (batch, groups,
+    P_g, taps) with weights ``wt`` (groups * P_g, taps, Q_g), block by block (see
+    :func:`layer_class_sums`); ``(num_rows, groups * Q_g, P_g)`` in float64."""
+    batch, groups, p_g, taps = u.shape
+    q_g = wt.shape[2]
     if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
         u = u[torch.sort(rows, stable=True).indices]  # each class's samples contiguous
     counts = torch.bincount(rows, minlength=num_rows).tolist()
@@ -557,7 +574,7 @@ def layer_class_sums(
     ut = u.permute(1, 2, 0, 3).reshape(groups * p_g, batch, taps)
     # laid out as returned, (rows, G, Q_g, P_g): callers add it to their totals, and adding a
     # transposed view costs several times a contiguous one
-    acc = torch.zeros((num_rows, groups, q_g, p_g), dtype=torch.float64, device=inp.device)
+    acc = torch.zeros((num_rows, groups, q_g, p_g), dtype=torch.float64, device=u.device)
     step = max(1, _BLOCK_BYTES // (batch * q_g * ut.element_size()))
     # blocks of whole groups when a group fits in one, else blocks within a group
     per_block = max(1, step // p_g)
@@ -571,7 +588,7 @@ def layer_class_sums(
             for r, start, stop in spans:  # each (row, block) slot is written once
                 part = block[:, start:stop].sum(1)  # (input channels, Q_g)
                 acc[r, g0:g1, :, a:b] = part.reshape(g1 - g0, b - a, q_g).transpose(1, 2)
-    return acc.reshape(num_rows, q_total, p_g), signed
+    return acc.reshape(num_rows, groups * q_g, p_g)
 
 
 def minmax_normalize(S: torch.Tensor, dim: int = -1, eps: float = 1e-5) -> torch.Tensor:

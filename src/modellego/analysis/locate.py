@@ -33,7 +33,7 @@ from ..surgery.plan import close_ties
 from .contribution import minmax_normalize
 from .profile import ContributionProfile
 
-METHODS = ("count", "mass")
+RULES = ("count", "mass")
 NORMALIZATIONS = ("minmax", "max")
 
 
@@ -61,8 +61,8 @@ class LocateConfig:
         for name, v in self.layer_beta:
             if not 0.0 <= v <= 1.0:
                 raise ModelLegoError(f"beta of layer {name!r} must lie in [0, 1], got {v}")
-        if self.rule not in METHODS:
-            raise ModelLegoError(f"unknown locating rule {self.rule!r}; use one of {METHODS}")
+        if self.rule not in RULES:
+            raise ModelLegoError(f"unknown locating rule {self.rule!r}; use one of {RULES}")
         if self.normalize not in NORMALIZATIONS:
             raise ModelLegoError(f"unknown normalisation {self.normalize!r}; use one of "
                                  f"{NORMALIZATIONS}")

@@ -1,11 +1,11 @@
 """Disassembly methods: how a component's channels are scored and chosen.
 
-A method is one small class registered under its name in :data:`METHODS`. It knows its
+A method is one small class registered under its name in :data:`METHOD_REGISTRY`. It knows its
 default thresholds, which samples it profiles (all selected ones, or correctly classified
 ones only), how it profiles them, how it turns a profile into keep-masks, the family of
 thresholds a search walks, whether bias compensation and per-layer refining apply, which
 logits the component keeps and what head answers for it. A new method is one subclass of
-:class:`Method` plus one ``METHODS.register`` call.
+:class:`Method` plus one ``METHOD_REGISTRY.register`` call.
 
 ``contribution``: Model LEGO (NeurIPS'24); ``contribution-2022``: the ICLR'23 contribution
 paradigm (correctly classified samples only, un-centred normalisation); ``frat``: CNN LEGO
@@ -221,14 +221,14 @@ class PanRajan(AlphaMethod):
 
 
 #: every disassembly method, by name, in the order the CLI lists them
-METHODS: Registry[Method] = Registry("disassembly method")
+METHOD_REGISTRY: Registry[Method] = Registry("disassembly method")
 for _method in (Contribution(), Contribution2022(), Frat(), PanRajan()):
-    METHODS.register(_method.name, _method)
+    METHOD_REGISTRY.register(_method.name, _method)
 
 
 def get_method(name: str) -> Method:
     """The method registered as ``name``; a one-line error lists the known ones."""
-    return METHODS.get(name)
+    return METHOD_REGISTRY.get(name)
 
 
 def candidates(base: LocateConfig, method: str = "contribution") -> list[LocateConfig]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Mapping, Sequence, cast
 
 import torch
@@ -13,15 +12,14 @@ from .._version import __version__
 from ..data.lazy import as_tensor, default_batch
 from ..data.registry import check_one_folder, load_split_for
 from ..errors import ModelLegoError
-from ..files import open_model
 from ..kinds import build_from_manifest
-from ..metrics import count_flops, count_params, predict_logits
-from ..models.sources import trusted
+from ..metrics import count_flops, count_params
 from ..provenance import require_single
 from ..runtime.distributed import SINGLE, DistContext
 from ..runtime.hooks import preserved_state
 from .adapters import InputAdapter, contract_shape, convert_images
 from .layouts import LAYOUT_REGISTRY, ParallelBody, get_layout
+from .parts import Part
 from .routing import routing_metrics
 from .scalings import SCALING_REGISTRY, default_scaling, get_scaling
 from .scoring import pooled
@@ -30,8 +28,6 @@ from .scoring import pooled
 LAYOUTS = LAYOUT_REGISTRY.names()
 SCALINGS = SCALING_REGISTRY.names()
 DUPLICATES = ("error", "replace")
-_PART_KEYS = ("kind", "architecture", "plan", "head", "dataset", "classes", "class_names",
-              "input")
 
 
 @dataclass(frozen=True)
@@ -52,14 +48,14 @@ class AssemblyConfig:
                               ("on_duplicate", DUPLICATES)):
             value = getattr(self, name)
             if value not in allowed and not (name == "scaling" and value is None):
-                raise ModelLegoError(f"--{name.replace('_', '-')} must be one of "
-                                     f"{', '.join(allowed)}, got {value!r}")
+                raise ModelLegoError(f"`{name}` must be one of {', '.join(allowed)}, "
+                                     f"got {value!r}")
         if self.calibration_samples < 2:
             raise ModelLegoError("`calibration_samples` must be >= 2")
         get_layout(self.layout).check(get_scaling(self.scaling or "joint"))
 
 
-def label_map(parts: Sequence[dict[str, Any]], on_duplicate: str
+def label_map(parts: Sequence[Mapping[str, Any]], on_duplicate: str
               ) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """The assembled outputs (in order) and, per part, which of its outputs are kept.
 
@@ -125,170 +121,139 @@ class AssembledModel(nn.Module):
         return self.rule.combine(self, outs)
 
 
-def _part_manifest(man: dict[str, Any], path: str | None) -> dict[str, Any]:
-    from ..io import file_sha256
-
-    part = {k: man[k] for k in _PART_KEYS if k in man}
-    part["file"] = str(path) if path else None
-    part["sha256"] = file_sha256(path) if path else None
-    if man.get("kind") == "component":
-        source = man.get("provenance", {}).get("source", {})
-        part["source"] = {"file": source.get("file"), "sha256": source.get("sha256")}
-    return part
-
-
-def _calibration_data(parts: list[dict[str, Any]], config: AssemblyConfig,
-                      contract: Sequence[int], data_dir: str | None
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per part: contract images and output indices of random training images of its classes.
-
-    Training split only: the test split is never used for calibration.
-    """
-    gen = torch.Generator().manual_seed(config.seed)
-    data = []
-    for k, man in enumerate(parts):
-        split = load_split_for(man["dataset"], "train", data_dir=data_dir, where=f"part {k}")
-        xs, ys = [], []
-        for i, c in enumerate(man["classes"]):
-            pos = (split.labels == c).nonzero().flatten()
-            if len(pos) == 0:
-                raise ModelLegoError(f"no training images of class {c} in "
-                                     f"{man['dataset']['name']} to calibrate with")
-            pick = pos[torch.randperm(len(pos), generator=gen)[:config.calibration_samples]]
-            xs.append(as_tensor(split.images[pick], "the router's calibration"))
-            ys.append(torch.full((len(pick),), i, dtype=torch.long))
-        x = convert_images(torch.cat(xs), contract[0], contract[1:])
-        data.append((x, torch.cat(ys)))
-    return data
-
-
-def _structure(parts: list[dict[str, Any]], nets: list[nn.Module], config: AssemblyConfig,
-               contract: Sequence[int], columns: list[list[int]],
-               taps: list[list[str]] | None, spec: dict[str, Any] | None, *,
-               weights: bool) -> AssembledModel:
-    if config.scaling is None:  # assemble() resolves it; a manifest records it resolved
+def _structure(parts: Sequence[Part], config: AssemblyConfig, contract: Sequence[int],
+               columns: list[list[int]], taps: list[list[str]] | None,
+               spec: dict[str, Any] | None, *, weights: bool) -> AssembledModel:
+    if config.scaling is None:  # assemble_models() resolves it; a manifest records it resolved
         raise ModelLegoError("unknown scaling None; use one of "
                              f"{', '.join(SCALING_REGISTRY.names())}")
     scaling = get_scaling(config.scaling)
+    nets = [p.net for p in parts]
     adapters = [InputAdapter(contract, p["input"]) for p in parts]
     body = get_layout(config.layout).body(adapters, nets, parts, taps, spec, weights=weights)
     return AssembledModel(body, columns, scaling.name, scaling.routers(nets, taps, parts),
                           [bool(p.get("head")) for p in parts])
 
 
-def assemble(sources: Sequence[str | Path | tuple],
-             config: AssemblyConfig | None = None, *, data_dir: str | None = None,
-             command: str | None = None, dist: DistContext = SINGLE,
-             trust_code: Sequence[str] | str | None = None
-             ) -> tuple[AssembledModel, dict[str, Any]]:
-    """Assemble model files (or ``(model, manifest)`` pairs, or ``(model, manifest,
-    fingerprint tensors)``) into one classifier.
-
-    Scaling ``fingerprint`` (``--data-free``) routes with the parts' router fingerprints
-    alone (:mod:`.fingerprint`) and reads no dataset.
-
-    ``trust_code``: modules that files with ``python:`` architectures may import (see
-    :func:`modellego.open_model`).
-
-    >>> model, manifest = assemble(["a.safetensors", "b.safetensors"])
-    """
-    with trusted(trust_code):
-        return _assemble(sources, config, data_dir=data_dir, command=command, dist=dist)
+def as_parts(parts: Sequence[Part | tuple]) -> list[Part]:
+    """Parts given as :class:`Part` records or as ``(model, manifest)`` or ``(model, manifest,
+    fingerprint tensors)`` tuples, checked to be single models or components."""
+    if len(parts) < 2:
+        raise ModelLegoError("assembly needs at least two parts")
+    out = []
+    for k, part in enumerate(parts):
+        if not isinstance(part, Part):
+            net, man, *rest = part
+            part = Part.of(net, man, fingerprint=rest[0] if rest else None)
+        require_single(part.entry, "assemble", where=part.get("file") or f"part {k}",
+                       hint="; assemble its parts instead")
+        out.append(part)
+    return out
 
 
-def _assemble(sources: Sequence[str | Path | tuple],
-              config: AssemblyConfig | None, *, data_dir: str | None,
-              command: str | None, dist: DistContext) -> tuple[AssembledModel, dict[str, Any]]:
+def resolved(config: AssemblyConfig | None, parts: Sequence[Part]) -> AssemblyConfig:
+    """``config`` (default :class:`AssemblyConfig`) validated, with its scaling resolved for
+    ``parts`` (:func:`~modellego.assembly.scalings.default_scaling` when not given)."""
     config = config or AssemblyConfig()
     config.validate()
-    if len(sources) < 2:
-        raise ModelLegoError("assembly needs at least two parts")
-    nets, parts = [], []
-    for src in sources:
-        fingerprint = None
-        if isinstance(src, (str, Path)):
-            loaded = open_model(src)
-            net, man = loaded.model, loaded.manifest.to_dict()
-            fingerprint, path = loaded.fingerprint, str(src)
-        else:  # (model, manifest) or (model, manifest, fingerprint tensors)
-            net, man, *rest = src
-            fingerprint, path = (rest[0] if rest else None), None
-        require_single(man, "assemble", where=path or "part",
-                       hint="; assemble its parts instead")
-        part = _part_manifest(man, path)
-        part["_num_outputs"] = len(man["classes"])
-        part["_fingerprint"] = fingerprint if man.get("router_fingerprint") else None
-        part["router_fingerprint"] = man.get("router_fingerprint")
-        made = (man.get("provenance") or {}).get("config") or {}
-        part["_repairs"] = [flag for flag, key in (("--reconstruct", "reconstruct"),
-                                                   ("--compensate", "compensate"),
-                                                   ("--recalibrate-bn", "recalibrate_bn"))
-                            if made.get(key)]  # weights changed after the cut
-        nets.append(net.eval())
-        parts.append(part)
-    check_one_folder([p["dataset"]["name"] for p in parts], data_dir)
+    if config.scaling is None:  # recorded resolved, as if it had been given
+        config = replace(config, scaling=default_scaling(parts))
+        config.validate()
+    return config
+
+
+def assemble_models(parts: Sequence[Part | tuple], config: AssemblyConfig | None = None, *,
+                    calibration: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    base: Mapping[str, float] | None = None, command: str | None = None,
+                    dist: DistContext = SINGLE) -> tuple[AssembledModel, dict[str, Any]]:
+    """Assemble networks in memory into one classifier over the union of their labels.
+
+    Args:
+        parts: two or more :class:`~modellego.assembly.parts.Part` records, or
+            ``(model, manifest)`` / ``(model, manifest, fingerprint tensors)`` tuples.
+        config: layout, scaling and the rest (default :class:`AssemblyConfig`).
+        calibration: per part, training images of its classes in the assembly's input
+            contract and their indices among the part's outputs; needed when the scaling
+            calibrates (:func:`modellego.workflows.assembly.calibration_images` reads them),
+            else unused.
+        base: per label (``"dataset:class"``), each part's own accuracy on its classes'
+            test images; needed when the layout's body is not the parts themselves (union),
+            on which Base cannot be measured afterwards
+            (:func:`modellego.workflows.assembly.parts_base` measures it).
+        command: the command line recorded in the provenance.
+        dist: the data-parallel context under ``torchrun``.
+
+    Returns:
+        ``(model, manifest)``: the assembled network (eval mode) and its manifest.
+
+    >>> model, manifest = assemble_models([(net_a, man_a), (net_b, man_b)],
+    ...                                   AssemblyConfig(scaling="none"))
+    """
+    parts = as_parts(parts)
+    config = resolved(config, parts)
     labels, columns = label_map(parts, config.on_duplicate)
     if any(len(c) == 0 for c in columns):
         k = next(i for i, c in enumerate(columns) if not c)
         raise ModelLegoError(f"part {k} has no outputs left after `on_duplicate` replace; "
                              "drop it from the assembly")
-    scaling_name = config.scaling
-    if scaling_name is None:  # recorded resolved, as if it had been given
-        scaling_name = default_scaling(parts)
-        config = replace(config, scaling=scaling_name)
-        config.validate()
-    layout, scaling = get_layout(config.layout), get_scaling(scaling_name)
+    layout, scaling = get_layout(config.layout), get_scaling(str(config.scaling))
     layout.check_parts(parts)
     scaling.check_parts(parts)
+    if scaling.calibrates and calibration is None:
+        raise ModelLegoError(f"scaling {scaling.name} calibrates on training images of each "
+                             "part's classes: pass `calibration`, or use a scaling that does "
+                             "not calibrate")
+    if not layout.body_is_parts and base is None:
+        raise ModelLegoError(f"`layout` {layout.name} needs Base measured on the parts before "
+                             "they are merged: pass `base`")
     contract = contract_shape([p["input"] for p in parts])
+    nets = [p.net for p in parts]
     taps = scaling.taps(nets, parts, config.max_taps)
     spec = layout.spec(parts)
-    model = _structure(parts, nets, config, contract, columns, taps, spec, weights=True).eval()
-    # a scaling that does not calibrate reads no training images (``fingerprint``: none at all)
-    data = _calibration_data(parts, config, contract, data_dir) if scaling.calibrates else []
-    calib = scaling.fit(model, nets, parts, data, config, taps, dist)
-    for p in parts:
-        p.pop("_num_outputs")
-        p.pop("_fingerprint")
-        p.pop("_repairs")
-        p.pop("router_fingerprint", None)
-    base = None
-    if not layout.body_is_parts:
-        per_class = _parts_base(nets, {"parts": parts, "labels": labels}, data_dir)
-        base = {"per_class": per_class, "measured_on": "each component alone, test split"}
+    model = _structure(parts, config, contract, columns, taps, spec, weights=True).eval()
+    calib = scaling.fit(model, nets, parts, list(calibration or []), config, taps, dist)
+    return model, _manifest(parts, config, model, contract, labels, taps, spec, base, calib,
+                            command)
+
+
+def _manifest(parts: Sequence[Part], config: AssemblyConfig, model: AssembledModel,
+              contract: Sequence[int], labels: list[dict[str, Any]],
+              taps: list[list[str]] | None, spec: dict[str, Any] | None,
+              base: Mapping[str, float] | None, calibration: dict[str, Any],
+              command: str | None) -> dict[str, Any]:
+    """The manifest of an assembly :func:`assemble_models` made."""
     # every layout's body keeps the parts' input adapters in a ModuleList ``adapters``
     adapters = cast("Sequence[InputAdapter]", model.body.adapters)
-    manifest = {
+    shape = list(contract)
+    return {
         "kind": "assembly",
         "layout": config.layout,
         "scaling": config.scaling,
-        "parts": parts,
+        "parts": [dict(p.entry) for p in parts],
         "taps": taps,
         "union": spec,
-        "base": base,
+        "base": None if get_layout(config.layout).body_is_parts else {
+            "per_class": dict(base or {}), "measured_on": "each component alone, test split"},
         "labels": labels,
         "classes": list(range(len(labels))),
         "class_names": [f"{lab['dataset']}:{lab['name']}" for lab in labels],
-        "input": {"shape": list(contract), "mean": [0.0] * contract[0],
-                  "std": [1.0] * contract[0], "range": "[0, 1]",
+        "input": {"shape": shape, "mean": [0.0] * shape[0],
+                  "std": [1.0] * shape[0], "range": "[0, 1]",
                   "adapters": [a.describe() for a in adapters]},
         "provenance": {"made_by": "modellego assemble", "command": command,
                        "config": {k: v for k, v in config.__dict__.items()},
-                       "calibration": calib, "modellego_version": __version__},
+                       "calibration": calibration, "modellego_version": __version__},
     }
-    return model, manifest
 
 
 def build_assembly(manifest: Mapping[str, Any]) -> nn.Module:
-    parts = [dict(p) for p in manifest["parts"]]
-    nets = [build_from_manifest(p).eval() for p in parts]
-    for p in parts:
-        p["_num_outputs"] = len(p["classes"])
+    """The (untrained) network of an assembly's manifest, its weights to be loaded."""
+    parts = [Part(build_from_manifest(p).eval(), p) for p in manifest["parts"]]
     columns: list[list[int]] = [[] for _ in parts]
     for lab in manifest["labels"]:
         columns[lab["part"]].append(lab["part_output"])
     config = AssemblyConfig(layout=manifest["layout"], scaling=manifest["scaling"])
-    return _structure(parts, nets, config, manifest["input"]["shape"], columns,
+    return _structure(parts, config, manifest["input"]["shape"], columns,
                       manifest.get("taps"), manifest.get("union"), weights=False)
 
 
@@ -363,24 +328,5 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
             "flops": count_flops(model, shape), "routing": routing}
 
 
-def _parts_base(nets: Sequence[nn.Module], manifest: dict[str, Any], data_dir: str | None
-                ) -> dict[str, float]:
-    """Each part net's accuracy on each of its kept classes (own images, own outputs)."""
-    from ..data import model_input
-
-    base = {}
-    for k, part in enumerate(manifest["parts"]):
-        test = load_split_for(part["dataset"], "test", data_dir=data_dir, where=f"part {k}")
-        own = [lab for lab in manifest["labels"] if lab["part"] == k]
-        sub = test.subset([lab["class"] for lab in own])
-        logits = predict_logits(nets[k], model_input(sub.images, sub.info, part["input"]))
-        pred_k = torch.tensor(part["classes"])[logits.argmax(1)]
-        for lab in own:
-            sel = sub.labels == lab["class"]
-            base[f"{lab['dataset']}:{lab['class']}"] = float(
-                (pred_k[sel] == lab["class"]).double().mean())
-    return base
-
-
-__all__ = ["LAYOUTS", "SCALINGS", "AssembledModel", "AssemblyConfig", "ParallelBody",
-           "assemble", "evaluate_assembly", "label_map", "pooled", "union_test_set"]
+__all__ = ["LAYOUTS", "SCALINGS", "AssembledModel", "AssemblyConfig", "ParallelBody", "Part",
+           "assemble_models", "evaluate_assembly", "label_map", "pooled", "union_test_set"]

@@ -29,6 +29,7 @@ dataset apart needs the other part's images (the ``joint`` router); see the asse
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -129,6 +130,10 @@ def make_fingerprint(net: nn.Module, x: Any, y: torch.Tensor, *, seed: int = 0
     return meta, tensors
 
 
+class TooFewImages(ModelLegoError):
+    """The model's dataset has fewer than two training images of one of its classes."""
+
+
 def owner_images(manifest: Mapping[str, Any], *, per_class: int = FINGERPRINT_IMAGES,
                  seed: int = 0, data_dir: str | None = None) -> tuple[Any, torch.Tensor]:
     """Model inputs and output indices of up to ``per_class`` seeded training images of each
@@ -142,7 +147,7 @@ def owner_images(manifest: Mapping[str, Any], *, per_class: int = FINGERPRINT_IM
     for i, c in enumerate(manifest["classes"]):
         pos = (split.labels == c).nonzero().flatten()
         if len(pos) < 2:
-            raise ModelLegoError(
+            raise TooFewImages(
                 f"{manifest['dataset']['name']} has {len(pos)} training images of class {c}; "
                 "a fingerprint needs at least 2 of every class the model has")
         picks.append(pos[torch.randperm(len(pos), generator=gen)[:per_class]])
@@ -167,4 +172,24 @@ def fingerprint_model(net: nn.Module, manifest: Mapping[str, Any], *,
     x, y = owner_images(manifest, per_class=per_class, seed=seed, data_dir=data_dir)
     meta, tensors = make_fingerprint(net, x, y, seed=seed)
     return {**manifest, "router_fingerprint": meta}, tensors
+
+
+def fingerprinted(net: nn.Module, manifest: dict[str, Any], wanted: bool = True, *,
+                  data_dir: Any = None) -> dict[str, Any]:
+    """What a verb returns for a model it made: the manifest with its router fingerprint
+    (see :func:`fingerprint_model`), whose tensors are kept with ``net`` for
+    :func:`modellego.save_model`. Unchanged when not ``wanted`` and for a one-vs-rest module
+    (scaling ``concern`` combines it without one)."""
+    from ..files import attach_fingerprint
+
+    if not wanted or manifest.get("head"):
+        return manifest
+    try:
+        new, tensors = fingerprint_model(net, manifest, data_dir=data_dir)
+    except TooFewImages as exc:  # the model is fine; only data-free routing is not offered
+        warnings.warn(f"no router fingerprint written: {exc}; assemble this file with a "
+                      "scaling that calibrates on its data", stacklevel=2)
+        return manifest
+    attach_fingerprint(net, tensors)
+    return new
 

@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import ModelLegoError
 from ..registry import Registry
 from .adapters import InputAdapter
+from .parts import Part
 from .scalings import Scaling
 from .scoring import FeatureTap
 
@@ -65,7 +66,7 @@ class Layout:
                                  f"use `layout` parallel, or another `scaling` with "
                                  f"`layout` {self.name}")
 
-    def check_parts(self, parts: Sequence[dict[str, Any]]) -> None:
+    def check_parts(self, parts: Sequence[Part]) -> None:
         """Refuse parts this layout cannot lay out."""
         for k, p in enumerate(parts):
             if p.get("head") and not self.accepts_heads:
@@ -73,12 +74,12 @@ class Layout:
                                      f"{self.name!r} cannot widen or merge; use layout "
                                      "'parallel'")
 
-    def spec(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    def spec(self, parts: Sequence[Part]) -> dict[str, Any] | None:
         """What the manifest records to rebuild the body (its ``"union"`` entry)."""
         return None
 
     def body(self, adapters: list[InputAdapter], nets: list[nn.Module],
-             parts: list[dict[str, Any]], taps: list[list[str]] | None,
+             parts: Sequence[Part], taps: list[list[str]] | None,
              spec: dict[str, Any] | None, *, weights: bool) -> nn.Module:
         """The body; ``weights=False``: an empty structure to load a state dict into."""
         return ParallelBody(adapters, nets, taps)

@@ -11,7 +11,7 @@ block-diagonal too. The logits are ``[logits_0; logits_1; ...]``, exactly the pa
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence, cast
+from typing import Sequence, cast
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import ModelLegoError
 from ..surgery.graph import ChannelGraph, Layer, build_channel_graph
 from .adapters import InputAdapter
+from .parts import Part
 
 
 def _same_adapters(adapters: Sequence[InputAdapter]) -> bool:
@@ -27,7 +28,7 @@ def _same_adapters(adapters: Sequence[InputAdapter]) -> bool:
                and a.normalisation == a0.normalisation for a in adapters[1:])
 
 
-def _check_compatible(parts: Sequence[dict[str, Any]], graphs: Sequence[ChannelGraph]) -> None:
+def _check_compatible(parts: Sequence[Part], graphs: Sequence[ChannelGraph]) -> None:
     names = {p["architecture"]["name"] for p in parts}
     if len(names) != 1:
         raise ModelLegoError(f"`layout` padded needs parts of one architecture, got "
@@ -166,7 +167,7 @@ class PaddedBody(nn.Module):
     """The widened network behind the input adapter(s); splits its logits per part."""
 
     def __init__(self, adapters: Sequence[InputAdapter], nets: Sequence[nn.Module],
-                 parts: Sequence[dict[str, Any]]) -> None:
+                 parts: Sequence[Part]) -> None:
         super().__init__()
         graphs = [build_channel_graph(n, p["input"]["shape"]) for n, p in zip(nets, parts)]
         _check_compatible(parts, graphs)

@@ -29,6 +29,7 @@ from ..runtime.distributed import SINGLE, DistContext, chunk_ranges, gather_chun
 from ..runtime.hooks import forward_pre_hooks, preserved_state
 from ..surgery.head import one_vs_rest
 from .fingerprint import route_scores
+from .parts import Part
 from .scoring import (
     GRID,
     GRID_SUFFIX,
@@ -140,7 +141,7 @@ class Scaling:
     #: can combine parts that answer with concern scores (a one-vs-rest head)
     accepts_heads = True
 
-    def check_parts(self, parts: Sequence[dict[str, Any]]) -> None:
+    def check_parts(self, parts: Sequence[Part]) -> None:
         """Refuse parts this scaling cannot combine."""
         for k, p in enumerate(parts):
             if p.get("head") and not self.accepts_heads:
@@ -149,7 +150,7 @@ class Scaling:
                     f"concern scores, which scaling {self.name!r} cannot combine; use scaling "
                     "'concern' (or give none)")
 
-    def taps(self, nets: Sequence[nn.Module], parts: Sequence[dict[str, Any]],
+    def taps(self, nets: Sequence[nn.Module], parts: Sequence[Part],
              max_taps: int) -> list[list[str]] | None:
         """Per part, the layers whose inputs its router reads (``None``: no features)."""
         if not self.needs_features:
@@ -158,11 +159,11 @@ class Scaling:
                 for n, p in zip(nets, parts)]
 
     def routers(self, nets: Sequence[nn.Module], taps: Sequence[Sequence[str]] | None,
-                parts: Sequence[dict[str, Any]]) -> list[nn.Module] | None:
+                parts: Sequence[Part]) -> list[nn.Module] | None:
         """The per-part routers the assembled model holds (``None``: none)."""
         return None
 
-    def fit(self, model: AssembledModel, nets: list[nn.Module], parts: list[dict[str, Any]],
+    def fit(self, model: AssembledModel, nets: list[nn.Module], parts: Sequence[Part],
             data: list[tuple[torch.Tensor, torch.Tensor]], config: AssemblyConfig,
             taps: list[list[str]] | None, dist: DistContext = SINGLE) -> dict[str, Any]:
         """Set ``model``'s buffers from calibration ``data``; returns a summary."""
@@ -248,7 +249,7 @@ class Calibrated(Scaling):
     accepts_heads = False
 
     def routers(self, nets, taps, parts):
-        return [Router(_tap_dims(net, taps[k]), parts[k]["_num_outputs"])
+        return [Router(_tap_dims(net, taps[k]), parts[k].num_outputs)
                 for k, net in enumerate(nets)]
 
     @torch.inference_mode()
@@ -262,7 +263,7 @@ class Calibrated(Scaling):
             part = model.body.parts[k]
             _, feats = _map_chunks(lambda xb, p=part, a=adapters[k]: p(a(xb)), x[fit_idx], dist)
             for i, f in enumerate(feats):
-                means, prec = class_gaussians(f, y[fit_idx], parts[k]["_num_outputs"])
+                means, prec = class_gaussians(f, y[fit_idx], parts[k].num_outputs)
                 getattr(router, f"means{i}").copy_(means)
                 getattr(router, f"precision{i}").copy_(prec)
         route_x = torch.cat([x[h[1]] for (x, _), h in zip(data, halves)])
@@ -341,7 +342,7 @@ class Joint(Calibrated):
                            for k, (xk, _) in enumerate(data)])
         # every assembled class weighs the same, however many calibration images it has
         # (else a part with 1000 images per class outvotes one with 130)
-        offsets = torch.tensor([0] + [p["_num_outputs"] for p in parts]).cumsum(0)
+        offsets = torch.tensor([0] + [p.num_outputs for p in parts]).cumsum(0)
         groups = torch.cat([yk.long() + offsets[k] for k, (_, yk) in enumerate(data)])
         weights = balancing_weights(groups)
         feats = []
@@ -410,28 +411,29 @@ class FingerprintScaling(Scaling):
     def check_parts(self, parts):
         super().check_parts(parts)
         for k, p in enumerate(parts):
-            if p.get("_fingerprint") is None:
+            if p.fingerprint is None:
                 where = p.get("file") or f"part {k}"
                 raise ModelLegoError(
                     f"{where} carries no router fingerprint, so it cannot be routed to "
-                    "without its training data; its owner can add one with `modellego "
-                    "fingerprint MODEL --out MODEL2` (or assemble without --data-free)")
+                    "without its training data; its owner can add one with the modellego "
+                    "fingerprint command, or route with a scaling that calibrates on the "
+                    "parts' training data")
 
-    def taps(self, nets: Sequence[nn.Module], parts: Sequence[dict[str, Any]],
+    def taps(self, nets: Sequence[nn.Module], parts: Sequence[Part],
              max_taps: int) -> list[list[str]]:
-        return [list(p["router_fingerprint"]["taps"]) for p in parts]
+        return [list((p.fingerprint_spec or {})["taps"]) for p in parts]
 
     def routers(self, nets, taps, parts):
-        return [FingerprintRouter(_tap_dims(net, taps[k]), parts[k]["_num_outputs"])
+        return [FingerprintRouter(_tap_dims(net, taps[k]), parts[k].num_outputs)
                 for k, net in enumerate(nets)]
 
     @torch.inference_mode()
     def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
         for router, p in zip(model.routers, parts):
             for name, buf in router.named_buffers():
-                buf.copy_(p["_fingerprint"][name])
+                buf.copy_(p.fingerprint[name])
         return {"scaling": self.name, "data_free": True, "taps": taps,
-                "fingerprint_images": [int(p["router_fingerprint"]["images"]) for p in parts]}
+                "fingerprint_images": [int(p.fingerprint_spec["images"]) for p in parts]}
 
     def combine(self, model, outs):
         routes = torch.stack([router(feats) for router, (_, feats) in zip(model.routers, outs)],
@@ -470,7 +472,7 @@ def get_scaling(name: str) -> Scaling:
     return SCALING_REGISTRY.get(name)
 
 
-def default_scaling(parts: Sequence[dict[str, Any]]) -> str:
+def default_scaling(parts: Sequence[Part]) -> str:
     """The scaling used when none is given: ``concern`` when some part carries a one-vs-rest
     head (its outputs are concern scores), else ``joint`` (the best router measured: see the
     assembly tables of docs/results.md)."""

@@ -19,6 +19,7 @@ from ..surgery.extract import apply_plan
 from ..surgery.graph import build_channel_graph
 from ..surgery.plan import ComponentPlan
 from .adapters import InputAdapter
+from .parts import Part
 
 
 def source_candidates(stored: str, part_file: str | Path | None) -> list[Path]:
@@ -59,7 +60,7 @@ def union_sources(files: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def union_spec(parts: Sequence[Part]) -> dict[str, Any]:
     """Architecture and union plan of components of one source (read from the source file,
     found by :func:`find_source`; the spec records the path it was read from)."""
     sources = {(p.get("source") or {}).get("sha256") for p in parts}
@@ -69,12 +70,12 @@ def union_spec(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for k, p in enumerate(parts):
         # the union is the source cut by the union of the plans: a part whose weights were
         # repaired after the cut would silently lose its repair
-        repairs = p.get("_repairs") or []
+        repairs = list(p.repairs)
         if repairs:
             raise ModelLegoError(
                 f"`layout` union: part {k} was repaired after the cut ({', '.join(repairs)}), "
                 "and the union is the source's plain cut; use `layout` parallel, or "
-                "disassemble the parts with --no-reconstruct")
+                "disassemble the parts without repairs (`reconstruct` 0)")
     src = parts[0]["source"]
     found = find_source(src.get("file"), src["sha256"], parts[0].get("file"))
     path = src.get("file")

@@ -70,16 +70,17 @@ def _load_idx(name: str, data_dir: Path, hint: str) -> RawData:
 def _load_fashion_mnist(data_dir: Path | None) -> RawData:
     directory = data_dir if data_dir is not None else DEFAULT_FASHION_MNIST_DIR
     return _load_idx("fashion-mnist", directory, "install with: apt-get install "
-                     "dataset-fashion-mnist, or pass --data-dir DIR with these files")
+                     "dataset-fashion-mnist, or pass `data_dir`: a directory with these files")
 
 
 @register(
     "mnist",
-    "MNIST handwritten digits: 28x28 greyscale, 10 classes (IDX files; needs --data-dir)",
+    "MNIST handwritten digits: 28x28 greyscale, 10 classes (IDX files; needs a data "
+    "directory)",
     info=_static("mnist", _DIGIT_CLASSES, (1, 28, 28), (0.1307,), (0.3081,)),
 )
 def _load_mnist(data_dir: Path | None) -> RawData:
-    hint = "pass --data-dir DIR pointing at a directory with the MNIST IDX files (plain or .gz)"
+    hint = "pass `data_dir`: a directory with the MNIST IDX files (plain or .gz)"
     if data_dir is None:
         raise DataError(f"dataset 'mnist' needs a data directory and none was given; {hint}")
     return _load_idx("mnist", data_dir, hint)
@@ -116,7 +117,7 @@ def _cifar10_info(data_dir: Path | None) -> DatasetInfo:
                        (0.2470, 0.2435, 0.2616))
 
 
-@register("cifar10", "CIFAR-10 binary version: 32x32 RGB, 10 classes (needs --data-dir)",
+@register("cifar10", "CIFAR-10 binary version: 32x32 RGB, 10 classes (needs a data directory)",
           info=_cifar10_info)
 def _load_cifar10(data_dir: Path | None) -> RawData:
     directory = readers.locate_dir(data_dir, "cifar-10-batches-bin", _CIFAR10_FILES,
@@ -140,7 +141,8 @@ def _cifar100_info(data_dir: Path | None) -> DatasetInfo:
 
 
 @register("cifar100",
-          "CIFAR-100 binary version: 32x32 RGB, 100 fine-label classes (needs --data-dir)",
+          "CIFAR-100 binary version: 32x32 RGB, 100 fine-label classes (needs a data "
+    "directory)",
           info=_cifar100_info)
 def _load_cifar100(data_dir: Path | None) -> RawData:
     directory = readers.locate_dir(data_dir, "cifar-100-binary", _CIFAR100_FILES,

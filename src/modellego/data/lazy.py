@@ -266,7 +266,7 @@ class LazyImages:
             raise DataError(
                 f"{what} would decode {len(self)} images of shape {list(self.shape[1:])} "
                 f"({need / 2**30:.1f} GiB) at once, over the bound of {limit / 2**30:.1f} "
-                "GiB; use fewer images or raise the bound (--max-memory)")
+                "GiB; use fewer images or raise the bound (`max_memory`)")
         if not len(self):
             return torch.zeros(tuple(self.shape), dtype=torch.float32)
         return torch.cat(list(self.batches(spans(len(self), 256))))

@@ -244,12 +244,12 @@ def locate_dir(data_dir: Path | None, subdir: str, required: Sequence[str], data
     if data_dir is None:
         raise DataError(
             f"dataset {dataset!r} needs a data directory and none was given; "
-            f"pass --data-dir DIR ({hint})"
+            f"pass `data_dir` ({hint})"
         )
     if not data_dir.is_dir():
         raise DataError(
             f"data directory {data_dir} for dataset {dataset!r} does not exist or is not a "
-            f"directory; pass --data-dir DIR ({hint})"
+            f"directory; pass `data_dir` ({hint})"
         )
     candidates = [data_dir, data_dir / subdir]
     for cand in candidates:
@@ -257,7 +257,7 @@ def locate_dir(data_dir: Path | None, subdir: str, required: Sequence[str], data
             return cand
     raise DataError(
         f"dataset {dataset!r}: files {', '.join(required)} not found in "
-        f"{' or '.join(str(c) for c in candidates)}; pass --data-dir DIR ({hint})"
+        f"{' or '.join(str(c) for c in candidates)}; pass `data_dir` ({hint})"
     )
 
 

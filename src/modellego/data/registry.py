@@ -23,7 +23,7 @@ from modellego.data.base import SPLITS, DatasetInfo, RawData, Split
 from modellego.data.fingerprint import differences, split_fingerprint
 from modellego.data.folder import load_folder
 from modellego.data.lazy import LazyImages, spans
-from modellego.data.roots import ENV, DataRoots, env_folder
+from modellego.data.roots import DATA_ENV, DataRoots, env_folder
 from modellego.errors import DataError, ModelLegoWarning
 
 #: where datasets' files are: one folder, a folder per dataset, or ``None`` (defaults)
@@ -166,7 +166,7 @@ def _resolve(name: str, data_dir: DataDir, size: Size = None
 def _no_folder(name: str) -> DataError:
     return DataError(
         f"dataset {name!r} needs a data directory and none was given: pass `data` "
-        f"{name}=PATH (or `data_dir` PATH when it is the only dataset), or set {ENV} to a "
+        f"{name}=PATH (or `data_dir` PATH when it is the only dataset), or set {DATA_ENV} to a "
         f"folder holding a sub-folder {name}")
 
 

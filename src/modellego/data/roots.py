@@ -17,7 +17,7 @@ from typing import Mapping
 from ..errors import DataError
 
 #: the environment variable naming a folder with one sub-folder per dataset name
-ENV = "MODELLEGO_DATA"
+DATA_ENV = "MODELLEGO_DATA"
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class DataRoots:
 
 def env_folder(name: str) -> Path | None:
     """``$MODELLEGO_DATA/name`` when the variable is set and that folder exists."""
-    base = os.environ.get(ENV)
+    base = os.environ.get(DATA_ENV)
     if base:
         candidate = Path(base) / name
         if candidate.is_dir():

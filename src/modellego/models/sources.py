@@ -35,8 +35,10 @@ from torch import nn
 
 from ..errors import ModelFileError, ModelLegoError
 
-ENV = "MODELLEGO_TRUST_CODE"
+TRUST_ENV = "MODELLEGO_TRUST_CODE"
 SOURCES = ("modellego", "torchvision", "timm", "python")
+#: the sources whose builders can be listed (``python:`` code is the user's own)
+LISTED_SOURCES = ("modellego", "torchvision", "timm")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 #: builder arguments that would fetch weights from the network (or read another file)
 _DOWNLOADS = {"torchvision": ("weights", "weights_backbone", "progress"),
@@ -99,7 +101,7 @@ def trusted(modules: Iterable[str] | str | None) -> Iterator[None]:
 
 def granted() -> tuple[str, ...]:
     """Every module granted now: by :func:`trusted` and by ``$MODELLEGO_TRUST_CODE``."""
-    env = tuple(m.strip() for m in os.environ.get(ENV, "").split(",") if m.strip())
+    env = tuple(m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip())
     return _GRANTED.get() + env
 
 
@@ -174,8 +176,8 @@ def _call_user_code(name: str, target: str, kwargs: dict[str, Any]) -> Any:
     if not is_granted(module_name):
         raise ModelFileError(
             f"the file's architecture {name!r} asks to import and run code of module "
-            f"{module_name!r}, which is not trusted; if you trust it, pass --trust-code "
-            f"{module_name} (API: trust_code=[{module_name!r}], or set {ENV}={module_name})")
+            f"{module_name!r}, which is not trusted; if you trust it, grant it with "
+            f"`trust_code` {module_name} (or set {TRUST_ENV}={module_name})")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -47,15 +47,15 @@ class OneVsRest(nn.Module):
 
 
 #: head name -> ``(net, num_classes) -> module``
-HEADS: Registry = Registry("component head")
-HEADS.register(ONE_VS_REST, OneVsRest)
+HEAD_REGISTRY: Registry = Registry("component head")
+HEAD_REGISTRY.register(ONE_VS_REST, OneVsRest)
 
 
 def apply_head(net: nn.Module, head: str | None, num_classes: int) -> nn.Module:
     """``net`` with the named head (``None``: no head, ``net`` itself)."""
     if head is None:
         return net
-    return HEADS.get(head)(net, num_classes)
+    return HEAD_REGISTRY.get(head)(net, num_classes)
 
 
 def head_of(model: nn.Module) -> str | None:

@@ -20,7 +20,7 @@ from ..data.lazy import as_tensor
 from ..errors import ModelLegoError
 from ..terminal import printable
 
-FORMATS = ("png", "svg")
+FIGURE_FORMATS = ("png", "svg")
 
 
 def _mpl():
@@ -52,7 +52,7 @@ def plain_text(value: object) -> str:
 def figure_format(path: str | Path) -> str:
     """``png`` or ``svg`` from the file name; anything else is refused."""
     ext = Path(path).suffix.lower().lstrip(".")
-    if ext not in FORMATS:
+    if ext not in FIGURE_FORMATS:
         raise ModelLegoError(f"`out` {path}: the figure format is taken from the file name; "
                              f"use a name ending in .png or .svg")
     return ext

@@ -241,6 +241,25 @@ def plot_route(data: RouteData, path: str | Path | BinaryIO, *, fmt: str | None 
     return drawn
 
 
+def _draw_use(ax_use: Any, data: RouteData, counts: list[dict[str, Any]],
+              colors: Sequence[Any]) -> None:
+    """The right panel: the share of each layer's channels every class uses."""
+    n = len(counts)
+    for i, cls in enumerate(data.classes):
+        share = [cnt["used"][cls] / cnt["channels"] for cnt in counts]
+        ax_use.plot(share, range(n), marker="o", markersize=3, linewidth=1.1,
+                    color=colors[i], label=f"class {cls}")
+    ax_use.set_xlim(0, 1.02)
+    ax_use.set_xticks([0, 0.5, 1.0])
+    ax_use.set_xticklabels(["0", "50%", "100%"], fontsize=8)
+    ax_use.set_xlabel("share of the layer's channels used", fontsize=8.5)
+    ax_use.set_title("per class", fontsize=9)
+    ax_use.grid(axis="x", color="#e0e0e0", linewidth=0.6)
+    ax_use.tick_params(axis="y", labelleft=False, length=0)
+    for side in ("top", "right"):
+        ax_use.spines[side].set_visible(False)
+
+
 def route_figure(data: RouteData, *, title: str | None = None
                  ) -> tuple[Any, list[dict[str, Any]]]:
     """The route as a matplotlib figure and what its bars show (see :func:`plot_route`)."""
@@ -285,20 +304,7 @@ def route_figure(data: RouteData, *, title: str | None = None
             transform=ax.get_yaxis_transform(), color="#555555")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    # right: the share of each layer's channels every class uses
-    for i, cls in enumerate(data.classes):
-        share = [cnt["used"][cls] / cnt["channels"] for cnt in counts]
-        ax_use.plot(share, range(n), marker="o", markersize=3, linewidth=1.1,
-                    color=colors[i], label=f"class {cls}")
-    ax_use.set_xlim(0, 1.02)
-    ax_use.set_xticks([0, 0.5, 1.0])
-    ax_use.set_xticklabels(["0", "50%", "100%"], fontsize=8)
-    ax_use.set_xlabel("share of the layer's channels used", fontsize=8.5)
-    ax_use.set_title("per class", fontsize=9)
-    ax_use.grid(axis="x", color="#e0e0e0", linewidth=0.6)
-    ax_use.tick_params(axis="y", labelleft=False, length=0)
-    for side in ("top", "right"):
-        ax_use.spines[side].set_visible(False)
+    _draw_use(ax_use, data, counts, colors)
     handles = []
     if k >= 2:
         handles.append(Patch(color=SHARED_COLOR, label="shared by all"))

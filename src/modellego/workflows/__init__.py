@@ -7,11 +7,12 @@ Layers (each imports only those to its left): ``errors`` -> ``data``, ``models``
 """
 
 from ..provenance import require_single, source_record
+from .assembly import assemble
 from .common import sample_calibration_images, task_data
 from .compression import compress
 from .disassembly import component_report, disassemble
 from .reports import format_assembly, format_compress_report, format_report
 
-__all__ = ["compress", "component_report", "disassemble", "format_assembly",
+__all__ = ["assemble", "compress", "component_report", "disassemble", "format_assembly",
            "format_compress_report", "format_report", "require_single",
            "sample_calibration_images", "source_record", "task_data"]

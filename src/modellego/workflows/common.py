@@ -98,7 +98,7 @@ def sample_calibration_images(split: Split, count: int, seed: int = 0,
                      "the calibration images")
 
 
-def pooled(labels: torch.Tensor, classes: Sequence[int], pool: int, seed: int = 0
+def seeded_pool(labels: torch.Tensor, classes: Sequence[int], pool: int, seed: int = 0
            ) -> torch.Tensor:
     """Sorted positions of at most ``pool`` images of each of ``classes``, drawn with a
     seeded permutation per class."""
@@ -142,7 +142,7 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     positions, pool = None, None
     if streamed_pool is not None and isinstance(train.images, LazyImages):
         pool = streamed_pool
-        positions = pooled(train.labels, chosen, pool)
+        positions = seeded_pool(train.labels, chosen, pool)
         train = Split(train.images[positions], train.labels[positions], train.info, "train")
     return TaskData(train.info, chosen, model_input(train.images, train.info, manifest["input"]),
                     train.labels, calib, positions, pool)

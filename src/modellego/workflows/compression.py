@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from ..assembly.fingerprint import fingerprinted
 from ..compression import CompressConfig, compress_model, get_criterion
 from ..data import dataset_info_for
 from ..disassembly import kept_channels
@@ -20,9 +21,13 @@ from .disassembly import component_report
 
 def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig, *,
              source_path: str | Path | None = None, data_dir: str | None = None,
-             command: str | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+             command: str | None = None, fingerprint: bool = True
+             ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Compress a loaded model file; returns the smaller model, its manifest (kind
     ``component``, all the source's classes) and the report (test split, all classes).
+
+    ``source_path``, ``data_dir``, ``command`` and ``fingerprint`` as for
+    :func:`modellego.disassemble`.
 
     >>> small, small_manifest, report = compress(model, manifest,
     ...                                          CompressConfig("l1", target_flops=0.5))
@@ -73,4 +78,5 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     new_manifest = component_manifest(info, own, manifest, result.plan,
                                       {"test_accuracy": report["component_accuracy"]},
                                       provenance("modellego compress", command, **fields))
+    new_manifest = fingerprinted(result.model, new_manifest, fingerprint, data_dir=data_dir)
     return result.model, new_manifest, report

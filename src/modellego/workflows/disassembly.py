@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from ..assembly.fingerprint import fingerprinted
 from ..disassembly import Component, DisassemblyConfig, disassemble_model
 from ..metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from ..provenance import provenance, require_single, source_record
@@ -19,11 +20,25 @@ from .common import STREAMED_POOL_FACTOR, component_manifest, split_images, task
 def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
                 source_path: str | Path | None = None, data_dir: str | None = None,
                 command: str | None = None, dist: DistContext | None = None,
-                reuse: Component | None = None,
+                reuse: Component | None = None, fingerprint: bool = True,
                 ) -> tuple[Component, dict[str, Any], dict[str, Any]]:
     """Disassemble a loaded model file; returns the component, its manifest and the report.
 
-    ``reuse``: see :func:`modellego.disassemble_model`.
+    Args:
+        model, manifest: the source, as :func:`modellego.load_model` returns it.
+        config: the task and the method.
+        source_path: the source's file, recorded (with its SHA-256) in the provenance;
+            ``layout`` union reads it back.
+        data_dir: where the dataset's files are.
+        command: the command line recorded in the provenance.
+        dist: the data-parallel context under ``torchrun`` (only rank 0 fingerprints).
+        reuse: see :func:`modellego.disassemble_model`.
+        fingerprint: give the component its router fingerprint (made from its task's
+            training images), which ``assemble --data-free`` routes with; it is kept with
+            ``component.model`` and written by :func:`modellego.save_model`.
+
+    Returns:
+        ``(component, manifest, report)``.
 
     >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
     >>> comp, comp_manifest, report = disassemble(model, manifest, DisassemblyConfig((0, 1)))
@@ -72,6 +87,8 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
                                       {"test_accuracy": report["component_accuracy"]}, prov)
     if comp.head:
         new_manifest["head"] = comp.head
+    if dist is None or dist.is_main:
+        new_manifest = fingerprinted(comp.model, new_manifest, fingerprint, data_dir=data_dir)
     return comp, new_manifest, report
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..assembly.fingerprint import fingerprinted
 from ..data import dataset_fingerprint, dataset_info, is_folder
 from ..data.base import DatasetInfo
 from ..data.registry import FOLDER_PREFIX
@@ -162,9 +163,14 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
 
 
 def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = None,
-                 command: str | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+                 command: str | None = None, fingerprint: bool = True
+                 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The network of ``config.architecture`` with the state dict of ``weights``, its model
     manifest and a report (the checks made and, with ``config.evaluate``, its test accuracy).
+
+    With ``config.evaluate`` and ``fingerprint``, the manifest gets the network's router
+    fingerprint (kept with the network for :func:`modellego.save_model`); without
+    ``config.evaluate`` no data is read, so there is none.
 
     >>> model, manifest, report = import_model(
     ...     "resnet18.pt", ImportConfig("torchvision:resnet18", "fashion-mnist",
@@ -229,6 +235,7 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
                                "test_per_class": result["per_class"]}
         report.update({"test_accuracy": result["accuracy"], "n": result["n"],
                        "flops": result["flops"]})
+        manifest = fingerprinted(model, manifest, fingerprint, data_dir=data_dir)
     return model, manifest, report
 
 

@@ -33,7 +33,7 @@ def check_outputs(outputs: dict[str, str | None], inputs: Sequence[str | Path],
             for inp in inputs:
                 if path.exists() and path.resolve() == Path(inp).resolve():
                     raise ModelLegoError(f"{flag} {out} would overwrite the input {inp}; "
-                                         "choose another path or pass --force")
+                                         "choose another path or pass `force`")
         checked[flag] = path
     return checked
 

@@ -1,0 +1,63 @@
+"""The part record: one model or component as an assembly holds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+#: what an assembly's manifest records of each part's manifest
+PART_KEYS = ("kind", "architecture", "plan", "head", "dataset", "classes", "class_names",
+             "input")
+#: the repairs that change a component's weights after the cut, by their configuration key
+REPAIRS = ("reconstruct", "compensate", "recalibrate_bn")
+
+
+@dataclass(frozen=True, eq=False)
+class Part(Mapping[str, Any]):
+    """One part of an assembly: its network and what the assembly's manifest records of it
+    (``entry``, read as the part's mapping: ``part["classes"]``), with what assembling it
+    needs beyond that: its router fingerprint (the manifest entry ``fingerprint_spec`` and
+    its tensors) and the repairs that changed its weights after the cut."""
+
+    net: nn.Module
+    entry: Mapping[str, Any]
+    fingerprint: Mapping[str, torch.Tensor] | None = None
+    fingerprint_spec: Mapping[str, Any] | None = None
+    repairs: tuple[str, ...] = ()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.entry[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entry)
+
+    def __len__(self) -> int:
+        return len(self.entry)
+
+    @property
+    def num_outputs(self) -> int:
+        """The part network's number of logits (one per class of its manifest)."""
+        return len(self.entry["classes"])
+
+    @classmethod
+    def of(cls, net: nn.Module, manifest: Mapping[str, Any], *,
+           path: str | Path | None = None,
+           fingerprint: Mapping[str, torch.Tensor] | None = None) -> Part:
+        """The part of a model or component (``manifest``), read from file ``path`` (whose
+        name and SHA-256 the entry records) or given in memory."""
+        from ..io import file_sha256
+
+        entry = {k: manifest[k] for k in PART_KEYS if k in manifest}
+        entry["file"] = str(path) if path else None
+        entry["sha256"] = file_sha256(path) if path else None
+        if manifest.get("kind") == "component":
+            source = (manifest.get("provenance") or {}).get("source") or {}
+            entry["source"] = {"file": source.get("file"), "sha256": source.get("sha256")}
+        spec = manifest.get("router_fingerprint")
+        made = (manifest.get("provenance") or {}).get("config") or {}
+        return cls(net.eval(), entry, fingerprint if spec else None, spec,
+                   tuple(key for key in REPAIRS if made.get(key)))
