@@ -95,7 +95,8 @@ def variants(path: Path, tmp: Path, data_dir=None, preset: str = "default"
     comp_path = tmp / f"{path.stem}-component.safetensors"
     save_model(comp_path, comp.model, comp_man)
     small, small_man, _ = compress(model, manifest,
-                                   CompressConfig(target_flops=0.5, reconstruct=0,
+                                   CompressConfig("contribution", target_flops=0.5,
+                                                  reconstruct=0,
                                                   recalibrate_bn=0, samples_per_class=20),
                                    source_path=path, data_dir=data_dir)
     small_path = tmp / f"{path.stem}-compressed.safetensors"

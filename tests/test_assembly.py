@@ -25,6 +25,7 @@ from modellego.assembly import (
 )
 from modellego.assembly.core import build_assembly
 from modellego.assembly.padded import PaddedBody
+from modellego.assembly.parts import Part
 from modellego.assembly.scalings import JOINT_L2, SPREAD_FLOOR, feature_spread
 from modellego.assembly.scoring import FeatureTap, pooled, tap_layers
 from modellego.data import dataset_info, load_split, normalize
@@ -807,7 +808,7 @@ def test_joint_taps_a_conv_every_way_its_map_allows():
                         nn.MaxPool2d(2), nn.Conv2d(4, 5, 1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(5, 6, 1), nn.Flatten(), nn.Linear(6, 2)).eval()
     # conv 0 reads 8x8, conv 2 6x6, conv 5 2x2 (4x4 pooled by 2), conv 8 1x1
-    taps = Joint().taps([net], [{"input": {"shape": [1, 8, 8]}}], 8)
+    taps = Joint().taps([Part(net, {"input": {"shape": [1, 8, 8]}, "classes": [0, 1]})], 8)
     assert taps == [["0", "2", "5", "8", "10", "0@max", "2@max", "5@max",
                      "0@grid", "2@grid", "5@grid"]]
 

@@ -403,8 +403,9 @@ def test_cli_writes_a_component_file(criterion, simnet_file, tmp_path):
 def test_cli_method_of_the_contribution_criterion(simnet_file, tmp_path):
     out = tmp_path / "small.safetensors"
     method = "frat"
-    code, _, err = run_cli(["compress", simnet_file, "--method", method, "--target-flops",
-                            "0.9", "--samples-per-class", "3", "--out", out])
+    code, _, err = run_cli(["compress", simnet_file, "--criterion", "contribution", "--method",
+                            method, "--target-flops", "0.9", "--samples-per-class", "3",
+                            "--out", out])
     assert code == 0, err
     prov = read_manifest(out)["provenance"]
     assert prov["config"]["method"] == prov["disassembly"]["method"] == method
@@ -414,9 +415,16 @@ def test_cli_method_of_the_contribution_criterion(simnet_file, tmp_path):
     # the random-weight model classifies no image of some class correctly: contribution-2022
     # (correctly classified samples only) says so and writes nothing
     bad = tmp_path / "bad.safetensors"
-    code, _, err = run_cli(["compress", simnet_file, "--method", "contribution-2022",
-                            "--target-flops", "0.9", "--out", bad])
+    code, _, err = run_cli(["compress", simnet_file, "--criterion", "contribution", "--method",
+                            "contribution-2022", "--target-flops", "0.9", "--out", bad])
     assert code == 2 and "classified correctly" in err and not bad.exists()
+    # the method is the contribution criterion's: with the default criterion it is refused
+    code, _, err = run_cli(["compress", simnet_file, "--method", "frat", "--target-flops",
+                            "0.9", "--out", bad])
+    assert code == 2 and not bad.exists()
+    assert err.splitlines()[-1] == (
+        "modellego compress: error: --method frat applies to --criterion contribution only, "
+        "not fpgm; pass --criterion contribution")
 
 
 def test_cli_compressed_file_can_be_disassembled_and_compressed_again(simnet_file, tmp_path):
@@ -449,7 +457,7 @@ def test_cli_on_every_architecture(arch, tmp_path):
     # the default repairs, on few images: reconstruction is graph-aware on every architecture
     code, stdout, err = run_cli(["compress", path, "--criterion", "fpgm", "--target-flops",
                                  "0.7", "--out", out, "--reconstruct", "64",
-                                 "--recalibrate-bn", "64"])
+                                 "--recalibrate-bn", "64", "--no-fingerprint"])
     assert code == 0, err
     manifest = read_manifest(out)
     assert manifest["architecture"]["name"] == arch

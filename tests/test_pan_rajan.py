@@ -201,7 +201,7 @@ def test_pan_rajan_refuses_what_does_not_apply(two_layer):
     with pytest.raises(ModelLegoError, match="`compensate`"):
         DisassemblyConfig((0,), method="pan-rajan", compensate=True).validate()
     with pytest.raises(ModelLegoError, match="one-vs-rest modules"):
-        CompressConfig(method="pan-rajan", target_flops=0.5).validate()
+        CompressConfig("contribution", method="pan-rajan", target_flops=0.5).validate()
     comp = disassemble_model(model, x, y, classes=(int(y[0]),), output_classes=range(4),
                              config=DisassemblyConfig((int(y[0]),), samples_per_class=5,
                                                       method="pan-rajan"))

@@ -59,13 +59,17 @@ from .training import task_outputs
 DEFAULT_RECONSTRUCT = 2000
 #: ... then its BatchNorm statistics re-estimated on this many
 DEFAULT_RECALIBRATE_BN = 2000
+#: the criterion compress uses when none is given: with both repairs it is ahead of the
+#: others at every budget of the compression benchmark (docs/results.md, Compression)
+DEFAULT_CRITERION = "fpgm"
 
 
 @dataclass(frozen=True)
 class CompressConfig:
     """How to compress a model: a criterion and exactly one target."""
 
-    criterion: str = "contribution"
+    #: one of :data:`CRITERIA` (default :data:`DEFAULT_CRITERION`)
+    criterion: str = DEFAULT_CRITERION
     #: keep at most this share of the source's FLOPs ...
     target_flops: float | None = None
     #: ... or of its parameters ...
@@ -106,7 +110,7 @@ class CompressConfig:
                                  "of the source in (0, 1]) or `max_accuracy_drop` PP")
         if self.method != "contribution" and self.criterion != "contribution":
             raise ModelLegoError(f"`method` {self.method} applies to `criterion` contribution "
-                                 f"only, not {self.criterion}")
+                                 f"only, not {self.criterion}; pass `criterion` contribution")
         self.disassembly(()).validate()  # ranges, method, and at most one target
         if get_method(self.method).head is not None:
             raise ModelLegoError(f"method {self.method!r} makes one-vs-rest modules, not a "

@@ -128,10 +128,9 @@ def _structure(parts: Sequence[Part], config: AssemblyConfig, contract: Sequence
         raise ModelLegoError("unknown scaling None; use one of "
                              f"{', '.join(SCALING_REGISTRY.names())}")
     scaling = get_scaling(config.scaling)
-    nets = [p.net for p in parts]
     adapters = [InputAdapter(contract, p["input"]) for p in parts]
-    body = get_layout(config.layout).body(adapters, nets, parts, taps, spec, weights=weights)
-    return AssembledModel(body, columns, scaling.name, scaling.routers(nets, taps, parts),
+    body = get_layout(config.layout).body(adapters, parts, taps, spec, weights=weights)
+    return AssembledModel(body, columns, scaling.name, scaling.routers(parts, taps),
                           [bool(p.get("head")) for p in parts])
 
 
@@ -207,11 +206,10 @@ def assemble_models(parts: Sequence[Part | tuple], config: AssemblyConfig | None
         raise ModelLegoError(f"`layout` {layout.name} needs Base measured on the parts before "
                              "they are merged: pass `base`")
     contract = contract_shape([p["input"] for p in parts])
-    nets = [p.net for p in parts]
-    taps = scaling.taps(nets, parts, config.max_taps)
+    taps = scaling.taps(parts, config.max_taps)
     spec = layout.spec(parts)
     model = _structure(parts, config, contract, columns, taps, spec, weights=True).eval()
-    calib = scaling.fit(model, nets, parts, list(calibration or []), config, taps, dist)
+    calib = scaling.fit(model, parts, list(calibration or []), config, taps, dist)
     return model, _manifest(parts, config, model, contract, labels, taps, spec, base, calib,
                             command)
 

@@ -78,11 +78,11 @@ class Layout:
         """What the manifest records to rebuild the body (its ``"union"`` entry)."""
         return None
 
-    def body(self, adapters: list[InputAdapter], nets: list[nn.Module],
-             parts: Sequence[Part], taps: list[list[str]] | None,
-             spec: dict[str, Any] | None, *, weights: bool) -> nn.Module:
+    def body(self, adapters: list[InputAdapter], parts: Sequence[Part],
+             taps: list[list[str]] | None, spec: dict[str, Any] | None, *,
+             weights: bool) -> nn.Module:
         """The body; ``weights=False``: an empty structure to load a state dict into."""
-        return ParallelBody(adapters, nets, taps)
+        return ParallelBody(adapters, [p.net for p in parts], taps)
 
 
 class Padded(Layout):
@@ -90,10 +90,10 @@ class Padded(Layout):
     features = False
     accepts_heads = False
 
-    def body(self, adapters, nets, parts, taps, spec, *, weights):
+    def body(self, adapters, parts, taps, spec, *, weights):
         from .padded import PaddedBody
 
-        return PaddedBody(adapters, nets, parts)
+        return PaddedBody(adapters, parts)
 
 
 class Union(Layout):
@@ -107,7 +107,7 @@ class Union(Layout):
 
         return union_spec(parts)
 
-    def body(self, adapters, nets, parts, taps, spec, *, weights):
+    def body(self, adapters, parts, taps, spec, *, weights):
         from ..files import load_model
         from .union import UnionBody, union_net
 

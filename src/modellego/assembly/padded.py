@@ -166,10 +166,10 @@ def _set(root: nn.Module, modules: dict[str, nn.Module], name: str, new: nn.Modu
 class PaddedBody(nn.Module):
     """The widened network behind the input adapter(s); splits its logits per part."""
 
-    def __init__(self, adapters: Sequence[InputAdapter], nets: Sequence[nn.Module],
-                 parts: Sequence[Part]) -> None:
+    def __init__(self, adapters: Sequence[InputAdapter], parts: Sequence[Part]) -> None:
         super().__init__()
-        graphs = [build_channel_graph(n, p["input"]["shape"]) for n, p in zip(nets, parts)]
+        nets = [p.net for p in parts]
+        graphs = [build_channel_graph(p.net, p["input"]["shape"]) for p in parts]
         _check_compatible(parts, graphs)
         self.shared_input = _same_adapters(adapters)
         self.adapters = nn.ModuleList(adapters)

@@ -150,23 +150,23 @@ class Scaling:
                     f"concern scores, which scaling {self.name!r} cannot combine; use scaling "
                     "'concern' (or give none)")
 
-    def taps(self, nets: Sequence[nn.Module], parts: Sequence[Part],
-             max_taps: int) -> list[list[str]] | None:
+    def taps(self, parts: Sequence[Part], max_taps: int) -> list[list[str]] | None:
         """Per part, the layers whose inputs its router reads (``None``: no features)."""
         if not self.needs_features:
             return None
-        return [tap_layers(n, max_taps, torch.zeros(2, *p["input"]["shape"]))
-                for n, p in zip(nets, parts)]
+        return [tap_layers(p.net, max_taps, torch.zeros(2, *p["input"]["shape"]))
+                for p in parts]
 
-    def routers(self, nets: Sequence[nn.Module], taps: Sequence[Sequence[str]] | None,
-                parts: Sequence[Part]) -> list[nn.Module] | None:
+    def routers(self, parts: Sequence[Part], taps: Sequence[Sequence[str]] | None
+                ) -> list[nn.Module] | None:
         """The per-part routers the assembled model holds (``None``: none)."""
         return None
 
-    def fit(self, model: AssembledModel, nets: list[nn.Module], parts: Sequence[Part],
+    def fit(self, model: AssembledModel, parts: Sequence[Part],
             data: list[tuple[torch.Tensor, torch.Tensor]], config: AssemblyConfig,
             taps: list[list[str]] | None, dist: DistContext = SINGLE) -> dict[str, Any]:
-        """Set ``model``'s buffers from calibration ``data``; returns a summary."""
+        """Set ``model``'s buffers from calibration ``data`` (per part: images in the
+        assembly's input contract and their output indices); returns a summary."""
         return {"scaling": self.name}
 
     def combine(self, model: AssembledModel, outs: PartOutputs) -> torch.Tensor:
@@ -198,10 +198,11 @@ class LogitScaling(Scaling):
     accepts_heads = False
 
     @torch.inference_mode()
-    def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
+    def fit(self, model, parts, data, config, taps, dist=SINGLE):
         adapters = model.body.adapters
         mags = []
-        for k, (net, (x, y)) in enumerate(zip(nets, data)):
+        for k, (part, (x, y)) in enumerate(zip(parts, data)):
+            net = part.net
             tap, adapter = FeatureTap(net, [_last_layer(net)]), _adapter(adapters, k)
             logits, feats = _map_chunks(lambda xb, t=tap, a=adapter: t(a(xb)), x, dist)
             mags.append(float(feats[0].abs().mean()))
@@ -248,12 +249,11 @@ class Calibrated(Scaling):
     needs_features = True
     accepts_heads = False
 
-    def routers(self, nets, taps, parts):
-        return [Router(_tap_dims(net, taps[k]), parts[k].num_outputs)
-                for k, net in enumerate(nets)]
+    def routers(self, parts, taps):
+        return [Router(_tap_dims(p.net, taps[k]), p.num_outputs) for k, p in enumerate(parts)]
 
     @torch.inference_mode()
-    def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
+    def fit(self, model, parts, data, config, taps, dist=SINGLE):
         adapters = model.body.adapters
         # Gaussians on one half of each part's images, router on the other half
         # split every class in two, so that each class has fitting images (else NaN means)
@@ -316,26 +316,26 @@ class Joint(Calibrated):
 
     name = "joint"
 
-    def taps(self, nets, parts, max_taps):
+    def taps(self, parts, max_taps):
         # each tapped conv's input averaged, maximised and averaged over a 2x2 grid of its
         # positions (where a pattern is, not only how much of it: +0.2 pp balanced on the FM
         # halves, case a, for the maximum, +0.56 pp more for the grid); a map too small for
         # them gives no duplicate numbers (the maximum of one position is its mean)
-        taps = super().taps(nets, parts, max_taps) or []
+        taps = super().taps(parts, max_taps) or []
         out = []
-        for net, names, part in zip(nets, taps, parts):
-            sizes = _tap_map_sizes(net, names, part["input"]["shape"])
+        for names, part in zip(taps, parts):
+            sizes = _tap_map_sizes(part.net, names, part["input"]["shape"])
             out.append(names + [n + MAX_SUFFIX for n in names if sizes[n][0] * sizes[n][1] > 1]
                        + [n + GRID_SUFFIX for n in names if min(sizes[n]) >= GRID])
         return out
 
-    def routers(self, nets, taps, parts):
-        dims = [_tap_dims(net, taps[k]) for k, net in enumerate(nets)]
+    def routers(self, parts, taps):
+        dims = [_tap_dims(p.net, taps[k]) for k, p in enumerate(parts)]
         total = sum(sum(d) for d in dims)
         return [JointRouterPart(d, total) for d in dims]
 
     @torch.inference_mode()
-    def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
+    def fit(self, model, parts, data, config, taps, dist=SINGLE):
         adapters = model.body.adapters
         x = torch.cat([xk for xk, _ in data])
         owner = torch.cat([torch.full((len(xk),), k, dtype=torch.long)
@@ -419,16 +419,15 @@ class FingerprintScaling(Scaling):
                     "fingerprint command, or route with a scaling that calibrates on the "
                     "parts' training data")
 
-    def taps(self, nets: Sequence[nn.Module], parts: Sequence[Part],
-             max_taps: int) -> list[list[str]]:
+    def taps(self, parts: Sequence[Part], max_taps: int) -> list[list[str]]:
         return [list((p.fingerprint_spec or {})["taps"]) for p in parts]
 
-    def routers(self, nets, taps, parts):
-        return [FingerprintRouter(_tap_dims(net, taps[k]), parts[k].num_outputs)
-                for k, net in enumerate(nets)]
+    def routers(self, parts, taps):
+        return [FingerprintRouter(_tap_dims(p.net, taps[k]), p.num_outputs)
+                for k, p in enumerate(parts)]
 
     @torch.inference_mode()
-    def fit(self, model, nets, parts, data, config, taps, dist=SINGLE):
+    def fit(self, model, parts, data, config, taps, dist=SINGLE):
         for router, p in zip(model.routers, parts):
             for name, buf in router.named_buffers():
                 buf.copy_(p.fingerprint[name])

@@ -45,16 +45,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from ..compression import CRITERIA, DEFAULT_RECALIBRATE_BN, DEFAULT_RECONSTRUCT
+    from ..compression import (
+        CRITERIA,
+        DEFAULT_CRITERION,
+        DEFAULT_RECALIBRATE_BN,
+        DEFAULT_RECONSTRUCT,
+    )
     from ..disassembly import METHODS
 
     s = sub.add_parser("compress", help="a smaller model for all its classes, without "
                        "fine-tuning (class-aware components or channel pruning)")
     s.add_argument("file")
     s.add_argument("--out", required=True)
-    s.add_argument("--criterion", choices=CRITERIA, default="contribution",
-                   help="contribution: the component of all classes (ours); l1: L1-norm "
-                        "filter pruning; fpgm: geometric-median filter pruning (both uniform)")
+    s.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
+                   help="fpgm: geometric-median filter pruning, uniform (default: with both "
+                        "repairs the most accurate at every budget measured); l1: L1-norm "
+                        "filter pruning, uniform; contribution: the component of all "
+                        "classes")
     s.add_argument("--target-flops", type=float, default=None, metavar="R",
                    help="keep at most this share of the source's FLOPs, in (0, 1]")
     s.add_argument("--target-params", type=float, default=None, metavar="R",
@@ -65,7 +72,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--samples-per-class", type=int, default=50,
                    help="contribution: training samples profiled per class")
     s.add_argument("--method", choices=METHODS, default="contribution",
-                   help="contribution criterion: how channels are scored (as in disassemble)")
+                   help="with --criterion contribution: how channels are scored (as in "
+                        "disassemble)")
     s.add_argument("--recalibrate-bn", type=int, default=DEFAULT_RECALIBRATE_BN, metavar="N",
                    help="every criterion: re-estimate each candidate's BatchNorm statistics "
                         "on N training images, no labels, no gradients (default "
