@@ -9,7 +9,8 @@ For each target the contribution component is made first (``modellego compress F
 --target-flops T``); the others are then pruned to the FLOPs ratio that component reached
 (``--criterion l1 --target-flops R``), or to T where no contribution threshold reaches T.
 Each of ours runs with every training-free repair (none, BN re-estimation, reconstruction
-then BN re-estimation: ``--reconstruct 2000 --recalibrate-bn 2000``, compress's default;
+then BN re-estimation: ``--reconstruct 2000 --recalibrate-bn 2000``, compress's default
+repairs; compress's default criterion is fpgm;
 reconstruction fits on the selected samples and seeded other training images, 2000 in all);
 Torch-Pruning's with BN
 re-estimated the same way (its pruning ratio bisected to the FLOPs, every layer but the
@@ -53,7 +54,7 @@ MODELS = ["fashion-mnist/vgg16_bn", "fashion-mnist/resnet18"]
 TARGETS = [0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.25]
 K = 50
 #: the repairs each of our criteria runs with: (name, --reconstruct, --recalibrate-bn);
-#: "rec+bn" is compress's default
+#: "rec+bn" is compress's default repair
 REPAIRS = [("none", 0, 0), ("bn", 0, DEFAULT_RECALIBRATE_BN),
            ("rec+bn", DEFAULT_RECONSTRUCT, DEFAULT_RECALIBRATE_BN)]
 #: Torch-Pruning's importance criteria compared

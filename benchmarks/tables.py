@@ -336,7 +336,8 @@ def compression(data: dict) -> list[str]:
                   f"BN: `--recalibrate-bn {bn}` (BatchNorm statistics re-estimated on that many "
                   f"training images); rec: `--reconstruct {rec}` (every layer reading removed "
                   "channels re-fitted by least squares on that many training images of all "
-                  "classes), before BN; ours + rec + BN is `compress`'s default; TP: "
+                  "classes), before BN; ours: the contribution criterion "
+                  "(`--criterion contribution`); FPGM + rec + BN is `compress`'s default; TP: "
                   "Torch-Pruning's pruner with that importance at the same FLOPs, BN "
                   "re-estimated the same way."]
     return lines

@@ -70,6 +70,10 @@ def test_disassemble_writes_the_cli_file_with_fingerprint_and_relative_source(he
                               "digits=/nonexistent"])
     assert code == 0, err
     assert read_manifest("out/asm.safetensors")["scaling"] == "fingerprint"
+    # and in memory: the networks carry their fingerprints into the assembly
+    _, asm_manifest, _ = ml.assemble([(comp.model, comp_manifest), (other.model, other_manifest)],
+                                     ml.AssemblyConfig(scaling="fingerprint"), evaluate=False)
+    assert asm_manifest["provenance"]["calibration"]["data_free"] is True
 
 
 def test_no_fingerprint_is_the_same_at_both_doors(here):
@@ -143,3 +147,13 @@ def test_a_loaded_fingerprint_is_saved_again_and_a_stored_path_kept(here):
     with pytest.raises(ml.ModelFileError, match="needs both its tensors"):
         ml.save_model("out/bad.safetensors", bare, again_manifest)
     assert not (here / "out" / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("provenance, field", [
+    ("x", "provenance"), ({"source": "y"}, "provenance.source"),
+    ({"source": {"file": 5}}, "provenance.source.file")])
+def test_a_malformed_source_record_is_refused_in_one_line(here, provenance, field):
+    model, manifest = ml.load_model(SOURCE)
+    with pytest.raises(ml.ModelFileError, match=f"manifest field {field}: expected"):
+        ml.save_model("out/x.safetensors", model, {**manifest, "provenance": provenance})
+    assert not (here / "out" / "x.safetensors").exists()

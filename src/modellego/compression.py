@@ -59,8 +59,8 @@ from .training import task_outputs
 DEFAULT_RECONSTRUCT = 2000
 #: ... then its BatchNorm statistics re-estimated on this many
 DEFAULT_RECALIBRATE_BN = 2000
-#: the criterion compress uses when none is given: with both repairs it is ahead of the
-#: others at every budget of the compression benchmark (docs/results.md, Compression)
+#: the criterion compress uses when none is given (docs/results.md, Compression, compares
+#: the criteria, each with both repairs)
 DEFAULT_CRITERION = "fpgm"
 
 

@@ -108,8 +108,11 @@ def _source_relative_to(manifest: Mapping[str, Any] | Manifest, out: Path
     read from a file is relative to that file's folder and is kept as it is."""
     if isinstance(manifest, Manifest):
         manifest = manifest.to_dict()
-    source = (manifest.get("provenance") or {}).get("source") or {}
-    stored = source.get("file") if isinstance(source, Mapping) else None
+    provenance = manifest.get("provenance") if isinstance(manifest, Mapping) else None
+    source = provenance.get("source") if isinstance(provenance, Mapping) else None
+    if not isinstance(provenance, Mapping) or not isinstance(source, Mapping):
+        return manifest  # (an invalid manifest is refused by the validation that follows)
+    stored = source.get("file")
     if not isinstance(stored, str) or not stored or Path(stored).is_absolute():
         return manifest
     if not Path(stored).is_file() or file_sha256(stored) != source.get("sha256"):
@@ -118,8 +121,7 @@ def _source_relative_to(manifest: Mapping[str, Any] | Manifest, out: Path
         relative = os.path.relpath(Path(stored).resolve(), out.parent.resolve())
     except ValueError:  # another drive (Windows): keep the path as given
         return manifest
-    provenance = {**manifest["provenance"], "source": {**source, "file": relative}}
-    return {**manifest, "provenance": provenance}
+    return {**manifest, "provenance": {**provenance, "source": {**source, "file": relative}}}
 
 
 #: the dtypes a floating-point tensor of the network may be stored as; they are read and

@@ -161,6 +161,21 @@ def resolved(config: AssemblyConfig | None, parts: Sequence[Part]) -> AssemblyCo
     return config
 
 
+def checked_labels(parts: Sequence[Part], config: AssemblyConfig
+                   ) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """:func:`label_map` of ``parts``, refused when a part keeps no output, or when the
+    (resolved) layout or scaling of ``config`` cannot take the parts: all that is checked
+    before any data is read."""
+    labels, columns = label_map(parts, config.on_duplicate)
+    if any(len(c) == 0 for c in columns):
+        k = next(i for i, c in enumerate(columns) if not c)
+        raise ModelLegoError(f"part {k} has no outputs left after `on_duplicate` replace; "
+                             "drop it from the assembly")
+    get_layout(config.layout).check_parts(parts)
+    get_scaling(str(config.scaling)).check_parts(parts)
+    return labels, columns
+
+
 def assemble_models(parts: Sequence[Part | tuple], config: AssemblyConfig | None = None, *,
                     calibration: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                     base: Mapping[str, float] | None = None, command: str | None = None,
@@ -190,14 +205,8 @@ def assemble_models(parts: Sequence[Part | tuple], config: AssemblyConfig | None
     """
     parts = as_parts(parts)
     config = resolved(config, parts)
-    labels, columns = label_map(parts, config.on_duplicate)
-    if any(len(c) == 0 for c in columns):
-        k = next(i for i, c in enumerate(columns) if not c)
-        raise ModelLegoError(f"part {k} has no outputs left after `on_duplicate` replace; "
-                             "drop it from the assembly")
+    labels, columns = checked_labels(parts, config)
     layout, scaling = get_layout(config.layout), get_scaling(str(config.scaling))
-    layout.check_parts(parts)
-    scaling.check_parts(parts)
     if scaling.calibrates and calibration is None:
         raise ModelLegoError(f"scaling {scaling.name} calibrates on training images of each "
                              "part's classes: pass `calibration`, or use a scaling that does "

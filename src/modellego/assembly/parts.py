@@ -48,8 +48,14 @@ class Part(Mapping[str, Any]):
            path: str | Path | None = None,
            fingerprint: Mapping[str, torch.Tensor] | None = None) -> Part:
         """The part of a model or component (``manifest``), read from file ``path`` (whose
-        name and SHA-256 the entry records) or given in memory."""
+        name and SHA-256 the entry records) or given in memory; its router fingerprint's
+        tensors are ``fingerprint``, else those kept with ``net`` (see
+        :func:`modellego.files.attach_fingerprint`)."""
+        from ..files import attached_fingerprint
         from ..io import file_sha256
+
+        if fingerprint is None:
+            fingerprint = attached_fingerprint(net)
 
         entry = {k: manifest[k] for k in PART_KEYS if k in manifest}
         entry["file"] = str(path) if path else None

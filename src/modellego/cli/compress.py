@@ -58,10 +58,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("file")
     s.add_argument("--out", required=True)
     s.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
-                   help="fpgm: geometric-median filter pruning, uniform (default: with both "
-                        "repairs the most accurate at every budget measured); l1: L1-norm "
-                        "filter pruning, uniform; contribution: the component of all "
-                        "classes")
+                   help="fpgm (default): geometric-median filter pruning, uniform; l1: "
+                        "L1-norm filter pruning, uniform; contribution: the component of all "
+                        "classes (see the Results page for how they compare)")
     s.add_argument("--target-flops", type=float, default=None, metavar="R",
                    help="keep at most this share of the source's FLOPs, in (0, 1]")
     s.add_argument("--target-params", type=float, default=None, metavar="R",

@@ -14,6 +14,7 @@ from ..assembly.core import (
     AssemblyConfig,
     as_parts,
     assemble_models,
+    checked_labels,
     evaluate_assembly,
     label_map,
     resolved,
@@ -69,10 +70,8 @@ def _assemble(sources: Sequence[str | Path | tuple | Part], config: AssemblyConf
     parts = as_parts([_part(src) for src in sources])
     check_one_folder([p["dataset"]["name"] for p in parts], data_dir)
     config = resolved(config, parts)
-    label_map(parts, config.on_duplicate)  # a duplicate label is refused before data is read
+    checked_labels(parts, config)  # before any data is read
     scaling, layout = get_scaling(str(config.scaling)), get_layout(config.layout)
-    layout.check_parts(parts)
-    scaling.check_parts(parts)
     calibration = calibration_images(parts, config, data_dir=data_dir) \
         if scaling.calibrates else None
     base = None if layout.body_is_parts else parts_base(parts, config, data_dir=data_dir)
