@@ -108,10 +108,10 @@ class CompressConfig:
         if (self.target_flops, self.target_params, self.max_accuracy_drop) == (None,) * 3:
             raise ModelLegoError("give a target: `target_flops` R or `target_params` R (a share "
                                  "of the source in (0, 1]) or `max_accuracy_drop` PP")
+        self.disassembly(()).validate()  # ranges, method, and at most one target
         if self.method != "contribution" and self.criterion != "contribution":
             raise ModelLegoError(f"`method` {self.method} applies to `criterion` contribution "
                                  f"only, not {self.criterion}; pass `criterion` contribution")
-        self.disassembly(()).validate()  # ranges, method, and at most one target
         if get_method(self.method).head is not None:
             raise ModelLegoError(f"method {self.method!r} makes one-vs-rest modules, not a "
                                  "smaller classifier; compress with another method")
