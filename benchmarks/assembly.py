@@ -72,7 +72,7 @@ def component(tmp: Path, rel: str, classes: tuple[int, ...]) -> Path:
     else:
         cfg = DisassemblyConfig.paper(classes, locate=LocateConfig(rule="mass", beta_conv=0.05,
                                                                    beta_linear=0.05))
-    comp, man, rep = disassemble(model, manifest, cfg, source_path=src)
+    comp, man, rep = disassemble(model, manifest, cfg, source_path=src, fingerprint=False)
     out = tmp / f"{rel.replace('/', '_')}-{'-'.join(map(str, classes))}.safetensors"
     save_model(out, comp.model, man)
     print(f"  component {rel} {list(classes)}: accuracy {rep['component_accuracy']:.4f} "

@@ -75,11 +75,12 @@ def component_rows(quick: bool, models: list[str]) -> list[dict]:
                 t0 = time.perf_counter()
                 try:
                     # the paper preset and the default each run as their command would,
-                    # sample selection and profile included; the old search reuses the
-                    # paper's (its time is not compared)
+                    # sample selection and profile included (as with --no-fingerprint:
+                    # the router fingerprint is no part of either method); the old search
+                    # reuses the paper's (its time is not compared)
                     comp, _, rep = disassemble(model, manifest, cfg, source_path=path,
                                                reuse=first if method == "mass-search"
-                                               else None)
+                                               else None, fingerprint=False)
                     first = first or comp
                 except Exception as exc:  # a method that cannot make a component: say so
                     rows.append({"model": rel, "task": list(task), "method": method,
@@ -247,9 +248,9 @@ def default_at_224(task: tuple[int, ...] = (0, 1, 2), device: str | None = None)
             t0 = time.perf_counter()
             if where is not None:
                 with using_device(where):
-                    comp, _, rep = disassemble(model, manifest, cfg)
+                    comp, _, rep = disassemble(model, manifest, cfg, fingerprint=False)
             else:
-                comp, _, rep = disassemble(model, manifest, cfg)
+                comp, _, rep = disassemble(model, manifest, cfg, fingerprint=False)
             sync()
             row[method] = {"seconds": time.perf_counter() - t0,
                            "flops_ratio": rep["flops_ratio"],

@@ -91,14 +91,14 @@ def variants(path: Path, tmp: Path, data_dir=None, preset: str = "default"
     model, manifest = load_model(path)
     config = DisassemblyConfig.paper(TASK) if preset == "paper" else DisassemblyConfig(TASK)
     comp, comp_man, _ = disassemble(model, manifest, config, source_path=path,
-                                    data_dir=data_dir)
+                                    data_dir=data_dir, fingerprint=False)
     comp_path = tmp / f"{path.stem}-component.safetensors"
     save_model(comp_path, comp.model, comp_man)
     small, small_man, _ = compress(model, manifest,
                                    CompressConfig("contribution", target_flops=0.5,
                                                   reconstruct=0,
                                                   recalibrate_bn=0, samples_per_class=20),
-                                   source_path=path, data_dir=data_dir)
+                                   source_path=path, data_dir=data_dir, fingerprint=False)
     small_path = tmp / f"{path.stem}-compressed.safetensors"
     save_model(small_path, small, small_man)
     return [("source", path), (f"component {{0,1,2}} ({preset})", comp_path),
