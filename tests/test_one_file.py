@@ -157,3 +157,22 @@ def test_a_malformed_source_record_is_refused_in_one_line(here, provenance, fiel
     with pytest.raises(ml.ModelFileError, match=f"manifest field {field}: expected"):
         ml.save_model("out/x.safetensors", model, {**manifest, "provenance": provenance})
     assert not (here / "out" / "x.safetensors").exists()
+
+
+def test_assemble_writes_the_cli_file(here):
+    model, manifest = ml.load_model(SOURCE)
+    for name, classes in (("a", (0, 1)), ("b", (2, 3))):
+        comp, comp_manifest, _ = ml.disassemble(
+            model, manifest, ml.DisassemblyConfig(classes, samples_per_class=10,
+                                                  preset="paper"),
+            source_path=SOURCE, fingerprint=False)
+        ml.save_model(f"out/{name}.safetensors", comp.model, comp_manifest)
+    argv = ["assemble", "out/a.safetensors", "out/b.safetensors", "--calibration-samples",
+            "50", "--out", "out/cli.safetensors"]
+    command = cli(argv)
+    assembled, asm_manifest, report = ml.assemble(
+        ["out/a.safetensors", "out/b.safetensors"], ml.AssemblyConfig(calibration_samples=50),
+        command=command)
+    ml.save_model("out/lib.safetensors", assembled, asm_manifest)
+    same_bytes("out/cli.safetensors", "out/lib.safetensors")
+    assert asm_manifest["metrics"]["test_accuracy"] == report["evaluation"]["accuracy"]
