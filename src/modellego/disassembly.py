@@ -172,6 +172,12 @@ class DisassemblyConfig:
         return int(cast(int, self.reconstruct))
 
     @property
+    def searches(self) -> bool:
+        """Whether thresholds are searched: an accuracy budget or a cost target is given."""
+        return self.max_accuracy_drop is not None or self.target_flops is not None \
+            or self.target_params is not None
+
+    @property
     def confident(self) -> bool:
         """Whether an accuracy budget is judged by a confidence bound (see ``confidence``)."""
         return self.max_accuracy_drop is not None and bool(self.confidence)
@@ -334,8 +340,7 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
         calibration_images=calibration_images)
     chosen, trials, judge = base, cast(list[Trial], []), None
     validation: dict = {}
-    if config.max_accuracy_drop is not None or config.target_flops is not None \
-            or config.target_params is not None:
+    if config.searches:
         chosen, trials, judge, validation = _search_candidates(
             candidates, images, labels, topup, val_images, val_labels)
     plan, component, fit = candidates.build_fitted(chosen)
@@ -409,9 +414,7 @@ def _task_profile(model: nn.Module, images: Inputs, labels: torch.Tensor,
             f"`refine` re-reads the profile of all {len(classes)} classes, which is "
             f"made in chunks of {per_chunk} within `max_memory`; drop `refine` or "
             "raise `max_memory`")
-    searching = config.max_accuracy_drop is not None or \
-        config.target_flops is not None or config.target_params is not None
-    configs = [base] + (search_family(method, base, config) if searching else [])
+    configs = [base] + (search_family(method, base, config) if config.searches else [])
     profile, chunk_masks = chunked_class_masks(
         method, model, graph, layers, images, labels, selection, classes,
         output_classes, configs, per_chunk, batch_size=config.batch_size, dist=dist)
