@@ -13,7 +13,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import masked_source_logits, randomize_bn, run
+from helpers import assert_graph_invariants, masked_source_logits, randomize_bn, run
 from modellego.errors import PlanError, UnsupportedModelError
 from modellego.models import create_model, list_models
 from modellego.surgery.extract import apply_plan
@@ -93,8 +93,10 @@ def test_full_plan_reproduces_source(zoo, images, arch):
     assert comp.shape == src.shape == (len(images), 10)
     assert (comp - src).abs().max().item() <= TOL
     torch.fx.symbolic_trace(component)  # the component stays fx-traceable
-    # every conv/linear and BN is in the plan, and the plan round-trips through JSON form
-    assert {lay.name for lay in graph.layers} | set(graph.norms) == set(plan.modules)
+    # every conv/linear, BN, per-channel tensor and attention layer is in the plan, and the
+    # plan round-trips through JSON form
+    assert {lay.name for lay in graph.layers} | set(graph.norms) | \
+        set(graph.channel_params) | set(graph.attention) == set(plan.modules)
     assert ComponentPlan.from_dict(plan.to_dict()) == plan
 
 
@@ -496,9 +498,11 @@ def test_lstm_is_refused():
     assert "rnn" in str(info.value) and "LSTM" in str(info.value)
 
 
-def test_concat_along_spatial_dim_is_refused():
-    with pytest.raises(UnsupportedModelError, match="dim 2"):
-        build_channel_graph(CatDim2(), (3, SIZE, SIZE))
+def test_concat_along_spatial_dim_couples_the_parts_channels():
+    """Two maps stacked along the height: channel c of one lies on channel c of the other,
+    so their channels are kept or removed together."""
+    graph = assert_graph_invariants(CatDim2(), (3, SIZE, SIZE), out=(1, 0))
+    assert graph.find(graph.layer("a").out_space) == graph.find(graph.layer("b").out_space)
 
 
 def test_shared_weights_are_refused():

@@ -509,9 +509,20 @@ class ChannelSoftmax(nn.Module):
         return self.head(self.conv(x).softmax(1).mean((2, 3))).log_softmax(-1)
 
 
+def test_multihead_attention_is_kept_whole():
+    graph = build_channel_graph(Attention(), (3, SIZE, SIZE))
+    assert [lay.name for lay in graph.layers] == ["proj", "head"]
+    assert graph.attention == {}
+    assert graph.frozen_reasons[graph.find(graph.layer("proj").out_space)] == \
+        "the input of attention attn (its q, k and v projections) is kept whole"
+    out = graph.find(graph.layer("head").in_layout[0].space)
+    assert graph.frozen_reasons[out] == (
+        "attention attn (MultiheadAttention) is kept whole: it is not standard multi-head "
+        "self-attention over its one input")
+
+
 @pytest.mark.parametrize("cls, node, match", [
     (ChannelSoftmax, "softmax", "softmax over channels other than the logits"),
-    (Attention, "attn", "attention layers"),
     (BatchMix, "reshape", "mixes the batch dim"),
     (ChannelMean, "mean", "reduction over the channel dimension"),
 ])

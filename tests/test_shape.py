@@ -95,6 +95,7 @@ def test_choices_come_from_the_registries():
     from modellego.disassembly import METHODS, PRESETS
     from modellego.exporting import FORMATS
     from modellego.models.sources import LISTED_SOURCES
+    from modellego.training import OPTIMIZERS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -109,6 +110,7 @@ def test_choices_come_from_the_registries():
         ("assemble", "on_duplicate"): DUPLICATES,
         ("compress", "criterion"): CRITERIA,
         ("export", "format"): FORMATS,
+        ("train", "optimizer"): ("auto",) + tuple(OPTIMIZERS),
     }
 
 

@@ -3,7 +3,7 @@
 One per family (SE, grouped, shuffle, LayerNorm, dense, auxiliary heads, conv classifier,
 stochastic depth, norm-act layers, slices), random weights, small inputs and, where the
 builder allows, fewer blocks and channels. Each is checked by both invariants (see
-``helpers.assert_graph_invariants``); a transformer is refused naming its node. The full
+``helpers.assert_graph_invariants``); transformers are in ``test_transformers.py``. The full
 zoo is swept by ``benchmarks/zoo.py``.
 """
 
@@ -16,7 +16,6 @@ import torch
 
 from helpers import assert_graph_invariants, needs
 from modellego.disassembly import DisassemblyConfig, disassemble_model
-from modellego.errors import UnsupportedModelError
 from modellego.surgery.graph import ChannelGraph, build_channel_graph
 from modellego.surgery.reconstruct import layers_to_refit
 
@@ -142,15 +141,3 @@ def test_family_specifics():
     g = build_channel_graph(models.googlenet(num_classes=10, aux_logits=True,
                                              init_weights=False).train(), (3, 32, 32))
     assert not any(lay.name.startswith("aux") for lay in g.layers)
-
-
-def test_transformer_is_refused_naming_the_node():
-    tv()
-    from torchvision.models.vision_transformer import VisionTransformer
-    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
-                            hidden_dim=16, mlp_dim=32, num_classes=10)
-    with pytest.raises(UnsupportedModelError) as info:
-        build_channel_graph(vit, (3, 32, 32))
-    assert str(info.value).startswith("node 'cat' (call_function cat): reads a tensor of the "
-                                      "model itself")
-    assert "\n" not in str(info.value)

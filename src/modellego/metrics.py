@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .data.lazy import Inputs, default_batch, iter_slices, streamed
+from .models.attention import attention_macs
 from .runtime.device import device_of, to_device_of
 from .runtime.hooks import forward_hooks, preserved_state
 from .terminal import Progress
@@ -22,10 +23,11 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass of one image, over conv and linear layers.
+    """Multiply-accumulates of one forward pass of one image, over conv and linear layers
+    and the token-by-token products of attention layers.
 
     Counted with forward hooks, so it works for any model, traceable or not. Operations
-    other than conv/linear (BN, activations, pooling, adds) are not counted, as usual.
+    other than these (BN, activations, pooling, adds, softmax) are not counted, as usual.
     """
     return sum(macs_by_layer(model, input_shape).values())
 
@@ -35,8 +37,12 @@ def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
     macs: dict[str, int] = {}
     names = {id(m): n for n, m in model.named_modules()}
 
-    def hook(module: nn.Conv2d | nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):  # an attention layer
+            x = inputs[0]
+            first = not isinstance(module, nn.MultiheadAttention) or module.batch_first
+            n = attention_macs(module, int(x.shape[1] if first else x.shape[0]))
+        elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             n = output.numel() * (module.in_channels // module.groups) * kh * kw
         else:
@@ -44,7 +50,8 @@ def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
         name = names[id(module)]
         macs[name] = macs.get(name, 0) + int(n)
 
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [m for m in model.modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) or attention_macs(m, 1)]
     x = torch.zeros(1, *input_shape, device=device_of(model))
     with preserved_state(model), forward_hooks(layers, hook), torch.inference_mode():
         model.eval()

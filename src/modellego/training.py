@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,6 +17,7 @@ from .errors import ModelLegoError, TrainingError
 from .metrics import accuracy_from_logits, predict_logits
 from .models import create_model
 from .runtime.device import device_of, on_current_device, to_device_of
+from .surgery.trace import attention_leaf
 from .terminal import Progress
 
 # Datasets whose classes survive a horizontal flip (clothes, objects; not digits).
@@ -49,22 +50,47 @@ class TrainConfig:
     classes: tuple[int, ...] | None = None
     width: float = 1.0
     batch_size: int = 128
-    lr: float = 0.05
-    weight_decay: float = 5e-4
+    #: ``None``: the optimizer's (:data:`OPTIMIZERS`)
+    lr: float | None = None
+    weight_decay: float | None = None
     seed: int = 0
     augment: bool = True
     data_dir: str | None = None
     #: the size (H, W) a ``folder:PATH`` dataset is read at (``None``: its own; see
     #: :mod:`modellego.data.folder`)
     image_size: tuple[int, int] | None = None
+    #: ``"sgd"``, ``"adamw"`` or ``"auto"``: AdamW for a network with attention layers
+    #: (transformers train poorly with SGD), SGD for the others
+    optimizer: str = "auto"
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise ModelLegoError(f"`epochs` must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ModelLegoError(f"`batch_size` must be >= 1, got {self.batch_size}")
-        check_lr(self.lr)
+        if self.lr is not None:
+            check_lr(self.lr)
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ModelLegoError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in ("auto",) + tuple(OPTIMIZERS):
+            raise ModelLegoError(f"unknown `optimizer` {self.optimizer!r}; use one of "
+                                 f"{', '.join(('auto',) + tuple(OPTIMIZERS))}")
         check_seed(self.seed)
+
+    def resolved(self, model: torch.nn.Module) -> TrainConfig:
+        """This config with the optimizer, learning rate and weight decay it trains
+        ``model`` with (what the manifest records)."""
+        name = self.optimizer
+        if name == "auto":
+            name = "adamw" if any(attention_leaf(m) for m in model.modules()) else "sgd"
+        lr, decay = OPTIMIZERS[name]
+        return replace(self, optimizer=name, lr=self.lr if self.lr is not None else lr,
+                       weight_decay=self.weight_decay if self.weight_decay is not None
+                       else decay)
+
+
+#: optimizer -> its default (learning rate, weight decay); both run the one-cycle schedule
+OPTIMIZERS = {"sgd": (0.05, 5e-4), "adamw": (1e-3, 0.05)}
 
 
 def task_split(split: Split, classes: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +148,13 @@ def train(config: TrainConfig, *, command: str | None = None,
     kwargs: dict[str, Any] = {"in_channels": c, "num_classes": len(classes),
                               "input_size": h, "width": config.width}
     model = create_model(config.arch, **kwargs)
+    config = config.resolved(model)
+    assert config.lr is not None and config.weight_decay is not None
     pad, flip = augmentation(config.dataset, h, config.augment)
     best_acc, best_epoch, history = fit(
         model, x_train, y_train, x_val, y_val, classes, epochs=config.epochs,
         batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-        pad=pad, flip=flip, gen=gen, progress=progress)
+        pad=pad, flip=flip, gen=gen, progress=progress, optimizer=config.optimizer)
     test_all = load_split(config.dataset, "test", data_dir=config.data_dir,
                             image_size=config.image_size)
     test = test_all.subset(classes)
@@ -201,9 +229,9 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
         x_val: torch.Tensor, y_val: torch.Tensor, val_classes: Sequence[int], *, epochs: int,
         batch_size: int = 128, lr: float = 0.05, weight_decay: float = 5e-4, pad: int = 0,
         flip: bool = False, gen: torch.Generator | None = None, progress: bool = True,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-        ) -> tuple[float, int, list[dict]]:
-    """SGD (Nesterov, one-cycle schedule) on normalised tensors; ``y_train`` are output
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        optimizer: str = "sgd") -> tuple[float, int, list[dict]]:
+    """SGD (Nesterov) or AdamW, one-cycle schedule, on normalised tensors; ``y_train`` are output
     indices, ``y_val`` class ids with ``val_classes[i]`` the class of output ``i``.
     ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (``inputs``: the batch as
     the model saw it, after augmentation).
@@ -215,8 +243,12 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
     home = device_of(model)
     on_current_device(model)  # trained there (see modellego.runtime.device), returned home
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                          weight_decay=weight_decay)
+    opt: torch.optim.Optimizer
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                              weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
     best, best_acc, best_epoch, history = None, -1.0, 0, []

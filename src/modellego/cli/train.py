@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..terminal import printable
+from ..training import OPTIMIZERS
 from .common import (
     add_device,
     add_no_fingerprint,
@@ -25,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(arch=args.arch, dataset=args.dataset, epochs=args.epochs,
                          classes=args.classes, width=args.width, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, augment=not args.no_augment,
-                         data_dir=args.data_dir, image_size=args.image_size)
+                         data_dir=args.data_dir, image_size=args.image_size,
+                         optimizer=args.optimizer)
     model, manifest = train(config, command=command_line(args), progress=not args.quiet,
                             fingerprint=not args.no_fingerprint)
     save_model(out, model, manifest)
@@ -45,7 +47,12 @@ def add_parser(sub: Any) -> None:
                    help="train on these classes only (e.g. 0,1,2,3,4 or 0-4)")
     s.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
     s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--optimizer", choices=("auto",) + tuple(OPTIMIZERS), default="auto",
+                   help="auto (the default): AdamW for a network with attention layers, SGD "
+                        "(Nesterov) for the others; both on a one-cycle schedule")
+    s.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: " + ", ".join(
+                       f"{lr:g} for {name}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-augment", action="store_true")
     s.add_argument("--image-size", type=parse_size, default=None, metavar="SIZE",

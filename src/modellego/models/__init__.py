@@ -1,6 +1,6 @@
 """The model zoo: every architecture registers itself on import."""
 
-from . import inception, mobilenet, resnet, small, vgg  # noqa: F401  (registration)
+from . import inception, mobilenet, resnet, small, vgg, vit  # noqa: F401  (registration)
 from .registry import (
     ModelInfo,
     build_architecture,

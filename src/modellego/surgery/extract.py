@@ -11,8 +11,10 @@ from torch import nn
 
 from ..errors import ModelFileError, PlanError
 from ..kinds import build_from_manifest
+from ..models.attention import keep_heads
 from .head import apply_head
 from .plan import ComponentPlan
+from .trace import attention_leaf
 
 
 def _idx(indices: tuple[int, ...]) -> torch.Tensor:
@@ -88,6 +90,16 @@ def _slice_tensor(model: nn.Module, name: str, out: tuple[int, ...]) -> None:
         setattr(owner, attr, sliced)
 
 
+def _keep_heads(mod: nn.Module, heads: tuple[int, ...]) -> nn.Module:
+    """An attention layer with only ``heads``: the layer itself when it keeps them all in
+    order, else a :class:`~modellego.models.attention.HeadAttention` over its cut ``qkv``
+    (and its ``proj``, which the plan cuts by its own entry)."""
+    total = getattr(mod, "num_heads", None)
+    if tuple(heads) == tuple(range(total if isinstance(total, int) else -1)):
+        return mod
+    return keep_heads(mod, heads)
+
+
 def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
     """A new model with every planned layer replaced by its sliced copy (``model`` untouched).
 
@@ -97,7 +109,10 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
     """
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
-    for name, spec in plan.modules.items():
+    # attention layers first: one is recognised by its uncut q, k, v and output projections
+    entries = sorted(plan.modules.items(),
+                     key=lambda item: not (item[0] in modules and attention_leaf(modules[item[0]])))
+    for name, spec in entries:
         mod = modules.get(name)
         if mod is None:
             try:
@@ -113,6 +128,8 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
                 repl = _slice_linear(mod, spec["out"], spec["in"])
             elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 repl = _slice_bn(mod, spec["out"])
+            elif attention_leaf(mod):
+                repl = _keep_heads(mod, spec["out"])
             else:
                 raise PlanError(f"plan names layer {name!r} of type {type(mod).__name__}, "
                                 "which cannot be sliced")

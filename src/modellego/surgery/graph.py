@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..models.attention import as_head_attention
 from .trace import (
     BATCH,
     CAST_METHODS,
@@ -75,7 +76,9 @@ from .trace import (
     SPLIT_METHODS,
     TRACE_LOCK,
     WRAPPED_PER_SAMPLE,
+    WRAPPED_SHAPE,
     ValueShapeProp,
+    attention_leaf,
     call_on,
     channelwise,
     flat_args,
@@ -142,6 +145,10 @@ class ChannelGraph:
     channel_params: dict[str, Layout] = field(default_factory=dict)
     #: pairs of runs of the same length whose channels are kept alike, one to one
     ties: list[tuple[Segment, Segment]] = field(default_factory=list)
+    #: attention layers whose heads can be removed (module name -> the space of its heads;
+    #: its output projection is the layer ``name + ".proj"``, reading each head's
+    #: ``head_dim`` features as one channel repeated)
+    attention: dict[str, int] = field(default_factory=dict)
 
     def find(self, space: int) -> int:
         """The root of a space (after merges)."""
@@ -229,6 +236,8 @@ class _Const:
     numel: int
     axis: int | None
     ndim: int = 0
+    #: its shape (before broadcasting; empty when not followed)
+    shape: tuple[int, ...] = ()
 
 
 def _positions(base: Layout) -> list[tuple[int, int]]:
@@ -287,6 +296,7 @@ class _Builder:
         self.ties: list[tuple[Segment, Segment]] = []
         self.seen_modules: dict[str, Layer] = {}
         self.softmaxes: list[tuple[str, Layout]] = []  # (where, the channels it normalises)
+        self.attention: dict[str, int] = {}
         self.where = ""
 
     # -- spaces ------------------------------------------------------------------------
@@ -394,7 +404,9 @@ class _Builder:
         with TRACE_LOCK, torch.device("cpu"):
             for node in gm.graph.nodes:
                 self.where = f"node {node.name!r} ({node.op} {target_name(node)})"
-                if node.op == "placeholder":
+                if node.op == "placeholder" and node.args:  # an argument left at its default
+                    facts[node] = None
+                elif node.op == "placeholder":
                     shape = shape_of(node)
                     if shape is None or len(shape) < 2:
                         raise UnsupportedModelError(f"{self.where}: expected an image batch "
@@ -474,7 +486,8 @@ class _Builder:
             ties.append((a, b))
         return ChannelGraph(self.model, gm, self.layers, norms, dict(self.size),
                             set(frozen), {self.find(s) for s in inputs}, out_space,
-                            dict(self.parent), frozen, params, ties)
+                            dict(self.parent), frozen, params, ties,
+                            {name: self.find(s) for name, s in self.attention.items()})
 
     # -- helpers -----------------------------------------------------------------------
     def chan(self, arg: Any, facts: dict) -> _Chan:
@@ -526,10 +539,8 @@ class _Builder:
     def call_module(self, node: torch.fx.Node, facts: dict) -> Any:
         mod = self.modules[node.target]
         name = str(node.target)
-        if isinstance(mod, nn.MultiheadAttention):
-            raise UnsupportedModelError(
-                f"{self.where}: attention layers (MultiheadAttention) are not supported; "
-                "modellego takes apart CNNs, not transformers")
+        if attention_leaf(mod):
+            return self.attention_layer(name, mod, node, facts)
         src = self.chan(node.args[0], facts)
         if isinstance(mod, nn.Conv2d):
             return self.conv(name, mod, src, node)
@@ -555,6 +566,48 @@ class _Builder:
             f"{self.where}: layer type {type(mod).__name__} is not supported; supported are "
             "Conv2d, Linear, BatchNorm1d, BatchNorm2d (and subclasses), LayerNorm, Flatten, "
             "pooling, dropout and activations")
+
+    def attention_layer(self, name: str, mod: nn.Module, node: torch.fx.Node,
+                        facts: dict) -> Any:
+        """An attention layer, kept as one node by the tracer. Standard multi-head
+        self-attention (:func:`~modellego.models.attention.as_head_attention`) gets a space
+        of heads, read by its output projection as a linear layer reads a flattened map
+        (each head one channel of ``head_dim`` features): removing a head removes its q, k
+        and v rows and its projection columns. Any other attention layer is kept whole.
+        Either way its input (what q, k and v are computed from) is kept whole."""
+        args = [a for a in flat_args(node) if isinstance(facts.get(a), _Chan)]
+        if not args or args[0] is not node.args[0]:
+            raise UnsupportedModelError(f"{self.where}: attention layer without a token input")
+        src = facts[args[0]]
+        shape = shape_of(node)
+        if len(src.shape) < 3 or src.along(-1) is None:
+            raise UnsupportedModelError(f"{self.where}: attention over a tensor whose channels "
+                                        "are not on its last dim")
+        self.freeze([s.space for a in args for s in facts[a].base],
+                    f"the input of attention {name} (its q, k and v projections) is kept whole")
+        extra = [a for a in list(node.args[1:]) + list(node.kwargs.values())
+                 if (a.meta.get("value", a) if isinstance(a, torch.fx.Node) else a)
+                 not in (None, False)]
+        attn = as_head_attention(mod) if not extra and len(src.shape) == 3 else None
+        if attn is not None and shape == src.shape[:2] + (attn.proj.out_features,):
+            heads = self.new_space(attn.num_heads)
+            self.attention[name] = heads
+            return self.linear(f"{name}.proj", attn.proj,
+                               _Chan((Segment(heads, attn.num_heads, attn.head_dim),),
+                                     src.shape[:2] + (attn.num_heads * attn.head_dim,),
+                                     axis=2), node)
+        meta = node.meta.get("tensor_meta")
+        many = isinstance(meta, (tuple, list)) and not hasattr(meta, "shape")  # (out, weights)
+        first = meta[0] if many and meta else meta
+        out = tuple(getattr(first, "shape", ()) or ())
+        if len(out) < 3 or out[0] != BATCH:
+            raise UnsupportedModelError(f"{self.where}: attention layer {type(mod).__name__} "
+                                        "whose output is not a (batch, ..., channels) tensor")
+        space = self.new_space(out[-1])
+        self.freeze([space], f"attention {name} ({type(mod).__name__}) is kept whole: it is "
+                             "not standard multi-head self-attention over its one input")
+        chan = _Chan((Segment(space, out[-1]),), out, axis=len(out) - 1)
+        return [chan] + [None] * (len(cast(tuple, meta)) - 1) if many else chan
 
     def conv(self, name: str, mod: nn.Conv2d, src: _Chan, node: torch.fx.Node) -> _Chan:
         if mod.padding_mode != "zeros":
@@ -714,6 +767,10 @@ class _Builder:
             if shape is None or shape != src.shape:
                 raise UnsupportedModelError(f"{self.where}: changes the tensor's shape")
             return src
+        if (getattr(target, "__module__", None), getattr(target, "__name__", None)) in \
+                WRAPPED_SHAPE:
+            return self.replay(node, [self.chan(node.args[0], facts)],
+                               lambda v: call_on(node, v[0], self.where))
         if target is getattr:
             raise UnsupportedModelError(f"{self.where}: reads attribute {node.args[1]!r} of a "
                                         "tensor")
@@ -819,10 +876,14 @@ class _Builder:
         if not isinstance(parts, (list, tuple)):
             raise UnsupportedModelError(f"{self.where}: expected a list of tensors to "
                                         "concatenate")
-        chans = [self.chan(p, facts) for p in parts]
         dim = value_of(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0),
                      self.where)
         shape = shape_of(node)
+        alongside = self.concat_positions(parts, dim, shape, facts,
+                                          node.target is torch.stack)
+        if alongside is not None:
+            return alongside
+        chans = [self.chan(p, facts) for p in parts]
         if node.target is not torch.stack and shape is not None:
             d = dim % len(shape)
             if all(c.ids is None and c.axis == d for c in chans):  # the common case, lazily
@@ -834,6 +895,39 @@ class _Builder:
                 f"{self.where}: concatenation along dim {dim} of tensors with different "
                 "channels is not supported (only along the channel dim)")
         return out
+
+    def concat_positions(self, parts: Sequence[Any], dim: int, shape: tuple[int, ...] | None,
+                         facts: dict, stack: bool) -> _Chan | None:
+        """A concatenation along a dim that is not the channels' (the token axis of a
+        transformer: a class token in front of the patch tokens): every part holds the same
+        channels along one other axis, coupled one to one; a parameter among the parts (the
+        class token) follows them. ``None`` when the parts are not laid out so."""
+        if shape is None or stack:
+            return None
+        d = dim % len(shape)
+        chans: list[_Chan] = [facts[p] for p in parts if isinstance(facts.get(p), _Chan)]
+        if not chans or any(c.ids is not None or c.axis is None or c.axis == d or
+                            c.axis != chans[0].axis for c in chans):
+            return None
+        axis = chans[0].axis
+        assert axis is not None
+        ref = chans[0]
+        for c in chans[1:]:
+            if c.shape[axis] != ref.shape[axis]:
+                return None
+            self.couple_layouts(ref.base, c.base)
+        for p in parts:
+            fact = facts.get(p) if isinstance(p, torch.fx.Node) else None
+            if isinstance(fact, _Chan):
+                continue
+            if not isinstance(fact, _Const) or fact.name is None or fact.axis is None or \
+                    fact.axis + len(shape) - fact.ndim != axis or fact.numel != ref.count:
+                raise UnsupportedModelError(
+                    f"{self.where}: concatenates along dim {d} a tensor that is neither a "
+                    "feature map nor a parameter holding one value per channel (a class "
+                    "token)")
+            self.record_param(fact.name, ref.base)
+        return _Chan(ref.base, shape, axis=axis)
 
     def reduction(self, node: torch.fx.Node, src: _Chan) -> _Chan:
         shape = shape_of(node)
@@ -918,6 +1012,13 @@ class _Builder:
         out = _const(big[0].name, shape)
         if (elementwise or reshape) and out.numel == big[0].numel and out.axis is not None:
             return out
+        if node.target in ("expand", "expand_as", "broadcast_to", torch.broadcast_to) and \
+                big[0].axis is not None and len(big[0].shape) <= len(shape):
+            # cls_token.expand(b, -1, -1): the same values, broadcast along size-1 dims
+            mine = (1,) * (len(shape) - len(big[0].shape)) + big[0].shape
+            if all(m in (1, n) for m, n in zip(mine, shape)):
+                return _Const(big[0].name, big[0].numel, big[0].axis + len(shape) -
+                              big[0].ndim, len(shape), mine)
         return opaque
 
     def elementwise(self, node: torch.fx.Node, chans: list, consts: list,
@@ -985,8 +1086,8 @@ class _Builder:
                                         "way modellego does not follow (new axes, whole "
                                         "slices, reshapes and elementwise ops are followed)")
         if c.axis is None:
-            raise UnsupportedModelError(f"{self.where}: multiplies or adds a tensor "
-                                        "parameter that varies along several dims")
+            self.positional_operand(ref, c, shape)
+            return
         axis = c.axis + len(shape) - c.ndim
         layout = ref.along(axis)
         if layout is None or sum(s.width for s in layout) != c.numel:
@@ -996,6 +1097,23 @@ class _Builder:
             raise UnsupportedModelError(f"{self.where}: a per-channel constant that is not a "
                                         "parameter or buffer of the model cannot be sliced")
         self.record_param(c.name, layout)
+
+
+    def positional_operand(self, ref: _Chan, c: _Const, shape: tuple[int, ...]) -> None:
+        """A parameter that varies along positions and channels (a position embedding added
+        to the tokens): its channels are those of ``ref``'s channel axis, kept whole (the
+        parameter is not sliced)."""
+        mine = (1,) * (len(shape) - len(c.shape)) + c.shape if c.shape else ()
+        axis = ref.axis
+        layout = ref.along(axis) if axis is not None and ref.ids is None else None
+        if c.name is None or not mine or layout is None or axis is None or \
+                mine[axis] != sum(s.width for s in layout) or mine[0] != 1:
+            raise UnsupportedModelError(f"{self.where}: multiplies or adds a tensor "
+                                        "parameter that varies along several dims, not along "
+                                        "the channels and positions of a feature map")
+        self.freeze([s.space for s in layout],
+                    f"{c.name} varies along positions and these channels (a position "
+                    "embedding); they are kept whole")
 
 
 def _new_axes_only(index: Any) -> bool:
@@ -1009,7 +1127,7 @@ def _const(name: str | None, shape: Sequence[int]) -> _Const:
     for d in shape:
         numel *= d
     big = [i for i, d in enumerate(shape) if d > 1]
-    return _Const(name, numel, big[0] if len(big) == 1 else None, len(shape))
+    return _Const(name, numel, big[0] if len(big) == 1 else None, len(shape), tuple(shape))
 
 
 def node_name(where: str) -> str:

@@ -1,5 +1,8 @@
 """A component plan: for every conv, linear and BN layer, the channel indices to keep.
 
+An attention layer whose heads can be removed gets ``{"out": [...]}``: the heads it keeps
+(its output projection has its own entry, by the columns of the kept heads).
+
 Other per-channel tensors the graph found (a BatchNorm over a concatenation, a layer-scale
 parameter, a PReLU weight) get an entry by their qualified name in the same shape,
 ``{"out": [...]}``: the indices kept along their one non-singleton axis.
@@ -146,6 +149,8 @@ def plan_from_masks(graph: ChannelGraph, masks: dict[int, torch.Tensor],
         modules[name] = {"out": kept(space)}
     for name, layout in graph.channel_params.items():
         modules[name] = {"out": positions(layout)}
+    for name, space in graph.attention.items():
+        modules[name] = {"out": kept(space)}  # its heads
     return ComponentPlan(modules)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
+from ..models.attention import HeadAttention
 
 TRACE_LOCK = threading.Lock()
 
@@ -67,19 +68,45 @@ REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
 # Functions libraries keep out of fx traces (``torch.fx.wrap``) that scale each sample as a
 # whole, so every channel keeps its place: (module, name), matched without importing them.
 WRAPPED_PER_SAMPLE = {("torchvision.ops.stochastic_depth", "stochastic_depth")}
+# Functions kept out of fx traces that only move elements (Swin's patch merging: four
+# strided slices concatenated along the channels): replayed on the channel index.
+WRAPPED_SHAPE = {("torchvision.models.swin_transformer", "_patch_merging_pad")}
 # Queries whose answer is shape metadata, never data: safe to ignore.
 META_METHODS = {"size", "dim", "numel"}
 META_ATTRS = {"shape", "ndim", "dtype", "device"}
+#: the attributes by which an attention layer states its head count
+HEAD_ATTRS = ("num_heads", "n_heads")
 BATCH = 2  # batch size of the example input the graph is traced and shape-propagated with
 
 
 class NormLeafTracer(torch.fx.Tracer):
     """fx's tracer, with every BatchNorm2d subclass a leaf: a norm-act layer (BN then an
-    activation, as in timm) stays one module, so slicing can keep its class."""
+    activation, as in timm) stays one module, so slicing can keep its class; and every
+    attention layer (:func:`attention_leaf`) a leaf too."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) or \
+        return isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) or attention_leaf(m) or \
             super().is_leaf_module(m, module_qualified_name)
+
+
+def attention_leaf(m: nn.Module) -> bool:
+    """Whether ``m`` is an attention layer the channel graph takes as one node:
+    ``nn.MultiheadAttention``, :class:`~modellego.models.attention.HeadAttention`, or the
+    innermost module with an integer ``num_heads`` or ``n_heads`` (timm's, Swin's, MaxViT's
+    and others' attention layers)."""
+    if isinstance(m, (nn.MultiheadAttention, HeadAttention)):
+        return True
+    if not _heads_attr(m):
+        return False
+    return not any(_heads_attr(c) for c in m.modules() if c is not m)
+
+
+def _heads_attr(m: nn.Module) -> bool:
+    for attr in HEAD_ATTRS:
+        heads = getattr(m, attr, None)
+        if isinstance(heads, int) and not isinstance(heads, bool):
+            return True
+    return False
 
 
 class ValueShapeProp(ShapeProp):

@@ -1,0 +1,171 @@
+"""Multi-head self-attention whose heads can be removed, and the attention layers of other
+libraries it can stand for.
+
+:class:`HeadAttention` computes standard multi-head self-attention over tokens ``(B, N, C)``:
+one ``qkv`` projection (rows ``q | k | v``, heads in order within each part), per head
+``softmax(q kᵀ · scale) v`` (optionally after a per-head norm of ``q`` and ``k``), and an
+output projection ``proj`` over the heads' concatenated outputs. It reads its head count
+from ``qkv``'s rows, so a component with fewer heads is the same class with ``qkv`` rows and
+``proj`` columns sliced (see :func:`keep_heads`).
+
+:func:`as_head_attention` recognises another library's attention layer (timm's
+``Attention`` and those built like it) and returns a :class:`HeadAttention` over the *same*
+``qkv`` and ``proj`` modules, but only after checking on random tokens that both compute the
+same thing; a layer that does something else (a norm over all heads, a gate, masks) is not
+taken for one, and the channel graph keeps it whole.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PlanError
+
+#: relative tolerance of the float64 check that a layer is standard attention
+MATCH_TOL = 1e-9
+
+
+class HeadAttention(nn.Module):
+    """Multi-head self-attention over ``(B, N, dim)`` tokens with heads of ``head_dim``.
+
+    The head count is ``qkv.out_features // (3 * head_dim)``; ``scale`` defaults to
+    ``head_dim ** -0.5``; ``q_norm``/``k_norm`` act on each head's ``head_dim`` features.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, *, bias: bool = True,
+                 out_dim: int | None = None, scale: float | None = None) -> None:
+        super().__init__()
+        if min(dim, num_heads, head_dim) < 1:
+            raise ValueError("dim, num_heads and head_dim must be >= 1")
+        self.head_dim = int(head_dim)
+        self.scale = float(scale) if scale is not None else self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=bias)
+        self.q_norm: nn.Module = nn.Identity()
+        self.k_norm: nn.Module = nn.Identity()
+        self.proj = nn.Linear(num_heads * head_dim, out_dim or dim)
+
+    @property
+    def num_heads(self) -> int:
+        return self.qkv.out_features // (3 * self.head_dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """Self-attention over ``x`` (``attn_mask``/``is_causal`` as in
+        ``F.scaled_dot_product_attention``, and as timm's attention layers take them)."""
+        b, n, _ = x.shape
+        heads = self.qkv.out_features // (3 * self.head_dim)
+        qkv = self.qkv(x).reshape(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             scale=self.scale)
+        return self.proj(ctx.transpose(1, 2).reshape(b, n, heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:.6g}"
+
+
+def _candidate(module: nn.Module) -> HeadAttention | None:
+    """A :class:`HeadAttention` over ``module``'s own ``qkv`` and ``proj`` when it is built
+    like one (attributes only; :func:`as_head_attention` checks what it computes)."""
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    heads = getattr(module, "num_heads", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+            and isinstance(heads, int) and heads >= 1):
+        return None
+    if qkv.out_features % (3 * heads) or proj.in_features * 3 != qkv.out_features:
+        return None
+    head_dim = qkv.out_features // (3 * heads)
+    if getattr(module, "head_dim", head_dim) != head_dim:
+        return None
+    if getattr(module, "gate", None) is not None:
+        return None
+    for attr in ("norm", "scale_norm"):  # a norm over all heads together mixes them
+        if not isinstance(getattr(module, attr, nn.Identity()), nn.Identity):
+            return None
+    scale = getattr(module, "scale", head_dim ** -0.5)
+    if not isinstance(scale, (int, float)):
+        return None
+    out = HeadAttention.__new__(HeadAttention)
+    nn.Module.__init__(out)
+    out.head_dim, out.scale, out.qkv, out.proj = head_dim, float(scale), qkv, proj
+    out.q_norm = getattr(module, "q_norm", None) or nn.Identity()
+    out.k_norm = getattr(module, "k_norm", None) or nn.Identity()
+    return out
+
+
+def as_head_attention(module: nn.Module) -> HeadAttention | None:
+    """``module`` itself if it is a :class:`HeadAttention`; else, for a layer built like one
+    whose output on random tokens equals a :class:`HeadAttention`'s over its weights (float64,
+    eval mode), that :class:`HeadAttention` (sharing ``module``'s ``qkv``, ``proj`` and norm
+    modules); else ``None``."""
+    if isinstance(module, HeadAttention):
+        return module
+    cand = _candidate(module)
+    if cand is None:
+        return None
+    ref = copy.deepcopy(module).double().eval()
+    mine = _candidate(ref)
+    if mine is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, cand.qkv.in_features, generator=gen, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            want, got = ref(x), mine.eval()(x)
+    except Exception:  # a forward that needs more than the tokens (masks, sizes)
+        return None
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return None
+    if not bool(torch.allclose(want, got, rtol=MATCH_TOL, atol=MATCH_TOL)):
+        return None
+    return cand
+
+
+def head_rows(heads: tuple[int, ...], num_heads: int, head_dim: int) -> torch.Tensor:
+    """The ``qkv`` rows of heads ``heads`` (in ``q | k | v`` order)."""
+    rows = [part * num_heads * head_dim + h * head_dim + d
+            for part in range(3) for h in heads for d in range(head_dim)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> HeadAttention:
+    """``module`` as a :class:`HeadAttention` keeping only ``heads`` (its ``qkv`` rows cut
+    in place; ``proj``'s columns are the plan's entry for the ``proj`` layer)."""
+    attn = as_head_attention(module)
+    if attn is None:
+        raise PlanError(f"plan removes heads of a {type(module).__name__}, which is not "
+                        "standard multi-head attention")
+    total = attn.num_heads
+    if not heads or len(set(heads)) != len(heads) or min(heads) < 0 or max(heads) >= total:
+        raise PlanError(f"plan keeps heads {list(heads)} of an attention layer with {total}")
+    if len(heads) == total and list(heads) == list(range(total)):
+        return attn
+    qkv = attn.qkv
+    idx = head_rows(heads, total, attn.head_dim)
+    with torch.no_grad():
+        qkv.weight = nn.Parameter(qkv.weight[idx].clone(),
+                                  requires_grad=qkv.weight.requires_grad)
+        if qkv.bias is not None:
+            qkv.bias = nn.Parameter(qkv.bias[idx].clone(), requires_grad=qkv.bias.requires_grad)
+    qkv.out_features = len(idx)
+    return attn
+
+
+def attention_macs(module: nn.Module, tokens: int) -> int:
+    """Multiply-accumulates of one image that no conv or linear *module call* counts: the two
+    token-by-token products (``q kᵀ`` and the weighted sum of ``v``) of an attention layer
+    built like :class:`HeadAttention`, and for ``nn.MultiheadAttention`` (which reads its
+    projections' weights without calling them) its projections too; 0 for other modules."""
+    if isinstance(module, nn.MultiheadAttention):
+        e = module.embed_dim
+        kdim, vdim = module.kdim, module.vdim
+        return tokens * e * (e + kdim + vdim) + 2 * tokens * tokens * e + tokens * e * e
+    attn = module if isinstance(module, HeadAttention) else _candidate(module)
+    if attn is None:
+        return 0
+    return 2 * tokens * tokens * attn.num_heads * attn.head_dim

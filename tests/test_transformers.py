@@ -1,0 +1,150 @@
+"""Vision transformers in the channel graph: MLP hidden neurons and attention heads are
+units, the class token and position embedding run along the token axis, the
+LayerNorm'd residual stream is kept whole (and says so). Each network is checked by both
+graph invariants (``helpers.assert_graph_invariants``): keep-all reproduces the logits, a
+random plan equals the source with those units zeroed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_graph_invariants, needs
+from modellego.disassembly import DisassemblyConfig, disassemble_model
+from modellego.metrics import count_macs, macs_by_layer
+from modellego.models import create_model
+from modellego.models.attention import HeadAttention, as_head_attention, keep_heads
+from modellego.surgery.extract import apply_plan
+from modellego.surgery.graph import Segment, build_channel_graph
+from modellego.surgery.plan import full_plan, plan_from_masks
+from modellego.surgery.reconstruct import layers_to_refit
+
+
+def _ours() -> nn.Module:
+    return create_model("vit", in_channels=1, input_size=28, width=0.75)
+
+
+def _torchvision() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=28, patch_size=7, num_layers=2, num_heads=2,
+                            hidden_dim=32, mlp_dim=64, num_classes=10)
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero
+    return vit
+
+
+def _timm(name: str, **kwargs) -> nn.Module:
+    timm = needs("timm")
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=10, **kwargs)
+
+
+def test_our_vit_heads_and_mlp_neurons_are_units():
+    graph = assert_graph_invariants(_ours(), (1, 28, 28), seeds=3)
+    assert sorted(graph.attention) == [f"blocks.{i}.attn" for i in range(6)]
+    assert {graph.space_size[s] for s in graph.attention.values()} == {3}
+    proj = graph.layer("blocks.0.attn.proj")
+    assert [(graph.space_size[s.space], s.repeat) for s in proj.in_layout] == [(3, 16)]
+    hidden = graph.find(graph.layer("blocks.0.mlp.0").out_space)
+    assert hidden not in graph.frozen_spaces and graph.space_size[hidden] == 96
+    stream = graph.find(graph.layer("patch_embed").out_space)
+    assert stream in graph.frozen_spaces
+    assert graph.frozen_reasons[stream] == ("pos_embed varies along positions and these "
+                                            "channels (a position embedding); they are kept "
+                                            "whole")
+    assert graph.channel_params == {"cls_token": (Segment(stream, 48),)}
+
+
+def test_torchvision_vit_keeps_multihead_attention_whole():
+    needs("torchvision")
+    graph = assert_graph_invariants(_torchvision(), (3, 28, 28), seeds=4)
+    assert graph.attention == {}
+    assert not any("self_attention" in lay.name for lay in graph.layers)
+    stream = graph.find(graph.layer("conv_proj").out_space)
+    assert graph.frozen_reasons[stream] == "reshape at reshape fixes the number of these channels"
+    mlp = graph.find(graph.layer("encoder.layers.encoder_layer_0.mlp.0").out_space)
+    assert mlp not in graph.frozen_spaces and graph.space_size[mlp] == 64
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_timm_vit_heads_are_removed_as_units(name):
+    model = _timm(name)
+    graph = assert_graph_invariants(model, (3, 32, 32), seeds=3)
+    assert sorted(graph.attention) == ["blocks.0.attn", "blocks.1.attn"]
+    # a plan that keeps heads (2,) of block 0 and all of block 1
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    masks[graph.attention["blocks.0.attn"]] = torch.tensor([False, False, True])
+    plan = plan_from_masks(graph, masks, range(10))
+    comp = apply_plan(model, plan)
+    assert type(comp.blocks[0].attn) is HeadAttention and comp.blocks[0].attn.num_heads == 1
+    assert type(comp.blocks[1].attn) is type(model.blocks[1].attn)  # whole: not replaced
+    assert plan.kept("blocks.0.attn.proj", "in") == tuple(range(128, 192))
+    keep_all = apply_plan(model, full_plan(graph))
+    assert type(keep_all.blocks[0].attn) is type(model.blocks[0].attn)
+
+
+def test_attention_with_a_norm_over_all_heads_is_kept_whole():
+    model = _timm("vit_tiny_patch16_224", scale_attn_norm=True)
+    assert as_head_attention(model.blocks[0].attn) is None
+    graph = assert_graph_invariants(model, (3, 32, 32), seeds=3)
+    assert graph.attention == {}
+    assert [lay.name for lay in graph.layers if "attn" in lay.name] == []
+
+
+def test_keep_heads_equals_zeroing_the_other_heads():
+    torch.manual_seed(1)
+    attn = HeadAttention(12, 4, 3).double().eval()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    ctx = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        ctx["in"] = args[0]
+
+    handle = attn.proj.register_forward_pre_hook(record)
+    attn(x)
+    handle.remove()
+    zeroed = ctx["in"].clone().view(2, 5, 4, 3)
+    zeroed[:, :, [0, 2]] = 0
+    want = attn.proj(zeroed.view(2, 5, 12))
+    cut = keep_heads(_copy(attn), (1, 3))
+    cut.proj.weight = nn.Parameter(cut.proj.weight[:, [3, 4, 5, 9, 10, 11]])
+    cut.proj.in_features = 6
+    assert cut.num_heads == 2 and cut.qkv.out_features == 18
+    assert torch.allclose(cut(x), want, rtol=0, atol=1e-12)
+    with pytest.raises(Exception, match=r"plan keeps heads \[4\] of an attention layer with 4"):
+        keep_heads(_copy(attn), (4,))
+
+
+def _copy(m: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(m)
+
+
+def test_flops_count_the_token_products():
+    model = _ours()
+    macs = macs_by_layer(model, (1, 28, 28))
+    tokens, heads, head_dim = 50, 3, 16
+    assert macs["blocks.0.attn"] == 2 * tokens * tokens * heads * head_dim
+    assert macs["blocks.0.attn.qkv"] == tokens * 48 * 144
+    assert count_macs(model, (1, 28, 28)) == sum(macs.values())
+    tv = _torchvision()  # MultiheadAttention: projections read as weights, counted here
+    mha = macs_by_layer(tv, (3, 28, 28))["encoder.layers.encoder_layer_0.self_attention"]
+    assert mha == 17 * 32 * 96 + 2 * 17 * 17 * 32 + 17 * 32 * 32
+
+
+def test_default_disassembly_of_a_vit_cuts_heads_and_neurons():
+    model = _ours().eval()
+    x = torch.randn(60, 1, 28, 28, generator=torch.Generator().manual_seed(11))
+    y = torch.arange(60) % 10
+    comp = disassemble_model(model, x, y, classes=(2, 7), output_classes=range(10),
+                             config=DisassemblyConfig((2, 7), samples_per_class=3,
+                                                      batch_size=20))
+    fit = comp.reconstruction
+    assert fit is not None
+    assert sorted([f.name for f in fit.layers] + list(fit.skipped)) == \
+        sorted(lay.name for lay in layers_to_refit(comp.graph, comp.plan))
+    with torch.no_grad():
+        assert comp.model(x[:2]).shape == (2, 2)
+    build_channel_graph(comp.model, (1, 28, 28))  # a component is a ViT graph again
