@@ -1,4 +1,5 @@
-"""Zoo sweep: every torchvision classification builder and a set of timm CNNs through the
+"""Zoo sweep: every torchvision classification builder and a set of timm CNNs and
+transformers through the
 channel graph and the real disassembly path, with random weights.
 
     OMP_NUM_THREADS=1 python benchmarks/zoo.py [--only PATTERN] [--size 64] [--skip-timm]
@@ -76,8 +77,17 @@ TIMM = ["resnet18", "resnet50d", "resnext50_32x4d", "seresnext26d_32x4d", "regne
         "repvgg_a0", "res2net50_14w_8s", "resnest14d", "selecsls42b", "tinynet_a",
         "lcnet_050", "hardcorenas_a", "fbnetc_100", "semnasnet_050", "spnasnet_100",
         "regnetz_b16", "skresnet18", "gernet_s", "ese_vovnet19b_dw", "dm_nfnet_f0",
-        "resnetv2_50", "efficientvit_b0", "mobileone_s0", "fastvit_t8"]
-SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
+        "resnetv2_50", "efficientvit_b0", "mobileone_s0", "fastvit_t8",
+        # transformers (issue 30), built for the sweep's input size
+        "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+        "swin_tiny_patch4_window7_224", "beit_base_patch16_224", "eva02_tiny_patch14_224",
+        "cait_xxs24_224", "pit_ti_224"]
+#: timm transformers take the input size as an argument
+TIMM_AT_SIZE = {"vit_tiny_patch16_224", "deit_tiny_patch16_224",
+                "deit_tiny_distilled_patch16_224", "beit_base_patch16_224",
+                "eva02_tiny_patch14_224", "cait_xxs24_224", "pit_ti_224"}
+SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56, "eva02_tiny_patch14_224": 56,
+         "swin_tiny_patch4_window7_224": 224}
 #: the default thresholds times these, in turn, until no layer is emptied (random weights
 #: can make a whole layer irrelevant, which a component cannot express)
 THRESHOLD_SCALES = (1.0, 0.5, 0.25, 0.1)
@@ -124,6 +134,8 @@ def build_step(case: Case) -> None:
     else:
         import timm
         kwargs = {"num_classes": 10}
+        if case.name in TIMM_AT_SIZE:
+            kwargs["img_size"] = case.size
         model = timm.create_model(case.name, pretrained=False, **kwargs)
     case.extra["kwargs"] = kwargs
     case.model = randomize_bn(model, 1).eval()

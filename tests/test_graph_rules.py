@@ -483,8 +483,8 @@ class BatchMix(nn.Module):
         self.head = nn.Linear(4, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x).permute(0, 2, 3, 1).reshape(-1, 4)  # (N*H*W, C)
-        return self.head(y).view(x.shape[0], -1, 5).mean(1)
+        y = self.conv(x).transpose(0, 1)  # (C, N, H, W): channels where the samples were
+        return self.head(y.transpose(0, 1).mean((2, 3)))
 
 
 class ChannelMean(nn.Module):
@@ -495,7 +495,7 @@ class ChannelMean(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        y = y * torch.sigmoid(y.mean(1, keepdim=True))  # spatial attention
+        y = y * torch.sigmoid(y.mean(1)).unsqueeze(1)  # spatial attention
         return self.head(y.mean((2, 3)))
 
 
@@ -507,6 +507,52 @@ class ChannelSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(x).softmax(1).mean((2, 3))).log_softmax(-1)
+
+
+class RowsOfChannels(nn.Module):
+    """Every position as a sample of its own, then back: rows of channels stay whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).permute(0, 2, 3, 1)
+        z = self.head(y.reshape(-1, y.shape[-1]))  # (N*H*W, C)
+        return z.view(x.shape[0], -1, z.shape[-1]).mean(1)
+
+
+class FixedRows(RowsOfChannels):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.conv(x).permute(0, 2, 3, 1).reshape(-1, 4))
+        return z.view(x.shape[0], -1, z.shape[-1]).mean(1)
+
+
+class StatisticGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = y * torch.sigmoid(y.mean(1, keepdim=True))  # a gate from all channels
+        return self.head(y.mean((2, 3)))
+
+
+def test_rows_of_channels_folded_into_the_batch_are_followed():
+    graph = assert_graph_invariants(RowsOfChannels(), (3, SIZE, SIZE), out=(1, 0))
+    assert graph.frozen_spaces == graph.input_spaces
+    graph = build_channel_graph(FixedRows(), (3, SIZE, SIZE))
+    assert graph.frozen_reasons[graph.find(graph.layer("conv").out_space)] == \
+        "reshape at reshape fixes the number of these channels"
+
+
+def test_a_statistic_over_the_channels_keeps_them_whole():
+    graph = build_channel_graph(StatisticGate(), (3, SIZE, SIZE))
+    assert graph.frozen_reasons[graph.find(graph.layer("conv").out_space)] == \
+        "mean at mean takes a statistic over these channels"
 
 
 def test_multihead_attention_is_kept_whole():
@@ -523,7 +569,7 @@ def test_multihead_attention_is_kept_whole():
 
 @pytest.mark.parametrize("cls, node, match", [
     (ChannelSoftmax, "softmax", "softmax over channels other than the logits"),
-    (BatchMix, "reshape", "mixes the batch dim"),
+    (BatchMix, "transpose", "mixes the batch dim"),
     (ChannelMean, "mean", "reduction over the channel dimension"),
 ])
 def test_refusals_name_the_node(cls, node, match):

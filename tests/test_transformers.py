@@ -148,3 +148,55 @@ def test_default_disassembly_of_a_vit_cuts_heads_and_neurons():
     with torch.no_grad():
         assert comp.model(x[:2]).shape == (2, 2)
     build_channel_graph(comp.model, (1, 28, 28))  # a component is a ViT graph again
+
+
+#: timm transformer families at tiny sizes: (kwargs, input size, attention layers with
+#: removable heads)
+TIMM_FAMILIES = {
+    "swin_tiny_patch4_window7_224": (dict(img_size=32, window_size=4, embed_dim=16,
+                                          depths=(1, 1), num_heads=(1, 2)), 32, 0),
+    "cait_xxs24_224": (dict(img_size=32, patch_size=8, depth=1, depth_token_only=1,
+                            embed_dim=32, num_heads=2), 32, 0),
+    "pit_ti_224": (dict(img_size=64, depth=(1, 1, 1)), 64, 3),
+    "beit_base_patch16_224": (dict(img_size=32, patch_size=8, depth=1, embed_dim=32,
+                                   num_heads=2), 32, 0),
+    "eva02_tiny_patch14_224": (dict(img_size=56, depth=1), 56, 0),
+}
+
+
+def _influential(model: nn.Module) -> nn.Module:
+    """Parameters a library starts near zero (a head at zero, layer scales of 1e-5) drawn
+    again, so that removing a unit changes the logits and the invariants can tell."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and p.std() < 1e-3:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    return model
+
+
+@pytest.mark.parametrize("name", list(TIMM_FAMILIES))
+def test_timm_transformer_families(name):
+    """Swin (windows folded into the batch, shifted by roll), CaiT (a class token joining
+    late), PiT (pooling between stages), BEiT and EVA (their own attention, kept whole)."""
+    timm = needs("timm")
+    kwargs, size, heads = TIMM_FAMILIES[name]
+    torch.manual_seed(0)
+    model = _influential(timm.create_model(name, pretrained=False, num_classes=10, **kwargs))
+    graph = assert_graph_invariants(model, (3, size, size), seeds=3)
+    assert len(graph.attention) == heads
+    assert set(graph.frozen_reasons) == graph.frozen_spaces
+
+
+def test_global_response_norm_keeps_its_channels_whole():
+    """ConvNeXt-V2's GRN divides each channel by the mean response over all channels:
+    those channels are kept whole, and the reports say why."""
+    timm = needs("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convnextv2_atto", pretrained=False, num_classes=10)
+    graph = build_channel_graph(model, (3, 32, 32))
+    hidden = graph.find(graph.layer("stages.0.blocks.0.mlp.fc1").out_space)
+    assert graph.frozen_reasons[hidden] == \
+        "mean at mean takes a statistic over these channels"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(apply_plan(model, full_plan(graph)).eval()(x), model.eval()(x))

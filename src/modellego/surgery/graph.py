@@ -63,6 +63,7 @@ from .trace import (
     ELEMENTWISE_MODULES,
     META_ATTRS,
     META_METHODS,
+    NORM_REDUCTIONS,
     REDUCTION_METHODS,
     REDUCTIONS,
     SHAPE_FUNCTIONS,
@@ -328,6 +329,10 @@ class _Builder:
         self.parent[gone] = keep
         if gone in self.frozen:
             self.frozen.setdefault(keep, self.frozen.pop(gone))
+
+    def resolved(self, layout: Layout) -> Layout:
+        """``layout`` in root spaces (as it reads after the merges made so far)."""
+        return tuple(Segment(self.find(s.space), s.size, s.repeat, s.start) for s in layout)
 
     def couple_runs(self, a: Segment, b: Segment) -> None:
         """Channel ``a.start + i`` is channel ``b.start + i`` (same length runs)."""
@@ -600,7 +605,7 @@ class _Builder:
         many = isinstance(meta, (tuple, list)) and not hasattr(meta, "shape")  # (out, weights)
         first = meta[0] if many and meta else meta
         out = tuple(getattr(first, "shape", ()) or ())
-        if len(out) < 3 or out[0] != BATCH:
+        if len(out) < 3:
             raise UnsupportedModelError(f"{self.where}: attention layer {type(mod).__name__} "
                                         "whose output is not a (batch, ..., channels) tensor")
         space = self.new_space(out[-1])
@@ -698,9 +703,16 @@ class _Builder:
 
     def record_param(self, name: str, layout: Layout) -> None:
         old = self.params.get(name)
-        if old is not None and old != layout:
-            raise UnsupportedModelError(f"{self.where}: parameter {name} is read with two "
-                                        "different channel layouts")
+        if old is not None and self.resolved(old) != self.resolved(layout):
+            # one parameter along two runs of channels (a class token joining the patch
+            # tokens and, later, its own branch): entry i of both is the parameter's i-th,
+            # so the two are kept alike
+            if sum(s.width for s in old) != sum(s.width for s in layout) or \
+                    any(s.repeat != 1 for s in old + layout):
+                raise UnsupportedModelError(f"{self.where}: parameter {name} is read with two "
+                                            "different channel layouts")
+            self.couple_layouts(old, layout)
+            return
         self.params[name] = layout
 
     # -- functions and methods ---------------------------------------------------------
@@ -728,8 +740,14 @@ class _Builder:
                 like = shape_of(node) or ()
                 return self.replay(node, [self.chan(node.args[0], facts)],
                                    lambda v: v[0].reshape(v[0].shape[0], *like[1:]))
-            return self.replay(node, [self.chan(node.args[0], facts)],
-                               lambda v: call_on(node, v[0], self.where))
+            src = self.chan(node.args[0], facts)
+            try:
+                return self.replay(node, [src], lambda v: call_on(node, v[0], self.where))
+            except UnsupportedModelError:
+                rows = self.rows_intact(node, src)
+                if rows is None:
+                    raise
+                return rows
         if method and target in SPLIT_METHODS or not method and target in SPLIT_FUNCTIONS:
             return self.split(node, self.chan(node.args[0], facts))
         if target is torch.cat or target is torch.concat or target is torch.stack:
@@ -741,6 +759,11 @@ class _Builder:
         if target is F.pad:
             pad = value_of(node.args[1] if len(node.args) > 1 else node.kwargs["pad"], self.where)
             src = self.chan(node.args[0], facts)
+            padded = {len(src.shape) - 1 - i // 2 for i, p in enumerate(pad) if p}
+            shape = shape_of(node)
+            if src.ids is None and src.axis is not None and shape is not None and \
+                    not padded & {0, src.axis}:  # (channel-last maps: Swin's windows)
+                return _Chan(src.base, shape, axis=src.axis)
             if len(src.shape) == 4 and len(pad) <= 4:
                 return self.spatial(node, src, "padding")
             raise UnsupportedModelError(f"{self.where}: padding of the channel dim")
@@ -817,6 +840,38 @@ class _Builder:
             self.constrain(node, srcs[0], outs)
         facts = [self.normalised(base, i, tuple(r.shape)) for i, r in zip(outs, raws)]
         return facts[0] if isinstance(result, torch.Tensor) else facts
+
+    def rows_intact(self, node: torch.fx.Node, src: _Chan) -> _Chan | None:
+        """A shape op that moves whole rows of channels (channels on the last dim, which it
+        leaves last and whole) but mixes samples with positions, as a window partition
+        folds windows into the batch (Swin): each row keeps its channels, so the result
+        holds them on its last dim. ``None`` for any other op."""
+        shape = shape_of(node)
+        last = len(src.shape) - 1
+        if shape is None or src.ids is not None or src.axis != last or \
+                shape[-1] != src.shape[-1]:
+            return None
+        op = str(node.target) if node.op == "call_method" else target_name(node)
+        args = value_of(list(node.args[1:]), self.where)
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            args = list(args[0])
+        if op in ("view", "reshape"):  # row-major: an unchanged last dim keeps rows whole
+            sizes = list(node.args[1:])
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+                sizes = list(sizes[0])
+            if sizes and isinstance(sizes[-1], int) and sizes[-1] != -1:
+                # a component would ask for the source's channel count again
+                self.freeze([s.space for s in src.base], f"{op} at {node.name} fixes the "
+                                                         "number of these channels")
+        elif op == "permute":
+            if [d % len(shape) for d in args][-1] != last:
+                return None
+        elif op in ("transpose", "swapaxes"):
+            if last in {d % len(shape) for d in args[:2]}:
+                return None
+        else:
+            return None
+        return _Chan(src.base, shape, axis=len(shape) - 1)
 
     def constrain(self, node: torch.fx.Node, src: _Chan, outs: list[torch.Tensor]) -> None:
         """Make a component's re-run of this op exact. The component runs the same code
@@ -931,9 +986,10 @@ class _Builder:
 
     def reduction(self, node: torch.fx.Node, src: _Chan) -> _Chan:
         shape = shape_of(node)
-        dims: Any = value_of(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"),
+        at = 2 if node.target in NORM_REDUCTIONS else 1  # norm(x, p, dim, keepdim)
+        dims: Any = value_of(node.args[at] if len(node.args) > at else node.kwargs.get("dim"),
                            self.where)
-        keep = bool(value_of(node.args[2] if len(node.args) > 2 else
+        keep = bool(value_of(node.args[at + 1] if len(node.args) > at + 1 else
                            node.kwargs.get("keepdim", False), self.where))
         nd = len(src.shape)
         if dims is None:
@@ -944,6 +1000,14 @@ class _Builder:
         ids = src.full_ids()
         mixed = any(ids.shape[d] > 1 and bool((ids != ids.narrow(d, 0, 1)).any())
                     for d in dims)
+        if mixed and keep and src.ids is None and src.axis is not None:
+            # a statistic over the channels, broadcast back (GRN's mean response): every
+            # channel counts in it, so none can be removed
+            self.freeze([s.space for s in src.base], f"{target_name(node)} at {node.name} "
+                                                     "takes a statistic over these channels")
+            stat = self.new_space(1)
+            self.freeze([stat], f"{target_name(node)} at {node.name} is one value per sample")
+            return _Chan((Segment(stat, 1),), shape, axis=src.axis)
         if mixed:
             raise UnsupportedModelError(f"{self.where}: reduction over the channel dimension "
                                         "(it mixes channels, so none could be removed)")

@@ -37,14 +37,14 @@ ELEMENTWISE_FUNCTIONS: set[Callable[..., Any]] = {
     F.dropout2d, F.alpha_dropout, F.softmax, F.log_softmax, torch.relu, torch.sigmoid,
     torch.tanh, torch.softmax, torch.exp, torch.erf, torch.abs, torch.sqrt, torch.rsqrt,
     torch.clamp, torch.clip, torch.square, torch.pow, torch.neg, torch.maximum, torch.minimum,
-    torch.add, torch.sub, torch.mul, torch.div, operator.add, operator.iadd, operator.sub,
+    torch.add, torch.sub, torch.mul, torch.div, torch.addcmul, torch.addcdiv, operator.add, operator.iadd, operator.sub,
     operator.isub, operator.mul, operator.imul, operator.truediv, operator.itruediv,
     operator.pow, operator.neg}
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "erf", "abs",
     "sqrt", "rsqrt", "square", "pow", "neg", "clamp", "clamp_", "clamp_min", "clamp_min_",
     "clamp_max", "clamp_max_", "softmax", "log_softmax", "add", "add_", "sub", "sub_", "mul",
-    "mul_", "div", "div_", "contiguous", "clone", "detach"}
+    "mul_", "div", "div_", "addcmul", "addcdiv", "contiguous", "clone", "detach"}
 # Methods that only change a tensor's dtype or device (a second tensor argument, as in
 # ``type_as``, gives only its dtype).
 CAST_METHODS = {"float", "double", "half", "to", "type_as", "type"}
@@ -56,15 +56,18 @@ SPATIAL_FUNCTIONS: set[Callable[..., Any]] = {
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
 SHAPE_FUNCTIONS: set[Callable[..., Any]] = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
-    torch.movedim, torch.squeeze, torch.unsqueeze, torch.narrow, operator.getitem}
+    torch.movedim, torch.squeeze, torch.unsqueeze, torch.narrow, operator.getitem, torch.roll}
 SHAPE_METHODS = {"view", "reshape", "permute", "transpose", "swapaxes", "movedim", "flatten",
                   "unflatten", "squeeze", "unsqueeze", "narrow", "expand", "expand_as",
-                  "view_as", "reshape_as", "__getitem__"}
+                  "view_as", "reshape_as", "__getitem__", "roll"}
 SPLIT_FUNCTIONS: set[Callable[..., Any]] = {torch.chunk, torch.split, torch.tensor_split,
                                              torch.unbind}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
-REDUCTIONS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax, torch.amin}
-REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
+REDUCTIONS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax, torch.amin,
+                                       torch.norm, torch.linalg.vector_norm}
+REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "norm"}
+# reductions whose dims come after an order argument: ``x.norm(p, dim, keepdim)``
+NORM_REDUCTIONS: set[Any] = {"norm", torch.norm, torch.linalg.vector_norm}
 # Functions libraries keep out of fx traces (``torch.fx.wrap``) that scale each sample as a
 # whole, so every channel keeps its place: (module, name), matched without importing them.
 WRAPPED_PER_SAMPLE = {("torchvision.ops.stochastic_depth", "stochastic_depth")}
