@@ -37,8 +37,9 @@ ELEMENTWISE_FUNCTIONS: set[Callable[..., Any]] = {
     F.dropout2d, F.alpha_dropout, F.softmax, F.log_softmax, torch.relu, torch.sigmoid,
     torch.tanh, torch.softmax, torch.exp, torch.erf, torch.abs, torch.sqrt, torch.rsqrt,
     torch.clamp, torch.clip, torch.square, torch.pow, torch.neg, torch.maximum, torch.minimum,
-    torch.add, torch.sub, torch.mul, torch.div, torch.addcmul, torch.addcdiv, operator.add, operator.iadd, operator.sub,
-    operator.isub, operator.mul, operator.imul, operator.truediv, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.addcmul, torch.addcdiv, operator.add,
+    operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv,
     operator.pow, operator.neg}
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "erf", "abs",
