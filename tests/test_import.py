@@ -5,6 +5,7 @@ dataset's. Files crafted to run code run nothing."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import sys
 from pathlib import Path
@@ -429,6 +430,52 @@ def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, tw
         ("fashion-mnist", "Sandal"), ("fashion-mnist", "Sneaker"),
         ("fashion-mnist", "Ankle boot")] + [("digits", str(d)) for d in range(10)]
     assert "digits:9" in out and "fashion-mnist:5" in out
+
+
+@pytest.mark.slow
+def test_a_torchvision_vit_trained_as_plain_pytorch_end_to_end(tmp_path, own_package):
+    """A small torchvision VisionTransformer trained by a plain PyTorch loop on
+    Fashion-MNIST, imported, taken apart by the default (its MLP neurons pruned, its
+    ``nn.MultiheadAttention`` layers kept whole) and exported, all by the CLI."""
+    needs("torchvision")
+    name = f"python:{own_package}:tiny_vit"
+    with trusted(own_package):
+        net = build_architecture(name, {"num_classes": 10})
+    train = load_split("fashion-mnist", "train")
+    mean, std = 0.286, 0.353
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    net.train()
+    for _ in range(120):
+        idx = torch.randint(len(train.labels), (64,), generator=gen)
+        x = ((train.images[idx].float() - mean) / std).repeat(1, 3, 1, 1)
+        loss = nn.functional.cross_entropy(net(x), train.labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(net.state_dict(), tmp_path / "vit.pt")
+    model = tmp_path / "vit.safetensors"
+    code, out, err = run_cli(["import", name, "--weights", tmp_path / "vit.pt", "--out", model,
+                              "--dataset", "fashion-mnist", "--mean", str(mean), "--std",
+                              str(std), "--no-fingerprint", "--trust-code", own_package])
+    assert code == 0, err
+    _, manifest = load_model(model, trust_code=own_package)
+    assert manifest["metrics"]["test_accuracy"] > 0.5  # 120 steps: well above chance
+    comp = tmp_path / "shoes.safetensors"
+    code, out, err = run_cli(["disassemble", model, "--classes", "5,7,9", "--out", comp,
+                              "--samples-per-class", "20", "--reconstruct", "250",
+                              "--trust-code", own_package])
+    assert code == 0, err
+    cnet, cman = load_model(comp, trust_code=own_package)
+    hidden = [len(cman["plan"][f"encoder.layers.encoder_layer_{i}.mlp.0"]["out"])
+              for i in range(2)]
+    assert min(hidden) < 32 and not any(k.endswith("self_attention") for k in cman["plan"])
+    assert re.search(r"component accuracy +0\.\d{4}  \([+-]\d+\.\d\d pp\)", out)
+    assert cman["metrics"]["test_accuracy"] > 0.5  # of three classes
+    code, out, err = run_cli(["export", comp, "--out", tmp_path / "shoes.onnx",
+                              "--check-images", "16", "--trust-code", own_package])
+    assert code == 0, err
+    assert "checked on 16 test images of fashion-mnist" in out
 
 
 def test_distilling_from_a_teacher_that_reads_another_input(own_package):
