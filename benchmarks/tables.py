@@ -490,7 +490,46 @@ def latency(data: dict) -> list[str]:
     return lines
 
 
-TABLES = (("disassembly.json", disassembly), ("assembly.json", assembly),
+def transformers(data: dict) -> list[str]:
+    """The FM ViT's components (accuracy, cost, latency, what they keep) and its assembly
+    with the digits CNN."""
+    lines = [f"Run of {data['date']}: torch {data['torch']}, {data['threads']} threads, "
+             f"{data['seconds'] / 60:.0f} min in all; source `{data['source']}`.", "",
+             "| task | restricted source | component | Δ (pp) | FLOPs kept (goal) | params "
+             "kept | heads kept | MLP neurons kept | CPU latency (source) | goals met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["components"]:
+        task = "{" + ",".join(map(str, r["task"])) + "}"
+        met = "yes" if r["meets_accuracy"] and r["meets_flops"] else (
+            "accuracy only" if r["meets_accuracy"] else
+            ("FLOPs only" if r["meets_flops"] else "no"))
+        lines.append(f"| {task} | {r['restricted_accuracy']:.4f} | "
+                     f"{r['component_accuracy']:.4f} | {r['delta_pp']:+.2f} | "
+                     f"{100 * r['flops_ratio']:.1f} % (≤ {100 * r['flops_target']:.0f} %) | "
+                     f"{100 * r['params_ratio']:.1f} % | {100 * r['heads_kept']:.0f} % | "
+                     f"{100 * r['neurons_kept']:.0f} % | {r['latency_ms']:.2f} ms "
+                     f"({r['source_latency_ms']:.2f} ms) | {met} |")
+    lines += ["", "Per block (heads kept of 4 / MLP neurons kept of 128):", "",
+              "| task | " + " | ".join(f"block {b['block']}" for b in
+                                       data["components"][0]["blocks"]) + " |",
+              "|---|" + "---|" * len(data["components"][0]["blocks"])]
+    for r in data["components"]:
+        task = "{" + ",".join(map(str, r["task"])) + "}"
+        lines.append(f"| {task} | " + " | ".join(f"{b['heads']} / {b['neurons']}"
+                                                 for b in r["blocks"]) + " |")
+    case = data.get("assembly")
+    if case:
+        row = case["scalings"]["joint"]
+        lines += ["", "| assembly | accuracy | balanced | Base | Δ vs Base (pp) | goal met |",
+                  "|---|---|---|---|---|---|",
+                  f"| {' + '.join(case['parts'])} | {row['accuracy']:.4f} | "
+                  f"{row['balanced_accuracy']:.4f} | {case['base']:.4f} | "
+                  f"{row['delta_vs_base_pp']:+.2f} | {'yes' if case['meets_goal'] else 'no'} |"]
+    return lines
+
+
+TABLES = (("transformers.json", transformers), ("zoo-transformers.json", zoo),
+          ("disassembly.json", disassembly), ("assembly.json", assembly),
           ("assembly-routing.json", assembly_routing),
           ("assembly-routing.json", assembly_goals, "assembly-goals-table"),
           ("assembly-subset.json", assembly_subset),

@@ -200,3 +200,36 @@ def test_global_response_norm_keeps_its_channels_whole():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(apply_plan(model, full_plan(graph)).eval()(x), model.eval()(x))
+
+
+def test_multihead_self_attention_heads_are_units_once_converted():
+    """A network built from a file (``build_architecture``) has its
+    ``nn.MultiheadAttention`` layers as ``SelfAttentionMHA``: same results, and the heads of
+    its self-attention are units."""
+    needs("torchvision")
+    from modellego.models.attention import SelfAttentionMHA, self_attention_layers
+
+    plain = _torchvision().eval()
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        want = plain(x)
+        model = self_attention_layers(_copy(plain))
+        assert type(model.encoder.layers[0].self_attention) is SelfAttentionMHA
+        assert torch.allclose(model(x), want, rtol=0, atol=1e-5)
+    graph = assert_graph_invariants(model, (3, 28, 28), seeds=4)
+    assert sorted(graph.attention) == [f"encoder.layers.encoder_layer_{i}.self_attention"
+                                       for i in range(2)]
+    proj = graph.layer("encoder.layers.encoder_layer_0.self_attention.out_proj")
+    assert [(graph.space_size[s.space], s.repeat) for s in proj.in_layout] == [(2, 16)]
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    masks[graph.attention["encoder.layers.encoder_layer_1.self_attention"]] = \
+        torch.tensor([True, False])
+    comp = apply_plan(model, plan_from_masks(graph, masks, range(10))).eval()
+    attn = comp.encoder.layers[1].self_attention
+    assert attn.num_heads == 1 and attn.in_proj_weight.shape == (48, 32)
+    with pytest.raises(ValueError, match="computes plain self-attention only"):
+        attn(torch.zeros(1, 4, 32), torch.zeros(1, 4, 32), torch.zeros(1, 4, 32))
+    macs = macs_by_layer(model, (3, 28, 28))
+    assert macs["encoder.layers.encoder_layer_0.self_attention"] == \
+        17 * 32 * 96 + 2 * 17 * 17 * 32
+    assert macs["encoder.layers.encoder_layer_0.self_attention.out_proj"] == 17 * 32 * 32

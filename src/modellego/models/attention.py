@@ -18,6 +18,7 @@ taken for one, and the channel graph keeps it whole.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,70 @@ class HeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:.6g}"
+
+
+class SelfAttentionMHA(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose self-attention — query, key and value the same
+    batch-first tensor, no masks, no attention weights asked for, no dropout at work — runs
+    its output projection as a module call and reads its head count from
+    ``in_proj_weight``'s rows, so heads can be removed; every other call is
+    ``nn.MultiheadAttention``'s own. :func:`self_attention_layers` gives the layers of a
+    network this class (same parameters, same results)."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        heads = self.in_proj_weight.shape[0] // (3 * self.head_dim) \
+            if self.in_proj_weight is not None else self.num_heads
+        plain = query is key and key is value and self.batch_first and query.dim() == 3 \
+            and key_padding_mask is None and attn_mask is None and not need_weights \
+            and not is_causal and self.bias_k is None and not self.add_zero_attn \
+            and self._qkv_same_embed_dim and not (self.training and self.dropout > 0)
+        if not plain:
+            if heads * self.head_dim != self.embed_dim:
+                raise ValueError("an attention layer with removed heads computes plain "
+                                 "self-attention only (query, key and value the same "
+                                 "batch-first tensor, no masks, need_weights=False)")
+            return super().forward(query, key, value, key_padding_mask, need_weights,
+                                   attn_mask, average_attn_weights, is_causal)
+        b, n, _ = query.shape
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.reshape(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        ctx = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(ctx.transpose(1, 2).reshape(b, n, heads * self.head_dim)), None
+
+
+def self_attention_layers(model: nn.Module) -> nn.Module:
+    """``model`` with every ``nn.MultiheadAttention`` (the class itself, not a subclass) made
+    a :class:`SelfAttentionMHA` in place: the same module, parameters and results."""
+    for m in model.modules():
+        if type(m) is nn.MultiheadAttention:
+            m.__class__ = SelfAttentionMHA
+    return model
+
+
+@dataclass(frozen=True)
+class Heads:
+    """How an attention layer's heads are laid out: ``count`` heads of ``dim`` features
+    each, read by the output projection ``proj`` (a linear layer called as a module)."""
+
+    count: int
+    dim: int
+    proj: nn.Linear
+
+
+def heads_of(module: nn.Module) -> Heads | None:
+    """The heads of an attention layer whose heads can be removed (a
+    :class:`HeadAttention`, a layer :func:`as_head_attention` takes for one, or a
+    :class:`SelfAttentionMHA`); ``None`` for any other module."""
+    if isinstance(module, SelfAttentionMHA):
+        if not module._qkv_same_embed_dim or module.in_proj_weight is None:
+            return None
+        rows = module.in_proj_weight.shape[0]
+        return Heads(rows // (3 * module.head_dim), module.head_dim, module.out_proj)
+    attn = as_head_attention(module)
+    return Heads(attn.num_heads, attn.head_dim, attn.proj) if attn is not None else None
 
 
 def _candidate(module: nn.Module) -> HeadAttention | None:
@@ -133,16 +198,29 @@ def head_rows(heads: tuple[int, ...], num_heads: int, head_dim: int) -> torch.Te
     return torch.tensor(rows, dtype=torch.long)
 
 
-def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> HeadAttention:
-    """``module`` as a :class:`HeadAttention` keeping only ``heads`` (its ``qkv`` rows cut
-    in place; ``proj``'s columns are the plan's entry for the ``proj`` layer)."""
+def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> nn.Module:
+    """``module`` keeping only ``heads``: a :class:`SelfAttentionMHA` with its
+    ``in_proj`` rows cut, any other as a :class:`HeadAttention` with its ``qkv`` rows cut
+    (in place; the output projection's columns are the plan's entry for that layer)."""
+    if isinstance(module, SelfAttentionMHA):
+        layout = heads_of(module)
+        if layout is None:
+            raise PlanError("plan removes heads of a MultiheadAttention with separate key "
+                            "and value sizes")
+        _check_heads(heads, layout.count)
+        idx = head_rows(heads, layout.count, layout.dim)
+        with torch.no_grad():
+            module.in_proj_weight = nn.Parameter(module.in_proj_weight[idx].clone())
+            if module.in_proj_bias is not None:
+                module.in_proj_bias = nn.Parameter(module.in_proj_bias[idx].clone())
+        module.num_heads = len(heads)
+        return module
     attn = as_head_attention(module)
     if attn is None:
         raise PlanError(f"plan removes heads of a {type(module).__name__}, which is not "
                         "standard multi-head attention")
     total = attn.num_heads
-    if not heads or len(set(heads)) != len(heads) or min(heads) < 0 or max(heads) >= total:
-        raise PlanError(f"plan keeps heads {list(heads)} of an attention layer with {total}")
+    _check_heads(heads, total)
     if len(heads) == total and list(heads) == list(range(total)):
         return attn
     qkv = attn.qkv
@@ -156,11 +234,19 @@ def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> HeadAttention:
     return attn
 
 
+def _check_heads(heads: tuple[int, ...], total: int) -> None:
+    if not heads or len(set(heads)) != len(heads) or min(heads) < 0 or max(heads) >= total:
+        raise PlanError(f"plan keeps heads {list(heads)} of an attention layer with {total}")
+
+
 def attention_macs(module: nn.Module, tokens: int) -> int:
     """Multiply-accumulates of one image that no conv or linear *module call* counts: the two
     token-by-token products (``q kᵀ`` and the weighted sum of ``v``) of an attention layer
     built like :class:`HeadAttention`, and for ``nn.MultiheadAttention`` (which reads its
     projections' weights without calling them) its projections too; 0 for other modules."""
+    if isinstance(module, SelfAttentionMHA) and module.in_proj_weight is not None:
+        rows = module.in_proj_weight.shape[0]  # (its output projection is a module call)
+        return tokens * module.embed_dim * rows + 2 * tokens * tokens * (rows // 3)
     if isinstance(module, nn.MultiheadAttention):
         e = module.embed_dim
         kdim, vdim = module.kdim, module.vdim

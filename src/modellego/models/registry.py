@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from ..errors import ModelFileError, ModelLegoError
+from .attention import self_attention_layers
 from .sources import build_source, split_source
 
 Builder = Callable[..., nn.Module]
@@ -93,11 +94,14 @@ def scaled(channels: int, width: float, minimum: int = 4) -> int:
 def build_architecture(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """The untrained network of architecture ``name`` (any source, see
     :mod:`modellego.models.sources`: ``modellego:``/bare zoo names, ``torchvision:``,
-    ``timm:``, and ``python:`` code granted with :func:`~modellego.models.sources.trusted`)."""
+    ``timm:``, and ``python:`` code granted with :func:`~modellego.models.sources.trusted`).
+    Its ``nn.MultiheadAttention`` layers are made
+    :class:`~modellego.models.attention.SelfAttentionMHA` (same parameters and results)."""
     source, target = split_source(name)
     if source == "modellego":
         return create_model(target, **dict(kwargs or {}))
-    return build_source(name, kwargs)
+    # (its nn.MultiheadAttention layers compute the same, with heads that can be removed)
+    return self_attention_layers(build_source(name, kwargs))
 
 
 def build_model(manifest: Mapping[str, Any]) -> nn.Module:

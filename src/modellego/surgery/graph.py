@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..models.attention import as_head_attention
+from ..models.attention import heads_of
 from .trace import (
     BATCH,
     CAST_METHODS,
@@ -584,35 +584,53 @@ class _Builder:
         if not args or args[0] is not node.args[0]:
             raise UnsupportedModelError(f"{self.where}: attention layer without a token input")
         src = facts[args[0]]
-        shape = shape_of(node)
         if len(src.shape) < 3 or src.along(-1) is None:
             raise UnsupportedModelError(f"{self.where}: attention over a tensor whose channels "
                                         "are not on its last dim")
         self.freeze([s.space for a in args for s in facts[a].base],
                     f"the input of attention {name} (its q, k and v projections) is kept whole")
+        # anything else it is called with is the same tokens (nn.MultiheadAttention's
+        # query, key, value), absent, None or False
         extra = [a for a in list(node.args[1:]) + list(node.kwargs.values())
-                 if (a.meta.get("value", a) if isinstance(a, torch.fx.Node) else a)
+                 if a is not node.args[0] and
+                 (a.meta.get("value", a) if isinstance(a, torch.fx.Node) else a)
                  not in (None, False)]
-        attn = as_head_attention(mod) if not extra and len(src.shape) == 3 else None
-        if attn is not None and shape == src.shape[:2] + (attn.proj.out_features,):
-            heads = self.new_space(attn.num_heads)
+        layout = heads_of(mod) if not extra and len(src.shape) == 3 else None
+        out = self.attention_out(node)
+        if layout is not None and out == src.shape[:2] + (layout.proj.out_features,):
+            heads = self.new_space(layout.count)
             self.attention[name] = heads
-            return self.linear(f"{name}.proj", attn.proj,
-                               _Chan((Segment(heads, attn.num_heads, attn.head_dim),),
-                                     src.shape[:2] + (attn.num_heads * attn.head_dim,),
-                                     axis=2), node)
-        meta = node.meta.get("tensor_meta")
-        many = isinstance(meta, (tuple, list)) and not hasattr(meta, "shape")  # (out, weights)
-        first = meta[0] if many and meta else meta
-        out = tuple(getattr(first, "shape", ()) or ())
+            proj = next(n for n, m in mod.named_modules() if m is layout.proj)
+            fact = self.linear(f"{name}.{proj}", layout.proj,
+                               _Chan((Segment(heads, layout.count, layout.dim),),
+                                     src.shape[:2] + (layout.count * layout.dim,), axis=2),
+                               node, out)
+            return self.attention_result(node, _Chan(fact.base, out, axis=2))
         if len(out) < 3:
             raise UnsupportedModelError(f"{self.where}: attention layer {type(mod).__name__} "
                                         "whose output is not a (batch, ..., channels) tensor")
         space = self.new_space(out[-1])
         self.freeze([space], f"attention {name} ({type(mod).__name__}) is kept whole: it is "
                              "not standard multi-head self-attention over its one input")
-        chan = _Chan((Segment(space, out[-1]),), out, axis=len(out) - 1)
-        return [chan] + [None] * (len(cast(tuple, meta)) - 1) if many else chan
+        return self.attention_result(node, _Chan((Segment(space, out[-1]),), out,
+                                                 axis=len(out) - 1))
+
+    @staticmethod
+    def attention_out(node: torch.fx.Node) -> tuple[int, ...]:
+        """The shape of an attention layer's output (the first of a tuple)."""
+        meta = node.meta.get("tensor_meta")
+        many = isinstance(meta, (tuple, list)) and not hasattr(meta, "shape")  # (out, weights)
+        first = meta[0] if many and meta else meta
+        return tuple(getattr(first, "shape", ()) or ())
+
+    @staticmethod
+    def attention_result(node: torch.fx.Node, chan: _Chan) -> Any:
+        """``chan``, or ``[chan, None, ...]`` for a layer that returns a tuple
+        (``nn.MultiheadAttention``'s output and attention weights)."""
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):
+            return [chan] + [None] * (len(meta) - 1)
+        return chan
 
     def conv(self, name: str, mod: nn.Conv2d, src: _Chan, node: torch.fx.Node) -> _Chan:
         if mod.padding_mode != "zeros":
@@ -646,12 +664,13 @@ class _Builder:
         self.seen_modules[name] = layer
         return out
 
-    def linear(self, name: str, mod: nn.Linear, src: _Chan, node: torch.fx.Node) -> _Chan:
+    def linear(self, name: str, mod: nn.Linear, src: _Chan, node: torch.fx.Node,
+               shape: tuple[int, ...] | None = None) -> _Chan:
         layout = self.layout_on(src, -1, "a linear layer", repeats=True)
         if name in self.seen_modules:
             raise UnsupportedModelError(f"{self.where}: linear {name} is called more than "
                                         "once (shared weights are not supported)")
-        shape = shape_of(node)
+        shape = shape or shape_of(node)
         if shape is None:
             raise UnsupportedModelError(f"{self.where}: linear output has no shape")
         space = self.new_space(mod.out_features)
