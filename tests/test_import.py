@@ -5,8 +5,8 @@ dataset's. Files crafted to run code run nothing."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -558,7 +558,7 @@ def test_a_torchvision_vit_imports_and_assembles_with_a_cnn_by_default(tmp_path,
     """Whole transformers: `import` makes its router fingerprint and `assemble` (default
     joint router) runs, both tapping only layers that run as modules."""
     needs("torchvision")
-    from modellego.assembly.scoring import called_layers, tap_layers
+    from modellego.assembly.scoring import called_layers
 
     vit_name, cnn_name = f"python:{own_package}:tiny_vit", f"python:{own_package}:TinyNet"
     with trusted(own_package):
