@@ -233,3 +233,29 @@ def test_multihead_self_attention_heads_are_units_once_converted():
     assert macs["encoder.layers.encoder_layer_0.self_attention"] == \
         17 * 32 * 96 + 2 * 17 * 17 * 32
     assert macs["encoder.layers.encoder_layer_0.self_attention.out_proj"] == 17 * 32 * 32
+
+
+def test_a_head_is_located_by_the_sum_of_its_features():
+    """Locating reads an attention head as one unit: its features' contributions to each
+    output are summed, and the head is kept or dropped by that sum (the mass rule here)."""
+    from modellego.analysis.locate import LocateConfig, layer_heads, locate_class
+    from modellego.analysis.profile import contribution_profile
+
+    model = _ours().eval()
+    graph = build_channel_graph(model, (1, 28, 28))
+    x = torch.randn(20, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(20) % 2
+    layers = {lay.name: lay.module for lay in graph.layers}
+    profile = contribution_profile(model, layers, x, y, classes=[0, 1])
+    proj = graph.layer("blocks.5.attn.proj")
+    assert layer_heads(graph, proj) == 16 and layer_heads(graph, graph.layer("head")) == 0
+    config = LocateConfig(rule="mass", beta_linear=0.5)
+    masks = locate_class(graph, profile, 0, 0, config)
+    S = profile.for_class(proj.name, 0).reshape(48, 3, 16).sum(-1)  # (outputs, heads)
+    share = (S / S.sum(1, keepdim=True)).sum(0)  # every output relevant: the stream is whole
+    order = torch.sort(-share, stable=True).indices
+    cum = torch.cumsum(share[order], 0)
+    want = torch.zeros(3, dtype=torch.bool)
+    want[order[:int((cum < 0.5 * cum[-1]).sum()) + 1]] = True
+    assert not bool(want.all())  # (features one by one would keep every head)
+    assert torch.equal(masks[graph.attention["blocks.5.attn"]], want)

@@ -78,6 +78,15 @@ def profiled_layers(graph: ChannelGraph) -> list[Layer]:
     return [lay for lay in graph.layers if not (lay.depthwise or lay.frozen)]
 
 
+def layer_heads(graph: ChannelGraph, layer: Layer) -> int:
+    """``head_dim`` when ``layer`` is an attention layer's output projection (it reads the
+    heads, each as one channel of ``head_dim`` features), else 0."""
+    spaces = {graph.find(s) for s in graph.attention.values()}
+    if len(layer.in_layout) == 1 and graph.find(layer.in_layout[0].space) in spaces:
+        return layer.in_layout[0].repeat
+    return 0
+
+
 def max_normalize(S: torch.Tensor, dim: int = -1, eps: float = 1e-5) -> torch.Tensor:
     """``S / (max + eps)`` with the max taken over ``dim`` (un-centred normalisation)."""
     return S / (S.amax(dim=dim, keepdim=True) + eps)
@@ -131,12 +140,16 @@ def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index
             else:
                 alpha, beta = config.alpha_linear, config.beta_linear
             beta = overrides.get(layer.name, beta)
+            heads = layer_heads(graph, layer)
+            if heads:  # a head is one unit: its features' contributions summed
+                S = S.reshape(S.shape[0], -1, heads).sum(-1)
             need = _needed_inputs(S, out_mask, alpha, beta, config.rule, config.normalize)
             offset = 0
             for seg in layer.in_layout:
-                block = need[offset:offset + seg.size * seg.repeat]
-                offset += seg.size * seg.repeat
-                chans = block.view(seg.size, seg.repeat).any(1)
+                width = seg.size if heads else seg.size * seg.repeat
+                block = need[offset:offset + width]
+                offset += width
+                chans = block if heads else block.view(seg.size, seg.repeat).any(1)
                 run = masks[seg.space][seg.start:seg.start + seg.size]  # a view: updated
                 grown = chans & ~run
                 if grown.any():
