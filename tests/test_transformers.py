@@ -148,6 +148,10 @@ def test_default_disassembly_of_a_vit_cuts_heads_and_neurons():
     with torch.no_grad():
         assert comp.model(x[:2]).shape == (2, 2)
     build_channel_graph(comp.model, (1, 28, 28))  # a component is a ViT graph again
+    # the search also tried every candidate with each contributing head kept
+    whole = {f"blocks.{i}.attn.proj": 0.0 for i in range(6)}
+    tried = [t["locate"]["layer_beta"] for t in comp.search]
+    assert whole in tried and {} in tried
 
 
 #: timm transformer families at tiny sizes: (kwargs, input size, attention layers with

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Callable, Mapping, Sequence, cast
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .analysis.candidates import Candidates
-from .analysis.locate import LocateConfig, profiled_layers, union_of_class_masks
+from .analysis.locate import LocateConfig, layer_heads, profiled_layers, union_of_class_masks
 from .analysis.methods import METHOD_REGISTRY, USE_MASS_RULE, Method, Profile, get_method
 from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile here)
     ContributionProfile,
@@ -541,9 +541,22 @@ def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tens
                             else None if val_labels is None else len(val_labels))
     if judge is not None:
         validation["bisect"] = halvings
-    chosen, trials = search(search_family(cands.method, base, config), cost_of, accuracy_of,
-                            min_accuracy=min_acc, max_flops_ratio=target, cost=cost,
-                            judge=judge, bisect=halvings)
+    family = search_family(cands.method, base, config)
+    chosen, trials = search(family, cost_of, accuracy_of, min_accuracy=min_acc,
+                            max_flops_ratio=target, cost=cost, judge=judge, bisect=halvings)
+    heads = [lay.name for lay in cands.prof.graph.layers if layer_heads(cands.prof.graph, lay)]
+    if heads and (judge is not None or accuracy_of is not None):
+        # attention heads serve most classes alike (Vulcan, 2026; our transformer
+        # benchmark): the same search with every contributing head kept, and the smaller
+        # of the two components that pass
+        whole = tuple((name, 0.0) for name in heads)
+        other, more = search([replace(c, layer_beta=c.layer_beta + whole) for c in family],
+                             cost_of, accuracy_of, min_accuracy=min_acc, cost=cost,
+                             judge=judge, bisect=halvings)
+        trials = trials + more
+        passed = {t.config for t in trials if t.ok}
+        if other in passed and (chosen not in passed or cost_of(other) < cost_of(chosen)):
+            chosen = other
     if config.refine and (judge is not None or accuracy_of is not None):
         # (refine needs the accuracy budget: validate() checked it is given)
         # the layers whose inputs cost most in the component found so far
