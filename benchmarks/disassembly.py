@@ -283,8 +283,9 @@ def naive_contribution(inp: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor
     return out
 
 
-def profile_cost(samples: int = 150, repeats: int = 9) -> dict:
-    path = ROOT / "checkpoints" / "fashion-mnist/vgg16_bn.safetensors"
+def profile_cost(samples: int = 150, repeats: int = 9,
+                 rel: str = "fashion-mnist/vgg16_bn") -> dict:
+    path = ROOT / "checkpoints" / f"{rel}.safetensors"
     model, manifest = load_model(path)
     train = load_split("fashion-mnist", "train").subset([0, 1, 2])
     x = normalize(train.images[:samples], train.info)
@@ -333,7 +334,7 @@ def profile_cost(samples: int = 150, repeats: int = 9) -> dict:
             accumulate_class_contribution(naive_contribution(captured[id(m)], m),
                                           torch.zeros(few, dtype=torch.long), 1)
     naive = (time.perf_counter() - t0) * samples / few
-    return {"model": "fashion-mnist/vgg16_bn", "samples": samples,
+    return {"model": rel, "samples": samples,
             "forward_seconds": forward, "profile_seconds": profile,
             "profile_over_forward": profile / forward,
             "naive_seconds_estimated": naive, "naive_over_profile": naive / profile,

@@ -91,10 +91,8 @@ def disassembly(data: dict) -> list[str]:
                       f"{pc.get('timing', 'one run each')})."]
     big = data.get("profile_cost_224")
     if big:
-        lines += ["", f"Profile pass on {big['model']} ({big['samples']} samples): "
-                      f"{big['profile_seconds']:.2f} s against {big['forward_seconds']:.2f} s "
-                      f"for a plain forward pass (×{big['profile_over_forward']:.2f}; "
-                      f"{big['threads']} threads, {big['timing']})."]
+        lines += ["", _profile_line(big, f"Profile pass on {big['model']} "
+                                         f"({big['samples']} samples)")]
     mem = data.get("memory")
     if mem:
         lines += ["", f"Peak RSS, ResNet-50 at 224 px, batch 32, random weights: profile pass "
@@ -490,6 +488,14 @@ def latency(data: dict) -> list[str]:
     return lines
 
 
+def _profile_line(cost: dict, what: str, goal: float | None = None) -> str:
+    """``what``: the profile pass's seconds against a plain forward pass's."""
+    target = f"goal ≤ {goal}×; " if goal is not None else ""
+    return (f"{what}: {cost['profile_seconds']:.3f} s against {cost['forward_seconds']:.3f} s "
+            f"for a plain forward pass (×{cost['profile_over_forward']:.2f}; {target}"
+            f"{cost['threads']} threads, {cost['timing']}).")
+
+
 def transformers(data: dict) -> list[str]:
     """The FM ViT's components (accuracy, cost, latency, what they keep) and its assembly
     with the digits CNN."""
@@ -517,6 +523,10 @@ def transformers(data: dict) -> list[str]:
         task = "{" + ",".join(map(str, r["task"])) + "}"
         lines.append(f"| {task} | " + " | ".join(f"{b['heads']} / {b['neurons']}"
                                                  for b in r["blocks"]) + " |")
+    cost = data.get("profile_cost")
+    if cost:
+        lines += ["", _profile_line(cost, f"Contribution profile of {cost['samples']} "
+                                          "training images", goal=1.5)]
     case = data.get("assembly")
     if case:
         row = case["scalings"]["joint"]

@@ -6,7 +6,8 @@ VGG-16.
     .venv/bin/python benchmarks/transformers.py [--quick]
 
 Goals (issue 30): component accuracy >= restricted source - 0.5 pp on every task, FLOPs
-<= 50 % on tasks of <= 3 classes and <= 80 % on the others; the assembly >= Base - 0.5 pp.
+<= 50 % on tasks of <= 3 classes and <= 80 % on the others; the assembly >= Base - 0.5 pp;
+the contribution profile <= 1.5 x a forward pass of the same images.
 Prints tables and writes benchmarks/results/transformers.json. Every figure is measured in
 this run.
 """
@@ -30,6 +31,7 @@ from modellego.metrics import count_flops, cpu_latency_ms
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from assembly import run_case  # noqa: E402
+from disassembly import profile_cost  # noqa: E402
 
 VIT = ROOT / "checkpoints" / "fashion-mnist" / "vit.safetensors"
 DIGITS_CNN = ROOT / "checkpoints" / "digits" / "vgg16_bn.safetensors"
@@ -99,6 +101,13 @@ def main() -> int:
                     "source": str(VIT.relative_to(ROOT))}
     model, manifest = load_model(VIT)
     result["source_flops"] = count_flops(model, tuple(manifest["input"]["shape"]))
+    cost = profile_cost(rel="fashion-mnist/vit")
+    result["profile_cost"] = {k: cost[k] for k in ("samples", "forward_seconds",
+                                                   "profile_seconds", "profile_over_forward",
+                                                   "threads", "timing")}
+    print(f"profile pass {cost['profile_seconds']:.3f} s, forward {cost['forward_seconds']:.3f}"
+          f" s on {cost['samples']} images: {cost['profile_over_forward']:.2f}x (goal 1.5x)",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tasks = TASKS[:2] if args.quick else TASKS + [(0, 1, 2, 3, 4)]
         result["components"], half = component_rows(tasks, Path(tmp))

@@ -476,46 +476,35 @@ class Attention(nn.Module):
         return self.head(t.mean(1))
 
 
-class BatchMix(nn.Module):
+class ConvHead(nn.Module):
+    """A 3 -> 4 channel conv and a 4 -> 5 linear head; subclasses say what lies between."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.head = nn.Linear(4, 5)
 
+
+class BatchMix(ConvHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x).transpose(0, 1)  # (C, N, H, W): channels where the samples were
         return self.head(y.transpose(0, 1).mean((2, 3)))
 
 
-class ChannelMean(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, 5)
-
+class ChannelMean(ConvHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         y = y * torch.sigmoid(y.mean(1)).unsqueeze(1)  # spatial attention
         return self.head(y.mean((2, 3)))
 
 
-class ChannelSoftmax(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, 5)
-
+class ChannelSoftmax(ConvHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(x).softmax(1).mean((2, 3))).log_softmax(-1)
 
 
-class RowsOfChannels(nn.Module):
+class RowsOfChannels(ConvHead):
     """Every position as a sample of its own, then back: rows of channels stay whole."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x).permute(0, 2, 3, 1)
@@ -529,12 +518,7 @@ class FixedRows(RowsOfChannels):
         return z.view(x.shape[0], -1, z.shape[-1]).mean(1)
 
 
-class StatisticGate(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, 5)
-
+class StatisticGate(ConvHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         y = y * torch.sigmoid(y.mean(1, keepdim=True))  # a gate from all channels
