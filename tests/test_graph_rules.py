@@ -533,6 +533,13 @@ def test_rows_of_channels_folded_into_the_batch_are_followed():
         "reshape at reshape fixes the number of these channels"
 
 
+def test_a_softmax_over_channels_keeps_them_whole():
+    graph = build_channel_graph(ChannelSoftmax(), (3, SIZE, SIZE))
+    assert graph.frozen_reasons[graph.find(graph.layer("conv").out_space)] == \
+        "softmax at softmax normalises over these channels"
+    assert graph.output_space not in graph.frozen_spaces  # (the logits' log_softmax)
+
+
 def test_a_statistic_over_the_channels_keeps_them_whole():
     graph = build_channel_graph(StatisticGate(), (3, SIZE, SIZE))
     assert graph.frozen_reasons[graph.find(graph.layer("conv").out_space)] == \
@@ -552,7 +559,6 @@ def test_multihead_attention_is_kept_whole():
 
 
 @pytest.mark.parametrize("cls, node, match", [
-    (ChannelSoftmax, "softmax", "softmax over channels other than the logits"),
     (BatchMix, "transpose", "mixes the batch dim"),
     (ChannelMean, "mean", "reduction over the channel dimension"),
 ])

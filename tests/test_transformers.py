@@ -263,3 +263,20 @@ def test_a_head_is_located_by_the_sum_of_its_features():
     want[order[:int((cum < 0.5 * cum[-1]).sum()) + 1]] = True
     assert not bool(want.all())  # (features one by one would keep every head)
     assert torch.equal(masks[graph.attention["blocks.5.attn"]], want)
+
+
+@pytest.mark.parametrize("name, reasons", [
+    ("resnest14d", {"grouped conv", "softmax at softmax normalises over these channels"}),
+    ("skresnet18", {"node 'mul' combines these channels many to many",
+                    "softmax at softmax normalises over these channels"}),
+])
+def test_split_attention_and_selective_kernels_are_kept_whole(name, reasons):
+    """ResNeSt's split attention and SK's selective kernels add up their branches after a
+    softmax over them: those channels are kept whole, the rest of the network is not."""
+    timm = needs("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    graph = assert_graph_invariants(model, (3, 32, 32), seeds=3)
+    assert all(any(r.startswith(want) for r in graph.frozen_reasons.values())
+               for want in reasons)
+    assert graph.frozen_spaces != set(graph.spaces())

@@ -471,15 +471,19 @@ class _Builder:
                 norms[name] = layout[0].space
             else:
                 params[name] = layout
+        for where, layout in self.softmaxes:
+            spaces = {self.find(seg.space) for seg in layout}
+            if out_space in spaces and spaces != {out_space}:
+                raise UnsupportedModelError(f"{where}: softmax over the logits and other "
+                                            "channels together")
+            if spaces != {out_space}:  # it couples all the channels it normalises
+                self.freeze(spaces, f"softmax at {node_name(where)[6:-1]} normalises over "
+                                    "these channels")
         frozen: dict[int, str] = {}
         for s, reason in self.frozen.items():
             frozen.setdefault(self.find(s), reason)
         if out_space in frozen:
             raise UnsupportedModelError(f"the logits cannot be cut to a task: {frozen[out_space]}")
-        for where, layout in self.softmaxes:
-            if {self.find(seg.space) for seg in layout} != {out_space}:
-                raise UnsupportedModelError(f"{where}: softmax over channels other than the "
-                                            "logits (it couples all of them)")
         ties = []
         for a, b in self.ties:
             a, b = res((a,))[0], res((b,))[0]
@@ -716,8 +720,13 @@ class _Builder:
         ids = src.full_ids()
         d = dim % ids.dim()
         if ids.shape[d] > 1 and bool((ids != ids.narrow(d, 0, 1)).any()):
-            layout = self.layout_on(src, d, "softmax")
-            self.softmaxes.append((self.where, layout))
+            layout = src.along(d)
+            if layout is None:  # channels along this dim and others: not the logits
+                self.freeze([s.space for s in src.base],
+                            f"softmax at {node_name(self.where)[6:-1]} normalises over these "
+                            "channels")
+            else:  # the logits' softmax is fine; any other is settled in finish()
+                self.softmaxes.append((self.where, layout))
         return src
 
     def record_param(self, name: str, layout: Layout) -> None:
@@ -976,15 +985,23 @@ class _Builder:
         transformer: a class token in front of the patch tokens): every part holds the same
         channels along one other axis, coupled one to one; a parameter among the parts (the
         class token) follows them. ``None`` when the parts are not laid out so."""
-        if shape is None or stack:
+        if shape is None:
             return None
         d = dim % len(shape)
         chans: list[_Chan] = [facts[p] for p in parts if isinstance(facts.get(p), _Chan)]
-        if not chans or any(c.ids is not None or c.axis is None or c.axis == d or
+        if not chans or any(c.ids is not None or c.axis is None or
                             c.axis != chans[0].axis for c in chans):
             return None
         axis = chans[0].axis
         assert axis is not None
+        if stack:  # a new dim d; the channels' dim moves past it when it is not before
+            if len(chans) != len(parts) or any(c.shape != chans[0].shape for c in chans):
+                return None
+            for c in chans[1:]:
+                self.couple_layouts(chans[0].base, c.base)
+            return _Chan(chans[0].base, shape, axis=axis + (axis >= d))
+        if axis == d:
+            return None
         ref = chans[0]
         for c in chans[1:]:
             if c.shape[axis] != ref.shape[axis]:
@@ -1028,14 +1045,32 @@ class _Builder:
             self.freeze([stat], f"{target_name(node)} at {node.name} is one value per sample")
             return _Chan((Segment(stat, 1),), shape, axis=src.axis)
         if mixed:
-            raise UnsupportedModelError(f"{self.where}: reduction over the channel dimension "
-                                        "(it mixes channels, so none could be removed)")
+            return self.mixing_reduction(node, src, ids, dims, keep, shape)
         for d in reversed(dims):
             ids = ids.narrow(d, 0, 1) if keep else ids.select(d, 0)
         if src.ids is None and src.axis is not None and src.axis not in dims:
             axis = src.axis - (0 if keep else sum(1 for d in dims if d < src.axis))
             return _Chan(src.base, shape, axis=axis)
         return self.normalised(src.base, ids, shape)
+
+    def mixing_reduction(self, node: torch.fx.Node, src: _Chan, ids: torch.Tensor,
+                         dims: list[int], keep: bool, shape: tuple[int, ...]) -> _Chan:
+        """A reduction that adds up different channels (the branches of a split-attention
+        or selective-kernel block, summed): none of them can be removed alone, so they are
+        kept whole, and the result's channels, along the one dim where they still vary, are
+        a group of their own, kept whole too."""
+        for d in reversed(dims):
+            ids = ids.narrow(d, 0, 1) if keep else ids.select(d, 0)
+        varying = varying_dims(ids)
+        if len(varying) != 1:
+            raise UnsupportedModelError(f"{self.where}: reduction over the channel dimension "
+                                        "(it mixes channels, so none could be removed)")
+        axis = varying[0]
+        self.freeze([s.space for s in src.base], f"{target_name(node)} at {node.name} adds "
+                                                 "up these channels")
+        space = self.new_space(shape[axis])
+        self.freeze([space], f"{target_name(node)} at {node.name} adds up other channels")
+        return _Chan((Segment(space, shape[axis]),), shape, axis=axis)
 
     def functional_layer(self, node: torch.fx.Node, facts: dict) -> _Chan:
         """``F.linear`` / ``F.conv2d`` on a module's own weight and bias, as a subclass's
