@@ -51,7 +51,7 @@ bench: $(VENV)/.installed data
 # the documentation site (mkdocs.yml, docs/) into out/site/; `$(VENV)/bin/mkdocs serve` serves it
 docs: $(VENV)/.installed
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[docs]'
-	$(VENV)/bin/mkdocs build --strict --site-dir out/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir out/site
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

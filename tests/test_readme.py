@@ -82,3 +82,10 @@ def test_the_cli_reference_page_is_the_parsers_help():
     assert page == reference_markdown(), "run python scripts/cli-reference.py"
     for command in ("disassemble", "assemble", "export", "compress"):
         assert f"\n## {command}\n" in page and f"usage: modellego {command}" in page
+
+
+def test_the_api_reference_page_documents_every_public_name():
+    page = (ROOT / "docs" / "api.md").read_text()
+    documented = re.findall(r"^::: modellego\.(\w+)$", page, re.M)
+    assert len(documented) == len(set(documented))
+    assert sorted(documented) == sorted(set(modellego.__all__) - {"__version__"})

@@ -25,7 +25,8 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     """Disassemble a loaded model file; returns the component, its manifest and the report.
 
     Args:
-        model, manifest: the source, as :func:`modellego.load_model` returns it.
+        model: the source network, as :func:`modellego.load_model` returns it.
+        manifest: the source's manifest, as :func:`modellego.load_model` returns it.
         config: the task and the method.
         source_path: the source's file, recorded (with its SHA-256) in the provenance;
             ``layout`` union reads it back.
