@@ -89,3 +89,21 @@ def test_the_api_reference_page_documents_every_public_name():
     documented = re.findall(r"^::: modellego\.(\w+)$", page, re.M)
     assert len(documented) == len(set(documented))
     assert sorted(documented) == sorted(set(modellego.__all__) - {"__version__"})
+
+
+def test_every_public_function_documents_its_arguments_and_result():
+    """The API reference's contract: a public function's docstring names each parameter
+    under ``Args:`` and says what it returns under ``Returns:`` (unless it returns None)."""
+    import inspect
+
+    for name in modellego.__all__:
+        obj = getattr(modellego, name)
+        if inspect.isclass(obj) or not callable(obj):
+            continue
+        doc = inspect.getdoc(obj) or ""
+        sig = inspect.signature(obj)
+        args = doc.split("Args:", 1)[1].split("Returns:", 1)[0] if "Args:" in doc else ""
+        for param in sig.parameters:
+            assert re.search(rf"^\s+{param}:", args, re.M), f"{name}: Args lacks {param}"
+        if sig.return_annotation not in (None, "None"):
+            assert "Returns:" in doc, f"{name}: no Returns section"

@@ -336,6 +336,21 @@ def compress_model(model: nn.Module, input_shape: Sequence[int], *,
                    calibration_images: torch.Tensor | None = None) -> Compressed:
     """Compress ``model`` (logit ``i`` = class ``output_classes[i]``) for all its classes.
 
+    Args:
+        model: the network (logit ``i`` answers class ``output_classes[i]``).
+        input_shape: ``(C, H, W)`` of one input.
+        output_classes: the class id of each logit.
+        config: the compression target and method.
+        images: normalised training inputs (the criterion ``contribution``, reconstruction).
+        labels: their class ids.
+        val_images: normalised validation inputs (a ``max_accuracy_drop`` target).
+        val_labels: their class ids.
+        calibration_images: normalised training inputs for ``recalibrate_bn``.
+
+    Returns:
+        A :class:`~modellego.compression.Compressed`: the network, its plan, the ratios and
+        the search's trials.
+
     ``contribution`` needs normalised training ``images``/``labels``; a
     ``max_accuracy_drop`` target needs ``val_images``/``val_labels``; ``recalibrate_bn``
     needs ``calibration_images``; ``reconstruct`` needs ``images`` (of all classes). Both

@@ -297,6 +297,25 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
                       graph: ChannelGraph | None = None) -> Component:
     """Extract the component of ``model`` that serves ``classes``.
 
+    Args:
+        model: the source network.
+        images: normalised training inputs.
+        labels: their class ids.
+        classes: the task's class ids, in the component's output order.
+        output_classes: the class id of each of ``model``'s logits.
+        config: the method and its thresholds (default: the default method).
+        val_images: normalised validation inputs of the task's classes (a threshold search).
+        val_labels: their class ids.
+        calibration_images: normalised training inputs of all classes (``recalibrate_bn``).
+        dist: the data-parallel context under ``torchrun``.
+        selection: samples chosen earlier, to skip the selection pass.
+        reuse: a component made earlier from the same model, images and classes.
+        graph: the channel graph of this very ``model``, built earlier.
+
+    Returns:
+        The :class:`~modellego.disassembly.Component`: its network, plan, ratios, search
+        trials and repairs.
+
     ``images`` are normalised training inputs with class-id ``labels``; ``output_classes[i]``
     is the class id of logit ``i``. Works on any torch.fx-traceable CNN. A threshold search
     (``config.max_accuracy_drop``) needs ``val_images``/``val_labels`` of the task's classes;

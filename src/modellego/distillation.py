@@ -119,6 +119,19 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
             progress: bool = False) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Train ``config.student`` on the teacher's classes with the teacher's soft targets.
 
+    Args:
+        teacher: the teacher network, as :func:`modellego.load_model` returns it.
+        teacher_manifest: its manifest.
+        config: the student architecture and training.
+        data_dir: where the dataset's files are.
+        command: the command line recorded in the provenance.
+        source_path: the teacher's file, recorded with its SHA-256.
+        compare: also train the student alone, for the report.
+        progress: show a progress bar.
+
+    Returns:
+        ``(student, manifest, report)``.
+
     Returns the student (eval mode), its manifest (a plain ``"model"`` file) and a report
     comparing teacher, student and -- with ``compare`` -- the same student trained alone
     (same seed, so the same initial weights and batches; cross-entropy only).

@@ -38,6 +38,18 @@ def evaluate(model: nn.Module, manifest: dict[str, Any], *, dataset: str | None 
              split: str = "test", latency: bool = True) -> dict[str, Any]:
     """Accuracy (overall, per class), params, FLOPs and CPU latency of a model.
 
+    Args:
+        model: the network, as :func:`modellego.load_model` returns it.
+        manifest: its manifest.
+        dataset: the dataset to read (default: the manifest's).
+        classes: only the images of these classes.
+        data_dir: where the dataset's files are.
+        split: ``"test"``, ``"val"`` or ``"train"``.
+        latency: also measure the CPU latency.
+
+    Returns:
+        The report: accuracies, per-class accuracies, params, FLOPs and latency.
+
     ``classes`` limits the images to those classes and adds ``restricted_accuracy``: the
     argmax taken over those classes' outputs only.
     """

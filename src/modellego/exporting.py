@@ -284,6 +284,20 @@ def export_model(model: nn.Module, manifest: Manifest, out: str | Path, *, forma
     """Export ``model`` (described by ``manifest``) to ``out`` in ``format`` (onnx or pt2)
     and check it.
 
+    Args:
+        model: the network.
+        manifest: its typed manifest.
+        out: the file to write.
+        format: ``"onnx"`` or ``"pt2"``.
+        images: ``[0, 1]`` images of the contract's shape to check on.
+        check_source: what ``images`` are, for the report.
+        text: the manifest as stored in its file.
+        max_diff: the largest difference allowed, relative to the largest logit.
+        align: pad channel counts to multiples of this (1: as they are).
+
+    Returns:
+        The :class:`~modellego.exporting.ExportReport`.
+
     ``images`` are ``[0, 1]`` images of the contract's shape to check on (default: 64 seeded
     random ones), ``check_source`` says what they are; ``text`` is the manifest as stored in
     its file (for the recorded SHA-256). Channel counts are padded to multiples of ``align``
@@ -391,7 +405,20 @@ def export(path: str | Path, out: str | Path, *, format: str | None = None,
            check_images: int = CHECK_IMAGES, data_dir: Any = None, align: int = ALIGN,
            trust_code: Sequence[str] | str | None = None) -> ExportReport:
     """Export the model file ``path`` to ``out`` (``format``, or from ``out``'s suffix,
-    ``.onnx`` or ``.pt2``), checked on ``check_images`` test images (see the module docstring)."""
+    ``.onnx`` or ``.pt2``), checked on ``check_images`` test images (see the module docstring).
+
+    Args:
+        path: the model file.
+        out: the file to write.
+        format: ``"onnx"`` or ``"pt2"`` (default: from ``out``'s suffix).
+        check_images: how many test images the check runs on.
+        data_dir: where the dataset's files are.
+        align: pad channel counts to multiples of this (1: as they are).
+        trust_code: modules a ``python:`` architecture may import.
+
+    Returns:
+        The :class:`~modellego.exporting.ExportReport`.
+    """
     from .files import open_model
     from .io import raw_header
 

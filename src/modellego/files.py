@@ -138,6 +138,13 @@ def open_model(path: str | Path, *, trust_code: Sequence[str] | str | None = Non
     """Rebuild the network a model file describes, load its weights, return it in eval mode
     with its typed manifest.
 
+    Args:
+        path: the model file.
+        trust_code: modules a ``python:`` architecture may import.
+
+    Returns:
+        A :class:`~modellego.files.LoadedModel`: the network and its typed manifest.
+
     Everything about the file is checked before memory is spent on the network: the
     structure is built on the ``meta`` device and its tensor names, shapes and dtypes
     compared with the header's table (see the module docstring and :func:`_compare_tensors`).
@@ -214,6 +221,13 @@ def load_model(path: str | Path, *, trust_code: Sequence[str] | str | None = Non
                ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network a model file describes, load its weights, return it in eval mode
     with its (validated) manifest as a dict; see :func:`open_model` for the typed manifest.
+
+    Args:
+        path: the model file.
+        trust_code: modules a ``python:`` architecture may import.
+
+    Returns:
+        ``(model, manifest)``.
 
     >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
     """

@@ -219,7 +219,14 @@ def checked_manifest(manifest: Mapping[str, Any] | Manifest, *, source: str) -> 
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a model file (validated), without reading the weights."""
+    """The manifest of a model file (validated), without reading the weights.
+
+    Args:
+        path: the model file.
+
+    Returns:
+        The manifest, as a dict.
+    """
     return _open(path, weights=False)[1].to_dict()
 
 

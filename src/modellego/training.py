@@ -123,6 +123,15 @@ def train(config: TrainConfig, *, command: str | None = None,
           ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``config.arch`` on ``config.dataset``; keep the epoch best on the validation split.
 
+    Args:
+        config: the architecture, dataset and training.
+        command: the command line recorded in the provenance.
+        progress: show a progress bar.
+        fingerprint: give the model its router fingerprint.
+
+    Returns:
+        ``(model, manifest)``.
+
     Returns the model (eval mode) and its manifest, ready for :func:`modellego.save_model`;
     with ``fingerprint``, the manifest has the model's router fingerprint (its tensors are
     kept with the model, see :func:`modellego.disassemble`).

@@ -291,6 +291,15 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
     """Assembled accuracy on the union of the parts' test images, and Base: the mean of the
     parts' own per-class accuracies on their own classes (argmax over each part's outputs).
 
+    Args:
+        model: the assembled network.
+        manifest: its manifest.
+        data_dir: where the parts' datasets are.
+        batch_size: images per forward pass (default: bounded by the memory budget).
+
+    Returns:
+        The report: accuracy, balanced accuracy, Base, per-class accuracies and routing.
+
     One pass: each part's raw logits give Base, the combined logits give the accuracy and
     ``routing`` (:func:`~modellego.assembly.routing.routing_metrics`: routing accuracy and
     AUROCs, and the accuracy with perfect routing, so that the loss against Base splits into

@@ -190,6 +190,13 @@ class Split:
 def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """Return ``(images - mean) / std`` per channel for ``(N, C, H, W)`` or ``(C, H, W)`` input.
 
+    Args:
+        images: ``(N, C, H, W)`` or ``(C, H, W)`` images in ``[0, 1]``.
+        info: the dataset whose mean and standard deviation apply.
+
+    Returns:
+        The normalised images.
+
     Integer tensors are converted to float32 first (no rescaling: pass values in [0, 1]).
     """
     if images.dim() not in (3, 4):

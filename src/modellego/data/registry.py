@@ -79,7 +79,11 @@ def register(name: str, description: str, *, info: InfoFn | None = None,
 
 
 def list_datasets() -> list[str]:
-    """Registered dataset names (sorted). ``folder:PATH`` is also accepted (a pattern)."""
+    """Registered dataset names (sorted). ``folder:PATH`` is also accepted (a pattern).
+
+    Returns:
+        The names, sorted.
+    """
     return sorted(_REGISTRY)
 
 
@@ -277,6 +281,16 @@ def _as_float(images: torch.Tensor | LazyImages, idx: torch.Tensor | None
 def load_split(name: str, split: str, *, data_dir: DataDir = None,
                image_size: Size = None) -> Split:
     """Load ``split`` ("train", "val" or "test") of dataset ``name``.
+
+    Args:
+        name: a dataset name, or ``folder:PATH``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        data_dir: where the dataset's files are.
+        image_size: the size a folder's images are read at.
+
+    Returns:
+        The :class:`~modellego.data.Split`: images in ``[0, 1]``, labels and the dataset's
+        description.
 
     ``name`` is a registered name (:func:`list_datasets`) or ``folder:PATH`` (read at
     ``image_size``, see :func:`dataset_info`). Parsed files are cached per (name, data

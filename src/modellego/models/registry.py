@@ -45,7 +45,14 @@ def register_model(name: str, *, description: str, family: str) -> Callable[[Bui
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Registered architecture names, sorted; ``pattern`` is a shell glob such as ``'resnet*'``."""
+    """Registered architecture names, sorted; ``pattern`` is a shell glob such as ``'resnet*'``.
+
+    Args:
+        pattern: a shell glob on the names (default: all).
+
+    Returns:
+        The names, sorted.
+    """
     names = sorted(_REGISTRY)
     if pattern is not None:
         names = [n for n in names if fnmatch.fnmatch(n, pattern)]
@@ -72,6 +79,16 @@ def create_model(
     width: float = 1.0,
 ) -> nn.Module:
     """Build architecture ``name`` with fresh weights.
+
+    Args:
+        name: a zoo architecture (:func:`list_models`).
+        in_channels: image channels.
+        num_classes: outputs.
+        input_size: the images' height and width.
+        width: channel (for ``vit``: head) width multiplier.
+
+    Returns:
+        The untrained network.
 
     >>> m = create_model("lenet5", in_channels=1, num_classes=10, input_size=28)
     """

@@ -90,7 +90,14 @@ def trust_list(modules: Iterable[str] | str | None) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def trusted(modules: Iterable[str] | str | None) -> Iterator[None]:
-    """Within the block, model files may name code of ``modules`` (``python:`` sources)."""
+    """Within the block, model files may name code of ``modules`` (``python:`` sources).
+
+    Args:
+        modules: module names (a module grants its submodules too).
+
+    Returns:
+        A context manager.
+    """
     grants = trust_list(modules)
     token = _GRANTED.set(_GRANTED.get() + grants)
     try:

@@ -26,6 +26,18 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     """Compress a loaded model file; returns the smaller model, its manifest (kind
     ``component``, all the source's classes) and the report (test split, all classes).
 
+    Args:
+        model: the source network, as :func:`modellego.load_model` returns it.
+        manifest: the source's manifest, as :func:`modellego.load_model` returns it.
+        config: the compression target and method.
+        source_path: as for :func:`modellego.disassemble`.
+        data_dir: as for :func:`modellego.disassemble`.
+        command: as for :func:`modellego.disassemble`.
+        fingerprint: as for :func:`modellego.disassemble`.
+
+    Returns:
+        ``(model, manifest, report)``: the smaller network, its manifest and the report.
+
     ``source_path``, ``data_dir``, ``command`` and ``fingerprint`` as for
     :func:`modellego.disassemble`.
 

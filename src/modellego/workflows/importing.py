@@ -168,6 +168,16 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
     """The network of ``config.architecture`` with the state dict of ``weights``, its model
     manifest and a report (the checks made and, with ``config.evaluate``, its test accuracy).
 
+    Args:
+        weights: the state dict (``.safetensors`` or a ``torch.save`` file of tensors).
+        config: the architecture, dataset and input contract.
+        data_dir: where the dataset's files are.
+        command: the command line recorded in the provenance.
+        fingerprint: give the network its router fingerprint.
+
+    Returns:
+        ``(model, manifest, report)``.
+
     With ``config.evaluate`` and ``fingerprint``, the manifest gets the network's router
     fingerprint (kept with the network for :func:`modellego.save_model`); without
     ``config.evaluate`` no data is read, so there is none.
