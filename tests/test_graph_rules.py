@@ -508,13 +508,20 @@ class RowsOfChannels(ConvHead):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x).permute(0, 2, 3, 1)
-        z = self.head(y.reshape(-1, y.shape[-1]))  # (N*H*W, C)
-        return z.view(x.shape[0], -1, z.shape[-1]).mean(1)
+        z = torch.relu(y.reshape(-1, y.shape[-1]))  # (N*H*W, C)
+        return self.head(z.view(x.shape[0], -1, z.shape[-1]).mean(1))
 
 
 class FixedRows(RowsOfChannels):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.conv(x).permute(0, 2, 3, 1).reshape(-1, 4))
+        z = torch.relu(self.conv(x).permute(0, 2, 3, 1).reshape(-1, 4))
+        return self.head(z.view(x.shape[0], -1, z.shape[-1]).mean(1))
+
+
+class LayerOnFoldedRows(RowsOfChannels):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).permute(0, 2, 3, 1)
+        z = self.head(y.reshape(-1, y.shape[-1]))  # a layer on (N*H*W, C): not per image
         return z.view(x.shape[0], -1, z.shape[-1]).mean(1)
 
 
@@ -531,6 +538,9 @@ def test_rows_of_channels_folded_into_the_batch_are_followed():
     graph = build_channel_graph(FixedRows(), (3, SIZE, SIZE))
     assert graph.frozen_reasons[graph.find(graph.layer("conv").out_space)] == \
         "reshape at reshape fixes the number of these channels"
+    with pytest.raises(UnsupportedModelError, match="a linear layer reads rows that fold "
+                                                    "positions into the batch dim"):
+        build_channel_graph(LayerOnFoldedRows(), (3, SIZE, SIZE))
 
 
 def test_a_softmax_over_channels_keeps_them_whole():

@@ -642,6 +642,7 @@ class _Builder:
                                         "not supported (only 'zeros')")
         if len(src.shape) != 4:
             raise UnsupportedModelError(f"{self.where}: conv input must be (N, C, H, W)")
+        self.per_image(src, "a conv")
         layout = self.layout_on(src, 1, "a conv")
         if name in self.seen_modules:
             raise UnsupportedModelError(f"{self.where}: conv {name} is called more than once "
@@ -668,8 +669,18 @@ class _Builder:
         self.seen_modules[name] = layer
         return out
 
+    def per_image(self, src: _Chan, what: str) -> None:
+        """A layer's input must hold one image per row of its first dim (its contributions
+        are summed per image); a map whose rows fold positions into the batch (windows
+        as samples) cannot be a layer's input."""
+        if src.shape[0] != BATCH:
+            raise UnsupportedModelError(f"{self.where}: {what} reads rows that fold positions "
+                                        "into the batch dim (windows as samples), which the "
+                                        "per-image contributions cannot tell apart")
+
     def linear(self, name: str, mod: nn.Linear, src: _Chan, node: torch.fx.Node,
                shape: tuple[int, ...] | None = None) -> _Chan:
+        self.per_image(src, "a linear layer")
         layout = self.layout_on(src, -1, "a linear layer", repeats=True)
         if name in self.seen_modules:
             raise UnsupportedModelError(f"{self.where}: linear {name} is called more than "
