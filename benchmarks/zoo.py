@@ -52,6 +52,7 @@ from modellego import DisassemblyConfig, __version__, disassemble_model
 from modellego.analysis.locate import LocateConfig
 from modellego.errors import PlanError, UnsupportedModelError
 from modellego.metrics import count_flops, count_params
+from modellego.models.attention import self_attention_layers
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import ChannelGraph, build_channel_graph
 from modellego.surgery.plan import full_plan, plan_from_masks
@@ -138,7 +139,8 @@ def build_step(case: Case) -> None:
             kwargs["img_size"] = case.size
         model = timm.create_model(case.name, pretrained=False, **kwargs)
     case.extra["kwargs"] = kwargs
-    case.model = randomize_bn(model, 1).eval()
+    # as modellego builds a network from a file: attention layers whose heads can be removed
+    case.model = randomize_bn(self_attention_layers(model), 1).eval()
     case.row["params"] = count_params(case.model)
 
 

@@ -280,3 +280,36 @@ def test_split_attention_and_selective_kernels_are_kept_whole(name, reasons):
     assert all(any(r.startswith(want) for r in graph.frozen_reasons.values())
                for want in reasons)
     assert graph.frozen_spaces != set(graph.spaces())
+
+
+def test_swin_window_attention_heads_are_units_once_converted():
+    """torchvision's Swin (V1) window attention, as a network built from a file has it
+    (``WindowHeadAttention``): the same results, shifted windows included, and its heads
+    (with their columns of the relative-position bias table) are units."""
+    needs("torchvision")
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    from modellego.models.attention import WindowHeadAttention, self_attention_layers
+
+    torch.manual_seed(0)
+    plain = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                            window_size=[2, 2], num_classes=10).eval()
+    x = torch.randn(3, 3, 30, 30)  # (not whole windows: padded)
+    model = self_attention_layers(_copy(plain))
+    attn = model.features[1][1].attn
+    assert type(attn) is WindowHeadAttention and attn.shift_size == [1, 1]
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), rtol=0, atol=1e-5)
+    graph = assert_graph_invariants(model, (3, 32, 32), seeds=4)
+    assert {name: graph.space_size[s] for name, s in graph.attention.items()} == {
+        "features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 4,
+        "features.3.1.attn": 4}
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    masks[graph.attention["features.3.1.attn"]] = torch.tensor([False, True, False, True])
+    comp = apply_plan(model, plan_from_masks(graph, masks, range(10)))
+    cut = comp.features[3][1].attn
+    assert cut.num_heads == 2 and cut.qkv.out_features == 48
+    assert torch.equal(cut.relative_position_bias_table,
+                       model.features[3][1].attn.relative_position_bias_table[:, [1, 3]])
+    macs = macs_by_layer(model, (3, 32, 32))
+    assert macs["features.1.0.attn"] == 2 * 64 * 4 * 2 * 8  # 64 tokens, windows of 4

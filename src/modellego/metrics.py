@@ -39,9 +39,7 @@ def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not isinstance(module, (nn.Conv2d, nn.Linear)):  # an attention layer
-            x = inputs[0]
-            first = not isinstance(module, nn.MultiheadAttention) or module.batch_first
-            n = attention_macs(module, int(x.shape[1] if first else x.shape[0]))
+            n = attention_macs(module, tuple(inputs[0].shape))
         elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             n = output.numel() * (module.in_channels // module.groups) * kh * kw
@@ -51,7 +49,7 @@ def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
         macs[name] = macs.get(name, 0) + int(n)
 
     layers = [m for m in model.modules()
-              if isinstance(m, (nn.Conv2d, nn.Linear)) or attention_macs(m, 1)]
+              if isinstance(m, (nn.Conv2d, nn.Linear)) or attention_macs(m, (1, 1, 1, 1))]
     x = torch.zeros(1, *input_shape, device=device_of(model))
     with preserved_state(model), forward_hooks(layers, hook), torch.inference_mode():
         model.eval()

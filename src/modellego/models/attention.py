@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -102,12 +103,97 @@ class SelfAttentionMHA(nn.MultiheadAttention):
         return self.out_proj(ctx.transpose(1, 2).reshape(b, n, heads * self.head_dim)), None
 
 
+class WindowHeadAttention(nn.Module):
+    """torchvision's Swin (V1) shifted-window attention (``ShiftedWindowAttention``, whose
+    parameters and buffers it takes over) with any number of heads of ``head_dim``, read
+    from ``qkv``'s rows, and its output projection called as a module on the ``(B, H, W,
+    heads * head_dim)`` map once the windows are put back (a per-token layer, so the same
+    values), so heads can be removed like any other attention layer's.
+
+    Over ``(B, H, W, C)``: pad to whole windows, shift by ``shift_size`` (when the map is
+    larger than a window), attend within each window with the relative-position bias of
+    each head (and, shifted, a mask between the regions the shift brought together), then
+    undo the windows, the shift and the padding."""
+
+    head_dim: int
+    window_size: list[int]
+    shift_size: list[int]
+    attention_dropout: float
+    dropout: float
+    qkv: nn.Linear
+    proj: nn.Linear
+    relative_position_bias_table: nn.Parameter
+    relative_position_index: torch.Tensor
+
+    @property
+    def heads(self) -> int:
+        return self.qkv.out_features // (3 * self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        (wh, ww), d, heads = self.window_size, self.head_dim, self.heads
+        x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+        ph, pw = x.shape[1], x.shape[2]
+        sh = self.shift_size[0] if wh < ph else 0
+        sw = self.shift_size[1] if ww < pw else 0
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        rows, cols, n = ph // wh, pw // ww, wh * ww
+        windows = x.view(b, rows, wh, cols, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, n, c)
+        q, k, v = self.qkv(windows).reshape(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+        attn = (q * d ** -0.5) @ k.transpose(-2, -1) + self.position_bias(n)
+        if sh or sw:
+            attn = (attn.view(b, rows * cols, heads, n, n) +
+                    self.shift_mask(ph, pw, sh, sw, x).unsqueeze(1)).view(-1, heads, n, n)
+        attn = F.dropout(attn.softmax(-1), self.attention_dropout, self.training)
+        ctx = (attn @ v).transpose(1, 2).reshape(b, rows, cols, wh, ww, heads * d)
+        ctx = ctx.permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, heads * d)
+        if sh or sw:
+            ctx = torch.roll(ctx, shifts=(sh, sw), dims=(1, 2))
+        out = self.proj(ctx[:, :h, :w].contiguous())
+        return F.dropout(out, self.dropout, self.training)
+
+    def position_bias(self, n: int) -> torch.Tensor:
+        """``(1, heads, n, n)``: each head's bias for each pair of positions in a window."""
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def shift_mask(self, ph: int, pw: int, sh: int, sw: int, like: torch.Tensor
+                   ) -> torch.Tensor:
+        """``(windows, n, n)``: -100 between positions of a window that the shift brought
+        from different regions of the map, 0 elsewhere."""
+        wh, ww = self.window_size
+
+        def bands(size: int, window: int, shift: int) -> torch.Tensor:
+            band = torch.zeros(size, dtype=torch.long, device=like.device)
+            if shift:
+                band[size - window:size - shift] = 1
+                band[size - shift:] = 2
+            return band
+
+        region = bands(ph, wh, sh)[:, None] * 3 + bands(pw, ww, sw)[None, :]
+        region = region.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+        differ = region.unsqueeze(1) != region.unsqueeze(2)
+        return torch.zeros(differ.shape, dtype=like.dtype, device=like.device) \
+            .masked_fill(differ, -100.0)
+
+
+#: (module, class name) of the attention layers :func:`self_attention_layers` converts
+_WINDOW_ATTENTION = ("torchvision.models.swin_transformer", "ShiftedWindowAttention")
+
+
 def self_attention_layers(model: nn.Module) -> nn.Module:
-    """``model`` with every ``nn.MultiheadAttention`` (the class itself, not a subclass) made
-    a :class:`SelfAttentionMHA` in place: the same module, parameters and results."""
+    """``model`` with its attention layers made ones whose heads can be removed, in place
+    (the same modules, parameters and results): every ``nn.MultiheadAttention`` (the class
+    itself) a :class:`SelfAttentionMHA`, every torchvision Swin ``ShiftedWindowAttention``
+    a :class:`WindowHeadAttention`."""
     for m in model.modules():
         if type(m) is nn.MultiheadAttention:
             m.__class__ = SelfAttentionMHA
+        elif (type(m).__module__, type(m).__name__) == _WINDOW_ATTENTION:
+            qkv, heads = cast(nn.Linear, m.qkv), cast(int, m.num_heads)
+            m.__dict__["head_dim"] = qkv.in_features // heads
+            m.__class__ = WindowHeadAttention
     return model
 
 
@@ -130,6 +216,8 @@ def heads_of(module: nn.Module) -> Heads | None:
             return None
         rows = module.in_proj_weight.shape[0]
         return Heads(rows // (3 * module.head_dim), module.head_dim, module.out_proj)
+    if isinstance(module, WindowHeadAttention):
+        return Heads(module.heads, module.head_dim, module.proj)
     attn = as_head_attention(module)
     return Heads(attn.num_heads, attn.head_dim, attn.proj) if attn is not None else None
 
@@ -215,6 +303,18 @@ def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> nn.Module:
                 module.in_proj_bias = nn.Parameter(module.in_proj_bias[idx].clone())
         module.num_heads = len(heads)
         return module
+    if isinstance(module, WindowHeadAttention):
+        _check_heads(heads, module.heads)
+        idx = head_rows(heads, module.heads, module.head_dim)
+        table = module.relative_position_bias_table
+        with torch.no_grad():
+            module.qkv.weight = nn.Parameter(module.qkv.weight[idx].clone())
+            if module.qkv.bias is not None:
+                module.qkv.bias = nn.Parameter(module.qkv.bias[idx].clone())
+            module.relative_position_bias_table = nn.Parameter(table[:, list(heads)].clone())
+        module.qkv.out_features = len(idx)
+        module.__dict__["num_heads"] = len(heads)
+        return module
     attn = as_head_attention(module)
     if attn is None:
         raise PlanError(f"plan removes heads of a {type(module).__name__}, which is not "
@@ -239,11 +339,17 @@ def _check_heads(heads: tuple[int, ...], total: int) -> None:
         raise PlanError(f"plan keeps heads {list(heads)} of an attention layer with {total}")
 
 
-def attention_macs(module: nn.Module, tokens: int) -> int:
+def attention_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one image that no conv or linear *module call* counts: the two
     token-by-token products (``q kᵀ`` and the weighted sum of ``v``) of an attention layer
     built like :class:`HeadAttention`, and for ``nn.MultiheadAttention`` (which reads its
     projections' weights without calling them) its projections too; 0 for other modules."""
+    if isinstance(module, WindowHeadAttention):  # each token with its window's tokens
+        (wh, ww), n = module.window_size, module.window_size[0] * module.window_size[1]
+        tokens = -(-shape[1] // wh) * wh * -(-shape[2] // ww) * ww
+        return 2 * tokens * n * module.heads * module.head_dim
+    first = not isinstance(module, nn.MultiheadAttention) or module.batch_first
+    tokens = int(shape[1] if first else shape[0]) if len(shape) > 1 else 1
     if isinstance(module, SelfAttentionMHA) and module.in_proj_weight is not None:
         rows = module.in_proj_weight.shape[0]  # (its output projection is a module call)
         return tokens * module.embed_dim * rows + 2 * tokens * tokens * (rows // 3)
@@ -251,7 +357,8 @@ def attention_macs(module: nn.Module, tokens: int) -> int:
         e = module.embed_dim
         kdim, vdim = module.kdim, module.vdim
         return tokens * e * (e + kdim + vdim) + 2 * tokens * tokens * e + tokens * e * e
-    attn = module if isinstance(module, HeadAttention) else _candidate(module)
-    if attn is None:
+    attn = as_head_attention(module) if _candidate(module) is not None or \
+        isinstance(module, HeadAttention) else None
+    if attn is None:  # (a layer of its own kind: its products are not counted)
         return 0
     return 2 * tokens * tokens * attn.num_heads * attn.head_dim

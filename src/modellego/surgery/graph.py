@@ -599,17 +599,17 @@ class _Builder:
                  if a is not node.args[0] and
                  (a.meta.get("value", a) if isinstance(a, torch.fx.Node) else a)
                  not in (None, False)]
-        layout = heads_of(mod) if not extra and len(src.shape) == 3 else None
+        layout = heads_of(mod) if not extra else None
         out = self.attention_out(node)
-        if layout is not None and out == src.shape[:2] + (layout.proj.out_features,):
+        if layout is not None and out == src.shape[:-1] + (layout.proj.out_features,):
             heads = self.new_space(layout.count)
             self.attention[name] = heads
             proj = next(n for n, m in mod.named_modules() if m is layout.proj)
             fact = self.linear(f"{name}.{proj}", layout.proj,
                                _Chan((Segment(heads, layout.count, layout.dim),),
-                                     src.shape[:2] + (layout.count * layout.dim,), axis=2),
-                               node, out)
-            return self.attention_result(node, _Chan(fact.base, out, axis=2))
+                                     src.shape[:-1] + (layout.count * layout.dim,),
+                                     axis=len(out) - 1), node, out)
+            return self.attention_result(node, _Chan(fact.base, out, axis=len(out) - 1))
         if len(out) < 3:
             raise UnsupportedModelError(f"{self.where}: attention layer {type(mod).__name__} "
                                         "whose output is not a (batch, ..., channels) tensor")
