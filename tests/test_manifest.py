@@ -198,7 +198,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _made_and_shipped(made: dict[str, Path]) -> list[Path]:
     shipped = sorted((ROOT / "checkpoints").glob("**/*.safetensors"))
-    assert len(shipped) == 6
+    assert len(shipped) == 7
     return [*made.values(), *shipped, *(V010 / f"{n}.safetensors" for n in FIXTURES)]
 
 

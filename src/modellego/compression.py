@@ -44,6 +44,7 @@ from .disassembly import (
 )
 from .errors import ModelLegoError, PlanError
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
+from .models.attention import heads_of
 from .registry import Registry
 from .surgery.extract import apply_plan
 from .surgery.graph import ChannelGraph, build_channel_graph
@@ -128,10 +129,11 @@ class CompressConfig:
 # --------------------------------------------------------------------------- channel scores
 
 
-def prunable_spaces(graph: ChannelGraph) -> list[int]:
-    """Spaces uniform pruning may shrink: written by a layer, not frozen, not the logits,
-    and of more than one channel."""
-    written = {lay.out_space for lay in graph.layers}
+def prunable_spaces(graph: ChannelGraph, heads: bool = False) -> list[int]:
+    """Spaces uniform pruning may shrink: written by a layer (with ``heads``, also the heads
+    of attention layers), not frozen, not the logits, and of more than one channel."""
+    written = {lay.out_space for lay in graph.layers} | \
+        ({graph.find(s) for s in graph.attention.values()} if heads else set())
     return [s for s in graph.spaces() if s in written and s not in graph.frozen_spaces
             and s != graph.output_space and graph.space_size[s] > 1]
 
@@ -142,14 +144,22 @@ def filter_scores(filters: torch.Tensor, criterion: str) -> torch.Tensor:
     return get_criterion(criterion).filter_scores(filters)
 
 
-def channel_scores(graph: ChannelGraph, criterion: str) -> dict[int, torch.Tensor]:
+def channel_scores(graph: ChannelGraph, criterion: str, heads: bool = False
+                   ) -> dict[int, torch.Tensor]:
     """Per prunable space, one float64 score per channel (higher = more important).
 
-    Each layer writing the space adds its filter scores divided by their mean.
+    Each layer writing the space adds its filter scores divided by their mean; with
+    ``heads``, an attention layer's heads are scored by their q, k and v rows.
     """
     scores: dict[int, torch.Tensor] = {}
-    for space in prunable_spaces(graph):
+    writers = {graph.find(s): name for name, s in graph.attention.items()}
+    for space in prunable_spaces(graph, heads):
         total = torch.zeros(graph.space_size[space], dtype=torch.float64)
+        layout = heads_of(graph.model.get_submodule(writers[space])) if space in writers \
+            else None
+        if layout is not None:  # a space of heads, written by their q, k and v rows
+            scores[space] = filter_scores(layout.filters().detach().double(), criterion)
+            continue
         for lay in graph.layers:
             whole = len(lay.out_layout) == 1 and lay.out_layout[0].start == 0 and \
                 lay.out_layout[0].size == graph.space_size[space]
@@ -183,12 +193,13 @@ def uniform_masks(graph: ChannelGraph, scores: dict[int, torch.Tensor],
                                             for s, v in scores.items()})
 
 
-def removal_order(graph: ChannelGraph) -> list[tuple[Fraction, int]]:
+def removal_order(graph: ChannelGraph, heads: bool = False) -> list[tuple[Fraction, int]]:
     """Uniform pruning one channel at a time: ``(fraction, space)`` for every removable
     channel, where the ``k``-th channel of a space of ``n`` goes at fraction ``k / n``; in
     fraction order, ties in space order. The first ``m`` removals leave every space with
-    the last one's fraction of its channels removed, up to one channel."""
-    spaces = prunable_spaces(graph)
+    the last one's fraction of its channels removed, up to one channel. ``heads``: attention
+    heads are channels too."""
+    spaces = prunable_spaces(graph, heads)
     events = sorted((Fraction(k, graph.space_size[s]), i) for i, s in enumerate(spaces)
                     for k in range(1, graph.space_size[s]))
     return [(f, spaces[i]) for f, i in events]
@@ -235,11 +246,38 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
     if min_accuracy is not None and accuracy_of is None:
         raise ValueError("min_accuracy needs accuracy_of")
     graph = build_channel_graph(model, tuple(input_shape))
-    scores = channel_scores(graph, criterion)  # before any work: an unknown criterion fails
+    try:
+        return _prune_uniform(model, input_shape, criterion, graph, False, target_flops,
+                              target_params, accuracy_of, min_accuracy, finish)
+    except _Unreachable as exc:
+        if not graph.attention:
+            raise ModelLegoError(str(exc)) from None
+    # attention heads serve every class: pruned only when the target needs them (on the
+    # shipped ViT at 60 % FLOPs, pruning them alike cost 10.4 pp against 6.0 pp)
+    try:
+        return _prune_uniform(model, input_shape, criterion, graph, True, target_flops,
+                              target_params, accuracy_of, min_accuracy, finish)
+    except _Unreachable as exc:
+        raise ModelLegoError(str(exc)) from None
+
+
+class _Unreachable(Exception):
+    """Uniform pruning cannot reach its cost target (the message says why)."""
+
+
+def _prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str,
+                   graph: ChannelGraph, heads: bool, target_flops: float | None,
+                   target_params: float | None,
+                   accuracy_of: Callable[[nn.Module], float] | None,
+                   min_accuracy: float | None,
+                   finish: Callable[[nn.Module, ComponentPlan], object] | None
+                   ) -> UniformPruning:
+    """:func:`prune_uniform` over ``graph``, attention heads pruned too with ``heads``."""
+    scores = channel_scores(graph, criterion, heads)  # an unknown criterion fails first
     # a cost target does not depend on the repair (it changes weights, not shapes): only
     # the chosen candidate is repaired; an accuracy budget measures every candidate repaired
     cands = UniformCandidates(model, tuple(input_shape), graph, scores, finish,
-                              price_repaired=min_accuracy is not None)
+                              price_repaired=min_accuracy is not None, heads=heads)
     trials: dict[int, Trial] = {}
 
     def measure(i: int, key: str) -> float:
@@ -265,7 +303,7 @@ def prune_uniform(model: nn.Module, input_shape: Sequence[int], criterion: str, 
         if i == n:
             least = measure(n - 1, key)
             what = "FLOPs" if key == "flops_ratio" else "parameters"
-            raise ModelLegoError(
+            raise _Unreachable(
                 f"{criterion}: even one channel per prunable layer keeps {100 * least:.1f} % "
                 f"of the {what}, above the target {100 * goal:.1f} %; frozen layers (on the "
                 "image input, grouped convs) and the logits cannot be pruned; choose a larger "
@@ -284,10 +322,10 @@ class UniformCandidates(Candidates[int]):
     def __init__(self, model: nn.Module, input_shape: Sequence[int], graph: ChannelGraph,
                  scores: dict[int, torch.Tensor],
                  finish: Callable[[nn.Module, ComponentPlan], object] | None, *,
-                 price_repaired: bool) -> None:
+                 price_repaired: bool, heads: bool = False) -> None:
         super().__init__(model, input_shape, price_repaired=price_repaired)
         self.graph, self.scores, self.finish = graph, scores, finish
-        self.order = removal_order(graph)
+        self.order = removal_order(graph, heads)
 
     def fraction(self, removed: int) -> float:
         """The share of every space's channels the first ``removed`` removals take."""

@@ -77,7 +77,10 @@ def gradient_chunk(model: nn.Module, layers: Mapping[str, nn.Module], images: to
         a = captured[n][0]
         g = torch.zeros_like(a) if g is None else g
         g = g.detach().clamp_min(0).double()
-        g = (g.sum(tuple(range(2, g.dim()))) if g.dim() > 2 else g).cpu()
+        if isinstance(layers[n], nn.Linear):  # features last, positions or tokens between
+            g = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1).cpu()
+        else:  # (N, C, H, W)
+            g = (g.sum(tuple(range(2, g.dim()))) if g.dim() > 2 else g).cpu()
         out[n] = g.new_zeros((num_rows, g.shape[1])).index_add_(0, rows, g)
     return out
 

@@ -100,6 +100,10 @@ def _needed_inputs(S: torch.Tensor, out_mask: torch.Tensor, alpha: float, beta: 
         norm = minmax_normalize if normalize == "minmax" else max_normalize
         relevant = norm(S, dim=1) > alpha
         u = relevant.sum(0).double()
+        if bool((u == u[0]).all()) and u[0] > 0:
+            # every input counts as often (few inputs, as an attention layer's heads): all
+            # are needed alike, where min-max would make every one 0
+            return torch.ones_like(u, dtype=torch.bool)
         return norm(u, dim=0) > beta
     share = S / S.sum(1, keepdim=True).clamp_min(1e-300)
     u = share.sum(0)

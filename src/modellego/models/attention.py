@@ -205,6 +205,13 @@ class Heads:
     count: int
     dim: int
     proj: nn.Linear
+    #: the q, k and v projection's weight, ``(3 * count * dim, inputs)``: rows ``q | k | v``
+    qkv_weight: torch.Tensor
+
+    def filters(self) -> torch.Tensor:
+        """One row per head: its q, k and v rows side by side (what writes the head)."""
+        w = self.qkv_weight.reshape(3, self.count, self.dim, -1)
+        return w.permute(1, 0, 2, 3).reshape(self.count, -1)
 
 
 def heads_of(module: nn.Module) -> Heads | None:
@@ -215,11 +222,14 @@ def heads_of(module: nn.Module) -> Heads | None:
         if not module._qkv_same_embed_dim or module.in_proj_weight is None:
             return None
         rows = module.in_proj_weight.shape[0]
-        return Heads(rows // (3 * module.head_dim), module.head_dim, module.out_proj)
+        return Heads(rows // (3 * module.head_dim), module.head_dim, module.out_proj,
+                     module.in_proj_weight)
     if isinstance(module, WindowHeadAttention):
-        return Heads(module.heads, module.head_dim, module.proj)
+        return Heads(module.heads, module.head_dim, module.proj, module.qkv.weight)
     attn = as_head_attention(module)
-    return Heads(attn.num_heads, attn.head_dim, attn.proj) if attn is not None else None
+    if attn is None:
+        return None
+    return Heads(attn.num_heads, attn.head_dim, attn.proj, attn.qkv.weight)
 
 
 def _candidate(module: nn.Module) -> HeadAttention | None:
@@ -255,12 +265,15 @@ def as_head_attention(module: nn.Module) -> HeadAttention | None:
     """``module`` itself if it is a :class:`HeadAttention`; else, for a layer built like one
     whose output on random tokens equals a :class:`HeadAttention`'s over its weights (float64,
     eval mode), that :class:`HeadAttention` (sharing ``module``'s ``qkv``, ``proj`` and norm
-    modules); else ``None``."""
+    modules); else ``None``. (A layer on the ``meta`` device, built only to check a file's
+    structure, has no values to compare: it is taken by its structure.)"""
     if isinstance(module, HeadAttention):
         return module
     cand = _candidate(module)
     if cand is None:
         return None
+    if cand.qkv.weight.is_meta:  # a structure built to be checked, no values: as built
+        return cand
     ref = copy.deepcopy(module).double().eval()
     mine = _candidate(ref)
     if mine is None:

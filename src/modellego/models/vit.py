@@ -38,7 +38,7 @@ class ViT(nn.Module):
         if patch is None:
             raise ModelLegoError(f"vit needs an input_size divisible by one of {PATCH_SIZES}, "
                                  f"got {input_size}")
-        heads = max(1, int(round(heads * width)))
+        heads = max(2, int(round(heads * width)))  # (two at least: a head is a unit)
         dim = heads * head_dim
         tokens = (input_size // patch) ** 2
         self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
@@ -61,7 +61,7 @@ class ViT(nn.Module):
 
 
 @register_model("vit", family="vit",
-                description="ViT: 6 blocks of 4 heads x 16 (width scales the heads), MLP 2x, "
+                description="ViT: 6 blocks of 4 heads x 16 (width scales the heads, 2 at least), MLP 2x, "
                             "patches of 4 (or 7, 8, 2) pixels, class token")
 def vit(**kwargs) -> nn.Module:
     return ViT(**kwargs)

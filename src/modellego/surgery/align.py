@@ -56,6 +56,8 @@ def _indices(graph: ChannelGraph, multiple: int) -> dict[int, list[tuple[int, bo
     tied = {graph.find(seg.space) for pair in graph.ties for seg in pair}
     fixed = {graph.find(s) for s in graph.frozen_spaces | graph.input_spaces} | tied
     fixed.add(graph.find(graph.output_space))
+    # (an attention layer's heads: a copied head would attend twice)
+    fixed |= {graph.find(s) for s in graph.attention.values()}
     out = {}
     for s in graph.spaces():
         n = graph.space_size[s]

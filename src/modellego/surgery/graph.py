@@ -775,18 +775,7 @@ class _Builder:
         if not chans:
             return self.const_op(node, consts, facts)
         if method and target in SHAPE_METHODS or not method and target in SHAPE_FUNCTIONS:
-            if target in ("expand_as", "view_as", "reshape_as"):
-                like = shape_of(node) or ()
-                return self.replay(node, [self.chan(node.args[0], facts)],
-                                   lambda v: v[0].reshape(v[0].shape[0], *like[1:]))
-            src = self.chan(node.args[0], facts)
-            try:
-                return self.replay(node, [src], lambda v: call_on(node, v[0], self.where))
-            except UnsupportedModelError:
-                rows = self.rows_intact(node, src)
-                if rows is None:
-                    raise
-                return rows
+            return self.shape_op(node, self.chan(node.args[0], facts))
         if method and target in SPLIT_METHODS or not method and target in SPLIT_FUNCTIONS:
             return self.split(node, self.chan(node.args[0], facts))
         if target is torch.cat or target is torch.concat or target is torch.stack:
@@ -796,16 +785,7 @@ class _Builder:
         if target in SPATIAL_FUNCTIONS:
             return self.spatial(node, self.chan(node.args[0], facts), target_name(node))
         if target is F.pad:
-            pad = value_of(node.args[1] if len(node.args) > 1 else node.kwargs["pad"], self.where)
-            src = self.chan(node.args[0], facts)
-            padded = {len(src.shape) - 1 - i // 2 for i, p in enumerate(pad) if p}
-            shape = shape_of(node)
-            if src.ids is None and src.axis is not None and shape is not None and \
-                    not padded & {0, src.axis}:  # (channel-last maps: Swin's windows)
-                return _Chan(src.base, shape, axis=src.axis)
-            if len(src.shape) == 4 and len(pad) <= 4:
-                return self.spatial(node, src, "padding")
-            raise UnsupportedModelError(f"{self.where}: padding of the channel dim")
+            return self.pad(node, self.chan(node.args[0], facts))
         if target is F.batch_norm:
             return self.functional_bn(node, facts)
         if target in (F.linear, F.conv2d):
@@ -840,6 +820,33 @@ class _Builder:
             f"{self.where}: operation {target_name(node)} is not supported by the channel "
             "graph; supported are conv/linear/norm modules, activations, pooling, "
             "elementwise arithmetic, and reshapes, slices, splits and concatenations")
+
+    def shape_op(self, node: torch.fx.Node, src: _Chan) -> Any:
+        """A view, reshape, permute, slice ...: replayed on the channel index, or (where it
+        folds positions into the batch) followed by rows of channels."""
+        if node.target in ("expand_as", "view_as", "reshape_as"):
+            like = shape_of(node) or ()
+            return self.replay(node, [src], lambda v: v[0].reshape(v[0].shape[0], *like[1:]))
+        try:
+            return self.replay(node, [src], lambda v: call_on(node, v[0], self.where))
+        except UnsupportedModelError:
+            rows = self.rows_intact(node, src)
+            if rows is None:
+                raise
+            return rows
+
+    def pad(self, node: torch.fx.Node, src: _Chan) -> _Chan:
+        """``F.pad`` of dims that hold no channels (a channel-last map, as Swin pads its
+        windows, or the spatial dims of an (N, C, H, W) map)."""
+        pad = value_of(node.args[1] if len(node.args) > 1 else node.kwargs["pad"], self.where)
+        padded = {len(src.shape) - 1 - i // 2 for i, p in enumerate(pad) if p}
+        shape = shape_of(node)
+        if src.ids is None and src.axis is not None and shape is not None and \
+                not padded & {0, src.axis}:
+            return _Chan(src.base, shape, axis=src.axis)
+        if len(src.shape) == 4 and len(pad) <= 4:
+            return self.spatial(node, src, "padding")
+        raise UnsupportedModelError(f"{self.where}: padding of the channel dim")
 
     def replay(self, node: torch.fx.Node, srcs: list[_Chan],
                fn: Callable[[list[torch.Tensor]], Any]) -> Any:
