@@ -61,7 +61,8 @@ class ViT(nn.Module):
 
 
 @register_model("vit", family="vit",
-                description="ViT: 6 blocks of 4 heads x 16 (width scales the heads, 2 at least), MLP 2x, "
+                description="ViT: 6 blocks of 4 heads x 16 (width scales the heads, 2 at "
+                            "least), MLP 2x, "
                             "patches of 4 (or 7, 8, 2) pixels, class token")
 def vit(**kwargs) -> nn.Module:
     return ViT(**kwargs)
