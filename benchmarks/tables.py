@@ -392,7 +392,8 @@ def zoo(data: dict) -> list[str]:
                 "not fx-traceable (the refusal names the class)"
             refused.setdefault(where, []).append(f"{r['source']}:{r['name']}")
     lines += ["", "Refused: " + "; ".join(f"{', '.join(names)} {where}"
-                                          for where, names in refused.items()) + "."]
+                                          for where, names in refused.items()) + "."
+              if refused else "Refused: none."]
     failed = [r for r in data["models"] if r["status"] == "failed"]
     if failed:
         lines += ["", "Failed: " + "; ".join(f"{r['source']}:{r['name']} ({r['reason'][:100]})"
@@ -539,6 +540,7 @@ def transformers(data: dict) -> list[str]:
 
 
 TABLES = (("transformers.json", transformers), ("zoo-transformers.json", zoo),
+          ("zoo-transformers-large.json", zoo),
           ("disassembly.json", disassembly), ("assembly.json", assembly),
           ("assembly-routing.json", assembly_routing),
           ("assembly-routing.json", assembly_goals, "assembly-goals-table"),
