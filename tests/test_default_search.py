@@ -224,11 +224,14 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
     assert v["chosen_passes"] == (bound <= 0.5 + 1e-9)
     assert f"bound {bound:.2f} pp at 90%" in v["chosen"]
     assert v["chosen_accuracy"] == pytest.approx(float(got.double().mean()))
-    # the search's verdicts: the chosen candidate passed and every more aggressive
-    # candidate it measured failed (the family's steps and the bisection's midpoints)
-    for t in comp.search:
-        if t["locate"]["beta_conv"] > comp.locate.beta_conv:
-            assert not t["ok"]
+    # the search's verdicts: two families (the OR of the classes' masks, then the task
+    # located as one class); in each, every candidate measured more aggressive than the
+    # family's result failed (the family's steps and the bisection's midpoints), and the
+    # chosen one is the cheaper of the two results
+    results = check_families(comp)
+    assert any(t["locate"].get("task_level") for t in comp.search)
+    assert comp.locate.to_dict() in [t["locate"] for t in results.values()]
+    assert v["chosen_passes"] == any(t["ok"] for t in comp.search)
     # 180 images: the 0.5 pp budget is worth 0.9 of them, too few to halve steps on
     assert v["bisect"] == 0 and all(t["locate"]["beta_conv"] in MASS_STEPS
                                     for t in comp.search)
@@ -237,12 +240,14 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
                              config=replace(cfg, max_accuracy_drop=3.0), val_images=vx,
                              val_labels=vy, reuse=comp)
     assert wide.validation is not None and wide.validation["bisect"] == DEFAULT_BISECT
-    steps = [t["locate"]["beta_conv"] for t in wide.search]
-    assert len(steps) == len(set(steps))  # no candidate measured twice
-    assert sum(b not in MASS_STEPS for b in steps) == DEFAULT_BISECT
-    for t in wide.search:  # more aggressive than the chosen: failed
-        if t["locate"]["beta_conv"] > wide.locate.beta_conv:
-            assert not t["ok"]
+    for level in (False, True):
+        steps = [t["locate"]["beta_conv"] for t in wide.search
+                 if t["locate"].get("task_level", False) == level]
+        assert len(steps) == len(set(steps))  # no candidate measured twice
+        assert sum(b not in MASS_STEPS for b in steps) <= DEFAULT_BISECT
+    assert sum(t["locate"]["beta_conv"] not in MASS_STEPS for t in wide.search
+               if not t["locate"].get("task_level")) == DEFAULT_BISECT
+    check_families(wide)
     if v["chosen_passes"]:
         assert any(t["ok"] and t["locate"] == comp.locate.to_dict() for t in comp.search)
     # no validation images at all: the training split tops it up alone
@@ -251,6 +256,30 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
     assert alone.validation is not None and alone.validation["from_validation_split"] == 0
     assert alone.validation["images"] == sum(min(60, (int((y == c).sum()) - 20) // 2)
                                              for c in TASK)
+
+
+def check_families(comp) -> dict[bool, dict]:
+    """The two families of ``comp``'s search, checked: per family (``task_level``), the
+    most aggressive candidate that passed, with every more aggressive one failed; the
+    task-level family measured only candidates cheaper than the union's result, and the
+    chosen component is the cheaper result. Returns the results by family."""
+    results = {}
+    for level in (False, True):
+        trials = [t for t in comp.search if t["locate"].get("task_level", False) == level]
+        passed = [t for t in trials if t["ok"]]
+        if passed:
+            best = max(passed, key=lambda t: t["locate"]["beta_conv"])
+            assert not any(t["locate"]["beta_conv"] > best["locate"]["beta_conv"]
+                           for t in trials if t["ok"])
+            results[level] = best
+    union = results.get(False)
+    tasks = [t for t in comp.search if t["locate"].get("task_level")]
+    if union is not None:
+        assert all(t["flops_ratio"] < union["flops_ratio"] for t in tasks)
+    if results:
+        cheapest = min(results.values(), key=lambda t: t["flops_ratio"])
+        assert comp.locate.to_dict() == cheapest["locate"]
+    return results
 
 
 def test_reconstruction_never_fits_on_the_validation_images(trained, digits,
@@ -446,3 +475,47 @@ def test_the_empty_layer_advice_does_not_suggest_the_rule_in_use():
     assert messages["mass"].startswith("layer 'side' would keep no output channels")
     assert messages["mass"].endswith("try again")
     assert messages["count"].endswith("try again, or use `rule` mass")
+
+
+def test_task_level_locating_is_the_task_taken_as_one_class(trained, digits) -> None:
+    from modellego.analysis.locate import locate, locate_class
+    from modellego.analysis.profile import ContributionProfile
+
+    x, y = digits
+    comp = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
+                             config=DisassemblyConfig.paper(TASK, samples_per_class=20))
+    graph, prof = comp.graph, comp.profile
+    for beta in (0.1, 0.3):
+        cfg = LocateConfig(rule="mass", beta_conv=beta, beta_linear=beta)
+        task = replace(cfg, task_level=True)
+        # one class: the task is that class
+        for c in TASK:
+            one, merged = (locate(graph, prof, (c,), range(10), k) for k in (cfg, task))
+            assert all(torch.equal(one[s], merged[s]) for s in one)
+        # several: one class whose statistics are the classes' summed, serving every logit
+        rows = [prof.classes.index(c) for c in TASK]
+        summed = ContributionProfile((99,), {n: t[rows].sum(0, keepdim=True)
+                                            for n, t in prof.layers.items()}, {99: 60}, 0.0)
+        want = locate_class(graph, summed, list(TASK), 99, cfg)
+        for s in graph.frozen_spaces:
+            want[s][:] = True
+        got = locate(graph, prof, TASK, range(10), task)
+        assert all(torch.equal(got[s], want[s]) for s in got)
+        assert got[graph.output_space].nonzero().flatten().tolist() == list(TASK)
+    # the union of three classes' masks differs from the task's at the default's steps
+    cfg = LocateConfig(rule="mass", beta_conv=0.3, beta_linear=0.3)
+    union, task = (locate(graph, prof, TASK, range(10), k)
+                   for k in (cfg, replace(cfg, task_level=True)))
+    assert any(not torch.equal(union[s], task[s]) for s in union)
+
+
+def test_task_level_is_recorded_only_when_set() -> None:
+    cfg = LocateConfig(rule="mass")
+    assert "task_level" not in cfg.to_dict()  # files read as before the field existed
+    task = replace(cfg, task_level=True)
+    assert task.to_dict()["task_level"] is True
+    fields = dict(task.to_dict(), layer_beta=())
+    assert LocateConfig(**fields) == task
+    # the methods that locate otherwise never get a task-level family
+    assert [get_method(m).task_level for m in ("contribution", "contribution-2022", "frat",
+                                               "pan-rajan")] == [True, True, False, False]

@@ -51,6 +51,10 @@ class LocateConfig:
     layer_beta: tuple[tuple[str, float], ...] = ()
     #: count rule: ``"minmax"`` (the paper's) or ``"max"`` (divide by the maximum over p)
     normalize: str = "minmax"
+    #: locate the task as one class (its classes' profiles summed, every task logit the
+    #: output to serve) instead of the OR of its classes' masks: a channel that one class
+    #: of many needs a little may go (the default's search tries both on multi-class tasks)
+    task_level: bool = False
 
     def validate(self) -> None:
         for name in ("alpha_conv", "beta_conv", "alpha_linear", "beta_linear"):
@@ -70,6 +74,8 @@ class LocateConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layer_beta"] = dict(self.layer_beta)
+        if not self.task_level:  # as files recorded it before the field existed
+            del d["task_level"]
         return d
 
 
@@ -122,11 +128,17 @@ def _needed_inputs(S: torch.Tensor, out_mask: torch.Tensor, alpha: float, beta: 
     return keep
 
 
-def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index: int,
-                 profile_class: int, config: LocateConfig) -> dict[int, torch.Tensor]:
-    """Relevant channels of every space for one class; ``output_index`` is its logit."""
+def locate_class(graph: ChannelGraph, profile: ContributionProfile,
+                 output_index: int | Sequence[int], profile_class: int | Sequence[int],
+                 config: LocateConfig) -> dict[int, torch.Tensor]:
+    """Relevant channels of every space for one class; ``output_index`` is its logit.
+
+    Given several logits and several profile classes, the channels of their union taken as
+    one class (the classes' contributions summed; ``task_level``)."""
     masks = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
-    masks[graph.output_space][output_index] = True
+    outputs = [output_index] if isinstance(output_index, int) else list(output_index)
+    merged = [profile_class] if isinstance(profile_class, int) else list(profile_class)
+    masks[graph.output_space][outputs] = True
     layers = profiled_layers(graph)
     overrides = dict(config.layer_beta)
     for _ in range(config.max_rounds):
@@ -137,7 +149,9 @@ def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index
                 out_mask = torch.ones_like(out_mask)
             if not out_mask.any():
                 continue
-            S = profile.for_class(layer.name, profile_class)
+            S = profile.for_class(layer.name, merged[0])
+            for c in merged[1:]:
+                S = S + profile.for_class(layer.name, c)
             S = S.reshape(S.shape[0], -1) if S.dim() > 2 else S
             if layer.kind == "conv":
                 alpha, beta = config.alpha_conv, config.beta_conv
@@ -174,15 +188,19 @@ def locate_class(graph: ChannelGraph, profile: ContributionProfile, output_index
 
 def locate(graph: ChannelGraph, profile: ContributionProfile, classes: Sequence[int],
            output_classes: Sequence[int], config: LocateConfig) -> dict[int, torch.Tensor]:
-    """The task's keep-mask of every space: the OR of its classes' masks.
+    """The task's keep-mask of every space: the OR of its classes' masks (with
+    ``config.task_level``, the mask of the task located as one class).
 
     Frozen spaces (the image input, grouped convs) are kept whole.
     """
     config.validate()
     output_classes = list(output_classes)
     total = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
-    for c in classes:
-        masks = locate_class(graph, profile, output_classes.index(c), c, config)
+    groups: list[tuple[int | list[int], int | list[int]]] = \
+        [([output_classes.index(c) for c in classes], list(classes))] if config.task_level \
+        else [(output_classes.index(c), c) for c in classes]
+    for outputs, merged in groups:
+        masks = locate_class(graph, profile, outputs, merged, config)
         for s in total:
             total[s] |= masks[s]
     for s in graph.frozen_spaces:

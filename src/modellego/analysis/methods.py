@@ -57,6 +57,9 @@ class Method:
     chunkable = True
     #: the component's head (``None``: it answers with its task logits)
     head: str | None = None
+    #: :meth:`locate` honours ``LocateConfig.task_level`` (a search may locate a task of
+    #: several classes as one class)
+    task_level = True
     #: appended to a plan error (a layer left empty)
     hint = ("; lower `beta_conv`/`beta_linear` (or `alpha_conv`/`alpha_linear`) and try "
             "again" + USE_MASS_RULE)
@@ -145,6 +148,7 @@ class AlphaMethod(Method):
     compensate = False
     refine = False
     chunkable = False
+    task_level = False
     alpha = 0.2
 
     @staticmethod
