@@ -335,7 +335,8 @@ def disassemble_model(model: nn.Module, images: Inputs, labels: torch.Tensor, *,
     (``correct_only=True`` for ``contribution-2022``), to skip the selection pass.
 
     >>> comp = disassemble_model(net, x, y, classes=[0, 2], output_classes=range(10))
-    >>> comp.model(x[:1]).shape   # (1, 2): logits of classes 0 and 2
+    >>> comp.model(x[:1]).shape   # logits of classes 0 and 2
+    torch.Size([1, 2])
     """
     config = config or DisassemblyConfig(tuple(classes))
     config.validate()

@@ -137,7 +137,9 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
     (same seed, so the same initial weights and batches; cross-entropy only).
 
     >>> student, manifest, report = distill(*load_model("t.safetensors"),
-    ...                                     DistillConfig("lenet5", width=0.5))
+    ...                                     DistillConfig("simnet", width=0.5, epochs=1))
+    >>> manifest["architecture"]["name"]
+    'simnet'
     """
     config.validate()
     require_single(teacher_manifest, "distil from", where="the teacher",

@@ -155,6 +155,7 @@ def open_model(path: str | Path, *, trust_code: Sequence[str] | str | None = Non
 
     >>> loaded = open_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
     >>> loaded.manifest.dataset.name, loaded.manifest.class_names[:2]
+    ('fashion-mnist', ('T-shirt/top', 'Trouser'))
     """
     with trusted(trust_code):
         return _open_model(Path(path))

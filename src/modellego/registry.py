@@ -16,7 +16,10 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Named objects of one kind (``what``, e.g. ``"disassembly method"``).
 
-    >>> SCALINGS = Registry("scaling"); SCALINGS.register("none", NoScaling())
+    >>> COLOURS = Registry("colour"); COLOURS.register("red", (255, 0, 0))
+    (255, 0, 0)
+    >>> COLOURS.get("red"), COLOURS.names()
+    ((255, 0, 0), ('red',))
     """
 
     def __init__(self, what: str) -> None:

@@ -411,8 +411,11 @@ def reconstruct_layers(component: nn.Module, source: nn.Module, graph: ChannelGr
     would not fit in half of :func:`~modellego.data.lazy.max_memory`, or the traced
     graph does not reproduce the component's own forward); both give the same fits.
 
+    >>> from modellego.surgery.extract import apply_plan
     >>> net = apply_plan(model, plan).eval()
     >>> fits = reconstruct_layers(net, model, graph, plan, x_train[:1000])
+    >>> fits.images
+    1000
     """
     if ridge <= 0:
         raise ModelLegoError(f"`ridge` must be > 0, got {ridge}")

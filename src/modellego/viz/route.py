@@ -185,7 +185,8 @@ def route_masks(model: nn.Module, manifest: dict[str, Any], classes: Sequence[in
     """The route of ``classes`` through a loaded model file, profiled on its training images.
 
     >>> data = route_masks(model, manifest, [3, 4])
-    >>> data.layers[0].masks.shape     # (2, channels of the first layer)
+    >>> data.layers[0].masks.shape     # (2 classes, channels of the first layer)
+    torch.Size([2, 16])
     """
     if samples_per_class < 1:
         raise ModelLegoError(f"`samples_per_class` must be >= 1, got {samples_per_class}")

@@ -41,8 +41,10 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
     Returns:
         ``(component, manifest, report)``.
 
-    >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
+    >>> model, manifest = load_model("checkpoints/digits/mobilenet_v2.safetensors")
     >>> comp, comp_manifest, report = disassemble(model, manifest, DisassemblyConfig((0, 1)))
+    >>> comp_manifest["kind"], comp_manifest["classes"]
+    ('component', [0, 1])
     """
     require_single(manifest, "disassemble")
     # a streamed folder is read in a seeded pool per class: enough for the selection, the

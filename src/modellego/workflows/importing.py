@@ -183,8 +183,10 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
     ``config.evaluate`` no data is read, so there is none.
 
     >>> model, manifest, report = import_model(
-    ...     "resnet18.pt", ImportConfig("torchvision:resnet18", "fashion-mnist",
-    ...                                 input_size=(28, 28)))
+    ...     "resnet18.safetensors", ImportConfig("torchvision:resnet18", "fashion-mnist",
+    ...                                          input_size=(28, 28)))
+    >>> manifest["architecture"]["name"], manifest["dataset"]["name"]
+    ('torchvision:resnet18', 'fashion-mnist')
     """
     config.validate()
     # a folder of images is read at the network's input size (no second resize)
