@@ -540,7 +540,6 @@ def transformers(data: dict) -> list[str]:
 
 
 TABLES = (("transformers.json", transformers), ("zoo-transformers.json", zoo),
-          ("zoo-transformers-large.json", zoo),
           ("disassembly.json", disassembly), ("assembly.json", assembly),
           ("assembly-routing.json", assembly_routing),
           ("assembly-routing.json", assembly_goals, "assembly-goals-table"),

@@ -54,10 +54,20 @@ def kept_units(model: torch.nn.Module, plan: dict) -> list[dict]:
     return rows
 
 
+def paired_latency(a, b, shape, rounds: int = 5) -> tuple[float, float]:
+    """The CPU latencies (ms) of ``a`` and ``b``, measured alternately ``rounds`` times
+    (each a median of 30 passes), the best of each: the machine's speed drifts between
+    runs, so a source timed once at the start is no reference for later components."""
+    ta, tb = float("inf"), float("inf")
+    for _ in range(rounds):
+        ta = min(ta, cpu_latency_ms(a, shape))
+        tb = min(tb, cpu_latency_ms(b, shape))
+    return ta, tb
+
+
 def component_rows(tasks: list[tuple[int, ...]], tmp: Path) -> tuple[list[dict], Path | None]:
     model, manifest = load_model(VIT)
     shape = tuple(manifest["input"]["shape"])
-    source_ms = cpu_latency_ms(model, shape)
     rows, first_half = [], None
     for task in tasks:
         t0 = time.perf_counter()
@@ -65,12 +75,13 @@ def component_rows(tasks: list[tuple[int, ...]], tmp: Path) -> tuple[list[dict],
                                      source_path=VIT, fingerprint=False)
         seconds = time.perf_counter() - t0
         units = kept_units(model, man["plan"])
+        comp_ms, source_ms = paired_latency(comp.model, model, shape)
         row = {"task": list(task), "restricted_accuracy": rep["restricted_accuracy"],
                "component_accuracy": rep["component_accuracy"],
                "delta_pp": 100 * (rep["component_accuracy"] - rep["restricted_accuracy"]),
                "flops_ratio": rep["flops_ratio"], "params_ratio": rep["params_ratio"],
                "flops_target": flops_target(task), "seconds": seconds,
-               "latency_ms": cpu_latency_ms(comp.model, shape), "source_latency_ms": source_ms,
+               "latency_ms": comp_ms, "source_latency_ms": source_ms,
                "heads_kept": sum(u["heads"] for u in units) / sum(u["of_heads"] for u in units),
                "neurons_kept": sum(u["neurons"] for u in units) /
                sum(u["of_neurons"] for u in units), "blocks": units}
