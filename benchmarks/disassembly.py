@@ -343,7 +343,7 @@ def profile_cost(samples: int = 150, repeats: int = 9,
 
 
 _MEM_CHILD = r"""
-import resource, sys, torch
+import sys, torch
 from modellego.models import create_model
 from modellego.analysis.locate import profiled_layers
 from modellego.analysis.profile import contribution_profile
@@ -353,7 +353,12 @@ mode = sys.argv[1]
 m = create_model("resnet50", in_channels=3, num_classes=1000, input_size=224).eval()
 x = torch.randn(32, 3, 224, 224)
 y = torch.zeros(32, dtype=torch.long)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # this process's peak RSS in KiB (VmHWM starts afresh at exec; ru_maxrss
+    # would keep the parent's peak from before the fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+base = hwm()
 if mode == "forward":
     with torch.inference_mode():
         m(x)
@@ -361,7 +366,7 @@ else:
     g = build_channel_graph(m, (3, 224, 224))
     layers = {l.name: l.module for l in profiled_layers(g)}
     contribution_profile(m, layers, x, y, (0,), batch_size=32)
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(base, hwm())
 """
 
 

@@ -55,6 +55,9 @@ def test_chunked_profile_gives_the_whole_profiles_component(trained, digits, sea
     assert whole.chunk_masks is None and chunked.chunk_masks is not None
     assert chunked.plan.to_dict() == whole.plan.to_dict()
     assert chunked.locate == whole.locate and chunked.search == whole.search
+    # with an accuracy budget both searched the task located as one class too (in chunks:
+    # from the classes' statistics summed chunk by chunk)
+    assert any(t["locate"].get("task_level") for t in chunked.search) == (search is not None)
     assert chunked.profile.layers == {} and chunked.profile.samples == whole.profile.samples
     for name, m in whole.profile.means.items():
         torch.testing.assert_close(chunked.profile.means[name], m, rtol=1e-12, atol=1e-12)
@@ -83,3 +86,30 @@ def test_what_cannot_be_chunked_is_refused(trained, digits) -> None:
             disassemble_model(trained, x, y, classes=ALL, output_classes=ALL,
                               config=DisassemblyConfig(ALL, samples_per_class=4,
                                                        method="frat"))
+
+
+def test_a_task_located_as_one_class_in_chunks_equals_the_whole_profiles(trained,
+                                                                         digits) -> None:
+    x, y = digits
+    cfg = DisassemblyConfig(ALL, samples_per_class=8,
+                            locate=LocateConfig(rule="mass", beta_conv=0.3, beta_linear=0.3,
+                                                task_level=True))
+    whole = disassemble_model(trained, x, y, classes=ALL, output_classes=ALL, config=cfg)
+    per_class = statistics_bytes(_layers(trained))
+    with reading(max_memory=3 * per_class * 3):  # 3 classes per chunk: 4 chunks
+        chunked = disassemble_model(trained, x, y, classes=ALL, output_classes=ALL,
+                                    config=cfg)
+    assert chunked.profile_chunks == 4 and whole.profile_chunks == 1
+    assert chunked.plan.to_dict() == whole.plan.to_dict()
+    union = disassemble_model(trained, x, y, classes=ALL, output_classes=ALL,
+                              config=replace(cfg, locate=replace(cfg.thresholds,
+                                                                 task_level=False)),
+                              reuse=whole)
+    assert union.plan.to_dict() != whole.plan.to_dict()
+
+
+def test_task_level_needs_a_method_that_locates_with_summed_profiles() -> None:
+    with pytest.raises(ModelLegoError, match="`method` frat locates each class on its own"):
+        DisassemblyConfig(ALL, method="frat",
+                          locate=LocateConfig(alpha_conv=0.2, alpha_linear=0.2,
+                                              task_level=True)).validate()

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from .analysis.candidates import Candidates
-from .analysis.locate import LocateConfig, layer_heads, profiled_layers, union_of_class_masks
+from .analysis.locate import (
+    LocateConfig,
+    layer_heads,
+    locate_class,
+    profiled_layers,
+    union_of_class_masks,
+)
 from .analysis.methods import METHOD_REGISTRY, USE_MASS_RULE, Method, Profile, get_method
 from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile here)
     ContributionProfile,
@@ -190,6 +196,10 @@ class DisassemblyConfig:
                                  f"{', '.join(PRESETS)}")
         get_method(self.method).check(self.compensate, self.refine)
         self.thresholds.validate()
+        if self.thresholds.task_level and not get_method(self.method).task_level:
+            raise ModelLegoError(f"`method` {self.method} locates each class on its own; "
+                                 "drop `task_level` from `locate` or use method "
+                                 "contribution")
         if self.samples_per_class < 1:
             raise ModelLegoError(f"`samples_per_class` must be >= 1, got "
                                  f"{self.samples_per_class}")
@@ -437,9 +447,13 @@ def _task_profile(model: nn.Module, images: Inputs, labels: torch.Tensor,
             f"made in chunks of {per_chunk} within `max_memory`; drop `refine` or "
             "raise `max_memory`")
     configs = [base] + (search_family(method, base, config) if config.searches else [])
+    if config.max_accuracy_drop is not None and method.task_level and len(classes) > 1:
+        # the task-level family the search also walks (see _variants)
+        configs += [replace(c, task_level=True) for c in configs if not c.task_level]
     profile, chunk_masks = chunked_class_masks(
         method, model, graph, layers, images, labels, selection, classes,
-        output_classes, configs, per_chunk, batch_size=config.batch_size, dist=dist)
+        output_classes, list(dict.fromkeys(configs)), per_chunk,
+        batch_size=config.batch_size, dist=dist)
     return TaskProfile(graph, selection, profile, chunk_masks, per_chunk)
 
 
@@ -597,7 +611,7 @@ def _variants(cands: TaskCandidates, family: list[LocateConfig], chosen: LocateC
     - on an attention network, ``family`` with every contributing head kept: heads serve
       most classes alike (Vulcan, 2026; our transformer benchmark);
     - on a task of several classes (a method that locates with
-      :func:`~modellego.analysis.locate.locate`, a profile made whole), ``family`` located
+      :func:`~modellego.analysis.locate.locate`), ``family`` located
       at the task level (the task as one class, ``task_level``) instead of as the OR of
       its classes' masks, cut to the candidates whose plain cut costs less than
       ``chosen`` (each priced as cut; those that empty a layer are left out): only those
@@ -611,9 +625,11 @@ def _variants(cands: TaskCandidates, family: list[LocateConfig], chosen: LocateC
     if heads:
         whole = tuple((name, 0.0) for name in heads)
         out.append([replace(c, layer_beta=c.layer_beta + whole) for c in family])
-    if len(cands.classes) > 1 and cands.method.task_level and cands.prof.chunk_masks is None:
+    chunks = cands.prof.chunk_masks
+    if len(cands.classes) > 1 and cands.method.task_level:
         limit = cost_of(chosen)
-        task = [replace(c, task_level=True) for c in family]
+        task = [t for t in (replace(c, task_level=True) for c in family)
+                if chunks is None or t in chunks]
         out.append([c for c in task if _cut_cost(cands, c) < limit])
     return [f for f in out if f]
 
@@ -784,9 +800,16 @@ def chunked_class_masks(method, model: nn.Module, graph: ChannelGraph,
     """Profile ``classes`` ``per_chunk`` at a time and keep, for every one of ``configs``,
     each class's masks (a few bits per channel) instead of its statistics. Returns a profile
     without per-class statistics (its ``layers`` are empty; ``means`` and ``samples`` are
-    of all classes) and ``masks[config][class]``."""
+    of all classes) and ``masks[config][class]``.
+
+    For a ``task_level`` config, the task is located as one class from the classes'
+    statistics summed (in class order, as :func:`~modellego.analysis.locate.locate_class`
+    sums them; one class's statistics more in memory), and every class maps to the
+    task's masks."""
     chunks = [tuple(classes[a:a + per_chunk]) for a in range(0, len(classes), per_chunk)]
     masks: dict[LocateConfig, dict[int, dict[int, torch.Tensor]]] = {c: {} for c in configs}
+    merged: dict[str, torch.Tensor] = {}
+    whole = any(c.task_level for c in configs)
     signed: dict[str, torch.Tensor] = {}
     samples: dict[int, int] = {}
     seconds, total = 0.0, 0
@@ -800,8 +823,15 @@ def chunked_class_masks(method, model: nn.Module, graph: ChannelGraph,
                     model, layers, take(images, idx), labels[idx], part,
                     batch_size=batch_size, dist=dist))
             for cfg in configs:
+                if not cfg.task_level:
+                    for c in part:
+                        masks[cfg][c] = method.class_masks(graph, prof, c, output_classes,
+                                                           cfg)
+            if whole:
                 for c in part:
-                    masks[cfg][c] = method.class_masks(graph, prof, c, output_classes, cfg)
+                    for name in prof.layers:
+                        stat = prof.for_class(name, c)
+                        merged[name] = merged[name] + stat if name in merged else stat.clone()
             for name, m in prof.means.items():  # means of a chunk: its signed sums / n
                 add = m * len(idx)
                 signed[name] = signed[name] + add if name in signed else add
@@ -811,4 +841,12 @@ def chunked_class_masks(method, model: nn.Module, graph: ChannelGraph,
             del prof
             bar.update(1)
     means = {name: v / max(1, total) for name, v in signed.items()}
+    if whole:  # the task as one class, out of the classes' ids
+        task = ContributionProfile((-1,), {n: t[None] for n, t in merged.items()},
+                                   {-1: total}, seconds)
+        outputs = [list(output_classes).index(c) for c in classes]
+        for cfg in configs:
+            if cfg.task_level:
+                found = locate_class(graph, task, outputs, -1, cfg)
+                masks[cfg] = {c: found for c in classes}
     return ContributionProfile(tuple(classes), {}, samples, seconds, means), masks
