@@ -373,6 +373,21 @@ def test_an_imported_model_works_through_disassemble_and_evaluate(tmp_path, own_
     assert comp["input"] == contract and comp["architecture"]["name"] == name
 
 
+def train_plainly(net: nn.Module, train, mean: float, std: float, *, steps: int, lr: float,
+                  gen: torch.Generator | None = None) -> None:
+    """Adam on batches of 64 grey images repeated to 3 channels, as a plain PyTorch user
+    trains a torchvision network (``gen``: the batches' generator; else the global one)."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(len(train.labels), (64,), generator=gen)
+        x = ((train.images[idx].float() - mean) / std).repeat(1, 3, 1, 1)
+        loss = nn.functional.cross_entropy(net(x), train.labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 @pytest.mark.slow
 def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, two_threads):
     """The example of docs/commands.md ("Your own models"): a torchvision resnet18 trained
@@ -385,15 +400,7 @@ def test_a_torchvision_resnet18_trained_as_plain_pytorch_end_to_end(tmp_path, tw
     mean, std = 0.286, 0.353
     net = tv.models.resnet18(num_classes=10)
     # Adam: 40 steps of SGD at lr 0.05 reach 0.31..0.64 by seed and machine
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    net.train()
-    for _ in range(40):
-        idx = torch.randint(len(train.labels), (64,))
-        x = ((train.images[idx].float() - mean) / std).repeat(1, 3, 1, 1)
-        loss = nn.functional.cross_entropy(net(x), train.labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_plainly(net, train, mean, std, steps=40, lr=1e-3)
     torch.save(net.state_dict(), tmp_path / "resnet18.pt")
 
     model = tmp_path / "resnet18.safetensors"
@@ -443,16 +450,8 @@ def test_a_torchvision_vit_trained_as_plain_pytorch_end_to_end(tmp_path, own_pac
         net = build_architecture(name, {"num_classes": 10})
     train = load_split("fashion-mnist", "train")
     mean, std = 0.286, 0.353
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    net.train()
-    for _ in range(120):
-        idx = torch.randint(len(train.labels), (64,), generator=gen)
-        x = ((train.images[idx].float() - mean) / std).repeat(1, 3, 1, 1)
-        loss = nn.functional.cross_entropy(net(x), train.labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_plainly(net, train, mean, std, steps=120, lr=2e-3,
+                  gen=torch.Generator().manual_seed(0))
     torch.save(net.state_dict(), tmp_path / "vit.pt")
     model = tmp_path / "vit.safetensors"
     code, out, err = run_cli(["import", name, "--weights", tmp_path / "vit.pt", "--out", model,

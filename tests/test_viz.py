@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +131,15 @@ def test_route_any_depth_untrained_resnet18(tmp_path: Path) -> None:
 
 
 def test_route_agrees_with_disassembly(digits_model) -> None:
-    """The union of the classes' routes is what the component keeps (no frozen layers)."""
+    """The union of the classes' routes is what the component located as the OR of its
+    classes' masks keeps (no frozen layers); the default's search may instead keep the task
+    located as one class, whose plan the routes do not show."""
     model, manifest, _ = digits_model
-    comp, _, _ = disassemble(model, manifest, DisassemblyConfig((2, 7), samples_per_class=8))
+    found, _, _ = disassemble(model, manifest, DisassemblyConfig((2, 7), samples_per_class=8))
+    union = replace(found.locate, task_level=False)
+    comp, _, _ = disassemble(model, manifest, DisassemblyConfig((2, 7), samples_per_class=8,
+                                                                locate=union))
+    assert comp.locate == union and not comp.search  # thresholds given: no search
     route = route_from_profile(comp.graph, comp.profile, (2, 7), manifest["classes"],
                                comp.locate)
     for counts in route.counts():
