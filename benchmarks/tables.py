@@ -554,6 +554,102 @@ TABLES = (("transformers.json", transformers), ("zoo-transformers.json", zoo),
 DOCS = RESULTS.parent.parent / "docs"
 
 
+def _figure_axes(names: list[str]):
+    """A row of one panel per name, in a fixed style (SVG output made reproducible)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "modellego", "font.size": 8})
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ax.set_title(name, fontsize=8)
+        ax.grid(alpha=0.3)
+    return plt, fig, axes[0]
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="svg", metadata={"Date": None})
+    plt.close(fig)
+    return path
+
+
+def disassembly_figure(data: dict, path: Path) -> Path:
+    """Accuracy change against FLOPs kept of each method's components, one panel per
+    model (every task of the benchmark a point)."""
+    models = sorted({r["model"] for r in data["components"]})
+    plt, fig, axes = _figure_axes(models)
+    marks = {"paper": "x", "mass-search": "s", "default": "o"}
+    for ax, model in zip(axes, models):
+        for method, mark in marks.items():
+            rows = [r for r in data["components"]
+                    if r["model"] == model and r["method"] == method]
+            ax.scatter([100 * r["flops_ratio"] for r in rows], [r["delta_pp"] for r in rows],
+                       marker=mark, label=method, s=18)
+        ax.axhline(-0.5, color="grey", lw=0.6, ls="--")
+        ax.set_xlabel("FLOPs kept (%)")
+        ax.set_ylabel("Δ accuracy vs restricted source (pp)")
+        ax.set_yscale("symlog", linthresh=1)
+    axes[0].legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def compression_figure(data: dict, path: Path) -> Path:
+    """Accuracy change against FLOPs kept of each criterion (with its repairs) along the
+    compression budgets, one panel per model."""
+    models = sorted({r["model"] for r in data["rows"]})
+    plt, fig, axes = _figure_axes(models)
+    for ax, model in zip(axes, models):
+        rows = [r for r in data["rows"] if r["model"] == model]
+        for key in sorted({(r["criterion"], r["repair"]) for r in rows}):
+            if key[1] not in ("rec+bn", "bn") or (key[1] == "bn" and key[0] in
+                                                   ("contribution", "l1", "fpgm")):
+                continue  # ours with every repair, the peers (Torch-Pruning) with BN
+            line = sorted((r["flops_ratio"], r["delta_pp"]) for r in rows
+                          if (r["criterion"], r["repair"]) == key)
+            ax.plot([100 * f for f, _ in line], [d for _, d in line], marker=".",
+                    label=f"{key[0]} + {key[1]}", lw=0.8)
+        ax.set_xlabel("FLOPs kept (%)")
+        ax.set_ylabel("Δ accuracy vs source (pp)")
+        ax.set_yscale("symlog", linthresh=1)
+    axes[0].legend(fontsize=6)
+    return _save(plt, fig, path)
+
+
+def routing_figure(data: dict, path: Path) -> Path:
+    """Mean pairwise routing AUROC of each router and detector, per assembly case."""
+    cases = [c["case"] for c in data["cases"]]
+    names = list(dict.fromkeys(n for c in data["cases"] for n in c["routers"]))
+    plt, fig, axes = _figure_axes(["routing AUROC (mean over pairs of parts)"])
+    ax = axes[0]
+    fig.set_size_inches(8.0, 3.2)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ys = [c["routers"].get(name, {}).get("auroc_mean_pairs") for c in data["cases"]]
+        xs = [k + i * width for k, y in enumerate(ys) if y is not None]
+        ax.bar(xs, [y for y in ys if y is not None], width, label=name)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(cases))], cases)
+    ax.set_xlabel("assembly case")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(plt, fig, path)
+
+
+#: the figures of the results page: (results file, function, figure file under docs/)
+FIGURES = (("disassembly.json", disassembly_figure, "figures/disassembly.svg"),
+           ("compression.json", compression_figure, "figures/compression.svg"),
+           ("routers.json", routing_figure, "figures/routing-auroc.svg"))
+
+
+def draw_figures(docs: Path) -> list[Path]:
+    """Draw every figure whose results file exists into ``docs``."""
+    return [fn(json.loads((RESULTS / name).read_text()), docs / where)
+            for name, fn, where in FIGURES if (RESULTS / name).exists()]
+
+
 def fill_tables(text: str) -> str:
     """Replace every ``<!-- NAME-table -->`` ... ``<!-- /NAME-table -->`` block of a page
     with the table made from ``benchmarks/results/NAME.json``."""
@@ -587,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Make the Markdown tables of the documentation from "
                     "benchmarks/results/*.json (no benchmark is run): print them, or with "
                     "--docs write each into the page of docs/ that holds its "
-                    "<!-- NAME-table --> ... <!-- /NAME-table --> block.")
+                    "<!-- NAME-table --> ... <!-- /NAME-table --> block, and draw the "
+                    "figures of docs/figures/.")
     parser.add_argument("--docs", "--readme", dest="docs", action="store_true",
                         help="write the tables into docs/*.md (docs/results.md, "
                              "docs/scale.md) instead of printing them; --readme is its "
@@ -597,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         pages = fill_docs()
         root = DOCS.parent
         print("filled the tables of " + ", ".join(str(p.relative_to(root)) for p in pages))
+        drawn = draw_figures(DOCS)
+        print("drew " + ", ".join(str(p.relative_to(root)) for p in drawn))
         return 0
     for name, fn, *_ in TABLES:
         path = RESULTS / name

@@ -107,3 +107,24 @@ def test_every_public_function_documents_its_arguments_and_result():
             assert re.search(rf"^\s+{param}:", args, re.M), f"{name}: Args lacks {param}"
         if sig.return_annotation not in (None, "None"):
             assert "Returns:" in doc, f"{name}: no Returns section"
+
+
+def test_the_results_pages_are_what_the_benchmark_files_give(tmp_path):
+    """docs/results.md and docs/scale.md hold the tables benchmarks/tables.py makes from
+    benchmarks/results/*.json, and docs/figures/ the figures it draws (byte for byte: the
+    SVGs carry no date and a fixed id salt)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    for page in ("results.md", "scale.md"):
+        text = (ROOT / "docs" / page).read_text()
+        assert tables.fill_tables(text) == text, f"run benchmarks/tables.py --docs ({page})"
+    drawn = tables.draw_figures(tmp_path)
+    assert len(drawn) == len(tables.FIGURES)
+    for path in drawn:
+        shipped = ROOT / "docs" / path.relative_to(tmp_path)
+        assert shipped.read_bytes() == path.read_bytes(), f"{shipped} is stale"
+        assert f"]({path.relative_to(tmp_path).as_posix()})" in \
+            (ROOT / "docs" / "results.md").read_text()
