@@ -128,3 +128,16 @@ def test_the_results_pages_are_what_the_benchmark_files_give(tmp_path):
         assert shipped.read_bytes() == path.read_bytes(), f"{shipped} is stale"
         assert f"]({path.relative_to(tmp_path).as_posix()})" in \
             (ROOT / "docs" / "results.md").read_text()
+
+
+def test_the_repository_stays_small_enough_to_copy_to_a_gpu_machine():
+    """Issue 29: at most 48 MiB of tracked files, so that the GPU check's working tree
+    travels (the device tool takes 64 MiB with what a run carries)."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                            check=True).stdout.decode()
+    files = [ROOT / p for p in listed.split("\0") if p]
+    assert len(files) > 100
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    assert total <= 48 * 2**20, f"{total / 2**20:.1f} MiB tracked"
