@@ -138,7 +138,8 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
 
     >>> student, manifest, report = distill(*load_model("t.safetensors"),
     ...                                     DistillConfig("simnet", width=0.5, epochs=1))
-    >>> manifest["architecture"]["name"]
+    >>> architecture = manifest["architecture"]
+    >>> architecture["name"]
     'simnet'
     """
     config.validate()

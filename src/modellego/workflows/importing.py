@@ -185,7 +185,8 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
     >>> model, manifest, report = import_model(
     ...     "resnet18.safetensors", ImportConfig("torchvision:resnet18", "fashion-mnist",
     ...                                          input_size=(28, 28)))
-    >>> manifest["architecture"]["name"], manifest["dataset"]["name"]
+    >>> architecture, dataset = manifest["architecture"], manifest["dataset"]
+    >>> architecture["name"], dataset["name"]
     ('torchvision:resnet18', 'fashion-mnist')
     """
     config.validate()
