@@ -577,6 +577,17 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+def _accuracy_against_flops(plt, fig, axes, reference: str, legend: int, path: Path) -> Path:
+    """Label the panels of an accuracy-against-FLOPs figure (a log scale beyond 1 pp) and
+    save it."""
+    for ax in axes:
+        ax.set_xlabel("FLOPs kept (%)")
+        ax.set_ylabel(f"Δ accuracy vs {reference} (pp)")
+        ax.set_yscale("symlog", linthresh=1)
+    axes[0].legend(fontsize=legend)
+    return _save(plt, fig, path)
+
+
 def disassembly_figure(data: dict, path: Path) -> Path:
     """Accuracy change against FLOPs kept of each method's components, one panel per
     model (every task of the benchmark a point)."""
@@ -590,11 +601,7 @@ def disassembly_figure(data: dict, path: Path) -> Path:
             ax.scatter([100 * r["flops_ratio"] for r in rows], [r["delta_pp"] for r in rows],
                        marker=mark, label=method, s=18)
         ax.axhline(-0.5, color="grey", lw=0.6, ls="--")
-        ax.set_xlabel("FLOPs kept (%)")
-        ax.set_ylabel("Δ accuracy vs restricted source (pp)")
-        ax.set_yscale("symlog", linthresh=1)
-    axes[0].legend(fontsize=7)
-    return _save(plt, fig, path)
+    return _accuracy_against_flops(plt, fig, axes, "restricted source", 7, path)
 
 
 def compression_figure(data: dict, path: Path) -> Path:
@@ -612,11 +619,7 @@ def compression_figure(data: dict, path: Path) -> Path:
                           if (r["criterion"], r["repair"]) == key)
             ax.plot([100 * f for f, _ in line], [d for _, d in line], marker=".",
                     label=f"{key[0]} + {key[1]}", lw=0.8)
-        ax.set_xlabel("FLOPs kept (%)")
-        ax.set_ylabel("Δ accuracy vs source (pp)")
-        ax.set_yscale("symlog", linthresh=1)
-    axes[0].legend(fontsize=6)
-    return _save(plt, fig, path)
+    return _accuracy_against_flops(plt, fig, axes, "source", 6, path)
 
 
 def routing_figure(data: dict, path: Path) -> Path:
