@@ -132,6 +132,14 @@ def test_flops_count_the_token_products():
     tv = _torchvision()  # MultiheadAttention: projections read as weights, counted here
     mha = macs_by_layer(tv, (3, 28, 28))["encoder.layers.encoder_layer_0.self_attention"]
     assert mha == 17 * 32 * 96 + 2 * 17 * 17 * 32 + 17 * 32 * 32
+    # timm's attention, taken for a HeadAttention by running it on random tokens: the check
+    # runs before the counting hooks (run inside one, it met the hook in its copy, failed,
+    # and the products went uncounted)
+    vit = _timm("vit_tiny_patch16_224").eval()
+    attn = vit.blocks[0].attn
+    tokens = 1 + (32 // 8) ** 2
+    assert macs_by_layer(vit, (3, 32, 32))["blocks.0.attn"] == \
+        2 * tokens * tokens * attn.num_heads * attn.head_dim
 
 
 def test_default_disassembly_of_a_vit_cuts_heads_and_neurons():

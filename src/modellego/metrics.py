@@ -5,13 +5,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import nn
 
 from .data.lazy import Inputs, default_batch, iter_slices, streamed
-from .models.attention import attention_macs
+from .models.attention import macs_counter
 from .runtime.device import device_of, to_device_of
 from .runtime.hooks import forward_hooks, preserved_state
 from .terminal import Progress
@@ -37,19 +37,24 @@ def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
     macs: dict[str, int] = {}
     names = {id(m): n for n, m in model.named_modules()}
 
+    # attention layers, each checked once (see macs_counter)
+    counters = {id(m): count for m in model.modules()
+                if not isinstance(m, (nn.Conv2d, nn.Linear))
+                and (count := macs_counter(m)) is not None}
+
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):  # an attention layer
-            n = attention_macs(module, tuple(inputs[0].shape))
+        if id(module) in counters:  # an attention layer
+            n = counters[id(module)](tuple(inputs[0].shape))
         elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             n = output.numel() * (module.in_channels // module.groups) * kh * kw
         else:
-            n = output.numel() * module.in_features
+            n = output.numel() * cast(nn.Linear, module).in_features
         name = names[id(module)]
         macs[name] = macs.get(name, 0) + int(n)
 
     layers = [m for m in model.modules()
-              if isinstance(m, (nn.Conv2d, nn.Linear)) or attention_macs(m, (1, 1, 1, 1))]
+              if isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in counters]
     x = torch.zeros(1, *input_shape, device=device_of(model))
     with preserved_state(model), forward_hooks(layers, hook), torch.inference_mode():
         model.eval()

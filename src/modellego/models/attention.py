@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import cast
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -375,3 +375,16 @@ def attention_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
     if attn is None:  # (a layer of its own kind: its products are not counted)
         return 0
     return 2 * tokens * tokens * attn.num_heads * attn.head_dim
+
+
+def macs_counter(module: nn.Module) -> Callable[[tuple[int, ...]], int] | None:
+    """:func:`attention_macs` of ``module`` as a function of its input shape, ``module``
+    checked once (:func:`as_head_attention` runs the layer on random tokens: a hook that
+    counts every call need not run it each time); ``None`` where it counts nothing."""
+    if isinstance(module, (WindowHeadAttention, nn.MultiheadAttention)):
+        return lambda shape: attention_macs(module, shape)
+    attn = as_head_attention(module) if _candidate(module) is not None or \
+        isinstance(module, HeadAttention) else None
+    if attn is None:
+        return None
+    return lambda shape: attention_macs(attn, shape)
