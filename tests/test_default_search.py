@@ -17,7 +17,9 @@ from modellego.analysis.profile import SampleSelection
 from modellego.analysis.search import (
     MASS_STEPS,
     PairedDrop,
+    cheaper_candidates,
     cost_family,
+    first_passing,
     midpoint,
     rule_family,
     search,
@@ -31,6 +33,7 @@ from modellego.disassembly import (
     DEFAULT_FIT_IMAGES,
     DEFAULT_VALIDATION,
     DisassemblyConfig,
+    TaskCandidates,
     bisect_steps,
     disassemble_model,
     validation_topup,
@@ -153,6 +156,73 @@ def test_bisection_halves_the_gap_to_the_failing_neighbour() -> None:
     assert low == family[-1]
 
 
+def test_top_first_settles_a_failing_family_in_one_probe() -> None:
+    family = rule_family(LocateConfig(rule="mass"))
+    seen: list[float] = []
+
+    def judge(limit: float):
+        def judged(c: LocateConfig) -> tuple[float, bool, str]:
+            seen.append(c.beta_conv)
+            return 0.9, c.beta_conv <= limit, ""
+        return judged
+
+    # the least aggressive fails: one probe, and that failing candidate is returned
+    cfg, trials = search(family, lambda c: 1 - c.beta_conv, None, judge=judge(-1.0),
+                         top_first=True)
+    assert seen == [family[-1].beta_conv] and cfg == family[-1] and not trials[0].ok
+    # it passes: the same bisection below it finds the same candidate as without
+    for limit in (0.9, 0.35, 0.001, 0.0):
+        seen.clear()
+        got, _ = search(family, lambda c: 1 - c.beta_conv, None, judge=judge(limit),
+                        top_first=True, bisect=2)
+        first = seen[0]
+        plain, _ = search(family, lambda c: 1 - c.beta_conv, None, judge=judge(limit),
+                          bisect=2)
+        assert first == family[-1].beta_conv and got == plain
+    assert first_passing(0, lambda i: True, top_first=True) == 0
+    assert first_passing(1, lambda i: True, top_first=True) == 0
+    assert first_passing(5, lambda i: i >= 3, top_first=True) == 3
+
+
+def test_the_search_cuts_and_repairs_each_candidate_once(trained, digits, monkeypatch
+                                                         ) -> None:
+    """Costs are kept per candidate and the best passing one is pinned: comparing the two
+    families' results and returning the chosen one repair nothing again."""
+    x, y = digits
+    cfg = DisassemblyConfig(TASK, samples_per_class=20, reconstruct=150,
+                            validation_per_class=60, max_accuracy_drop=3.0)
+    made: list[bool] = []
+    real = TaskCandidates.make
+
+    def counting(self, plan, repair):
+        made.append(repair)
+        return real(self, plan, repair)
+
+    monkeypatch.setattr(TaskCandidates, "make", counting)
+    comp = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
+                             config=cfg)
+    priced = [t for t in comp.search if t["flops_ratio"] is not None]
+    assert len(made) == len(priced) and all(made)
+    check_families(comp)
+
+
+def test_the_cheaper_candidates_are_found_by_bisection_on_cut_costs() -> None:
+    family = rule_family(LocateConfig(rule="mass"))  # most aggressive first
+    costs = {c: (math.inf if c.beta_conv >= 0.8 else 1 - c.beta_conv) for c in family}
+    asked: list[LocateConfig] = []
+
+    def cost(c: LocateConfig) -> float:
+        asked.append(c)
+        return costs[c]
+
+    for limit in (0.05, 0.5, 0.7, 2.0, math.inf):
+        asked.clear()
+        got = cheaper_candidates(family, cost, limit)
+        assert got == [c for c in family if costs[c] < limit]
+        assert len(asked) <= 2 * math.ceil(math.log2(len(family) + 1))
+    assert cheaper_candidates([], cost, 1.0) == []
+
+
 def test_bisection_needs_a_budget_worth_four_validation_images() -> None:
     cfg = DisassemblyConfig(TASK)  # 0.5 pp: 800 images are worth 4
     assert BISECT_MIN_IMAGES_IN_BUDGET == 4
@@ -224,8 +294,8 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
     assert v["chosen_passes"] == (bound <= 0.5 + 1e-9)
     assert f"bound {bound:.2f} pp at 90%" in v["chosen"]
     assert v["chosen_accuracy"] == pytest.approx(float(got.double().mean()))
-    # the search's verdicts: two families (the OR of the classes' masks, then the task
-    # located as one class); in each, every candidate measured more aggressive than the
+    # the search's verdicts: two families (the task located as one class, then the OR of
+    # the classes' masks); in each, every candidate measured more aggressive than the
     # family's result failed (the family's steps and the bisection's midpoints), and the
     # chosen one is the cheaper of the two results
     results = check_families(comp)
@@ -246,7 +316,7 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
         assert len(steps) == len(set(steps))  # no candidate measured twice
         assert sum(b not in MASS_STEPS for b in steps) <= DEFAULT_BISECT
     assert sum(t["locate"]["beta_conv"] not in MASS_STEPS for t in wide.search
-               if not t["locate"].get("task_level")) == DEFAULT_BISECT
+               if t["locate"].get("task_level")) == DEFAULT_BISECT
     check_families(wide)
     if v["chosen_passes"]:
         assert any(t["ok"] and t["locate"] == comp.locate.to_dict() for t in comp.search)
@@ -261,8 +331,10 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
 def check_families(comp) -> dict[bool, dict]:
     """The two families of ``comp``'s search, checked: per family (``task_level``), the
     most aggressive candidate that passed, with every more aggressive one failed; the
-    task-level family measured only candidates cheaper than the union's result, and the
-    chosen component is the cheaper result. Returns the results by family."""
+    task-level family is searched first, the union family measured only candidates
+    cheaper than its result, the least aggressive of them first (and nothing more when it
+    fails), and the chosen component is the cheaper result. Returns the results by
+    family."""
     results = {}
     for level in (False, True):
         trials = [t for t in comp.search if t["locate"].get("task_level", False) == level]
@@ -272,10 +344,16 @@ def check_families(comp) -> dict[bool, dict]:
             assert not any(t["locate"]["beta_conv"] > best["locate"]["beta_conv"]
                            for t in trials if t["ok"])
             results[level] = best
-    union = results.get(False)
-    tasks = [t for t in comp.search if t["locate"].get("task_level")]
-    if union is not None:
-        assert all(t["flops_ratio"] < union["flops_ratio"] for t in tasks)
+    first = results.get(True)
+    levels = [t["locate"].get("task_level", False) for t in comp.search]
+    assert levels == sorted(levels, reverse=True)  # the task level first
+    unions = [t for t in comp.search if not t["locate"].get("task_level")]
+    if first is not None:
+        assert all(t["flops_ratio"] < first["flops_ratio"] for t in unions)
+        if unions:  # the least aggressive first; a failure there ends the family
+            assert unions[0]["locate"]["beta_conv"] == min(
+                t["locate"]["beta_conv"] for t in unions)
+            assert unions[0]["ok"] or len(unions) == 1
     if results:
         cheapest = min(results.values(), key=lambda t: t["flops_ratio"])
         assert comp.locate.to_dict() == cheapest["locate"]

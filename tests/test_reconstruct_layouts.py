@@ -254,3 +254,23 @@ def test_dual_and_normal_equations_give_the_lstsq_solution(rows, intercept):
     x1 = torch.cat([x, torch.ones(rows, 1, dtype=torch.float64)], 1) if intercept else x
     direct = float((x1 @ w - y).pow(2).sum() / y.pow(2).sum())
     assert normal.error(w) == pytest.approx(direct, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_the_blocked_products_equal_the_whole_normal_equations(intercept, monkeypatch):
+    """``X^T X`` summed over the blocks on and above the diagonal only (blocks of 5 columns
+    here, the last one short), and the intercept kept as column sums, gives the full
+    products and the lstsq solution."""
+    from modellego.surgery import reconstruct
+    monkeypatch.setattr(reconstruct, "GRAM_BLOCK", 5)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 12, generator=gen, dtype=torch.float64)
+    y = torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    normal = reconstruct._Normal(12, 3, intercept)
+    for a in range(0, 60, 7):
+        normal.add(x[a:a + 7], y[a:a + 7])
+    x1 = torch.cat([x, torch.ones(60, 1, dtype=torch.float64)], 1) if intercept else x
+    assert torch.allclose(normal.xtx, x1.T @ x1, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(normal.xty, x1.T @ y, rtol=1e-12, atol=1e-10)
+    w, _ = normal.solve(1e-4)
+    assert torch.allclose(w, ridge_lstsq(x, y, intercept=intercept), rtol=1e-6, atol=1e-8)

@@ -26,7 +26,7 @@ from .analysis.profile import (  # noqa: F401  (tests patch contribution_profile
     select_samples,
     take_every_sample,
 )
-from .analysis.search import PairedDrop, Trial, cost_family, refine, search
+from .analysis.search import PairedDrop, Trial, cheaper_candidates, cost_family, refine, search
 from .data.lazy import Inputs, ModelInputs, as_tensor, default_batch, max_memory, take
 from .errors import ModelLegoError, PlanError
 from .metrics import (
@@ -578,14 +578,26 @@ def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tens
     if judge is not None:
         validation["bisect"] = halvings
     family = search_family(cands.method, base, config)
+    accuracy_target = judge is not None or accuracy_of is not None
+    if accuracy_target and _task_level(cands):  # the task as one class first: see _variants
+        family = [replace(c, task_level=True) for c in family]
+    if judge is not None:
+        judge = _pinning(cands, judge, cost_of)
     chosen, trials = search(family, cost_of, accuracy_of, min_accuracy=min_acc,
                             max_flops_ratio=target, cost=cost, judge=judge, bisect=halvings)
-    if judge is not None or accuracy_of is not None:
-        for variant in _variants(cands, family, chosen, cost_of):
-            # the same search along another family, and the smaller of the two components
-            # that pass
-            other, more = search(variant, cost_of, accuracy_of, min_accuracy=min_acc,
-                                 cost=cost, judge=judge, bisect=halvings)
+    if accuracy_target:
+        for variant in _variants(cands, family):
+            # the same search along another family, over the candidates that could replace
+            # the result (their plain cut costs less), the least aggressive first: one
+            # probe when it fails; the cheaper of the components that pass is kept
+            passed = {t.config for t in trials if t.ok}
+            limit = cost_of(chosen) if chosen in passed else math.inf
+            cheaper = cheaper_candidates(variant, lambda c: _cut_cost(cands, c), limit)
+            if not cheaper:
+                continue
+            other, more = search(cheaper, cost_of, accuracy_of,
+                                 min_accuracy=min_acc, cost=cost, judge=judge,
+                                 bisect=halvings, top_first=chosen in passed)
             trials = trials + more
             passed = {t.config for t in trials if t.ok}
             if other in passed and (chosen not in passed or cost_of(other) < cost_of(chosen)):
@@ -603,35 +615,51 @@ def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tens
     return chosen, trials, judge, validation
 
 
-def _variants(cands: TaskCandidates, family: list[LocateConfig], chosen: LocateConfig,
-              cost_of: Callable[[LocateConfig], float]) -> list[list[LocateConfig]]:
-    """The other families an accuracy search of ``cands`` walks after ``family`` found
-    ``chosen``:
+def _task_level(cands: TaskCandidates) -> bool:
+    """Whether an accuracy search of ``cands`` also locates the task as one class."""
+    return len(cands.classes) > 1 and cands.method.task_level
 
-    - on an attention network, ``family`` with every contributing head kept: heads serve
-      most classes alike (Vulcan, 2026; our transformer benchmark);
+
+def _variants(cands: TaskCandidates, family: list[LocateConfig]) -> list[list[LocateConfig]]:
+    """The other families an accuracy search of ``cands`` walks after ``family``, each
+    cut by the caller to the candidates cheaper than the result so far:
+
     - on a task of several classes (a method that locates with
-      :func:`~modellego.analysis.locate.locate`), ``family`` located
-      at the task level (the task as one class, ``task_level``) instead of as the OR of
-      its classes' masks, cut to the candidates whose plain cut costs less than
-      ``chosen`` (each priced as cut; those that empty a layer are left out): only those
-      could replace it. On a narrow residual network the union of seven classes' channels
-      keeps most of it (Fashion-MNIST ResNet-18 {3..9} cut at beta 0.2: 89 % of the FLOPs
-      as the union, 62 % located as one task).
+      :func:`~modellego.analysis.locate.locate`) the first family locates the task at the
+      task level (the task as one class, ``task_level``); then the OR of its classes'
+      masks. On a narrow residual network the union of seven classes' channels keeps most
+      of it (Fashion-MNIST ResNet-18 {3..9} cut at beta 0.2: 89 % of the FLOPs as the
+      union, 62 % located as one task), and the task level gave the smaller component on
+      10 of the 12 tasks of the disassembly benchmark, so the union usually costs one
+      probe;
+    - on an attention network, the first family with every contributing head kept: heads
+      serve most classes alike (Vulcan, 2026; our transformer benchmark).
     """
     graph = cands.prof.graph
     out = []
+    if family and family[0].task_level:
+        out.append([replace(c, task_level=False) for c in family])
     heads = [lay.name for lay in graph.layers if layer_heads(graph, lay)]
     if heads:
         whole = tuple((name, 0.0) for name in heads)
         out.append([replace(c, layer_beta=c.layer_beta + whole) for c in family])
     chunks = cands.prof.chunk_masks
-    if len(cands.classes) > 1 and cands.method.task_level:
-        limit = cost_of(chosen)
-        task = [t for t in (replace(c, task_level=True) for c in family)
-                if chunks is None or t in chunks]
-        out.append([c for c in task if _cut_cost(cands, c) < limit])
-    return [f for f in out if f]
+    return [f for f in ([c for c in f if chunks is None or c in chunks] for f in out) if f]
+
+
+def _pinning(cands: TaskCandidates, judge: Callable, cost_of: Callable) -> Callable:
+    """``judge`` that pins (:meth:`Candidates.pin`) each candidate that passes and costs
+    less than those before it, so the search's result is not cut and repaired again."""
+    best: list[LocateConfig] = []
+
+    def judged(cfg: LocateConfig) -> tuple[float, bool, str]:
+        acc, ok, note = judge(cfg)
+        if ok and (not best or cost_of(cfg) < cost_of(best[0])):
+            best[:] = [cfg]
+            cands.pin(cfg)
+        return acc, ok, note
+
+    return judged
 
 
 def _cut_cost(cands: TaskCandidates, key: LocateConfig) -> float:

@@ -26,7 +26,11 @@ class Candidates(Generic[K]):
 
     With ``price_repaired`` a candidate's cost is measured on the repaired network (the
     one whose accuracy is judged); without (a cost target alone), on the plain cut, since a
-    repair changes weights and not the cost, and only the chosen one is repaired.
+    repair changes weights and not the cost, and only the chosen one is repaired. Costs are
+    kept per key (a search compares its results' costs after building others).
+
+    :meth:`pin` keeps one built candidate beyond the latest ``keep`` (a search's best so
+    far, so that returning it does not cut and repair it again).
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], *,
@@ -34,6 +38,8 @@ class Candidates(Generic[K]):
         self.model, self.input_shape = model, tuple(input_shape)
         self.price_repaired, self.keep = price_repaired, keep
         self.built: dict[tuple[K, bool], tuple[ComponentPlan, nn.Module, Any]] = {}
+        self.pinned: dict[tuple[K, bool], tuple[ComponentPlan, nn.Module, Any]] = {}
+        self.costs: dict[tuple[str, K], float] = {}
 
     def plan(self, key: K) -> ComponentPlan:
         """What candidate ``key`` keeps of the source."""
@@ -47,6 +53,8 @@ class Candidates(Generic[K]):
                      ) -> tuple[ComponentPlan, nn.Module, Any]:
         """Candidate ``key``: its plan, its network and what its repair fitted;
         ``repair=False``: the plain cut (its cost is the same)."""
+        if (key, repair) in self.pinned:
+            return self.pinned[key, repair]
         if (key, repair) not in self.built:
             plan = self.plan(key)
             net, fit = self.make(plan, repair)
@@ -54,6 +62,10 @@ class Candidates(Generic[K]):
                 self.built.pop(next(iter(self.built)))
             self.built[key, repair] = (plan, net, fit)
         return self.built[key, repair]
+
+    def pin(self, key: K) -> None:
+        """Keep repaired candidate ``key`` (built now if it is not) until another is pinned."""
+        self.pinned = {(key, True): self.build_fitted(key)}
 
     def build(self, key: K) -> nn.Module:
         """The repaired network of candidate ``key``."""
@@ -73,8 +85,13 @@ class Candidates(Generic[K]):
 
     def flops_of(self, key: K) -> float:
         """Candidate ``key``'s share of the source's FLOPs."""
-        return count_flops(self.priced(key), self.input_shape) / self.source_flops
+        if ("flops", key) not in self.costs:
+            self.costs["flops", key] = count_flops(self.priced(key), self.input_shape) / \
+                self.source_flops
+        return self.costs["flops", key]
 
     def params_of(self, key: K) -> float:
         """Candidate ``key``'s share of the source's parameters."""
-        return count_params(self.priced(key)) / self.source_params
+        if ("params", key) not in self.costs:
+            self.costs["params", key] = count_params(self.priced(key)) / self.source_params
+        return self.costs["params", key]

@@ -56,13 +56,20 @@ def cost_family(family: Sequence[LocateConfig]) -> list[LocateConfig]:
     return [replace(family[0], beta_conv=t, beta_linear=t) for t in steps]
 
 
-def first_passing(n: int, passes: Callable[[int], bool]) -> int:
+def first_passing(n: int, passes: Callable[[int], bool], *, top_first: bool = False) -> int:
     """The first ``i`` in ``range(n)`` for which ``passes(i)`` holds, by bisection, for a
     ``passes`` that is false and then true along the range; ``n`` when it never holds.
+
+    ``top_first``: probe the last index first and stop there when it fails (nothing before
+    it can pass): one probe settles a range that is expected to fail whole.
 
     Every search of the package (threshold families, uniform pruning) goes through this one
     helper, so they probe candidates in the same order."""
     lo, hi = 0, n
+    if top_first and n:
+        if not passes(n - 1):
+            return n
+        hi = n - 1
     while lo < hi:
         mid = (lo + hi) // 2
         if passes(mid):
@@ -70,6 +77,27 @@ def first_passing(n: int, passes: Callable[[int], bool]) -> int:
         else:
             lo = mid + 1
     return lo
+
+
+def cheaper_candidates(family: Sequence[LocateConfig], cost_of: Callable[[LocateConfig], float],
+                       limit: float) -> list[LocateConfig]:
+    """The candidates of ``family`` (most aggressive first) whose cost is finite and less
+    than ``limit``, found by bisection on ``cost_of`` (the plain cut's cost; ``inf`` for a
+    cut that empties a layer): a family's kept sets grow along it and so do its costs, the
+    most aggressive possibly infinite, so those candidates are one run of it. About
+    2 log2(len(family)) costs are asked for instead of all of them."""
+    costs: dict[int, float] = {}
+
+    def cost(i: int) -> float:
+        if i not in costs:
+            costs[i] = cost_of(family[i])
+        return costs[i]
+
+    first = first_passing(len(family), lambda i: cost(i) < math.inf)
+    if math.isinf(limit):
+        return list(family[first:])
+    end = first + first_passing(len(family) - first, lambda j: cost(first + j) >= limit)
+    return list(family[first:end])
 
 
 @dataclass(frozen=True)
@@ -149,7 +177,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
            min_accuracy: float | None = None, max_flops_ratio: float | None = None,
            cost: str = "flops",
            judge: Callable[[LocateConfig], tuple[float, bool, str]] | None = None,
-           bisect: int = 0,
+           bisect: int = 0, top_first: bool = False,
            ) -> tuple[LocateConfig, list[Trial]]:
     """Pick thresholds from ``family`` (most aggressive first) for one target.
 
@@ -164,6 +192,9 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
 
     ``judge``: instead of ``min_accuracy``, a candidate passes when ``judge(config)``
     says so; it returns ``(validation accuracy, passes, note)`` (the same binary search).
+    ``top_first``: the least aggressive candidate is measured first, and when it fails the
+    search stops there (see :func:`first_passing`): for a family that must beat a result
+    found earlier, cut to the candidates that could.
 
     ``flops_of`` raises :class:`PlanError` for candidates that empty a layer.
     """
@@ -203,7 +234,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
             if passes(i):
                 return family[i], trials
         return family[0], trials
-    best = first_passing(len(family), passes)
+    best = first_passing(len(family), passes, top_first=top_first)
     if not 0 < best < len(family):  # the most aggressive passes, or none does
         return family[min(best, len(family) - 1)], trials
     failing, passing = family[best - 1], family[best]  # the bisection measured both
