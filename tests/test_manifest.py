@@ -30,6 +30,7 @@ from modellego.manifest import (
     HEADS,
     LAYOUTS_0_1,
     SCALINGS_0_1,
+    ComponentPlan,
     DatasetSpec,
     Manifest,
     set_vocabulary,
@@ -131,7 +132,7 @@ def test_fixtures_as_typed_manifests() -> None:
     assert m.dataset == DatasetSpec("digits", tuple(str(i) for i in range(10)), (1, 28, 28),
                                     (0.305115,), (0.324408,))
     assert m.architecture.name == "simnet" and m.architecture.kwargs["num_classes"] == 10
-    assert m.plan.layers["fc"].outputs == (0, 1, 2)
+    assert m.plan.kept("fc") == (0, 1, 2) and isinstance(m.plan, ComponentPlan)
     assert m.provenance.made_by == "modellego disassemble"
     assert m.provenance.source.sha256 == hashlib.sha256(
         (V010 / "model.safetensors").read_bytes()).hexdigest()
@@ -219,6 +220,16 @@ def test_round_trip_is_exact_on_every_file_written_today(made: dict[str, Path]) 
         assert read_manifest(path) == raw, path
         again = Manifest.from_dict(copy.deepcopy(manifest.to_dict()), source="again")
         assert again == manifest, path
+
+
+def test_one_plan_type_made_by_locating_and_read_from_files(made: dict[str, Path]) -> None:
+    from modellego.surgery import plan as surgery_plan
+    assert surgery_plan.ComponentPlan is ComponentPlan
+    for key in ("disassemble-0", "disassemble-default", "compress-l1"):
+        raw = raw_manifest(made[key])["plan"]
+        typed = open_model(made[key]).manifest.plan
+        assert type(typed) is ComponentPlan and typed.to_dict() == raw
+        assert typed == ComponentPlan.from_dict(raw)  # checked and unchecked agree
 
 
 def test_saving_a_loaded_file_writes_the_same_manifest(made: dict[str, Path],

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, NoReturn
 
-from .errors import ModelFileError
+from .errors import ModelFileError, PlanError
 
 FORMAT = "modellego.model"
 FORMAT_VERSION = 1
@@ -528,41 +528,62 @@ class Provenance:
 
 
 @dataclass(frozen=True)
-class LayerKeep:
-    """The channel indices a component keeps of one layer (``inputs``: conv/linear only)."""
+class ComponentPlan:
+    """A component's plan: per layer of its source, the channel indices it keeps.
 
-    outputs: tuple[int, ...]
-    inputs: tuple[int, ...] | None = None
+    ``modules[name]`` holds ``"out"`` (and, for a conv or linear layer, ``"in"``): the
+    kept indices, ascending. An attention layer whose heads can be removed gets ``"out"``:
+    the heads it keeps; other per-channel tensors (a BatchNorm over a concatenation, a
+    layer-scale parameter, a PReLU weight) get ``"out"`` by their qualified name: the
+    indices kept along their one non-singleton axis. Plain data, so a component can be
+    rebuilt from its source architecture, replayed or composed without any analysis; the
+    same record is made by locating (:func:`modellego.surgery.plan.plan_from_masks`) and
+    read from files."""
+
+    modules: dict[str, dict[str, tuple[int, ...]]]
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"out": list(self.outputs)}
-        if self.inputs is not None:
-            out["in"] = list(self.inputs)
-        return out
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """A component's plan: per layer of the source, the channels kept (see
-    :class:`modellego.surgery.plan.ComponentPlan`, built from :meth:`to_dict`)."""
-
-    layers: Mapping[str, LayerKeep]
+        return {name: {k: list(v) for k, v in spec.items()}
+                for name, spec in self.modules.items()}
 
     @classmethod
-    def from_dict(cls, data: Any, check: _Check, path: str) -> PlanSpec:
+    def from_dict(cls, data: Any, check: _Check | None = None, path: str = "plan"
+                  ) -> ComponentPlan:
+        """The plan ``data`` holds. With ``check`` (a file being read) every field is
+        validated and a bad one reported at ``path``; without, a malformed plan raises
+        :class:`~modellego.errors.PlanError`."""
+        if check is None:
+            try:
+                return cls({str(name): {str(k): tuple(int(i) for i in v)
+                                        for k, v in spec.items()}
+                            for name, spec in data.items()})
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise PlanError(f"malformed component plan ({exc})") from None
         if not isinstance(data, Mapping) or not data:
             check.fail(path, "a non-empty JSON object of layers", data)
-        layers = {}
+        modules = {}
         for name, spec in data.items():
             where = f"{path}.{name}"
             spec = check.obj(spec, where, ("out", "in"), ("out",))
-            layers[name] = LayerKeep(
-                check.integers(spec["out"], f"{where}.out"),
-                check.integers(spec["in"], f"{where}.in") if "in" in spec else None)
-        return cls(MappingProxyType(layers))
+            modules[name] = {key: check.integers(spec[key], f"{where}.{key}")
+                             for key in spec}
+        return cls(modules)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: keep.to_dict() for name, keep in self.layers.items()}
+    def kept(self, name: str, key: str = "out") -> tuple[int, ...]:
+        return self.modules[name][key]
+
+    def compose(self, inner: ComponentPlan) -> ComponentPlan:
+        """The plan that applies ``self`` and then ``inner`` (indices relative to ``self``)."""
+        out = {}
+        for name, spec in self.modules.items():
+            sub = inner.modules.get(name)
+            out[name] = {k: tuple(v[i] for i in sub[k]) if sub and k in sub else v
+                         for k, v in spec.items()}
+        return ComponentPlan(out)
+
+
+#: the name plans had in manifests before there was one plan type (the same class)
+PlanSpec = ComponentPlan
 
 
 def _classes(data: Mapping[str, Any], dataset: DatasetSpec, check: _Check, prefix: str
@@ -605,7 +626,7 @@ class PartSpec:
     input: InputContract
     file: str | None
     sha256: str | None
-    plan: PlanSpec | None = None
+    plan: ComponentPlan | None = None
     source: SourceRef | None = None
     head: str | None = None
 
@@ -622,7 +643,7 @@ class PartSpec:
         _input_of_dataset(contract, dataset, check, p)
         plan = source = head = None
         if kind == "component":
-            plan = PlanSpec.from_dict(data.get("plan", _MISSING), check, f"{p}plan")
+            plan = ComponentPlan.from_dict(data.get("plan", _MISSING), check, f"{p}plan")
             if "source" in data:
                 source = SourceRef.from_dict(data["source"], check, f"{p}source")
             if "head" in data:
@@ -679,7 +700,7 @@ class UnionSpec:
     """The union layout's network: the source restricted to the union of the parts' plans."""
 
     architecture: ArchitectureSpec
-    plan: PlanSpec
+    plan: ComponentPlan
     source: SourceRef
 
     def to_dict(self) -> dict[str, Any]:
@@ -797,7 +818,7 @@ def _assembly(data: Mapping[str, Any], check: _Check
                       ("architecture", "plan", "source"))
         union = UnionSpec(ArchitectureSpec.from_dict(u["architecture"], check,
                                                      "union.architecture"),
-                          PlanSpec.from_dict(u["plan"], check, "union.plan"),
+                          ComponentPlan.from_dict(u["plan"], check, "union.plan"),
                           SourceRef.from_dict(u["source"], check, "union.source"))
         for k, p in enumerate(parts):
             if p.kind != "component" or p.source is None or p.source.sha256 is None \
@@ -838,7 +859,7 @@ class Manifest:
     input: InputContract
     architecture: ArchitectureSpec | None = None
     dataset: DatasetSpec | None = None
-    plan: PlanSpec | None = None
+    plan: ComponentPlan | None = None
     head: str | None = None
     assembly: AssemblySpec | None = None
     router_fingerprint: RouterFingerprintSpec | None = None
@@ -899,7 +920,7 @@ class Manifest:
                                                         "router_fingerprint")
         plan = head = None
         if kind == "component":
-            plan = PlanSpec.from_dict(data.get("plan", _MISSING), check, "plan")
+            plan = ComponentPlan.from_dict(data.get("plan", _MISSING), check, "plan")
             if "head" in data:
                 head = check.string(data["head"], "head", choices=HEADS)
         return cls(kind, classes, names, contract, architecture=arch, dataset=dataset,
@@ -946,6 +967,6 @@ class Manifest:
 __all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KINDS", "LAYOUTS_0_1", "SCALINGS_0_1",
            "set_vocabulary", "vocabulary",
            "ArchitectureSpec", "AssemblySpec", "BaseSpec", "DatasetSpec", "InputContract",
-           "Label", "LayerKeep", "Manifest", "Metrics", "PartSpec", "PlanSpec", "Provenance",
+           "ComponentPlan", "Label", "Manifest", "Metrics", "PartSpec", "Provenance",
            "RouterFingerprintSpec", "ROUTER_FINGERPRINT_PREFIX",
            "SourceRef", "UnionSpec"]

@@ -1,4 +1,5 @@
-"""A component plan: for every conv, linear and BN layer, the channel indices to keep.
+"""A component plan (:class:`~modellego.manifest.ComponentPlan`, the one plan type, also
+what files hold): for every conv, linear and BN layer, the channel indices to keep.
 
 An attention layer whose heads can be removed gets ``{"out": [...]}``: the heads it keeps
 (its output projection has its own entry, by the columns of the kept heads).
@@ -13,46 +14,15 @@ its source architecture and replayed or composed without re-running any analysis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 
 from ..errors import PlanError
+from ..manifest import ComponentPlan
 from .graph import ChannelGraph, Layout, Segment
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ComponentPlan:
-    """``modules[name]`` holds ``"out"`` (and for conv/linear ``"in"``) kept indices."""
-
-    modules: dict[str, dict[str, tuple[int, ...]]]
-
-    def to_dict(self) -> dict:
-        return {name: {k: list(v) for k, v in spec.items()}
-                for name, spec in self.modules.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ComponentPlan:
-        try:
-            return cls({str(name): {str(k): tuple(int(i) for i in v) for k, v in spec.items()}
-                        for name, spec in data.items()})
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise PlanError(f"malformed component plan ({exc})") from None
-
-    def kept(self, name: str, key: str = "out") -> tuple[int, ...]:
-        return self.modules[name][key]
-
-    def compose(self, inner: ComponentPlan) -> ComponentPlan:
-        """The plan that applies ``self`` and then ``inner`` (indices relative to ``self``)."""
-        out = {}
-        for name, spec in self.modules.items():
-            sub = inner.modules.get(name)
-            out[name] = {k: tuple(v[i] for i in sub[k]) if sub and k in sub else v
-                         for k, v in spec.items()}
-        return ComponentPlan(out)
 
 
 def layout_positions(layout: Layout, channels: Callable[[Segment], Iterable[tuple[int, T]]]
