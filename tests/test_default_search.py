@@ -32,6 +32,7 @@ from modellego.disassembly import (
     DEFAULT_CONFIDENCE,
     DEFAULT_FIT_IMAGES,
     DEFAULT_VALIDATION,
+    HALVING_MIN_GAIN,
     DisassemblyConfig,
     TaskCandidates,
     bisect_steps,
@@ -154,6 +155,25 @@ def test_bisection_halves_the_gap_to_the_failing_neighbour() -> None:
     # none passes: the least aggressive, no midpoint
     low, _ = search(family, lambda c: 0.5, None, judge=lambda c: (0.0, False, ""), bisect=3)
     assert low == family[-1]
+
+
+def test_a_halving_is_judged_only_while_the_gap_is_worth_it() -> None:
+    family = rule_family(LocateConfig(rule="mass"))  # 0.4 fails, 0.35 passes: gap 0.05
+    seen: list[float] = []
+
+    def judge(c: LocateConfig) -> tuple[float, bool, str]:
+        seen.append(c.beta_conv)
+        return 0.9, c.beta_conv <= 0.3625, ""
+
+    def cost(c: LocateConfig) -> float:
+        return 1 - c.beta_conv
+
+    for gain, halvings in ((0.06, []), (0.049, [0.375]), (0.02, [0.375, 0.3625]),
+                           (0.0, [0.375, 0.3625, 0.36875])):
+        seen.clear()
+        cfg, _ = search(family, cost, None, judge=judge, bisect=3, min_gain=gain)
+        assert [b for b in seen if b not in MASS_STEPS] == halvings, gain
+    assert cfg.beta_conv == 0.3625 and HALVING_MIN_GAIN == 0.01
 
 
 def test_top_first_settles_a_failing_family_in_one_probe() -> None:

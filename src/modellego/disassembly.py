@@ -77,6 +77,10 @@ DEFAULT_BISECT = 2
 #: digits MobileNet-V2 {0,1,2}, 162 images: a midpoint passed and lost 1.85 pp on the test
 #: split)
 BISECT_MIN_IMAGES_IN_BUDGET = 4
+#: a halving is judged only while the passing step costs at least this share of the source
+#: more than its failing neighbour: the most a halving can win (near the source's cost the
+#: family's steps lie a fraction of a point of FLOPs apart)
+HALVING_MIN_GAIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -584,7 +588,8 @@ def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tens
     if judge is not None:
         judge = _pinning(cands, judge, cost_of)
     chosen, trials = search(family, cost_of, accuracy_of, min_accuracy=min_acc,
-                            max_flops_ratio=target, cost=cost, judge=judge, bisect=halvings)
+                            max_flops_ratio=target, cost=cost, judge=judge, bisect=halvings,
+                            min_gain=HALVING_MIN_GAIN)
     if accuracy_target:
         for variant in _variants(cands, family):
             # the same search along another family, over the candidates that could replace
@@ -597,7 +602,8 @@ def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tens
                 continue
             other, more = search(cheaper, cost_of, accuracy_of,
                                  min_accuracy=min_acc, cost=cost, judge=judge,
-                                 bisect=halvings, top_first=chosen in passed)
+                                 bisect=halvings, top_first=chosen in passed,
+                                 min_gain=HALVING_MIN_GAIN)
             trials = trials + more
             passed = {t.config for t in trials if t.ok}
             if other in passed and (chosen not in passed or cost_of(other) < cost_of(chosen)):

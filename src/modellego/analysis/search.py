@@ -177,7 +177,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
            min_accuracy: float | None = None, max_flops_ratio: float | None = None,
            cost: str = "flops",
            judge: Callable[[LocateConfig], tuple[float, bool, str]] | None = None,
-           bisect: int = 0, top_first: bool = False,
+           bisect: int = 0, top_first: bool = False, min_gain: float = 0.0,
            ) -> tuple[LocateConfig, list[Trial]]:
     """Pick thresholds from ``family`` (most aggressive first) for one target.
 
@@ -192,6 +192,8 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
 
     ``judge``: instead of ``min_accuracy``, a candidate passes when ``judge(config)``
     says so; it returns ``(validation accuracy, passes, note)`` (the same binary search).
+    ``min_gain``: a halving is measured only while the passing candidate costs at least
+    this much more than its failing neighbour (the most a halving can win).
     ``top_first``: the least aggressive candidate is measured first, and when it fails the
     search stops there (see :func:`first_passing`): for a family that must beat a result
     found earlier, cut to the candidates that could.
@@ -200,6 +202,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
     """
     trials: list[Trial] = []
     cache: dict[LocateConfig, bool] = {}
+    ratios: dict[LocateConfig, float] = {}
 
     def passes(i: int) -> bool:
         return measured(family[i])
@@ -214,6 +217,7 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
                                               cost))
             cache[cfg] = False
             return False
+        ratios[cfg] = ratio
         acc, note = None, ""
         ok = max_flops_ratio is None or ratio <= max_flops_ratio
         if judge is not None:
@@ -240,7 +244,8 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
     failing, passing = family[best - 1], family[best]  # the bisection measured both
     for _ in range(bisect):
         mid = midpoint(failing, passing)
-        if mid is None:
+        if mid is None or (failing in ratios and
+                           ratios[passing] - ratios[failing] < min_gain):
             break
         if measured(mid):
             passing = mid
