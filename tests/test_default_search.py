@@ -174,6 +174,10 @@ def test_a_halving_is_judged_only_while_the_gap_is_worth_it() -> None:
         cfg, _ = search(family, cost, None, judge=judge, bisect=3, min_gain=gain)
         assert [b for b in seen if b not in MASS_STEPS] == halvings, gain
     assert cfg.beta_conv == 0.3625 and HALVING_MIN_GAIN == 0.01
+    # a passing step cheaper than its failing neighbour: what a halving wins is unknown
+    seen.clear()
+    search(family, lambda c: c.beta_conv, None, judge=judge, bisect=3, min_gain=0.5)
+    assert [b for b in seen if b not in MASS_STEPS] == [0.375, 0.3625, 0.36875]
 
 
 def test_top_first_settles_a_failing_family_in_one_probe() -> None:
@@ -224,6 +228,34 @@ def test_the_search_cuts_and_repairs_each_candidate_once(trained, digits, monkey
     priced = [t for t in comp.search if t["flops_ratio"] is not None]
     assert len(made) == len(priced) and all(made)
     check_families(comp)
+
+
+def test_a_pinned_candidate_counts_among_the_networks_held() -> None:
+    from modellego.analysis.candidates import Candidates
+
+    class Counted(Candidates[int]):
+        made: list[int] = []
+
+        def plan(self, key: int):
+            return key
+
+        def make(self, plan, repair):
+            self.made.append(plan)
+            return torch.nn.Identity(), None
+
+    cands = Counted(torch.nn.Identity(), (1,), price_repaired=True, keep=2)
+    for key in (1, 2, 3):
+        cands.build(key)
+    assert list(cands.built) == [(2, True), (3, True)]  # the latest two
+    cands.pin(3)
+    for key in (4, 5):
+        cands.build(key)
+    # two networks held: the pinned one and the latest built
+    assert list(cands.pinned) == [(3, True)] and list(cands.built) == [(5, True)]
+    cands.build(3)
+    assert cands.made == [1, 2, 3, 4, 5]  # the pinned one is not made again
+    cands.pin(5)
+    assert list(cands.pinned) == [(5, True)] and not cands.built
 
 
 def test_the_cheaper_candidates_are_found_by_bisection_on_cut_costs() -> None:
@@ -340,6 +372,13 @@ def test_the_default_search_on_a_trained_model(trained, digits) -> None:
     check_families(wide)
     if v["chosen_passes"]:
         assert any(t["ok"] and t["locate"] == comp.locate.to_dict() for t in comp.search)
+    # thresholds that ask for the task level themselves: the only family searched
+    asked = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
+                              config=replace(cfg, locate=LocateConfig(rule="mass",
+                                                                      task_level=True),
+                                             max_accuracy_drop=0.5),
+                              val_images=vx, val_labels=vy, reuse=comp)
+    assert asked.search and all(t["locate"]["task_level"] for t in asked.search)
     # no validation images at all: the training split tops it up alone
     alone = disassemble_model(trained, x, y, classes=TASK, output_classes=range(10),
                               config=cfg, reuse=comp)

@@ -622,8 +622,10 @@ def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tens
 
 
 def _task_level(cands: TaskCandidates) -> bool:
-    """Whether an accuracy search of ``cands`` also locates the task as one class."""
-    return len(cands.classes) > 1 and cands.method.task_level
+    """Whether an accuracy search of ``cands`` locates the task as one class first and the
+    union of its classes' masks second: a task of several classes, a method that can, and
+    thresholds that do not ask for the task level themselves (then it is the only family)."""
+    return len(cands.classes) > 1 and cands.method.task_level and not cands.base.task_level
 
 
 def _variants(cands: TaskCandidates, family: list[LocateConfig]) -> list[list[LocateConfig]]:
@@ -643,7 +645,7 @@ def _variants(cands: TaskCandidates, family: list[LocateConfig]) -> list[list[Lo
     """
     graph = cands.prof.graph
     out = []
-    if family and family[0].task_level:
+    if _task_level(cands):
         out.append([replace(c, task_level=False) for c in family])
     heads = [lay.name for lay in graph.layers if layer_heads(graph, lay)]
     if heads:
@@ -655,12 +657,13 @@ def _variants(cands: TaskCandidates, family: list[LocateConfig]) -> list[list[Lo
 
 def _pinning(cands: TaskCandidates, judge: Callable, cost_of: Callable) -> Callable:
     """``judge`` that pins (:meth:`Candidates.pin`) each candidate that passes and costs
-    less than those before it, so the search's result is not cut and repaired again."""
+    no more than those that passed before it (a later one of equal cost is the more
+    aggressive), so the search's result is not cut and repaired again."""
     best: list[LocateConfig] = []
 
     def judged(cfg: LocateConfig) -> tuple[float, bool, str]:
         acc, ok, note = judge(cfg)
-        if ok and (not best or cost_of(cfg) < cost_of(best[0])):
+        if ok and (not best or cost_of(cfg) <= cost_of(best[0])):
             best[:] = [cfg]
             cands.pin(cfg)
         return acc, ok, note

@@ -29,8 +29,9 @@ class Candidates(Generic[K]):
     repair changes weights and not the cost, and only the chosen one is repaired. Costs are
     kept per key (a search compares its results' costs after building others).
 
-    :meth:`pin` keeps one built candidate beyond the latest ``keep`` (a search's best so
-    far, so that returning it does not cut and repair it again).
+    :meth:`pin` keeps one built candidate until another is pinned (a search's best so
+    far, so that returning it does not cut and repair it again); it is one of the ``keep``
+    networks held, the others the latest built.
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], *,
@@ -58,14 +59,18 @@ class Candidates(Generic[K]):
         if (key, repair) not in self.built:
             plan = self.plan(key)
             net, fit = self.make(plan, repair)
-            while len(self.built) >= self.keep:
+            # at most ``keep`` networks held, the pinned one included
+            while self.built and len(self.built) + len(self.pinned) >= self.keep:
                 self.built.pop(next(iter(self.built)))
             self.built[key, repair] = (plan, net, fit)
         return self.built[key, repair]
 
     def pin(self, key: K) -> None:
-        """Keep repaired candidate ``key`` (built now if it is not) until another is pinned."""
-        self.pinned = {(key, True): self.build_fitted(key)}
+        """Keep repaired candidate ``key`` (built now if it is not) until another is pinned;
+        it counts among the ``keep`` networks held."""
+        entry = self.build_fitted(key)
+        self.built.pop((key, True), None)
+        self.pinned = {(key, True): entry}
 
     def build(self, key: K) -> nn.Module:
         """The repaired network of candidate ``key``."""

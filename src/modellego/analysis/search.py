@@ -193,7 +193,8 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
     ``judge``: instead of ``min_accuracy``, a candidate passes when ``judge(config)``
     says so; it returns ``(validation accuracy, passes, note)`` (the same binary search).
     ``min_gain``: a halving is measured only while the passing candidate costs at least
-    this much more than its failing neighbour (the most a halving can win).
+    this much more than its failing neighbour (the most a halving can win), or less (costs
+    that do not grow along the family: what a halving wins is unknown).
     ``top_first``: the least aggressive candidate is measured first, and when it fails the
     search stops there (see :func:`first_passing`): for a family that must beat a result
     found earlier, cut to the candidates that could.
@@ -244,8 +245,8 @@ def search(family: Sequence[LocateConfig], flops_of: Callable[[LocateConfig], fl
     failing, passing = family[best - 1], family[best]  # the bisection measured both
     for _ in range(bisect):
         mid = midpoint(failing, passing)
-        if mid is None or (failing in ratios and
-                           ratios[passing] - ratios[failing] < min_gain):
+        gap = ratios[passing] - ratios[failing] if failing in ratios else math.inf
+        if mid is None or 0 <= gap < min_gain:
             break
         if measured(mid):
             passing = mid
