@@ -160,25 +160,27 @@ def test_default_disassembly_of_a_vit_cuts_heads_and_neurons():
     with torch.no_grad():
         assert comp.model(x[:2]).shape == (2, 2)
     build_channel_graph(comp.model, (1, 28, 28))  # a component is a ViT graph again
-    # the search also walks every candidate with each contributing head kept (the task
-    # located as one class, as the first family), measuring only those whose cut costs
-    # less than the result of the families before it; when it measured none, even its
-    # most aggressive step costs at least that result
+    # the search also walks both families (the task located as one class, the union of
+    # the classes' masks) with every contributing head kept, measuring only the candidates
+    # whose cut costs less than the result of the families before it; when it measured
+    # none, even their most aggressive steps cost at least that result
     whole = {f"blocks.{i}.attn.proj": 0.0 for i in range(6)}
     kept = [t for t in comp.search if t["locate"]["layer_beta"] == whole]
     before = [t for t in comp.search if t["locate"]["layer_beta"] == {}]
     best = min((t for t in before if t["ok"]), key=lambda t: t["flops_ratio"])
-    assert all(t["locate"].get("task_level") for t in kept)
     assert all(t["flops_ratio"] < best["flops_ratio"] for t in kept)
     if not kept:
-        heads = replace(LocateConfig(rule="mass", beta_conv=0.9, beta_linear=0.9),
-                        layer_beta=tuple(whole.items()), task_level=True)
-        cut = disassemble_model(model, x, y, classes=(2, 7), output_classes=range(10),
-                                config=DisassemblyConfig((2, 7), locate=heads, reconstruct=0,
-                                                         samples_per_class=3, batch_size=20),
-                                reuse=comp)
-        assert count_flops(cut.model, (1, 28, 28)) / count_flops(model, (1, 28, 28)) >= \
-            best["flops_ratio"]
+        for level in (True, False):
+            heads = replace(LocateConfig(rule="mass", beta_conv=0.9, beta_linear=0.9),
+                            layer_beta=tuple(whole.items()), task_level=level)
+            cut = disassemble_model(model, x, y, classes=(2, 7), output_classes=range(10),
+                                    config=DisassemblyConfig((2, 7), locate=heads,
+                                                             reconstruct=0,
+                                                             samples_per_class=3,
+                                                             batch_size=20),
+                                    reuse=comp)
+            assert count_flops(cut.model, (1, 28, 28)) / count_flops(model, (1, 28, 28)) >= \
+                best["flops_ratio"]
 
 
 #: timm transformer families at tiny sizes: (kwargs, input size, attention layers with

@@ -640,17 +640,18 @@ def _variants(cands: TaskCandidates, family: list[LocateConfig]) -> list[list[Lo
       union, 62 % located as one task), and the task level gave the smaller component on
       10 of the 12 tasks of the disassembly benchmark, so the union usually costs one
       probe;
-    - on an attention network, the first family with every contributing head kept: heads
-      serve most classes alike (Vulcan, 2026; our transformer benchmark).
+    - on an attention network, each of these families with every contributing head kept:
+      heads serve most classes alike (Vulcan, 2026; our transformer benchmark).
     """
     graph = cands.prof.graph
-    out = []
+    out = [family]
     if _task_level(cands):
         out.append([replace(c, task_level=False) for c in family])
     heads = [lay.name for lay in graph.layers if layer_heads(graph, lay)]
     if heads:
         whole = tuple((name, 0.0) for name in heads)
-        out.append([replace(c, layer_beta=c.layer_beta + whole) for c in family])
+        out += [[replace(c, layer_beta=c.layer_beta + whole) for c in f] for f in out]
+    out = out[1:]
     chunks = cands.prof.chunk_masks
     return [f for f in ([c for c in f if chunks is None or c in chunks] for f in out) if f]
 
