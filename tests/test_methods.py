@@ -418,7 +418,8 @@ def test_cli_records_the_method(method, source, tmp_path):
     prov = read_manifest(out)["provenance"]
     assert prov["method"] == method and prov["config"]["method"] == method
     if method == "contribution":  # the default preset: the mass rule's searched threshold
-        family = [c.to_dict() for c in rule_family(LocateConfig(rule="mass"))]
+        family = [d.to_dict() for c in rule_family(LocateConfig(rule="mass"))
+                  for d in (c, replace(c, task_level=True))]  # two classes: both families
         assert prov["config"]["preset"] == "default" and prov["locate"] in family
         assert prov["validation"]["budget_pp"] == 0.5 and prov["config"]["reconstruct"] == 1000
     else:
