@@ -638,8 +638,8 @@ def _variants(cands: TaskCandidates, family: list[LocateConfig]) -> list[list[Lo
       masks. On a narrow residual network the union of seven classes' channels keeps most
       of it (Fashion-MNIST ResNet-18 {3..9} cut at beta 0.2: 89 % of the FLOPs as the
       union, 62 % located as one task), and the task level gave the smaller component on
-      10 of the 12 tasks of the disassembly benchmark, so the union usually costs one
-      probe;
+      10 of the 12 tasks of the disassembly benchmark when the union was searched first
+      (2026-12-07), so the union usually costs one probe;
     - on an attention network, each of these families with every contributing head kept:
       heads serve most classes alike (Vulcan, 2026; our transformer benchmark).
     """
