@@ -451,9 +451,9 @@ def _task_profile(model: nn.Module, images: Inputs, labels: torch.Tensor,
             f"made in chunks of {per_chunk} within `max_memory`; drop `refine` or "
             "raise `max_memory`")
     configs = [base] + (search_family(method, base, config) if config.searches else [])
-    if config.max_accuracy_drop is not None and method.task_level and len(classes) > 1:
-        # the task-level family the search also walks (see _variants)
-        configs += [replace(c, task_level=True) for c in configs if not c.task_level]
+    if config.max_accuracy_drop is not None and _task_level_first(method, classes, base):
+        # the task-level family the search walks first (see _variants)
+        configs += [replace(c, task_level=True) for c in configs]
     profile, chunk_masks = chunked_class_masks(
         method, model, graph, layers, images, labels, selection, classes,
         output_classes, list(dict.fromkeys(configs)), per_chunk,
@@ -621,11 +621,17 @@ def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tens
     return chosen, trials, judge, validation
 
 
+def _task_level_first(method: Method, classes: Sequence[int], base: LocateConfig) -> bool:
+    """Whether an accuracy search locates the task as one class first and the union of its
+    classes' masks second: a task of several classes, a method that can, and thresholds
+    that do not ask for the task level themselves (then it is the only family). The
+    chunked profile keeps masks for exactly these families."""
+    return len(classes) > 1 and method.task_level and not base.task_level
+
+
 def _task_level(cands: TaskCandidates) -> bool:
-    """Whether an accuracy search of ``cands`` locates the task as one class first and the
-    union of its classes' masks second: a task of several classes, a method that can, and
-    thresholds that do not ask for the task level themselves (then it is the only family)."""
-    return len(cands.classes) > 1 and cands.method.task_level and not cands.base.task_level
+    """:func:`_task_level_first` of ``cands``' search."""
+    return _task_level_first(cands.method, cands.classes, cands.base)
 
 
 def _variants(cands: TaskCandidates, family: list[LocateConfig]) -> list[list[LocateConfig]]:

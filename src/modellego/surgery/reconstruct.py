@@ -226,7 +226,6 @@ class _Normal:
         self._xty: torch.Tensor | None = None
         self._xsum: torch.Tensor | None = None
         self._ysum: torch.Tensor | None = None
-        self._summed = 0  # rows in the sums
         self._system: tuple[torch.Tensor, torch.Tensor] | None = None
         self.xs: list[torch.Tensor] = []
         self.ys: list[torch.Tensor] = []
@@ -254,7 +253,8 @@ class _Normal:
             xty = cast(torch.Tensor, self._xty)
             if self.intercept:
                 xsum = cast(torch.Tensor, self._xsum)
-                n = torch.full((1, 1), float(self._summed), dtype=torch.float64,
+                # every row is in the sums once they exist (the kept ones moved in)
+                n = torch.full((1, 1), float(self.rows), dtype=torch.float64,
                                device=gram.device)
                 gram = torch.cat([torch.cat([gram, xsum[:, None]], 1),
                                   torch.cat([xsum[None], n], 1)])
@@ -299,7 +299,6 @@ class _Normal:
         cast(torch.Tensor, self._xty).addmm_(x.T, y)
         cast(torch.Tensor, self._xsum).add_(x.sum(0))
         cast(torch.Tensor, self._ysum).add_(y.sum(0))
-        self._summed += len(x)
         self._system = None
 
     def _ridge(self, squares: float, ridge: float) -> float:
