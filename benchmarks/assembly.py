@@ -39,6 +39,7 @@ from modellego.assembly.adapters import convert_images
 from modellego.assembly.fingerprint import fingerprint_model
 from modellego.data import load_split
 from modellego.files import load_model, save_model
+from modellego.manifest import Manifest
 from modellego.metrics import count_flops, count_params, predict_logits
 from modellego.models import create_model
 from modellego.training import fit
@@ -72,7 +73,8 @@ def component(tmp: Path, rel: str, classes: tuple[int, ...]) -> Path:
     else:
         cfg = DisassemblyConfig.paper(classes, locate=LocateConfig(rule="mass", beta_conv=0.05,
                                                                    beta_linear=0.05))
-    comp, man, rep = disassemble(model, manifest, cfg, source_path=src, fingerprint=False)
+    comp, man, report = disassemble(model, manifest, cfg, source_path=src, fingerprint=False)
+    rep = report.to_dict()
     out = tmp / f"{rel.replace('/', '_')}-{'-'.join(map(str, classes))}.safetensors"
     save_model(out, comp.model, man)
     print(f"  component {rel} {list(classes)}: accuracy {rep['component_accuracy']:.4f} "
@@ -114,36 +116,37 @@ def make_cases(tmp: Path, quick: bool, joint_a: dict | None = None,
             if wanted is None or name in wanted]
 
 
-def joint_reference(manifest: dict, arch_of: Path, epochs: int) -> dict:
+def joint_reference(manifest: Manifest, arch_of: Path, epochs: int) -> dict:
     """The parts' architecture trained on the union of their training data (labels = the
     assembled outputs), evaluated on the same union test set."""
     _, src_manifest = load_model(arch_of)
-    kwargs = dict(src_manifest["architecture"]["kwargs"])
-    contract = manifest["input"]["shape"]
-    kwargs.update(in_channels=contract[0], input_size=contract[1],
-                  num_classes=len(manifest["labels"]))
+    kwargs = dict(src_manifest.own_architecture.kwargs or {})
+    contract = manifest.input.shape
+    assert manifest.assembly is not None
+    labels = manifest.assembly.labels
+    kwargs.update(in_channels=contract[0], input_size=contract[1], num_classes=len(labels))
     xs = {"train": [], "val": []}
     ys = {"train": [], "val": []}
     for split in ("train", "val"):
-        for idx, lab in enumerate(manifest["labels"]):
-            data = load_split(lab["dataset"], split)
-            sel = data.labels == lab["class"]
+        for idx, lab in enumerate(labels):
+            data = load_split(lab.dataset, split)
+            sel = data.labels == lab.class_id
             xs[split].append(convert_images(data.images[sel], contract[0], contract[1:]))
             ys[split].append(torch.full((int(sel.sum()),), idx, dtype=torch.long))
     x_train, y_train = torch.cat(xs["train"]), torch.cat(ys["train"])
     mean, std = x_train.mean(), x_train.std()
     x_val, y_val = torch.cat(xs["val"]), torch.cat(ys["val"])
     torch.manual_seed(0)
-    model = create_model(src_manifest["architecture"]["name"], **kwargs)
+    model = create_model(src_manifest.own_architecture.name, **kwargs)
     t0 = time.perf_counter()
     fit(model, (x_train - mean) / std, y_train, (x_val - mean) / std, y_val,
-        list(range(len(manifest["labels"]))), epochs=epochs, pad=2, progress=False)
+        list(range(len(labels))), epochs=epochs, pad=2, progress=False)
     seconds = time.perf_counter() - t0
     x, y = union_test_set(manifest)
     pred = predict_logits(model, (x - mean) / std).argmax(1)
     correct = pred == y
-    per = [float(correct[y == i].double().mean()) for i in range(len(manifest["labels"]))]
-    return {"architecture": src_manifest["architecture"]["name"], "epochs": epochs,
+    per = [float(correct[y == i].double().mean()) for i in range(len(labels))]
+    return {"architecture": src_manifest.own_architecture.name, "epochs": epochs,
             "accuracy": float(correct.double().mean()), "balanced_accuracy": sum(per) / len(per),
             "params": count_params(model), "flops": count_flops(model, contract),
             "train_seconds": seconds}
@@ -162,12 +165,12 @@ def run_case(name: str, parts: list[Path], joint_epochs: int, joint: dict | None
         t0 = time.perf_counter()
         model, manifest, _ = assemble(parts, AssemblyConfig(scaling=scaling), evaluate=False)
         fit_seconds = time.perf_counter() - t0
-        ev = evaluate_assembly(model, manifest)
+        ev = evaluate_assembly(model, manifest).to_dict()
         row = {"accuracy": ev["accuracy"], "balanced_accuracy": ev["balanced_accuracy"],
                "delta_vs_base_pp": 100 * (ev["balanced_accuracy"] - ev["base"]),
                "params": ev["params"], "flops": ev["flops"], "assemble_seconds": fit_seconds,
                "per_class": ev["per_class"], "routing": ev["routing"]}
-        calibration = manifest["provenance"]["calibration"]
+        calibration = manifest.to_dict()["provenance"]["calibration"]
         if "router_fit_accuracy" in calibration:
             row["router_fit_accuracy"] = calibration["router_fit_accuracy"]
         if "router_weights" in calibration:
@@ -231,7 +234,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         fm_full, _ = load_model(fm / "vgg16_bn.safetensors")
-        full_manifest = load_model(fm / "vgg16_bn.safetensors")[1]
+        full_manifest = load_model(fm / "vgg16_bn.safetensors")[1].to_dict()
         joint_a = {"architecture": "vgg16_bn", "epochs": full_manifest["provenance"]["config"][
             "epochs"], "accuracy": full_manifest["metrics"]["test_accuracy"],
             "balanced_accuracy": full_manifest["metrics"]["test_accuracy"],

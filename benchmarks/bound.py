@@ -49,8 +49,8 @@ def test_drop(source, component, manifest, task) -> dict:
     task's test images, in points, with its one-sided lower bound at the default's
     confidence."""
     x, labels = split_images(manifest, "test", task)
-    own = torch.tensor(manifest["classes"])
-    cols = torch.tensor([manifest["classes"].index(c) for c in task])
+    own = torch.tensor(manifest.classes)
+    cols = torch.tensor([manifest.classes.index(c) for c in task])
     src = own[cols][predict_logits(source, x)[:, cols].argmax(1)] == labels
     comp = torch.tensor(task)[predict_logits(component, x).argmax(1)] == labels
     drop = PairedDrop.of(src, comp)
@@ -67,11 +67,12 @@ def run(model_name: str, n: int, seed: int) -> dict:
     path = ROOT / "checkpoints" / f"{model_name}.safetensors"
     model, manifest = load_model(path)
     rows = []
-    for task in draws(n, len(manifest["classes"]), seed):
+    for task in draws(n, len(manifest.classes), seed):
         t0 = time.perf_counter()
-        comp, _, report = disassemble(model, manifest, DisassemblyConfig(task),
+        comp, _, record = disassemble(model, manifest, DisassemblyConfig(task),
                                       source_path=path, fingerprint=False)
         seconds = time.perf_counter() - t0
+        report = record.to_dict()
         validation = report.get("validation") or {}
         row = {"task": list(task), "seconds": seconds, "flops_ratio": report["flops_ratio"],
                "validation": {k: validation.get(k) for k in

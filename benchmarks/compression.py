@@ -112,9 +112,9 @@ def torch_pruning_peer(model, shape: tuple, name: str, target: float, x: torch.T
 def run_model(rel: str, targets: list[float], recalibrate: int = 0) -> tuple[dict, list[dict]]:
     path = ROOT / "checkpoints" / f"{rel}.safetensors"
     model, manifest = load_model(path)
-    own = list(manifest["classes"])
-    shape = tuple(manifest["input"]["shape"])
-    dataset = manifest["dataset"]["name"]
+    own = list(manifest.classes)
+    shape = manifest.input.shape
+    dataset = manifest.own_dataset.name
     test = load_split(dataset, "test").subset(own)
     x_test = normalize(test.images, test.info)
     src_acc = accuracy_from_logits(predict_logits(model, x_test), test.labels, own).accuracy

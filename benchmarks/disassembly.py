@@ -78,9 +78,10 @@ def component_rows(quick: bool, models: list[str]) -> list[dict]:
                     # sample selection and profile included (as with --no-fingerprint:
                     # the router fingerprint is no part of either method); the old search
                     # reuses the paper's (its time is not compared)
-                    comp, _, rep = disassemble(model, manifest, cfg, source_path=path,
-                                               reuse=first if method == "mass-search"
-                                               else None, fingerprint=False)
+                    comp, _, record = disassemble(model, manifest, cfg, source_path=path,
+                                                  reuse=first if method == "mass-search"
+                                                  else None, fingerprint=False)
+                    rep = record.to_dict()
                     first = first or comp
                 except Exception as exc:  # a method that cannot make a component: say so
                     rows.append({"model": rel, "task": list(task), "method": method,
@@ -117,7 +118,7 @@ def frontier(rel: str, task: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
     re-estimation: where the best trade-off of this task lies, searched or not."""
     path = ROOT / "checkpoints" / f"{rel}.safetensors"
     model, manifest = load_model(path)
-    own = list(manifest["classes"])
+    own = list(manifest.classes)
     train = load_split("fashion-mnist", "train")
     calib = sample_calibration_images(train, 2000)
     sub = train.subset(task)
@@ -223,9 +224,9 @@ def default_at_224(task: tuple[int, ...] = (0, 1, 2), device: str | None = None)
             ImportConfig("torchvision:resnet50", f"folder:{root}", kwargs={"num_classes": 10},
                          evaluate=False))
         # one plain forward pass over every image the commands read (decoded beforehand)
-        images = [model_input(load_split_for(manifest["dataset"], split).images,
-                              load_split_for(manifest["dataset"], split).info,
-                              manifest["input"]) for split in ("train", "test")]
+        images = [model_input(load_split_for(manifest.own_dataset, split).images,
+                              load_split_for(manifest.own_dataset, split).info,
+                              manifest.input) for split in ("train", "test")]
         n = sum(len(x) for x in images)
         net = model.to(where) if where is not None else model
         with torch.inference_mode():  # warm up
@@ -248,9 +249,10 @@ def default_at_224(task: tuple[int, ...] = (0, 1, 2), device: str | None = None)
             t0 = time.perf_counter()
             if where is not None:
                 with using_device(where):
-                    comp, _, rep = disassemble(model, manifest, cfg, fingerprint=False)
+                    comp, _, record = disassemble(model, manifest, cfg, fingerprint=False)
             else:
-                comp, _, rep = disassemble(model, manifest, cfg, fingerprint=False)
+                comp, _, record = disassemble(model, manifest, cfg, fingerprint=False)
+            rep = record.to_dict()
             sync()
             row[method] = {"seconds": time.perf_counter() - t0,
                            "flops_ratio": rep["flops_ratio"],

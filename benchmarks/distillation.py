@@ -32,10 +32,11 @@ TASK = (0, 1, 2)
 
 def run(name: str, teacher, manifest: dict, config: DistillConfig, extra: dict,
         source_path: Path | None = None) -> dict:
-    report = distill(teacher, manifest, config, source_path=source_path)[2]
+    record = distill(teacher, manifest, config, source_path=source_path)[2]
+    report = record.to_dict()
     if source_path is not None:
         report["teacher"]["file"] = str(source_path.relative_to(ROOT))
-    print(f"== {name}\n{format_distill(report)}", flush=True)
+    print(f"== {name}\n{format_distill(record)}", flush=True)
     return {"teacher_name": name, **extra, **report}
 
 
@@ -57,8 +58,8 @@ def main() -> int:
     comp, comp_manifest, comp_report = disassemble(source, manifest, cut, source_path=SOURCE,
                                                    fingerprint=False)
     seconds = time.perf_counter() - t1
-    print(f"component {list(TASK)}: test accuracy {comp_report['component_accuracy']:.4f}, "
-          f"FLOPs {100 * comp_report['flops_ratio']:.1f} % of the source "
+    print(f"component {list(TASK)}: test accuracy {comp_report.component_accuracy:.4f}, "
+          f"FLOPs {100 * comp_report.flops_ratio:.1f} % of the source "
           f"[{seconds:.0f} s]", flush=True)
     rows = [run("fashion-mnist/vgg16_bn component {0,1,2}", comp.model, comp_manifest, config,
                 {"disassembly": cut.to_dict(), "disassembly_seconds": seconds})]

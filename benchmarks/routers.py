@@ -170,7 +170,7 @@ def run_case(name: str, parts: list[Path], tmp: Path, ours: dict | None = None) 
         for scaling in OURS:
             model, man, _ = assemble(fingerprinted_parts, AssemblyConfig(scaling=scaling),
                                      evaluate=False)
-            ev = evaluate_assembly(model, man)
+            ev = evaluate_assembly(model, man).to_dict()
             r = row["routers"][scaling] = {**router_row(ev["balanced_accuracy"],
                                                         ev["routing"]), "ours": True}
             row["base"] = ev["base"]
@@ -182,7 +182,8 @@ def run_case(name: str, parts: list[Path], tmp: Path, ours: dict | None = None) 
     owner_cal = torch.cat([torch.full((len(x),), k, dtype=torch.long)
                            for k, (x, _) in enumerate(cal)])
     x_test, y_test = union_test_set(man)
-    blocks = [[i for i, lab in enumerate(man["labels"]) if lab["part"] == k]
+    assert man.assembly is not None
+    blocks = [[i for i, lab in enumerate(man.assembly.labels) if lab.part == k]
               for k in range(len(parts))]
     per_part = []
     for k, net in enumerate(model.body.parts):

@@ -100,8 +100,8 @@ import sys, time, torch
 from modellego.data import reading, load_split_for, model_input, iter_slices
 from modellego.files import load_model
 model, manifest = load_model(sys.argv[1])
-train = load_split_for(manifest["dataset"], "train")
-x = model_input(train.images, train.info, manifest["input"])
+train = load_split_for(manifest.own_dataset, "train")
+x = model_input(train.images, train.info, manifest.input)
 t0 = time.perf_counter()
 with reading(workers=int(sys.argv[2])), torch.inference_mode():
     n = sum(len(model(b)) for b in iter_slices(x, 64))

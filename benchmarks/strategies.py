@@ -113,10 +113,10 @@ def correct_selection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task, 
 def run_model(rel: str, tasks: list[tuple[int, ...]]) -> list[dict]:
     path = ROOT / "checkpoints" / f"{rel}.safetensors"
     model, manifest = load_model(path)
-    own = list(manifest["classes"])
-    splits = {name: load_split(manifest["dataset"]["name"], name)
+    own = list(manifest.classes)
+    splits = {name: load_split(manifest.own_dataset.name, name)
               for name in ("train", "val", "test")}
-    shape = tuple(manifest["input"]["shape"])
+    shape = manifest.input.shape
     graph = build_channel_graph(model, shape)
     src_params, src_flops = count_params(model), count_flops(model, shape)
     rows = []

@@ -67,14 +67,15 @@ def paired_latency(a, b, shape, rounds: int = 5) -> tuple[float, float]:
 
 def component_rows(tasks: list[tuple[int, ...]], tmp: Path) -> tuple[list[dict], Path | None]:
     model, manifest = load_model(VIT)
-    shape = tuple(manifest["input"]["shape"])
+    shape = manifest.input.shape
     rows, first_half = [], None
     for task in tasks:
         t0 = time.perf_counter()
-        comp, man, rep = disassemble(model, manifest, DisassemblyConfig(task),
-                                     source_path=VIT, fingerprint=False)
+        comp, man, record = disassemble(model, manifest, DisassemblyConfig(task),
+                                        source_path=VIT, fingerprint=False)
         seconds = time.perf_counter() - t0
-        units = kept_units(model, man["plan"])
+        rep = record.to_dict()
+        units = kept_units(model, man.plan.to_dict())
         comp_ms, source_ms = paired_latency(comp.model, model, shape)
         row = {"task": list(task), "restricted_accuracy": rep["restricted_accuracy"],
                "component_accuracy": rep["component_accuracy"],
@@ -111,7 +112,7 @@ def main() -> int:
                     "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
                     "source": str(VIT.relative_to(ROOT))}
     model, manifest = load_model(VIT)
-    result["source_flops"] = count_flops(model, tuple(manifest["input"]["shape"]))
+    result["source_flops"] = count_flops(model, manifest.input.shape)
     cost = profile_cost(rel="fashion-mnist/vit")
     result["profile_cost"] = {k: cost[k] for k in ("samples", "forward_seconds",
                                                    "profile_seconds", "profile_over_forward",

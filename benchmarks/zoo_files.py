@@ -87,7 +87,7 @@ def files_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: 
         save_model(tmp_path / "model.safetensors", model, manifest)
         model, manifest = load_model(tmp_path / "model.safetensors")
         test = load_split(dataset, "test")
-        x = model_input(test.images, test.info, manifest["input"])
+        x = model_input(test.images, test.info, manifest.input)
         with torch.no_grad():
             out["model_round_trip_equal"] = bool(torch.equal(model(x), net(x)))
         parts = []
@@ -112,7 +112,7 @@ def files_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: 
         with torch.no_grad():
             out["assembly_round_trip_equal"] = bool(torch.equal(
                 asm_again(images), assembled.eval()(images)))
-        out["assembly_labels"] = len(asm_manifest["labels"])
+        out["assembly_labels"] = len(asm_manifest.classes)
     out["files_seconds"] = round(time.perf_counter() - t0, 2)
     ok = all(out[k] for k in ("model_round_trip_equal", "component_round_trip_equal",
                               "assembly_round_trip_equal")) and out["assembly_labels"] == 4
@@ -153,7 +153,7 @@ def whole_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: 
                 paths.append(tmp_path / f"m{k}.safetensors")
                 save_model(paths[-1], model, manifest, fingerprint=fingerprint)
             if k == 0:
-                out["whole_taps"] = list(manifest["router_fingerprint"]["taps"])
+                out["whole_taps"] = list(manifest.router_fingerprint.taps)
         with trusted(__name__):
             assembled, asm_manifest, _ = assemble(paths, AssemblyConfig(calibration_samples=3),
                                                   evaluate=False)
@@ -162,7 +162,7 @@ def whole_step(net: nn.Module, architecture: str, kwargs: dict[str, Any], size: 
         images = torch.rand(2, 3, size, size)
         with torch.no_grad():
             equal = torch.equal(again(images), assembled.eval()(images))
-        out["whole_labels"] = len(asm_manifest["labels"])
+        out["whole_labels"] = len(asm_manifest.classes)
     out["whole_seconds"] = round(time.perf_counter() - t0, 2)
     out["whole_status"] = "ok" if equal and out["whole_labels"] == 2 * CLASSES else \
         "failed: the assembly changed the logits on loading"

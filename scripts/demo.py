@@ -47,18 +47,19 @@ def shipped_table() -> None:
             print(f"{rel:<46} missing (see scripts/make-checkpoints.sh)")
             continue
         model, manifest = load_model(path)
-        shape = manifest["input"]["shape"]
+        shape = manifest.input.shape
         # accuracy as recorded by `modellego train` on the test split (`modellego evaluate`
         # recomputes it); size and latency measured now
-        print(f"{rel:<46} {len(manifest['classes']):>7} "
-              f"{manifest['metrics']['test_accuracy']:>9.4f} {count_params(model):>10,} "
+        recorded = manifest.metrics.get("test_accuracy") if manifest.metrics else float("nan")
+        print(f"{rel:<46} {len(manifest.classes):>7} "
+              f"{recorded:>9.4f} {count_params(model):>10,} "
               f"{count_flops(model, shape) / 1e6:>8.2f} {cpu_latency_ms(model, shape):>7.2f}")
 
 
 def take_apart(rel: str, classes: tuple[int, ...], name: str) -> Path:
     src = CKPT / rel
     model, manifest = load_model(src)
-    names = [manifest["class_names"][manifest["classes"].index(c)] for c in classes]
+    names = [manifest.class_names[manifest.classes.index(c)] for c in classes]
     section(f"Disassemble {rel}: component for {', '.join(names)}")
     # the default: the smallest reconstructed mass-rule component within 0.5 points of the
     # restricted source at 90 % confidence
@@ -70,7 +71,7 @@ def take_apart(rel: str, classes: tuple[int, ...], name: str) -> Path:
     print(format_report(report))
     # the decision route of the task's classes and a self-contained HTML report, both from
     # the profile the disassembly already computed
-    route = route_from_profile(comp.graph, comp.profile, classes, manifest["classes"],
+    route = route_from_profile(comp.graph, comp.profile, classes, manifest.classes,
                                comp.locate, names)
     stem = out.name.removesuffix(".safetensors")
     figure, html = OUT / f"{stem}-route.png", OUT / f"{stem}.html"
@@ -86,7 +87,8 @@ def put_together(parts: list[Path]) -> None:
     for scaling in ("none", "joint"):
         model, manifest, report = assemble(parts, AssemblyConfig(scaling=scaling),
                                            command="scripts/demo.py")
-        result = report["evaluation"]
+        result = report.evaluation
+        assert result is not None  # assemble() evaluates by default
         out = OUT / f"assembled-{scaling}.safetensors"
         save_model(out, model, manifest)
         print(f"\n-- scaling {scaling}")

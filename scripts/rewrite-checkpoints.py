@@ -43,7 +43,8 @@ def weights(model: nn.Module) -> list[nn.Parameter]:
 @torch.no_grad()
 def rewrite(rel: str) -> None:
     path = ROOT / "checkpoints" / f"{rel}.safetensors"
-    model, manifest = load_model(path)
+    model, typed = load_model(path)
+    manifest = typed.to_dict()  # rewritten as JSON data, validated again when saved
     dataset = manifest["dataset"]
     if dataset.get("fingerprint"):
         print(f"{rel}: already rewritten")

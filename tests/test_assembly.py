@@ -33,6 +33,7 @@ from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import ModelLegoError
 from modellego.files import load_model, save_model
 from modellego.io import read_manifest
+from modellego.manifest import Manifest, as_manifest
 from modellego.metrics import predict_logits
 from modellego.models import create_model
 from modellego.training import TrainConfig, train
@@ -47,10 +48,11 @@ TOL = 1e-5
 # --------------------------------------------------------------------------- helpers
 
 
-def fake_manifest(template: dict, arch: str, kwargs: dict, classes, *,
+def fake_manifest(template: Manifest | dict, arch: str, kwargs: dict, classes, *,
                   dataset: str | None = None, input_shape=None) -> dict:
-    """A model manifest for a random-weight network, copied from a trained one."""
-    man = copy.deepcopy(template)
+    """A model manifest (JSON data) for a random-weight network, copied from a trained
+    one."""
+    man = copy.deepcopy(as_manifest(template).to_dict())
     man.pop("metrics", None)
     man["kind"] = "model"
     man["architecture"] = {"name": arch, "kwargs": dict(kwargs)}
@@ -602,8 +604,8 @@ def test_union_refuses_parts_repaired_after_the_cut(files, part_a, tmp_path):
         assemble([plain, fixed], AssemblyConfig(layout="union", scaling="none"))
     parallel, man_p, report = assemble([plain, fixed],
                                        AssemblyConfig(layout="parallel", scaling="none"))
-    assert report["evaluation"] == evaluate_assembly(parallel, man_p)
-    assert report["evaluation"]["balanced_accuracy"] > 0
+    assert report.evaluation == evaluate_assembly(parallel, man_p)
+    assert report.evaluation is not None and report.evaluation.balanced_accuracy > 0
 
 
 def test_union_equals_the_source_masked_by_the_union_of_plans(files, part_a, tmp_path):
@@ -840,7 +842,7 @@ def test_a_joint_file_with_mean_taps_only_still_loads(part_a, part_b, tmp_path, 
     x = digits_test()[:16]
     assert torch.equal(run(again, x), run(model, x))
     # a file whose taps name a layer its part does not have is refused in one line
-    bad = json.loads(json.dumps(man))
+    bad = json.loads(json.dumps(man.to_dict()))
     bad["taps"][0][0] = "no.such.layer"
     with pytest.raises(ModelLegoError, match="router tap 'no.such.layer'"):
         build_assembly(bad)

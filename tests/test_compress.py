@@ -25,12 +25,12 @@ from modellego.data import dataset_info
 from modellego.errors import ModelLegoError
 from modellego.files import load_model, save_model
 from modellego.io import read_manifest
+from modellego.manifest import Manifest
 from modellego.metrics import count_flops, count_params
 from modellego.models import create_model, list_models
 from modellego.surgery.extract import apply_plan
 from modellego.surgery.graph import build_channel_graph
 from modellego.surgery.plan import ComponentPlan, plan_from_masks
-from modellego.training import base_manifest
 
 TOL = 1e-5
 SHAPE = (1, 28, 28)
@@ -352,8 +352,8 @@ def model_file(folder: Path, arch: str) -> Path:
     kwargs = {"in_channels": 1, "num_classes": 10, "input_size": 28, "width": width(arch)}
     torch.manual_seed(0)
     model = randomize_bn(create_model(arch, **kwargs), 1).eval()
-    manifest = base_manifest(info, range(10))
-    manifest.update({"kind": "model", "architecture": {"name": arch, "kwargs": kwargs}})
+    manifest = Manifest.for_model(architecture={"name": arch, "kwargs": kwargs},
+                                  dataset=info.to_dict(), classes=range(10))
     path = folder / f"{arch}.safetensors"
     save_model(path, model, manifest)
     return path

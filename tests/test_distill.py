@@ -20,8 +20,9 @@ from modellego.distillation import DistillConfig, distill, kd_loss
 from modellego.errors import ModelLegoError
 from modellego.evaluation import evaluate
 from modellego.files import load_model, save_model
+from modellego.manifest import Manifest
 from modellego.models import create_model, list_models
-from modellego.training import TrainConfig, base_manifest, train
+from modellego.training import TrainConfig, train
 from modellego.workflows import assemble
 
 CLASSES = (7, 3, 1)  # deliberately not sorted: the student must keep the teacher's order
@@ -216,10 +217,10 @@ def test_cli_refuses_an_assembly_teacher(teacher_file: Path, tmp_path: Path,
     teacher, manifest = load_model(teacher_file)
     torch.manual_seed(0)
     other = create_model("simnet", in_channels=1, num_classes=2, input_size=28, width=0.25)
-    other_manifest = {**base_manifest(dataset_info("digits"), (0, 2)), "kind": "model",
-                      "architecture": {"name": "simnet", "kwargs": {
-                          "in_channels": 1, "num_classes": 2, "input_size": 28,
-                          "width": 0.25}}}
+    other_manifest = Manifest.for_model(
+        architecture={"name": "simnet", "kwargs": {"in_channels": 1, "num_classes": 2,
+                                                   "input_size": 28, "width": 0.25}},
+        dataset=dataset_info("digits").to_dict(), classes=(0, 2))
     model, asm_manifest, _ = assemble([(teacher, manifest), (other.eval(), other_manifest)],
                                    AssemblyConfig(scaling="none"))
     asm = tmp_path / "asm.safetensors"

@@ -30,7 +30,7 @@ MODULES = {
     "modellego.workflows.disassembly": 1, "modellego.workflows.compression": 1,
     "modellego.workflows.importing": 1, "modellego.workflows.assembly": 1,
     "modellego.surgery.reconstruct": 1, "modellego.files": 2, "modellego.models.registry": 1,
-    "modellego.registry": 1, "modellego.viz.route": 1, "modellego.manifest": 1,
+    "modellego.registry": 1, "modellego.viz.route": 1, "modellego.manifest": 3,
 }
 
 

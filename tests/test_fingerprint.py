@@ -3,7 +3,6 @@ trip and its checks, data-free assembly reading no dataset, and the CLI."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -170,7 +169,7 @@ def test_fingerprint_tensors_must_match_the_manifest(parts, tmp_path):
 ])
 def test_fingerprint_manifest_is_validated(parts, tmp_path, field, value, message):
     net, _, fp_man, tensors, _, _ = parts[0]
-    bad = copy.deepcopy(fp_man)
+    bad = fp_man.to_dict()
     bad["router_fingerprint"][field] = value(bad["router_fingerprint"][field])
     with pytest.raises(ModelFileError, match=f"router_fingerprint.{field}.*{message}"):
         save_model(tmp_path / "x.safetensors", net, bad, fingerprint=tensors)

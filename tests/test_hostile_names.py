@@ -28,6 +28,7 @@ def hostile_model(folder: Path) -> Path:
     """A digits simnet whose ten class names are :data:`NAMES`."""
     model, manifest = train(TrainConfig(arch="simnet", dataset="digits", epochs=1,
                                         width=0.25, batch_size=64), progress=False)
+    manifest = manifest.to_dict()
     manifest["dataset"]["class_names"] = list(NAMES)
     manifest["class_names"] = list(NAMES)
     path = folder / "hostile.safetensors"

@@ -77,8 +77,8 @@ def test_round_trip_is_bit_identical(tmp_path: Path, arch: str) -> None:
     path = tmp_path / f"{arch}.safetensors"
     save_model(path, model, manifest)
     loaded, back = load_model(path)
-    assert back == {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION}
-    assert read_manifest(path) == back
+    assert back.to_dict() == {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION}
+    assert read_manifest(path) == back.to_dict()
     assert type(loaded) is type(model)
     assert not any(m.training for m in loaded.modules())
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(42))

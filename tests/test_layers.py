@@ -89,7 +89,7 @@ def test_no_import_cycle_between_files():
 LAYERS = (
     ("errors", "_version", "registry", "terminal"),
     ("data", "models", "runtime"),
-    ("manifest",),
+    ("manifest", "records"),
     ("io", "kinds"),
     ("statedict",),
     ("files", "provenance"),

@@ -6,8 +6,8 @@ components into new classifiers, without training.
 >>> comp, comp_manifest, report = ml.disassemble(model, manifest,
 ...                                              ml.DisassemblyConfig(classes=(0, 1, 2)))
 >>> ml.save_model("zero-one-two.safetensors", comp.model, comp_manifest)
->>> report["classes"], report["flops_ratio"] < 1
-([0, 1, 2], True)
+>>> report.classes, report.flops_ratio < 1, comp_manifest.classes
+([0, 1, 2], True, (0, 1, 2))
 """
 
 from ._version import __version__
@@ -30,6 +30,7 @@ from .evaluation import evaluate
 from .exporting import ExportReport, export, export_model
 from .files import LoadedModel, load_model, open_model, save_model
 from .io import read_manifest
+from .manifest import Manifest, as_manifest
 from .models import create_model, list_models, trusted
 from .surgery.plan import ComponentPlan
 from .training import TrainConfig, train
@@ -71,6 +72,7 @@ __all__ = [
     "ImportConfig",
     "LoadedModel",
     "LocateConfig",
+    "Manifest",
     "ModelFileError",
     "ModelLegoError",
     "PlanError",
@@ -81,6 +83,7 @@ __all__ = [
     "Part",
     "assemble",
     "assemble_models",
+    "as_manifest",
     "compress",
     "compress_model",
     "create_model",

@@ -30,15 +30,16 @@ from .data import (
 from .data.base import reads_as_dataset
 from .errors import ModelLegoError
 from .evaluation import check_dataset_matches
+from .manifest import Manifest, as_manifest
 from .metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from .models import create_model, list_models
 from .provenance import provenance, require_single, source_record
+from .records import DistillReport
 from .runtime.device import device_of, on_current_device
 from .runtime.hooks import preserved_state
 from .terminal import printable
 from .training import (
     augmentation,
-    base_manifest,
     check_classes,
     check_lr,
     check_seed,
@@ -113,10 +114,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student_logits, targets)
 
 
-def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: DistillConfig, *,
+def distill(teacher: nn.Module, teacher_manifest: Manifest | Mapping[str, Any],
+            config: DistillConfig, *,
             data_dir: str | None = None, command: str | None = None,
             source_path: str | Path | None = None, compare: bool = True,
-            progress: bool = False) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+            progress: bool = False) -> tuple[nn.Module, Manifest, DistillReport]:
     """Train ``config.student`` on the teacher's classes with the teacher's soft targets.
 
     Args:
@@ -138,21 +140,21 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
 
     >>> student, manifest, report = distill(*load_model("t.safetensors"),
     ...                                     DistillConfig("simnet", width=0.5, epochs=1))
-    >>> architecture = manifest["architecture"]
-    >>> architecture["name"]
+    >>> manifest.architecture.name
     'simnet'
     """
     config.validate()
     require_single(teacher_manifest, "distil from", where="the teacher",
                    hint="; distil from one of the parts instead")
-    dataset = teacher_manifest["dataset"]["name"]
+    teacher_manifest = as_manifest(teacher_manifest, source="the teacher's manifest")
+    dataset = teacher_manifest.own_dataset.name
     info, classes, (x_train, y_train), val, test = _teacher_data(teacher_manifest, data_dir)
     x_val = normalize(as_tensor(val.images, "distillation"), info)
     x_test = normalize(as_tensor(test.images, "distillation"), info)
     # the student reads the dataset's images; the teacher may read them in another form
     # (an imported network at 224 px, say): its inputs are converted on the way in
-    contract = teacher_manifest["input"]
-    as_teacher = _contract_view(info, contract)
+    contract = teacher_manifest.input
+    as_teacher = _contract_view(info, contract.to_dict())
     x_teacher_test = model_input(test.images, info, contract)
     c, h, _ = info.input_shape
     kwargs = {"in_channels": c, "num_classes": len(classes), "input_size": h,
@@ -186,39 +188,36 @@ def distill(teacher: nn.Module, teacher_manifest: dict[str, Any], config: Distil
         finally:
             teacher.to(home)
     kd_row.update(measured(student, x_test))
-    report: dict[str, Any] = {
-        "dataset": dataset, "classes": list(classes), "n": len(test),
-        "teacher": {"file": str(source_path) if source_path else None,
-                    "kind": teacher_manifest.get("kind"),
-                    "architecture": teacher_manifest.get("architecture", {}).get("name"),
-                    **teacher_row},
-        "student_kd": kd_row, "epochs": config.epochs, "config": config.to_dict(),
-    }
+    teacher_entry = {"file": str(source_path) if source_path else None,
+                     "kind": teacher_manifest.kind,
+                     "architecture": teacher_manifest.own_architecture.name, **teacher_row}
+    alone_row = None
     if compare:
         alone, alone_row, _ = _train_student(config, kwargs, data, pad, flip, None, progress)
         alone_row.update(measured(alone, x_test))
-        report["student_alone"] = alone_row
-    report["seconds"] = time.perf_counter() - t0
+    report = DistillReport(dataset, list(classes), len(test), teacher_entry, kd_row,
+                           config.epochs, config.to_dict(), time.perf_counter() - t0,
+                           student_alone=alone_row)
     manifest = _student_manifest(teacher_manifest, info, classes, kwargs, config, kd_row,
                                  history, command=command, source_path=source_path)
     return student, manifest, report
 
 
-def _teacher_data(teacher_manifest: dict[str, Any], data_dir: str | None) -> tuple:
+def _teacher_data(teacher_manifest: Manifest, data_dir: str | None) -> tuple:
     """The teacher's dataset, its classes, the training images and labels of those classes,
     and their validation and test splits (each refused when empty)."""
-    spec = teacher_manifest["dataset"]
+    spec = teacher_manifest.own_dataset
     info = dataset_info_for(spec, data_dir=data_dir)
-    check_dataset_matches(teacher_manifest, spec["name"], info)
+    check_dataset_matches(teacher_manifest, spec.name, info)
     train_split = load_split_for(spec, "train", data_dir=data_dir, where="the teacher")
-    classes = tuple(int(c) for c in teacher_manifest["classes"])
+    classes = teacher_manifest.classes
     check_classes(classes, info.num_classes, "the teacher's classes")
     x_train, y_train = task_split(train_split, classes)
     val = load_split_for(spec, "val", data_dir=data_dir, where="the teacher").subset(classes)
     test = load_split_for(spec, "test", data_dir=data_dir, where="the teacher").subset(classes)
     for name, n in (("train", len(y_train)), ("validation", len(val)), ("test", len(test))):
         if n == 0:
-            raise ModelLegoError(f"dataset {spec['name']!r} has no {name} images of the "
+            raise ModelLegoError(f"dataset {spec.name!r} has no {name} images of the "
                                  f"teacher's classes {list(classes)}; add images or use "
                                  "another teacher")
     return info, classes, (x_train, y_train), val, test
@@ -242,41 +241,39 @@ def _train_student(config: DistillConfig, kwargs: dict[str, Any], data: tuple, p
     return model, row, history
 
 
-def _student_manifest(teacher_manifest: dict[str, Any], info, classes: tuple[int, ...],
+def _student_manifest(teacher_manifest: Manifest, info, classes: tuple[int, ...],
                       kwargs: dict[str, Any], config: DistillConfig, row: dict[str, Any],
                       history: list[dict], *, command: str | None,
-                      source_path: str | Path | None) -> dict[str, Any]:
-    manifest = base_manifest(info, classes)
-    if "fingerprint" in teacher_manifest["dataset"]:  # trained on the teacher's (checked) data
-        manifest["dataset"]["fingerprint"] = teacher_manifest["dataset"]["fingerprint"]
-    manifest.update({
-        "kind": "model",
-        "architecture": {"name": config.student, "kwargs": kwargs},
-        "metrics": {"val_accuracy": row["val_accuracy"], "test_accuracy": row["accuracy"],
-                    "test_per_class": row["per_class"]},
-        "provenance": provenance(
+                      source_path: str | Path | None) -> Manifest:
+    dataset = info.to_dict()
+    fingerprint = teacher_manifest.own_dataset.fingerprint
+    if fingerprint is not None:  # trained on the teacher's (checked) data
+        dataset["fingerprint"] = fingerprint
+    return Manifest.for_model(
+        architecture={"name": config.student, "kwargs": kwargs}, dataset=dataset,
+        classes=classes,
+        metrics={"val_accuracy": row["val_accuracy"], "test_accuracy": row["accuracy"],
+                 "test_per_class": row["per_class"]},
+        provenance=provenance(
             "modellego distill", command,
             teacher={**source_record(teacher_manifest, source_path),
-                     "architecture": teacher_manifest.get("architecture", {}).get("name")},
+                     "architecture": teacher_manifest.own_architecture.name},
             config=config.to_dict(), best_epoch=row["best_epoch"], history=history,
-            torch_version=torch.__version__),
-    })
-    return manifest
+            torch_version=torch.__version__))
 
 
-def format_distill(report: dict[str, Any]) -> str:
+def format_distill(report: DistillReport) -> str:
     """A plain-text table: teacher, student with distillation, student alone."""
-    cfg = report["config"]
-    lines = [f"classes {report['classes']} of {printable(report['dataset'])} "
-             f"({report['n']} test images); "
-             f"student {cfg['student']} (width {cfg['width']}), {report['epochs']} epochs, "
+    cfg = report.config
+    lines = [f"classes {list(report.classes)} of {printable(report.dataset)} "
+             f"({report.n} test images); "
+             f"student {cfg['student']} (width {cfg['width']}), {report.epochs} epochs, "
              f"T = {cfg['temperature']}, alpha = {cfg['alpha']}",
              f"  {'':<15} {'accuracy':>8} {'params':>12} {'FLOPs':>14}"]
-    for key, label in (("teacher", "teacher"), ("student_kd", "student + KD"),
-                       ("student_alone", "student alone")):
-        if key in report:
-            r = report[key]
+    for r, label in ((report.teacher, "teacher"), (report.student_kd, "student + KD"),
+                     (report.student_alone, "student alone")):
+        if r is not None:
             lines.append(f"  {label:<15} {r['accuracy']:>8.4f} {r['params']:>12,} "
                          f"{r['flops']:>14,}")
-    lines.append(f"  {report['seconds']:.1f} s")
+    lines.append(f"  {report.seconds:.1f} s")
     return "\n".join(lines)

@@ -219,21 +219,26 @@ def load_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def load_model(path: str | Path, *, trust_code: Sequence[str] | str | None = None
-               ) -> tuple[nn.Module, dict[str, Any]]:
+               ) -> tuple[nn.Module, Manifest]:
     """Rebuild the network a model file describes, load its weights, return it in eval mode
-    with its (validated) manifest as a dict; see :func:`open_model` for the typed manifest.
+    with its validated, typed manifest; :func:`open_model` also gives the file's path and
+    router fingerprint.
 
     Args:
         path: the model file.
         trust_code: modules a ``python:`` architecture may import.
 
     Returns:
-        ``(model, manifest)``.
+        ``(model, manifest)``: the network and its :class:`~modellego.manifest.Manifest`
+        (``manifest.to_dict()`` is the JSON the file holds; reading the manifest as a dict,
+        as code written for modellego 0.2 did, still works and is deprecated).
 
     >>> model, manifest = load_model("checkpoints/fashion-mnist/vgg16_bn.safetensors")
+    >>> manifest.kind, manifest.classes[:3], manifest.dataset.name
+    ('model', (0, 1, 2), 'fashion-mnist')
     """
     loaded = open_model(path, trust_code=trust_code)
-    return loaded.model, loaded.manifest.to_dict()
+    return loaded.model, loaded.manifest
 
 
 def _compare_tensors(path: Path, expected: dict[str, tuple[int, ...]],

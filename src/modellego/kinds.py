@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from .errors import ModelFileError
+from .manifest import Manifest
 from .registry import Registry
 
 Builder = Callable[[Mapping[str, Any]], nn.Module]
@@ -25,8 +26,11 @@ def register_kind(kind: str, build: Builder) -> Builder:
     return KIND_REGISTRY.register(kind, build)
 
 
-def build_from_manifest(manifest: Mapping[str, Any]) -> nn.Module:
-    """An ``nn.Module`` with the structure ``manifest`` describes (weights not loaded)."""
+def build_from_manifest(manifest: Manifest | Mapping[str, Any]) -> nn.Module:
+    """An ``nn.Module`` with the structure ``manifest`` describes (weights not loaded); the
+    kind's builder reads the manifest's JSON data (or an assembly's part entry)."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
     kind = manifest.get("kind", "model")
     if kind not in KIND_REGISTRY:
         raise ModelFileError(f"unknown model kind {kind!r} in manifest; known: "

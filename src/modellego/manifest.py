@@ -24,8 +24,10 @@ as read-only JSON: mappings become :class:`types.MappingProxyType`, arrays tuple
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -848,10 +850,20 @@ def _assembly(data: Mapping[str, Any], check: _Check
 
 @dataclass(frozen=True)
 class Manifest:
-    """The validated manifest of a model file (see the module docstring).
+    """The validated manifest of a model file (see the module docstring): what
+    :func:`modellego.load_model` returns beside the network, and what the verbs return
+    for the networks they make.
 
     ``architecture`` and ``dataset`` are set for models and components, ``plan`` (and
-    possibly ``head``) for components, ``assembly`` for assemblies."""
+    possibly ``head``) for components, ``assembly`` for assemblies. :meth:`to_dict` gives
+    the JSON the file holds; :meth:`for_model`, :meth:`for_component` and
+    :meth:`for_assembly` build new ones, :meth:`updated` changes entries. Reading it as a
+    dict (``manifest["classes"]``) reads :meth:`to_dict` and is deprecated.
+
+    >>> model, manifest = load_model("checkpoints/digits/mobilenet_v2.safetensors")
+    >>> manifest.kind, manifest.dataset.name, manifest.input.shape
+    ('model', 'digits', (1, 28, 28))
+    """
 
     kind: str
     classes: tuple[int, ...]
@@ -927,10 +939,139 @@ class Manifest:
                    plan=plan, head=head, router_fingerprint=router_fp, metrics=metrics,
                    provenance=provenance, format_version=version)
 
+    @classmethod
+    def create(cls, kind: str, entries: Mapping[str, Any], *,
+               source: str = "the new manifest") -> Manifest:
+        """A validated manifest of ``kind`` from its JSON ``entries`` (as a file holds them,
+        without the ``format`` keys, which are stamped here); what passes reads back
+        unchanged from a file. Invalid entries raise :class:`ModelFileError`."""
+        data = {**entries, "kind": kind, "format": FORMAT, "format_version": FORMAT_VERSION}
+        return cls.from_dict(_json_data(data, source), source=source)
+
+    @classmethod
+    def for_model(cls, *, architecture: Mapping[str, Any], dataset: Mapping[str, Any],
+                  classes: Sequence[int], input: Mapping[str, Any] | None = None,
+                  metrics: Mapping[str, Any] | None = None,
+                  provenance: Mapping[str, Any] | None = None) -> Manifest:
+        """The manifest of a network (kind ``model``) built by ``architecture`` (``{name,
+        kwargs}``) with one output per class of ``classes`` of ``dataset`` (a dataset entry:
+        ``{name, class_names, input_shape, mean, std[, fingerprint]}``); ``input`` defaults to
+        the dataset's images as they are normalised."""
+        return cls.create("model", {**_single(dataset, classes, input),
+                                    "architecture": dict(architecture),
+                                    **_optional(metrics=metrics, provenance=provenance)})
+
+    @classmethod
+    def for_component(cls, source: Manifest, plan: ComponentPlan, *,
+                      dataset: Mapping[str, Any], classes: Sequence[int],
+                      metrics: Mapping[str, Any] | None = None,
+                      provenance: Mapping[str, Any] | None = None,
+                      head: str | None = None) -> Manifest:
+        """The manifest of a component cut from ``source`` (a model or component) that keeps
+        ``plan`` (relative to ``source``'s network) for ``classes`` of ``dataset``: the plan
+        is composed with the source's own when the source is a component, the network reads
+        what the source's read, and the source's data fingerprint is carried."""
+        if source.architecture is None or source.dataset is None:
+            raise ModelFileError(f"a component is cut from a model or a component, not from "
+                                 f"a {source.kind!r}")
+        if source.plan is not None:
+            plan = source.plan.compose(plan)
+        entry = dict(dataset)
+        if source.dataset.fingerprint is not None:  # made on the source's data
+            entry["fingerprint"] = _thaw(source.dataset.fingerprint)
+        return cls.create("component", {
+            **_single(entry, classes, source.input.to_dict()),
+            "architecture": source.architecture.to_dict(), "plan": plan.to_dict(),
+            **_optional(metrics=metrics, provenance=provenance, head=head)})
+
+    @classmethod
+    def for_assembly(cls, *, layout: str, scaling: str, parts: Sequence[Mapping[str, Any]],
+                     labels: Sequence[Mapping[str, Any]], input: Mapping[str, Any],
+                     taps: Sequence[Sequence[str]] | None = None,
+                     union: Mapping[str, Any] | None = None,
+                     base: Mapping[str, Any] | None = None,
+                     metrics: Mapping[str, Any] | None = None,
+                     provenance: Mapping[str, Any] | None = None) -> Manifest:
+        """The manifest of an assembly: its ``parts`` (as :class:`PartSpec` entries) and
+        ``labels`` (one per output, in the order of the parts' outputs), the ``input`` it
+        reads, and the layout's and scaling's side data."""
+        return cls.create("assembly", {
+            "layout": layout, "scaling": scaling, "parts": [dict(p) for p in parts],
+            "labels": [dict(lab) for lab in labels],
+            "classes": list(range(len(labels))),
+            "class_names": [f"{lab['dataset']}:{lab['name']}" for lab in labels],
+            "input": dict(input), "taps": None if taps is None else [list(t) for t in taps],
+            "union": union, "base": base,
+            **_optional(metrics=metrics, provenance=provenance)})
+
+    def updated(self, **entries: Any) -> Manifest:
+        """This manifest with top-level ``entries`` set (JSON data, e.g. ``metrics``), or
+        removed where ``None`` is given, validated again."""
+        data = self.to_dict()
+        for key, value in entries.items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        data.pop("format", None)
+        data.pop("format_version", None)
+        kind = data.pop("kind")
+        return Manifest.create(kind, data)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Manifest:
+        return self  # immutable: every entry is frozen or read-only JSON
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # pickled as its JSON (read-only mappings do not pickle), validated when unpickled
+        return _from_json, (self.to_dict(),)
+
+    # Read access as a mapping, for code written when load_model returned a dict: it reads
+    # to_dict() (a copy) and is deprecated. The package itself never uses it.
+
+    def __getitem__(self, key: str) -> Any:
+        _mapping_access(key)
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Deprecated: read :meth:`to_dict` or the attributes."""
+        _mapping_access(key)
+        return self.to_dict().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        _mapping_access(key)
+        return key in self.to_dict()
+
+    def keys(self) -> Any:
+        """Deprecated: read :meth:`to_dict` or the attributes."""
+        _mapping_access("keys()")
+        return self.to_dict().keys()
+
     @property
     def num_outputs(self) -> int:
         """How many logits the network has (one per class)."""
         return len(self.classes)
+
+    @property
+    def own_dataset(self) -> DatasetSpec:
+        """The dataset of a model or component (an assembly's parts each have their own:
+        :class:`ModelFileError`)."""
+        if self.dataset is None:
+            raise ModelFileError(f"an {self.kind} has no single dataset; its parts each name "
+                                 "their own")
+        return self.dataset
+
+    @property
+    def own_architecture(self) -> ArchitectureSpec:
+        """The architecture of a model or component (an assembly: :class:`ModelFileError`)."""
+        if self.architecture is None:
+            raise ModelFileError(f"an {self.kind} has no single architecture; its parts each "
+                                 "name their own")
+        return self.architecture
+
+    @property
+    def file_source(self) -> SourceRef | None:
+        """The file this one was cut from (``provenance.source``), when it records one."""
+        return None if self.provenance is None else self.provenance.source
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object to store (exactly what modellego 0.1.0 wrote for this file)."""
@@ -964,9 +1105,75 @@ class Manifest:
         return out
 
 
+def as_manifest(value: Manifest | Mapping[str, Any], *, source: str = "manifest") -> Manifest:
+    """A manifest as the typed :class:`Manifest`.
+
+    Args:
+        value: a :class:`Manifest` (returned as it is), or a manifest as JSON data: a file's
+            (as modellego 0.2's ``load_model`` returned it; its format version is checked)
+            or one built by hand without the ``format`` keys.
+        source: what to call it in errors.
+
+    Returns:
+        The validated :class:`Manifest`; :class:`ModelFileError` names the field that is
+        wrong.
+
+    >>> as_manifest(read_manifest("checkpoints/digits/mobilenet_v2.safetensors")).kind
+    'model'
+    """
+    if isinstance(value, Manifest):
+        return value
+    if not isinstance(value, Mapping):
+        raise ModelFileError(f"{source}: expected a Manifest or a manifest's JSON object, "
+                             f"found {type(value).__name__}")
+    if "format" in value:  # a file's manifest, as read: its version is checked
+        return Manifest.from_dict(_json_data(value, source), source=source)
+    entries = dict(value)
+    return Manifest.create(str(entries.pop("kind", "model")), entries, source=source)
+
+
+def _from_json(data: Mapping[str, Any]) -> Manifest:
+    return Manifest.from_dict(data, source="a pickled manifest")
+
+
+def _json_data(data: Mapping[str, Any], source: str) -> Any:
+    """``data`` through JSON, as a file would hold it (so what validates reads back)."""
+    try:
+        return json.loads(json.dumps(_thaw(data), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{source}: the manifest is not JSON data ({exc}); use plain "
+                             "dicts, lists, strings and finite numbers") from None
+
+
+def _single(dataset: Mapping[str, Any], classes: Sequence[int],
+            input: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The dataset, class and input entries of a model's or component's manifest."""
+    names = dataset.get("class_names")
+    chosen = [int(c) for c in classes]
+    if not isinstance(names, Sequence) or any(not 0 <= c < len(names) for c in chosen):
+        raise ModelFileError(f"classes {chosen}: not class ids of the dataset entry "
+                             f"({_show(names)})")
+    if input is None:
+        input = {"shape": dataset.get("input_shape"), "mean": dataset.get("mean"),
+                 "std": dataset.get("std")}
+    return {"dataset": dict(dataset), "classes": chosen,
+            "class_names": [names[c] for c in chosen], "input": dict(input)}
+
+
+def _optional(**entries: Any) -> dict[str, Any]:
+    """The entries that are given (not ``None``)."""
+    return {k: v for k, v in entries.items() if v is not None}
+
+
+def _mapping_access(key: object) -> None:
+    warnings.warn(f"reading a Manifest as a dict ({key!r}) is deprecated: use its attributes "
+                  "(manifest.classes, manifest.dataset.name, ...) or manifest.to_dict()",
+                  DeprecationWarning, stacklevel=3)
+
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KINDS", "LAYOUTS_0_1", "SCALINGS_0_1",
            "set_vocabulary", "vocabulary",
            "ArchitectureSpec", "AssemblySpec", "BaseSpec", "DatasetSpec", "InputContract",
            "ComponentPlan", "Label", "Manifest", "Metrics", "PartSpec", "Provenance",
            "RouterFingerprintSpec", "ROUTER_FINGERPRINT_PREFIX",
-           "SourceRef", "UnionSpec"]
+           "SourceRef", "UnionSpec", "as_manifest"]

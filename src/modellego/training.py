@@ -14,6 +14,7 @@ from ._version import __version__
 from .data import Split, as_tensor, load_split, model_input, normalize
 from .data.fingerprint import split_fingerprint
 from .errors import ModelLegoError, TrainingError
+from .manifest import Manifest
 from .metrics import accuracy_from_logits, predict_logits
 from .models import create_model
 from .runtime.device import device_of, on_current_device, to_device_of
@@ -120,7 +121,7 @@ def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> tor
 
 def train(config: TrainConfig, *, command: str | None = None,
           progress: bool = True, fingerprint: bool = True
-          ) -> tuple[torch.nn.Module, dict[str, Any]]:
+          ) -> tuple[torch.nn.Module, Manifest]:
     """Train ``config.arch`` on ``config.dataset``; keep the epoch best on the validation split.
 
     Args:
@@ -171,18 +172,16 @@ def train(config: TrainConfig, *, command: str | None = None,
                                     test.labels, classes)
     cfg = asdict(config)
     cfg.pop("data_dir")
-    manifest = base_manifest(info, classes)
-    manifest["dataset"]["fingerprint"] = {  # what later commands check their data against
-        s.split: split_fingerprint(s) for s in (train_split, val_split, test_all)}
-    manifest.update({
-        "kind": "model",
-        "architecture": {"name": config.arch, "kwargs": kwargs},
-        "metrics": {"val_accuracy": best_acc, "test_accuracy": test_acc.accuracy,
-                    "test_per_class": {str(k): v for k, v in test_acc.per_class.items()}},
-        "provenance": {"made_by": "modellego train", "command": command, "config": cfg,
-                       "best_epoch": best_epoch, "history": history,
-                       "modellego_version": __version__, "torch_version": torch.__version__},
-    })
+    manifest = Manifest.for_model(
+        architecture={"name": config.arch, "kwargs": kwargs},
+        dataset={**info.to_dict(), "fingerprint": {  # what later commands check data against
+            s.split: split_fingerprint(s) for s in (train_split, val_split, test_all)}},
+        classes=classes,
+        metrics={"val_accuracy": best_acc, "test_accuracy": test_acc.accuracy,
+                 "test_per_class": {str(k): v for k, v in test_acc.per_class.items()}},
+        provenance={"made_by": "modellego train", "command": command, "config": cfg,
+                    "best_epoch": best_epoch, "history": history,
+                    "modellego_version": __version__, "torch_version": torch.__version__})
     from .assembly.fingerprint import fingerprinted
 
     return model, fingerprinted(model, manifest, fingerprint, data_dir=config.data_dir)
@@ -192,17 +191,6 @@ def augmentation(dataset: str, input_size: int, augment: bool) -> tuple[int, boo
     """Crop padding and whether to flip when training on ``dataset`` (``(0, False)``: none)."""
     flip = augment and any(dataset.startswith(d) for d in _FLIP_OK)
     return (max(1, input_size // 14) if augment else 0), flip
-
-
-def base_manifest(info, classes: Sequence[int]) -> dict[str, Any]:
-    """The dataset, class and input-contract part of a manifest."""
-    return {
-        "dataset": info.to_dict(),
-        "classes": [int(c) for c in classes],
-        "class_names": [info.class_names[c] for c in classes],
-        "input": {"shape": list(info.input_shape), "mean": list(info.mean),
-                  "std": list(info.std)},
-    }
 
 
 def task_outputs(classes: Sequence[int], output_classes: Sequence[int]

@@ -13,8 +13,10 @@ from ..data.lazy import as_tensor, default_batch
 from ..data.registry import check_one_folder, load_split_for
 from ..errors import ModelLegoError
 from ..kinds import build_from_manifest
+from ..manifest import AssemblySpec, DatasetSpec, Manifest, as_manifest
 from ..metrics import count_flops, count_params
 from ..provenance import require_single
+from ..records import AssemblyEvaluation
 from ..runtime.distributed import SINGLE, DistContext
 from ..runtime.hooks import preserved_state
 from .adapters import InputAdapter, contract_shape, convert_images
@@ -55,7 +57,14 @@ class AssemblyConfig:
         get_layout(self.layout).check(get_scaling(self.scaling or "joint"))
 
 
-def label_map(parts: Sequence[Mapping[str, Any]], on_duplicate: str
+def _outputs(part: Manifest | Mapping[str, Any]) -> tuple[str, Sequence[int], Sequence[str]]:
+    """A part's (or a model's manifest's) dataset name, classes and class names."""
+    if isinstance(part, Manifest):
+        return part.own_dataset.name, part.classes, part.class_names
+    return part["dataset"]["name"], part["classes"], part["class_names"]
+
+
+def label_map(parts: Sequence[Manifest | Mapping[str, Any]], on_duplicate: str
               ) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """The assembled outputs (in order) and, per part, which of its outputs are kept.
 
@@ -63,24 +72,23 @@ def label_map(parts: Sequence[Mapping[str, Any]], on_duplicate: str
     output replaces an earlier part's output for the same label.
     """
     owner: dict[tuple[str, int], tuple[int, int]] = {}
-    for k, man in enumerate(parts):
-        ds = man["dataset"]["name"]
-        for i, c in enumerate(man["classes"]):
+    outputs = [_outputs(man) for man in parts]
+    for k, (ds, classes, names) in enumerate(outputs):
+        for i, c in enumerate(classes):
             key = (ds, int(c))
             if key in owner and on_duplicate == "error":
                 raise ModelLegoError(
                     f"part {owner[key][0]} and part {k} both classify {ds} class {c} "
-                    f"({man['class_names'][i]}); pass `on_duplicate` replace to keep the "
+                    f"({names[i]}); pass `on_duplicate` replace to keep the "
                     "later part's output for it")
             owner[key] = (k, i)
     columns: list[list[int]] = [[] for _ in parts]
     labels = []
-    for k, man in enumerate(parts):
-        ds = man["dataset"]["name"]
-        for i, c in enumerate(man["classes"]):
+    for k, (ds, classes, names) in enumerate(outputs):
+        for i, c in enumerate(classes):
             if owner[(ds, int(c))] == (k, i):
                 columns[k].append(i)
-                labels.append({"dataset": ds, "class": int(c), "name": man["class_names"][i],
+                labels.append({"dataset": ds, "class": int(c), "name": names[i],
                                "part": k, "part_output": i})
     return labels, columns
 
@@ -179,7 +187,7 @@ def checked_labels(parts: Sequence[Part], config: AssemblyConfig
 def assemble_models(parts: Sequence[Part | tuple], config: AssemblyConfig | None = None, *,
                     calibration: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                     base: Mapping[str, float] | None = None, command: str | None = None,
-                    dist: DistContext = SINGLE) -> tuple[AssembledModel, dict[str, Any]]:
+                    dist: DistContext = SINGLE) -> tuple[AssembledModel, Manifest]:
     """Assemble networks in memory into one classifier over the union of their labels.
 
     Args:
@@ -227,30 +235,21 @@ def _manifest(parts: Sequence[Part], config: AssemblyConfig, model: AssembledMod
               contract: Sequence[int], labels: list[dict[str, Any]],
               taps: list[list[str]] | None, spec: dict[str, Any] | None,
               base: Mapping[str, float] | None, calibration: dict[str, Any],
-              command: str | None) -> dict[str, Any]:
+              command: str | None) -> Manifest:
     """The manifest of an assembly :func:`assemble_models` made."""
     # every layout's body keeps the parts' input adapters in a ModuleList ``adapters``
     adapters = cast("Sequence[InputAdapter]", model.body.adapters)
     shape = list(contract)
-    return {
-        "kind": "assembly",
-        "layout": config.layout,
-        "scaling": config.scaling,
-        "parts": [dict(p.entry) for p in parts],
-        "taps": taps,
-        "union": spec,
-        "base": None if get_layout(config.layout).body_is_parts else {
+    return Manifest.for_assembly(
+        layout=config.layout, scaling=str(config.scaling), parts=[p.entry for p in parts],
+        labels=labels, taps=taps, union=spec,
+        base=None if get_layout(config.layout).body_is_parts else {
             "per_class": dict(base or {}), "measured_on": "each component alone, test split"},
-        "labels": labels,
-        "classes": list(range(len(labels))),
-        "class_names": [f"{lab['dataset']}:{lab['name']}" for lab in labels],
-        "input": {"shape": shape, "mean": [0.0] * shape[0],
-                  "std": [1.0] * shape[0], "range": "[0, 1]",
-                  "adapters": [a.describe() for a in adapters]},
-        "provenance": {"made_by": "modellego assemble", "command": command,
-                       "config": {k: v for k, v in config.__dict__.items()},
-                       "calibration": calibration, "modellego_version": __version__},
-    }
+        input={"shape": shape, "mean": [0.0] * shape[0], "std": [1.0] * shape[0],
+               "range": "[0, 1]", "adapters": [a.describe() for a in adapters]},
+        provenance={"made_by": "modellego assemble", "command": command,
+                    "config": {k: v for k, v in config.__dict__.items()},
+                    "calibration": calibration, "modellego_version": __version__})
 
 
 def build_assembly(manifest: Mapping[str, Any]) -> nn.Module:
@@ -264,19 +263,29 @@ def build_assembly(manifest: Mapping[str, Any]) -> nn.Module:
                       manifest.get("taps"), manifest.get("union"), weights=False)
 
 
-def union_test_set(manifest: dict[str, Any], *, data_dir: str | None = None, split: str = "test"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _assembly_of(manifest: Manifest | Mapping[str, Any]) -> tuple[Manifest, AssemblySpec]:
+    """``manifest`` (typed) and what only an assembly has; refused for other kinds."""
+    manifest = as_manifest(manifest)
+    if manifest.assembly is None:
+        raise ModelLegoError(f"this is a {manifest.kind}, not an assembly; evaluate it with "
+                             "modellego.evaluate")
+    return manifest, manifest.assembly
+
+
+def union_test_set(manifest: Manifest | Mapping[str, Any], *, data_dir: str | None = None,
+                   split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """Contract images and assembled output indices of every label's test images."""
-    contract = manifest["input"]["shape"]
+    manifest, spec = _assembly_of(manifest)
+    contract = manifest.input.shape
     by_dataset: dict[str, list[tuple[int, int]]] = {}
-    specs: dict[str, tuple[int, dict[str, Any]]] = {}
-    for idx, lab in enumerate(manifest["labels"]):
-        by_dataset.setdefault(lab["dataset"], []).append((lab["class"], idx))
-        specs.setdefault(lab["dataset"], (lab["part"], manifest["parts"][lab["part"]]["dataset"]))
+    specs: dict[str, tuple[int, DatasetSpec]] = {}
+    for idx, lab in enumerate(spec.labels):
+        by_dataset.setdefault(lab.dataset, []).append((lab.class_id, idx))
+        specs.setdefault(lab.dataset, (lab.part, spec.parts[lab.part].dataset))
     xs, ys = [], []
     for ds, pairs in by_dataset.items():
-        k, spec = specs[ds]
-        test = load_split_for(spec, split, data_dir=data_dir, where=f"part {k}")
+        k, dataset = specs[ds]
+        test = load_split_for(dataset, split, data_dir=data_dir, where=f"part {k}")
         for c, idx in pairs:
             sel = test.labels == c
             xs.append(convert_images(as_tensor(test.images[sel], "the assembly's evaluation"),
@@ -285,9 +294,9 @@ def union_test_set(manifest: dict[str, Any], *, data_dir: str | None = None, spl
     return torch.cat(xs), torch.cat(ys)
 
 
-def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
+def evaluate_assembly(model: AssembledModel, manifest: Manifest | Mapping[str, Any], *,
                       data_dir: str | None = None, batch_size: int | None = None
-                      ) -> dict[str, Any]:
+                      ) -> AssemblyEvaluation:
     """Assembled accuracy on the union of the parts' test images, and Base: the mean of the
     parts' own per-class accuracies on their own classes (argmax over each part's outputs).
 
@@ -305,11 +314,12 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
     AUROCs, and the accuracy with perfect routing, so that the loss against Base splits into
     routing and the parts' own classification).
     """
-    check_one_folder([p["dataset"]["name"] for p in manifest["parts"]], data_dir)
+    manifest, spec = _assembly_of(manifest)
+    check_one_folder([p.dataset.name for p in spec.parts], data_dir)
     x, y = union_test_set(manifest, data_dir=data_dir)
     batch_size = batch_size or default_batch(x.shape[1:])
     combined: list[torch.Tensor] = []
-    part_preds: list[list[torch.Tensor]] = [[] for _ in manifest["parts"]]
+    part_preds: list[list[torch.Tensor]] = [[] for _ in spec.parts]
     with preserved_state(model), torch.inference_mode():
         model.eval()
         for i in range(0, len(x), batch_size):
@@ -321,27 +331,25 @@ def evaluate_assembly(model: AssembledModel, manifest: dict[str, Any], *,
     correct = assembled.argmax(1) == y
     per_label = {}
     base = {}
-    for idx, lab in enumerate(manifest["labels"]):
+    for idx, lab in enumerate(spec.labels):
         sel = y == idx
-        key = f"{lab['dataset']}:{lab['class']}"
-        per_label[key] = float(correct[sel].double().mean())
-        k = lab["part"]
-        own = torch.tensor(manifest["parts"][k]["classes"])[torch.cat(part_preds[k])[sel]]
-        base[key] = float((own == lab["class"]).double().mean())
-    if not get_layout(manifest["layout"]).body_is_parts:  # Base was measured on the parts
-        base = manifest["base"]["per_class"]
-    shape = manifest["input"]["shape"]
+        per_label[lab.key] = float(correct[sel].double().mean())
+        own = torch.tensor(spec.parts[lab.part].classes)[torch.cat(part_preds[lab.part])[sel]]
+        base[lab.key] = float((own == lab.class_id).double().mean())
+    if not get_layout(spec.layout).body_is_parts and spec.base is not None:
+        # the body is not the parts: Base was measured on them before they were merged
+        base = dict(spec.base.per_class)
+    shape = manifest.input.shape
     balanced = sum(per_label.values()) / len(per_label)
-    blocks = [[i for i, lab in enumerate(manifest["labels"]) if lab["part"] == k]
-              for k in range(len(manifest["parts"]))]
+    blocks = [[i for i, lab in enumerate(spec.labels) if lab.part == k]
+              for k in range(len(spec.parts))]
     routing = routing_metrics(assembled, y, blocks)
     base_mean = sum(base.values()) / len(base)
     routing["routing_loss_pp"] = 100 * (routing["oracle_balanced_accuracy"] - balanced)
     routing["classification_loss_pp"] = 100 * (base_mean - routing["oracle_balanced_accuracy"])
-    return {"n": int(len(y)), "accuracy": float(correct.double().mean()),
-            "balanced_accuracy": balanced, "base": base_mean,
-            "base_per_class": base, "per_class": per_label, "params": count_params(model),
-            "flops": count_flops(model, shape), "routing": routing}
+    return AssemblyEvaluation(int(len(y)), float(correct.double().mean()), balanced,
+                              base_mean, base, per_label, count_params(model),
+                              count_flops(model, shape), routing)
 
 
 __all__ = ["LAYOUTS", "SCALINGS", "AssembledModel", "AssemblyConfig", "ParallelBody", "Part",

@@ -38,7 +38,7 @@ from torch import nn
 from ..data.lazy import as_tensor, default_batch, iter_slices, take
 from ..data.registry import load_split_for
 from ..errors import ModelLegoError
-from ..manifest import ROUTER_FINGERPRINT_VERSIONS
+from ..manifest import ROUTER_FINGERPRINT_VERSIONS, Manifest, as_manifest
 from .scoring import FeatureTap, class_distances, class_gaussians, class_halves, tap_layers
 
 #: training images per class a fingerprint is made from (fewer when a class has fewer)
@@ -134,55 +134,56 @@ class TooFewImages(ModelLegoError):
     """The model's dataset has fewer than two training images of one of its classes."""
 
 
-def owner_images(manifest: Mapping[str, Any], *, per_class: int = FINGERPRINT_IMAGES,
+def owner_images(manifest: Manifest, *, per_class: int = FINGERPRINT_IMAGES,
                  seed: int = 0, data_dir: str | None = None) -> tuple[Any, torch.Tensor]:
     """Model inputs and output indices of up to ``per_class`` seeded training images of each
     of the model's classes, read from its own dataset (``data_dir``: its root)."""
     from ..data import model_input
 
-    split = load_split_for(manifest["dataset"], "train", data_dir=data_dir,
+    split = load_split_for(manifest.own_dataset, "train", data_dir=data_dir,
                            where="the fingerprinted model")
     gen = torch.Generator().manual_seed(seed)
     picks, ys = [], []
-    for i, c in enumerate(manifest["classes"]):
+    for i, c in enumerate(manifest.classes):
         pos = (split.labels == c).nonzero().flatten()
         if len(pos) < 2:
             raise TooFewImages(
-                f"{manifest['dataset']['name']} has {len(pos)} training images of class {c}; "
+                f"{manifest.own_dataset.name} has {len(pos)} training images of class {c}; "
                 "a fingerprint needs at least 2 of every class the model has")
         picks.append(pos[torch.randperm(len(pos), generator=gen)[:per_class]])
         ys.append(torch.full((len(picks[-1]),), i, dtype=torch.long))
     images = split.images[torch.cat(picks)]
-    x = model_input(images, split.info, manifest["input"])
+    x = model_input(images, split.info, manifest.input)
     return x, torch.cat(ys)
 
 
-def fingerprint_model(net: nn.Module, manifest: Mapping[str, Any], *,
+def fingerprint_model(net: nn.Module, manifest: Manifest | Mapping[str, Any], *,
                       per_class: int = FINGERPRINT_IMAGES, seed: int = 0,
                       data_dir: str | None = None
-                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                      ) -> tuple[Manifest, dict[str, torch.Tensor]]:
     """The manifest with a ``router_fingerprint`` entry, and its tensors, for a model or
     component made from its own training images (see :func:`make_fingerprint`)."""
-    if manifest.get("kind") == "assembly":
+    manifest = as_manifest(manifest)
+    if manifest.kind == "assembly":
         raise ModelLegoError("an assembly has no fingerprint of its own; fingerprint its "
                              "parts, then assemble them")
-    if manifest.get("head"):
+    if manifest.head:
         raise ModelLegoError("a part with a one-vs-rest head is combined by scaling 'concern', "
                              "which needs no fingerprint")
     x, y = owner_images(manifest, per_class=per_class, seed=seed, data_dir=data_dir)
     meta, tensors = make_fingerprint(net, x, y, seed=seed)
-    return {**manifest, "router_fingerprint": meta}, tensors
+    return manifest.updated(router_fingerprint=meta), tensors
 
 
-def fingerprinted(net: nn.Module, manifest: dict[str, Any], wanted: bool = True, *,
-                  data_dir: Any = None) -> dict[str, Any]:
+def fingerprinted(net: nn.Module, manifest: Manifest, wanted: bool = True, *,
+                  data_dir: Any = None) -> Manifest:
     """What a verb returns for a model it made: the manifest with its router fingerprint
     (see :func:`fingerprint_model`), whose tensors are kept with ``net`` for
     :func:`modellego.save_model`. Unchanged when not ``wanted`` and for a one-vs-rest module
     (scaling ``concern`` combines it without one)."""
     from ..files import attach_fingerprint
 
-    if not wanted or manifest.get("head"):
+    if not wanted or manifest.head:
         return manifest
     try:
         new, tensors = fingerprint_model(net, manifest, data_dir=data_dir)

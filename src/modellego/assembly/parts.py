@@ -9,6 +9,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..manifest import Manifest, as_manifest
+
 #: what an assembly's manifest records of each part's manifest
 PART_KEYS = ("kind", "architecture", "plan", "head", "dataset", "classes", "class_names",
              "input")
@@ -44,7 +46,7 @@ class Part(Mapping[str, Any]):
         return len(self.entry["classes"])
 
     @classmethod
-    def of(cls, net: nn.Module, manifest: Mapping[str, Any], *,
+    def of(cls, net: nn.Module, manifest: Manifest | Mapping[str, Any], *,
            path: str | Path | None = None,
            fingerprint: Mapping[str, torch.Tensor] | None = None) -> Part:
         """The part of a model or component (``manifest``), read from file ``path`` (whose
@@ -56,14 +58,17 @@ class Part(Mapping[str, Any]):
 
         if fingerprint is None:
             fingerprint = attached_fingerprint(net)
-
-        entry = {k: manifest[k] for k in PART_KEYS if k in manifest}
+        manifest = as_manifest(manifest, source=str(path) if path else "a part's manifest")
+        data = manifest.to_dict()
+        entry = {k: data[k] for k in PART_KEYS if k in data}
         entry["file"] = str(path) if path else None
         entry["sha256"] = file_sha256(path) if path else None
-        if manifest.get("kind") == "component":
-            source = (manifest.get("provenance") or {}).get("source") or {}
-            entry["source"] = {"file": source.get("file"), "sha256": source.get("sha256")}
-        spec = manifest.get("router_fingerprint")
-        made = (manifest.get("provenance") or {}).get("config") or {}
+        if manifest.kind == "component":
+            source = manifest.file_source
+            entry["source"] = {"file": None, "sha256": None} if source is None \
+                else source.to_dict()
+        spec = None if manifest.router_fingerprint is None \
+            else manifest.router_fingerprint.to_dict()
+        made = (manifest.provenance.data.get("config") if manifest.provenance else None) or {}
         return cls(net.eval(), entry, fingerprint if spec else None, spec,
                    tuple(key for key in REPAIRS if made.get(key)))

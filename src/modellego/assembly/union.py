@@ -85,9 +85,9 @@ def union_spec(parts: Sequence[Part]) -> dict[str, Any]:
     path = str(found)
     src = {"file": path, "sha256": src["sha256"]}
     source, manifest = load_model(path)
-    if manifest.get("kind") != "model":
+    if manifest.kind != "model":
         raise ModelLegoError(f"`layout` union: source {path} is not a plain model")
-    graph = build_channel_graph(source, manifest["input"]["shape"])
+    graph = build_channel_graph(source, manifest.input.shape)
     last = graph.output_layer.name
     plans = [ComponentPlan.from_dict(p["plan"]) for p in parts]
     merged: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -99,7 +99,7 @@ def union_spec(parts: Sequence[Part]) -> dict[str, Any]:
             else:
                 merged[name][key] = tuple(sorted({i for pl in plans
                                                   for i in pl.kept(name, key)}))
-    return {"architecture": manifest["architecture"],
+    return {"architecture": manifest.own_architecture.to_dict(),
             "plan": ComponentPlan(merged).to_dict(), "source": src}
 
 

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
                                            command=command_line(args), dist=dist)
         if not dist.is_main:  # under torchrun only rank 0 evaluates and writes
             return 0
-    result = report["evaluation"]
+    result = report.evaluation
+    assert result is not None  # assemble() evaluates on the main process
 
     def page() -> str:
         from ..viz.report import assembly_html

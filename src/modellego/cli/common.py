@@ -79,7 +79,9 @@ def json_object(text: str | None, flag: str) -> dict[str, Any]:
 
 
 def print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
+    from ..records import json_default
+
+    print(json.dumps(obj, indent=2, sort_keys=True, default=json_default))
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -63,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
         from ..viz.report import disassembly_html
         from ..viz.route import route_from_method
 
-        names = dict(zip(manifest["classes"], manifest["class_names"]))
+        names = dict(zip(manifest.classes, manifest.class_names))
         class_names = [str(names[c]) for c in config.classes]
         route = route_from_method(comp.graph, comp.profile, comp.method, config.classes,
-                                  manifest["classes"], comp.locate, class_names)
+                                  manifest.classes, comp.locate, class_names)
         return disassembly_html(report, new_manifest, route)
 
     wrote = finish(outs, comp.model, new_manifest, report, page)

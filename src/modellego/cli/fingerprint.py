@@ -24,10 +24,11 @@ def run(args: argparse.Namespace) -> int:
         model, manifest, per_class=args.images_per_class, seed=args.seed,
         data_dir=args.data_dir)
     wrote = finish(outs, model, new_manifest, fingerprint=fingerprint)
-    fp = new_manifest["router_fingerprint"]
+    fp = new_manifest.router_fingerprint
+    assert fp is not None  # fingerprint_model gives one
     size = sum(t.numel() for t in fingerprint.values()) * 4
-    print(f"router fingerprint from {fp['images']} training images at {len(fp['taps'])} "
-          f"layers ({', '.join(fp['taps'])}): {size / 1024:.0f} KB")
+    print(f"router fingerprint from {fp.images} training images at {len(fp.taps)} "
+          f"layers ({', '.join(fp.taps)}): {size / 1024:.0f} KB")
     print(wrote)
     return 0
 

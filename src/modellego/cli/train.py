@@ -31,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
     model, manifest = train(config, command=command_line(args), progress=not args.quiet,
                             fingerprint=not args.no_fingerprint)
     save_model(out, model, manifest)
-    print(f"test accuracy {manifest['metrics']['test_accuracy']:.4f} "
-          f"(best val {manifest['metrics']['val_accuracy']:.4f} at epoch "
-          f"{manifest['provenance']['best_epoch']}); wrote {printable(out)}")
+    metrics = manifest.metrics.to_dict() if manifest.metrics else {}
+    made = manifest.provenance.to_dict() if manifest.provenance else {}
+    print(f"test accuracy {metrics['test_accuracy']:.4f} "
+          f"(best val {metrics['val_accuracy']:.4f} at epoch "
+          f"{made['best_epoch']}); wrote {printable(out)}")
     return 0
 
 

@@ -7,7 +7,7 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Protocol, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -234,11 +234,30 @@ def convert_images(x: torch.Tensor, channels: int, size: Sequence[int]) -> torch
     return x
 
 
-def reads_as_dataset(info: DatasetInfo, contract: Mapping[str, Any] | None) -> bool:
+class Typed(Protocol):
+    """A typed manifest entry (:mod:`modellego.manifest`'s ``DatasetSpec``,
+    ``InputContract``): the data layer sits below the manifest and reads its JSON."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+#: a manifest's entry, typed or as JSON data
+Entry = Union[Typed, Mapping[str, Any]]
+#: what a network reads: a manifest's ``input`` entry, or ``None`` (the dataset's own)
+Contract = Union[Typed, Mapping[str, Any], None]
+
+
+def entry_of(entry: Entry) -> Mapping[str, Any]:
+    """A manifest's entry as JSON data."""
+    return entry if isinstance(entry, Mapping) else entry.to_dict()
+
+
+def reads_as_dataset(info: DatasetInfo, contract: Contract) -> bool:
     """Whether a network with input ``contract`` reads dataset ``info``'s images exactly as
     the dataset normalises them (same shape, mean and std; no contract counts as yes)."""
     if contract is None:
         return True
+    contract = entry_of(contract)
     return (tuple(int(v) for v in contract["shape"]) == tuple(info.input_shape)
             and tuple(float(v) for v in contract["mean"]) == tuple(info.mean)
             and tuple(float(v) for v in contract["std"]) == tuple(info.std))
@@ -246,21 +265,23 @@ def reads_as_dataset(info: DatasetInfo, contract: Mapping[str, Any] | None) -> b
 
 @overload
 def model_input(images: torch.Tensor, info: DatasetInfo,
-                contract: Mapping[str, Any] | None = None) -> torch.Tensor: ...
+                contract: Contract = None) -> torch.Tensor: ...
 @overload
 def model_input(images: LazyImages, info: DatasetInfo,
-                contract: Mapping[str, Any] | None = None) -> ModelInputs: ...
+                contract: Contract = None) -> ModelInputs: ...
 @overload
 def model_input(images: torch.Tensor | LazyImages, info: DatasetInfo,
-                contract: Mapping[str, Any] | None = None) -> torch.Tensor | ModelInputs: ...
+                contract: Contract = None) -> torch.Tensor | ModelInputs: ...
 def model_input(images: torch.Tensor | LazyImages, info: DatasetInfo,
-                contract: Mapping[str, Any] | None = None) -> torch.Tensor | ModelInputs:
+                contract: Contract = None) -> torch.Tensor | ModelInputs:
     """``[0, 1]`` images of dataset ``info`` as a network with input ``contract`` (its
     manifest's ``input``: shape, mean, std) reads them: converted to its channels and size
     when they differ (see :func:`convert_images`), then normalised with its mean and std.
     Without a contract, or one equal to the dataset's, this is :func:`normalize`. Lazy
     images (a streamed folder) give lazy :class:`~modellego.data.lazy.ModelInputs`,
     converted batch by batch when indexed."""
+    if contract is not None:
+        contract = entry_of(contract)
     if isinstance(images, LazyImages):
         shape = contract["shape"] if contract is not None else images.shape[1:]
         return ModelInputs(images, shape, functools.partial(model_input, info=info,

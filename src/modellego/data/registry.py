@@ -12,14 +12,14 @@ keep the original sample order.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-from modellego.data.base import SPLITS, DatasetInfo, RawData, Split
+from modellego.data.base import SPLITS, DatasetInfo, Entry, RawData, Split, entry_of
 from modellego.data.fingerprint import differences, split_fingerprint
 from modellego.data.folder import load_folder
 from modellego.data.lazy import LazyImages, spans
@@ -334,8 +334,8 @@ def check_one_folder(names: Sequence[str], data_dir: DataDir) -> None:
             " ".join(f"`data` {n}=PATH" for n in foldered))
 
 
-def load_split_for(dataset: Mapping[str, Any], split: str, *, data_dir: DataDir = None,
-                   where: str = "the model") -> Split:
+def load_split_for(dataset: Entry, split: str, *,
+                   data_dir: DataDir = None, where: str = "the model") -> Split:
     """Load ``split`` of the dataset a model file names (its manifest's ``dataset`` entry)
     and check it against the fingerprint recorded there.
 
@@ -344,6 +344,7 @@ def load_split_for(dataset: Mapping[str, Any], split: str, *, data_dir: DataDir 
     ``allow_mismatch``; a manifest without a fingerprint (written by modellego 0.1.0) is
     accepted with a :class:`DataFingerprintWarning`.
     """
+    dataset = entry_of(dataset)
     name = dataset["name"]
     loaded = load_split(name, split, data_dir=data_dir, image_size=size_for(dataset))
     expected = (dataset.get("fingerprint") or {}).get(split)
@@ -392,15 +393,18 @@ def is_folder(name: str) -> bool:
     return isinstance(name, str) and name.strip().lower().startswith(FOLDER_PREFIX)
 
 
-def size_for(dataset: Mapping[str, Any]) -> Size:
+def size_for(dataset: Entry) -> Size:
     """The image size a model file's dataset entry was read at, for a ``folder:PATH``
     (its ``input_shape``); ``None`` for registered datasets, whose size is their own."""
+    dataset = entry_of(dataset)
     if not is_folder(dataset["name"]):
         return None
     shape = dataset["input_shape"]
     return int(shape[1]), int(shape[2])
 
 
-def dataset_info_for(dataset: Mapping[str, Any], *, data_dir: DataDir = None) -> DatasetInfo:
+def dataset_info_for(dataset: Entry, *, data_dir: DataDir = None
+                     ) -> DatasetInfo:
     """:func:`dataset_info` of the dataset a model file names, read as it was then."""
+    dataset = entry_of(dataset)
     return dataset_info(dataset["name"], data_dir=data_dir, image_size=size_for(dataset))

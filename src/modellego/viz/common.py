@@ -12,12 +12,13 @@ import base64
 import io
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import BinaryIO, Sequence
 
 import torch
 
 from ..data.lazy import as_tensor
 from ..errors import ModelLegoError
+from ..manifest import Manifest
 from ..terminal import printable
 
 FIGURE_FORMATS = ("png", "svg")
@@ -89,7 +90,7 @@ def class_colors(n: int) -> list[tuple[float, float, float, float]]:
     return [more[i % len(more)] for i in range(n)]
 
 
-def task_images(manifest: dict[str, Any], classes: Sequence[int] | None, *,
+def task_images(manifest: Manifest, classes: Sequence[int] | None, *,
                 dataset: str | None = None, data_dir: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], list[str]]:
     """Normalised training images and labels of ``classes`` of the model ``manifest``
@@ -101,7 +102,7 @@ def task_images(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     require_single(manifest, "analyse", hint="; analyse its parts one by one")
     check_own_dataset(manifest, dataset, data_dir)
     data = task_data(manifest, classes, data_dir=data_dir, what="the analysis")
-    own, classes = [int(c) for c in manifest["classes"]], data.classes
-    names = dict(zip(own, manifest["class_names"]))
+    own, classes = list(manifest.classes), data.classes
+    names = dict(zip(own, manifest.class_names))
     return (as_tensor(data.images, "the analysis"), data.labels, classes,
             [str(names[c]) for c in classes])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from ..analysis.contribution import layer_contribution
 from ..analysis.locate import profiled_layers
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
+from ..manifest import Manifest, as_manifest
 from ..runtime.hooks import forward_hooks, preserved_state
 from ..surgery.graph import ChannelGraph, Layer, build_channel_graph
 from ..training import task_outputs
@@ -151,7 +152,7 @@ def compute_heatmap(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                        sample_labels, profile, sample_totals)
 
 
-def heatmap_data(model: nn.Module, manifest: dict[str, Any], layer: str,
+def heatmap_data(model: nn.Module, manifest: Manifest | Mapping[str, Any], layer: str,
                  classes: Sequence[int] | None = None, *, dataset: str | None = None,
                  data_dir: str | None = None, samples_per_class: int = 50,
                  per_sample: bool = True) -> HeatmapData:
@@ -159,10 +160,11 @@ def heatmap_data(model: nn.Module, manifest: dict[str, Any], layer: str,
 
     The layer name is checked before any image is loaded.
     """
-    find_layer(build_channel_graph(model, manifest["input"]["shape"]), layer)
+    manifest = as_manifest(manifest)
+    find_layer(build_channel_graph(model, manifest.input.shape), layer)
     x, y, classes, names = task_images(manifest, classes, dataset=dataset, data_dir=data_dir)
     return compute_heatmap(model, x, y, layer=layer, classes=classes,
-                           output_classes=manifest["classes"],
+                           output_classes=manifest.classes,
                            samples_per_class=samples_per_class, class_names=names,
                            per_sample=per_sample)
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+from ..errors import ModelLegoError
+from ..manifest import Manifest, as_manifest
+from ..records import AssemblyEvaluation, AssemblyReport, DisassemblyReport
 from .common import new_figure, plain_text, png_data_uri
 from .route import RouteData, format_route, route_figure
 
@@ -61,8 +64,8 @@ def _pre(obj: Any) -> str:
     return f"<pre>{_esc(text)}</pre>"
 
 
-def _provenance(manifest: dict[str, Any]) -> str:
-    prov = manifest.get("provenance") or {}
+def _provenance(manifest: Manifest) -> str:
+    prov = manifest.provenance.to_dict() if manifest.provenance is not None else {}
     scalars = [(k, v) for k, v in sorted(prov.items())
                if isinstance(v, (str, int, float, bool)) or v is None]
     nested = {k: v for k, v in prov.items() if k not in dict(scalars)}
@@ -120,33 +123,32 @@ def accuracy_figure(labels: Sequence[str], series: dict[str, Sequence[float]],
     return fig
 
 
-def disassembly_html(report: dict[str, Any], manifest: dict[str, Any],
+def disassembly_html(report: DisassemblyReport, manifest: Manifest | Mapping[str, Any],
                      route: RouteData | None = None) -> str:
     """The page of a disassembly: summary, per-class table, route, provenance, raw report."""
-    classes = report["classes"]
-    drop = 100 * (report["component_accuracy"] - report["restricted_accuracy"])
+    manifest = as_manifest(manifest)
+    r = report
+    classes = r.classes
+    drop = 100 * (r.component_accuracy - r.restricted_accuracy)
     summary = _table(["", "value"], [
         ("task classes", ", ".join(map(str, classes))),
-        ("test images", report["n"]),
-        ("source accuracy (all classes)", report["source_accuracy"]),
-        ("source accuracy (restricted to the task)", report["restricted_accuracy"]),
-        ("component accuracy", report["component_accuracy"]),
+        ("test images", r.n),
+        ("source accuracy (all classes)", r.source_accuracy),
+        ("source accuracy (restricted to the task)", r.restricted_accuracy),
+        ("component accuracy", r.component_accuracy),
         ("change against restricted source (pp)", f"{drop:+.2f}"),
-        ("params", f"{report['source_params']:,} \u2192 {report['component_params']:,} "
-                   f"({100 * report['params_ratio']:.1f} %)"),
-        ("FLOPs", f"{report['source_flops']:,} \u2192 {report['component_flops']:,} "
-                  f"({100 * report['flops_ratio']:.1f} %)"),
-    ] + ([("profile pass (s)", report["profile_seconds"]),
-          ("total (s)", report["total_seconds"])] if "profile_seconds" in report else []))
-    rows = [(r["class"], r["name"], r["n"], r["source_accuracy"], r["restricted_accuracy"],
-             r["component_accuracy"]) for r in report["per_class"]]
+        ("params", f"{r.source_params:,} \u2192 {r.component_params:,} "
+                   f"({100 * r.params_ratio:.1f} %)"),
+        ("FLOPs", f"{r.source_flops:,} \u2192 {r.component_flops:,} "
+                  f"({100 * r.flops_ratio:.1f} %)"),
+        ("profile pass (s)", r.profile_seconds), ("total (s)", r.total_seconds)])
+    rows = [(c.class_id, c.name, c.n, c.source_accuracy, c.restricted_accuracy,
+             c.component_accuracy) for c in r.per_class]
     per_class = _table(["class", "name", "n", "source", "restricted", "component"], rows,
                        left=(1,))
-    fig = accuracy_figure([_class_label(r["class"], r["name"]) for r in report["per_class"]],
-                          {"source (restricted)": [r["restricted_accuracy"]
-                                                   for r in report["per_class"]],
-                           "component": [r["component_accuracy"]
-                                         for r in report["per_class"]]},
+    fig = accuracy_figure([_class_label(c.class_id, c.name) for c in r.per_class],
+                          {"source (restricted)": [c.restricted_accuracy for c in r.per_class],
+                           "component": [c.component_accuracy for c in r.per_class]},
                           "per-class test accuracy")
     sections = [("Summary", summary), ("Per class", per_class + _img(png_data_uri(fig),
                                                                      "per-class accuracy"))]
@@ -156,61 +158,67 @@ def disassembly_html(report: dict[str, Any], manifest: dict[str, Any],
                          + '<p class="muted">Each bar is one conv/linear layer (outputs), '
                            "its channels sorted by how many task classes use them.</p>"
                          + _pre(format_route(route))))
-    kept = (manifest.get("provenance") or {}).get("kept_channels")
+    kept = manifest.provenance.to_dict().get("kept_channels") if manifest.provenance else None
     if kept:
         sections.append(("Kept channels", _table(
             ["layer", "kept", "of", "share"],
             [(name, k, t, f"{100 * k / t:.1f} %") for name, (k, t) in kept.items()])))
     sections.append(("Provenance", _provenance(manifest)))
-    sections.append(("JSON report", _pre(report)))
+    sections.append(("JSON report", _pre(report.to_dict())))
     return _page(f"modellego disassembly: classes {', '.join(map(str, classes))} "
-                 f"of {manifest['dataset']['name']}", sections)
+                 f"of {manifest.own_dataset.name}", sections)
 
 
-def assembly_html(result: dict[str, Any], manifest: dict[str, Any],
-                  report: dict[str, Any] | None = None) -> str:
+def assembly_html(result: AssemblyEvaluation, manifest: Manifest | Mapping[str, Any],
+                  report: AssemblyReport | None = None) -> str:
     """The page of an assembly: summary, per-label table and figure, parts, provenance.
 
     ``result`` is :func:`modellego.assembly.evaluate_assembly`'s; ``report`` the JSON
     report written next to it (shown verbatim; default: ``{"evaluation": result}``).
     """
+    manifest = as_manifest(manifest)
+    spec = manifest.assembly
+    if spec is None:
+        raise ModelLegoError(f"assembly_html: the manifest is a {manifest.kind}, not an "
+                             "assembly")
     summary = _table(["", "value"], [
-        ("parts", len(manifest["parts"])),
-        ("layout", manifest["layout"]),
-        ("scaling", manifest["scaling"]),
-        ("outputs", len(manifest["labels"])),
-        ("test images", result["n"]),
-        ("accuracy", result["accuracy"]),
-        ("balanced accuracy (mean per class)", result["balanced_accuracy"]),
-        ("Base (parts alone, own classes)", result["base"]),
-        ("params", result["params"]),
-        ("FLOPs", result["flops"]),
-    ] + ([("CPU latency (ms/image)", result["latency_ms"])] if "latency_ms" in result else []))
-    keys = list(result["per_class"])
+        ("parts", len(spec.parts)),
+        ("layout", spec.layout),
+        ("scaling", spec.scaling),
+        ("outputs", len(spec.labels)),
+        ("test images", result.n),
+        ("accuracy", result.accuracy),
+        ("balanced accuracy (mean per class)", result.balanced_accuracy),
+        ("Base (parts alone, own classes)", result.base),
+        ("params", result.params),
+        ("FLOPs", result.flops),
+    ] + ([("CPU latency (ms/image)", result.latency_ms)]
+         if result.latency_ms is not None else []))
+    keys = list(result.per_class)
     rows = []
-    for lab, key in zip(manifest["labels"], keys):
-        rows.append((key, lab["name"], lab["part"], result["base_per_class"].get(key),
-                     result["per_class"][key]))
+    for lab, key in zip(spec.labels, keys):
+        rows.append((key, lab.name, lab.part, result.base_per_class.get(key),
+                     result.per_class[key]))
     per_label = _table(["label", "name", "part", "Base", "assembled"], rows, left=(0, 1))
-    fig = accuracy_figure([f"{lab['name']} (p{lab['part']})" for lab in manifest["labels"]],
-                          {"Base (part alone)": [result["base_per_class"].get(k, 0.0)
+    fig = accuracy_figure([f"{lab.name} (p{lab.part})" for lab in spec.labels],
+                          {"Base (part alone)": [result.base_per_class.get(k, 0.0)
                                                  for k in keys],
-                           "assembled": [result["per_class"][k] for k in keys]},
+                           "assembled": [result.per_class[k] for k in keys]},
                           "per-label test accuracy")
     parts = []
-    for i, p in enumerate(manifest["parts"]):
-        parts.append((i, p.get("kind", ""), (p.get("architecture") or {}).get("name", ""),
-                      p["dataset"]["name"], ", ".join(map(str, p["classes"])),
-                      p.get("file") or ""))
+    for i, p in enumerate(spec.parts):
+        parts.append((i, p.kind, p.architecture.name, p.dataset.name,
+                      ", ".join(map(str, p.classes)), p.file or ""))
     sections = [
         ("Summary", summary),
         ("Per label", per_label + _img(png_data_uri(fig), "per-label accuracy")),
         ("Parts", _table(["part", "kind", "architecture", "dataset", "classes", "file"],
                          parts, left=(1, 2, 3, 4, 5))),
         ("Provenance", _provenance(manifest)),
-        ("JSON report", _pre(report if report is not None else {"evaluation": result})),
+        ("JSON report", _pre(report.to_dict() if report is not None
+                             else {"evaluation": result.to_dict()})),
     ]
-    return _page(f"modellego assembly of {len(manifest['parts'])} parts", sections)
+    return _page(f"modellego assembly of {len(spec.parts)} parts", sections)
 
 
 def write_html(path: str | Path, text: str) -> None:

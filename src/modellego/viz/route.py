@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from ..analysis.locate import LocateConfig, locate_class, profiled_layers
 from ..analysis.methods import get_method
 from ..analysis.profile import ContributionProfile, contribution_profile, select_samples
 from ..errors import ModelLegoError
+from ..manifest import Manifest, as_manifest
 from ..surgery.graph import ChannelGraph, Segment, build_channel_graph
 from ..terminal import printable
 from ..training import task_outputs
@@ -178,7 +179,8 @@ def compute_route(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return route_from_profile(graph, profile, classes, output_classes, locate, class_names)
 
 
-def route_masks(model: nn.Module, manifest: dict[str, Any], classes: Sequence[int], *,
+def route_masks(model: nn.Module, manifest: Manifest | Mapping[str, Any],
+                classes: Sequence[int], *,
                 dataset: str | None = None, data_dir: str | None = None,
                 samples_per_class: int = 50, locate: LocateConfig | None = None,
                 batch_size: int = 64) -> RouteData:
@@ -190,8 +192,9 @@ def route_masks(model: nn.Module, manifest: dict[str, Any], classes: Sequence[in
     """
     if samples_per_class < 1:
         raise ModelLegoError(f"`samples_per_class` must be >= 1, got {samples_per_class}")
+    manifest = as_manifest(manifest)
     x, y, classes, names = task_images(manifest, classes, dataset=dataset, data_dir=data_dir)
-    return compute_route(model, x, y, classes=classes, output_classes=manifest["classes"],
+    return compute_route(model, x, y, classes=classes, output_classes=manifest.classes,
                          samples_per_class=samples_per_class, locate=locate,
                          class_names=names, batch_size=batch_size)
 

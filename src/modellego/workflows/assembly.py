@@ -27,8 +27,10 @@ from ..data.lazy import as_tensor
 from ..data.registry import check_one_folder, load_split_for
 from ..errors import ModelLegoError
 from ..files import open_model
+from ..manifest import Manifest
 from ..metrics import predict_logits
 from ..models.sources import trusted
+from ..records import AssemblyReport
 from ..runtime.distributed import SINGLE, DistContext
 
 
@@ -36,7 +38,7 @@ def assemble(sources: Sequence[str | Path | tuple | Part],
              config: AssemblyConfig | None = None, *, data_dir: Any = None,
              command: str | None = None, dist: DistContext = SINGLE,
              trust_code: Sequence[str] | str | None = None, evaluate: bool = True
-             ) -> tuple[AssembledModel, dict[str, Any], dict[str, Any]]:
+             ) -> tuple[AssembledModel, Manifest, AssemblyReport]:
     """Assemble model files into one classifier, as ``modellego assemble`` does.
 
     Args:
@@ -66,7 +68,7 @@ def assemble(sources: Sequence[str | Path | tuple | Part],
 
 def _assemble(sources: Sequence[str | Path | tuple | Part], config: AssemblyConfig | None,
               *, data_dir: Any, command: str | None, dist: DistContext, evaluate: bool
-              ) -> tuple[AssembledModel, dict[str, Any], dict[str, Any]]:
+              ) -> tuple[AssembledModel, Manifest, AssemblyReport]:
     parts = as_parts([_part(src) for src in sources])
     check_one_folder([p["dataset"]["name"] for p in parts], data_dir)
     config = resolved(config, parts)
@@ -77,14 +79,14 @@ def _assemble(sources: Sequence[str | Path | tuple | Part], config: AssemblyConf
     base = None if layout.body_is_parts else parts_base(parts, config, data_dir=data_dir)
     model, manifest = assemble_models(parts, config, calibration=calibration, base=base,
                                       command=command, dist=dist)
-    report: dict[str, Any] = {"calibration": manifest["provenance"]["calibration"],
-                              "labels": manifest["labels"]}
+    made = manifest.to_dict()
+    result = None
     if evaluate and dist.is_main:
         result = evaluate_assembly(model, manifest, data_dir=data_dir)
-        manifest["metrics"] = {"test_accuracy": result["accuracy"],
-                               "test_balanced_accuracy": result["balanced_accuracy"],
-                               "base": result["base"]}
-        report = {"evaluation": result, **report}
+        manifest = manifest.updated(metrics={
+            "test_accuracy": result.accuracy,
+            "test_balanced_accuracy": result.balanced_accuracy, "base": result.base})
+    report = AssemblyReport(made["provenance"]["calibration"], made["labels"], result)
     return model, manifest, report
 
 
@@ -93,7 +95,7 @@ def _part(source: str | Path | tuple | Part) -> Part | tuple:
     if not isinstance(source, (str, Path)):
         return source
     loaded = open_model(source)
-    return Part.of(loaded.model, loaded.manifest.to_dict(), path=source,
+    return Part.of(loaded.model, loaded.manifest, path=source,
                    fingerprint=loaded.fingerprint)
 
 

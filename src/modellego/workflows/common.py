@@ -1,13 +1,13 @@
 """What the file-level verbs share, written once: the task's data (training images of the
 task's classes, validation and test images, calibration images of all the model's classes,
-each checked against the model's data fingerprint) and the manifest of a new component cut
-from a source. The kind check and the provenance record are in :mod:`modellego.provenance`.
+each checked against the model's data fingerprint). The kind check and the provenance
+record are in :mod:`modellego.provenance`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -21,33 +21,17 @@ from ..data import (
     load_split_for,
     model_input,
 )
+from ..data.base import Contract
 from ..errors import ModelLegoError
 from ..evaluation import check_dataset_matches
-from ..surgery.plan import ComponentPlan
-from ..training import base_manifest, check_classes
+from ..manifest import Manifest
+from ..training import check_classes
 
 
-def component_manifest(info: Any, classes: Sequence[int], source: dict[str, Any],
-                       plan: Any, metrics: dict[str, Any],
-                       prov: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of a component of ``source`` (a model or component manifest) that keeps
-    ``plan`` (relative to ``source``'s network) for ``classes``: the plan is composed with
-    the source's own when the source is itself a component."""
-    if source.get("kind") == "component":
-        plan = ComponentPlan.from_dict(source["plan"]).compose(plan)
-    manifest = base_manifest(info, classes)
-    manifest["input"] = dict(source["input"])  # the source's network reads what it read
-    if "fingerprint" in source["dataset"]:  # made on the source's data: carry its fingerprint
-        manifest["dataset"]["fingerprint"] = source["dataset"]["fingerprint"]
-    manifest.update({"kind": "component", "architecture": source["architecture"],
-                     "plan": plan.to_dict(), "metrics": metrics, "provenance": prov})
-    return manifest
-
-
-def own_classes(manifest: dict[str, Any], classes: Sequence[int] | None, num_classes: int,
+def own_classes(manifest: Manifest, classes: Sequence[int] | None, num_classes: int,
                 *, param: str = "`classes`") -> tuple[int, ...]:
     """``classes`` (default: all of the model's) checked against the dataset and the model."""
-    own = [int(c) for c in manifest["classes"]]
+    own = list(manifest.classes)
     chosen = tuple(own) if classes is None else tuple(int(c) for c in classes)
     check_classes(chosen, num_classes, param)
     missing = [c for c in chosen if c not in own]
@@ -90,7 +74,7 @@ class TaskData:
 
 
 def sample_calibration_images(split: Split, count: int, seed: int = 0,
-                              contract: Mapping[str, Any] | None = None) -> torch.Tensor:
+                              contract: Contract = None) -> torch.Tensor:
     """``count`` images of ``split`` (all of them if fewer), in a seeded order, as a network
     with input ``contract`` reads them (default: normalised as the dataset's)."""
     order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
@@ -110,7 +94,7 @@ def seeded_pool(labels: torch.Tensor, classes: Sequence[int], pool: int, seed: i
     return torch.cat(picks).sort().values if picks else labels.new_zeros(0)
 
 
-def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
+def task_data(manifest: Manifest, classes: Sequence[int] | None, *,
               data_dir: str | None = None, calibration: int = 0,
               what: str = "disassembly", param: str = "`classes`",
               every_class: bool = True, streamed_pool: int | None = None) -> TaskData:
@@ -122,15 +106,15 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
     ``streamed_pool``: for a streamed folder, only that many seeded training images per
     class are taken (so that picking a few samples per class does not read the whole
     split); in-memory datasets keep them all."""
-    dataset = manifest["dataset"]["name"]
-    info = dataset_info_for(manifest["dataset"], data_dir=data_dir)
+    dataset = manifest.own_dataset.name
+    info = dataset_info_for(manifest.own_dataset, data_dir=data_dir)
     chosen = own_classes(manifest, classes, info.num_classes, param=param)
     check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
-    train = load_split_for(manifest["dataset"], "train", data_dir=data_dir)
+    train = load_split_for(manifest.own_dataset, "train", data_dir=data_dir)
     calib = None
     if calibration:
-        calib = sample_calibration_images(train.subset(manifest["classes"]), calibration,
-                                          contract=manifest["input"])
+        calib = sample_calibration_images(train.subset(manifest.classes), calibration,
+                                          contract=manifest.input)
     train = train.subset(chosen)
     empty = [c for c in chosen if every_class and not (train.labels == c).any()]
     if empty:
@@ -144,24 +128,24 @@ def task_data(manifest: dict[str, Any], classes: Sequence[int] | None, *,
         pool = streamed_pool
         positions = seeded_pool(train.labels, chosen, pool)
         train = Split(train.images[positions], train.labels[positions], train.info, "train")
-    return TaskData(train.info, chosen, model_input(train.images, train.info, manifest["input"]),
+    return TaskData(train.info, chosen, model_input(train.images, train.info, manifest.input),
                     train.labels, calib, positions, pool)
 
 
-def split_images(manifest: dict[str, Any], split: str, classes: Sequence[int], *,
+def split_images(manifest: Manifest, split: str, classes: Sequence[int], *,
                  data_dir: str | None = None) -> tuple[Inputs, torch.Tensor]:
     """Images (as the model reads them: see :func:`modellego.data.model_input`; lazy for a
     streamed folder) and labels of ``classes`` from ``split`` of the model's dataset."""
-    part = load_split_for(manifest["dataset"], split, data_dir=data_dir).subset(classes)
-    return model_input(part.images, part.info, manifest["input"]), part.labels
+    part = load_split_for(manifest.own_dataset, split, data_dir=data_dir).subset(classes)
+    return model_input(part.images, part.info, manifest.input), part.labels
 
 
-def check_own_dataset(manifest: dict[str, Any], dataset: str | None,
+def check_own_dataset(manifest: Manifest, dataset: str | None,
                       data_dir: str | None = None) -> None:
     """Refuse a ``--dataset`` other than the model's own (class ids are dataset-specific)."""
     if dataset is None:
         return
-    own = manifest["dataset"]["name"]
+    own = manifest.own_dataset.name
     # dataset_info, not only the name: a folder's own problems are reported first
     if dataset_info(dataset, data_dir=data_dir).name != own:
         raise ModelLegoError(f"`dataset` {dataset}: the model classifies {own!r}; pass "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 
@@ -13,16 +13,19 @@ from ..compression import CompressConfig, compress_model, get_criterion
 from ..data import dataset_info_for
 from ..disassembly import kept_channels
 from ..evaluation import check_dataset_matches
+from ..manifest import Manifest, as_manifest
 from ..provenance import provenance, require_single, source_record
+from ..records import CompressionReport
 from ..runtime.device import device_of, placed
-from .common import STREAMED_POOL_FACTOR, component_manifest, split_images, task_data
+from .common import STREAMED_POOL_FACTOR, split_images, task_data
 from .disassembly import component_report
 
 
-def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig, *,
+def compress(model: nn.Module, manifest: Manifest | Mapping[str, Any], config: CompressConfig,
+             *,
              source_path: str | Path | None = None, data_dir: str | None = None,
              command: str | None = None, fingerprint: bool = True
-             ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+             ) -> tuple[nn.Module, Manifest, CompressionReport]:
     """Compress a loaded model file; returns the smaller model, its manifest (kind
     ``component``, all the source's classes) and the report (test split, all classes).
 
@@ -45,11 +48,12 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     ...                                          CompressConfig("l1", target_flops=0.5))
     """
     config.validate()
+    manifest = as_manifest(manifest)
     require_single(manifest, "compress")
-    dataset = manifest["dataset"]["name"]
-    own = [int(c) for c in manifest["classes"]]
+    dataset = manifest.own_dataset.name
+    own = list(manifest.classes)
     t0 = time.perf_counter()
-    info = dataset_info_for(manifest["dataset"], data_dir=data_dir)
+    info = dataset_info_for(manifest.own_dataset, data_dir=data_dir)
     check_dataset_matches(manifest, dataset, info)  # e.g. a folder whose images changed
     images = labels = val_images = val_labels = calibration = None
     needs_images = get_criterion(config.criterion).needs_training_images
@@ -64,18 +68,18 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
     if config.max_accuracy_drop is not None:
         val_images, val_labels = split_images(manifest, "val", own, data_dir=data_dir)
     with placed(model):  # on --device for the work (see modellego.runtime.device)
-        result = compress_model(model, manifest["input"]["shape"], output_classes=own,
+        result = compress_model(model, manifest.input.shape, output_classes=own,
                                 config=config, images=images, labels=labels,
                                 val_images=val_images, val_labels=val_labels,
                                 calibration_images=calibration)
         seconds = time.perf_counter() - t0
-        report = component_report(model, result.model, manifest, own, data_dir=data_dir)
+        compared = component_report(model, result.model, manifest, own, data_dir=data_dir)
     result.model.to(device_of(model))  # the smaller model lives where its source does
-    report.update({"criterion": config.criterion, "target_flops": config.target_flops,
-                   "target_params": config.target_params,
-                   "max_accuracy_drop": config.max_accuracy_drop, "seconds": seconds,
-                   "fraction": result.fraction,
-                   "locate": result.locate.to_dict() if result.locate else None})
+    report = CompressionReport(
+        **compared.fields(), criterion=config.criterion, target_flops=config.target_flops,
+        target_params=config.target_params, max_accuracy_drop=config.max_accuracy_drop,
+        seconds=seconds, fraction=result.fraction,
+        locate=result.locate.to_dict() if result.locate else None)
     fields: dict[str, Any] = {
         "source": source_record(manifest, source_path), "method": config.criterion,
         "config": config.to_dict(), "kept_channels": kept_channels(result.graph, result.plan)}
@@ -87,8 +91,9 @@ def compress(model: nn.Module, manifest: dict[str, Any], config: CompressConfig,
             "samples": {str(c): list(v) for c, v in comp.selection.indices.items()}})
     else:
         fields.update({"fraction": result.fraction, "bisection": list(result.trials)})
-    new_manifest = component_manifest(info, own, manifest, result.plan,
-                                      {"test_accuracy": report["component_accuracy"]},
-                                      provenance("modellego compress", command, **fields))
+    new_manifest = Manifest.for_component(
+        manifest, result.plan, dataset=info.to_dict(), classes=own,
+        metrics={"test_accuracy": report.component_accuracy},
+        provenance=provenance("modellego compress", command, **fields))
     new_manifest = fingerprinted(result.model, new_manifest, fingerprint, data_dir=data_dir)
     return result.model, new_manifest, report

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
 from ..assembly.fingerprint import fingerprinted
 from ..disassembly import Component, DisassemblyConfig, disassemble_model
+from ..manifest import Manifest, as_manifest
 from ..metrics import accuracy_from_logits, count_flops, count_params, predict_logits
 from ..provenance import provenance, require_single, source_record
+from ..records import ClassRow, Comparison, DisassemblyReport
 from ..runtime.device import device_of, placed
 from ..runtime.distributed import DistContext
-from .common import STREAMED_POOL_FACTOR, component_manifest, split_images, task_data
+from .common import STREAMED_POOL_FACTOR, split_images, task_data
 
 
-def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyConfig, *,
+def disassemble(model: nn.Module, manifest: Manifest | Mapping[str, Any],
+                config: DisassemblyConfig, *,
                 source_path: str | Path | None = None, data_dir: str | None = None,
                 command: str | None = None, dist: DistContext | None = None,
                 reuse: Component | None = None, fingerprint: bool = True,
-                ) -> tuple[Component, dict[str, Any], dict[str, Any]]:
+                ) -> tuple[Component, Manifest, DisassemblyReport]:
     """Disassemble a loaded model file; returns the component, its manifest and the report.
 
     Args:
@@ -43,9 +46,10 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
 
     >>> model, manifest = load_model("checkpoints/digits/mobilenet_v2.safetensors")
     >>> comp, comp_manifest, report = disassemble(model, manifest, DisassemblyConfig((0, 1)))
-    >>> comp_manifest["kind"], comp_manifest["classes"]
-    ('component', [0, 1])
+    >>> comp_manifest.kind, comp_manifest.classes
+    ('component', (0, 1))
     """
+    manifest = as_manifest(manifest)
     require_single(manifest, "disassemble")
     # a streamed folder is read in a seeded pool per class: enough for the selection, the
     # validation top-up and the reconstruction's share of the class
@@ -54,7 +58,7 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
         -(-config.fit_images // max(1, len(config.classes)))
     data = task_data(manifest, config.classes, data_dir=data_dir,
                      calibration=config.recalibrate_bn, streamed_pool=pool)
-    own = [int(c) for c in manifest["classes"]]
+    own = list(manifest.classes)
     t0 = time.perf_counter()
     val_images, val_labels = split_images(manifest, "val", config.classes, data_dir=data_dir)
     with placed(model):  # on --device for the work (see modellego.runtime.device)
@@ -63,58 +67,54 @@ def disassemble(model: nn.Module, manifest: dict[str, Any], config: DisassemblyC
                                  val_labels=val_labels, calibration_images=data.calibration,
                                  dist=dist, reuse=reuse)
         seconds = time.perf_counter() - t0
-        report = component_report(model, comp.model, manifest, config.classes,
-                                  data_dir=data_dir)
+        compared = component_report(model, comp.model, manifest, config.classes,
+                                    data_dir=data_dir)
     comp.model.to(device_of(model))  # the component lives where its source does
-    report.update({"profile_seconds": comp.profile.seconds, "total_seconds": seconds,
-                   "samples_per_class": comp.profile.samples})
-    if data.pool is not None:  # a streamed folder: the samples were picked from a seeded pool
-        report["selection_pool"] = data.pool
-    if comp.chunk_masks is not None:  # too many classes for one profile within max_memory
-        report["profile_chunks"] = comp.profile_chunks
+    fitted = comp.reconstruction.to_dict() if comp.reconstruction is not None else None
+    report = DisassemblyReport(
+        **compared.fields(), profile_seconds=comp.profile.seconds, total_seconds=seconds,
+        samples_per_class=comp.profile.samples,
+        # a streamed folder: the samples were picked from a seeded pool
+        selection_pool=data.pool,
+        # too many classes for one profile within max_memory
+        profile_chunks=comp.profile_chunks if comp.chunk_masks is not None else None,
+        validation=comp.validation, reconstruction=fitted)
     repairs: dict[str, Any] = {}
     if comp.validation is not None:
-        repairs["validation"] = report["validation"] = comp.validation
-    if comp.reconstruction is not None:
-        report["reconstruction"] = comp.reconstruction.to_dict()
+        repairs["validation"] = comp.validation
+    if fitted is not None:
         # the file records what was fitted, not how long it took (same inputs, same bytes)
-        repairs["reconstruction"] = {k: v for k, v in report["reconstruction"].items()
-                                     if k != "seconds"}
+        repairs["reconstruction"] = {k: v for k, v in fitted.items() if k != "seconds"}
     prov = provenance(
         "modellego disassemble", command, source=source_record(manifest, source_path),
         method=config.method, config=config.to_dict(), locate=comp.locate.to_dict(),
         threshold_search=list(comp.search),
         samples={str(c): data.split_positions(v) for c, v in comp.selection.indices.items()},
         kept_channels=comp.kept_channels(), **repairs)
-    new_manifest = component_manifest(data.info, config.classes, manifest, comp.plan,
-                                      {"test_accuracy": report["component_accuracy"]}, prov)
-    if comp.head:
-        new_manifest["head"] = comp.head
+    new_manifest = Manifest.for_component(
+        manifest, comp.plan, dataset=data.info.to_dict(), classes=config.classes,
+        metrics={"test_accuracy": report.component_accuracy}, provenance=prov,
+        head=comp.head or None)
     if dist is None or dist.is_main:
         new_manifest = fingerprinted(comp.model, new_manifest, fingerprint, data_dir=data_dir)
     return comp, new_manifest, report
 
 
-def component_report(source: nn.Module, component: nn.Module, manifest: dict[str, Any],
-                     classes: Sequence[int], *, data_dir: str | None = None) -> dict[str, Any]:
+def component_report(source: nn.Module, component: nn.Module, manifest: Manifest,
+                     classes: Sequence[int], *, data_dir: str | None = None) -> Comparison:
     """The fair comparison of a component with its source on the task's test images."""
     x, labels = split_images(manifest, "test", classes, data_dir=data_dir)
-    own = list(manifest["classes"])
+    own = list(manifest.classes)
     src_logits = predict_logits(source, x)
     comp_logits = predict_logits(component, x)
     src = accuracy_from_logits(src_logits, labels, own)
     restricted = accuracy_from_logits(src_logits, labels, own, restrict_to=classes)
     comp = accuracy_from_logits(comp_logits, labels, classes)
-    shape = manifest["input"]["shape"]
-    names = dict(zip(own, manifest["class_names"]))
-    rows = [{"class": c, "name": names[c], "n": src.counts[c],
-             "source_accuracy": src.per_class[c], "restricted_accuracy": restricted.per_class[c],
-             "component_accuracy": comp.per_class[c]} for c in classes]
+    shape = manifest.input.shape
+    names = dict(zip(own, manifest.class_names))
+    rows = [ClassRow(c, names[c], src.counts[c], src.per_class[c], restricted.per_class[c],
+                     comp.per_class[c]) for c in classes]
     sp, cp = count_params(source), count_params(component)
     sf, cf = count_flops(source, shape), count_flops(component, shape)
-    return {"classes": list(classes), "n": src.n,
-            "source_accuracy": src.accuracy, "restricted_accuracy": restricted.accuracy,
-            "component_accuracy": comp.accuracy,
-            "source_params": sp, "component_params": cp, "params_ratio": cp / sp,
-            "source_flops": sf, "component_flops": cf, "flops_ratio": cf / sf,
-            "per_class": rows}
+    return Comparison(list(classes), src.n, src.accuracy, restricted.accuracy, comp.accuracy,
+                      sp, cp, cp / sp, sf, cf, cf / sf, rows)

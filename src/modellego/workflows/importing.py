@@ -12,7 +12,7 @@ on the dataset's test split and its accuracy stored in the manifest.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,9 +28,11 @@ from ..errors import ModelLegoError
 from ..evaluation import evaluate
 from ..files import load_state
 from ..io import file_sha256
+from ..manifest import Manifest
 from ..models import build_architecture, split_source
+from ..records import ImportReport
 from ..statedict import read_state_dict
-from ..training import base_manifest, check_classes
+from ..training import check_classes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,7 +166,7 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
 
 def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = None,
                  command: str | None = None, fingerprint: bool = True
-                 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+                 ) -> tuple[nn.Module, Manifest, ImportReport]:
     """The network of ``config.architecture`` with the state dict of ``weights``, its model
     manifest and a report (the checks made and, with ``config.evaluate``, its test accuracy).
 
@@ -185,8 +187,7 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
     >>> model, manifest, report = import_model(
     ...     "resnet18.safetensors", ImportConfig("torchvision:resnet18", "fashion-mnist",
     ...                                          input_size=(28, 28)))
-    >>> architecture, dataset = manifest["architecture"], manifest["dataset"]
-    >>> architecture["name"], dataset["name"]
+    >>> manifest.architecture.name, manifest.dataset.name
     ('torchvision:resnet18', 'fashion-mnist')
     """
     config.validate()
@@ -225,41 +226,34 @@ def import_model(weights: str | Path, config: ImportConfig, *, data_dir: Any = N
             f"the network has {out.shape[1]} outputs but {len(classes)} classes are given "
             f"({info.name} has {info.num_classes}); pass `classes` (the dataset's class ids "
             "in output order) or set num_classes in `kwargs`")
-    manifest = base_manifest(info, classes)
-    manifest["input"] = contract
-    manifest["dataset"]["fingerprint"] = dataset_fingerprint(info.name, data_dir=data_dir,
-                                                             image_size=size)
-    manifest.update({
-        "kind": "model",
-        "architecture": {"name": config.architecture, "kwargs": kwargs},
-        "metrics": {},
-        "provenance": {"made_by": "modellego import", "command": command,
-                       "weights": {"file": Path(weights).name,
-                                   "sha256": file_sha256(weights)},
-                       "modellego_version": __version__, "torch_version": torch.__version__},
-    })
-    report: dict[str, Any] = {
-        "architecture": config.architecture, "kwargs": kwargs, "dataset": info.name,
-        "classes": list(classes), "input": contract, "tensors": len(state),
-        "params": sum(p.numel() for p in model.parameters())}
+    manifest = Manifest.for_model(
+        architecture={"name": config.architecture, "kwargs": kwargs},
+        dataset={**info.to_dict(), "fingerprint": dataset_fingerprint(
+            info.name, data_dir=data_dir, image_size=size)},
+        classes=classes, input=contract, metrics={},
+        provenance={"made_by": "modellego import", "command": command,
+                    "weights": {"file": Path(weights).name, "sha256": file_sha256(weights)},
+                    "modellego_version": __version__, "torch_version": torch.__version__})
+    report = ImportReport(config.architecture, kwargs, info.name, list(classes), contract,
+                          len(state), sum(p.numel() for p in model.parameters()))
     if config.evaluate:
         result = evaluate(model, manifest, data_dir=data_dir, latency=False)
-        manifest["metrics"] = {"test_accuracy": result["accuracy"],
-                               "test_per_class": result["per_class"]}
-        report.update({"test_accuracy": result["accuracy"], "n": result["n"],
-                       "flops": result["flops"]})
+        manifest = manifest.updated(metrics={"test_accuracy": result.accuracy,
+                                             "test_per_class": result.per_class})
+        report = replace(report, test_accuracy=result.accuracy, n=result.n,
+                         flops=result.flops)
         manifest = fingerprinted(model, manifest, fingerprint, data_dir=data_dir)
     return model, manifest, report
 
 
-def format_import(report: Mapping[str, Any]) -> str:
+def format_import(report: ImportReport) -> str:
     """The report of :func:`import_model` as the CLI prints it."""
-    inp = report["input"]
-    lines = [f"imported {report['architecture']} for {report['dataset']} "
-             f"({len(report['classes'])} classes, {report['tensors']} tensors, "
-             f"{report['params']:,} params)",
+    inp = report.input
+    lines = [f"imported {report.architecture} for {report.dataset} "
+             f"({len(report.classes)} classes, {report.tensors} tensors, "
+             f"{report.params:,} params)",
              f"  input        {inp['shape'][0]}x{inp['shape'][1]}x{inp['shape'][2]}, "
              f"mean {inp['mean']}, std {inp['std']}"]
-    if "test_accuracy" in report:
-        lines.append(f"  test accuracy {report['test_accuracy']:.4f} ({report['n']} images)")
+    if report.test_accuracy is not None:
+        lines.append(f"  test accuracy {report.test_accuracy:.4f} ({report.n} images)")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import ModelLegoError
 from ..io import atomic_write, file_kind
+from ..records import json_default
 
 
 def check_outputs(outputs: dict[str, str | None], inputs: Sequence[str | Path],
@@ -72,7 +73,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     """``obj`` as indented, key-sorted JSON, written atomically."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
+            json.dump(obj, fh, indent=2, sort_keys=True, default=json_default)
             fh.write("\n")
 
     atomic_write(Path(path), write)
