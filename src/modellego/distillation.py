@@ -246,9 +246,9 @@ def _student_manifest(teacher_manifest: Manifest, info, classes: tuple[int, ...]
                       history: list[dict], *, command: str | None,
                       source_path: str | Path | None) -> Manifest:
     dataset = info.to_dict()
-    fingerprint = teacher_manifest.own_dataset.fingerprint
-    if fingerprint is not None:  # trained on the teacher's (checked) data
-        dataset["fingerprint"] = fingerprint
+    teacher_dataset = teacher_manifest.own_dataset.to_dict()
+    if "fingerprint" in teacher_dataset:  # trained on the teacher's (checked) data
+        dataset["fingerprint"] = teacher_dataset["fingerprint"]
     return Manifest.for_model(
         architecture={"name": config.student, "kwargs": kwargs}, dataset=dataset,
         classes=classes,

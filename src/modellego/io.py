@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError, OutputWriteError
-from .manifest import FORMAT, FORMAT_VERSION, Manifest
+from .manifest import FORMAT, FORMAT_VERSION, Manifest, manifest_text
 
 #: the largest safetensors header read (refused before reading it)
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -210,11 +210,7 @@ def checked_manifest(manifest: Mapping[str, Any] | Manifest, *, source: str) -> 
     here reads back unchanged."""
     if isinstance(manifest, Manifest):
         manifest = manifest.to_dict()
-    try:
-        text = json.dumps(manifest, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ModelFileError(f"{source}: the manifest is not JSON data ({exc}); use plain "
-                             "dicts, lists, strings and finite numbers") from None
+    text = manifest_text(manifest, source)
     return Manifest.from_dict(parse_json(text, what="manifest", source=source), source=source)
 
 

@@ -848,8 +848,37 @@ def _assembly(data: Mapping[str, Any], check: _Check
 # --------------------------------------------------------------------------- the manifest
 
 
+class DictReads:
+    """Read access as a mapping over ``to_dict()`` (a copy), for code written when the
+    verbs returned dicts; deprecated: each read warns through :meth:`_dict_read`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _dict_read(self, key: object) -> None:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        self._dict_read(key)
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Deprecated: read :meth:`to_dict` or the attributes."""
+        self._dict_read(key)
+        return self.to_dict().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._dict_read(key)
+        return key in self.to_dict()
+
+    def keys(self) -> Any:
+        """Deprecated: read :meth:`to_dict` or the attributes."""
+        self._dict_read("keys()")
+        return self.to_dict().keys()
+
+
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(DictReads):
     """The validated manifest of a model file (see the module docstring): what
     :func:`modellego.load_model` returns beside the network, and what the verbs return
     for the networks they make.
@@ -1025,26 +1054,12 @@ class Manifest:
         # pickled as its JSON (read-only mappings do not pickle), validated when unpickled
         return _from_json, (self.to_dict(),)
 
-    # Read access as a mapping, for code written when load_model returned a dict: it reads
-    # to_dict() (a copy) and is deprecated. The package itself never uses it.
-
-    def __getitem__(self, key: str) -> Any:
-        _mapping_access(key)
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Deprecated: read :meth:`to_dict` or the attributes."""
-        _mapping_access(key)
-        return self.to_dict().get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        _mapping_access(key)
-        return key in self.to_dict()
-
-    def keys(self) -> Any:
-        """Deprecated: read :meth:`to_dict` or the attributes."""
-        _mapping_access("keys()")
-        return self.to_dict().keys()
+    def _dict_read(self, key: object) -> None:
+        # read as a dict by code written when load_model returned one (see DictReads); the
+        # package itself never does it
+        warnings.warn(f"reading a Manifest as a dict ({key!r}) is deprecated: use its "
+                      "attributes (manifest.classes, manifest.dataset.name, ...) or "
+                      "manifest.to_dict()", DeprecationWarning, stacklevel=3)
 
     @property
     def num_outputs(self) -> int:
@@ -1136,13 +1151,19 @@ def _from_json(data: Mapping[str, Any]) -> Manifest:
     return Manifest.from_dict(data, source="a pickled manifest")
 
 
-def _json_data(data: Mapping[str, Any], source: str) -> Any:
-    """``data`` through JSON, as a file would hold it (so what validates reads back)."""
+def manifest_text(data: Mapping[str, Any], source: str) -> str:
+    """``data`` as the JSON text a file holds (keys sorted); :class:`ModelFileError` when it
+    is not JSON data."""
     try:
-        return json.loads(json.dumps(_thaw(data), allow_nan=False))
+        return json.dumps(data, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{source}: the manifest is not JSON data ({exc}); use plain "
                              "dicts, lists, strings and finite numbers") from None
+
+
+def _json_data(data: Mapping[str, Any], source: str) -> Any:
+    """``data`` through JSON, as a file would hold it (so what validates reads back)."""
+    return json.loads(manifest_text(data, source))
 
 
 def _single(dataset: Mapping[str, Any], classes: Sequence[int],
@@ -1165,15 +1186,9 @@ def _optional(**entries: Any) -> dict[str, Any]:
     return {k: v for k, v in entries.items() if v is not None}
 
 
-def _mapping_access(key: object) -> None:
-    warnings.warn(f"reading a Manifest as a dict ({key!r}) is deprecated: use its attributes "
-                  "(manifest.classes, manifest.dataset.name, ...) or manifest.to_dict()",
-                  DeprecationWarning, stacklevel=3)
-
-
 __all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KINDS", "LAYOUTS_0_1", "SCALINGS_0_1",
            "set_vocabulary", "vocabulary",
            "ArchitectureSpec", "AssemblySpec", "BaseSpec", "DatasetSpec", "InputContract",
            "ComponentPlan", "Label", "Manifest", "Metrics", "PartSpec", "Provenance",
            "RouterFingerprintSpec", "ROUTER_FINGERPRINT_PREFIX",
-           "SourceRef", "UnionSpec", "as_manifest"]
+           "SourceRef", "UnionSpec", "as_manifest", "manifest_text"]

@@ -5,7 +5,8 @@ evaluate, assemble, distill, import), with :meth:`Record.to_dict` giving the JSO
 Reading a record as a dict (``report["component_accuracy"]``) still works, reading
 :meth:`Record.to_dict`, and is deprecated; the package itself reads the attributes.
 
-This module imports only the standard library: the layers below the verbs may use it.
+This module imports only the standard library and :mod:`modellego.manifest`: the layers
+below the verbs may use it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping, Sequence
+
+from .manifest import DictReads
 
 
 def plain(value: Any) -> Any:
@@ -35,7 +38,7 @@ def json_default(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Record:
+class Record(DictReads):
     """A frozen report. :meth:`to_dict` gives its JSON: each field under its name (or the
     key in :attr:`KEYS`), leaving out the fields of :attr:`OPTIONAL` that are ``None``."""
 
@@ -58,32 +61,12 @@ class Record:
             out[self.KEYS.get(f.name, f.name)] = plain(value)
         return out
 
-    # Read access as a mapping, for code written when the verbs returned dicts: it reads
-    # to_dict() (a copy) and is deprecated. The package itself never uses it.
-
-    def __getitem__(self, key: str) -> Any:
-        _mapping_access(self, key)
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Deprecated: read :meth:`to_dict` or the attributes."""
-        _mapping_access(self, key)
-        return self.to_dict().get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        _mapping_access(self, key)
-        return key in self.to_dict()
-
-    def keys(self) -> Any:
-        """Deprecated: read :meth:`to_dict` or the attributes."""
-        _mapping_access(self, "keys()")
-        return self.to_dict().keys()
-
-
-def _mapping_access(record: Record, key: object) -> None:
-    warnings.warn(f"reading a report as a dict ({type(record).__name__}, {key!r}) is "
-                  "deprecated: use its attributes or report.to_dict()", DeprecationWarning,
-                  stacklevel=3)
+    def _dict_read(self, key: object) -> None:
+        # read as a dict by code written when the verbs returned dicts (see DictReads); the
+        # package itself never does it
+        warnings.warn(f"reading a report as a dict ({type(self).__name__}, {key!r}) is "
+                      "deprecated: use its attributes or report.to_dict()",
+                      DeprecationWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Union, overload
+from typing import Any, Optional, Protocol, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -244,7 +244,7 @@ class Typed(Protocol):
 #: a manifest's entry, typed or as JSON data
 Entry = Union[Typed, Mapping[str, Any]]
 #: what a network reads: a manifest's ``input`` entry, or ``None`` (the dataset's own)
-Contract = Union[Typed, Mapping[str, Any], None]
+Contract = Optional[Entry]
 
 
 def entry_of(entry: Entry) -> Mapping[str, Any]:
