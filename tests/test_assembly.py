@@ -810,7 +810,12 @@ def test_joint_taps_a_conv_every_way_its_map_allows():
                         nn.MaxPool2d(2), nn.Conv2d(4, 5, 1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(5, 6, 1), nn.Flatten(), nn.Linear(6, 2)).eval()
     # conv 0 reads 8x8, conv 2 6x6, conv 5 2x2 (4x4 pooled by 2), conv 8 1x1
-    taps = Joint().taps([Part(net, {"input": {"shape": [1, 8, 8]}, "classes": [0, 1]})], 8)
+    root = Path(__file__).resolve().parents[1]
+    _, digits = load_model(root / "checkpoints" / "digits" / "vgg16_bn.safetensors")
+    entry = {**{k: digits.to_dict()[k] for k in ("kind", "architecture", "dataset")},
+             "classes": [0, 1], "class_names": ["0", "1"], "file": None, "sha256": None,
+             "input": {"shape": [1, 8, 8], "mean": [0.0], "std": [1.0]}}
+    taps = Joint().taps([Part(net, entry)], 8)
     assert taps == [["0", "2", "5", "8", "10", "0@max", "2@max", "5@max",
                      "0@grid", "2@grid", "5@grid"]]
 

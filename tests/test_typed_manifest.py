@@ -180,3 +180,36 @@ def test_the_typed_manifest_and_its_dict_write_the_same_bytes(tmp_path: Path) ->
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+def test_an_assembly_part_holds_its_entry_typed(tmp_path: Path) -> None:
+    """Part.of records the part's entry as a PartSpec (what the assembly's manifest
+    writes, as JSON by to_dict()); a part given its JSON entry validates it; reading a part
+    as a dict warns as a manifest does, and inside the package is an error."""
+    from modellego.assembly.parts import Part
+    from modellego.manifest import PartSpec
+
+    model, manifest = load_model(SHIPPED)
+    path = tmp_path / "m.safetensors"
+    save_model(path, model, manifest)
+    part = Part.of(model, manifest, path=path)
+    assert isinstance(part.entry, PartSpec)
+    assert part.entry.classes == tuple(range(10)) and part.entry.dataset.name == "digits"
+    assert part.entry.input.shape == (1, 28, 28) and part.num_outputs == 10
+    assert part.entry.file == str(path) and part.entry.sha256 is not None
+    data = part.to_dict()
+    assert data == {**{k: manifest.to_dict()[k] for k in
+                       ("kind", "architecture", "dataset", "classes", "class_names", "input")},
+                    "file": str(path), "sha256": part.entry.sha256}
+    # the assembly of 0.1.0's parts, given as JSON, are the same records
+    parts = read_manifest(V010 / "assembly.safetensors")["parts"]
+    again = [Part(model, p) for p in parts]
+    assert [p.to_dict() for p in again] == parts
+    assert all(isinstance(p.entry, PartSpec) for p in again)
+    with pytest.raises(ModelFileError, match=r"^a part's entry: manifest has no part\.kind"):
+        Part(model, {k: v for k, v in parts[0].items() if k != "kind"})
+    with pytest.warns(DeprecationWarning, match=r"reading a Part as a dict \('classes'\)"):
+        assert part["classes"] == list(range(10))
+    code = compile("part['classes']", "<a package module>", "eval")
+    with pytest.raises(DeprecationWarning, match="reading a Part as a dict"):
+        eval(code, {"__name__": "modellego.somewhere", "part": part})

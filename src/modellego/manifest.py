@@ -633,6 +633,11 @@ class PartSpec:
     head: str | None = None
 
     @classmethod
+    def parse(cls, data: Any, source: str) -> PartSpec:
+        """``data`` (a part's JSON entry) validated; errors name ``source``."""
+        return cls.from_dict(data, _Check(source), "part")
+
+    @classmethod
     def from_dict(cls, data: Any, check: _Check, path: str) -> PartSpec:
         data = check.obj(data, path, _PART_KEYS,
                          ("kind", "architecture", "dataset", "classes", "class_names",

@@ -13,7 +13,7 @@ from ..data.lazy import as_tensor, default_batch
 from ..data.registry import check_one_folder, load_split_for
 from ..errors import ModelLegoError
 from ..kinds import build_from_manifest
-from ..manifest import AssemblySpec, DatasetSpec, Manifest, as_manifest
+from ..manifest import AssemblySpec, DatasetSpec, Manifest, PartSpec, as_manifest
 from ..metrics import count_flops, count_params
 from ..provenance import require_single
 from ..records import AssemblyEvaluation
@@ -57,14 +57,20 @@ class AssemblyConfig:
         get_layout(self.layout).check(get_scaling(self.scaling or "joint"))
 
 
-def _outputs(part: Manifest | Mapping[str, Any]) -> tuple[str, Sequence[int], Sequence[str]]:
+def _outputs(part: Part | PartSpec | Manifest | Mapping[str, Any]
+             ) -> tuple[str, Sequence[int], Sequence[str]]:
     """A part's (or a model's manifest's) dataset name, classes and class names."""
+    if isinstance(part, Part):
+        part = part.entry
     if isinstance(part, Manifest):
         return part.own_dataset.name, part.classes, part.class_names
+    if isinstance(part, PartSpec):
+        return part.dataset.name, part.classes, part.class_names
     return part["dataset"]["name"], part["classes"], part["class_names"]
 
 
-def label_map(parts: Sequence[Manifest | Mapping[str, Any]], on_duplicate: str
+def label_map(parts: Sequence[Part | PartSpec | Manifest | Mapping[str, Any]],
+              on_duplicate: str
               ) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """The assembled outputs (in order) and, per part, which of its outputs are kept.
 
@@ -136,10 +142,10 @@ def _structure(parts: Sequence[Part], config: AssemblyConfig, contract: Sequence
         raise ModelLegoError("unknown scaling None; use one of "
                              f"{', '.join(SCALING_REGISTRY.names())}")
     scaling = get_scaling(config.scaling)
-    adapters = [InputAdapter(contract, p["input"]) for p in parts]
+    adapters = [InputAdapter(contract, p.entry.input.to_dict()) for p in parts]
     body = get_layout(config.layout).body(adapters, parts, taps, spec, weights=weights)
     return AssembledModel(body, columns, scaling.name, scaling.routers(parts, taps),
-                          [bool(p.get("head")) for p in parts])
+                          [bool(p.entry.head) for p in parts])
 
 
 def as_parts(parts: Sequence[Part | tuple]) -> list[Part]:
@@ -151,9 +157,9 @@ def as_parts(parts: Sequence[Part | tuple]) -> list[Part]:
     for k, part in enumerate(parts):
         if not isinstance(part, Part):
             net, man, *rest = part
+            require_single(as_manifest(man, source=f"part {k}"), "assemble",
+                           where=f"part {k}", hint="; assemble its parts instead")
             part = Part.of(net, man, fingerprint=rest[0] if rest else None)
-        require_single(part.entry, "assemble", where=part.get("file") or f"part {k}",
-                       hint="; assemble its parts instead")
         out.append(part)
     return out
 
@@ -222,7 +228,7 @@ def assemble_models(parts: Sequence[Part | tuple], config: AssemblyConfig | None
     if not layout.body_is_parts and base is None:
         raise ModelLegoError(f"`layout` {layout.name} needs Base measured on the parts before "
                              "they are merged: pass `base`")
-    contract = contract_shape([p["input"] for p in parts])
+    contract = contract_shape([p.entry.input.to_dict() for p in parts])
     taps = scaling.taps(parts, config.max_taps)
     spec = layout.spec(parts)
     model = _structure(parts, config, contract, columns, taps, spec, weights=True).eval()
@@ -241,7 +247,7 @@ def _manifest(parts: Sequence[Part], config: AssemblyConfig, model: AssembledMod
     adapters = cast("Sequence[InputAdapter]", model.body.adapters)
     shape = list(contract)
     return Manifest.for_assembly(
-        layout=config.layout, scaling=str(config.scaling), parts=[p.entry for p in parts],
+        layout=config.layout, scaling=str(config.scaling), parts=[p.to_dict() for p in parts],
         labels=labels, taps=taps, union=spec,
         base=None if get_layout(config.layout).body_is_parts else {
             "per_class": dict(base or {}), "measured_on": "each component alone, test split"},

@@ -69,8 +69,8 @@ class Layout:
     def check_parts(self, parts: Sequence[Part]) -> None:
         """Refuse parts this layout cannot lay out."""
         for k, p in enumerate(parts):
-            if p.get("head") and not self.accepts_heads:
-                raise ModelLegoError(f"part {k} has a {p['head']} head, which layout "
+            if p.entry.head and not self.accepts_heads:
+                raise ModelLegoError(f"part {k} has a {p.entry.head} head, which layout "
                                      f"{self.name!r} cannot widen or merge; use layout "
                                      "'parallel'")
 
@@ -112,7 +112,7 @@ class Union(Layout):
         from .union import UnionBody, union_net
 
         source = load_model(spec["source"]["file"])[0] if weights else None
-        return UnionBody(adapters[0], union_net(spec, source), [len(p["classes"])
+        return UnionBody(adapters[0], union_net(spec, source), [p.num_outputs
                                                                 for p in parts])
 
 

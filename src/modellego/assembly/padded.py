@@ -29,7 +29,7 @@ def _same_adapters(adapters: Sequence[InputAdapter]) -> bool:
 
 
 def _check_compatible(parts: Sequence[Part], graphs: Sequence[ChannelGraph]) -> None:
-    names = {p["architecture"]["name"] for p in parts}
+    names = {p.entry.architecture.name for p in parts}
     if len(names) != 1:
         raise ModelLegoError(f"`layout` padded needs parts of one architecture, got "
                              f"{', '.join(sorted(names))}; use `layout` parallel")
@@ -42,7 +42,7 @@ def _check_compatible(parts: Sequence[Part], graphs: Sequence[ChannelGraph]) -> 
             raise ModelLegoError(f"`layout` padded: part {k} does not have the layer "
                                  "structure of part 0 (same architecture, other input size?); "
                                  "use `layout` parallel")
-        if list(parts[k]["input"]["shape"][1:]) != list(parts[0]["input"]["shape"][1:]):
+        if parts[k].entry.input.shape[1:] != parts[0].entry.input.shape[1:]:
             raise ModelLegoError("`layout` padded needs parts with one input size; use "
                                  "`layout` parallel")
         if any(lay.frozen for lay in g.layers):
@@ -169,12 +169,12 @@ class PaddedBody(nn.Module):
     def __init__(self, adapters: Sequence[InputAdapter], parts: Sequence[Part]) -> None:
         super().__init__()
         nets = [p.net for p in parts]
-        graphs = [build_channel_graph(p.net, p["input"]["shape"]) for p in parts]
+        graphs = [build_channel_graph(p.net, p.entry.input.shape) for p in parts]
         _check_compatible(parts, graphs)
         self.shared_input = _same_adapters(adapters)
         self.adapters = nn.ModuleList(adapters)
         self.net = widen(nets, graphs, self.shared_input)
-        self.splits = [len(p["classes"]) for p in parts]
+        self.splits = [p.num_outputs for p in parts]
 
     def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
         if self.shared_input:

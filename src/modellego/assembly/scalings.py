@@ -144,9 +144,9 @@ class Scaling:
     def check_parts(self, parts: Sequence[Part]) -> None:
         """Refuse parts this scaling cannot combine."""
         for k, p in enumerate(parts):
-            if p.get("head") and not self.accepts_heads:
+            if p.entry.head and not self.accepts_heads:
                 raise ModelLegoError(
-                    f"part {k} has a {p['head']} head (a pan-rajan module): it answers with "
+                    f"part {k} has a {p.entry.head} head (a pan-rajan module): it answers with "
                     f"concern scores, which scaling {self.name!r} cannot combine; use scaling "
                     "'concern' (or give none)")
 
@@ -154,7 +154,7 @@ class Scaling:
         """Per part, the layers whose inputs its router reads (``None``: no features)."""
         if not self.needs_features:
             return None
-        return [tap_layers(p.net, max_taps, torch.zeros(2, *p["input"]["shape"]))
+        return [tap_layers(p.net, max_taps, torch.zeros(2, *p.entry.input.shape))
                 for p in parts]
 
     def routers(self, parts: Sequence[Part], taps: Sequence[Sequence[str]] | None
@@ -324,7 +324,7 @@ class Joint(Calibrated):
         taps = super().taps(parts, max_taps) or []
         out = []
         for names, part in zip(taps, parts):
-            sizes = _tap_map_sizes(part.net, names, part["input"]["shape"])
+            sizes = _tap_map_sizes(part.net, names, part.entry.input.shape)
             out.append(names + [n + MAX_SUFFIX for n in names if sizes[n][0] * sizes[n][1] > 1]
                        + [n + GRID_SUFFIX for n in names if min(sizes[n]) >= GRID])
         return out
@@ -412,7 +412,7 @@ class FingerprintScaling(Scaling):
         super().check_parts(parts)
         for k, p in enumerate(parts):
             if p.fingerprint is None:
-                where = p.get("file") or f"part {k}"
+                where = p.entry.file or f"part {k}"
                 raise ModelLegoError(
                     f"{where} carries no router fingerprint, so it cannot be routed to "
                     "without its training data; its owner can add one with the modellego "
@@ -447,7 +447,7 @@ class Concern(Scaling):
 
     def check_parts(self, parts):
         for k, p in enumerate(parts):
-            if not p.get("head") and len(p["classes"]) < 2:
+            if not p.entry.head and p.num_outputs < 2:
                 raise ModelLegoError(f"part {k} has a single output, so it has no one-vs-rest "
                                      "score; use another scaling")
 
@@ -475,4 +475,4 @@ def default_scaling(parts: Sequence[Part]) -> str:
     """The scaling used when none is given: ``concern`` when some part carries a one-vs-rest
     head (its outputs are concern scores), else ``joint`` (the best router measured: see the
     assembly tables of docs/results.md)."""
-    return "concern" if any(p.get("head") for p in parts) else "joint"
+    return "concern" if any(p.entry.head for p in parts) else "joint"

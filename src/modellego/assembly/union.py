@@ -8,13 +8,14 @@ component's manifest names (and whose SHA-256 it records).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
 
 from ..errors import ModelLegoError
 from ..files import load_model
+from ..manifest import SourceRef
 from ..surgery.extract import apply_plan
 from ..surgery.graph import build_channel_graph
 from ..surgery.plan import ComponentPlan
@@ -63,8 +64,8 @@ def union_sources(files: Sequence[str | Path]) -> list[Path]:
 def union_spec(parts: Sequence[Part]) -> dict[str, Any]:
     """Architecture and union plan of components of one source (read from the source file,
     found by :func:`find_source`; the spec records the path it was read from)."""
-    sources = {(p.get("source") or {}).get("sha256") for p in parts}
-    if any(p.get("kind") != "component" for p in parts) or len(sources) != 1 or None in sources:
+    sources = {p.entry.source.sha256 if p.entry.source else None for p in parts}
+    if any(p.entry.kind != "component" for p in parts) or len(sources) != 1 or None in sources:
         raise ModelLegoError("`layout` union needs components cut from one source model "
                              "(their manifests name the same source file hash)")
     for k, p in enumerate(parts):
@@ -76,20 +77,20 @@ def union_spec(parts: Sequence[Part]) -> dict[str, Any]:
                 f"`layout` union: part {k} was repaired after the cut ({', '.join(repairs)}), "
                 "and the union is the source's plain cut; use `layout` parallel, or "
                 "disassemble the parts without repairs (`reconstruct` 0)")
-    src = parts[0]["source"]
-    found = find_source(src.get("file"), src["sha256"], parts[0].get("file"))
-    path = src.get("file")
+    ref = cast(SourceRef, parts[0].entry.source)
+    sha = cast(str, ref.sha256)
+    found = find_source(ref.file, sha, parts[0].entry.file)
     if found is None:
-        raise ModelLegoError(f"`layout` union needs the source model file {path!r} with "
-                             f"SHA-256 {src['sha256'][:12]}...; it is missing or changed")
+        raise ModelLegoError(f"`layout` union needs the source model file {ref.file!r} with "
+                             f"SHA-256 {sha[:12]}...; it is missing or changed")
     path = str(found)
-    src = {"file": path, "sha256": src["sha256"]}
+    src = {"file": path, "sha256": sha}
     source, manifest = load_model(path)
     if manifest.kind != "model":
         raise ModelLegoError(f"`layout` union: source {path} is not a plain model")
     graph = build_channel_graph(source, manifest.input.shape)
     last = graph.output_layer.name
-    plans = [ComponentPlan.from_dict(p["plan"]) for p in parts]
+    plans = [cast(ComponentPlan, p.entry.plan) for p in parts]
     merged: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, spec in plans[0].modules.items():
         merged[name] = {}

@@ -70,7 +70,7 @@ def _assemble(sources: Sequence[str | Path | tuple | Part], config: AssemblyConf
               *, data_dir: Any, command: str | None, dist: DistContext, evaluate: bool
               ) -> tuple[AssembledModel, Manifest, AssemblyReport]:
     parts = as_parts([_part(src) for src in sources])
-    check_one_folder([p["dataset"]["name"] for p in parts], data_dir)
+    check_one_folder([p.entry.dataset.name for p in parts], data_dir)
     config = resolved(config, parts)
     checked_labels(parts, config)  # before any data is read
     scaling, layout = get_scaling(str(config.scaling)), get_layout(config.layout)
@@ -104,17 +104,17 @@ def calibration_images(parts: Sequence[Part], config: AssemblyConfig, *, data_di
     """Per part: ``config.calibration_samples`` random training images of each of its
     classes (seeded by ``config.seed``) in the assembly's input contract, and their indices
     among the part's outputs. Training split only: the test split is never used."""
-    contract = contract_shape([p["input"] for p in parts])
+    contract = contract_shape([p.entry.input.to_dict() for p in parts])
     gen = torch.Generator().manual_seed(config.seed)
     data = []
     for k, part in enumerate(parts):
-        split = load_split_for(part["dataset"], "train", data_dir=data_dir, where=f"part {k}")
+        split = load_split_for(part.entry.dataset, "train", data_dir=data_dir, where=f"part {k}")
         xs, ys = [], []
-        for i, c in enumerate(part["classes"]):
+        for i, c in enumerate(part.entry.classes):
             pos = (split.labels == c).nonzero().flatten()
             if len(pos) == 0:
                 raise ModelLegoError(f"no training images of class {c} in "
-                                     f"{part['dataset']['name']} to calibrate with")
+                                     f"{part.entry.dataset.name} to calibrate with")
             pick = pos[torch.randperm(len(pos), generator=gen)[:config.calibration_samples]]
             xs.append(as_tensor(split.images[pick], "the router's calibration"))
             ys.append(torch.full((len(pick),), i, dtype=torch.long))
@@ -130,11 +130,11 @@ def parts_base(parts: Sequence[Part], config: AssemblyConfig, *, data_dir: Any =
     labels, _ = label_map(parts, config.on_duplicate)
     base = {}
     for k, part in enumerate(parts):
-        test = load_split_for(part["dataset"], "test", data_dir=data_dir, where=f"part {k}")
+        test = load_split_for(part.entry.dataset, "test", data_dir=data_dir, where=f"part {k}")
         own = [lab for lab in labels if lab["part"] == k]
         sub = test.subset([lab["class"] for lab in own])
-        logits = predict_logits(part.net, model_input(sub.images, sub.info, part["input"]))
-        pred_k = torch.tensor(part["classes"])[logits.argmax(1)]
+        logits = predict_logits(part.net, model_input(sub.images, sub.info, part.entry.input))
+        pred_k = torch.tensor(part.entry.classes)[logits.argmax(1)]
         for lab in own:
             sel = sub.labels == lab["class"]
             base[f"{lab['dataset']}:{lab['class']}"] = float(
