@@ -342,3 +342,50 @@ def test_swin_window_attention_heads_are_units_once_converted():
                        model.features[3][1].attn.relative_position_bias_table[:, [1, 3]])
     macs = macs_by_layer(model, (3, 32, 32))
     assert macs["features.1.0.attn"] == 2 * 64 * 4 * 2 * 8  # 64 tokens, windows of 4
+
+
+def test_swin_v2_window_attention_heads_are_units_once_converted():
+    """torchvision's Swin V2 window attention (cosine attention with a logit scale per head,
+    each head's position bias from one output of a small MLP), as a network built from a
+    file has it (``WindowHeadAttentionV2``): the same results, the key bias torchvision
+    ignores included, and its heads (with their logit scales and rows of the MLP's last
+    layer) are units."""
+    needs("torchvision")
+    from torchvision.models.swin_transformer import (PatchMergingV2, SwinTransformer,
+                                                     SwinTransformerBlockV2)
+
+    from modellego.models.attention import WindowHeadAttentionV2, self_attention_layers
+
+    torch.manual_seed(0)
+    plain = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                            window_size=[2, 2], num_classes=10, block=SwinTransformerBlockV2,
+                            downsample_layer=PatchMergingV2).eval()
+    with torch.no_grad():
+        for block in (plain.features[1][0], plain.features[3][1]):
+            block.attn.logit_scale.normal_(2.0, 0.5)  # heads of their own scales
+            block.attn.qkv.bias.normal_()  # (its key part is computed with as zero)
+    x = torch.randn(3, 3, 30, 30)  # (not whole windows: padded)
+    with torch.no_grad():
+        want = plain(x)
+    model = self_attention_layers(_copy(plain))
+    attn = model.features[3][1].attn
+    assert type(attn) is WindowHeadAttentionV2 and attn.shift_size == [1, 1]
+    third = attn.qkv.out_features // 3  # 32 channels at this stage
+    assert third == 32 and not attn.qkv.bias[third:2 * third].any()
+    assert attn.qkv.bias[:third].any() and attn.qkv.bias[2 * third:].any()
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, rtol=0, atol=1e-5)
+    graph = assert_graph_invariants(model, (3, 32, 32), seeds=4)
+    assert {name: graph.space_size[s] for name, s in graph.attention.items()} == {
+        "features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 4,
+        "features.3.1.attn": 4}
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    masks[graph.attention["features.3.1.attn"]] = torch.tensor([False, True, False, True])
+    comp = apply_plan(model, plan_from_masks(graph, masks, range(10)))
+    cut = comp.features[3][1].attn
+    assert cut.num_heads == 2 and cut.qkv.out_features == 48
+    assert torch.equal(cut.logit_scale, attn.logit_scale[[1, 3]])
+    assert torch.equal(cut.cpb_mlp[-1].weight, attn.cpb_mlp[-1].weight[[1, 3]])
+    assert cut.cpb_mlp[-1].out_features == 2
+    macs = macs_by_layer(model, (3, 32, 32))
+    assert macs["features.1.0.attn"] == 2 * 64 * 4 * 2 * 8  # 64 tokens, windows of 4

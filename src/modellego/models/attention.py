@@ -18,6 +18,7 @@ taken for one, and the channel graph keeps it whole.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable, cast
 
@@ -141,7 +142,7 @@ class WindowHeadAttention(nn.Module):
         rows, cols, n = ph // wh, pw // ww, wh * ww
         windows = x.view(b, rows, wh, cols, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, n, c)
         q, k, v = self.qkv(windows).reshape(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4)
-        attn = (q * d ** -0.5) @ k.transpose(-2, -1) + self.position_bias(n)
+        attn = self.logits(q, k) + self.position_bias(n)
         if sh or sw:
             attn = (attn.view(b, rows * cols, heads, n, n) +
                     self.shift_mask(ph, pw, sh, sw, x).unsqueeze(1)).view(-1, heads, n, n)
@@ -152,6 +153,10 @@ class WindowHeadAttention(nn.Module):
             ctx = torch.roll(ctx, shifts=(sh, sw), dims=(1, 2))
         out = self.proj(ctx[:, :h, :w].contiguous())
         return F.dropout(out, self.dropout, self.training)
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Each head's attention logits within a window, before the position bias."""
+        return (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
 
     def position_bias(self, n: int) -> torch.Tensor:
         """``(1, heads, n, n)``: each head's bias for each pair of positions in a window."""
@@ -178,22 +183,59 @@ class WindowHeadAttention(nn.Module):
             .masked_fill(differ, -100.0)
 
 
-#: (module, class name) of the attention layers :func:`self_attention_layers` converts
-_WINDOW_ATTENTION = ("torchvision.models.swin_transformer", "ShiftedWindowAttention")
+class WindowHeadAttentionV2(WindowHeadAttention):
+    """torchvision's Swin V2 shifted-window attention (``ShiftedWindowAttentionV2``) as a
+    :class:`WindowHeadAttention`: cosine attention scaled by each head's learned
+    ``logit_scale`` (at most 100), and each head's position bias ``16 sigmoid(.)`` of one
+    output of ``cpb_mlp`` over the relative coordinates. Removing a head removes its q, k
+    and v rows, its ``logit_scale`` and its row of the MLP's last layer.
+
+    torchvision ignores the key part of ``qkv``'s bias (it computes with zeros there);
+    :func:`self_attention_layers` sets those values to zero when it converts a layer, so the
+    bias is used as it stands."""
+
+    logit_scale: nn.Parameter
+    cpb_mlp: nn.Sequential
+    relative_coords_table: torch.Tensor
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+
+    def position_bias(self, n: int) -> torch.Tensor:
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.heads)
+        bias = table[self.relative_position_index.reshape(-1)]
+        return 16 * torch.sigmoid(bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0))
+
+
+#: (module, class name) of the window attention layers :func:`self_attention_layers`
+#: converts, and the class each becomes
+_WINDOW_ATTENTION = {
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): WindowHeadAttention,
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"): WindowHeadAttentionV2,
+}
 
 
 def self_attention_layers(model: nn.Module) -> nn.Module:
     """``model`` with its attention layers made ones whose heads can be removed, in place
     (the same modules, parameters and results): every ``nn.MultiheadAttention`` (the class
     itself) a :class:`SelfAttentionMHA`, every torchvision Swin ``ShiftedWindowAttention``
-    a :class:`WindowHeadAttention`."""
+    a :class:`WindowHeadAttention` and every ``ShiftedWindowAttentionV2`` a
+    :class:`WindowHeadAttentionV2`."""
     for m in model.modules():
         if type(m) is nn.MultiheadAttention:
             m.__class__ = SelfAttentionMHA
-        elif (type(m).__module__, type(m).__name__) == _WINDOW_ATTENTION:
-            qkv, heads = cast(nn.Linear, m.qkv), cast(int, m.num_heads)
-            m.__dict__["head_dim"] = qkv.in_features // heads
-            m.__class__ = WindowHeadAttention
+            continue
+        cls = _WINDOW_ATTENTION.get((type(m).__module__, type(m).__name__))
+        if cls is None:
+            continue
+        qkv, heads = cast(nn.Linear, m.qkv), cast(int, m.num_heads)
+        m.__dict__["head_dim"] = qkv.in_features // heads
+        if cls is WindowHeadAttentionV2 and qkv.bias is not None:
+            with torch.no_grad():  # the key bias torchvision computes with as zero
+                third = qkv.bias.numel() // 3
+                qkv.bias[third:2 * third] = 0
+        m.__class__ = cls
     return model
 
 
@@ -318,13 +360,21 @@ def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> nn.Module:
         return module
     if isinstance(module, WindowHeadAttention):
         _check_heads(heads, module.heads)
-        idx = head_rows(heads, module.heads, module.head_dim)
-        table = module.relative_position_bias_table
+        idx, keep = head_rows(heads, module.heads, module.head_dim), list(heads)
         with torch.no_grad():
             module.qkv.weight = nn.Parameter(module.qkv.weight[idx].clone())
             if module.qkv.bias is not None:
                 module.qkv.bias = nn.Parameter(module.qkv.bias[idx].clone())
-            module.relative_position_bias_table = nn.Parameter(table[:, list(heads)].clone())
+            if isinstance(module, WindowHeadAttentionV2):
+                module.logit_scale = nn.Parameter(module.logit_scale[keep].clone())
+                last = cast(nn.Linear, module.cpb_mlp[-1])
+                last.weight = nn.Parameter(last.weight[keep].clone())
+                if last.bias is not None:
+                    last.bias = nn.Parameter(last.bias[keep].clone())
+                last.out_features = len(keep)
+            else:
+                table = module.relative_position_bias_table
+                module.relative_position_bias_table = nn.Parameter(table[:, keep].clone())
         module.qkv.out_features = len(idx)
         module.__dict__["num_heads"] = len(heads)
         return module
