@@ -186,13 +186,15 @@ def test_default_disassembly_of_a_vit_cuts_heads_and_neurons():
 #: timm transformer families at tiny sizes: (kwargs, input size, attention layers with
 #: removable heads)
 TIMM_FAMILIES = {
+    # (Swin: heads are units where one window covers the map, attention over one image's
+    # tokens; the first stage attends within 4 windows folded into the batch: kept whole)
     "swin_tiny_patch4_window7_224": (dict(img_size=32, window_size=4, embed_dim=16,
-                                          depths=(1, 1), num_heads=(1, 2)), 32, 0),
+                                          depths=(1, 1), num_heads=(1, 2)), 32, 1),
     "cait_xxs24_224": (dict(img_size=32, patch_size=8, depth=1, depth_token_only=1,
                             embed_dim=32, num_heads=2), 32, 0),
     "pit_ti_224": (dict(img_size=64, depth=(1, 1, 1)), 64, 3),
     "beit_base_patch16_224": (dict(img_size=32, patch_size=8, depth=1, embed_dim=32,
-                                   num_heads=2), 32, 0),
+                                   num_heads=2), 32, 1),
     "eva02_tiny_patch14_224": (dict(img_size=56, depth=1), 56, 0),
 }
 
@@ -210,7 +212,9 @@ def _influential(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("name", list(TIMM_FAMILIES))
 def test_timm_transformer_families(name):
     """Swin (windows folded into the batch, shifted by roll), CaiT (a class token joining
-    late), PiT (pooling between stages), BEiT and EVA (their own attention, kept whole)."""
+    late), PiT (pooling between stages), BEiT (heads with their relative-position bias and
+    separate q/v biases: units) and EVA (its own attention with rotary embeddings given by
+    the block: kept whole)."""
     timm = needs("timm")
     kwargs, size, heads = TIMM_FAMILIES[name]
     torch.manual_seed(0)
@@ -351,8 +355,11 @@ def test_swin_v2_window_attention_heads_are_units_once_converted():
     ignores included, and its heads (with their logit scales and rows of the MLP's last
     layer) are units."""
     needs("torchvision")
-    from torchvision.models.swin_transformer import (PatchMergingV2, SwinTransformer,
-                                                     SwinTransformerBlockV2)
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformer,
+        SwinTransformerBlockV2,
+    )
 
     from modellego.models.attention import WindowHeadAttentionV2, self_attention_layers
 
@@ -389,3 +396,52 @@ def test_swin_v2_window_attention_heads_are_units_once_converted():
     assert cut.cpb_mlp[-1].out_features == 2
     macs = macs_by_layer(model, (3, 32, 32))
     assert macs["features.1.0.attn"] == 2 * 64 * 4 * 2 * 8  # 64 tokens, windows of 4
+
+
+def test_beit_attention_heads_with_their_relative_position_bias_are_units():
+    """timm's BEiT attention (a bias-free qkv with separate q and v biases joined by
+    ``F.linear``, a relative-position bias per head, the class token included) is taken for
+    standard attention with a bias per head: removing a head removes its q, k, v rows and
+    biases and its column of the bias table, and FLOPs count the functional q, k, v
+    projection of the source as the component's module call."""
+    timm = needs("timm")
+    from modellego.models.attention import RelPosHeadAttention, heads_of
+
+    torch.manual_seed(0)
+    model = _influential(timm.create_model("beit_base_patch16_224", pretrained=False,
+                                           num_classes=10, img_size=32, patch_size=8,
+                                           depth=2, embed_dim=32, num_heads=4)).eval()
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+    cand = as_head_attention(attn)
+    assert type(cand) is RelPosHeadAttention and cand.relative_position_index.shape == (17, 17)
+    assert heads_of(attn).count == 4 and cand.qkv.weight is attn.qkv.weight
+    assert torch.equal(cand.qkv.bias, torch.cat([attn.q_bias, attn.k_bias, attn.v_bias]))
+    graph = assert_graph_invariants(model, (3, 32, 32), seeds=4)
+    assert sorted(graph.attention) == ["blocks.0.attn", "blocks.1.attn"]
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    masks[graph.attention["blocks.1.attn"]] = torch.tensor([True, False, False, True])
+    comp = apply_plan(model, plan_from_masks(graph, masks, range(10))).eval()
+    cut = comp.blocks[1].attn
+    assert type(cut) is RelPosHeadAttention and cut.num_heads == 2
+    assert torch.equal(cut.relative_position_bias_table,
+                       attn.relative_position_bias_table[:, [0, 3]])
+    assert torch.equal(cut.qkv.bias, cand.qkv.bias[heads_rows([0, 3])])
+    # the index is made by the layer, as BEiT's own (not a weight of the file)
+    assert "blocks.1.attn.relative_position_index" not in comp.state_dict()
+    assert "blocks.1.attn.relative_position_bias_table" in comp.state_dict()
+    # the source's q, k, v projection (F.linear, no module call) is counted as the cut's is
+    tokens, dim = 17, 32
+    macs = macs_by_layer(model, (3, 32, 32))
+    assert macs["blocks.1.attn"] == 2 * tokens * tokens * 32 + tokens * dim * 3 * dim
+    cut_macs = macs_by_layer(comp, (3, 32, 32))
+    assert cut_macs["blocks.1.attn.qkv"] == tokens * dim * 3 * 16
+    assert cut_macs["blocks.1.attn"] == 2 * tokens * tokens * 16
+
+
+def heads_rows(heads: list[int]) -> torch.Tensor:
+    """The qkv rows of ``heads`` of 4 heads of 8 features (q | k | v)."""
+    from modellego.models.attention import head_rows
+    return head_rows(tuple(heads), 4, 8)

@@ -72,6 +72,37 @@ class HeadAttention(nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:.6g}"
 
 
+class RelPosHeadAttention(HeadAttention):
+    """A :class:`HeadAttention` whose heads each add a learned relative-position bias to
+    their logits (BEiT's attention): ``relative_position_bias_table`` ``(distances, heads)``
+    read at ``relative_position_index`` ``(N, N)`` for ``N`` tokens; a bias given by the caller
+    (``shared_rel_pos_bias``, ``attn_mask``) is added too. Removing a head removes its column
+    of the table."""
+
+    relative_position_bias_table: nn.Parameter
+    relative_position_index: torch.Tensor
+
+    def position_bias(self) -> torch.Tensor:
+        """``(1, heads, N, N)``: each head's bias for each pair of tokens."""
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False, shared_rel_pos_bias: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`HeadAttention.forward`, with BEiT's ``shared_rel_pos_bias`` and Swin's
+        window ``mask`` (``(windows, N, N)``, added to the rows of each image's windows in
+        turn, the windows folded into the batch)."""
+        bias = self.position_bias()
+        if mask is not None:
+            bias = bias + mask.repeat(x.shape[0] // mask.shape[0], 1, 1).unsqueeze(1)
+        for extra in (shared_rel_pos_bias, attn_mask):
+            if extra is not None:
+                bias = bias + extra
+        return super().forward(x, attn_mask=bias, is_causal=is_causal)
+
+
 class SelfAttentionMHA(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose self-attention — query, key and value the same
     batch-first tensor, no masks, no attention weights asked for, no dropout at work — runs
@@ -295,12 +326,53 @@ def _candidate(module: nn.Module) -> HeadAttention | None:
     scale = getattr(module, "scale", head_dim ** -0.5)
     if not isinstance(scale, (int, float)):
         return None
-    out = HeadAttention.__new__(HeadAttention)
+    qkv = _with_separate_bias(module, qkv)
+    table = getattr(module, "relative_position_bias_table", None)
+    index = getattr(module, "relative_position_index", None)
+    if qkv is None or (table is None) != (index is None):
+        return None
+    if table is not None and not (isinstance(table, nn.Parameter) and table.dim() == 2 and
+                                  table.shape[1] == heads and isinstance(index, torch.Tensor)
+                                  and index.dim() == 2 and index.shape[0] == index.shape[1]):
+        return None
+    cls = HeadAttention if table is None else RelPosHeadAttention
+    out = cls.__new__(cls)
     nn.Module.__init__(out)
     out.head_dim, out.scale, out.qkv, out.proj = head_dim, float(scale), qkv, proj
     out.q_norm = getattr(module, "q_norm", None) or nn.Identity()
     out.k_norm = getattr(module, "k_norm", None) or nn.Identity()
+    if table is not None:
+        out.relative_position_bias_table = table
+        out.register_buffer("relative_position_index", index, persistent=False)
     return out
+
+
+def _with_separate_bias(module: nn.Module, qkv: nn.Linear) -> nn.Linear | None:
+    """``qkv``, or for a layer that keeps its q, k and v biases apart from a bias-free
+    ``qkv`` (BEiT's ``q_bias``, ``k_bias``, ``v_bias``; a missing one is zero) a linear layer
+    with the same weight and those biases joined; ``None`` for a layout it cannot join."""
+    parts = [getattr(module, f"{p}_bias", None) for p in "qkv"]
+    if all(b is None for b in parts):
+        return qkv
+    size = qkv.out_features // 3
+    if qkv.bias is not None or any(b is not None and (not isinstance(b, torch.Tensor) or
+                                                      b.shape != (size,)) for b in parts):
+        return None
+    like = qkv.weight
+    joined = torch.cat([b.detach() if b is not None else
+                        torch.zeros(size, dtype=like.dtype, device=like.device) for b in parts])
+    out = nn.Linear(qkv.in_features, qkv.out_features, bias=True, device="meta")
+    out.weight = qkv.weight
+    out.bias = nn.Parameter(joined.clone(), requires_grad=like.requires_grad)
+    return out
+
+
+def _functional_qkv(module: nn.Module) -> bool:
+    """Whether ``module`` computes its q, k and v with its ``qkv`` weight without calling
+    ``qkv`` (BEiT joins separate biases with ``F.linear``), so no linear call counts them."""
+    return not isinstance(module, HeadAttention) and \
+        any(getattr(module, f"{p}_bias", None) is not None for p in "qkv") and \
+        not getattr(module, "qkv_bias_separate", False)
 
 
 def as_head_attention(module: nn.Module) -> HeadAttention | None:
@@ -321,7 +393,9 @@ def as_head_attention(module: nn.Module) -> HeadAttention | None:
     if mine is None:
         return None
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, cand.qkv.in_features, generator=gen, dtype=torch.float64)
+    tokens = cand.relative_position_index.shape[0] if isinstance(cand, RelPosHeadAttention) \
+        else 5  # (a relative-position bias is made for one token count)
+    x = torch.randn(2, tokens, cand.qkv.in_features, generator=gen, dtype=torch.float64)
     try:
         with torch.no_grad():
             want, got = ref(x), mine.eval()(x)
@@ -394,6 +468,10 @@ def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> nn.Module:
         if qkv.bias is not None:
             qkv.bias = nn.Parameter(qkv.bias[idx].clone(), requires_grad=qkv.bias.requires_grad)
     qkv.out_features = len(idx)
+    if isinstance(attn, RelPosHeadAttention):
+        table = attn.relative_position_bias_table
+        attn.relative_position_bias_table = nn.Parameter(
+            table[:, list(heads)].clone(), requires_grad=table.requires_grad)
     return attn
 
 
@@ -424,7 +502,9 @@ def attention_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
         isinstance(module, HeadAttention) else None
     if attn is None:  # (a layer of its own kind: its products are not counted)
         return 0
-    return 2 * tokens * tokens * attn.num_heads * attn.head_dim
+    own = tokens * attn.qkv.in_features * attn.qkv.out_features if _functional_qkv(module) \
+        else 0
+    return 2 * tokens * tokens * attn.num_heads * attn.head_dim + own
 
 
 def macs_counter(module: nn.Module) -> Callable[[tuple[int, ...]], int] | None:
@@ -437,4 +517,10 @@ def macs_counter(module: nn.Module) -> Callable[[tuple[int, ...]], int] | None:
         isinstance(module, HeadAttention) else None
     if attn is None:
         return None
-    return lambda shape: attention_macs(attn, shape)
+    own = attn.qkv.in_features * attn.qkv.out_features if _functional_qkv(module) else 0
+
+    def count(shape: tuple[int, ...]) -> int:
+        tokens = int(shape[1]) if len(shape) > 1 else 1
+        return attention_macs(attn, shape) + tokens * own
+
+    return count

@@ -599,7 +599,9 @@ class _Builder:
                  if a is not node.args[0] and
                  (a.meta.get("value", a) if isinstance(a, torch.fx.Node) else a)
                  not in (None, False)]
-        layout = heads_of(mod) if not extra else None
+        # heads are units of attention over one image's tokens (not over windows folded
+        # into the batch: their contributions could not be told apart per image)
+        layout = heads_of(mod) if not extra and src.shape[0] == BATCH else None
         out = self.attention_out(node)
         if layout is not None and out == src.shape[:-1] + (layout.proj.out_features,):
             heads = self.new_space(layout.count)
@@ -614,8 +616,9 @@ class _Builder:
             raise UnsupportedModelError(f"{self.where}: attention layer {type(mod).__name__} "
                                         "whose output is not a (batch, ..., channels) tensor")
         space = self.new_space(out[-1])
-        self.freeze([space], f"attention {name} ({type(mod).__name__}) is kept whole: it is "
-                             "not standard multi-head self-attention over its one input")
+        why = "it is not standard multi-head self-attention over its one input" \
+            if src.shape[0] == BATCH else "it attends within windows folded into the batch"
+        self.freeze([space], f"attention {name} ({type(mod).__name__}) is kept whole: {why}")
         return self.attention_result(node, _Chan((Segment(space, out[-1]),), out,
                                                  axis=len(out) - 1))
 
