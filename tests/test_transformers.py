@@ -445,3 +445,46 @@ def heads_rows(heads: list[int]) -> torch.Tensor:
     """The qkv rows of ``heads`` of 4 heads of 8 features (q | k | v)."""
     from modellego.models.attention import head_rows
     return head_rows(tuple(heads), 4, 8)
+
+
+def test_maxvit_attention_heads_are_units_once_converted():
+    """torchvision's MaxViT attention (``RelativePositionalMultiHeadAttention`` over
+    ``(B, G, P, D)`` groups of one image: windows, then grid cells), as a network built from
+    a file has it (``GridHeadAttention``): the same results, and its heads (with their
+    columns of the relative-position bias table) are units."""
+    needs("torchvision")
+    from torchvision.models.maxvit import MaxVit
+
+    from modellego.models.attention import GridHeadAttention, self_attention_layers
+
+    torch.manual_seed(0)
+    plain = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2,
+                   block_channels=[16, 32], block_layers=[1, 1], head_dim=8,
+                   stochastic_depth_prob=0.0, num_classes=10).eval()
+    with torch.no_grad():
+        for m in plain.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.normal_()  # heads of their own biases
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = plain(x)
+    model = self_attention_layers(_copy(plain))
+    names = [n for n, m in model.named_modules() if isinstance(m, GridHeadAttention)]
+    assert len(names) == 4  # a window and a grid attention per block
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, rtol=0, atol=1e-5)
+    graph = assert_graph_invariants(model, (3, 32, 32), seeds=4)
+    assert sorted(graph.attention) == sorted(names)
+    assert sorted(graph.space_size[s] for s in graph.attention.values()) == [2, 2, 4, 4]
+    last = names[-1]
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    masks[graph.attention[last]] = torch.tensor([False, True, True, False])
+    comp = apply_plan(model, plan_from_masks(graph, masks, range(10)))
+    cut, whole = comp.get_submodule(last), model.get_submodule(last)
+    assert cut.heads == cut.n_heads == 2 and cut.to_qkv.out_features == 48
+    assert torch.equal(cut.relative_position_bias_table,
+                       whole.relative_position_bias_table[:, [1, 2]])
+    assert cut.scale_factor == whole.scale_factor == 32 ** -0.5
+    macs = macs_by_layer(model, (3, 32, 32))
+    # stage 2 at 4x4 positions in partitions of 2x2: 4 groups of 4 tokens, 4 heads of 8
+    assert macs[last] == 2 * 4 * 4 * 4 * 4 * 8

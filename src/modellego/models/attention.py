@@ -9,10 +9,13 @@ from ``qkv``'s rows, so a component with fewer heads is the same class with ``qk
 ``proj`` columns sliced (see :func:`keep_heads`).
 
 :func:`as_head_attention` recognises another library's attention layer (timm's
-``Attention`` and those built like it) and returns a :class:`HeadAttention` over the *same*
-``qkv`` and ``proj`` modules, but only after checking on random tokens that both compute the
+``Attention`` and those built like it; BEiT's, with a relative-position bias per head, as a
+:class:`RelPosHeadAttention`) and returns a :class:`HeadAttention` over the *same* ``qkv``
+weight and ``proj`` module, but only after checking on random tokens that both compute the
 same thing; a layer that does something else (a norm over all heads, a gate, masks) is not
-taken for one, and the channel graph keeps it whole.
+taken for one, and the channel graph keeps it whole. :func:`self_attention_layers` converts
+the attention layers of torchvision's ViT, Swin (V1, V2) and MaxViT, in place, into classes
+with the same parameters and results whose heads can be removed.
 """
 
 from __future__ import annotations
@@ -239,11 +242,50 @@ class WindowHeadAttentionV2(WindowHeadAttention):
         return 16 * torch.sigmoid(bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0))
 
 
-#: (module, class name) of the window attention layers :func:`self_attention_layers`
-#: converts, and the class each becomes
-_WINDOW_ATTENTION = {
+class GridHeadAttention(nn.Module):
+    """torchvision's MaxViT attention (``RelativePositionalMultiHeadAttention``, whose
+    parameters and buffers it takes over) over ``(B, G, P, D)``: ``G`` groups (windows or
+    grid cells, one image's) of ``P`` tokens attend within each group, each head adding its
+    column of the relative-position bias table; the head count is read from ``to_qkv``'s
+    rows, so heads can be removed (``scale_factor`` stays the source's)."""
+
+    head_dim: int
+    n_heads: int
+    scale_factor: float
+    max_seq_len: int
+    to_qkv: nn.Linear
+    merge: nn.Linear
+    relative_position_bias_table: nn.Parameter
+    relative_position_index: torch.Tensor
+
+    @property
+    def heads(self) -> int:
+        return self.to_qkv.out_features // (3 * self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, g, p, _ = x.shape
+        h, dh = self.heads, self.head_dim
+        q, k, v = (t.reshape(b, g, p, h, dh).permute(0, 1, 3, 2, 4)
+                   for t in torch.chunk(self.to_qkv(x), 3, dim=-1))
+        k = k * self.scale_factor
+        dot = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
+        dot = F.softmax(dot + self.position_bias(), dim=-1)
+        out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot, v)
+        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, h * dh))
+
+    def position_bias(self) -> torch.Tensor:
+        """``(1, heads, P, P)``: each head's bias for each pair of positions in a group."""
+        n = self.max_seq_len
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+#: (module, class name) of the attention layers :func:`self_attention_layers` converts
+#: (besides ``nn.MultiheadAttention``), and the class each becomes
+_CONVERTED: dict[tuple[str, str], type[nn.Module]] = {
     ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): WindowHeadAttention,
     ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"): WindowHeadAttentionV2,
+    ("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention"): GridHeadAttention,
 }
 
 
@@ -251,14 +293,18 @@ def self_attention_layers(model: nn.Module) -> nn.Module:
     """``model`` with its attention layers made ones whose heads can be removed, in place
     (the same modules, parameters and results): every ``nn.MultiheadAttention`` (the class
     itself) a :class:`SelfAttentionMHA`, every torchvision Swin ``ShiftedWindowAttention``
-    a :class:`WindowHeadAttention` and every ``ShiftedWindowAttentionV2`` a
-    :class:`WindowHeadAttentionV2`."""
+    a :class:`WindowHeadAttention`, every ``ShiftedWindowAttentionV2`` a
+    :class:`WindowHeadAttentionV2` and every MaxViT ``RelativePositionalMultiHeadAttention``
+    a :class:`GridHeadAttention`."""
     for m in model.modules():
         if type(m) is nn.MultiheadAttention:
             m.__class__ = SelfAttentionMHA
             continue
-        cls = _WINDOW_ATTENTION.get((type(m).__module__, type(m).__name__))
+        cls = _CONVERTED.get((type(m).__module__, type(m).__name__))
         if cls is None:
+            continue
+        if cls is GridHeadAttention:
+            m.__class__ = cls
             continue
         qkv, heads = cast(nn.Linear, m.qkv), cast(int, m.num_heads)
         m.__dict__["head_dim"] = qkv.in_features // heads
@@ -299,6 +345,8 @@ def heads_of(module: nn.Module) -> Heads | None:
                      module.in_proj_weight)
     if isinstance(module, WindowHeadAttention):
         return Heads(module.heads, module.head_dim, module.proj, module.qkv.weight)
+    if isinstance(module, GridHeadAttention):
+        return Heads(module.heads, module.head_dim, module.merge, module.to_qkv.weight)
     attn = as_head_attention(module)
     if attn is None:
         return None
@@ -452,6 +500,18 @@ def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> nn.Module:
         module.qkv.out_features = len(idx)
         module.__dict__["num_heads"] = len(heads)
         return module
+    if isinstance(module, GridHeadAttention):
+        _check_heads(heads, module.heads)
+        idx, keep = head_rows(heads, module.heads, module.head_dim), list(heads)
+        table = module.relative_position_bias_table
+        with torch.no_grad():
+            module.to_qkv.weight = nn.Parameter(module.to_qkv.weight[idx].clone())
+            if module.to_qkv.bias is not None:
+                module.to_qkv.bias = nn.Parameter(module.to_qkv.bias[idx].clone())
+            module.relative_position_bias_table = nn.Parameter(table[:, keep].clone())
+        module.to_qkv.out_features = len(idx)
+        module.n_heads = len(heads)
+        return module
     attn = as_head_attention(module)
     if attn is None:
         raise PlanError(f"plan removes heads of a {type(module).__name__}, which is not "
@@ -489,6 +549,8 @@ def attention_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
         (wh, ww), n = module.window_size, module.window_size[0] * module.window_size[1]
         tokens = -(-shape[1] // wh) * wh * -(-shape[2] // ww) * ww
         return 2 * tokens * n * module.heads * module.head_dim
+    if isinstance(module, GridHeadAttention):  # each token with its group's tokens
+        return 2 * int(shape[1]) * int(shape[2]) ** 2 * module.heads * module.head_dim
     first = not isinstance(module, nn.MultiheadAttention) or module.batch_first
     tokens = int(shape[1] if first else shape[0]) if len(shape) > 1 else 1
     if isinstance(module, SelfAttentionMHA) and module.in_proj_weight is not None:
@@ -511,7 +573,7 @@ def macs_counter(module: nn.Module) -> Callable[[tuple[int, ...]], int] | None:
     """:func:`attention_macs` of ``module`` as a function of its input shape, ``module``
     checked once (:func:`as_head_attention` runs the layer on random tokens: a hook that
     counts every call need not run it each time); ``None`` where it counts nothing."""
-    if isinstance(module, (WindowHeadAttention, nn.MultiheadAttention)):
+    if isinstance(module, (WindowHeadAttention, GridHeadAttention, nn.MultiheadAttention)):
         return lambda shape: attention_macs(module, shape)
     attn = as_head_attention(module) if _candidate(module) is not None or \
         isinstance(module, HeadAttention) else None
