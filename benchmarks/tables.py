@@ -370,7 +370,9 @@ def _default_cell(r: dict) -> str:
 def zoo(data: dict) -> list[str]:
     lines = [f"Graph steps, run of {data['date']}: torch {data['torch']}, torchvision "
              f"{data['torchvision']}, timm {data.get('timm', '-')}, {data['size']} px (some "
-             f"models larger), {data['threads']} thread, {data['seconds'] / 60:.0f} min in all.",
+             f"models larger), {data['threads']} thread, {data['seconds'] / 60:.0f} min in all."
+             + "".join(f" Re-run on {r['date']} ({r['threads']} thread): "
+                       f"{', '.join(r['models'])}." for r in data.get("rerun", [])),
              "", "| source | models | pass | refused (node named) | failed | "
              "max relative Δlogit | median params kept | median FLOPs kept | default "
              "(search + repair) pass / failed | whole import + assembly ok / failed |",

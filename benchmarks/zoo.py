@@ -436,6 +436,10 @@ def main() -> int:
                         "whole and assembled with a small CNN (default all)")
     parser.add_argument("--out", default=None, help="results file name (default zoo.json, "
                         "or zoo-PATTERN.json with --only)")
+    parser.add_argument("--merge-into", default=None, metavar="FILE",
+                        help="also put this run's rows into results file FILE (replacing its "
+                        "rows of the same models, summary recomputed, the models re-run "
+                        "listed under 'rerun')")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -471,7 +475,26 @@ def main() -> int:
               f"{s['models']}; max |d logit| (float64) {s['max_delta_logit']}, relative "
               f"{s['max_delta_rel']}; {s['seconds']:.0f} s")
     print(f"wrote {out.relative_to(ROOT)}")
+    if args.merge_into:
+        merged = merge_rows(ROOT / "benchmarks" / "results" / args.merge_into, rows, env)
+        print(f"merged {len(rows)} rows into {merged.relative_to(ROOT)}")
     return 0
+
+
+def merge_rows(path: Path, rows: list[dict[str, Any]], env: dict[str, Any]) -> Path:
+    """Put ``rows`` into the results file ``path`` in place of its rows of the same models
+    (new models appended), recompute its summary, and list each model re-run with the date
+    and environment of the run that re-ran it."""
+    data = json.loads(path.read_text())
+    new = {(r["source"], r["name"]): r for r in rows}
+    kept = [new.pop((r["source"], r["name"]), r) for r in data["models"]]
+    data["models"] = kept + list(new.values())
+    data["summary"] = summary(data["models"])
+    data.setdefault("rerun", []).append({
+        "models": [f"{r['source']}:{r['name']}" for r in rows],
+        **{k: env[k] for k in ("date", "modellego_version", "torch", "threads")}})
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 if __name__ == "__main__":

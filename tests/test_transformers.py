@@ -124,6 +124,14 @@ def _copy(m: nn.Module) -> nn.Module:
     import copy
     return copy.deepcopy(m)
 
+def _heads_cut(model: nn.Module, graph, layer: str, keep: list[bool]) -> nn.Module:
+    """``model``'s component that keeps every unit but the heads of attention ``layer``
+    that ``keep`` drops (all ten outputs)."""
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    masks[graph.attention[layer]] = torch.tensor(keep)
+    return apply_plan(model, plan_from_masks(graph, masks, range(10)))
+
+
 
 def test_flops_count_the_token_products():
     model = _ours()
@@ -337,9 +345,7 @@ def test_swin_window_attention_heads_are_units_once_converted():
     assert {name: graph.space_size[s] for name, s in graph.attention.items()} == {
         "features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 4,
         "features.3.1.attn": 4}
-    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
-    masks[graph.attention["features.3.1.attn"]] = torch.tensor([False, True, False, True])
-    comp = apply_plan(model, plan_from_masks(graph, masks, range(10)))
+    comp = _heads_cut(model, graph, "features.3.1.attn", [False, True, False, True])
     cut = comp.features[3][1].attn
     assert cut.num_heads == 2 and cut.qkv.out_features == 48
     assert torch.equal(cut.relative_position_bias_table,
@@ -386,9 +392,7 @@ def test_swin_v2_window_attention_heads_are_units_once_converted():
     assert {name: graph.space_size[s] for name, s in graph.attention.items()} == {
         "features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 4,
         "features.3.1.attn": 4}
-    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
-    masks[graph.attention["features.3.1.attn"]] = torch.tensor([False, True, False, True])
-    comp = apply_plan(model, plan_from_masks(graph, masks, range(10)))
+    comp = _heads_cut(model, graph, "features.3.1.attn", [False, True, False, True])
     cut = comp.features[3][1].attn
     assert cut.num_heads == 2 and cut.qkv.out_features == 48
     assert torch.equal(cut.logit_scale, attn.logit_scale[[1, 3]])
@@ -421,9 +425,7 @@ def test_beit_attention_heads_with_their_relative_position_bias_are_units():
     assert torch.equal(cand.qkv.bias, torch.cat([attn.q_bias, attn.k_bias, attn.v_bias]))
     graph = assert_graph_invariants(model, (3, 32, 32), seeds=4)
     assert sorted(graph.attention) == ["blocks.0.attn", "blocks.1.attn"]
-    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
-    masks[graph.attention["blocks.1.attn"]] = torch.tensor([True, False, False, True])
-    comp = apply_plan(model, plan_from_masks(graph, masks, range(10))).eval()
+    comp = _heads_cut(model, graph, "blocks.1.attn", [True, False, False, True]).eval()
     cut = comp.blocks[1].attn
     assert type(cut) is RelPosHeadAttention and cut.num_heads == 2
     assert torch.equal(cut.relative_position_bias_table,
@@ -477,9 +479,7 @@ def test_maxvit_attention_heads_are_units_once_converted():
     assert sorted(graph.attention) == sorted(names)
     assert sorted(graph.space_size[s] for s in graph.attention.values()) == [2, 2, 4, 4]
     last = names[-1]
-    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
-    masks[graph.attention[last]] = torch.tensor([False, True, True, False])
-    comp = apply_plan(model, plan_from_masks(graph, masks, range(10)))
+    comp = _heads_cut(model, graph, last, [False, True, True, False])
     cut, whole = comp.get_submodule(last), model.get_submodule(last)
     assert cut.heads == cut.n_heads == 2 and cut.to_qkv.out_features == 48
     assert torch.equal(cut.relative_position_bias_table,
