@@ -367,12 +367,17 @@ def _default_cell(r: dict) -> str:
     return r.get("default_status", "") + (f" ({_pct(kept)})" if kept is not None else "")
 
 
+def _reruns(data: dict) -> str:
+    """What a results file's later runs re-ran or added (``zoo.py --merge-into``)."""
+    return "".join(f" Run again or added on {r['date']} ({r['threads']} thread): "
+                   f"{', '.join(r['models'])}." for r in data.get("rerun", []))
+
+
 def zoo(data: dict) -> list[str]:
     lines = [f"Graph steps, run of {data['date']}: torch {data['torch']}, torchvision "
              f"{data['torchvision']}, timm {data.get('timm', '-')}, {data['size']} px (some "
              f"models larger), {data['threads']} thread, {data['seconds'] / 60:.0f} min in all."
-             + "".join(f" Re-run on {r['date']} ({r['threads']} thread): "
-                       f"{', '.join(r['models'])}." for r in data.get("rerun", [])),
+             + _reruns(data),
              "", "| source | models | pass | refused (node named) | failed | "
              "max relative Δlogit | median params kept | median FLOPs kept | default "
              "(search + repair) pass / failed | whole import + assembly ok / failed |",
@@ -454,7 +459,7 @@ def zoo_default(data: dict) -> list[str]:
              f"{data['size']} px (some models larger), {data['threads']} thread, "
              f"{len(rows)} models in {data['seconds'] / 60:.0f} min "
              "(the graph checks as in the zoo table, then the default and the whole-model "
-             "steps).", "",
+             "steps)." + _reruns(data), "",
              "| model | graph | default (search + repair) | FLOPs kept by the default | "
              "layers re-fitted | candidates | whole import + default-router assembly | "
              "seconds |", "|---|---|---|---|---|---|---|---|"]

@@ -490,6 +490,7 @@ def merge_rows(path: Path, rows: list[dict[str, Any]], env: dict[str, Any]) -> P
     kept = [new.pop((r["source"], r["name"]), r) for r in data["models"]]
     data["models"] = kept + list(new.values())
     data["summary"] = summary(data["models"])
+    data["seconds"] = sum(r["seconds"] for r in data["models"])  # (the models' steps)
     data.setdefault("rerun", []).append({
         "models": [f"{r['source']}:{r['name']}" for r in rows],
         **{k: env[k] for k in ("date", "modellego_version", "torch", "threads")}})
