@@ -203,7 +203,7 @@ TIMM_FAMILIES = {
     "pit_ti_224": (dict(img_size=64, depth=(1, 1, 1)), 64, 3),
     "beit_base_patch16_224": (dict(img_size=32, patch_size=8, depth=1, embed_dim=32,
                                    num_heads=2), 32, 1),
-    "eva02_tiny_patch14_224": (dict(img_size=56, depth=1), 56, 0),
+    "eva02_tiny_patch14_224": (dict(img_size=56, depth=1), 56, 1),
 }
 
 
@@ -221,8 +221,8 @@ def _influential(model: nn.Module) -> nn.Module:
 def test_timm_transformer_families(name):
     """Swin (windows folded into the batch, shifted by roll), CaiT (a class token joining
     late), PiT (pooling between stages), BEiT (heads with their relative-position bias and
-    separate q/v biases: units) and EVA (its own attention with rotary embeddings given by
-    the block: kept whole)."""
+    separate q/v biases: units) and EVA (heads with the rotary embedding its blocks give:
+    units)."""
     timm = needs("timm")
     kwargs, size, heads = TIMM_FAMILIES[name]
     torch.manual_seed(0)
@@ -488,3 +488,58 @@ def test_maxvit_attention_heads_are_units_once_converted():
     macs = macs_by_layer(model, (3, 32, 32))
     # stage 2 at 4x4 positions in partitions of 2x2: 4 groups of 4 tokens, 4 heads of 8
     assert macs[last] == 2 * 4 * 4 * 4 * 4 * 8
+
+
+def test_eva_attention_heads_with_a_rotary_embedding_are_units():
+    """timm's EVA attention takes from its block a rotary position embedding made without
+    the image (the same rotation for every head): it is taken for standard attention with
+    that rotation (RopeHeadAttention, checked with and without a random embedding), and its
+    heads are units; an embedding computed from the image would keep them whole."""
+    timm = needs("timm")
+    from modellego.models.attention import RopeHeadAttention
+
+    torch.manual_seed(0)
+    model = _influential(timm.create_model("eva02_tiny_patch14_224", pretrained=False,
+                                           num_classes=10, img_size=56, depth=2)).eval()
+    attn = model.blocks[1].attn
+    cand = as_head_attention(attn)
+    assert type(cand) is RopeHeadAttention and cand.num_prefix_tokens == 1
+    tokens = torch.randn(2, 17, 192)
+    rope = model.rope.get_embed()
+    with torch.no_grad():
+        assert torch.allclose(cand(tokens, rope=rope), attn(tokens, rope=rope), atol=1e-5)
+        assert not torch.allclose(cand(tokens, rope=rope), cand(tokens), atol=1e-3)
+    graph = assert_graph_invariants(model, (3, 56, 56), seeds=3)
+    assert sorted(graph.attention) == ["blocks.0.attn", "blocks.1.attn"]
+    comp = _heads_cut(model, graph, "blocks.1.attn", [True, False, True]).eval()
+    cut = comp.blocks[1].attn
+    assert type(cut) is RopeHeadAttention and cut.num_heads == 2
+    assert cut.qkv.out_features == 3 * 2 * 64
+
+
+class _ImageRope(nn.Module):
+    """EVA attention given a "rotary embedding" read from the image itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.eva import EvaAttention
+
+        self.embed = nn.Linear(4, 16)
+        self.attn = EvaAttention(16, num_heads=2, num_prefix_tokens=1, scale_norm=False)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.flatten(2).transpose(1, 2))  # (B, 9, 16)
+        rope = tokens[:, None, 1:, :].tanh()  # (B, 1, 8, 2 x 8): each image's own
+        return self.fc(self.attn(tokens, rope=rope).mean(1))
+
+
+def test_a_rotary_embedding_made_from_the_image_keeps_the_heads_whole():
+    needs("timm")
+    torch.manual_seed(0)
+    model = _ImageRope().eval()
+    assert type(as_head_attention(model.attn)).__name__ == "RopeHeadAttention"
+    graph = build_channel_graph(model, (4, 3, 3))
+    assert graph.attention == {}
+    assert any(r.startswith("attention attn (EvaAttention) is kept whole")
+               for r in graph.frozen_reasons.values())

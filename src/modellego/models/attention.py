@@ -21,6 +21,7 @@ with the same parameters and results whose heads can be removed.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, cast
@@ -62,14 +63,25 @@ class HeadAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         """Self-attention over ``x`` (``attn_mask``/``is_causal`` as in
         ``F.scaled_dot_product_attention``, and as timm's attention layers take them)."""
+        q, k, v = self.project(x)
+        return self.attend(q, k, v, attn_mask, is_causal)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each head's (normed) queries, keys and values: ``(B, heads, N, head_dim)``."""
         b, n, _ = x.shape
         heads = self.qkv.out_features // (3 * self.head_dim)
         qkv = self.qkv(x).reshape(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """The heads' attention over their ``(B, heads, N, head_dim)`` queries, keys and
+        values, through the output projection."""
+        b, heads, n, d = q.shape
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              scale=self.scale)
-        return self.proj(ctx.transpose(1, 2).reshape(b, n, heads * self.head_dim))
+        return self.proj(ctx.transpose(1, 2).reshape(b, n, heads * d))
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:.6g}"
@@ -104,6 +116,40 @@ class RelPosHeadAttention(HeadAttention):
             if extra is not None:
                 bias = bias + extra
         return super().forward(x, attn_mask=bias, is_causal=is_causal)
+
+
+class RopeHeadAttention(HeadAttention):
+    """A :class:`HeadAttention` whose queries and keys (but the first
+    ``num_prefix_tokens``) are rotated by the rotary position embedding the caller gives
+    (``rope``: sines and cosines side by side, one row per token; timm's EVA): the same
+    rotation for every head, so heads can be removed as in any other."""
+
+    num_prefix_tokens: int
+    rotate_half: bool
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`HeadAttention.forward`, the queries and keys rotated by ``rope``
+        (given by keyword, as EVA's blocks give it)."""
+        q, k, v = self.project(x)
+        if rope is not None:
+            from timm.layers import apply_rot_embed_cat  # (only timm's layers take a rope)
+
+            npt = self.num_prefix_tokens
+            q, k = (torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope,
+                                                                  half=self.rotate_half)],
+                              dim=2).type_as(v) for t in (q, k))
+        return self.attend(q, k, v, attn_mask, is_causal)
+
+
+def takes_rope(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes a rotary position embedding ``rope`` (timm's EVA
+    attention, and the :class:`RopeHeadAttention` that stands for it)."""
+    try:
+        return "rope" in inspect.signature(module.forward).parameters and \
+            isinstance(getattr(module, "num_prefix_tokens", None), int)
+    except (TypeError, ValueError):
+        return False
 
 
 class SelfAttentionMHA(nn.MultiheadAttention):
@@ -383,7 +429,11 @@ def _candidate(module: nn.Module) -> HeadAttention | None:
                                   table.shape[1] == heads and isinstance(index, torch.Tensor)
                                   and index.dim() == 2 and index.shape[0] == index.shape[1]):
         return None
-    cls = HeadAttention if table is None else RelPosHeadAttention
+    rope = takes_rope(module)
+    if table is not None and rope:
+        return None
+    cls = RelPosHeadAttention if table is not None else RopeHeadAttention if rope \
+        else HeadAttention
     out = cls.__new__(cls)
     nn.Module.__init__(out)
     out.head_dim, out.scale, out.qkv, out.proj = head_dim, float(scale), qkv, proj
@@ -392,6 +442,9 @@ def _candidate(module: nn.Module) -> HeadAttention | None:
     if table is not None:
         out.relative_position_bias_table = table
         out.register_buffer("relative_position_index", index, persistent=False)
+    if isinstance(out, RopeHeadAttention):
+        out.num_prefix_tokens = int(cast(int, module.num_prefix_tokens))
+        out.rotate_half = bool(getattr(module, "rotate_half", False))
     return out
 
 
@@ -444,15 +497,21 @@ def as_head_attention(module: nn.Module) -> HeadAttention | None:
     tokens = cand.relative_position_index.shape[0] if isinstance(cand, RelPosHeadAttention) \
         else 5  # (a relative-position bias is made for one token count)
     x = torch.randn(2, tokens, cand.qkv.in_features, generator=gen, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            want, got = ref(x), mine.eval()(x)
-    except Exception:  # a forward that needs more than the tokens (masks, sizes)
-        return None
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        return None
-    if not bool(torch.allclose(want, got, rtol=MATCH_TOL, atol=MATCH_TOL)):
-        return None
+    calls: list[dict] = [{}]
+    if isinstance(cand, RopeHeadAttention):  # and with a rotary embedding, a random one
+        rows = tokens - cand.num_prefix_tokens
+        calls.append({"rope": torch.randn(rows, 2 * cand.head_dim, generator=gen,
+                                          dtype=torch.float64)})
+    for kwargs in calls:
+        try:
+            with torch.no_grad():
+                want, got = ref(x, **kwargs), mine.eval()(x, **kwargs)
+        except Exception:  # a forward that needs more than the tokens (masks, sizes)
+            return None
+        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+            return None
+        if not bool(torch.allclose(want, got, rtol=MATCH_TOL, atol=MATCH_TOL)):
+            return None
     return cand
 
 

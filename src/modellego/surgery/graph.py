@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..models.attention import heads_of
+from ..models.attention import heads_of, takes_rope
 from .trace import (
     BATCH,
     CAST_METHODS,
@@ -594,9 +594,12 @@ class _Builder:
         self.freeze([s.space for a in args for s in facts[a].base],
                     f"the input of attention {name} (its q, k and v projections) is kept whole")
         # anything else it is called with is the same tokens (nn.MultiheadAttention's
-        # query, key, value), absent, None or False
+        # query, key, value), absent, None or False; or a rotary embedding made without the
+        # image (EVA's rope: the same rotation for every head and every image)
+        rope = node.kwargs.get("rope") if takes_rope(mod) else None
         extra = [a for a in list(node.args[1:]) + list(node.kwargs.values())
                  if a is not node.args[0] and
+                 not (a is rope and isinstance(a, torch.fx.Node) and _input_free(a)) and
                  (a.meta.get("value", a) if isinstance(a, torch.fx.Node) else a)
                  not in (None, False)]
         # heads are units of attention over one image's tokens (not over windows folded
@@ -1253,6 +1256,20 @@ class _Builder:
         self.freeze([s.space for s in layout],
                     f"{c.name} varies along positions and these channels (a position "
                     "embedding); they are kept whole")
+
+
+def _input_free(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value is computed without the network's input (from constants,
+    parameters and buffers only)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return False
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return True
 
 
 def _new_axes_only(index: Any) -> bool:
