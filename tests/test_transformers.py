@@ -543,3 +543,18 @@ def test_a_rotary_embedding_made_from_the_image_keeps_the_heads_whole():
     assert graph.attention == {}
     assert any(r.startswith("attention attn (EvaAttention) is kept whole")
                for r in graph.frozen_reasons.values())
+
+
+def test_attention_over_windows_folded_into_the_batch_counts_every_window():
+    """timm's Swin attends within windows folded into the batch: one image's attention
+    products are those of every window (4 windows of 4 x 4 tokens in the first stage, one
+    head of 16), and the layer's heads stay whole there."""
+    timm = needs("timm")
+    kwargs, size, _ = TIMM_FAMILIES["swin_tiny_patch4_window7_224"]
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
+                              num_classes=10, **kwargs).eval()
+    macs = macs_by_layer(model, (3, size, size))
+    assert macs["layers.0.blocks.0.attn"] == 4 * 2 * 16 * 16 * 1 * 16
+    graph = build_channel_graph(model, (3, size, size))
+    assert "layers.0.blocks.0.attn" not in graph.attention
+    assert "layers.1.blocks.0.attn" in graph.attention  # one window: over the image's tokens

@@ -602,8 +602,10 @@ def _check_heads(heads: tuple[int, ...], total: int) -> None:
 def attention_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one image that no conv or linear *module call* counts: the two
     token-by-token products (``q kᵀ`` and the weighted sum of ``v``) of an attention layer
-    built like :class:`HeadAttention`, and for ``nn.MultiheadAttention`` (which reads its
-    projections' weights without calling them) its projections too; 0 for other modules."""
+    built like :class:`HeadAttention` (over each row of its input of ``shape``: the image's
+    windows when they are folded into the batch), and for ``nn.MultiheadAttention`` (which
+    reads its projections' weights without calling them) its projections too; 0 for other
+    modules."""
     if isinstance(module, WindowHeadAttention):  # each token with its window's tokens
         (wh, ww), n = module.window_size, module.window_size[0] * module.window_size[1]
         tokens = -(-shape[1] // wh) * wh * -(-shape[2] // ww) * ww
@@ -625,7 +627,9 @@ def attention_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
         return 0
     own = tokens * attn.qkv.in_features * attn.qkv.out_features if _functional_qkv(module) \
         else 0
-    return 2 * tokens * tokens * attn.num_heads * attn.head_dim + own
+    # rows of one image: 1, or its windows when they are folded into the batch (timm's Swin)
+    rows = int(shape[0]) if len(shape) > 2 else 1
+    return rows * (2 * tokens * tokens * attn.num_heads * attn.head_dim + own)
 
 
 def macs_counter(module: nn.Module) -> Callable[[tuple[int, ...]], int] | None:
@@ -641,7 +645,8 @@ def macs_counter(module: nn.Module) -> Callable[[tuple[int, ...]], int] | None:
     own = attn.qkv.in_features * attn.qkv.out_features if _functional_qkv(module) else 0
 
     def count(shape: tuple[int, ...]) -> int:
+        rows = int(shape[0]) if len(shape) > 2 else 1
         tokens = int(shape[1]) if len(shape) > 1 else 1
-        return attention_macs(attn, shape) + tokens * own
+        return attention_macs(attn, shape) + rows * tokens * own
 
     return count
