@@ -355,11 +355,25 @@ def self_attention_layers(model: nn.Module) -> nn.Module:
         qkv, heads = cast(nn.Linear, m.qkv), cast(int, m.num_heads)
         m.__dict__["head_dim"] = qkv.in_features // heads
         if cls is WindowHeadAttentionV2 and qkv.bias is not None:
-            with torch.no_grad():  # the key bias torchvision computes with as zero
-                third = qkv.bias.numel() // 3
-                qkv.bias[third:2 * third] = 0
+            _zero_key_bias(m)
+            # (and after every state dict loaded into it: a file may hold other values)
+            m.register_load_state_dict_post_hook(_zero_key_bias_after_load)
         m.__class__ = cls
     return model
+
+
+def _zero_key_bias_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    _zero_key_bias(module)
+
+
+def _zero_key_bias(module: nn.Module) -> None:
+    """Set the key part of ``module.qkv``'s bias to zero: torchvision's Swin V2 computes
+    with zeros there whatever the parameter holds."""
+    bias = cast(nn.Linear, module.qkv).bias
+    if bias is not None:
+        with torch.no_grad():
+            third = bias.numel() // 3
+            bias[third:2 * third] = 0
 
 
 @dataclass(frozen=True)
