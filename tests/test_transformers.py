@@ -131,6 +131,20 @@ def _heads_cut(model: nn.Module, graph, layer: str, keep: list[bool]) -> nn.Modu
     masks[graph.attention[layer]] = torch.tensor(keep)
     return apply_plan(model, plan_from_masks(graph, masks, range(10)))
 
+def _swin_heads_cut(model: nn.Module) -> nn.Module:
+    """The graph invariants of the small Swin of the two Swin tests (2 then 4 heads in two
+    blocks per stage, each layer's heads a space) and the cut attention of its component
+    that keeps heads 1 and 3 of the last layer."""
+    graph = assert_graph_invariants(model, (3, 32, 32), seeds=4)
+    assert {name: graph.space_size[s] for name, s in graph.attention.items()} == {
+        "features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 4,
+        "features.3.1.attn": 4}
+    comp = _heads_cut(model, graph, "features.3.1.attn", [False, True, False, True])
+    cut = comp.features[3][1].attn
+    assert cut.num_heads == 2 and cut.qkv.out_features == 48
+    return cut
+
+
 
 
 def test_flops_count_the_token_products():
@@ -341,13 +355,7 @@ def test_swin_window_attention_heads_are_units_once_converted():
     assert type(attn) is WindowHeadAttention and attn.shift_size == [1, 1]
     with torch.no_grad():
         assert torch.allclose(model(x), plain(x), rtol=0, atol=1e-5)
-    graph = assert_graph_invariants(model, (3, 32, 32), seeds=4)
-    assert {name: graph.space_size[s] for name, s in graph.attention.items()} == {
-        "features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 4,
-        "features.3.1.attn": 4}
-    comp = _heads_cut(model, graph, "features.3.1.attn", [False, True, False, True])
-    cut = comp.features[3][1].attn
-    assert cut.num_heads == 2 and cut.qkv.out_features == 48
+    cut = _swin_heads_cut(model)
     assert torch.equal(cut.relative_position_bias_table,
                        model.features[3][1].attn.relative_position_bias_table[:, [1, 3]])
     macs = macs_by_layer(model, (3, 32, 32))
@@ -393,13 +401,7 @@ def test_swin_v2_window_attention_heads_are_units_once_converted():
     assert not attn.qkv.bias[third:2 * third].any()
     with torch.no_grad():
         assert torch.allclose(model(x), want, rtol=0, atol=1e-5)
-    graph = assert_graph_invariants(model, (3, 32, 32), seeds=4)
-    assert {name: graph.space_size[s] for name, s in graph.attention.items()} == {
-        "features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 4,
-        "features.3.1.attn": 4}
-    comp = _heads_cut(model, graph, "features.3.1.attn", [False, True, False, True])
-    cut = comp.features[3][1].attn
-    assert cut.num_heads == 2 and cut.qkv.out_features == 48
+    cut = _swin_heads_cut(model)
     assert torch.equal(cut.logit_scale, attn.logit_scale[[1, 3]])
     assert torch.equal(cut.cpb_mlp[-1].weight, attn.cpb_mlp[-1].weight[[1, 3]])
     assert cut.cpb_mlp[-1].out_features == 2

@@ -36,6 +36,14 @@ from ..errors import PlanError
 MATCH_TOL = 1e-9
 
 
+def _per_head_bias(table: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """``(1, heads, n, n)``: each head's bias for each pair of ``n`` positions, ``table``
+    ``(distances, heads)`` read at ``index`` (``n x n`` entries, flat or not: the
+    relative-position bias of Swin's, BEiT's and MaxViT's attention)."""
+    bias = table[index.reshape(-1)]
+    return bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+
 class HeadAttention(nn.Module):
     """Multi-head self-attention over ``(B, N, dim)`` tokens with heads of ``head_dim``.
 
@@ -99,9 +107,8 @@ class RelPosHeadAttention(HeadAttention):
 
     def position_bias(self) -> torch.Tensor:
         """``(1, heads, N, N)``: each head's bias for each pair of tokens."""
-        n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        return _per_head_bias(self.relative_position_bias_table, self.relative_position_index,
+                             self.relative_position_index.shape[0])
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False, shared_rel_pos_bias: torch.Tensor | None = None,
@@ -240,8 +247,7 @@ class WindowHeadAttention(nn.Module):
 
     def position_bias(self, n: int) -> torch.Tensor:
         """``(1, heads, n, n)``: each head's bias for each pair of positions in a window."""
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        return _per_head_bias(self.relative_position_bias_table, self.relative_position_index, n)
 
     def shift_mask(self, ph: int, pw: int, sh: int, sw: int, like: torch.Tensor
                    ) -> torch.Tensor:
@@ -284,8 +290,7 @@ class WindowHeadAttentionV2(WindowHeadAttention):
 
     def position_bias(self, n: int) -> torch.Tensor:
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.heads)
-        bias = table[self.relative_position_index.reshape(-1)]
-        return 16 * torch.sigmoid(bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0))
+        return 16 * torch.sigmoid(_per_head_bias(table, self.relative_position_index, n))
 
 
 class GridHeadAttention(nn.Module):
@@ -321,9 +326,8 @@ class GridHeadAttention(nn.Module):
 
     def position_bias(self) -> torch.Tensor:
         """``(1, heads, P, P)``: each head's bias for each pair of positions in a group."""
-        n = self.max_seq_len
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        return _per_head_bias(self.relative_position_bias_table, self.relative_position_index,
+                             self.max_seq_len)
 
 
 #: (module, class name) of the attention layers :func:`self_attention_layers` converts
@@ -548,41 +552,26 @@ def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> nn.Module:
         _check_heads(heads, layout.count)
         idx = head_rows(heads, layout.count, layout.dim)
         with torch.no_grad():
-            module.in_proj_weight = nn.Parameter(module.in_proj_weight[idx].clone())
+            module.in_proj_weight = _rows_of(module.in_proj_weight, idx)
             if module.in_proj_bias is not None:
-                module.in_proj_bias = nn.Parameter(module.in_proj_bias[idx].clone())
+                module.in_proj_bias = _rows_of(module.in_proj_bias, idx)
         module.num_heads = len(heads)
         return module
     if isinstance(module, WindowHeadAttention):
         _check_heads(heads, module.heads)
-        idx, keep = head_rows(heads, module.heads, module.head_dim), list(heads)
-        with torch.no_grad():
-            module.qkv.weight = nn.Parameter(module.qkv.weight[idx].clone())
-            if module.qkv.bias is not None:
-                module.qkv.bias = nn.Parameter(module.qkv.bias[idx].clone())
-            if isinstance(module, WindowHeadAttentionV2):
-                module.logit_scale = nn.Parameter(module.logit_scale[keep].clone())
-                last = cast(nn.Linear, module.cpb_mlp[-1])
-                last.weight = nn.Parameter(last.weight[keep].clone())
-                if last.bias is not None:
-                    last.bias = nn.Parameter(last.bias[keep].clone())
-                last.out_features = len(keep)
-            else:
-                table = module.relative_position_bias_table
-                module.relative_position_bias_table = nn.Parameter(table[:, keep].clone())
-        module.qkv.out_features = len(idx)
+        _cut_rows(module.qkv, head_rows(heads, module.heads, module.head_dim))
+        if isinstance(module, WindowHeadAttentionV2):
+            with torch.no_grad():
+                module.logit_scale = _rows_of(module.logit_scale, list(heads))
+            _cut_rows(cast(nn.Linear, module.cpb_mlp[-1]), list(heads))
+        else:
+            _cut_table(module, heads)
         module.__dict__["num_heads"] = len(heads)
         return module
     if isinstance(module, GridHeadAttention):
         _check_heads(heads, module.heads)
-        idx, keep = head_rows(heads, module.heads, module.head_dim), list(heads)
-        table = module.relative_position_bias_table
-        with torch.no_grad():
-            module.to_qkv.weight = nn.Parameter(module.to_qkv.weight[idx].clone())
-            if module.to_qkv.bias is not None:
-                module.to_qkv.bias = nn.Parameter(module.to_qkv.bias[idx].clone())
-            module.relative_position_bias_table = nn.Parameter(table[:, keep].clone())
-        module.to_qkv.out_features = len(idx)
+        _cut_rows(module.to_qkv, head_rows(heads, module.heads, module.head_dim))
+        _cut_table(module, heads)
         module.n_heads = len(heads)
         return module
     attn = as_head_attention(module)
@@ -593,19 +582,32 @@ def keep_heads(module: nn.Module, heads: tuple[int, ...]) -> nn.Module:
     _check_heads(heads, total)
     if len(heads) == total and list(heads) == list(range(total)):
         return attn
-    qkv = attn.qkv
-    idx = head_rows(heads, total, attn.head_dim)
-    with torch.no_grad():
-        qkv.weight = nn.Parameter(qkv.weight[idx].clone(),
-                                  requires_grad=qkv.weight.requires_grad)
-        if qkv.bias is not None:
-            qkv.bias = nn.Parameter(qkv.bias[idx].clone(), requires_grad=qkv.bias.requires_grad)
-    qkv.out_features = len(idx)
+    _cut_rows(attn.qkv, head_rows(heads, total, attn.head_dim))
     if isinstance(attn, RelPosHeadAttention):
-        table = attn.relative_position_bias_table
-        attn.relative_position_bias_table = nn.Parameter(
-            table[:, list(heads)].clone(), requires_grad=table.requires_grad)
+        _cut_table(attn, heads)
     return attn
+
+
+def _rows_of(param: torch.Tensor, idx: torch.Tensor | list[int]) -> nn.Parameter:
+    """A new parameter of ``param``'s rows ``idx`` (its gradient flag kept)."""
+    return nn.Parameter(param[idx].clone(), requires_grad=param.requires_grad)
+
+
+def _cut_rows(linear: nn.Linear, idx: torch.Tensor | list[int]) -> None:
+    """``linear`` keeping only its output rows ``idx`` (weight and bias), in place."""
+    with torch.no_grad():
+        linear.weight = _rows_of(linear.weight, idx)
+        if linear.bias is not None:
+            linear.bias = _rows_of(linear.bias, idx)
+    linear.out_features = len(idx)
+
+
+def _cut_table(module: nn.Module, heads: tuple[int, ...]) -> None:
+    """``module``'s relative-position bias table keeping only the columns of ``heads``."""
+    table = cast(nn.Parameter, module.relative_position_bias_table)
+    with torch.no_grad():
+        module.relative_position_bias_table = nn.Parameter(
+            table[:, list(heads)].clone(), requires_grad=table.requires_grad)
 
 
 def _check_heads(heads: tuple[int, ...], total: int) -> None:
@@ -639,10 +641,17 @@ def attention_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
         isinstance(module, HeadAttention) else None
     if attn is None:  # (a layer of its own kind: its products are not counted)
         return 0
-    own = tokens * attn.qkv.in_features * attn.qkv.out_features if _functional_qkv(module) \
-        else 0
-    # rows of one image: 1, or its windows when they are folded into the batch (timm's Swin)
+    return _head_macs(attn, shape, _functional_qkv(module))
+
+
+def _head_macs(attn: HeadAttention, shape: tuple[int, ...], functional_qkv: bool) -> int:
+    """:func:`attention_macs` of a layer that ``attn`` stands for, on input ``shape``:
+    for each row (1, or the image's windows when they are folded into the batch, as in
+    timm's Swin) the token-by-token products, and the q, k, v projection where the layer
+    applies it without a module call (``functional_qkv``)."""
     rows = int(shape[0]) if len(shape) > 2 else 1
+    tokens = int(shape[1]) if len(shape) > 1 else 1
+    own = tokens * attn.qkv.in_features * attn.qkv.out_features if functional_qkv else 0
     return rows * (2 * tokens * tokens * attn.num_heads * attn.head_dim + own)
 
 
@@ -656,11 +665,5 @@ def macs_counter(module: nn.Module) -> Callable[[tuple[int, ...]], int] | None:
         isinstance(module, HeadAttention) else None
     if attn is None:
         return None
-    own = attn.qkv.in_features * attn.qkv.out_features if _functional_qkv(module) else 0
-
-    def count(shape: tuple[int, ...]) -> int:
-        rows = int(shape[0]) if len(shape) > 2 else 1
-        tokens = int(shape[1]) if len(shape) > 1 else 1
-        return attention_macs(attn, shape) + rows * tokens * own
-
-    return count
+    functional = _functional_qkv(module)
+    return lambda shape: _head_macs(attn, shape, functional)
