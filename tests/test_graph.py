@@ -471,7 +471,7 @@ def test_data_dependent_control_flow_is_refused():
 
 @pytest.mark.parametrize("odd, kind", [
     (nn.ConvTranspose2d(4, 4, 3, padding=1), "ConvTranspose2d"),
-    (nn.GroupNorm(2, 4), "GroupNorm"),
+    (nn.LocalResponseNorm(2), "LocalResponseNorm"),
     (nn.InstanceNorm2d(4), "InstanceNorm2d"),
 ])
 def test_unsupported_layer_is_named(odd, kind):

@@ -186,6 +186,40 @@ def test_layernorm_freezes_its_channels_and_the_mlp_is_pruned():
         plan_from_masks(graph, masks, OUT)
 
 
+class GroupNormNet(nn.Module):
+    """GroupNorm as a module and as a function (timm's norm layers call it), then a
+    1x1 conv whose outputs no norm reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.n1 = nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.w = nn.Parameter(torch.rand(12) + 0.5)
+        self.c3 = nn.Conv2d(12, 6, 1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.n1(self.c1(x)))
+        x = F.relu(F.group_norm(self.c2(x), 3, self.w))
+        return self.head(F.relu(self.c3(x)).mean((2, 3)))
+
+
+def test_groupnorm_keeps_its_channels_whole_and_the_rest_is_pruned():
+    graph = check_invariants(GroupNormNet(), size=8)
+    first = graph.find(graph.layer("c1").out_space)
+    second = graph.find(graph.layer("c2").out_space)
+    free = graph.find(graph.layer("c3").out_space)
+    assert graph.frozen_reasons[first] == "GroupNorm n1 normalises over groups of these channels"
+    assert graph.frozen_reasons[second] == \
+        "group_norm at group_norm normalises over groups of these channels"
+    assert free not in graph.frozen_spaces
+    masks = random_masks(graph, 0)
+    masks[first][0] = False
+    with pytest.raises(PlanError, match="kept whole .*GroupNorm n1"):
+        plan_from_masks(graph, masks, OUT)
+
+
 class LayerScaleNet(nn.Module):
     """A per-channel parameter (read through get_attr) on prunable channels is sliced."""
 

@@ -28,7 +28,7 @@ are constrained too: the parts of a ``chunk`` and the groups of a
 ``view(b, g, c // g, h, w)`` (a channel shuffle) are tied one to one, so they shrink alike.
 Ops that would cut or size the channels at the source's fixed numbers (``x[:, :n]``,
 ``split`` with sizes, ``view(b, 512, -1)``), and ops that mix the channels they see so that
-none can be removed without changing the others (LayerNorm over channels, grouped
+none can be removed without changing the others (LayerNorm over channels, GroupNorm, grouped
 convolutions) *freeze* the spaces involved: they are always kept whole, and
 :attr:`ChannelGraph.frozen_reasons` says why. A reduction or a softmax over channels (other
 than the logits) is refused.
@@ -559,6 +559,8 @@ class _Builder:
             return self.batchnorm(name, mod, src, node)
         if isinstance(mod, nn.LayerNorm):
             return self.layer_norm(src, tuple(mod.normalized_shape), f"LayerNorm {name}")
+        if isinstance(mod, nn.GroupNorm):
+            return self.group_norm(src, f"GroupNorm {name}")
         if isinstance(mod, SHAPE_MODULES):
             return self.replay(node, [src], lambda v: mod(v[0]))
         if isinstance(mod, SPATIAL_MODULES):
@@ -573,7 +575,8 @@ class _Builder:
             return src
         raise UnsupportedModelError(
             f"{self.where}: layer type {type(mod).__name__} is not supported; supported are "
-            "Conv2d, Linear, BatchNorm1d, BatchNorm2d (and subclasses), LayerNorm, Flatten, "
+            "Conv2d, Linear, BatchNorm1d, BatchNorm2d (and subclasses), LayerNorm, GroupNorm, "
+            "Flatten, "
             "pooling, dropout and activations")
 
     def attention_layer(self, name: str, mod: nn.Module, node: torch.fx.Node,
@@ -731,6 +734,15 @@ class _Builder:
             self.freeze([s.space for s in src.base], f"{what} normalises over these channels")
         return src
 
+    def group_norm(self, src: _Chan, what: str) -> _Chan:
+        """GroupNorm: mean and variance over each group of channels (and the positions), so
+        removing a channel changes the others of its group: its channels are kept whole."""
+        if len(src.shape) < 2:
+            raise UnsupportedModelError(f"{self.where}: {what} expects an (N, C, ...) input")
+        self.freeze([s.space for s in src.base], f"{what} normalises over groups of these "
+                                                 "channels")
+        return src
+
     def softmax(self, src: _Chan, dim: Any) -> _Chan:
         if not isinstance(dim, int):
             raise UnsupportedModelError(f"{self.where}: softmax without an explicit dim")
@@ -801,6 +813,8 @@ class _Builder:
                                 node.kwargs["normalized_shape"], self.where)
             return self.layer_norm(self.chan(node.args[0], facts), tuple(normalized),
                                    f"layer_norm at {node.name}")
+        if target is F.group_norm:
+            return self.group_norm(self.chan(node.args[0], facts), f"group_norm at {node.name}")
         if method and target in CAST_METHODS:
             return self.chan(node.args[0], facts)
         if target in SOFTMAX_FUNCTIONS or method and target in SOFTMAX_METHODS:
