@@ -11,12 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import assert_graph_invariants, graph_random_masks, randomize_bn, run
+from helpers import (
+    assert_graph_invariants,
+    graph_random_masks,
+    masked_source_logits,
+    randomize_bn,
+    run,
+)
 from modellego.disassembly import DisassemblyConfig, disassemble_model
 from modellego.errors import PlanError, UnsupportedModelError
 from modellego.surgery.extract import apply_plan
-from modellego.surgery.graph import ChannelGraph, build_channel_graph
-from modellego.surgery.plan import full_plan, plan_from_masks
+from modellego.surgery.graph import ChannelGraph, Segment, build_channel_graph
+from modellego.surgery.plan import ComponentPlan, full_plan, plan_from_masks
 
 SIZE = 16
 TOL = 1e-5
@@ -187,13 +193,13 @@ def test_layernorm_freezes_its_channels_and_the_mlp_is_pruned():
 
 
 class GroupNormNet(nn.Module):
-    """GroupNorm as a module and as a function (timm's norm layers call it), then a
-    1x1 conv whose outputs no norm reads."""
+    """A GroupNorm module (4 groups of 2 channels), then GroupNorm as a function (as in a
+    forward that calls ``F.group_norm`` itself), then a 1x1 conv that no norm reads."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.n1 = nn.GroupNorm(2, 8)
+        self.n1 = nn.GroupNorm(4, 8)
         self.c2 = nn.Conv2d(8, 12, 3, padding=1)
         self.w = nn.Parameter(torch.rand(12) + 0.5)
         self.c3 = nn.Conv2d(12, 6, 1)
@@ -205,15 +211,40 @@ class GroupNormNet(nn.Module):
         return self.head(F.relu(self.c3(x)).mean((2, 3)))
 
 
-def test_groupnorm_keeps_its_channels_whole_and_the_rest_is_pruned():
-    graph = check_invariants(GroupNormNet(), size=8)
+def test_groupnorm_loses_whole_groups_and_a_functional_one_is_kept_whole():
+    model = GroupNormNet()
+    graph = check_invariants(model, seeds=8, size=8)  # (the graph of this very model)
     first = graph.find(graph.layer("c1").out_space)
     second = graph.find(graph.layer("c2").out_space)
-    free = graph.find(graph.layer("c3").out_space)
-    assert graph.frozen_reasons[first] == "GroupNorm n1 normalises over groups of these channels"
+    assert first not in graph.frozen_spaces and graph.group_norms == {
+        "n1": (Segment(first, 8, 1, 0),)}
     assert graph.frozen_reasons[second] == \
         "group_norm at group_norm normalises over groups of these channels"
-    assert free not in graph.frozen_spaces
+    assert graph.find(graph.layer("c3").out_space) not in graph.frozen_spaces
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    masks = {s: torch.ones(graph.space_size[s], dtype=torch.bool) for s in graph.spaces()}
+    masks[first][[2, 3, 5]] = False  # group 1 goes; group 2 stays, channel 5 with it
+    plan = plan_from_masks(graph, masks, OUT)
+    assert plan.modules["n1"] == {"out": (0, 1, 4, 5, 6, 7)}
+    assert plan.modules["c1"]["out"] == (0, 1, 4, 5, 6, 7)
+    comp = apply_plan(model, plan).eval()
+    assert (comp.n1.num_groups, comp.n1.num_channels) == (3, 6)
+    assert torch.equal(comp.n1.weight, model.n1.weight[[0, 1, 4, 5, 6, 7]])
+    masked = masked_source_logits(model, graph, plan, x)[:, OUT]
+    assert (run(comp, x) - masked).abs().max().item() <= TOL * max(1.0, masked.abs().max().item())
+    assert (run(comp, x) - run(model, x)[:, OUT]).abs().max().item() > 1e-3  # groups mattered
+    bad = dict(plan.modules, n1={"out": (0, 1, 2, 4, 5, 6, 7)})
+    with pytest.raises(PlanError, match="GroupNorm 'n1' can only lose whole groups of 2"):
+        apply_plan(model, ComponentPlan(bad))
+
+
+def test_groupnorm_with_one_group_keeps_its_channels_whole():
+    model = GroupNormNet()
+    model.n1 = nn.GroupNorm(1, 8)
+    graph = check_invariants(model, size=8)
+    first = graph.find(graph.layer("c1").out_space)
+    assert graph.frozen_reasons[first] == "GroupNorm n1 normalises over groups of these channels"
+    assert graph.group_norms == {}
     masks = random_masks(graph, 0)
     masks[first][0] = False
     with pytest.raises(PlanError, match="kept whole .*GroupNorm n1"):

@@ -1,7 +1,7 @@
 """The channel graph on a representative dozen of real torchvision and timm networks.
 
-One per family (SE, grouped, shuffle, LayerNorm, dense, auxiliary heads, conv classifier,
-stochastic depth, norm-act layers, slices), random weights, small inputs and, where the
+One per family (SE, grouped, shuffle, LayerNorm, GroupNorm, dense, auxiliary heads, conv
+classifier, stochastic depth, norm-act layers, slices), random weights, small inputs and, where the
 builder allows, fewer blocks and channels. Each is checked by both invariants (see
 ``helpers.assert_graph_invariants``); transformers are in ``test_transformers.py``. The full
 zoo is swept by ``benchmarks/zoo.py``.
@@ -71,8 +71,12 @@ TIMM = {
     "mobilenetv3_small_050 (norm-act)": 32,
     "ghostnet_050 (slices, cheap ops)": 32,
     "convnext_atto (gamma via reshape)": 32,
+    "resnet18 (GroupNorm)": 32,
 }
-TIMM_KWARGS = {"convnext_atto": {"ls_init_value": 1.0}}  # (1e-6 would hide the blocks)
+TIMM_KWARGS: dict[str, Callable[[Any], dict]] = {
+    "convnext_atto": lambda timm: {"ls_init_value": 1.0},  # (1e-6 would hide the blocks)
+    "resnet18": lambda timm: {"norm_layer": timm.layers.GroupNorm},  # 32 groups each
+}
 
 
 @pytest.mark.parametrize("name", list(TORCHVISION))
@@ -91,9 +95,11 @@ def test_timm_family(name):
     torch.manual_seed(0)
     arch = name.split()[0]
     model = timm.create_model(arch, pretrained=False, num_classes=10,
-                              **TIMM_KWARGS.get(arch, {}))
+                              **TIMM_KWARGS.get(arch, lambda timm: {})(timm))
     graph = assert_graph_invariants(model, (3, TIMM[name], TIMM[name]), seeds=3)
     _check_reasons(graph)
+    if "GroupNorm" in name:  # its groups are units: every norm is sliced, none kept whole
+        assert len(graph.group_norms) == 20 and graph.frozen_spaces == graph.input_spaces
     _check_default(model, graph, (3, TIMM[name], TIMM[name]))
 
 

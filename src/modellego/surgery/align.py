@@ -58,6 +58,8 @@ def _indices(graph: ChannelGraph, multiple: int) -> dict[int, list[tuple[int, bo
     fixed.add(graph.find(graph.output_space))
     # (an attention layer's heads: a copied head would attend twice)
     fixed |= {graph.find(s) for s in graph.attention.values()}
+    # (a GroupNorm's channels: a copy would change its group's statistics)
+    fixed |= {graph.find(seg.space) for layout in graph.group_norms.values() for seg in layout}
     out = {}
     for s in graph.spaces():
         n = graph.space_size[s]

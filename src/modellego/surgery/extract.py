@@ -70,6 +70,21 @@ def _slice_bn(bn: nn.BatchNorm1d | nn.BatchNorm2d, out: tuple[int, ...]
     return bn
 
 
+def _slice_group_norm(name: str, norm: nn.GroupNorm, out: tuple[int, ...]) -> nn.GroupNorm:
+    """``norm`` with the groups of channels ``out``, which must be whole groups."""
+    size = norm.num_channels // norm.num_groups
+    kept = set(out)
+    if len(kept) != len(out) or any(g * size + k not in kept for g in {i // size for i in out}
+                                    for k in range(size)):
+        raise PlanError(f"GroupNorm {name!r} can only lose whole groups of {size} channels")
+    idx = _idx(out)
+    with torch.no_grad():
+        for pname, p in list(norm.named_parameters(recurse=False)):
+            setattr(norm, pname, _param(p, p[idx]))
+    norm.num_channels, norm.num_groups = len(out), len(out) // size
+    return norm
+
+
 def _slice_tensor(model: nn.Module, name: str, out: tuple[int, ...]) -> None:
     """Slice parameter or buffer ``name`` of ``model`` in place, along its one axis longer
     than 1 (how the channel graph records per-channel tensors)."""
@@ -128,6 +143,8 @@ def apply_plan(model: nn.Module, plan: ComponentPlan) -> nn.Module:
                 repl = _slice_linear(mod, spec["out"], spec["in"])
             elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 repl = _slice_bn(mod, spec["out"])
+            elif isinstance(mod, nn.GroupNorm):
+                repl = _slice_group_norm(name, mod, spec["out"])
             elif attention_leaf(mod):
                 repl = _keep_heads(mod, spec["out"])
             else:

@@ -150,6 +150,9 @@ class ChannelGraph:
     #: its output projection is the layer ``name + ".proj"``, reading each head's
     #: ``head_dim`` features as one channel repeated)
     attention: dict[str, int] = field(default_factory=dict)
+    #: GroupNorm modules whose groups can be removed whole (module name -> the layout of
+    #: its channels; the channels of one group are tied together in ``ties``)
+    group_norms: dict[str, Layout] = field(default_factory=dict)
 
     def find(self, space: int) -> int:
         """The root of a space (after merges)."""
@@ -180,7 +183,7 @@ class ChannelGraph:
         tensors (what block-diagonal assembly needs)."""
         whole = all(s.start == 0 and s.size == self.space_size[s.space]
                     for lay in self.layers for s in lay.in_layout)
-        return whole and not self.ties and not self.channel_params
+        return whole and not self.ties and not self.channel_params and not self.group_norms
 
 
 # --------------------------------------------------------------------------- tensor facts
@@ -293,6 +296,7 @@ class _Builder:
         self.frozen: dict[int, str] = {}
         self.layers: list[Layer] = []
         self.norms: dict[str, Layout] = {}
+        self.group_norms: dict[str, Layout] = {}
         self.params: dict[str, Layout] = {}
         self.ties: list[tuple[Segment, Segment]] = []
         self.seen_modules: dict[str, Layer] = {}
@@ -496,7 +500,8 @@ class _Builder:
         return ChannelGraph(self.model, gm, self.layers, norms, dict(self.size),
                             set(frozen), {self.find(s) for s in inputs}, out_space,
                             dict(self.parent), frozen, params, ties,
-                            {name: self.find(s) for name, s in self.attention.items()})
+                            {name: self.find(s) for name, s in self.attention.items()},
+                            {name: res(layout) for name, layout in self.group_norms.items()})
 
     # -- helpers -----------------------------------------------------------------------
     def chan(self, arg: Any, facts: dict) -> _Chan:
@@ -560,7 +565,7 @@ class _Builder:
         if isinstance(mod, nn.LayerNorm):
             return self.layer_norm(src, tuple(mod.normalized_shape), f"LayerNorm {name}")
         if isinstance(mod, nn.GroupNorm):
-            return self.group_norm(src, f"GroupNorm {name}")
+            return self.group_norm_module(name, mod, src)
         if isinstance(mod, SHAPE_MODULES):
             return self.replay(node, [src], lambda v: mod(v[0]))
         if isinstance(mod, SPATIAL_MODULES):
@@ -741,6 +746,39 @@ class _Builder:
             raise UnsupportedModelError(f"{self.where}: {what} expects an (N, C, ...) input")
         self.freeze([s.space for s in src.base], f"{what} normalises over groups of these "
                                                  "channels")
+        return src
+
+    def group_norm_module(self, name: str, mod: nn.GroupNorm, src: _Chan) -> _Chan:
+        """A GroupNorm module: its groups are removed whole. A group's statistics are its own
+        channels', so removing whole groups leaves the others exactly as they were; the
+        channels of a group are tied together, and the module keeps the groups a plan keeps
+        (``num_groups`` shrinks). Kept whole instead (as :meth:`group_norm`) with one group,
+        with channels that are not laid along dim 1, or with a group that spans two
+        channel runs."""
+        if type(mod) is not nn.GroupNorm and not all(channelwise(m) for m in mod.children()):
+            raise UnsupportedModelError(
+                f"{self.where}: {type(mod).__name__} holds submodules that are not "
+                "activations or dropout; modellego cannot tell what it does to channels")
+        what = f"GroupNorm {name}"
+        layout = src.along(1) if len(src.shape) >= 2 else None
+        groups = int(mod.num_groups)
+        if layout is None or groups == 1 or any(seg.repeat != 1 for seg in layout) or \
+                sum(seg.size for seg in layout) != mod.num_channels:
+            return self.group_norm(src, what)
+        size = int(mod.num_channels) // groups
+        runs: list[tuple[Segment, Segment]] = []
+        for seg in layout:
+            if seg.size % size:  # a group would span two runs
+                return self.group_norm(src, what)
+            runs += [(Segment(seg.space, size - 1, 1, seg.start + off),
+                      Segment(seg.space, size - 1, 1, seg.start + off + 1))
+                     for off in range(0, seg.size, size) if size > 1]
+        if name in self.group_norms and self.group_norms[name] != layout:
+            raise UnsupportedModelError(f"{self.where}: {what} is applied to different "
+                                        "channel groups")
+        for a, b in runs:  # channel k of a group is kept exactly when channel k + 1 is
+            self.couple_runs(a, b)
+        self.group_norms[name] = layout
         return src
 
     def softmax(self, src: _Chan, dim: Any) -> _Chan:

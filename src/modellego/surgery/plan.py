@@ -119,6 +119,8 @@ def plan_from_masks(graph: ChannelGraph, masks: dict[int, torch.Tensor],
         modules[name] = {"out": kept(space)}
     for name, layout in graph.channel_params.items():
         modules[name] = {"out": positions(layout)}
+    for name, layout in graph.group_norms.items():
+        modules[name] = {"out": positions(layout)}
     for name, space in graph.attention.items():
         modules[name] = {"out": kept(space)}  # its heads
     return ComponentPlan(modules)

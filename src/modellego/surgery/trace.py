@@ -84,12 +84,14 @@ BATCH = 2  # batch size of the example input the graph is traced and shape-propa
 
 
 class NormLeafTracer(torch.fx.Tracer):
-    """fx's tracer, with every BatchNorm2d subclass a leaf: a norm-act layer (BN then an
-    activation, as in timm) stays one module, so slicing can keep its class; and every
+    """fx's tracer, with every BatchNorm and GroupNorm subclass a leaf: a norm-act layer (BN
+    or GroupNorm then an activation, as in timm) stays one module, so slicing can keep its
+    class; and every
     attention layer (:func:`attention_leaf`) a leaf too."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) or attention_leaf(m) or \
+        return isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) or \
+            attention_leaf(m) or \
             super().is_leaf_module(m, module_qualified_name)
 
 
