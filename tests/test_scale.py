@@ -113,3 +113,25 @@ def test_task_level_needs_a_method_that_locates_with_summed_profiles() -> None:
         DisassemblyConfig(ALL, method="frat",
                           locate=LocateConfig(alpha_conv=0.2, alpha_linear=0.2,
                                               task_level=True)).validate()
+
+
+def test_a_profile_whose_one_class_does_not_fit_is_refused_before_any_pass(trained,
+                                                                          digits) -> None:
+    x, y = digits
+    layers = _layers(trained)
+    per_class = statistics_bytes(layers)
+    cfg = DisassemblyConfig((3,), samples_per_class=4, preset="paper")
+    largest = max(layers, key=lambda n: layers[n].weight.shape[0] * layers[n].weight.shape[1])
+    for classes in ((3,), ALL):  # the whole profile and the profile in chunks
+        with reading(max_memory=3 * per_class - 1):
+            with pytest.raises(ModelLegoError) as info:
+                disassemble_model(trained, x, y, classes=classes, output_classes=ALL,
+                                  config=replace(cfg, classes=classes))
+        msg = str(info.value)
+        assert msg.startswith("the contribution profile of one class holds ")
+        assert f"for each of {len(layers)} layers, the largest {largest!r}" in msg
+        assert msg.endswith("raise `max_memory` on a machine with that much memory")
+    with reading(max_memory=3 * per_class):  # exactly one class fits: profiled one at a time
+        comp = disassemble_model(trained, x, y, classes=ALL, output_classes=ALL,
+                                 config=replace(cfg, classes=ALL))
+    assert comp.profile_chunks == 10

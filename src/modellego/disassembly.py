@@ -434,6 +434,8 @@ def _task_profile(model: nn.Module, images: Inputs, labels: torch.Tensor,
     layers = {lay.name: lay.module for lay in profiled_layers(graph)}
     per_chunk = classes_per_chunk(layers)
     if len(classes) <= per_chunk:
+        if method.chunkable:
+            check_one_class_fits(layers)
         idx = torch.tensor([i for c in classes for i in selection.indices[c]],
                            dtype=torch.long)
         profile = method.profile(model, layers, take(images, idx), labels[idx], classes,
@@ -450,6 +452,7 @@ def _task_profile(model: nn.Module, images: Inputs, labels: torch.Tensor,
             f"`refine` re-reads the profile of all {len(classes)} classes, which is "
             f"made in chunks of {per_chunk} within `max_memory`; drop `refine` or "
             "raise `max_memory`")
+    check_one_class_fits(layers)
     configs = [base] + (search_family(method, base, config) if config.searches else [])
     if config.max_accuracy_drop is not None and _task_level_first(method, classes, base):
         # the task-level family the search walks first (see _variants)
@@ -832,6 +835,24 @@ def classes_per_chunk(layers: Mapping[str, nn.Module]) -> int:
     (a third of it for the statistics: the running sums, a chunk's sums and the copies
     locating makes)."""
     return max(1, max_memory() // (3 * max(1, statistics_bytes(layers))))
+
+
+def check_one_class_fits(layers: Mapping[str, nn.Module]) -> None:
+    """Refuse, before any pass, a profile whose statistics for even one class would not fit
+    in :func:`~modellego.data.lazy.max_memory` (as :func:`classes_per_chunk` counts them):
+    chunks of classes cannot go below one class, and memory stays bounded."""
+    one = statistics_bytes(layers)
+    if 3 * one <= max_memory():
+        return
+    name, w = max(((n, cast(torch.Tensor, m.weight)) for n, m in layers.items()),
+                  key=lambda item: int(item[1].shape[0]) * int(item[1].shape[1]))
+    raise ModelLegoError(
+        f"the contribution profile of one class holds {one / 2**30:.1f} GiB of statistics "
+        f"(a float64 outputs x inputs table for each of {len(layers)} layers, the largest "
+        f"{name!r} {int(w.shape[0])} x {int(w.shape[1])}), about {3 * one / 2**30:.1f} GiB "
+        f"with the copies beside it, more than the memory bound of "
+        f"{max_memory() / 2**30:.1f} GiB; raise `max_memory` on a machine with that much "
+        "memory")
 
 
 def chunked_class_masks(method, model: nn.Module, graph: ChannelGraph,
