@@ -445,7 +445,9 @@ def zoo_files(data: dict) -> list[str]:
         else:
             files = [mark(r, "model_round_trip_equal"), mark(r, "component_round_trip_equal"),
                      mark(r, "assembly_round_trip_equal")]
-        graph = r["status"] if r["status"] != "refused" else f"refused at `{r.get('node')}`"
+        graph = r["status"] if r["status"] != "refused" else (
+            f"refused at `{r['node']}`" if r.get("node") else
+            f"refused: {r.get('reason', '').split(' (')[0].split(';')[0][:70]}")
         lines.append(f"| {r['source']}:{r['name']} | {graph} | {' | '.join(files)} | "
                      f"{r.get('files_seconds', '')} |")
     return lines
@@ -455,8 +457,9 @@ def zoo_default(data: dict) -> list[str]:
     """The default (search + reconstruction) and the whole-model import + assembly over the
     zoo: the models the run reached, each with its figures."""
     rows = data["models"]
-    lines = [f"Run of {data['date']}: torch {data['torch']}, torchvision {data['torchvision']}, "
-             f"{data['size']} px (some models larger), {data['threads']} thread, "
+    timm = f", timm {data['timm']}" if data.get("timm") else ""
+    lines = [f"Run of {data['date']}: torch {data['torch']}, torchvision {data['torchvision']}"
+             f"{timm}, {data['size']} px (some models larger), {data['threads']} thread, "
              f"{len(rows)} models in {data['seconds'] / 60:.0f} min "
              "(the graph checks as in the zoo table, then the default and the whole-model "
              "steps)." + _reruns(data), "",
@@ -464,7 +467,9 @@ def zoo_default(data: dict) -> list[str]:
              "layers re-fitted | candidates | whole import + default-router assembly | "
              "seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        graph = r["status"] if r["status"] != "refused" else f"refused at `{r.get('node')}`"
+        graph = r["status"] if r["status"] != "refused" else (
+            f"refused at `{r['node']}`" if r.get("node") else
+            f"refused: {r.get('reason', '').split(' (')[0].split(';')[0][:70]}")
         if r["status"] == "failed":
             graph = f"failed: {r.get('reason', '')[:80]}"
         lines.append(f"| {r['source']}:{r['name']} | {graph} | {r.get('default_status', '')} | "
@@ -581,7 +586,8 @@ TABLES = (("transformers.json", transformers), ("zoo-transformers.json", zoo),
           ("distillation.json", distillation), ("strategies.json", strategies),
           ("compression.json", compression), ("reconstruct.json", reconstruct),
           ("zoo.json", zoo), ("zoo-files.json", zoo_files),
-          ("zoo-default.json", zoo_default), ("latency.json", latency))
+          ("zoo-default.json", zoo_default), ("zoo-timm-default.json", zoo_default),
+          ("latency.json", latency))
 DOCS = RESULTS.parent.parent / "docs"
 
 

@@ -50,6 +50,8 @@ from torch import nn
 
 from modellego import DisassemblyConfig, __version__, disassemble_model
 from modellego.analysis.locate import LocateConfig
+from modellego.data import reading
+from modellego.data.lazy import max_memory
 from modellego.errors import ModelLegoError, PlanError, UnsupportedModelError
 from modellego.metrics import count_flops, count_params
 from modellego.models.attention import self_attention_layers
@@ -457,14 +459,25 @@ def main() -> int:
                         help="also put this run's rows into results file FILE (replacing its "
                         "rows of the same models, summary recomputed, the models re-run "
                         "listed under 'rerun')")
+    parser.add_argument("--max-memory-gib", type=float, default=None,
+                        help="the library's memory bound (default its own, 4 GiB): a profile "
+                        "whose one class needs more is refused")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    if args.max_memory_gib is not None:
+        with reading(max_memory=int(args.max_memory_gib * 2**30)):
+            return sweep(args)
+    return sweep(args)
+
+
+def sweep(args: argparse.Namespace) -> int:
     import torchvision
     env = {"modellego_version": __version__, "torch": torch.__version__,
            "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
            "machine": platform.machine(), "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d"), "size": args.size, "tolerance": TOL}
+           "date": time.strftime("%Y-%m-%d"), "size": args.size, "tolerance": TOL,
+           "max_memory": max_memory()}
     if not args.skip_timm:
         import timm
         env["timm"] = timm.__version__
@@ -510,7 +523,8 @@ def merge_rows(path: Path, rows: list[dict[str, Any]], env: dict[str, Any]) -> P
     data["seconds"] = sum(r["seconds"] for r in data["models"])  # (the models' steps)
     data.setdefault("rerun", []).append({
         "models": [f"{r['source']}:{r['name']}" for r in rows],
-        **{k: env[k] for k in ("date", "modellego_version", "torch", "threads")}})
+        **{k: env[k] for k in ("date", "modellego_version", "torch", "threads")},
+        **({"max_memory": env["max_memory"]} if "max_memory" in env else {})})
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
