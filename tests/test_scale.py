@@ -135,3 +135,23 @@ def test_a_profile_whose_one_class_does_not_fit_is_refused_before_any_pass(train
         comp = disassemble_model(trained, x, y, classes=ALL, output_classes=ALL,
                                  config=replace(cfg, classes=ALL))
     assert comp.profile_chunks == 10
+
+
+def test_a_pass_batch_follows_the_largest_activation() -> None:
+    from helpers import TwoLayer
+    from modellego.data.lazy import ACTIVATION_BYTES, MIN_BATCH, default_batch
+    from modellego.disassembly import pass_batch
+
+    assert default_batch((1, 28, 28)) == 500  # the input's bound alone
+    assert default_batch((1, 28, 28), sample_bytes=225_792) == ACTIVATION_BYTES // 225_792
+    assert default_batch((1, 28, 28), sample_bytes=1 << 30) == MIN_BATCH
+    assert default_batch((1, 28, 28), sample_bytes=1) == 500  # (never above the input's)
+    assert default_batch((3, 2048, 2048), sample_bytes=1 << 30) == 1
+    graph = build_channel_graph(TwoLayer().eval(), (1, 8, 8))
+    assert graph.sample_bytes() == 6 * 8 * 8 * 4  # the conv's output, float32
+    assert pass_batch(graph, torch.zeros(3, 1, 8, 8)) == 500
+    wide = build_channel_graph(torch.nn.Sequential(
+        torch.nn.Conv2d(1, 512, 3, padding=1), torch.nn.Flatten(),
+        torch.nn.Linear(512 * 64 * 64, 2)).eval(), (1, 64, 64))
+    assert wide.sample_bytes() == 512 * 64 * 64 * 4
+    assert pass_batch(wide, torch.zeros(3, 1, 64, 64)) == MIN_BATCH

@@ -430,7 +430,8 @@ def _task_profile(model: nn.Module, images: Inputs, labels: torch.Tensor,
     else:
         _check_graph(model, graph, "channel graph")
     selection = _task_samples(model, images, labels, classes, output_classes, config,
-                              method.correct_only, dist, selection)
+                              method.correct_only, dist, selection,
+                              pass_batch(graph, images))
     layers = {lay.name: lay.module for lay in profiled_layers(graph)}
     per_chunk = classes_per_chunk(layers)
     if len(classes) <= per_chunk:
@@ -467,9 +468,9 @@ def _task_profile(model: nn.Module, images: Inputs, labels: torch.Tensor,
 def _task_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
                   classes: tuple[int, ...], output_classes: Sequence[int],
                   config: DisassemblyConfig, correct_only: bool, dist: DistContext | None,
-                  selection: SampleSelection | None) -> SampleSelection:
+                  selection: SampleSelection | None, batch_size: int) -> SampleSelection:
     """The samples the profile reads: ``selection`` when given (checked against the task),
-    else selected here."""
+    else selected here (in batches of ``batch_size``)."""
     if selection is None:
         if isinstance(images, ModelInputs) and not correct_only:
             # streamed images: a pool no larger than k per class is taken whole, without
@@ -478,7 +479,7 @@ def _task_samples(model: nn.Module, images: Inputs, labels: torch.Tensor,
             if every is not None:
                 return every
         return select_samples(model, images, labels, classes, output_classes,
-                              k=config.samples_per_class, dist=dist,
+                              k=config.samples_per_class, batch_size=batch_size, dist=dist,
                               correct_only=correct_only)
     if selection.correct_only != correct_only or \
             selection.k != config.samples_per_class or \
@@ -524,6 +525,8 @@ class TaskCandidates(Candidates[LocateConfig]):
             else method.hint
         self.fit_images, self.calibration_images = fit_images, calibration_images
         self.bn_after = {lay.name: lay.bn_after for lay in prof.graph.layers}
+        #: the batch of the passes over many images (reconstruction, judgement)
+        self.batch = pass_batch(prof.graph, fit_images)
         # the source's outputs on the reconstruction's images, measured once for all
         self.targets = SourceTargets()
 
@@ -542,6 +545,7 @@ class TaskCandidates(Candidates[LocateConfig]):
         config = self.config
         net = apply_plan(self.model, plan).eval()
         fit = reconstruct_layers(net, self.model, self.prof.graph, plan, self.fit_images,
+                                 batch_size=self.batch,
                                  cache=self.targets) if config.fit_images and repair else None
         comp = self.method.finish(net, self.classes).eval()
         if config.compensate and repair:  # the methods that allow it profile contributions
@@ -574,7 +578,8 @@ def _search_candidates(cands: TaskCandidates, images: Inputs, labels: torch.Tens
                                  "classes beyond the profile's samples")
         judge, validation = confident_judge(
             cands.model, sets, classes, cands.output_classes, cands.build,
-            cast(float, config.confidence), cast(float, config.max_accuracy_drop))
+            cast(float, config.confidence), cast(float, config.max_accuracy_drop),
+            batch=cands.batch)
         validation.update({"from_validation_split": 0 if val_labels is None
                            else int(len(val_labels)), "from_training_split": len(topup)})
     elif config.max_accuracy_drop is not None:
@@ -699,12 +704,13 @@ def _accuracy_judge(cands: TaskCandidates, val_images: Inputs | None,
     accuracy, and the least it may have (the restricted source's less the budget)."""
     if val_images is None or val_labels is None:
         raise ModelLegoError("`max_accuracy_drop` needs `val_images` and `val_labels`")
-    src_logits = predict_logits(cands.model, val_images)
+    src_logits = predict_logits(cands.model, val_images, batch_size=cands.batch)
     restricted = accuracy_from_logits(src_logits, val_labels, cands.output_classes,
                                       restrict_to=cands.classes).accuracy
 
     def accuracy_of(cfg: LocateConfig) -> float:
-        return accuracy_from_logits(predict_logits(cands.build(cfg), val_images), val_labels,
+        return accuracy_from_logits(predict_logits(cands.build(cfg), val_images,
+                                                   batch_size=cands.batch), val_labels,
                                     cands.classes).accuracy
 
     return accuracy_of, restricted - cast(float, cands.config.max_accuracy_drop) / 100
@@ -754,14 +760,16 @@ def validation_topup(labels: torch.Tensor, classes: Sequence[int], selection: Sa
 
 def confident_judge(model: nn.Module, sets: Sequence[tuple[Inputs, torch.Tensor]],
                     classes: Sequence[int], output_classes: Sequence[int],
-                    component_of, confidence: float, budget: float):
+                    component_of, confidence: float, budget: float,
+                    batch: int | None = None):
     """The pass/fail of a candidate under a confident budget: the one-sided ``confidence``
     upper bound of its paired drop against the restricted source on ``sets`` (image, label
     pairs) must be at most ``budget`` points. Returns ``judge(config) -> (accuracy,
     passes, note)`` and a dict describing the validation (filled in further by the
     caller).
 
-    A candidate is judged block by block, each block one batch of
+    A candidate is judged block by block, each block one batch of ``batch`` images
+    (default: :func:`~modellego.data.lazy.default_batch`) of
     :func:`~modellego.metrics.predict_logits` (so every image is predicted in the batch a
     whole pass would put it in, and the verdicts do not depend on where a judgement stops),
     and stops as soon as it surely fails: when even the best outcome on the images not yet
@@ -769,7 +777,8 @@ def confident_judge(model: nn.Module, sets: Sequence[tuple[Inputs, torch.Tensor]
     them above the budget (:func:`surely_fails`). The verdict is the one the whole set
     gives; a candidate stopped early reports its accuracy on the images it was judged on."""
     labels = torch.cat([y for _, y in sets])
-    source = torch.cat([correct_flags(predict_logits(model, x), y, output_classes,
+    source = torch.cat([correct_flags(predict_logits(model, x, batch_size=batch), y,
+                                      output_classes,
                                       restrict_to=classes) for x, y in sets])
     n = len(labels)
     validation: dict = {"images": n, "resolution_pp": 100 / n, "confidence": confidence,
@@ -777,7 +786,7 @@ def confident_judge(model: nn.Module, sets: Sequence[tuple[Inputs, torch.Tensor]
                         "source_accuracy": float(source.double().mean())}
     blocks = []  # (set, start, stop)
     for i, (x, y) in enumerate(sets):
-        size = default_batch(tuple(x.shape[1:]))
+        size = batch or default_batch(tuple(x.shape[1:]))
         blocks += [(i, a, min(a + size, len(y))) for a in range(0, len(y), size)]
 
     def judge(cfg: LocateConfig) -> tuple[float, bool, str]:
@@ -835,6 +844,14 @@ def classes_per_chunk(layers: Mapping[str, nn.Module]) -> int:
     (a third of it for the statistics: the running sums, a chunk's sums and the copies
     locating makes)."""
     return max(1, max_memory() // (3 * max(1, statistics_bytes(layers))))
+
+
+def pass_batch(graph: ChannelGraph, images: Inputs) -> int:
+    """The batch of a pass of the network of ``graph`` over many ``images`` (sample
+    selection, reconstruction, judgement): :func:`~modellego.data.lazy.default_batch` with
+    the network's largest activation per image, so that a batch stays in a core's caches.
+    It changes how long a pass takes, not what it computes (up to float rounding)."""
+    return default_batch(tuple(images.shape[1:]), sample_bytes=graph.sample_bytes())
 
 
 def check_one_class_fits(layers: Mapping[str, nn.Module]) -> None:

@@ -85,6 +85,7 @@ from .trace import (
     flat_args,
     shape_of,
     target_name,
+    tensor_bytes,
     trace_model,
     value_of,
     varying_dims,
@@ -159,6 +160,13 @@ class ChannelGraph:
         while self._parent.get(space, space) != space:
             space = self._parent[space]
         return space
+
+    def sample_bytes(self) -> int:
+        """The bytes of the largest value the traced network computes for one input (from
+        the shapes the graph was built with; at the source's widths, so an upper bound for
+        a component)."""
+        return max((tensor_bytes(node.meta.get("tensor_meta")) // BATCH
+                    for node in self.graph_module.graph.nodes), default=0)
 
     def spaces(self) -> list[int]:
         """All root spaces, in creation order."""

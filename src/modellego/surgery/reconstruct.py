@@ -567,20 +567,6 @@ def _inputs_by_passes(lay: Layer, job: _Job):
                                      "forward pass")
 
 
-def _tensor_bytes(meta) -> int:
-    """Bytes of the tensors ShapeProp recorded for one node (tuples summed)."""
-    if meta is None:
-        return 0
-    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
-    if isinstance(shape, torch.Size) and isinstance(dtype, torch.dtype):  # (a NamedTuple)
-        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if isinstance(meta, (tuple, list)):
-        return sum(_tensor_bytes(m) for m in meta)
-    if isinstance(meta, dict):
-        return sum(_tensor_bytes(m) for m in meta.values())
-    return 0
-
-
 def _last_uses(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, int]:
     """Per node, the position in ``nodes`` of the last node that reads it."""
     last = {}
@@ -595,13 +581,13 @@ def _staged_fits(graph: ChannelGraph, images: int) -> bool:
     :func:`~modellego.data.lazy.max_memory`: the peak over the traced graph's schedule of
     the values still to be read, per example (ShapeProp's shapes, at the source's widths,
     an upper bound for a component), times the images."""
-    from .trace import BATCH
+    from .trace import BATCH, tensor_bytes
     nodes = list(graph.graph_module.graph.nodes)
     last = _last_uses(nodes)
     live, peak = 0, 0
     sizes = {}
     for i, node in enumerate(nodes):
-        sizes[node] = _tensor_bytes(node.meta.get("tensor_meta")) // BATCH
+        sizes[node] = tensor_bytes(node.meta.get("tensor_meta")) // BATCH
         live += sizes[node]
         peak = max(peak, live)
         for arg in node.all_input_nodes:

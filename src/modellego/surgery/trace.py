@@ -4,6 +4,7 @@ channels, and the evaluation of a node's arguments (see :mod:`.graph`)."""
 
 from __future__ import annotations
 
+import math
 import operator
 import threading
 from typing import Any, Callable
@@ -205,6 +206,20 @@ def call_on(node: torch.fx.Node, tensor: torch.Tensor, where: str) -> Any:
     if not callable(fn):
         raise UnsupportedModelError(f"{where}: not a callable op")
     return fn(tensor, *args, **kwargs)
+
+
+def tensor_bytes(meta: Any) -> int:
+    """Bytes of the tensors ShapeProp recorded for one node (tuples and dicts summed)."""
+    if meta is None:
+        return 0
+    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+    if isinstance(shape, torch.Size) and isinstance(dtype, torch.dtype):  # (a NamedTuple)
+        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if isinstance(meta, (tuple, list)):
+        return sum(tensor_bytes(m) for m in meta)
+    if isinstance(meta, dict):
+        return sum(tensor_bytes(m) for m in meta.values())
+    return 0
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:
