@@ -10,7 +10,7 @@ from typing import Sequence, cast
 import torch
 from torch import nn
 
-from .data.lazy import Inputs, default_batch, iter_slices, streamed
+from .data.lazy import MIN_BATCH, Inputs, default_batch, iter_slices, streamed
 from .models.attention import macs_counter
 from .runtime.device import device_of, to_device_of
 from .runtime.hooks import forward_hooks, preserved_state
@@ -91,18 +91,42 @@ def cpu_latency_ms(model: nn.Module, input_shape: Sequence[int], *, repeats: int
 def predict_logits(model: nn.Module, images: Inputs, *, batch_size: int | None = None
                    ) -> torch.Tensor:
     """Logits for ``images`` (already normalised; lazy inputs are streamed), computed in
-    eval mode in batches (default: 500 small images, fewer large ones; see
-    :func:`~modellego.data.lazy.default_batch`)."""
-    batch_size = batch_size or default_batch(images.shape[1:])
+    eval mode in batches (default: :func:`~modellego.data.lazy.default_batch` of the image
+    shape and of the network's largest activation for one image, measured on the first
+    image when there are more than a few)."""
     outs = []
-    steps = -(-len(images) // batch_size)
-    with preserved_state(model), Progress(steps, f"forward pass over {len(images)} images",
-                                          enabled=streamed(images)) as bar:
+    with preserved_state(model):
         model.eval()
-        for x in iter_slices(images, batch_size):
-            outs.append(model(to_device_of(x, model)).float().cpu())
-            bar.update(1)
+        if batch_size is None:
+            batch_size = default_batch(images.shape[1:])
+            if len(images) > MIN_BATCH:
+                first = to_device_of(next(iter_slices(images, 1)), model)
+                batch_size = default_batch(images.shape[1:],
+                                           sample_bytes=largest_activation(model, first))
+        steps = -(-len(images) // batch_size)
+        with Progress(steps, f"forward pass over {len(images)} images",
+                      enabled=streamed(images)) as bar:
+            for x in iter_slices(images, batch_size):
+                outs.append(model(to_device_of(x, model)).float().cpu())
+                bar.update(1)
     return torch.cat(outs) if outs else torch.zeros(0)
+
+
+@torch.no_grad()
+def largest_activation(model: nn.Module, x: torch.Tensor) -> int:
+    """The bytes of the largest tensor any module of ``model`` returns on ``x`` (one
+    input), by one forward pass with hooks (removed afterwards)."""
+    peak = 0
+
+    def hook(module: nn.Module, args: tuple, out) -> None:
+        nonlocal peak
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                peak = max(peak, t.numel() * t.element_size())
+
+    with forward_hooks(list(model.modules()), hook):
+        model(x)
+    return peak
 
 
 @dataclass(frozen=True)
