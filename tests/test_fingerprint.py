@@ -51,6 +51,29 @@ def _independent(f: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.ndarray
     return means, prec, np.log(d)
 
 
+def test_fingerprint_taps_pass_over_layers_a_file_may_not_hold():
+    """A tap whose layer reads more than MAX_FINGERPRINT_DIM features (its precision matrix
+    would not fit a file's bounds; a ViT-H's MLP reads 5120) is passed over; where none of the
+    chosen half is narrow enough, the first narrow layer is taken; with none, a refusal."""
+    from torch import nn
+
+    from modellego.manifest import MAX_FINGERPRINT_DIM
+
+    wide = MAX_FINGERPRINT_DIM + 1
+    net = nn.Sequential(nn.Linear(4, wide), nn.Linear(wide, 6), nn.Linear(6, 3)).eval()
+    assert fingerprint_taps(net) == ["2"]  # the half after the first is ["1"], too wide
+    x = torch.randn(40, 4)
+    meta, _ = make_fingerprint(net, x, torch.arange(40) % 3)
+    assert meta["taps"] == ["2"] and meta["dims"] == [6]
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, wide), nn.Linear(wide, 6),
+                        nn.Linear(6, 3)).eval()
+    assert fingerprint_taps(net) == ["1"]  # of ["1", "2"]: "2" reads too much
+    net = nn.Sequential(nn.Linear(wide, 3)).eval()
+    with pytest.raises(ModelLegoError, match=f"each of 1 spread over its depth reads more "
+                                             f"than {MAX_FINGERPRINT_DIM} features"):
+        fingerprint_taps(net)
+
+
 def test_fingerprint_holds_gaussians_and_own_score_distribution():
     torch.manual_seed(0)
     net = TwoLayer().eval()

@@ -38,8 +38,15 @@ from torch import nn
 from ..data.lazy import as_tensor, default_batch, iter_slices, take
 from ..data.registry import load_split_for
 from ..errors import ModelLegoError
-from ..manifest import ROUTER_FINGERPRINT_VERSIONS, Manifest, as_manifest
-from .scoring import FeatureTap, class_distances, class_gaussians, class_halves, tap_layers
+from ..manifest import MAX_FINGERPRINT_DIM, ROUTER_FINGERPRINT_VERSIONS, Manifest, as_manifest
+from .scoring import (
+    FeatureTap,
+    class_distances,
+    class_gaussians,
+    class_halves,
+    tap_layers,
+    tap_width,
+)
 
 #: training images per class a fingerprint is made from (fewer when a class has fewer)
 FINGERPRINT_IMAGES = 1000
@@ -51,11 +58,23 @@ def fingerprint_taps(net: nn.Module, example: torch.Tensor | None = None) -> lis
     """The layers a fingerprint taps: of :data:`FINGERPRINT_SPREAD` conv/linear layers spread
     over the depth (among those a pass on ``example`` calls; see
     :func:`~modellego.assembly.scoring.tap_layers`), the first half after the first one (the
-    whole list if it has one)."""
+    whole list if it has one), less those that read more than
+    :data:`~modellego.manifest.MAX_FINGERPRINT_DIM` features (a file may not hold their
+    precision matrices; a ViT-H's MLP reads 5120); where that leaves none, the first narrow
+    enough layer of the spread after the first (or the first). A network with none is
+    refused."""
     names = tap_layers(net, FINGERPRINT_SPREAD, example)
-    if len(names) == 1:
-        return names
-    return names[1:1 + max(1, len(names) // 2)]
+    modules = dict(net.named_modules())
+    narrow = [n for n in names if tap_width(modules[n], "mean") <= MAX_FINGERPRINT_DIM]
+    chosen = names if len(names) == 1 else names[1:1 + max(1, len(names) // 2)]
+    later = [n for n in narrow if n != names[0]]  # (the first reads the image itself)
+    taps = [n for n in chosen if n in narrow] or later[:1] or narrow[:1]
+    if not taps:
+        raise ModelLegoError(
+            f"no layer of this network can be fingerprinted: each of {len(names)} spread over "
+            f"its depth reads more than {MAX_FINGERPRINT_DIM} features, more than a file's "
+            "fingerprint may hold; write the file without a fingerprint")
+    return taps
 
 
 def min_distances(f: torch.Tensor, means: torch.Tensor, precision: torch.Tensor
