@@ -267,3 +267,33 @@ def test_metrics_clean_up_after_a_failing_model(measure) -> None:
     assert torch.is_grad_enabled()
     assert not torch.is_inference_mode_enabled()
     assert _no_hooks(model)
+
+
+def test_predict_logits_batches_by_the_largest_activation():
+    """Without a batch size, batches hold about 8 MiB of the network's largest activation,
+    measured on the first two images; a network that fails that probe is batched by the
+    image size alone, and the pass proper says what it cannot do."""
+    from modellego.data.lazy import ACTIVATION_BYTES
+    from modellego.metrics import largest_activation, predict_logits
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 64, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(64 * 28 * 28, 3)).eval()
+    x = torch.randn(100, 1, 28, 28)
+    per_image = 64 * 28 * 28 * 4
+    assert largest_activation(net, x[:2]) == per_image
+    sizes = []
+    net.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    out = predict_logits(net, x)
+    size = ACTIVATION_BYTES // per_image
+    assert sizes == [2] + [size] * (100 // size) + [100 % size]  # the probe, then the pass
+    with torch.no_grad():
+        assert torch.allclose(out, net(x), atol=1e-5)
+
+    class FailsOnTwo(torch.nn.Module):
+        def forward(self, z):
+            if len(z) == 2:
+                raise RuntimeError("no")
+            return z.flatten(1)[:, :3]
+
+    assert largest_activation(FailsOnTwo(), x[:2]) is None
+    assert predict_logits(FailsOnTwo(), x).shape == (100, 3)

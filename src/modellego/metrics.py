@@ -92,15 +92,15 @@ def predict_logits(model: nn.Module, images: Inputs, *, batch_size: int | None =
                    ) -> torch.Tensor:
     """Logits for ``images`` (already normalised; lazy inputs are streamed), computed in
     eval mode in batches (default: :func:`~modellego.data.lazy.default_batch` of the image
-    shape and of the network's largest activation for one image, measured on the first
-    image when there are more than a few)."""
+    shape and of the network's largest activation per image, measured on the first two
+    images when there are more than a few)."""
     outs = []
     with preserved_state(model):
         model.eval()
         if batch_size is None:
             batch_size = default_batch(images.shape[1:])
             if len(images) > MIN_BATCH:
-                first = to_device_of(next(iter_slices(images, 1)), model)
+                first = to_device_of(next(iter_slices(images, 2)), model)
                 batch_size = default_batch(images.shape[1:],
                                            sample_bytes=largest_activation(model, first))
         steps = -(-len(images) // batch_size)
@@ -113,9 +113,10 @@ def predict_logits(model: nn.Module, images: Inputs, *, batch_size: int | None =
 
 
 @torch.no_grad()
-def largest_activation(model: nn.Module, x: torch.Tensor) -> int:
-    """The bytes of the largest tensor any module of ``model`` returns on ``x`` (one
-    input), by one forward pass with hooks (removed afterwards)."""
+def largest_activation(model: nn.Module, x: torch.Tensor) -> int | None:
+    """The bytes per input of the largest tensor any module of ``model`` returns on the
+    batch ``x``, by one forward pass with hooks (removed afterwards); ``None`` when that
+    pass fails (the caller then sizes its batches without it)."""
     peak = 0
 
     def hook(module: nn.Module, args: tuple, out) -> None:
@@ -124,9 +125,12 @@ def largest_activation(model: nn.Module, x: torch.Tensor) -> int:
             if isinstance(t, torch.Tensor):
                 peak = max(peak, t.numel() * t.element_size())
 
-    with forward_hooks(list(model.modules()), hook):
-        model(x)
-    return peak
+    try:
+        with forward_hooks(list(model.modules()), hook):
+            model(x)
+    except Exception:  # (the pass proper reports what a network cannot do)
+        return None
+    return peak // max(1, len(x))
 
 
 @dataclass(frozen=True)
