@@ -357,15 +357,13 @@ def run_case(source: str, name: str, size: int, files: bool = True,
                 break
         else:
             case.row["status"] = "pass"
-    except ModelLegoError as exc:
-        if not str(exc).startswith(MEMORY_REFUSAL):
+    except Exception as exc:  # a benchmark records every failure and goes on
+        if isinstance(exc, ModelLegoError) and str(exc).startswith(MEMORY_REFUSAL):
+            # the library's bounded-memory refusal, before any pass: said, not a defect
+            case.row.update(status="refused", node=None, reason=str(exc))
+        else:
             case.row.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
                             traceback=traceback.format_exc(limit=-3))
-        else:  # the library's bounded-memory refusal, before any pass: said, not a defect
-            case.row.update(status="refused", node=None, reason=str(exc))
-    except Exception as exc:  # a benchmark records every failure and goes on
-        case.row.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
-                        traceback=traceback.format_exc(limit=-3))
     if whole and case.model is not None and case.row.get("status") != "failed":
         try:  # refused networks too: a whole model must import and assemble
             whole_step(case)

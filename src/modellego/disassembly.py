@@ -839,11 +839,16 @@ def statistics_bytes(layers: Mapping[str, nn.Module]) -> int:
     return total
 
 
+#: how many copies of a class's statistics a profile holds at once, for the memory bound
+#: (the running sums, a chunk's sums and the copies locating makes)
+STATISTICS_COPIES = 3
+
+
 def classes_per_chunk(layers: Mapping[str, nn.Module]) -> int:
     """How many classes one profile may hold within :func:`~modellego.data.lazy.max_memory`
     (a third of it for the statistics: the running sums, a chunk's sums and the copies
     locating makes)."""
-    return max(1, max_memory() // (3 * max(1, statistics_bytes(layers))))
+    return max(1, max_memory() // (STATISTICS_COPIES * max(1, statistics_bytes(layers))))
 
 
 def pass_batch(graph: ChannelGraph, images: Inputs) -> int:
@@ -859,14 +864,15 @@ def check_one_class_fits(layers: Mapping[str, nn.Module]) -> None:
     in :func:`~modellego.data.lazy.max_memory` (as :func:`classes_per_chunk` counts them):
     chunks of classes cannot go below one class, and memory stays bounded."""
     one = statistics_bytes(layers)
-    if 3 * one <= max_memory():
+    need = STATISTICS_COPIES * one
+    if need <= max_memory():
         return
     name, w = max(((n, cast(torch.Tensor, m.weight)) for n, m in layers.items()),
                   key=lambda item: int(item[1].shape[0]) * int(item[1].shape[1]))
     raise ModelLegoError(
         f"the contribution profile of one class holds {one / 2**30:.1f} GiB of statistics "
         f"(a float64 outputs x inputs table for each of {len(layers)} layers, the largest "
-        f"{name!r} {int(w.shape[0])} x {int(w.shape[1])}), about {3 * one / 2**30:.1f} GiB "
+        f"{name!r} {int(w.shape[0])} x {int(w.shape[1])}), about {need / 2**30:.1f} GiB "
         f"with the copies beside it, more than the memory bound of "
         f"{max_memory() / 2**30:.1f} GiB; raise `max_memory` on a machine with that much "
         "memory")

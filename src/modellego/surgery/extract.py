@@ -59,15 +59,20 @@ def _slice_bn(bn: nn.BatchNorm1d | nn.BatchNorm2d, out: tuple[int, ...]
               ) -> nn.BatchNorm1d | nn.BatchNorm2d:
     """``bn`` with the per-channel parameters and statistics of channels ``out`` (a timm
     norm-act layer stays one, with its activation)."""
-    idx = _idx(out)
-    with torch.no_grad():
-        for name, p in list(bn.named_parameters(recurse=False)):
-            setattr(bn, name, _param(p, p[idx]))
-        for name, buf in list(bn.named_buffers(recurse=False)):
-            if buf is not None and buf.dim() == 1:  # num_batches_tracked is a scalar
-                setattr(bn, name, buf[idx].clone())
+    _slice_channels(bn, out)
     bn.num_features = len(out)
     return bn
+
+
+def _slice_channels(norm: nn.Module, out: tuple[int, ...]) -> None:
+    """Keep channels ``out`` of a norm module's own parameters and per-channel buffers."""
+    idx = _idx(out)
+    with torch.no_grad():
+        for name, p in list(norm.named_parameters(recurse=False)):
+            setattr(norm, name, _param(p, p[idx]))
+        for name, buf in list(norm.named_buffers(recurse=False)):
+            if buf is not None and buf.dim() == 1:  # num_batches_tracked is a scalar
+                setattr(norm, name, buf[idx].clone())
 
 
 def _slice_group_norm(name: str, norm: nn.GroupNorm, out: tuple[int, ...]) -> nn.GroupNorm:
@@ -77,10 +82,7 @@ def _slice_group_norm(name: str, norm: nn.GroupNorm, out: tuple[int, ...]) -> nn
     if len(kept) != len(out) or any(g * size + k not in kept for g in {i // size for i in out}
                                     for k in range(size)):
         raise PlanError(f"GroupNorm {name!r} can only lose whole groups of {size} channels")
-    idx = _idx(out)
-    with torch.no_grad():
-        for pname, p in list(norm.named_parameters(recurse=False)):
-            setattr(norm, pname, _param(p, p[idx]))
+    _slice_channels(norm, out)
     norm.num_channels, norm.num_groups = len(out), len(out) // size
     return norm
 

@@ -719,11 +719,7 @@ class _Builder:
 
     def batchnorm(self, name: str, mod: nn.BatchNorm1d | nn.BatchNorm2d, src: _Chan,
                   node: torch.fx.Node) -> _Chan:
-        if type(mod) not in (nn.BatchNorm1d, nn.BatchNorm2d) and not all(
-                channelwise(m) for m in mod.children()):
-            raise UnsupportedModelError(
-                f"{self.where}: {type(mod).__name__} holds submodules that are not "
-                "activations or dropout; modellego cannot tell what it does to channels")
+        self.check_norm_children(mod, (nn.BatchNorm1d, nn.BatchNorm2d))
         if isinstance(mod, nn.BatchNorm1d):  # (N, C) or (N, C, L): channels on dim 1
             if len(src.shape) not in (2, 3):
                 raise UnsupportedModelError(f"{self.where}: BatchNorm1d expects an (N, C) or "
@@ -747,6 +743,14 @@ class _Builder:
             self.freeze([s.space for s in src.base], f"{what} normalises over these channels")
         return src
 
+    def check_norm_children(self, mod: nn.Module, plain: tuple[type, ...]) -> None:
+        """Refuse a norm subclass (not one of ``plain``) holding submodules other than
+        activations or dropout (a timm norm-act layer holds those only)."""
+        if type(mod) not in plain and not all(channelwise(m) for m in mod.children()):
+            raise UnsupportedModelError(
+                f"{self.where}: {type(mod).__name__} holds submodules that are not "
+                "activations or dropout; modellego cannot tell what it does to channels")
+
     def group_norm(self, src: _Chan, what: str) -> _Chan:
         """GroupNorm: mean and variance over each group of channels (and the positions), so
         removing a channel changes the others of its group: its channels are kept whole."""
@@ -763,10 +767,7 @@ class _Builder:
         (``num_groups`` shrinks). Kept whole instead (as :meth:`group_norm`) with one group,
         with channels that are not laid along dim 1, or with a group that spans two
         channel runs."""
-        if type(mod) is not nn.GroupNorm and not all(channelwise(m) for m in mod.children()):
-            raise UnsupportedModelError(
-                f"{self.where}: {type(mod).__name__} holds submodules that are not "
-                "activations or dropout; modellego cannot tell what it does to channels")
+        self.check_norm_children(mod, (nn.GroupNorm,))
         what = f"GroupNorm {name}"
         layout = src.along(1) if len(src.shape) >= 2 else None
         groups = int(mod.num_groups)
